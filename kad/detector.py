@@ -1,0 +1,152 @@
+"""The detector contract.
+
+**Score direction, stated once for all of kad: a detector's ``anomaly_score`` is higher
+for more anomalous inputs.** scikit-learn's ``score_samples`` runs the other way (lower is
+more abnormal); the wrappers in ``kad_plugins`` flip its sign, and the contract tests check
+that planted outliers receive the highest scores.
+
+A detector follows scikit-learn's estimator rules: ``__init__`` only stores its keyword
+arguments, what is learned ends in ``_``, ``fit`` returns the detector, and using it before
+``fit`` raises :class:`NotFittedError`. Subclasses implement ``_fit`` and ``_score``; the
+base class validates inputs and derives ``threshold_`` and ``labels_`` from
+``contamination``, the expected share of anomalies in the training data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import check_is_fitted
+
+from .errors import KadError
+
+InputKind = Literal["features", "images", "both"]
+
+__all__ = ["BaseDetector", "NotFittedError", "load_detector", "InputKind"]
+
+
+class BaseDetector(BaseEstimator):
+    """Base class of every kad detector.
+
+    Class attributes a plugin sets:
+
+    ``input_kind``
+        ``"features"`` (2-D arrays of feature vectors), ``"images"`` (4-D arrays
+        ``(n, height, width, 3)`` with values in [0, 1]) or ``"both"``.
+    """
+
+    input_kind: ClassVar[InputKind] = "features"
+    #: True for detectors that need labelled anomalies in ``fit(X, y)`` (the supervised
+    #: upper bound); recipes mark their results as such.
+    supervised: ClassVar[bool] = False
+    #: Small settings under which the detector fits in seconds; used by the contract tests
+    #: and by quick runs, never as defaults.
+    quick_params: ClassVar[dict] = {}
+
+    def __init__(self, contamination: float = 0.1):
+        self.contamination = contamination
+
+    # -- what subclasses implement -------------------------------------------------
+    def _fit(self, X: np.ndarray, y: np.ndarray | None) -> None:
+        raise NotImplementedError
+
+    def _score(self, X: np.ndarray) -> np.ndarray:
+        """Anomaly scores of ``X``, higher meaning more anomalous."""
+        raise NotImplementedError
+
+    def _training_scores(self, X: np.ndarray) -> np.ndarray:
+        """Scores of the training data, from which ``threshold_`` is set. Override where a
+        training point must not count as its own evidence (nearest neighbours)."""
+        return self._score(X)
+
+    # -- the public contract ---------------------------------------------------------
+    def fit(self, X, y=None) -> BaseDetector:
+        """Fit on ``X`` (mostly normal data). ``y`` is ignored by unsupervised detectors."""
+        self._check_contamination()
+        if self.supervised and y is None:
+            raise ValueError(
+                f"{type(self).__name__} is supervised: fit(X, y) needs labels y "
+                "(1 = anomaly, 0 = normal)"
+            )
+        X = self._validate(X, reset=True)
+        self._fit(X, y)
+        scores = np.asarray(self._training_scores(X), dtype=np.float64)
+        self.decision_scores_ = scores
+        self.threshold_ = float(np.quantile(scores, 1.0 - self.contamination))
+        self.labels_ = (scores > self.threshold_).astype(int)
+        return self
+
+    def anomaly_score(self, X) -> np.ndarray:
+        """One score per input; **higher means more anomalous**."""
+        check_is_fitted(self, "threshold_")
+        X = self._validate(X, reset=False)
+        return np.asarray(self._score(X), dtype=np.float64)
+
+    def predict(self, X) -> np.ndarray:
+        """1 for inputs scored above ``threshold_`` (anomalies), 0 otherwise."""
+        return (self.anomaly_score(X) > self.threshold_).astype(int)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the fitted detector to one file; :func:`load_detector` reads it back."""
+        from .artifact import save_artifact
+
+        check_is_fitted(self, "threshold_")
+        return save_artifact(self, path, kind="detector")
+
+    # -- helpers ---------------------------------------------------------------------
+    def _check_contamination(self) -> None:
+        c = self.contamination
+        if not (isinstance(c, (int, float)) and 0.0 < c < 0.5):
+            raise ValueError(
+                f"contamination must be a number in (0, 0.5), got {c!r}; it is the expected "
+                "share of anomalies in the training data"
+            )
+
+    def _validate(self, X, reset: bool) -> np.ndarray:
+        X = np.asarray(X)
+        if X.dtype == object or not np.issubdtype(X.dtype, np.number):
+            raise ValueError(f"{type(self).__name__} needs numeric input, got dtype {X.dtype}")
+        kind = self.input_kind
+        if X.ndim == 2 and kind == "images":
+            raise ValueError(
+                f"{type(self).__name__} works on images (n, height, width, 3), "
+                f"got feature vectors of shape {X.shape}"
+            )
+        if X.ndim == 4 and kind == "features":
+            # Flattened pixels: the paper's raw-pixel baselines.
+            X = X.reshape(len(X), -1)
+        if X.ndim not in (2, 4):
+            raise ValueError(
+                f"{type(self).__name__} expects a 2-D array of feature vectors or a 4-D "
+                f"array of images, got shape {X.shape}"
+            )
+        if len(X) == 0:
+            raise ValueError(f"{type(self).__name__} got an empty input of shape {X.shape}")
+        X = X.astype(np.float32, copy=False)
+        if not np.isfinite(X).all():
+            raise ValueError(f"{type(self).__name__} got NaN or infinite values in its input")
+        if reset:
+            self.n_features_in_ = int(np.prod(X.shape[1:]))
+            self.input_shape_ = tuple(X.shape[1:])
+        else:
+            check_is_fitted(self, "n_features_in_")
+            if tuple(X.shape[1:]) != self.input_shape_:
+                raise ValueError(
+                    f"{type(self).__name__} was fitted on inputs of shape {self.input_shape_}, "
+                    f"got {tuple(X.shape[1:])}"
+                )
+        return X
+
+
+def load_detector(path: str | Path) -> BaseDetector:
+    """Read a detector written by :meth:`BaseDetector.save`."""
+    from .artifact import load_artifact
+
+    obj = load_artifact(path, kind="detector")
+    if not isinstance(obj, BaseDetector):
+        raise KadError(f"{path} holds a {type(obj).__name__}, not a kad detector")
+    return obj

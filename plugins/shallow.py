@@ -1,0 +1,127 @@
+"""Detectors that work on feature vectors without deep training.
+
+All of them also accept images (flattened to pixels), which gives the paper's raw-pixel
+baselines. Scores follow kad's convention: higher is more anomalous.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.covariance import LedoitWolf
+from sklearn.ensemble import IsolationForest
+from sklearn.neighbors import NearestNeighbors
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import OneClassSVM
+
+from kad.detector import BaseDetector
+
+
+class IsolationForestDetector(BaseDetector):
+    """Isolation Forest (Liu et al. 2008), scikit-learn defaults: the paper's method.
+
+    Parameters other than ``contamination`` and ``random_state`` are scikit-learn's
+    defaults (100 trees, ``max_samples="auto"``, all features per tree), as in the paper.
+    The score is the negated ``score_samples``, so that higher is more anomalous.
+    """
+
+    input_kind = "features"
+
+    def __init__(self, n_estimators=100, max_samples="auto", max_features=1.0,
+                 random_state=0, n_jobs=None, contamination=0.1):
+        self.n_estimators = n_estimators
+        self.max_samples = max_samples
+        self.max_features = max_features
+        self.random_state = random_state
+        self.n_jobs = n_jobs
+        self.contamination = contamination
+
+    def _fit(self, X, y):
+        self.forest_ = IsolationForest(
+            n_estimators=self.n_estimators, max_samples=self.max_samples,
+            max_features=self.max_features, random_state=self.random_state,
+            n_jobs=self.n_jobs,
+        ).fit(X)
+
+    def _score(self, X):
+        return -self.forest_.score_samples(X)
+
+
+class OneClassSVMDetector(BaseDetector):
+    """One-class SVM (Schölkopf et al. 1999) on standardised features, RBF kernel.
+
+    ``gamma="scale"`` (1 / (n_features · variance), which is 1 / n_features after
+    standardising) and ``nu=0.1`` by default. The score is the negated decision function.
+    """
+
+    input_kind = "features"
+
+    def __init__(self, kernel="rbf", gamma="scale", nu=0.1, contamination=0.1):
+        self.kernel = kernel
+        self.gamma = gamma
+        self.nu = nu
+        self.contamination = contamination
+
+    def _fit(self, X, y):
+        self.scaler_ = StandardScaler().fit(X)
+        self.svm_ = OneClassSVM(kernel=self.kernel, gamma=self.gamma, nu=self.nu)
+        self.svm_.fit(self.scaler_.transform(X))
+
+    def _score(self, X):
+        return -self.svm_.decision_function(self.scaler_.transform(X))
+
+
+class KNNDetector(BaseDetector):
+    """Distance to the nearest normal training features (Bergman et al. 2020, DN2).
+
+    ``method="mean"`` averages the distances to the ``n_neighbors`` nearest training
+    vectors, ``"kth"`` takes the distance to the k-th. At fit time a training vector is not
+    its own neighbour, so training scores are comparable with test scores.
+    """
+
+    input_kind = "features"
+
+    def __init__(self, n_neighbors=2, method="mean", metric="euclidean", contamination=0.1):
+        self.n_neighbors = n_neighbors
+        self.method = method
+        self.metric = metric
+        self.contamination = contamination
+
+    def _fit(self, X, y):
+        if self.method not in ("mean", "kth"):
+            raise ValueError(f"method must be 'mean' or 'kth', got {self.method!r}")
+        if not (isinstance(self.n_neighbors, int) and 1 <= self.n_neighbors < len(X)):
+            raise ValueError(
+                f"n_neighbors must be an integer in [1, {len(X) - 1}] for {len(X)} training "
+                f"vectors, got {self.n_neighbors!r}"
+            )
+        self.nn_ = NearestNeighbors(n_neighbors=self.n_neighbors, metric=self.metric).fit(X)
+
+    def _reduce(self, dist):
+        return dist.mean(axis=1) if self.method == "mean" else dist[:, -1]
+
+    def _score(self, X):
+        return self._reduce(self.nn_.kneighbors(X)[0])
+
+    def _training_scores(self, X):
+        # Each training vector is its own nearest neighbour: skip that match.
+        dist, _ = self.nn_.kneighbors(X, n_neighbors=self.n_neighbors + 1)
+        return self._reduce(dist[:, 1:])
+
+
+class MahalanobisDetector(BaseDetector):
+    """Mahalanobis distance to a Gaussian fitted to normal features (Rippel et al. 2020).
+
+    The covariance is Ledoit-Wolf shrunk, which keeps it invertible when there are more
+    feature dimensions than training images.
+    """
+
+    input_kind = "features"
+
+    def __init__(self, contamination=0.1):
+        self.contamination = contamination
+
+    def _fit(self, X, y):
+        self.gaussian_ = LedoitWolf().fit(X.astype(np.float64))
+
+    def _score(self, X):
+        return self.gaussian_.mahalanobis(X.astype(np.float64))
