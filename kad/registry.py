@@ -11,10 +11,11 @@ distribution and the original error; listing never fails because one plugin is b
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any, Callable
+from typing import Any
 
 from .errors import PluginError
 
@@ -123,6 +124,7 @@ class PluginStatus:
     value: str
     status: str  # "ok" or "broken: <reason>"
     input_kind: str = ""
+    supervised: bool = False
     summary: str = ""
 
     @property
@@ -137,13 +139,15 @@ def status(group: str) -> list[PluginStatus]:
         try:
             obj = load(group, name)
         except PluginError as exc:
+            cause = exc.__cause__ or exc
             rows.append(PluginStatus(name, info.distribution, info.version, info.value,
-                                     f"broken: {exc.__cause__ or exc}"))
+                                     f"broken: {type(cause).__name__}: {cause}"))
             continue
         doc = (obj.__doc__ or "").strip().splitlines()
         rows.append(PluginStatus(
             name, info.distribution, info.version, info.value, "ok",
-            input_kind=getattr(obj, "input_kind", ""), summary=doc[0] if doc else "",
+            input_kind=getattr(obj, "input_kind", ""),
+            supervised=bool(getattr(obj, "supervised", False)), summary=doc[0] if doc else "",
         ))
     return rows
 

@@ -56,11 +56,12 @@ def parse_spec(text: str | Spec, what: str = "plugin") -> Spec:
     name, _, rest = str(text).strip().partition(":")
     if not _NAME.match(name):
         raise SpecError(
-            f"invalid {what} {text!r}: expected NAME[:key=value,...], e.g. 'mobilenet_v2:alpha=0.35'"
+            f"invalid {what} {text!r}: expected NAME[:key=value,...], "
+            "e.g. 'mobilenet_v2:alpha=0.35'"
         )
     options: dict[str, Any] = {}
     if rest.strip():
-        for part in _split_options(rest):
+        for part in split_top_level(rest):
             key, eq, value = part.partition("=")
             key = key.strip()
             if not eq or not key.isidentifier():
@@ -73,7 +74,7 @@ def parse_spec(text: str | Spec, what: str = "plugin") -> Spec:
     return Spec(name, options)
 
 
-def _split_options(text: str) -> list[str]:
+def split_top_level(text: str) -> list[str]:
     """Split on commas that are not inside brackets, so ``size=(1,2)`` stays whole."""
     parts, depth, current = [], 0, []
     for char in text:
