@@ -1,0 +1,288 @@
+"""Decoding image files and arrays to RGB uint8, and resizing."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from kad.errors import ImageReadError, KadError
+from kad.images import IMAGE_EXTENSIONS, is_image_file, read_image, resize, to_rgb_uint8
+
+
+def write(path, array) -> None:
+    """Write ``array`` (OpenCV channel order) with OpenCV, by bytes."""
+    ok, data = cv2.imencode(path.suffix, array)
+    assert ok
+    path.write_bytes(data.tobytes())
+
+
+def colourful(height: int = 24, width: int = 32) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+# ------------------------------------------------------------------------- read_image
+
+
+def test_bgr_file_is_read_as_rgb(tmp_path):
+    red_bgr = np.zeros((10, 12, 3), np.uint8)
+    red_bgr[..., 2] = 255
+    write(tmp_path / "red.png", red_bgr)
+    rgb = read_image(tmp_path / "red.png")
+    assert rgb.shape == (10, 12, 3) and rgb.dtype == np.uint8
+    assert rgb.flags.c_contiguous
+    assert np.all(rgb == [255, 0, 0])
+
+
+def test_colour_png_round_trips(tmp_path):
+    rgb = colourful()
+    write(tmp_path / "c.png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    assert np.array_equal(read_image(str(tmp_path / "c.png")), rgb)
+
+
+def test_grey_png_becomes_three_equal_channels(tmp_path):
+    grey = np.arange(200, dtype=np.uint8).reshape(10, 20)
+    write(tmp_path / "g.png", grey)
+    rgb = read_image(tmp_path / "g.png")
+    assert rgb.shape == (10, 20, 3)
+    for channel in range(3):
+        assert np.array_equal(rgb[..., channel], grey)
+
+
+def test_rgba_png_is_composited_on_black(tmp_path):
+    bgra = np.zeros((4, 6, 4), np.uint8)
+    bgra[..., :3] = (10, 20, 200)  # B, G, R
+    bgra[:, :2, 3] = 255  # opaque
+    bgra[:, 2:4, 3] = 128  # half transparent
+    bgra[:, 4:, 3] = 0  # transparent
+    write(tmp_path / "a.png", bgra)
+    rgb = read_image(tmp_path / "a.png")
+    assert rgb.shape == (4, 6, 3)
+    assert np.all(rgb[:, :2] == [200, 20, 10])
+    assert np.all(rgb[:, 2:4] == [100, 10, 5])
+    assert np.all(rgb[:, 4:] == 0)
+
+
+def test_16_bit_png_is_scaled_to_8_bits(tmp_path):
+    bgr16 = np.zeros((3, 4, 3), np.uint16)
+    bgr16[0] = 65535
+    bgr16[1] = 257 * 100
+    bgr16[2, :, 2] = 65535  # red
+    write(tmp_path / "deep.png", bgr16)
+    assert cv2.imdecode(np.fromfile(tmp_path / "deep.png", np.uint8),
+                        cv2.IMREAD_UNCHANGED).dtype == np.uint16
+    rgb = read_image(tmp_path / "deep.png")
+    assert rgb.dtype == np.uint8
+    assert np.all(rgb[0] == 255)
+    assert np.all(rgb[1] == 100)
+    assert np.all(rgb[2] == [255, 0, 0])
+
+
+def test_16_bit_grey_png(tmp_path):
+    write(tmp_path / "g16.png", np.full((5, 5), 32896, np.uint16))  # 128 * 257
+    assert np.all(read_image(tmp_path / "g16.png") == 128)
+
+
+def test_jpeg_and_non_ascii_path(tmp_path):
+    smooth = np.zeros((64, 64, 3), np.uint8)
+    smooth[...] = (200, 100, 30)  # RGB
+    smooth[..., 1] += np.arange(64, dtype=np.uint8)  # a gentle gradient
+    path = tmp_path / "fundus_ñ_眼.jpeg"
+    write(path.with_name("tmp.jpeg"), cv2.cvtColor(smooth, cv2.COLOR_RGB2BGR))
+    path.write_bytes(path.with_name("tmp.jpeg").read_bytes())
+    rgb = read_image(path)
+    assert rgb.shape == (64, 64, 3)
+    assert np.abs(rgb.astype(int) - smooth).max() <= 8  # JPEG is lossy
+
+
+def test_jpeg_with_trailing_padding_or_data_after_the_image_is_fine(tmp_path):
+    write(tmp_path / "ok.jpg", colourful())
+    data = (tmp_path / "ok.jpg").read_bytes()
+    (tmp_path / "zeros.jpg").write_bytes(data + b"\x00" * 100 + b"\n")
+    (tmp_path / "trailer.jpg").write_bytes(data + b"camera trailer data")
+    assert read_image(tmp_path / "zeros.jpg").shape == (24, 32, 3)
+    assert read_image(tmp_path / "trailer.jpg").shape == (24, 32, 3)
+
+
+def test_truncated_jpeg_names_the_file(tmp_path):
+    write(tmp_path / "whole.jpg", colourful(128, 128))
+    data = (tmp_path / "whole.jpg").read_bytes()
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match="truncated JPEG") as info:
+        read_image(path)
+    assert info.value.path == str(path)
+    assert str(path) in str(info.value)
+
+
+def test_jpeg_cut_just_before_its_end_marker(tmp_path):
+    write(tmp_path / "whole.jpg", colourful(128, 128))
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "whole.jpg").read_bytes()[:-2])
+    with pytest.raises(ImageReadError, match="truncated JPEG"):
+        read_image(tmp_path / "cut.jpg")
+
+
+def test_truncated_png(tmp_path):
+    write(tmp_path / "whole.png", colourful(64, 64))
+    data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match="truncated PNG"):
+        read_image(tmp_path / "cut.png")
+
+
+def test_text_file_named_jpg(tmp_path):
+    path = tmp_path / "x.jpg"
+    path.write_text("this is not an image\n")
+    with pytest.raises(ImageReadError, match="not a decodable image") as info:
+        read_image(path)
+    assert "x.jpg" in str(info.value)
+    assert "this is" in str(info.value)  # the first bytes are quoted
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ImageReadError, match="does not exist") as info:
+        read_image(tmp_path / "nope.png")
+    assert "nope.png" in str(info.value)
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ImageReadError, match="empty"):
+        read_image(tmp_path / "empty.png")
+
+
+def test_directory(tmp_path):
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(ImageReadError, match="directory"):
+        read_image(tmp_path / "folder.png")
+
+
+def test_image_read_error_is_a_kad_error(tmp_path):
+    with pytest.raises(KadError):
+        read_image(tmp_path / "nope.png")
+
+
+# ----------------------------------------------------------------------- to_rgb_uint8
+
+
+def test_rgb_uint8_is_returned_unchanged():
+    rgb = colourful()
+    assert to_rgb_uint8(rgb) is rgb
+
+
+@pytest.mark.parametrize("shape", [(6, 7), (6, 7, 1)])
+def test_grey_arrays(shape):
+    grey = np.arange(42, dtype=np.uint8).reshape(shape)
+    rgb = to_rgb_uint8(grey)
+    assert rgb.shape == (6, 7, 3)
+    assert np.array_equal(rgb[..., 1], grey.reshape(6, 7))
+
+
+def test_arrays_are_taken_as_rgb_not_bgr():
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., 0] = 255  # red
+    rgba[..., 3] = 255
+    assert np.all(to_rgb_uint8(rgba) == [255, 0, 0])
+
+
+def test_rgba_and_grey_alpha_arrays_are_composited_on_black():
+    rgba = np.full((2, 2, 4), 200, np.uint8)
+    rgba[0, :, 3] = 0
+    out = to_rgb_uint8(rgba)
+    assert np.all(out[0] == 0) and np.all(out[1] == 157)  # 200 * 200 / 255
+    grey_alpha = np.stack([np.full((2, 2), 100, np.uint8), np.full((2, 2), 255, np.uint8)], -1)
+    assert np.all(to_rgb_uint8(grey_alpha) == 100)
+
+
+def test_uint16_array_is_scaled():
+    out = to_rgb_uint8(np.array([[0, 257, 32896, 65535]], np.uint16))
+    assert out[0, :, 0].tolist() == [0, 1, 128, 255]
+
+
+def test_float_array_is_clipped_to_unit_range():
+    out = to_rgb_uint8(np.array([[-0.5, 0.0, 0.5, 1.0, 7.0, np.nan]], np.float32))
+    assert out[0, :, 0].tolist() == [0, 0, 128, 255, 255, 0]
+    assert to_rgb_uint8(np.full((2, 2, 3), 0.25)).dtype == np.uint8  # float64 too
+
+
+def test_bool_and_small_integer_arrays():
+    assert to_rgb_uint8(np.ones((2, 2), bool)).max() == 255
+    assert to_rgb_uint8(np.full((2, 2, 3), 7, np.int64)).max() == 7
+
+
+@pytest.mark.parametrize(
+    ("array", "message"),
+    [
+        (np.zeros((4, 4, 5), np.uint8), "channels 5"),
+        (np.zeros((4,), np.uint8), r"shape \(4,\)"),
+        (np.zeros((0, 4, 3), np.uint8), r"shape \(0, 4, 3\)"),
+        (np.zeros((2, 2, 2, 3), np.uint8), "shape"),
+        (np.full((2, 2), 300, np.int32), r"\[300, 300\]"),
+        (np.zeros((2, 2), np.complex64), "dtype complex64"),
+    ],
+)
+def test_unsupported_arrays_raise_value_error(array, message):
+    with pytest.raises(ValueError, match=message):
+        to_rgb_uint8(array)
+
+
+def test_unsupported_channel_count_in_a_file(tmp_path, monkeypatch):
+    write(tmp_path / "c.png", colourful())
+    monkeypatch.setattr(cv2, "imdecode", lambda buf, flags: np.zeros((2, 2, 5), np.uint8))
+    with pytest.raises(ImageReadError, match="channels 5"):
+        read_image(tmp_path / "c.png")
+
+
+# --------------------------------------------------------------------- file extensions
+
+
+def test_image_extensions():
+    assert all(ext == ext.lower() and ext.startswith(".") for ext in IMAGE_EXTENSIONS)
+    assert {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+            ".jp2"} <= IMAGE_EXTENSIONS
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("a.jpeg", True), ("dir/B.JPG", True), ("c.Png", True), ("d.tiff", True),
+        ("e.txt", False), ("f", False), ("g.jpeg.csv", False), ("._h.jpg", False),
+    ],
+)
+def test_is_image_file(name, expected):
+    assert is_image_file(name) is expected
+
+
+# ------------------------------------------------------------------------------ resize
+
+
+def test_resize_shrinks_with_area_interpolation():
+    image = colourful(100, 80)
+    out = resize(image, 40)
+    assert out.shape == (40, 40, 3) and out.dtype == np.uint8
+    assert np.array_equal(out, cv2.resize(image, (40, 40), interpolation=cv2.INTER_AREA))
+
+
+def test_resize_enlarges_with_linear_interpolation():
+    image = colourful(10, 12)
+    out = resize(image, (30, 50))
+    assert out.shape == (30, 50, 3)
+    assert np.array_equal(out, cv2.resize(image, (50, 30), interpolation=cv2.INTER_LINEAR))
+
+
+def test_resize_mixed_float32_and_single_channel():
+    image = np.random.default_rng(0).random((20, 60, 1), dtype=np.float32)
+    out = resize(image, 40)  # taller, narrower
+    assert out.shape == (40, 40, 1) and out.dtype == np.float32
+    assert resize(image[..., 0], (10, 10)).shape == (10, 10)
+
+
+def test_resize_to_same_size_returns_the_image():
+    image = colourful(16, 16)
+    assert resize(image, 16) is image
+
+
+@pytest.mark.parametrize("size", [0, -3, (10,), (10, 0), 2.5, True, "64"])
+def test_resize_rejects_bad_sizes(size):
+    with pytest.raises(ValueError, match="size"):
+        resize(colourful(), size)
