@@ -1,0 +1,140 @@
+"""Feature extraction and its cache: shapes, reuse, unreadable images, resume, real data."""
+
+from __future__ import annotations
+
+import tarfile
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import CIFAR10_TAR, KAGGLE_DR, MOBILENET_WEIGHTS, need
+from kad.backbones import Backbone
+from kad.datasets import load_dataset
+from kad.features import extract_features, plan_extraction
+
+pytestmark = pytest.mark.tf
+MNV2 = "mobilenet_v2:alpha=0.35"
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """A small user folder: 14 normal, 5 abnormal images, one of them truncated."""
+    rng = np.random.default_rng(0)
+    for sub, n in (("normal", 14), ("abnormal", 5)):
+        (tmp_path / "data" / sub).mkdir(parents=True)
+        for i in range(n):
+            image = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+            cv2.imwrite(str(tmp_path / "data" / sub / f"{i:02d}.jpg"), image)
+    broken = tmp_path / "data" / "abnormal" / "03.jpg"
+    broken.write_bytes(broken.read_bytes()[:200])
+    return load_dataset("folder", tmp_path / "data", kind="natural")
+
+
+def test_every_block_for_every_image(folder, tmp_path):
+    features = extract_features(folder, MNV2, "none", 32, batch_size=4)
+    assert len(features) == len(folder) == 19
+    assert len(features.blocks) == 18 and features.dims["out_relu"] == 1280
+    assert features.block("out_relu").shape == (19, 1280)
+    concat = features.matrix("concat")
+    assert concat.shape == (19, sum(features.dims.values()))
+    np.testing.assert_array_equal(
+        concat[:, -1280:], np.asarray(features.block("out_relu")))
+    rows = np.array([5, 1, 7])
+    two = features.matrix("block_2_add,out_relu", rows)
+    np.testing.assert_array_equal(two[:, 8:], np.asarray(features.block("out_relu"))[rows])
+
+
+def test_an_unreadable_image_is_reported_not_fatal(folder):
+    features = extract_features(folder, MNV2, "none", 32, batch_size=4)
+    assert list(features.failed) == ["abnormal/03.jpg"]
+    assert "truncated" in features.failed["abnormal/03.jpg"]
+    assert features.valid.sum() == 18 and not features.valid[list(features.ids).index(
+        "abnormal/03.jpg")]
+
+
+def test_a_second_run_reuses_the_cache_without_building_a_network(folder, monkeypatch):
+    first = extract_features(folder, MNV2, "none", 32, batch_size=4)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the network was built although the features were cached")
+
+    monkeypatch.setattr(Backbone, "build_extractor", no_build)
+    again = extract_features(folder, MNV2, "none", 32)
+    assert again.path == first.path
+
+
+def test_the_key_changes_with_what_changes_the_features(folder):
+    base = plan_extraction(folder, MNV2, "none", 32)
+    assert plan_extraction(folder, MNV2, "none", 48).key != base.key
+    assert plan_extraction(folder, MNV2, "none", 32, "fundus").key != base.key
+    assert plan_extraction(folder, "mobilenet_v2", "none", 32).key != base.key
+    assert plan_extraction(folder.subset(np.arange(5)), MNV2, "none", 32).key != base.key
+    assert plan_extraction(folder, MNV2, "none", 32).key == base.key
+
+
+def test_an_interrupted_extraction_resumes_without_recomputing(folder, monkeypatch, tmp_path):
+    reference = extract_features(folder, MNV2, "none", 32, batch_size=4,
+                                 cache_dir=tmp_path / "reference")
+
+    def interrupt(done, total):
+        if done >= 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(folder, MNV2, "none", 32, batch_size=4, progress=interrupt)
+    plan = plan_extraction(folder, MNV2, "none", 32)
+    assert not plan.path.exists(), "an incomplete entry must never look complete"
+    assert plan.path.with_name(plan.path.name + ".partial").is_dir()
+
+    seen = []
+    original = Backbone.build_extractor
+
+    def counting(self, *args, **kwargs):
+        model, names = original(self, *args, **kwargs)
+        predict = model.predict_on_batch
+
+        def predict_on_batch(x):
+            seen.append(len(x))
+            return predict(x)
+
+        model.predict_on_batch = predict_on_batch
+        return model, names
+
+    monkeypatch.setattr(Backbone, "build_extractor", counting)
+    resumed = extract_features(folder, MNV2, "none", 32, batch_size=4)
+    # 19 images in batches of 4: 2 of 5 batches were done, only the other 3 are run
+    assert seen == [4, 4, 4]
+    for block in reference.blocks:
+        np.testing.assert_allclose(resumed.block(block), reference.block(block), atol=1e-5)
+    assert resumed.failed == reference.failed
+
+
+@pytest.mark.shared
+def test_imagenet_features_of_cifar10_and_fundus_images(tmp_path):
+    need(MOBILENET_WEIGHTS)
+    with tarfile.open(need(CIFAR10_TAR)) as tar:
+        members, per_class = [], {}
+        for member in tar:
+            parts = member.name.split("/")
+            if member.isfile() and len(parts) == 4 and parts[2] in ("airplane", "frog"):
+                key = (parts[1], parts[2])
+                if per_class.get(key, 0) < 80:
+                    per_class[key] = per_class.get(key, 0) + 1
+                    members.append(member)
+            if len(members) == 320:
+                break
+        tar.extractall(tmp_path, members=members, filter="data")
+    cifar = load_dataset("cifar10", tmp_path / "cifar10-jpeg")
+    assert len(cifar) == 320
+    real = extract_features(cifar, MNV2, MOBILENET_WEIGHTS, 96)
+    random = extract_features(cifar, MNV2, "none", 96)
+    assert real.block("out_relu").shape == (320, 1280) and not real.failed
+    assert not np.allclose(real.matrix("out_relu"), random.matrix("out_relu"))
+
+    dr = load_dataset("dr", need(KAGGLE_DR))
+    fundus = dr.subset(np.r_[np.flatnonzero(~dr.anomaly)[:24], np.flatnonzero(dr.anomaly)[:8]])
+    features = extract_features(fundus, MNV2, MOBILENET_WEIGHTS, 96)
+    assert features.meta["inputs"]["preprocessing"].startswith("fundus")
+    assert features.matrix("concat").shape == (32, sum(features.dims.values()))
+    assert np.isfinite(features.matrix("concat")).all() and not features.failed
