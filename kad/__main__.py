@@ -1,0 +1,3 @@
+from kad.cli import main
+
+main()

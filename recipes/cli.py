@@ -1,0 +1,212 @@
+"""``kad recipe …``: the paper's experiments as commands.
+
+Each command parses options, calls one ``run_table*`` function, renders a rich table shaped
+like the paper's, and writes ``results.json``, ``results.csv`` and plots to ``--out``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kad._cli import (
+    BackboneOpt,
+    BatchSizeOpt,
+    CacheDirOpt,
+    DataDirOpt,
+    DatasetOpt,
+    ImageSizeOpt,
+    PreprocessingOpt,
+    WeightsOpt,
+    err,
+    handle_errors,
+    out,
+    progress_bar,
+)
+from kad.metrics import percent
+
+from .common import RecipeOptions, default_out, plot_rocs, write_results
+
+app = typer.Typer(no_args_is_help=True)
+
+DetectorsOpt = Annotated[str, typer.Option(
+    "--detectors", help="Comma-separated detector plugins, each NAME[:key=value,...].")]
+InputsOpt = Annotated[str, typer.Option(
+    "--inputs", help="What detectors see: pixels (raw-pixel baselines), features, or both.")]
+RepresentationOpt = Annotated[str, typer.Option(
+    "--representation", help="concat (every block), a block name, or block1,block2.")]
+SeedsOpt = Annotated[int | None, typer.Option(
+    "--seeds", min=1, help="Repetitions (default: 5 for medical data, 1 for natural).")]
+FoldsOpt = Annotated[int, typer.Option("--folds", min=2, help="Cross-validation folds.")]
+LimitOpt = Annotated[int | None, typer.Option(
+    "--limit", min=2, help="At most N images per class and split (per label for medical).")]
+ClassesOpt = Annotated[str | None, typer.Option(
+    "--classes", help="Natural images: only these normal classes (comma-separated).")]
+PixelSizeOpt = Annotated[int | None, typer.Option(
+    "--pixel-size", min=8, help="Image side for pixel inputs (default 32 natural, 64 fundus).")]
+OutOpt = Annotated[Path | None, typer.Option(
+    "--out", "-o", help="Results folder (default kad-results/<recipe>-<time>).")]
+
+
+def _split(text: str | None) -> list[str] | None:
+    """Split on commas outside brackets: 'iforest,dr:grades=(3,4)' stays two items."""
+    from kad.specs import split_top_level
+
+    return split_top_level(text) if text else None
+
+
+def _options(**kw) -> RecipeOptions:
+    kw["detectors"] = _split(kw["detectors"])
+    kw["inputs"] = _split(kw["inputs"])
+    kw["classes"] = _split(kw["classes"])
+    return RecipeOptions(**kw)
+
+
+def _finish(result, options: RecipeOptions, started: float, title: str) -> Path:
+    folder = options.out or default_out(result.recipe)
+    write_results(folder, result.recipe, result.bench, result.runs, result.summary,
+                  {**result.extra, "seconds": time.perf_counter() - started})
+    if result.curves:
+        aurocs = {}
+        for name in result.curves:
+            match = [r for r in result.runs if name.startswith(r.column)]
+            aurocs[name] = sum(r.auroc for r in match) / max(len(match), 1)
+        plot_rocs(folder / "roc.png", result.curves, aurocs, title)
+    if any(r.supervised for r in result.runs):
+        err.print("[yellow]note:[/] columns marked [supervised] were trained with labelled "
+                  "anomalies: an upper bound, not an unsupervised result")
+    err.print(f"results in {folder} ({time.perf_counter() - started:.1f} s)")
+    return folder
+
+
+def _table(title: str, row_label: str, rows: dict[str, dict[str, str]]):
+    from rich.table import Table
+
+    columns: list[str] = []
+    for cells in rows.values():
+        columns += [c for c in cells if c not in columns]
+    table = Table(title=title)
+    table.add_column(row_label)
+    for column in columns:
+        table.add_column(column, justify="right")
+    for label, cells in rows.items():
+        table.add_row(label, *(cells.get(c, "—") for c in columns))
+    return table
+
+
+@app.command()
+@handle_errors
+def table1(
+    dataset: DatasetOpt = "digits", data_dir: DataDirOpt = None,
+    backbone: BackboneOpt = "inception_resnet_v2", weights: WeightsOpt = "imagenet",
+    image_size: ImageSizeOpt = None, preprocessing: PreprocessingOpt = None,
+    detectors: DetectorsOpt = "iforest", inputs: InputsOpt = "pixels,features",
+    representation: RepresentationOpt = "concat", seeds: SeedsOpt = None,
+    folds: FoldsOpt = 5, limit: LimitOpt = None, classes: ClassesOpt = None,
+    pixel_size: PixelSizeOpt = None, batch_size: BatchSizeOpt = 64,
+    cache_dir: CacheDirOpt = None, out_dir: OutOpt = None,
+    per_split: Annotated[bool, typer.Option("--per-split", help="Also show every split.")] = False,
+) -> None:
+    """Table 1: novelty detection (AUROC % mean ± std), detectors as columns."""
+    from .table1 import run_table1
+
+    started = time.perf_counter()
+    options = _options(dataset=dataset, data_dir=data_dir, backbone=backbone, weights=weights,
+                       image_size=image_size, preprocessing=preprocessing, detectors=detectors,
+                       inputs=inputs, representation=representation, seeds=seeds, folds=folds,
+                       limit=limit, classes=classes, pixel_size=pixel_size,
+                       batch_size=batch_size, cache_dir=cache_dir, out=out_dir)
+    with progress_bar("table1 runs") as update:
+        result = run_table1(options, progress=update)
+    _finish(result, options, started, f"Table 1 — {result.bench.dataset.name}")
+    cells = {row["column"]: percent(row["auroc"], row["auroc_std"]) for row in result.summary}
+    out.print(_table("Table 1 — novelty detection, AUROC %", "dataset",
+                     {result.bench.dataset.name: cells}))
+    out.print(_table("AUPRC % / recall % at the threshold", "dataset", {
+        result.bench.dataset.name: {
+            row["column"]: f"{percent(row['auprc'])} / {percent(row['recall'])}"
+            for row in result.summary}}))
+    if per_split:
+        per = {}
+        for run in result.runs:
+            per.setdefault(run.split, {})[run.column] = percent(run.auroc)
+        out.print(_table("per split, AUROC %", "split", per))
+
+
+@app.command()
+@handle_errors
+def table2(
+    dataset: DatasetOpt = "digits", data_dir: DataDirOpt = None,
+    backbone: BackboneOpt = "inception_resnet_v2", weights: WeightsOpt = "imagenet",
+    image_size: ImageSizeOpt = None, preprocessing: PreprocessingOpt = None,
+    detectors: DetectorsOpt = "iforest", seeds: SeedsOpt = None, folds: FoldsOpt = 5,
+    limit: LimitOpt = None, classes: ClassesOpt = None, batch_size: BatchSizeOpt = 64,
+    cache_dir: CacheDirOpt = None, out_dir: OutOpt = None,
+    n_anomalies: Annotated[float | None, typer.Option(
+        "--n-anomalies", help="Labelled validation anomalies: a count, or a fraction of the "
+                              "dataset (default 0.03).")] = None,
+) -> None:
+    """Table 2: pick the best block with a few labelled anomalies."""
+    from .table2 import plot_blocks, run_table2
+
+    started = time.perf_counter()
+    options = _options(dataset=dataset, data_dir=data_dir, backbone=backbone, weights=weights,
+                       image_size=image_size, preprocessing=preprocessing, detectors=detectors,
+                       inputs="features", seeds=seeds, folds=folds, limit=limit,
+                       classes=classes, batch_size=batch_size, cache_dir=cache_dir,
+                       out=out_dir)
+    with progress_bar("table2 block fits") as update:
+        result = run_table2(options, n_anomalies, progress=update)
+    folder = _finish(result, options, started, "")
+    plot_blocks(folder / "blocks.png", result.extra["blocks"],
+                f"{options.detectors[0]} per block — {result.bench.dataset.name}")
+    cells = {("Concatenation" if row["representation"] == "concat"
+              else "Best (picked) representation"): percent(row["auroc"], row["auroc_std"])
+             for row in result.summary}
+    out.print(_table(f"Table 2 — {result.extra['n_validation_anomalies']} labelled "
+                     "anomalies, AUROC %", "dataset", {result.bench.dataset.name: cells}))
+    out.print(_table("per block (Supplementary Sect. 10), AUROC %", "block", {
+        b["block"]: {"validation": percent(b["val_auroc"], b["val_auroc_std"]),
+                     "test": percent(b["test_auroc"], b["test_auroc_std"])}
+        for b in result.extra["blocks"]}))
+    picked = result.extra["picked_blocks"]
+    out.print("picked: " + ", ".join(f"{b} ×{picked.count(b)}" for b in dict.fromkeys(picked)))
+
+
+@app.command()
+@handle_errors
+def table3(
+    dataset: DatasetOpt = "digits", data_dir: DataDirOpt = None,
+    backbone: BackboneOpt = "inception_resnet_v2", weights: WeightsOpt = "imagenet",
+    image_size: ImageSizeOpt = None, preprocessing: PreprocessingOpt = None,
+    detectors: DetectorsOpt = "iforest", inputs: InputsOpt = "features",
+    representation: RepresentationOpt = "concat", seeds: SeedsOpt = None,
+    folds: FoldsOpt = 5, limit: LimitOpt = None, classes: ClassesOpt = None,
+    pixel_size: PixelSizeOpt = None, batch_size: BatchSizeOpt = 64,
+    cache_dir: CacheDirOpt = None, out_dir: OutOpt = None,
+    ratios: Annotated[str | None, typer.Option(
+        "--ratios", help="Anomaly ratios in training, e.g. 0.01,0.02,0.03 (default: the "
+                         "paper's, by dataset).")] = None,
+) -> None:
+    """Table 3: anomalies mixed into training at ratios ρ."""
+    from .table3 import run_table3
+
+    started = time.perf_counter()
+    ratio_list = [float(r) for r in _split(ratios)] if ratios else None
+    options = _options(dataset=dataset, data_dir=data_dir, backbone=backbone, weights=weights,
+                       image_size=image_size, preprocessing=preprocessing, detectors=detectors,
+                       inputs=inputs, representation=representation, seeds=seeds, folds=folds,
+                       limit=limit, classes=classes, pixel_size=pixel_size,
+                       batch_size=batch_size, cache_dir=cache_dir, out=out_dir)
+    with progress_bar("table3 runs") as update:
+        result = run_table3(options, ratio_list, progress=update)
+    _finish(result, options, started, f"Table 3 — {result.bench.dataset.name}")
+    rows: dict[str, dict[str, str]] = {}
+    for row in result.summary:
+        rows.setdefault(row["column"], {})[f"ρ={row['ratio']:.0%}"] = percent(
+            row["auroc"], row["auroc_std"])
+    out.print(_table(f"Table 3 — {result.bench.dataset.name}, anomalies in training, AUROC %",
+                     "detector", rows))

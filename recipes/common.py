@@ -1,0 +1,280 @@
+"""What every recipe shares: its options, the data it works on, fitting one detector on
+one split, and writing results (``results.json``, ``results.csv``, ROC curves)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from kad.errors import KadError
+from kad.metrics import evaluate, mean_std
+
+PIXELS, FEATURES = "pixels", "features"
+
+
+@dataclass
+class RecipeOptions:
+    dataset: str = "digits"
+    data_dir: Path | None = None
+    backbone: str = "inception_resnet_v2"
+    weights: str = "imagenet"
+    image_size: int | None = None
+    preprocessing: str | None = None
+    detectors: list[str] = field(default_factory=lambda: ["iforest"])
+    inputs: list[str] = field(default_factory=lambda: [PIXELS, FEATURES])
+    representation: str = "concat"
+    seeds: int | None = None
+    folds: int = 5
+    limit: int | None = None
+    classes: list[str] | None = None
+    pixel_size: int | None = None
+    batch_size: int = 64
+    cache_dir: Path | None = None
+    out: Path | None = None
+
+    def to_json(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class Run:
+    """One detector on one input for one split: the unit every table aggregates."""
+
+    detector: str
+    input: str
+    representation: str
+    split: str
+    seed: int
+    fold: int | None
+    normal_class: str | None
+    auroc: float
+    auprc: float
+    recall: float
+    fit_seconds: float
+    score_seconds: float
+    n_train: int
+    n_test: int
+    n_test_anomalies: int
+    supervised: bool = False
+    ratio: float | None = None
+    n_train_anomalies: int = 0
+
+    @property
+    def column(self) -> str:
+        label = f"{self.detector} ({self.input})"
+        return label + " [supervised]" if self.supervised else label
+
+
+class Workbench:
+    """The dataset of a recipe run with its features and pixels, loaded on first use."""
+
+    def __init__(self, options: RecipeOptions, log=print):
+        from kad.datasets import load_dataset
+        from kad.protocols import subsample
+        from kad.specs import parse_spec
+
+        self.options = options
+        self.log = log
+        spec = parse_spec(options.dataset, "dataset")
+        dataset = load_dataset(spec.name, options.data_dir, **spec.options)
+        if options.limit:
+            dataset = dataset.subset(subsample(dataset, options.limit))
+        self.dataset = dataset
+        self._features = None
+        self._pixels = None
+        self._failed: dict[str, str] = {}
+        self._matrix_cache: dict = {}
+
+    @property
+    def natural(self) -> bool:
+        return self.dataset.anomaly is None
+
+    @property
+    def seeds(self) -> int:
+        return self.options.seeds or (1 if self.natural else 5)
+
+    @property
+    def features(self):
+        if self._features is None:
+            from kad._cli import extract_with_progress
+
+            o = self.options
+            self._features = extract_with_progress(
+                self.dataset, o.backbone, o.weights, o.image_size, o.preprocessing,
+                o.batch_size, o.cache_dir)
+            self._failed.update(self._features.failed)
+        return self._features
+
+    @property
+    def pixels(self) -> np.ndarray:
+        if self._pixels is None:
+            from kad.features import default_preprocessing
+            from kad.pixels import load_pixels
+
+            size = self.options.pixel_size or (32 if self.natural else 64)
+            prep = self.options.preprocessing or default_preprocessing(self.dataset)
+            self._pixels, failed = load_pixels(self.dataset, size, prep, self.options.cache_dir)
+            self._failed.update(failed)
+        return self._pixels
+
+    def valid(self, inputs) -> np.ndarray:
+        """Rows usable by every input of the run (unreadable images are left out)."""
+        if FEATURES in inputs:
+            _ = self.features
+        if PIXELS in inputs:
+            _ = self.pixels
+        return ~np.isin(np.asarray(self.dataset.ids, dtype=str), list(self._failed))
+
+    def inputs(self, kind: str, representation, rows: np.ndarray) -> np.ndarray:
+        if kind == PIXELS:
+            return self.pixels[rows]
+        if kind == FEATURES:
+            key = (str(representation), rows.tobytes())
+            if key not in self._matrix_cache:
+                if len(self._matrix_cache) > 4:
+                    self._matrix_cache.clear()
+                self._matrix_cache[key] = self.features.matrix(representation, rows)
+            return self._matrix_cache[key]
+        raise KadError(f"unknown input {kind!r}: use {PIXELS!r} or {FEATURES!r}")
+
+    def cache_keys(self) -> dict:
+        keys = {}
+        if self._features is not None:
+            keys["features"] = {"key": self._features.key, "path": str(self._features.path),
+                                "inputs": self._features.meta["inputs"]}
+        return keys
+
+
+def compatible(detector_cls, kind: str) -> bool:
+    accepts = detector_cls.input_kind
+    return kind == PIXELS or accepts in ("features", "both")
+
+
+def plan_columns(detectors: list[str], inputs: list[str]) -> list[tuple[str, str]]:
+    """``(detector spec, input)`` pairs: every detector on every input it accepts."""
+    from kad.registry import DETECTORS, load
+    from kad.specs import parse_spec
+
+    columns = []
+    for spec in detectors:
+        cls = load(DETECTORS, parse_spec(spec, "detector").name)
+        for kind in inputs:
+            if kind not in (PIXELS, FEATURES):
+                raise KadError(f"unknown input {kind!r}: use {PIXELS!r} or {FEATURES!r}")
+            if compatible(cls, kind):
+                columns.append((spec, kind))
+    if not columns:
+        raise KadError(f"no detector among {detectors} accepts the inputs {inputs}")
+    return columns
+
+
+def fit_and_score(spec: str, seed: int, x_train, x_test, y_test, y_train=None):
+    """Fit a fresh detector and score the test set: ``(metrics, scores, detector)``."""
+    from kad.registry import get_detector
+
+    detector = get_detector(spec)
+    if "random_state" in detector.get_params():
+        detector.set_params(random_state=seed)
+    start = time.perf_counter()
+    detector.fit(x_train, y_train if detector.supervised else None)
+    fitted = time.perf_counter()
+    scores = detector.anomaly_score(x_test)
+    scored = time.perf_counter()
+    metrics = evaluate(y_test, scores, scores > detector.threshold_)
+    metrics.update(fit_seconds=fitted - start, score_seconds=scored - fitted)
+    return metrics, scores, detector
+
+
+def summarise(runs: list[Run], by: tuple[str, ...]) -> list[dict]:
+    """Mean and std of every metric over runs grouped by the attributes ``by``."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(tuple(getattr(run, k) for k in by), []).append(run)
+    rows = []
+    for key, members in groups.items():
+        row = dict(zip(by, key, strict=True))
+        row["column"] = members[0].column
+        row["n_runs"] = len(members)
+        for metric in ("auroc", "auprc", "recall", "fit_seconds", "score_seconds"):
+            mean, std = mean_std(getattr(m, metric) for m in members)
+            row[metric] = mean
+            row[f"{metric}_std"] = std
+        rows.append(row)
+    return rows
+
+
+def default_out(recipe: str) -> Path:
+    return Path("kad-results") / f"{recipe}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def write_results(out: Path, recipe: str, bench: Workbench, runs: list[Run],
+                  summary: list[dict], extra: dict | None = None) -> Path:
+    """``results.json`` (everything), ``results.csv`` (one line per run)."""
+    import csv
+
+    from kad.artifact import library_versions
+
+    out.mkdir(parents=True, exist_ok=True)
+    document = {
+        "recipe": recipe,
+        "created": datetime.now().isoformat(timespec="seconds"),
+        "options": bench.options.to_json(),
+        "dataset": {"name": bench.dataset.name, "fingerprint": bench.dataset.fingerprint,
+                    "n_images": len(bench.dataset), "summary": bench.dataset.summary()},
+        "seeds": list(range(bench.seeds)),
+        "versions": library_versions(),
+        "cache": bench.cache_keys(),
+        "unreadable_images": bench._failed,
+        "summary": summary,
+        "runs": [asdict(r) for r in runs],
+        **(extra or {}),
+    }
+    (out / "results.json").write_text(json.dumps(document, indent=2, default=_json_default))
+    with open(out / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(asdict(runs[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in runs)
+    return out
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
+
+
+def plot_rocs(path: Path, curves: dict[str, list[tuple[np.ndarray, np.ndarray]]],
+              aurocs: dict[str, float], title: str) -> Path:
+    """One panel per column, one thin line per split."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(curves)
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
+    for ax, (name, lines) in zip(axes.flat, curves.items(), strict=False):
+        for fpr, tpr in lines:
+            ax.plot(fpr, tpr, lw=0.8, alpha=0.6)
+        ax.plot([0, 1], [0, 1], "k--", lw=0.6)
+        ax.set_title(f"{name}\nAUROC {100 * aurocs[name]:.1f}%", fontsize=9)
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

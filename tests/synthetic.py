@@ -1,0 +1,29 @@
+"""Small synthetic image sets whose answer is known."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+
+def screening_folder(root: Path, n_normal: int = 60, n_abnormal: int = 20,
+                     size: int = 48, seed: int = 0) -> Path:
+    """``normal/`` smooth gradients and ``abnormal/`` speckled ones, two images per patient
+    listed in ``patients.csv``."""
+    rng = np.random.default_rng(seed)
+    rows = ["image,patient"]
+    for sub, n in (("normal", n_normal), ("abnormal", n_abnormal)):
+        (root / sub).mkdir(parents=True)
+        for i in range(n):
+            gradient = np.linspace(60, 160, size, dtype=np.float32)[None, :, None]
+            image = np.repeat(np.repeat(gradient, size, axis=0), 3, axis=2)
+            image += rng.normal(0, 3, image.shape)
+            if sub == "abnormal":
+                image += rng.choice([0, 120], size=image.shape, p=[0.85, 0.15])
+            name = f"{sub}/{sub}{i}.png"
+            cv2.imwrite(str(root / name), np.clip(image, 0, 255).astype(np.uint8))
+            rows.append(f"{name},p{i // 2}{sub[0]}")
+    (root / "patients.csv").write_text("\n".join(rows) + "\n")
+    return root

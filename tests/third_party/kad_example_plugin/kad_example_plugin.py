@@ -1,0 +1,21 @@
+"""A minimal third-party detector: the largest absolute z-score of a feature vector."""
+
+import numpy as np
+
+from kad import BaseDetector
+
+
+class MaxZScoreDetector(BaseDetector):
+    """Largest absolute z-score over the features (a third-party example plugin)."""
+
+    input_kind = "features"
+
+    def __init__(self, contamination=0.1):
+        self.contamination = contamination
+
+    def _fit(self, X, y):
+        self.mean_ = X.mean(axis=0)
+        self.scale_ = X.std(axis=0) + 1e-6
+
+    def _score(self, X):
+        return np.abs((X - self.mean_) / self.scale_).max(axis=1)
