@@ -112,7 +112,10 @@ class MahalanobisDetector(BaseDetector):
     """Mahalanobis distance to a Gaussian fitted to normal features (Rippel et al. 2020).
 
     The covariance is Ledoit-Wolf shrunk, which keeps it invertible when there are more
-    feature dimensions than training images.
+    feature dimensions than training images. The score is the squared distance
+    ``(x - μ)ᵀ Σ⁻¹ (x - μ)``, the value of scikit-learn's ``mahalanobis``, computed with one
+    matrix product instead of its pairwise-distance path, which is far slower in
+    thousands of dimensions.
     """
 
     input_kind = "features"
@@ -124,4 +127,5 @@ class MahalanobisDetector(BaseDetector):
         self.gaussian_ = LedoitWolf().fit(X.astype(np.float64))
 
     def _score(self, X):
-        return self.gaussian_.mahalanobis(X.astype(np.float64))
+        centred = X.astype(np.float64) - self.gaussian_.location_
+        return np.einsum("ij,ij->i", centred @ self.gaussian_.precision_, centred)
