@@ -18,6 +18,9 @@ from .errors import KadError
 
 out = Console()
 err = Console(stderr=True)
+for _console in (out, err):
+    if not _console.is_terminal:  # a log file or a pipe: do not squeeze tables to 80 columns
+        _console.width = max(_console.width, 160)
 
 DatasetOpt = Annotated[str, typer.Option(
     "--dataset", "-d",

@@ -122,13 +122,16 @@ def table1(
     with progress_bar("table1 runs") as update:
         result = run_table1(options, progress=update)
     _finish(result, options, started, f"Table 1 — {result.bench.dataset.name}")
-    cells = {row["column"]: percent(row["auroc"], row["auroc_std"]) for row in result.summary}
-    out.print(_table("Table 1 — novelty detection, AUROC %", "dataset",
-                     {result.bench.dataset.name: cells}))
-    out.print(_table("AUPRC % / recall % at the threshold", "dataset", {
-        result.bench.dataset.name: {
-            row["column"]: f"{percent(row['auprc'])} / {percent(row['recall'])}"
-            for row in result.summary}}))
+    name = result.bench.dataset.name
+    out.print(_table("Table 1 — novelty detection, AUROC %", "dataset", {
+        name: {row["column"]: percent(row["auroc"], row["auroc_std"]) for row in result.summary}}))
+    out.print(_table(f"{name}: every metric (supplementary tables 12-14)", "detector (input)", {
+        row["column"]: {
+            "AUROC %": percent(row["auroc"], row["auroc_std"]),
+            "AUPRC %": percent(row["auprc"], row["auprc_std"]),
+            "recall % at threshold": percent(row["recall"], row["recall_std"]),
+            "fit s": f"{row['fit_seconds']:.2f}", "score s": f"{row['score_seconds']:.2f}",
+        } for row in result.summary}))
     if per_split:
         per = {}
         for run in result.runs:
