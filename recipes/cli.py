@@ -46,7 +46,7 @@ LimitOpt = Annotated[int | None, typer.Option(
 ClassesOpt = Annotated[str | None, typer.Option(
     "--classes", help="Natural images: only these normal classes (comma-separated).")]
 PixelSizeOpt = Annotated[int | None, typer.Option(
-    "--pixel-size", min=8, help="Image side for pixel inputs (default 32 natural, 64 fundus).")]
+    "--pixel-size", min=8, help="Image side for pixel inputs (default 32 px).")]
 OutOpt = Annotated[Path | None, typer.Option(
     "--out", "-o", help="Results folder (default kad-results/<recipe>-<time>).")]
 

@@ -116,7 +116,7 @@ class Workbench:
             from kad.features import default_preprocessing
             from kad.pixels import load_pixels
 
-            size = self.options.pixel_size or (32 if self.natural else 64)
+            size = self.options.pixel_size or 32
             prep = self.options.preprocessing or default_preprocessing(self.dataset)
             self._pixels, failed = load_pixels(self.dataset, size, prep, self.options.cache_dir)
             self._failed.update(failed)
