@@ -6,11 +6,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-from sklearn.metrics import average_precision_score, recall_score, roc_auc_score, roc_curve
 
 
 def evaluate(y_true, scores, flagged=None) -> dict[str, float]:
     """``auroc``, ``auprc`` and (when ``flagged`` is given) ``recall`` of anomalies."""
+    from sklearn.metrics import average_precision_score, recall_score, roc_auc_score
+
     y_true = np.asarray(y_true, dtype=int)
     scores = np.asarray(scores, dtype=np.float64)
     if len(np.unique(y_true)) != 2:
@@ -26,6 +27,8 @@ def evaluate(y_true, scores, flagged=None) -> dict[str, float]:
 
 
 def roc(y_true, scores) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, _ = roc_curve(np.asarray(y_true, dtype=int), np.asarray(scores))
     return fpr, tpr
 

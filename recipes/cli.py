@@ -70,10 +70,10 @@ def _finish(result, options: RecipeOptions, started: float, title: str) -> Path:
     write_results(folder, result.recipe, result.bench, result.runs, result.summary,
                   {**result.extra, "seconds": time.perf_counter() - started})
     if result.curves:
-        aurocs = {}
-        for name in result.curves:
-            match = [r for r in result.runs if name.startswith(r.column)]
-            aurocs[name] = sum(r.auroc for r in match) / max(len(match), 1)
+        from kad.metrics import mean_std
+
+        aurocs = {label: mean_std(r.auroc for r in result.runs if r.label == label)[0]
+                  for label in result.curves}
         plot_rocs(folder / "roc.png", result.curves, aurocs, title)
     if any(r.supervised for r in result.runs):
         err.print("[yellow]note:[/] columns marked [supervised] were trained with labelled "

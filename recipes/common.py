@@ -69,6 +69,11 @@ class Run:
         label = f"{self.detector} ({self.input})"
         return label + " [supervised]" if self.supervised else label
 
+    @property
+    def label(self) -> str:
+        """The column, and the anomaly ratio where there is one: one ROC panel each."""
+        return self.column if self.ratio is None else f"{self.column} ρ={self.ratio:.0%}"
+
 
 class Workbench:
     """The dataset of a recipe run with its features and pixels, loaded on first use."""
@@ -141,6 +146,11 @@ class Workbench:
                 self._matrix_cache[key] = self.features.matrix(representation, rows)
             return self._matrix_cache[key]
         raise KadError(f"unknown input {kind!r}: use {PIXELS!r} or {FEATURES!r}")
+
+    @property
+    def unreadable(self) -> dict[str, str]:
+        """Images left out because they could not be read, with the reason."""
+        return dict(self._failed)
 
     def cache_keys(self) -> dict:
         keys = {}
@@ -229,7 +239,7 @@ def write_results(out: Path, recipe: str, bench: Workbench, runs: list[Run],
         "seeds": list(range(bench.seeds)),
         "versions": library_versions(),
         "cache": bench.cache_keys(),
-        "unreadable_images": bench._failed,
+        "unreadable_images": bench.unreadable,
         "summary": summary,
         "runs": [asdict(r) for r in runs],
         **(extra or {}),

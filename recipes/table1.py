@@ -74,7 +74,7 @@ def run_table1(options: RecipeOptions, progress=None) -> RecipeResult:
             run, curve = evaluate_column(bench, split, spec, kind, options.representation,
                                          rows, y)
             runs.append(run)
-            curves.setdefault(run.column, []).append(curve)
+            curves.setdefault(run.label, []).append(curve)
             done += 1
             if progress:
                 progress(done, total)

@@ -37,7 +37,7 @@ def run_table3(options: RecipeOptions, ratios: list[float] | None = None,
                 run, curve = evaluate_column(bench, split, spec, kind, options.representation,
                                              rows, y, ratio=ratio, n_train_anomalies=len(mixed))
                 runs.append(run)
-                curves.setdefault(f"{run.column} ρ={ratio:.0%}", []).append(curve)
+                curves.setdefault(run.label, []).append(curve)
                 done += 1
                 if progress:
                     progress(done, total)
