@@ -144,7 +144,14 @@ class FeatureSet:
 
 
 class EntryWriter:
-    """Builds an entry in ``<entry>.partial/``; see the module docstring."""
+    """Builds an entry in ``<entry>.partial/``; see the module docstring.
+
+    Rows are written with ``os.pwrite`` at their place in each block's ``.npy`` file, not
+    through writable memory maps, whose dirty pages would stay in the process's resident
+    memory until the end: memory stays flat however large the dataset. ``sync`` makes the
+    written rows durable and only then records them as done, so a resumed extraction never
+    trusts rows that did not reach the disk.
+    """
 
     def __init__(self, final: Path, blocks: list[str], dims: list[int], n: int, meta: dict):
         self.final = final
@@ -160,36 +167,59 @@ class EntryWriter:
             (self.partial / "blocks").mkdir(parents=True)
             progress = {"blocks": blocks, "dims": dims, "n": n, "done": 0, "failed": {}}
             for name, dim in zip(blocks, dims, strict=True):
-                np.lib.format.open_memmap(self._file(name), mode="w+", dtype=np.float32,
+                np.lib.format.open_memmap(self._file(name), mode="w+", dtype="<f4",
                                           shape=(n, dim)).flush()
             _write_json(self.partial / _PROGRESS, progress)
         self.progress = progress
-        self._arrays = {name: np.load(self._file(name), mmap_mode="r+") for name in blocks}
+        self.written = int(progress["done"])
+        self._failed: dict[str, str] = {}
+        self._files = []
+        for name in blocks:
+            offset = np.load(self._file(name), mmap_mode="r").offset
+            self._files.append((os.open(self._file(name), os.O_WRONLY), offset))
 
     def _file(self, name: str) -> Path:
         return self.partial / "blocks" / f"{_safe(name)}.npy"
 
     @property
     def done(self) -> int:
+        """Rows known to be on disk."""
         return int(self.progress["done"])
 
     def write(self, start: int, outputs: list[np.ndarray], failed: dict[str, str]) -> None:
-        """Store rows ``start:start+len`` of every block, then record them as done."""
-        if start != self.done:
-            raise KadError(f"cache writer expected row {self.done}, got {start}")
-        stop = start + len(outputs[0])
-        for name, values in zip(self.blocks, outputs, strict=True):
-            array = self._arrays[name]
-            array[start:stop] = values
-            array.flush()
-        self.progress["done"] = stop
-        self.progress["failed"].update(failed)
+        """Write rows ``start:start+len`` of every block (durable at the next ``sync``)."""
+        if start != self.written:
+            raise KadError(f"cache writer expected row {self.written}, got {start}")
+        for (fd, offset), dim, values in zip(self._files, self.dims, outputs, strict=True):
+            data = np.ascontiguousarray(values, dtype="<f4").tobytes()
+            position = offset + start * dim * 4
+            while data:
+                count = os.pwrite(fd, data, position)
+                data, position = data[count:], position + count
+        self.written = start + len(outputs[0])
+        self._failed.update(failed)
+
+    def sync(self) -> None:
+        """Make written rows durable, then record them as done."""
+        if self.written == self.done and not self._failed:
+            return
+        for fd, _ in self._files:
+            os.fsync(fd)
+        self.progress["done"] = self.written
+        self.progress["failed"].update(self._failed)
+        self._failed = {}
         _write_json(self.partial / _PROGRESS, self.progress)
 
+    def close(self) -> None:
+        for fd, _ in self._files:
+            os.close(fd)
+        self._files = []
+
     def commit(self) -> FeatureSet:
+        self.sync()
+        self.close()
         if self.done != self.n:
             raise KadError(f"cache entry incomplete: {self.done} of {self.n} rows written")
-        self._arrays.clear()
         _write_json(self.partial / _META, {
             **self.meta, "blocks": self.blocks, "dims": self.dims,
             "failed": self.progress["failed"],

@@ -11,6 +11,7 @@ marked invalid in the entry; they never stop the run.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -87,6 +88,9 @@ def extract_features(dataset, backbone="inception_resnet_v2", weights="imagenet"
         return _extract(dataset, plan, batch_size, workers, progress)
 
 
+SYNC_SECONDS = 10.0  # how often finished batches are made durable during extraction
+
+
 def _extract(dataset, plan: ExtractionPlan, batch_size: int, workers: int | None,
              progress: ProgressCallback | None) -> FeatureSet:
     from .cache import EntryWriter
@@ -101,12 +105,39 @@ def _extract(dataset, plan: ExtractionPlan, batch_size: int, workers: int | None
     writer = EntryWriter(plan.path, names, dims, n, meta)
     if progress:
         progress(writer.done, n)
-    for start, outputs, failed in stream_features(model, dataset.source, dataset.ids, plan,
-                                                  batch_size, workers, first=writer.done):
-        writer.write(start, outputs, failed)
-        if progress:
-            progress(writer.done, n)
+    # Writing batch k overlaps inference on batch k+1; durability is paid every few seconds.
+    pending: Future | None = None
+    last_sync = time.monotonic()
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kad-write") as saver:
+            for start, outputs, failed in stream_features(
+                    model, dataset.source, dataset.ids, plan, batch_size, workers,
+                    first=writer.done):
+                if pending is not None:
+                    pending.result()
+                stop = start + len(outputs[0])
+                sync = stop == n or time.monotonic() - last_sync > SYNC_SECONDS
+                pending = saver.submit(_save, writer, start, outputs, failed, sync)
+                if sync:
+                    last_sync = time.monotonic()
+                if progress:
+                    progress(stop, n)
+            if pending is not None:
+                pending.result()
+    except BaseException:
+        # Interrupted: what was written is made durable, so a rerun resumes after it.
+        try:
+            writer.sync()
+        finally:
+            writer.close()
+        raise
     return writer.commit()
+
+
+def _save(writer, start, outputs, failed, sync: bool) -> None:
+    writer.write(start, outputs, failed)
+    if sync:
+        writer.sync()
 
 
 def stream_features(model, source, ids, plan: ExtractionPlan, batch_size: int = 64,
