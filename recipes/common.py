@@ -152,6 +152,10 @@ class Workbench:
         """Images left out because they could not be read, with the reason."""
         return dict(self._failed)
 
+    @property
+    def detector_defaults(self) -> dict:
+        return {"backbone": self.options.backbone, "weights": self.options.weights}
+
     def cache_keys(self) -> dict:
         keys = {}
         if self._features is not None:
@@ -183,13 +187,26 @@ def plan_columns(detectors: list[str], inputs: list[str]) -> list[tuple[str, str
     return columns
 
 
-def fit_and_score(spec: str, seed: int, x_train, x_test, y_test, y_train=None):
-    """Fit a fresh detector and score the test set: ``(metrics, scores, detector)``."""
+def make_detector(spec: str, seed: int, defaults: dict | None = None):
+    """A fresh detector seeded with ``seed``. ``defaults`` (the recipe's backbone and
+    weights) fill parameters the detector has and the spec leaves unset, so the supervised
+    upper bound fine-tunes the network the recipe extracts features with."""
     from kad.registry import get_detector
+    from kad.specs import parse_spec
 
     detector = get_detector(spec)
-    if "random_state" in detector.get_params():
-        detector.set_params(random_state=seed)
+    params = detector.get_params()
+    given = parse_spec(spec, "detector").options
+    extra = {k: v for k, v in (defaults or {}).items() if k in params and k not in given}
+    if "random_state" in params and "random_state" not in given:
+        extra["random_state"] = seed
+    return detector.set_params(**extra)
+
+
+def fit_and_score(spec: str, seed: int, x_train, x_test, y_test, y_train=None,
+                  defaults: dict | None = None):
+    """Fit a fresh detector and score the test set: ``(metrics, scores, detector)``."""
+    detector = make_detector(spec, seed, defaults)
     start = time.perf_counter()
     detector.fit(x_train, y_train if detector.supervised else None)
     fitted = time.perf_counter()

@@ -46,7 +46,7 @@ def evaluate_column(bench: Workbench, split, spec: str, kind: str, representatio
     x_train = bench.inputs(kind, rep, train_rows)
     x_test = bench.inputs(kind, rep, split.test)
     metrics, scores, _ = fit_and_score(spec, split.seed, x_train, x_test, split.test_y,
-                                       train_y)
+                                       train_y, bench.detector_defaults)
     run = Run(
         detector=spec, input=kind, representation=rep, split=split.name, seed=split.seed,
         fold=split.fold, normal_class=split.normal_class, auroc=metrics["auroc"],

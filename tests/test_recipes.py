@@ -118,3 +118,15 @@ def test_bad_options_are_one_clear_line():
     assert result.exit_code == 1 and "nope" in result.output
     result = runner.invoke(app, ["recipe", "table1", "--detectors", "iforrest", *FAST])
     assert result.exit_code == 1 and "Did you mean 'iforest'" in result.output
+
+
+def test_the_recipe_backbone_reaches_the_supervised_upper_bound():
+    from kad_recipes.common import make_detector
+
+    defaults = {"backbone": "mobilenet_v2:alpha=0.35", "weights": "none"}
+    det = make_detector("supervised", 3, defaults)
+    assert det.backbone == "mobilenet_v2:alpha=0.35" and det.weights == "none"
+    assert det.random_state == 3
+    own = make_detector("supervised:backbone=inception_v3,random_state=9", 3, defaults)
+    assert own.backbone == "inception_v3" and own.random_state == 9
+    assert "backbone" not in make_detector("iforest", 0, defaults).get_params()
