@@ -89,3 +89,16 @@ def split_top_level(text: str) -> list[str]:
             current.append(char)
     parts.append("".join(current))
     return [p for p in (p.strip() for p in parts) if p]
+
+
+def split_specs(text: str) -> list[str]:
+    """Split a comma-separated list of specs: ``iforest,knn:n_neighbors=5,method=kth`` is
+    two specs, since a ``key=value`` item can only continue the spec before it."""
+    specs: list[str] = []
+    for item in split_top_level(text):
+        name = item.split("=", 1)[0]
+        if "=" in item and ":" not in name and specs and ":" in specs[-1]:
+            specs[-1] += "," + item
+        else:
+            specs.append(item)
+    return specs

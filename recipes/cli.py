@@ -52,10 +52,10 @@ OutOpt = Annotated[Path | None, typer.Option(
 
 
 def _split(text: str | None) -> list[str] | None:
-    """Split on commas outside brackets: 'iforest,dr:grades=(3,4)' stays two items."""
-    from kad.specs import split_top_level
+    """Split a comma-separated list; 'iforest,knn:n_neighbors=5,method=kth' is two specs."""
+    from kad.specs import split_specs
 
-    return split_top_level(text) if text else None
+    return split_specs(text) if text else None
 
 
 def _options(**kw) -> RecipeOptions:
