@@ -1,0 +1,352 @@
+"""Benchmark kad's feature extraction against a plain ``model.predict``.
+
+Two ways of computing the features of every block for the same images, with the same
+multi-output extractor model (:meth:`kad.backbones.Backbone.build_extractor`):
+
+``kad``
+    :func:`kad.features.extract_features` end to end from the dataset: decoding,
+    preprocessing, inference and the writes to the memory-mapped cache, into a fresh
+    temporary cache folder. Images are decoded in kad's thread pool while the network runs.
+``predict``
+    The images decoded and preprocessed first into one in-memory array (timed separately),
+    then one ``model.predict(x, batch_size=...)`` call (timed alone).
+
+Both variants build the model and run one batch through it before timing, so model
+construction and graph tracing are counted for neither. Each variant runs in its own
+child process (``--variant kad|predict``), which prints one JSON line, so its peak resident
+memory (``VmHWM`` from ``/proc/self/status``, else ``ru_maxrss``) is its own; the peak of
+anonymous memory (``RssAnon``, sampled) is reported too. Each variant runs at N images and
+at ``--scale`` x N images: kad's memory should not depend on N, plain predict needs all
+images in memory at once. The per-block sums of both variants' features are compared, to
+show that both computed the same thing.
+
+Run from the repository root::
+
+    python benchmarks/extract.py                       # digits, no data needed
+    python benchmarks/extract.py --data-dir /tmp/cifar10/cifar10-jpeg --n 256
+    python benchmarks/extract.py --backbone mobilenet_v2:alpha=0.35 --image-size 96
+
+See ``benchmarks/README.md`` for what the columns mean and measured results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULT_PREFIX = "KAD_BENCH_RESULT "
+VARIANTS = ("kad", "predict")
+
+
+# -- memory -------------------------------------------------------------------------------
+
+
+def _status_kib() -> dict[str, int]:
+    """The ``kB`` fields of ``/proc/self/status`` (empty where there is no /proc)."""
+    fields: dict[str, int] = {}
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                parts = value.split()
+                if len(parts) == 2 and parts[1] == "kB":
+                    fields[key] = int(parts[0])
+    except OSError:
+        pass
+    return fields
+
+
+def _mib(kib: int | None) -> float | None:
+    return None if kib is None else kib / 1024.0
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process so far (all of it: anonymous memory and
+    mapped files)."""
+    hwm = _status_kib().get("VmHWM")
+    if hwm is not None:
+        return hwm / 1024.0
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 1024.0 / (1024.0 if sys.platform == "darwin" else 1.0)  # bytes on macOS
+
+
+def rss_mib() -> float | None:
+    return _mib(_status_kib().get("VmRSS"))
+
+
+class AnonPeak:
+    """Samples ``RssAnon`` (heap and stacks, no file pages) in a thread while the block runs.
+
+    ``VmHWM`` also counts the resident pages of memory-mapped files, such as the feature
+    cache entry kad writes into: clean page cache the kernel may reclaim, but RSS all the
+    same. The anonymous peak shows the memory the process itself allocates.
+    """
+
+    def __init__(self, interval: float = 0.01):
+        self.interval = interval
+        self.peak_kib: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        value = _status_kib().get("RssAnon")
+        if value is not None and (self.peak_kib is None or value > self.peak_kib):
+            self.peak_kib = value
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> AnonPeak:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def mib(self) -> float | None:
+        return _mib(self.peak_kib)
+
+
+# -- the two variants (child processes) ---------------------------------------------------
+
+
+def default_dataset(args: argparse.Namespace) -> str:
+    return args.dataset or ("cifar10" if args.data_dir else "digits")
+
+
+def load_images(args: argparse.Namespace, n: int):
+    """The first ``n`` images of the dataset (cycled when it holds fewer)."""
+    from kad.datasets import load_dataset
+
+    dataset = load_dataset(default_dataset(args), args.data_dir)
+    if n > len(dataset):
+        print(f"note: {dataset.name} holds {len(dataset)} images; repeating them to get {n}",
+              file=sys.stderr)
+    return dataset.subset(np.arange(n) % len(dataset))
+
+
+def build_model(args: argparse.Namespace, warm_up):
+    """``(backbone, size, model, names, seconds)``: the extractor model, built and run
+    once on a batch of zeros by ``warm_up(model, batch)``."""
+    from kad.backbones import get_backbone
+
+    start = time.perf_counter()
+    backbone = get_backbone(args.backbone)
+    size = backbone.input_size(args.image_size)
+    model, names = backbone.build_extractor(size, args.weights)
+    warm_up(model, np.zeros((args.batch_size, size, size, 3), dtype=np.float32))
+    return backbone, size, model, names, time.perf_counter() - start
+
+
+def block_sums(outputs) -> list[float]:
+    """Sum of absolute values of every block's features: a cheap fingerprint to check
+    that both variants computed the same thing."""
+    return [float(np.abs(np.asarray(o, dtype=np.float64)).sum()) for o in outputs]
+
+
+def run_kad(args: argparse.Namespace) -> dict:
+    """Time :func:`kad.features.extract_features` end to end, ``--repeat`` times."""
+    from kad.features import extract_features
+
+    dataset = load_images(args, args.n)
+    backbone, size, model, names, setup = build_model(
+        args, lambda m, batch: m.predict_on_batch(batch))
+    # extract_features builds its model through the backbone: hand it the warmed-up one.
+    backbone.build_extractor = lambda *_args, **_kwargs: (model, names)
+    base = rss_mib()
+    times, caches = [], []
+    try:
+        with AnonPeak() as anon:
+            for _ in range(args.repeat):
+                caches.append(tempfile.mkdtemp(prefix="kad-bench-", dir=args.tmp_dir))
+                start = time.perf_counter()
+                features = extract_features(
+                    dataset, backbone, args.weights, size, batch_size=args.batch_size,
+                    workers=args.workers, cache_dir=caches[-1])
+                times.append(time.perf_counter() - start)
+        peak = peak_rss_mib()  # before the fingerprint below reads the whole entry
+        sums = block_sums(features.block(b) for b in features.blocks)
+    finally:
+        for cache in caches:
+            shutil.rmtree(cache, ignore_errors=True)
+    return {"run_s": times, "prep_s": None, "setup_s": setup, "base_mib": base,
+            "peak_mib": peak, "anon_peak_mib": anon.mib, "sums": sums}
+
+
+def run_predict(args: argparse.Namespace) -> dict:
+    """Decode and preprocess every image into one array, then time ``model.predict``."""
+    from kad.features import load_preprocessed, plan_extraction
+
+    dataset = load_images(args, args.n)
+    backbone, size, model, _, setup = build_model(
+        args, lambda m, batch: m.predict(batch, batch_size=args.batch_size, verbose=0))
+    plan = plan_extraction(dataset, backbone, args.weights, size)
+    base = rss_mib()
+    times = []
+    with AnonPeak() as anon:
+        start = time.perf_counter()
+        x = np.empty((args.n, size, size, 3), dtype=np.float32)
+        for i in range(args.n):
+            x[i] = load_preprocessed(dataset.source, i, plan.preprocessing, size)
+        for lo in range(0, args.n, args.batch_size):  # in slices: no full-size temporaries
+            x[lo:lo + args.batch_size] = backbone.preprocess(x[lo:lo + args.batch_size])
+        prep = time.perf_counter() - start
+        for _ in range(args.repeat):
+            outputs = None
+            start = time.perf_counter()
+            outputs = model.predict(x, batch_size=args.batch_size, verbose=0)
+            times.append(time.perf_counter() - start)
+    peak = peak_rss_mib()
+    sums = block_sums(outputs)
+    return {"run_s": times, "prep_s": prep, "setup_s": setup, "base_mib": base,
+            "peak_mib": peak, "anon_peak_mib": anon.mib, "sums": sums}
+
+
+# -- the driver ---------------------------------------------------------------------------
+
+
+def child_command(args: argparse.Namespace, variant: str, n: int) -> list[str]:
+    command = [sys.executable, str(Path(__file__).resolve()), "--variant", variant,
+               "--n", str(n), "--backbone", args.backbone, "--weights", str(args.weights),
+               "--batch-size", str(args.batch_size), "--repeat", str(args.repeat),
+               "--dataset", default_dataset(args)]
+    for flag, value in (("--data-dir", args.data_dir), ("--image-size", args.image_size),
+                        ("--workers", args.workers), ("--tmp-dir", args.tmp_dir)):
+        if value is not None:
+            command += [flag, str(value)]
+    return command
+
+
+def spawn(args: argparse.Namespace, variant: str, n: int) -> dict:
+    """Run one variant in a fresh Python process and return its JSON result."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    print(f"running {variant} on {n} images ...", file=sys.stderr, flush=True)
+    done = subprocess.run(child_command(args, variant, n), capture_output=True, text=True,
+                          env=env)
+    for line in done.stdout.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            return {"variant": variant, "n": n, **json.loads(line[len(RESULT_PREFIX):])}
+    sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
+    raise SystemExit(f"the {variant} child exited with status {done.returncode} and no result")
+
+
+def warm_page_cache(args: argparse.Namespace, n: int) -> None:
+    """Read the image files once so that neither variant pays for the first disk read."""
+    from kad.datasets import FileSource
+
+    source = load_images(args, n).source
+    if isinstance(source, FileSource):
+        for path in source.paths:
+            path.read_bytes()
+
+
+def throughput(result: dict) -> float:
+    return result["n"] / min(result["run_s"])
+
+
+def _fmt(value: float | None, width: int, digits: int) -> str:
+    return "-".rjust(width) if value is None else f"{value:{width}.{digits}f}"
+
+
+def print_report(args: argparse.Namespace, results: list[dict]) -> None:
+    header = (f"{'variant':<8} {'images':>6} {'setup s':>8} {'prep s':>7} {'run s':>7} "
+              f"{'img/s':>7} {'e2e img/s':>9} {'base MiB':>9} {'peak MiB':>9} "
+              f"{'anon MiB':>9}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        run = min(r["run_s"])
+        e2e = r["n"] / (run + (r["prep_s"] or 0.0))
+        print(f"{r['variant']:<8} {r['n']:>6} {r['setup_s']:>8.1f} {_fmt(r['prep_s'], 7, 1)} "
+              f"{run:>7.2f} {throughput(r):>7.2f} {e2e:>9.2f} {_fmt(r['base_mib'], 9, 0)} "
+              f"{r['peak_mib']:>9.0f} {_fmt(r['anon_peak_mib'], 9, 0)}")
+    by = {(r["variant"], r["n"]): r for r in results}
+    n, big = args.n, args.n * args.scale
+    kad, plain = by[("kad", n)], by[("predict", n)]
+    e2e_plain = n / (min(plain["run_s"]) + plain["prep_s"])
+    print()
+    print(f"throughput kad / plain predict: {throughput(kad) / throughput(plain):.2f}x")
+    print(f"throughput kad / plain preprocess + predict: {throughput(kad) / e2e_plain:.2f}x")
+    if args.scale > 1:
+        for variant in VARIANTS:
+            ratio = by[(variant, big)]["peak_mib"] / by[(variant, n)]["peak_mib"]
+            name = "kad" if variant == "kad" else "plain predict"
+            print(f"peak memory {name}({args.scale}N) / {name}(N): {ratio:.2f}x")
+        ratio = by[("kad", big)]["peak_mib"] / by[("predict", big)]["peak_mib"]
+        print(f"peak memory kad({args.scale}N) / plain predict({args.scale}N): {ratio:.2f}x")
+        anon = [by[("kad", m)]["anon_peak_mib"] for m in (n, big)]
+        if None not in anon:
+            print(f"peak anonymous memory kad({args.scale}N) / kad(N): "
+                  f"{anon[1] / anon[0]:.2f}x")
+    a, b = np.asarray(kad["sums"]), np.asarray(plain["sums"])
+    diff = float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
+    print(f"same features in both variants: {'yes' if diff < 1e-3 else 'NO'} "
+          f"(largest relative difference of the per-block sums: {diff:.1e})")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="kad feature extraction vs plain model.predict: throughput and peak "
+                    "memory, on the same images.")
+    parser.add_argument("--dataset", help="kad dataset name (default: cifar10 with "
+                        "--data-dir, else the embedded digits)")
+    parser.add_argument("--data-dir", help="dataset folder, e.g. a CIFAR-10 image-folder "
+                        "export holding train/<class>/ and test/<class>/")
+    parser.add_argument("--backbone", default="inception_resnet_v2",
+                        help="backbone spec (default: %(default)s)")
+    parser.add_argument("--weights", default="none", help="'none' (random: same compute), "
+                        "'imagenet' or a weights file (default: %(default)s)")
+    parser.add_argument("--image-size", type=int,
+                        help="input size in pixels (default: the backbone's native size)")
+    parser.add_argument("--n", type=int, default=256, help="images (default: %(default)s)")
+    parser.add_argument("--scale", type=int, default=2, help="also run on scale x N images "
+                        "to compare peak memory; 1 skips it (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
+    parser.add_argument("--workers", type=int, help="kad's decoding threads (default: kad's)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="timed runs per child; the fastest counts (default: %(default)s)")
+    parser.add_argument("--tmp-dir", help="where kad's temporary cache goes (default: the "
+                        "system's temporary folder)")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # children
+    args = parser.parse_args(argv)
+    if args.n < 1 or args.scale < 1 or args.batch_size < 1 or args.repeat < 1:
+        parser.error("--n, --scale, --batch-size and --repeat must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.variant:
+        result = (run_kad if args.variant == "kad" else run_predict)(args)
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
+        return
+    sizes = [args.n] + ([args.n * args.scale] if args.scale > 1 else [])
+    warm_page_cache(args, max(sizes))
+    results = [spawn(args, variant, n) for n in sizes for variant in VARIANTS]
+    print(f"\ndataset {default_dataset(args)}, backbone {args.backbone}, weights "
+          f"{args.weights}, batch {args.batch_size}, {os.cpu_count()} CPUs\n")
+    print_report(args, results)
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
+                                         "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
