@@ -76,7 +76,7 @@ def _finish(result, options: RecipeOptions, started: float, title: str) -> Path:
                   for label in result.curves}
         plot_rocs(folder / "roc.png", result.curves, aurocs, title)
     if any(r.supervised for r in result.runs):
-        err.print("[yellow]note:[/] columns marked [supervised] were trained with labelled "
+        err.print("[yellow]note:[/] columns marked \\[supervised] were trained with labelled "
                   "anomalies: an upper bound, not an unsupervised result")
     err.print(f"results in {folder} ({time.perf_counter() - started:.1f} s)")
     return folder
