@@ -101,14 +101,12 @@ def extract_with_progress(ds, backbone: str, weights: str, image_size: int | Non
     from .features import cached_features, extract_features, plan_extraction
 
     plan = plan_extraction(ds, backbone, weights, image_size, preprocessing, cache_dir)
-    if cached_features(plan) is None:
+    features = cached_features(plan)
+    if features is None:
         with progress_bar(f"features {plan.backbone.spec} @{plan.input_size}px") as update:
             features = extract_features(ds, plan.backbone, weights, image_size, preprocessing,
                                         batch_size=batch_size, cache_dir=cache_dir,
                                         progress=update)
-    else:
-        features = extract_features(ds, plan.backbone, weights, image_size, preprocessing,
-                                    cache_dir=cache_dir)
     if features.failed:
         shown = "; ".join(f"{k}: {v}" for k, v in list(features.failed.items())[:5])
         err.print(f"[yellow]{len(features.failed)} image(s) could not be read and are left "

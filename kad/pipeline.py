@@ -264,15 +264,14 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
         blocks = features.resolve(representation)
     det = fitted_on(blocks)
     train_scores = det.decision_scores_
+    val_scores = det.anomaly_score(features.matrix(blocks, labelled_rows)) if labelled else None
     if labelled and sensitivity is not None:
-        val_scores = det.anomaly_score(features.matrix(blocks, labelled_rows))
         threshold = threshold_at_sensitivity(val_scores[labels == 0], val_scores[labels == 1],
                                              sensitivity)
     else:
         threshold = Threshold(det.threshold_, "contamination",
                               {"contamination": det.contamination})
     if labelled:
-        val_scores = det.anomaly_score(features.matrix(blocks, labelled_rows))
         threshold.details["validation"] = evaluate(labels, val_scores,
                                                    val_scores > threshold.value)
     model = plan.backbone.build_extractor(plan.input_size, weights)[0]

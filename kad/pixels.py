@@ -15,7 +15,7 @@ import numpy as np
 
 from .cache import cache_key, cache_root
 from .errors import ImageReadError
-from .images import resize
+from .features import load_preprocessed
 from .preprocessing import get_preprocessing
 
 
@@ -37,7 +37,7 @@ def load_pixels(dataset, size: int, preprocessing, cache_dir: str | Path | None 
 
     def work(i: int) -> None:
         try:
-            images[i] = resize(prep(dataset.source.load(i)), size)
+            images[i] = load_preprocessed(dataset.source, i, prep, size)
         except ImageReadError as exc:
             failed[str(dataset.ids[i])] = exc.reason
 
