@@ -79,14 +79,12 @@ class Workbench:
     """The dataset of a recipe run with its features and pixels, loaded on first use."""
 
     def __init__(self, options: RecipeOptions, log=print):
-        from kad.datasets import load_dataset
+        from kad._cli import load_dataset_option
         from kad.protocols import subsample
-        from kad.specs import parse_spec
 
         self.options = options
         self.log = log
-        spec = parse_spec(options.dataset, "dataset")
-        dataset = load_dataset(spec.name, options.data_dir, **spec.options)
+        dataset = load_dataset_option(options.dataset, options.data_dir)
         if options.limit:
             dataset = dataset.subset(subsample(dataset, options.limit))
         self.dataset = dataset
