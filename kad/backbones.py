@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ._deps import import_keras
+from .deps import import_keras
 from .errors import KadError, WeightsError
 from .registry import BACKBONES, load
 from .specs import Spec, parse_spec

@@ -8,7 +8,7 @@ import pytest
 from sklearn.base import clone
 from sklearn.metrics import roc_auc_score
 
-from kad._deps import has_keras
+from kad.deps import has_keras
 from kad.detector import BaseDetector, NotFittedError, load_detector
 from kad.errors import PluginError
 from kad.registry import DETECTORS, discover, load

@@ -85,7 +85,7 @@ def load_digits(data_dir: str | os.PathLike | None = None) -> Dataset:
 
 def _keras_load_data(name: str) -> tuple:
     """``keras.datasets.<name>.load_data()``; downloads on first use."""
-    from .._deps import import_keras
+    from ..deps import import_keras
 
     keras = import_keras()
     if name == "cifar10":
@@ -95,7 +95,7 @@ def _keras_load_data(name: str) -> tuple:
 
 def _svhn_download(split: str) -> str:
     """Path of the official ``<split>_32x32.mat``, downloaded into Keras' cache."""
-    from .._deps import import_keras
+    from ..deps import import_keras
 
     keras = import_keras()
     filename = f"{split}_32x32.mat"

@@ -24,7 +24,7 @@ import warnings
 
 import numpy as np
 
-from kad._deps import import_keras
+from kad.deps import import_keras
 from kad.detector import BaseDetector
 from kad.errors import MissingDependencyError
 

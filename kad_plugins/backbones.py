@@ -6,8 +6,8 @@ import re
 
 import numpy as np
 
-from kad._deps import import_keras
 from kad.backbones import Backbone
+from kad.deps import import_keras
 from kad.errors import KadError
 
 

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._keras_common import (
+from kad.deep import (
     CollapseWarning,
     DeepDetector,
     check_collapse,

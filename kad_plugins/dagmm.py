@@ -59,7 +59,7 @@ import numpy as np
 from scipy.linalg import solve_triangular
 from scipy.special import logsumexp
 
-from ._keras_common import DeepDetector, inference_copy, keras, seed_everything, tf
+from kad.deep import DeepDetector, inference_copy, keras, seed_everything, tf
 
 __all__ = ["DAGMMDetector", "DAGMMNet", "gmm_parameters", "gmm_energy"]
 

@@ -38,7 +38,7 @@ import math
 import numpy as np
 from scipy.special import expit
 
-from ._keras_common import (
+from kad.deep import (
     DeepDetector,
     inference_copy,
     keras,
