@@ -27,7 +27,7 @@ import numpy as np
 
 from .deps import import_keras
 from .errors import KadError, WeightsError
-from .registry import BACKBONES, load
+from .registry import BACKBONE, create, status
 from .specs import Spec, parse_spec
 
 DEFAULT_BACKBONE = "inception_resnet_v2"
@@ -54,7 +54,8 @@ class Backbone:
         if unknown:
             allowed = ", ".join(self.options) or "none"
             raise KadError(
-                f"unknown option(s) {', '.join(sorted(unknown))} for backbone {self.name!r}; "
+                f"unknown option(s) {', '.join(sorted(unknown))} for backbone "
+                f"{self.name or type(self).__name__!r}; "
                 f"allowed: {allowed}"
             )
         self.config = {**self.options, **options}
@@ -202,8 +203,12 @@ def weights_identity(weights: str | Path | None) -> str:
 
 def get_backbone(spec: str | Spec = DEFAULT_BACKBONE) -> Backbone:
     """The backbone plugin named by ``NAME[:key=value,...]``, with its options applied."""
-    parsed = parse_spec(spec, "backbone")
-    cls = load(BACKBONES, parsed.name)
-    instance = cls(**parsed.options)
+    parsed = parse_spec(spec, BACKBONE.what)
+    instance = create(BACKBONE, parsed)
     instance.name = parsed.name
     return instance
+
+
+def list_backbones():
+    """Every backbone plugin with its distribution and whether it loads."""
+    return status(BACKBONE)

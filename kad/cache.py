@@ -32,7 +32,7 @@ import numpy as np
 
 from .errors import KadError
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: images with nothing to screen in them are marked failed
 _META = "meta.json"
 _PROGRESS = "progress.json"
 

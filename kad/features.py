@@ -23,7 +23,7 @@ from . import __version__
 from .backbones import Backbone, get_backbone, weights_identity
 from .cache import FeatureSet, cache_key, entry_lock, entry_path
 from .errors import ImageReadError
-from .images import resize
+from .images import check_usable, resize
 from .preprocessing import Preprocessing, get_preprocessing
 
 ProgressCallback = Callable[[int, int], None]
@@ -165,8 +165,10 @@ def stream_features(model, source, ids, plan: ExtractionPlan, batch_size: int = 
 def load_preprocessed(source, index: int, preprocessing: Preprocessing,
                       input_size: int) -> np.ndarray:
     """One image as the network sees it, before the backbone's own scaling: float32 in
-    [0, 1], ``input_size`` square."""
-    return resize(preprocessing(source.load(index)), input_size)
+    [0, 1], ``input_size`` square. An image with nothing to screen in it (too small, one
+    flat colour) raises :class:`~kad.errors.ImageReadError` like an unreadable one."""
+    rgb = check_usable(source.load(index), source.describe(index))
+    return resize(preprocessing(rgb), input_size)
 
 
 def _load_batch(source, ids, plan: ExtractionPlan, start: int, stop: int):

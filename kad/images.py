@@ -21,7 +21,19 @@ import numpy as np
 
 from .errors import ImageReadError
 
-__all__ = ["IMAGE_EXTENSIONS", "is_image_file", "read_image", "resize", "to_rgb_uint8"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MIN_IMAGE_SIDE",
+    "check_usable",
+    "is_image_file",
+    "read_image",
+    "resize",
+    "to_rgb_uint8",
+]
+
+#: Images with a side shorter than this many pixels are not screened: there is nothing to
+#: see in them (8 px keeps scikit-learn's 8x8 digits).
+MIN_IMAGE_SIDE = 8
 
 #: Lower-case file extensions that every OpenCV build kad supports (>= 4.8) decodes.
 #: GIF and AVIF are left out (only some builds read them), and so is OpenEXR (disabled
@@ -87,6 +99,23 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageReadError(path, str(exc)) from exc
 
 
+def check_usable(rgb: np.ndarray, where: str | os.PathLike,
+                 min_side: int = MIN_IMAGE_SIDE) -> np.ndarray:
+    """``rgb`` itself when there is something to screen in it; otherwise an
+    :class:`~kad.errors.ImageReadError` naming ``where`` and the reason: a side shorter than
+    ``min_side`` pixels, or one flat colour (a blank or failed capture)."""
+    height, width = rgb.shape[:2]
+    if min(height, width) < min_side:
+        raise ImageReadError(where, f"the image is {width}x{height} px, smaller than the "
+                                    f"minimum of {min_side} px a side; nothing to screen")
+    first = rgb[0, 0]
+    if rgb.min() == rgb.max() or not (rgb != first).any():
+        raise ImageReadError(where, f"the image is one flat colour (every pixel RGB "
+                                    f"{tuple(int(c) for c in first)}): a blank or failed "
+                                    "capture, nothing to screen")
+    return rgb
+
+
 def to_rgb_uint8(array: np.ndarray) -> np.ndarray:
     """Convert an in-memory image to an ``(H, W, 3)`` ``uint8`` RGB array.
 
@@ -142,6 +171,9 @@ def _read_bytes(path: str | os.PathLike) -> bytes:
     try:
         data = p.read_bytes()
     except FileNotFoundError as exc:
+        if p.is_symlink():
+            raise ImageReadError(path, f"broken symbolic link (it points to {os.readlink(p)}, "
+                                       "which does not exist); fix or remove the link") from exc
         raise ImageReadError(path, "the file does not exist; check the path") from exc
     except IsADirectoryError as exc:
         raise ImageReadError(path, "it is a directory, not an image file") from exc

@@ -14,21 +14,17 @@ caches record it, and :func:`get_preprocessing` turns it back into an equal obje
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass, fields
-from types import MappingProxyType
 from typing import Any, ClassVar
 
 import cv2
 import numpy as np
 
-from .errors import SpecError
 from .images import resize, to_rgb_uint8
-from .specs import Spec, parse_spec
+from .specs import Spec
 
 __all__ = [
-    "PREPROCESSINGS",
     "Fundus",
     "Natural",
     "Preprocessing",
@@ -139,40 +135,19 @@ class Fundus(Preprocessing):
 
 
 #: Every preprocessing by name.
-PREPROCESSINGS: MappingProxyType[str, type[Preprocessing]] = MappingProxyType(
-    {cls.name: cls for cls in (Natural, Fundus)}
-)
-
-
 def get_preprocessing(spec: str | Preprocessing) -> Preprocessing:
-    """The preprocessing ``spec`` names: ``"natural"``, ``"fundus"``, ``"fundus:size=512"``.
+    """The preprocessing ``spec`` names: ``"natural"``, ``"fundus"``, ``"fundus:size=512"``
+    (a ``kad.preprocessing`` entry point and its options).
 
     A :class:`Preprocessing` is returned as it is. Raises :class:`~kad.errors.SpecError`
-    (a :class:`~kad.errors.KadError` and a :class:`ValueError`) for an unknown name, an
-    unknown option or an invalid value.
+    (a :class:`~kad.errors.KadError` and a :class:`ValueError`) for an unknown option or an
+    invalid value, and :class:`~kad.errors.PluginError` for an unknown name.
     """
     if isinstance(spec, Preprocessing):
         return spec
-    parsed = parse_spec(spec, "preprocessing")
-    cls = PREPROCESSINGS.get(parsed.name)
-    if cls is None:
-        close = difflib.get_close_matches(parsed.name, list(PREPROCESSINGS), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise SpecError(
-            f"unknown preprocessing {parsed.name!r}.{hint} "
-            f"Available: {', '.join(PREPROCESSINGS)}"
-        )
-    allowed = [f.name for f in fields(cls)]
-    unknown = sorted(set(parsed.options) - set(allowed))
-    if unknown:
-        raise SpecError(
-            f"unknown option {unknown[0]!r} for preprocessing {parsed.name!r} in {str(spec)!r}; "
-            f"allowed options: {', '.join(allowed) if allowed else 'none'}"
-        )
-    try:
-        return cls(**parsed.options)
-    except ValueError as exc:
-        raise SpecError(f"invalid preprocessing {str(spec)!r}: {exc}") from exc
+    from .registry import PREPROCESSING, create
+
+    return create(PREPROCESSING, spec)
 
 
 def _number(field_name: str, value: Any) -> float:

@@ -46,6 +46,25 @@ def is_natural(dataset) -> bool:
     return dataset.anomaly is None
 
 
+def check_protocol(dataset, folds: int = 5) -> None:
+    """Refuse, as soon as the dataset is loaded, one that its protocol cannot evaluate: a
+    medical dataset needs anomalies (at least one per fold) and as many patients as
+    folds; a natural one needs its train/test split."""
+    if is_natural(dataset):
+        if dataset.split is None:
+            raise KadError(f"dataset {dataset.name} has neither anomaly labels nor a "
+                           "train/test split, so no protocol can evaluate a detector on it")
+        return
+    n_anomalies = int(np.sum(dataset.anomaly))
+    if n_anomalies == 0:
+        raise KadError(f"{dataset.name} has no anomalous images: the recipes test detectors "
+                       "on anomalies; add some (an abnormal/ folder, or other grades with "
+                       "anomaly_grades=...)")
+    if n_anomalies < folds:
+        raise KadError(f"{dataset.name} has {n_anomalies} anomalous images; {folds}-fold "
+                       "cross-validation needs at least one per fold (lower --folds)")
+
+
 def splits(dataset, seeds: int | list[int] = 1, folds: int = 5,
            valid: np.ndarray | None = None, classes: list[str] | None = None) -> list[Split]:
     """The splits of the protocol that fits ``dataset`` (see the module docstring).

@@ -13,12 +13,15 @@ import html
 import io
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import ImageReadError
 from .pipeline import Pipeline
-from .screening import ScoredImage, labelled_metrics
+
+if TYPE_CHECKING:  # the rows kad.screening ranks; screening imports this module to write
+    from .screening import ScoredImage
 
 THUMB = 160
 
@@ -126,6 +129,24 @@ def _gallery(pipeline: Pipeline, rows: list[ScoredImage]) -> str:
             f"{html.escape(Path(r.file).name)}</figcaption></figure>"
         )
     return '<div class="grid">' + "".join(cells) + "</div>"
+
+
+def labelled_metrics(rows: list[ScoredImage], threshold: float) -> dict | None:
+    """AUROC, and sensitivity/specificity at the threshold, where labels of both kinds exist."""
+    from .metrics import evaluate
+
+    labelled = [r for r in rows if r.label is not None]
+    y = np.array([r.label for r in labelled])
+    if len(labelled) == 0 or len(np.unique(y)) < 2:
+        return None
+    scores = np.array([r.score for r in labelled])
+    flagged = scores > threshold
+    metrics = evaluate(y, scores, flagged)
+    metrics.update(
+        sensitivity=float(flagged[y == 1].mean()), specificity=float((~flagged[y == 0]).mean()),
+        n_normal=int((y == 0).sum()), n_anomalous=int((y == 1).sum()),
+    )
+    return metrics
 
 
 def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],

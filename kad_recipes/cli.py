@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from kad._cli import (
+from kad.cli.options import (
     BackboneOpt,
     BatchSizeOpt,
     CacheDirOpt,
@@ -21,16 +21,13 @@ from kad._cli import (
     ImageSizeOpt,
     PreprocessingOpt,
     WeightsOpt,
-    err,
-    handle_errors,
-    out,
-    progress_bar,
 )
+from kad.cli.render import handle_errors, note, progress_bar, say, skipped, stdout, table
 from kad.metrics import percent
 
 from .common import RecipeOptions, default_out, plot_rocs, write_results
 
-app = typer.Typer(no_args_is_help=True)
+app = typer.Typer(no_args_is_help=True, help="Run the paper's experiments.")
 
 DetectorsOpt = Annotated[str, typer.Option(
     "--detectors", help="Comma-separated detector plugins, each NAME[:key=value,...].")]
@@ -65,6 +62,13 @@ def _options(**kw) -> RecipeOptions:
     return RecipeOptions(**kw)
 
 
+def _bench(options: RecipeOptions):
+    """The recipe's data, with its summary and every image it could not use on stderr."""
+    from .common import Workbench
+
+    return Workbench(options, log=note, progress=progress_bar, report_skipped=skipped)
+
+
 def _finish(result, options: RecipeOptions, started: float, title: str) -> Path:
     folder = options.out or default_out(result.recipe)
     write_results(folder, result.recipe, result.bench, result.runs, result.summary,
@@ -76,25 +80,19 @@ def _finish(result, options: RecipeOptions, started: float, title: str) -> Path:
                   for label in result.curves}
         plot_rocs(folder / "roc.png", result.curves, aurocs, title)
     if any(r.supervised for r in result.runs):
-        err.print("[yellow]note:[/] columns marked \\[supervised] were trained with labelled "
-                  "anomalies: an upper bound, not an unsupervised result")
-    err.print(f"results in {folder} ({time.perf_counter() - started:.1f} s)")
+        note("columns marked [supervised] were trained with labelled anomalies: an upper "
+             "bound, not an unsupervised result", label="note:")
+    note(f"results in {folder} ({time.perf_counter() - started:.1f} s)")
     return folder
 
 
 def _table(title: str, row_label: str, rows: dict[str, dict[str, str]]):
-    from rich.table import Table
-
     columns: list[str] = []
     for cells in rows.values():
         columns += [c for c in cells if c not in columns]
-    table = Table(title=title)
-    table.add_column(row_label)
-    for column in columns:
-        table.add_column(column, justify="right")
-    for label, cells in rows.items():
-        table.add_row(label, *(cells.get(c, "—") for c in columns))
-    return table
+    return table(title, [row_label, *columns],
+                 ([label, *(cells.get(c, "—") for c in columns)] for label, cells in rows.items()),
+                 right=columns)
 
 
 @app.command()
@@ -120,12 +118,12 @@ def table1(
                        limit=limit, classes=classes, pixel_size=pixel_size,
                        batch_size=batch_size, cache_dir=cache_dir, out=out_dir)
     with progress_bar("table1 runs") as update:
-        result = run_table1(options, progress=update)
+        result = run_table1(options, progress=update, bench=_bench(options))
     _finish(result, options, started, f"Table 1 — {result.bench.dataset.name}")
     name = result.bench.dataset.name
-    out.print(_table("Table 1 — novelty detection, AUROC %", "dataset", {
+    stdout.print(_table("Table 1 — novelty detection, AUROC %", "dataset", {
         name: {row["column"]: percent(row["auroc"], row["auroc_std"]) for row in result.summary}}))
-    out.print(_table(f"{name}: every metric (supplementary tables 12-14)", "detector (input)", {
+    stdout.print(_table(f"{name}: every metric (supplementary tables 12-14)", "detector (input)", {
         row["column"]: {
             "AUROC %": percent(row["auroc"], row["auroc_std"]),
             "AUPRC %": percent(row["auprc"], row["auprc_std"]),
@@ -136,7 +134,7 @@ def table1(
         per = {}
         for run in result.runs:
             per.setdefault(run.split, {})[run.column] = percent(run.auroc)
-        out.print(_table("per split, AUROC %", "split", per))
+        stdout.print(_table("per split, AUROC %", "split", per))
 
 
 @app.command()
@@ -162,21 +160,21 @@ def table2(
                        classes=classes, batch_size=batch_size, cache_dir=cache_dir,
                        out=out_dir)
     with progress_bar("table2 block fits") as update:
-        result = run_table2(options, n_anomalies, progress=update)
+        result = run_table2(options, n_anomalies, progress=update, bench=_bench(options))
     folder = _finish(result, options, started, "")
     plot_blocks(folder / "blocks.png", result.extra["blocks"],
                 f"{options.detectors[0]} per block — {result.bench.dataset.name}")
     cells = {("Concatenation" if row["representation"] == "concat"
               else "Best (picked) representation"): percent(row["auroc"], row["auroc_std"])
              for row in result.summary}
-    out.print(_table(f"Table 2 — {result.extra['n_validation_anomalies']} labelled "
+    stdout.print(_table(f"Table 2 — {result.extra['n_validation_anomalies']} labelled "
                      "anomalies, AUROC %", "dataset", {result.bench.dataset.name: cells}))
-    out.print(_table("per block (Supplementary Sect. 10), AUROC %", "block", {
+    stdout.print(_table("per block (Supplementary Sect. 10), AUROC %", "block", {
         b["block"]: {"validation": percent(b["val_auroc"], b["val_auroc_std"]),
                      "test": percent(b["test_auroc"], b["test_auroc_std"])}
         for b in result.extra["blocks"]}))
     picked = result.extra["picked_blocks"]
-    out.print("picked: " + ", ".join(f"{b} ×{picked.count(b)}" for b in dict.fromkeys(picked)))
+    say("picked: " + ", ".join(f"{b} ×{picked.count(b)}" for b in dict.fromkeys(picked)))
 
 
 @app.command()
@@ -205,11 +203,11 @@ def table3(
                        limit=limit, classes=classes, pixel_size=pixel_size,
                        batch_size=batch_size, cache_dir=cache_dir, out=out_dir)
     with progress_bar("table3 runs") as update:
-        result = run_table3(options, ratio_list, progress=update)
+        result = run_table3(options, ratio_list, progress=update, bench=_bench(options))
     _finish(result, options, started, f"Table 3 — {result.bench.dataset.name}")
     rows: dict[str, dict[str, str]] = {}
     for row in result.summary:
         rows.setdefault(row["column"], {})[f"ρ={row['ratio']:.0%}"] = percent(
             row["auroc"], row["auroc_std"])
-    out.print(_table(f"Table 3 — {result.bench.dataset.name}, anomalies in training, AUROC %",
+    stdout.print(_table(f"Table 3 — {result.bench.dataset.name}, anomalies in training, AUROC %",
                      "detector", rows))

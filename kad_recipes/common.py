@@ -76,15 +76,25 @@ class Run:
 
 
 class Workbench:
-    """The dataset of a recipe run with its features and pixels, loaded on first use."""
+    """The dataset of a recipe run with its features and pixels, loaded on first use.
 
-    def __init__(self, options: RecipeOptions, log=print):
-        from kad._cli import load_dataset_option
-        from kad.protocols import subsample
+    ``log(text)`` receives diagnostics (the dataset's summary first); ``progress(text)``,
+    when given, is a context manager yielding an ``update(done, total)`` callback for long
+    work (feature extraction); ``report_skipped(items, what)`` receives the images that
+    could not be used, with the reason.
+    """
+
+    def __init__(self, options: RecipeOptions, log=print, progress=None, report_skipped=None):
+        from kad.datasets import load_dataset
+        from kad.protocols import check_protocol, subsample
 
         self.options = options
         self.log = log
-        dataset = load_dataset_option(options.dataset, options.data_dir)
+        self._progress = progress
+        self._report_skipped = report_skipped
+        dataset = load_dataset(options.dataset, options.data_dir)
+        log(dataset.summary())
+        check_protocol(dataset, options.folds)
         if options.limit:
             dataset = dataset.subset(subsample(dataset, options.limit))
         self.dataset = dataset
@@ -104,13 +114,21 @@ class Workbench:
     @property
     def features(self):
         if self._features is None:
-            from kad._cli import extract_with_progress
+            from contextlib import nullcontext
+
+            from kad.features import extract_features
 
             o = self.options
-            self._features = extract_with_progress(
-                self.dataset, o.backbone, o.weights, o.image_size, o.preprocessing,
-                o.batch_size, o.cache_dir)
+            bar = (self._progress(f"features of {self.dataset.name}") if self._progress
+                   else nullcontext(None))
+            with bar as update:
+                self._features = extract_features(
+                    self.dataset, o.backbone, o.weights, o.image_size, o.preprocessing,
+                    batch_size=o.batch_size, cache_dir=o.cache_dir, progress=update)
             self._failed.update(self._features.failed)
+            if self._report_skipped:
+                self._report_skipped(self._features.failed.items(),
+                                     "image(s) could not be used and are")
         return self._features
 
     @property

@@ -59,10 +59,11 @@ def evaluate_column(bench: Workbench, split, spec: str, kind: str, representatio
     return run, roc(split.test_y, scores)
 
 
-def run_table1(options: RecipeOptions, progress=None) -> RecipeResult:
+def run_table1(options: RecipeOptions, progress=None,
+               bench: Workbench | None = None) -> RecipeResult:
     from kad.registry import get_detector
 
-    bench = Workbench(options)
+    bench = bench or Workbench(options)
     columns = plan_columns(options.detectors, options.inputs)
     valid = bench.valid({kind for _, kind in columns})
     todo = splits(bench.dataset, bench.seeds, options.folds, valid, options.classes)

@@ -29,8 +29,9 @@ def n_validation_anomalies(n_anomalies: float | None, n_images: int) -> int:
 
 
 def run_table2(options: RecipeOptions, n_anomalies: float | None = None,
-               progress=None) -> RecipeResult:
-    bench = Workbench(options)
+               progress=None,
+               bench: Workbench | None = None) -> RecipeResult:
+    bench = bench or Workbench(options)
     spec = options.detectors[0]
     valid = bench.valid({FEATURES})
     features = bench.features

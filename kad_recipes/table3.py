@@ -20,8 +20,9 @@ MEDICAL_RATIOS = (0.01, 0.02, 0.03)
 
 
 def run_table3(options: RecipeOptions, ratios: list[float] | None = None,
-               progress=None) -> RecipeResult:
-    bench = Workbench(options)
+               progress=None,
+               bench: Workbench | None = None) -> RecipeResult:
+    bench = bench or Workbench(options)
     ratios = list(ratios or (NATURAL_RATIOS if bench.natural else MEDICAL_RATIOS))
     columns = plan_columns(options.detectors, options.inputs)
     valid = bench.valid({kind for _, kind in columns})

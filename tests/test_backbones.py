@@ -61,7 +61,8 @@ def test_native_and_minimum_sizes():
 
 
 def test_backbone_options_are_validated():
-    with pytest.raises(KadError, match="allowed: alpha"):
+    with pytest.raises(KadError, match="backbone 'mobilenet_v2' has no option 'width'.*"
+                                       "its options: alpha"):
         get_backbone("mobilenet_v2:width=2")
     with pytest.raises(KadError, match="alpha must be one of"):
         get_backbone("mobilenet_v2:alpha=0.4")

@@ -11,7 +11,6 @@ import pytest
 from kad.errors import KadError
 from kad.images import read_image
 from kad.preprocessing import (
-    PREPROCESSINGS,
     Fundus,
     Natural,
     Preprocessing,
@@ -231,8 +230,10 @@ def test_get_preprocessing_by_name_and_options():
     assert isinstance(p.alpha, float)
     instance = Fundus(size=128)
     assert get_preprocessing(instance) is instance
-    assert set(PREPROCESSINGS) == {"natural", "fundus"}
-    assert all(issubclass(cls, Preprocessing) for cls in PREPROCESSINGS.values())
+    from kad.registry import PREPROCESSING, load, names
+
+    assert set(names(PREPROCESSING)) == {"natural", "fundus"}
+    assert all(issubclass(load(PREPROCESSING, n), Preprocessing) for n in names(PREPROCESSING))
 
 
 def test_keys_spell_every_parameter_and_round_trip():
@@ -263,9 +264,9 @@ def test_unknown_name_lists_the_available_ones():
 
 
 def test_unknown_option_names_it_and_the_allowed_ones():
-    with pytest.raises(KadError, match=r"'sigma'.*allowed options: size, blur, alpha, mask"):
+    with pytest.raises(KadError, match=r"'sigma'.*its options: size, blur, alpha, mask"):
         get_preprocessing("fundus:sigma=3")
-    with pytest.raises(KadError, match=r"'size'.*allowed options: none"):
+    with pytest.raises(KadError, match=r"'size'.*its options: none"):
         get_preprocessing("natural:size=3")
 
 

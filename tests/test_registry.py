@@ -7,8 +7,17 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from kad.errors import PluginError
-from kad.registry import DETECTORS, clear_cache, discover, get_detector, list_detectors, load
+import kad
+from kad.errors import PluginError, SpecError
+from kad.registry import (
+    DETECTORS,
+    PluginWarning,
+    clear_cache,
+    discover,
+    get_detector,
+    list_detectors,
+    load,
+)
 from plugin_env import activate, install, install_example
 
 runner = CliRunner()
@@ -92,12 +101,36 @@ def test_an_object_of_the_wrong_type_is_refused(site, monkeypatch):
         load(DETECTORS, "notadetector")
 
 
-def test_a_duplicate_name_is_an_error_naming_both(site, monkeypatch):
+def test_a_third_party_reusing_a_builtin_name_is_warned_and_the_builtin_kept(site, monkeypatch):
     install(site, "kad-clash", "2.0", {DETECTORS: {"iforest": "kad_clash_mod:Other"}})
     activate(site, monkeypatch)
-    with pytest.raises(PluginError, match="declared twice") as info:
-        discover(DETECTORS)
-    assert "kad-clash 2.0" in str(info.value) and "kad 0.1.0" in str(info.value)
+    with pytest.warns(PluginWarning) as caught:
+        found = discover(DETECTORS)
+    message = str(caught[0].message)
+    assert "kad-clash 2.0" in message and f"kad {kad.__version__}" in message
+    assert found["iforest"].distribution == "kad" and len(found) > 5
+    rng = np.random.default_rng(0)
+    assert get_detector("iforest:n_estimators=10").fit(rng.normal(size=(50, 3))).threshold_
+
+
+def test_two_third_parties_claiming_one_name_make_only_that_name_ambiguous(site, monkeypatch):
+    install(site, "kad-one", "1.0", {DETECTORS: {"twin": "mod_one:Twin"}})
+    install(site, "kad-two", "1.0", {DETECTORS: {"twin": "mod_two:Twin"}})
+    activate(site, monkeypatch)
+    with pytest.raises(PluginError, match="kad-one 1.0.*kad-two 1.0|kad-two 1.0.*kad-one 1.0"):
+        get_detector("twin")
+    rows = {r.name: r for r in list_detectors()}
+    assert not rows["twin"].ok and rows["knn"].ok
+
+
+def test_a_detector_option_typo_is_one_line_naming_the_option():
+    with pytest.raises(SpecError, match="detector 'knn' has no option 'n_neighbour'.*"
+                                        "did you mean 'n_neighbors'"):
+        get_detector("knn:n_neighbour=3")
+    result = _kad("recipe", "table1", "--dataset", "digits", "--inputs", "pixels",
+                  "--detectors", "knn:n_neighbour=3", "--limit", "20")
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "n_neighbour" in result.output and len(result.output.strip().splitlines()) <= 3
 
 
 def test_an_unknown_name_lists_the_available_ones():

@@ -66,8 +66,11 @@ def test_score_ranks_most_suspicious_first_and_lists_unreadable_files(work):
     scored = [r for r in rows if r["score"]]
     scores = [float(r["score"]) for r in scored]
     assert len(scored) == 30 and scores == sorted(scores, reverse=True)
-    broken = [r for r in rows if not r["score"]]
-    assert len(broken) == 1 and broken[0]["file"].endswith("broken.png") and broken[0]["error"]
+    broken = {r["file"].rsplit("/", 1)[-1]: r for r in rows if not r["score"]}
+    assert set(broken) == {"broken.png", "patients.csv"}
+    assert broken["broken.png"]["status"] == "unreadable" and broken["broken.png"]["reason"]
+    assert broken["patients.csv"]["status"] == "skipped"
+    assert "32 files: 30 scored" in result.output and "1 unreadable, 1 skipped" in result.output
     threshold = load_pipeline(work / "model.kad").threshold.value
     assert all((r["flagged"] == "yes") == (float(r["score"]) > threshold) for r in scored)
     assert all(0 <= float(r["percentile"]) <= 100 for r in scored)
@@ -104,6 +107,43 @@ def test_refusals_are_one_clear_line(work, tmp_path):
     assert result.exit_code == 1 and "not a kad model file" in result.output
     result = runner.invoke(app, ["score", str(work / "model.kad"), str(tmp_path / "none")])
     assert result.exit_code == 1 and "no such file or folder" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_score_accounts_for_every_file_it_is_given(work, tmp_path):
+    import cv2
+
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    good = sorted((work / "new" / "abnormal").glob("*.png"))[:2]
+    for path in good:
+        shutil.copy(path, folder / path.name)
+    (folder / "scan.gif").write_bytes(b"GIF89a" + bytes(40))
+    (folder / "scan.dcm").write_bytes(bytes(200))
+    (folder / "notes.txt").write_text("hello")
+    (folder / ".DS_Store").write_bytes(bytes(8))
+    (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    cv2.imwrite(str(folder / "tiny.png"), np.full((1, 1, 3), 90, np.uint8))
+    cv2.imwrite(str(folder / "flat.png"), np.full((64, 64, 3), 128, np.uint8))
+    extra = tmp_path / "missing.jpg"
+    out = tmp_path / "out"
+    result = _kad("score", work / "model.kad", folder, extra, "--out", out)
+    rows = {r["file"].rsplit("/", 1)[-1]: r for r in _read_scores(out / "scores.csv")}
+    assert set(rows) == {p.name for p in good} | {"scan.gif", "scan.dcm", "notes.txt",
+                                                   ".DS_Store", "gone.png", "tiny.png",
+                                                   "flat.png", "missing.jpg"}
+    assert {rows[p.name]["status"] for p in good} == {"scored"}
+    assert rows["gone.png"]["status"] == "skipped" and "broken symbolic link" in rows[
+        "gone.png"]["reason"]
+    assert "unsupported image format .gif" in rows["scan.gif"]["reason"]
+    assert "unsupported image format .dcm" in rows["scan.dcm"]["reason"]
+    assert rows["tiny.png"]["status"] == "unreadable" and "1x1" in rows["tiny.png"]["reason"]
+    assert rows["flat.png"]["status"] == "unreadable" and "one flat colour" in rows[
+        "flat.png"]["reason"]
+    assert "10 files: 2 scored" in result.output
+    assert "2 unreadable, 6 skipped" in result.output
+    for name in ("gone.png", "scan.gif", "tiny.png", "missing.jpg"):
+        assert name in result.output
 
 
 @pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
@@ -125,3 +165,25 @@ def test_the_report_renders_in_a_headless_browser(work, tmp_path):
     image = cv2.imread(str(shot))
     assert image is not None and image.shape[0] >= 2000
     assert image.std() > 20, "the page rendered blank"
+
+
+def test_fit_says_how_many_images_it_fitted_on_and_names_those_left_out(tmp_path):
+    import cv2
+
+    from synthetic import screening_folder
+
+    screening_folder(tmp_path / "fit", n_normal=12, n_abnormal=0, seed=3)
+    (tmp_path / "fit" / "patients.csv").unlink()
+    normal = tmp_path / "fit" / "normal"
+    cv2.imwrite(str(normal / "tiny.png"), np.full((1, 1, 3), 90, np.uint8))
+    (normal / "broken.png").write_text("not an image")
+    (normal / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    model = tmp_path / "model.kad"
+    result = _kad("fit", "--dataset", "folder:kind=natural", "--data-dir", tmp_path / "fit",
+                  *FAST, "--out", model)
+    fitted = load_pipeline(model).training["n_images"]
+    assert fitted == 12
+    assert f"fitted on {fitted} normal images" in result.output
+    for name in ("tiny.png", "broken.png", "gone.png"):
+        assert name in result.output
+    assert "1x1 px" in result.output and "broken symbolic link" in result.output

@@ -14,12 +14,13 @@ extracted features are keyed on it.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ __all__ = [
     "ImageSource",
     "check_data_dir",
     "compute_fingerprint",
+    "first_few",
+    "read_table",
     "list_image_files",
     "natural_key",
     "relative_ids",
@@ -96,15 +99,15 @@ class FileSource(ImageSource):
         return FileSource([self.paths[int(i)] for i in idx])
 
     def update_hash(self, digest: Any) -> None:
-        """Size and modification time of every file (stat only, contents are not read)."""
+        """Size and modification time of every file (stat only, contents are not read). A
+        file that cannot be stat'ed (a broken link, a file removed since listing) is hashed
+        as such: it is reported as unreadable when its pixels are read, never fatal here."""
         for path in self.paths:
             try:
                 st = path.stat()
             except OSError as exc:
-                raise DatasetError(
-                    f"cannot read image file {path}: {exc.strerror or exc}; "
-                    "check that the dataset folder is complete"
-                ) from exc
+                digest.update(f"unreadable:{exc.errno}\0".encode())
+                continue
             digest.update(f"{st.st_size}:{st.st_mtime_ns}\0".encode())
 
 
@@ -175,9 +178,9 @@ class ArraySource(ImageSource):
 
 def list_image_files(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
     """Every file under ``folder`` (recursively, sorted by relative path): image files, and
-    the others as ``(path, "not an image file")`` for :attr:`Dataset.skipped`. Nothing is
-    decoded. (Plain strings until the end: pathlib is slow for 100,000 files.)"""
-    from ..images import is_image_file
+    the others as ``(path, reason)`` for :attr:`Dataset.skipped` (see :func:`skip_reason`).
+    Nothing is decoded. (Plain strings until the end: pathlib is slow for 100,000 files.)
+    This is the one folder walk of kad: datasets and ``kad score`` both use it."""
 
     base = os.fspath(folder)
     files = []
@@ -189,12 +192,90 @@ def list_image_files(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
     files.sort()
     images: list[Path] = []
     skipped: list[tuple[str, str]] = []
-    for _, full, name in files:
-        if is_image_file(name):
+    for _, full, _name in files:
+        reason = skip_reason(full)
+        if reason is None:
             images.append(Path(full))
         else:
-            skipped.append((full, "not an image file"))
+            skipped.append((full, reason))
     return images, skipped
+
+
+#: Image formats that kad does not decode, named as such rather than as "not an image".
+_OTHER_IMAGE_FORMATS = frozenset({
+    ".gif", ".dcm", ".dicom", ".heic", ".heif", ".avif", ".exr", ".svg", ".ico", ".psd",
+    ".raw", ".dng", ".nef", ".cr2", ".cr3", ".arw", ".orf", ".jxl", ".emf", ".wmf",
+})
+
+
+def skip_reason(path: str | os.PathLike) -> str | None:
+    """Why the file ``path`` is not an image kad can read, or None when it may be one.
+
+    Only the name and the link are looked at, never the content: a broken symbolic link,
+    or a name whose extension is not among :data:`kad.images.IMAGE_EXTENSIONS`."""
+    from ..images import is_image_file
+
+    if os.path.islink(path) and not os.path.exists(path):
+        return (f"broken symbolic link (it points to {os.readlink(path)}, which does not "
+                "exist); fix or remove the link")
+    if is_image_file(path):
+        return None
+    suffix = Path(path).suffix.lower()
+    if suffix in _OTHER_IMAGE_FORMATS:
+        return (f"unsupported image format {suffix}: kad reads JPEG, PNG, TIFF, BMP, WebP, "
+                "JPEG 2000 and PNM files; convert it to PNG or JPEG")
+    return f"not an image file ({suffix or 'no extension'})"
+
+
+def first_few(names: Iterable[str], count: int = 5) -> str:
+    """The first ``count`` names, and how many there are in all when there are more."""
+    names = list(names)
+    shown = ", ".join(names[:count])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > count else "")
+
+
+def read_table(
+    path: Path, required: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> list[tuple[int, dict[str, str]]]:
+    """Rows of a labels CSV as ``(line number, {column: value})``; column names are
+    matched case-insensitively, blank lines ignored, and a UTF-8 byte-order mark (as
+    Excel writes it) is read as such. Every labels CSV kad reads goes through here."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            if header is None:
+                raise DatasetError(
+                    f"labels file {path} is empty; it needs a header line "
+                    f"{','.join(required)} and one row per image"
+                )
+            columns = [h.strip().lower() for h in header]
+            missing = [c for c in required if c not in columns]
+            if missing:
+                raise DatasetError(
+                    f"labels file {path} lacks the column(s) {', '.join(missing)}; found "
+                    f"columns: {', '.join(repr(h) for h in header)}; expected a header line "
+                    f"{','.join(required + optional)}"
+                )
+            where = {c: columns.index(c) for c in required + optional if c in columns}
+            rows = []
+            for record in reader:
+                if not any(cell.strip() for cell in record):
+                    continue
+                values = {c: record[i].strip() if i < len(record) else "" for c, i in where.items()}
+                rows.append((reader.line_num, values))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"cannot read labels file {path}: {exc}") from exc
+    if not rows:
+        raise DatasetError(f"labels file {path} has a header but no rows")
+    for column in required:
+        blank = [line for line, values in rows if not values[column]]
+        if blank:
+            raise DatasetError(
+                f"labels file {path}: column {column!r} is empty on line(s) "
+                f"{first_few(map(str, blank))}; fill it in or remove those rows"
+            )
+    return rows
 
 
 def relative_ids(paths: Sequence[Path], root: Path) -> list[str]:
@@ -377,5 +458,8 @@ class Dataset:
         if self.excluded:
             extra.append("excluded " + ", ".join(f"{k}: {v}" for k, v in self.excluded.items()))
         if self.skipped:
-            extra.append(f"skipped {len(self.skipped)} files (see .skipped)")
+            named = "; ".join(f"{Path(p).name} ({why.split(';')[0]})"
+                              for p, why in self.skipped[:3])
+            more = f"; ... and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
+            extra.append(f"skipped {len(self.skipped)} file(s): {named}{more}")
         return line if not extra else line + "\n  " + "; ".join(extra)

@@ -12,11 +12,9 @@ Only file names and sizes are looked at here; images are decoded later.
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -28,8 +26,11 @@ from .base import (
     DatasetOptionError,
     FileSource,
     check_data_dir,
+    first_few,
     list_image_files,
+    read_table,
     relative_ids,
+    skip_reason,
 )
 
 __all__ = ["DR_GRADES", "ROP_LABELS", "load_dr", "load_folder", "load_rop", "load_rop_all_grades"]
@@ -39,13 +40,6 @@ ROP_LABELS: tuple[str, ...] = ("normal", "pre-plus", "plus")
 _ROP_SPELLINGS = {"normal": "normal", "preplus": "pre-plus", "plus": "plus"}
 _EYE_SUFFIX = re.compile(r"_(left|right|l|r)$", re.IGNORECASE)
 _ABNORMAL_FOLDERS = ("abnormal", "anomaly", "anomalous")
-_FIRST = 5
-
-
-def _first(names: Iterable[str]) -> str:
-    names = list(names)
-    shown = ", ".join(names[:_FIRST])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > _FIRST else "")
 
 
 def patient_from_name(name: str) -> str:
@@ -54,49 +48,6 @@ def patient_from_name(name: str) -> str:
 
 
 # -- CSV files ---------------------------------------------------------------------------
-
-
-def _read_csv(
-    path: Path, required: tuple[str, ...], optional: tuple[str, ...] = ()
-) -> list[tuple[int, dict[str, str]]]:
-    """Rows of a labels CSV as ``(line number, {column: value})``; column names are
-    matched case-insensitively, blank lines ignored."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
-            header = next(reader, None)
-            if header is None:
-                raise DatasetError(
-                    f"labels file {path} is empty; it needs a header line "
-                    f"{','.join(required)} and one row per image"
-                )
-            columns = [h.strip().lower() for h in header]
-            missing = [c for c in required if c not in columns]
-            if missing:
-                raise DatasetError(
-                    f"labels file {path} lacks the column(s) {', '.join(missing)}; found "
-                    f"columns: {', '.join(repr(h) for h in header)}; expected a header line "
-                    f"{','.join(required + optional)}"
-                )
-            where = {c: columns.index(c) for c in required + optional if c in columns}
-            rows = []
-            for record in reader:
-                if not any(cell.strip() for cell in record):
-                    continue
-                values = {c: record[i].strip() if i < len(record) else "" for c, i in where.items()}
-                rows.append((reader.line_num, values))
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DatasetError(f"cannot read labels file {path}: {exc}") from exc
-    if not rows:
-        raise DatasetError(f"labels file {path} has a header but no rows")
-    for column in required:
-        blank = [line for line, values in rows if not values[column]]
-        if blank:
-            raise DatasetError(
-                f"labels file {path}: column {column!r} is empty on line(s) "
-                f"{_first(map(str, blank))}; fill it in or remove those rows"
-            )
-    return rows
 
 
 def _check_unique(path: Path, rows: list[tuple[int, dict[str, str]]]) -> None:
@@ -109,7 +60,7 @@ def _check_unique(path: Path, rows: list[tuple[int, dict[str, str]]]) -> None:
         seen.setdefault(name, line)
     if duplicates:
         raise DatasetError(
-            f"labels file {path} lists {len(duplicates)} image(s) twice: {_first(duplicates)}; "
+            f"labels file {path} lists {len(duplicates)} image(s) twice: {first_few(duplicates)}; "
             "keep one row per image"
         )
 
@@ -126,7 +77,7 @@ def _find_csv(folder: Path, preferred: str, columns: str) -> Path:
             f"no labels file in {folder}: expected {preferred} with columns {columns}"
         )
     raise DatasetError(
-        f"{folder} holds several CSV files ({_first(p.name for p in found)}) and no "
+        f"{folder} holds several CSV files ({first_few(p.name for p in found)}) and no "
         f"{preferred}; name the labels file {preferred}"
     )
 
@@ -151,7 +102,9 @@ class _Finder:
             if folder.is_dir():
                 with os.scandir(folder) as entries:
                     for entry in entries:
-                        if entry.is_file():
+                        # A broken link is listed too: it is reported when it is read,
+                        # like any unreadable image, and never stops the run.
+                        if entry.is_file() or (entry.is_symlink() and not entry.is_dir()):
                             names.add(entry.name)
                             if is_image_file(entry.name):
                                 stems.setdefault(Path(entry.name).stem, []).append(entry.name)
@@ -179,8 +132,6 @@ class _Finder:
 
     def unused(self, reason: str, ignore: set[Path]) -> list[tuple[str, str]]:
         """Files in the folders that provided images but were not used."""
-        from ..images import is_image_file
-
         folders = {p.parent for p in self.used}
         skipped = []
         for folder in sorted(folders):
@@ -188,7 +139,7 @@ class _Finder:
                 path = folder / name
                 if path in self.used or path in ignore:
                     continue
-                skipped.append((str(path), reason if is_image_file(name) else "not an image file"))
+                skipped.append((str(path), skip_reason(path) or reason))
         return skipped
 
 
@@ -213,12 +164,12 @@ def _resolve(
         where = " or ".join(str(f) for f in folders)
         raise DatasetError(
             f"{len(missing)} of the {len(rows)} images listed in {csv_path} do not exist in "
-            f"{where}: {_first(missing)}; check --data-dir, or remove those rows"
+            f"{where}: {first_few(missing)}; check --data-dir, or remove those rows"
         )
     repeated = [str(p) for p, k in Counter(paths).items() if k > 1]
     if repeated:
         raise DatasetError(
-            f"labels file {csv_path} names the same file on several rows: {_first(repeated)}"
+            f"labels file {csv_path} names the same file on several rows: {first_few(repeated)}"
         )
     return paths, finder.unused(f"not listed in {csv_path.name}", {csv_path})
 
@@ -270,7 +221,7 @@ def load_dr(
         data_dir, "dr", "the Kaggle DR folder (trainLabels.csv and images/ or train/)"
     )
     csv_path = _find_csv(root, "trainLabels.csv", "image,level")
-    rows = _read_csv(csv_path, ("image", "level"))
+    rows = read_table(csv_path, ("image", "level"))
     _check_unique(csv_path, rows)
     grades = []
     for line, values in rows:
@@ -313,7 +264,7 @@ def load_dr(
 def _load_rop(data_dir: Any, name: str, all_grades: bool) -> Dataset:
     root = check_data_dir(data_dir, name, "a folder with labels.csv (image,label[,patient])")
     csv_path = _find_csv(root, "labels.csv", "image,label[,patient]")
-    rows = _read_csv(csv_path, ("image", "label"), ("patient",))
+    rows = read_table(csv_path, ("image", "label"), ("patient",))
     _check_unique(csv_path, rows)
     labels = []
     for line, values in rows:
@@ -329,7 +280,7 @@ def _load_rop(data_dir: Any, name: str, all_grades: bool) -> Dataset:
         blank = [str(line) for line, values in rows if not values["patient"]]
         if blank:
             raise DatasetError(
-                f"{csv_path}: the patient column is empty on line(s) {_first(blank)}; fill "
+                f"{csv_path}: the patient column is empty on line(s) {first_few(blank)}; fill "
                 "it in, or drop the column if patients are unknown"
             )
     base = csv_path.parent
@@ -375,7 +326,7 @@ def _patients(csv_path: Path, ids: list[str], class_dirs: dict[str, str]) -> lis
         inner = PurePosixPath(*path.parts[1:])
         for key in {rel, str(path.with_suffix("")), str(inner), str(inner.with_suffix(""))}:
             keys.setdefault(key, set()).add(i)
-    rows = _read_csv(csv_path, ("image", "patient"))
+    rows = read_table(csv_path, ("image", "patient"))
     _check_unique(csv_path, rows)
     patient: list[str | None] = [None] * len(ids)
     missing = []
@@ -384,7 +335,7 @@ def _patients(csv_path: Path, ids: list[str], class_dirs: dict[str, str]) -> lis
         if len(matches) > 1:
             raise DatasetError(
                 f"{csv_path}, line {line}: image {values['image']!r} matches several files "
-                f"({_first(sorted(ids[i] for i in matches))}); give its path, e.g. "
+                f"({first_few(sorted(ids[i] for i in matches))}); give its path, e.g. "
                 f"{ids[min(matches)]}"
             )
         if not matches:
@@ -397,12 +348,12 @@ def _patients(csv_path: Path, ids: list[str], class_dirs: dict[str, str]) -> lis
     if missing:
         raise DatasetError(
             f"{len(missing)} image(s) listed in {csv_path} do not exist under "
-            f"{', '.join(class_dirs.values())}: {_first(missing)}"
+            f"{', '.join(class_dirs.values())}: {first_few(missing)}"
         )
     unassigned = [ids[i] for i, p in enumerate(patient) if p is None]
     if unassigned:
         raise DatasetError(
-            f"{len(unassigned)} image(s) have no row in {csv_path}: {_first(unassigned)}; "
+            f"{len(unassigned)} image(s) have no row in {csv_path}: {first_few(unassigned)}; "
             "give every image a patient, or remove patients.csv"
         )
     return [p for p in patient if p is not None]

@@ -1,0 +1,96 @@
+"""``kad extract``, ``kad preview``, ``kad detectors`` and ``kad backbones``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .options import (
+    BackboneOpt,
+    BatchSizeOpt,
+    CacheDirOpt,
+    DataDirOpt,
+    DatasetOpt,
+    ImageSizeOpt,
+    PreprocessingOpt,
+    WeightsOpt,
+)
+from .render import handle_errors, note, progress_bar, say, skipped, stdout, table
+
+
+def load_dataset(dataset: str, data_dir: Path | None):
+    """The dataset an option names, with its summary (and what it skipped) on stderr."""
+    from ..datasets import load_dataset as load
+
+    ds = load(dataset, data_dir)
+    note(ds.summary())
+    return ds
+
+
+def extract(
+    dataset: DatasetOpt = "digits",
+    data_dir: DataDirOpt = None,
+    backbone: BackboneOpt = "inception_resnet_v2",
+    weights: WeightsOpt = "imagenet",
+    image_size: ImageSizeOpt = None,
+    preprocessing: PreprocessingOpt = None,
+    batch_size: BatchSizeOpt = 64,
+    cache_dir: CacheDirOpt = None,
+) -> None:
+    """Compute every block's features for a dataset once and cache them."""
+    from ..features import extract_features
+
+    ds = load_dataset(dataset, data_dir)
+    with progress_bar(f"features of {ds.name}") as update:
+        features = extract_features(ds, backbone, weights, image_size, preprocessing,
+                                    batch_size=batch_size, cache_dir=cache_dir,
+                                    progress=update)
+    skipped(features.failed.items(), "image(s) could not be used and are")
+    stdout.print(table(f"{features.meta['inputs']['backbone']} features of {ds.name}",
+                    ["block", "dim"], ((b, features.dims[b]) for b in features.blocks),
+                    right=["dim"]))
+    used = int(features.valid.sum())
+    say(f"{len(features)} images: {used} with features, {len(features) - used} left out; "
+        f"{sum(features.dims.values())} features in all, cached at {features.path}")
+
+
+def detectors() -> None:
+    """List the detector plugins (built-in and installed), with their status."""
+    from ..registry import list_detectors
+
+    rows = ((r.name, f"{r.distribution} {r.version}",
+             r.input_kind + (" (supervised)" if r.supervised else ""), r.status, r.summary)
+            for r in list_detectors())
+    stdout.print(table("detectors (entry-point group kad.detectors)",
+                    ["name", "distribution", "input", "status", "summary"], rows))
+
+
+def backbones() -> None:
+    """List the backbone plugins (entry-point group kad.backbones)."""
+    from ..backbones import list_backbones
+
+    rows = ((r.name, f"{r.distribution} {r.version}", r.status, r.summary)
+            for r in list_backbones())
+    stdout.print(table("backbones (entry-point group kad.backbones)",
+                    ["name", "distribution", "status", "summary"], rows))
+
+
+def preview(
+    images: Annotated[list[Path], typer.Argument(help="Image files to show.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path(
+        "preview.png"),
+    preprocessing: PreprocessingOpt = "fundus",
+) -> None:
+    """Save a before/after picture of the preprocessing for a few images."""
+    from ..preview import save_preview
+
+    path = save_preview(list(images), out_path, preprocessing or "fundus")
+    say(f"wrote {path}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(handle_errors(extract))
+    for command in (detectors, backbones, preview):
+        app.command()(handle_errors(command))

@@ -1,0 +1,29 @@
+"""Option types shared by kad's commands, and by command plugins (``kad.commands``) that
+want the same spelling: ``--dataset``, ``--backbone``, ``--weights`` and the rest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+DatasetOpt = Annotated[str, typer.Option(
+    "--dataset", "-d",
+    help="A kad.datasets plugin, NAME[:key=value,...]: digits, cifar10, cifar100, svhn, dr, "
+         "rop, rop-all-grades or folder, e.g. 'dr:anomaly_grades=(3,4)'.")]
+DataDirOpt = Annotated[Path | None, typer.Option(
+    "--data-dir", help="Folder holding the dataset (required for dr, rop, folder).")]
+BackboneOpt = Annotated[str, typer.Option(
+    "--backbone", "-b", help="NAME[:key=value,...], e.g. mobilenet_v2:alpha=0.35.")]
+WeightsOpt = Annotated[str, typer.Option(
+    "--weights", "-w", help="imagenet (Keras download and cache), none, or a weights file.")]
+ImageSizeOpt = Annotated[int | None, typer.Option(
+    "--image-size", help="Network input size in px (default: the backbone's native size).")]
+PreprocessingOpt = Annotated[str | None, typer.Option(
+    "--preprocessing", help="natural or fundus[:key=value,...] (default: by dataset).")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")]
+CacheDirOpt = Annotated[Path | None, typer.Option(
+    "--cache-dir", help="Feature cache folder (default $KAD_CACHE_DIR or ~/.cache/kad).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice.")]
+ModelArg = Annotated[Path, typer.Argument(help="A model file written by kad fit.")]
