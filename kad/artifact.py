@@ -215,7 +215,7 @@ def write_artifact(path: str | Path, kind: str, tree: Any, members: dict[str, by
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED) as zf:
-            zf.writestr(MANIFEST, json.dumps(manifest, indent=2))
+            zf.writestr(MANIFEST, json.dumps(manifest, indent=2, default=_summary))
             for name, data in content.items():
                 zf.writestr(name, data)
         os.replace(tmp, path)
@@ -223,6 +223,13 @@ def write_artifact(path: str | Path, kind: str, tree: Any, members: dict[str, by
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _summary(value: Any) -> Any:
+    """NumPy values in the manifest's human-readable summary, as JSON values."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"the model file's summary cannot hold a {type(value).__name__}")
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -387,7 +394,24 @@ def open_artifact(path: str | Path, kind: str) -> Artifact:
         tree = json.loads(members.pop(OBJECT), parse_constant=_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path} is corrupt: {OBJECT} is not JSON ({exc})") from exc
+    unused = sorted(set(members) - set(_references(tree)))
+    if unused:
+        raise ArtifactError(f"{path} holds members that nothing in it refers to "
+                            f"({', '.join(unused)}); the file is refused")
     return Artifact(path, manifest, tree, members)
+
+
+def _references(node: Any) -> Iterable[str]:
+    """Member names that the tagged nodes of ``node`` refer to."""
+    if isinstance(node, list):
+        for value in node:
+            yield from _references(value)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if key in _TAGS and key != _TUPLE and isinstance(value, str):
+                yield value
+            else:
+                yield from _references(value)
 
 
 def _constant(name: str) -> float:
