@@ -28,7 +28,7 @@ from kad.detector import BaseDetector, load_detector
 from kad.errors import ArtifactError, PluginError, UnstorableError
 from kad.pipeline import Pipeline, Threshold, load_pipeline
 from kad.registry import clear_cache, get_detector
-from plugin_env import activate, install
+from plugin_env import activate, install, install_example
 
 runner = CliRunner()
 X = np.random.default_rng(0).normal(size=(60, 5)).astype(np.float32)
@@ -378,6 +378,22 @@ def test_a_file_of_another_plugin_version_is_refused(third_party, tmp_path):
     with pytest.raises(ArtifactError, match="kad-state-examples 1.0.0.*kad-state-examples "
                                             "2.0.0.*install kad-state-examples==1.0.0"):
         load_detector(path)
+
+
+def test_the_example_plugin_saves_its_learned_arrays(tmp_path, monkeypatch):
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    install_example(site)
+    activate(site, monkeypatch)
+    try:
+        det = get_detector("zscore").fit(X)
+        with zipfile.ZipFile(det.save(tmp_path / "z.kad")) as zf:
+            assert {"arrays/detector.state.mean_.npy",
+                    "arrays/detector.state.scale_.npy"} <= set(zf.namelist())
+        again = load_detector(tmp_path / "z.kad")
+        np.testing.assert_array_equal(again.anomaly_score(X), det.anomaly_score(X))
+    finally:
+        clear_cache()
 
 
 class UnregisteredDetector(BaseDetector):
