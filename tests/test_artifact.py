@@ -413,6 +413,26 @@ def test_an_unregistered_detector_says_so_when_saving(tmp_path):
 
 
 @pytest.mark.tf
+@pytest.mark.slow
+def test_a_subclassed_keras_network_scores_bit_identically_in_a_new_process(tmp_path):
+    from kad.registry import DETECTORS, load
+
+    cls = load(DETECTORS, "dagmm")
+    det = cls(**{**cls.quick_params, "epochs": 1}).fit(X)
+    path = det.save(tmp_path / "dagmm.kad")
+    with zipfile.ZipFile(path) as zf:
+        assert "keras/detector.state.net_.keras" in zf.namelist()
+    np.save(tmp_path / "x.npy", X)
+    script = ("import json, sys, numpy as np; from kad.detector import load_detector; "
+              "d = load_detector(sys.argv[1]); "
+              "print(json.dumps([float(s).hex() for s in d.anomaly_score(np.load(sys.argv[2]))]))")
+    done = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "x.npy")],
+                          capture_output=True, text=True, check=True)
+    other = np.array([float.fromhex(s) for s in json.loads(done.stdout.splitlines()[-1])])
+    np.testing.assert_array_equal(other, det.anomaly_score(X))
+
+
+@pytest.mark.tf
 def test_a_keras_member_with_code_is_refused_in_safe_mode(tmp_path):
     from kad.deps import import_keras
 
