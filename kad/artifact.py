@@ -395,8 +395,9 @@ def open_artifact(path: str | Path, kind: str) -> Artifact:
                                 "checksum")
     try:
         tree = json.loads(members.pop(OBJECT), parse_constant=_constant)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{path} is corrupt: {OBJECT} is not JSON ({exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ArtifactError(f"{path} is corrupt: {OBJECT} is not JSON that kad reads "
+                            f"({type(exc).__name__}: {exc})") from exc
     unused = sorted(set(members) - set(_references(tree)))
     if unused:
         raise ArtifactError(f"{path} holds members that nothing in it refers to "

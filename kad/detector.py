@@ -119,7 +119,12 @@ class BaseDetector(BaseEstimator):
 
     def set_fitted_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`get_fitted_state` returned, on a detector built with the
-        saved parameters; by default each item becomes an attribute."""
+        saved parameters; by default each item becomes an attribute, and only names of
+        learned attributes (ending in ``_``, not starting with ``_``) are accepted."""
+        for name in state:
+            if not (name.isidentifier() and name.endswith("_") and not name.startswith("_")):
+                raise ValueError(f"{name!r} is not the name of a learned attribute (those end "
+                                 "in '_' and do not start with '_')")
         for name, value in state.items():
             setattr(self, name, value)
 
@@ -230,7 +235,7 @@ def decode_detector(artifact: Artifact, record: Any, where: str) -> BaseDetector
     try:
         detector = cls(**params)
         detector.set_fitted_state(state)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # the plugin's own code: whatever it raises, name the file
         raise artifact.fail(f"the detector {name!r} could not be rebuilt from the file "
                             f"({type(exc).__name__}: {exc})") from exc
     return detector

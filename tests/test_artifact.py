@@ -239,6 +239,11 @@ def test_the_class_comes_from_the_registry_not_from_the_file(tmp_path):
                                    "params": {"$class": "os.system", "args": ["id"]}}}
     with pytest.raises(ArtifactError, match=r"tagged '\$class', which kad does not read"):
         load_detector(_rewrite(path, tmp_path / "c.kad", tree=tagged))
+    for attribute in ("__class__", "_score"):
+        sneaky = {**tree, "detector": {**tree["detector"], "state": {
+            **tree["detector"]["state"], attribute: "x"}}}
+        with pytest.raises(ArtifactError, match=f"'{attribute}' is not the name of a learned"):
+            load_detector(_rewrite(path, tmp_path / "d.kad", tree=sneaky))
 
 
 def test_another_version_a_damaged_member_or_a_missing_one_is_refused(tmp_path, monkeypatch):
