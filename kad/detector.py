@@ -197,7 +197,7 @@ def encode_detector(detector: BaseDetector, encoder: Encoder, where: str) -> dic
     state = detector.get_fitted_state()
     if not isinstance(state, dict):
         raise UnstorableError(f"{type(detector).__name__}.get_fitted_state() returned a "
-                        f"{type(state).__name__}; it must return a dict")
+                              f"{type(state).__name__}; it must return a dict")
     return {
         "name": info.name, "entry_point": info.value,
         "distribution": info.distribution, "version": info.version,
