@@ -174,9 +174,10 @@ def test_kad_score_and_threshold_refuse_a_pickle_payload(tmp_path, returns_pipel
     assert not marker.exists(), "the payload ran"
 
 
-def test_a_saved_detector_has_no_pickle_and_scores_identically(tmp_path):
-    det = get_detector("knn").fit(X)
-    path = det.save(tmp_path / "knn.kad")
+@pytest.mark.parametrize("name", ["knn", "iforest", "ocsvm", "mahalanobis"])
+def test_a_saved_detector_has_no_pickle_and_scores_identically(tmp_path, name, no_pickle):
+    det = get_detector(name).fit(X)
+    path = det.save(tmp_path / "det.kad")
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
         assert not [n for n in names if n.endswith((".pkl", ".pickle"))]
@@ -438,7 +439,7 @@ def test_a_subclassed_keras_network_scores_bit_identically_in_a_new_process(tmp_
 
 
 @pytest.mark.tf
-def test_a_keras_member_with_code_is_refused_in_safe_mode(tmp_path):
+def test_a_keras_member_with_code_is_refused_in_safe_mode(tmp_path, no_pickle):
     from kad.deps import import_keras
 
     keras = import_keras()
