@@ -11,8 +11,9 @@ used, never by ``import kad``. It provides
 * :class:`RichProgress` -- a rich progress bar as a Keras callback (nothing is printed
   when ``verbose=0``);
 * :class:`DeepDetector` -- the intermediate base class: input preparation (resize images,
-  standardise feature vectors), ``fit`` with early stopping, batched prediction, and
-  pickling that leaves out traced ``tf.function`` caches;
+  standardise feature vectors), ``fit`` with early stopping and batched prediction; its
+  Keras models are saved in Keras' own format and loaded in safe mode
+  (:mod:`kad.artifact`), its traced ``tf.function`` caches are left out;
 * :func:`check_collapse` and :class:`CollapseWarning` -- constant scores after training
   are reported, never passed off as a working model.
 """
@@ -187,7 +188,7 @@ class RichProgress(keras.callbacks.Callback):
 def inference_copy(model):
     """A copy of ``model`` with the same weights but no optimizer or compile state.
 
-    Fitted detectors keep these copies: they pickle smaller, and reloading them does not
+    Fitted detectors keep these copies: they save smaller, and reloading them does not
     warn about optimizer variables that cannot be restored.
     """
     copy = type(model).from_config(model.get_config())
@@ -223,8 +224,11 @@ class DeepDetector(BaseDetector):
     ``random_state`` and ``verbose``, and, when they take images, ``image_size`` (the
     network's working size; images of any size are resized to it).
 
-    Attributes whose names start with ``_tf_`` (traced ``tf.function`` caches) are not
-    pickled; they are rebuilt on first use after loading.
+    Learned attributes (names ending in ``_``) are saved as arrays, plain values and Keras
+    models (``.keras``, loaded with ``safe_mode=True``): a subclassed network must be
+    registered with ``keras.saving.register_keras_serializable`` and have a ``get_config``.
+    Attributes whose names start with ``_`` (such as traced ``tf.function`` caches in
+    ``_tf_*``) are not saved, nor copied; they are rebuilt on first use after loading.
     """
 
     _display_name = "deep detector"
@@ -285,7 +289,7 @@ class DeepDetector(BaseDetector):
         """Inference-mode prediction in fixed-size batches (same inputs, same numbers)."""
         return model.predict(x, batch_size=int(batch_size or self.batch_size), verbose=0)
 
-    # -- pickling --------------------------------------------------------------------
+    # -- copying ---------------------------------------------------------------------
     def __getstate__(self):
         state = super().__getstate__()
         return {k: v for k, v in state.items() if not k.startswith("_tf_")}

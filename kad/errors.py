@@ -32,7 +32,13 @@ class WeightsError(KadError):
 
 
 class ArtifactError(KadError):
-    """A saved detector or pipeline is corrupt, or was written by another kad version."""
+    """A saved detector or pipeline is corrupt, unsafe, or was written by another kad
+    version."""
+
+
+class UnstorableError(ArtifactError, TypeError):
+    """Part of a fitted detector or pipeline cannot be stored in a kad model file (which
+    holds plain data only); raised when saving, naming the value and its type."""
 
 
 class MissingDependencyError(KadError, ImportError):

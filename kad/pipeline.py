@@ -8,9 +8,11 @@ percentiles), the training set's fingerprint and the library versions.
 
 :meth:`Pipeline.score` streams images through the same code path as feature extraction, at
 the same batch size, so an image gets bit-identical scores in this process or after
-:func:`load_pipeline` in another. Loading refuses a file from another kad version, a
-corrupt file, and (when the network is built) weights whose tensors differ from those the
-pipeline was fitted with.
+:func:`load_pipeline` in another. The file holds plain data only (see :mod:`kad.artifact`):
+loading it cannot run code. Loading refuses a file from another kad version, a corrupt
+file, and (when the network is built) weights whose tensors differ from those the pipeline
+was fitted with. A weights file is recorded by its absolute path; ``weights=`` (the
+command line's ``--weights PATH``) overrides it when the file has moved.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifact import library_versions, load_artifact, save_artifact
-from .detector import BaseDetector
-from .errors import KadError, WeightsError
+from .artifact import Encoder, library_versions, open_artifact, write_artifact
+from .detector import BaseDetector, decode_detector, encode_detector
+from .errors import ArtifactError, KadError, WeightsError
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -77,6 +79,7 @@ class Pipeline:
         self.training = training
         self.batch_size = batch_size
         self.versions = library_versions()
+        self.source: Path | None = None  # the file it was loaded from
         self._model = None
 
     def __getstate__(self):
@@ -108,9 +111,13 @@ class Pipeline:
                               get_preprocessing(self.preprocessing), "", Path(), {})
 
     def network(self, weights: str | None = None):
-        """The multi-output network, built once, checked against the fitted weights."""
+        """The multi-output network, built once, checked against the fitted weights;
+        ``weights`` (a file) replaces the recorded weights file."""
         if self._model is None or weights is not None:
             from .backbones import get_backbone
+
+            if weights is None:
+                self._check_recorded_weights()
 
             model, names = get_backbone(self.backbone).build_extractor(
                 self.image_size, weights or self.weights)
@@ -127,6 +134,16 @@ class Pipeline:
                 )
             self._model = model
         return self._model
+
+    def _check_recorded_weights(self) -> None:
+        if str(self.weights).lower() in ("imagenet", "none", "random"):
+            return
+        if not Path(self.weights).is_file():
+            where = f"the model file {self.source}" if self.source else "the model"
+            raise WeightsError(
+                f"the weights file {self.weights}, whose path came from {where}, cannot be "
+                "found; pass --weights PATH (weights=PATH) to use the file where it is now"
+            )
 
     def score(self, source, ids: Sequence[str] | None = None,
               progress: ProgressCallback | None = None, weights: str | None = None) -> Scores:
@@ -163,14 +180,46 @@ class Pipeline:
         return 100.0 * np.searchsorted(train, np.asarray(scores), side="left") / len(train)
 
     def save(self, path: str | Path) -> Path:
-        return save_artifact(self, path, kind="pipeline", info=self.describe())
+        """Write the pipeline to one file of plain data (see :mod:`kad.artifact`); raises
+        :class:`~kad.errors.UnstorableError` naming the value when part of it cannot be
+        stored that way."""
+        encoder = Encoder(trusted=tuple(type(self.detector).trusted_types))
+        fields = {name: getattr(self, name) for name in _FIELDS}
+        fields["threshold"] = {"value": self.threshold.value, "method": self.threshold.method,
+                               "details": self.threshold.details}
+        tree = {"pipeline": encoder.encode(fields, "pipeline"),
+                "detector": encode_detector(self.detector, encoder, "detector")}
+        return write_artifact(path, "pipeline", tree, encoder.members, info=self.describe())
+
+
+#: What a saved pipeline stores besides its detector.
+_FIELDS = ("backbone", "weights", "weights_fingerprint", "image_size", "preprocessing",
+           "blocks", "all_blocks", "threshold", "training", "batch_size", "versions")
 
 
 def load_pipeline(path: str | Path) -> Pipeline:
-    obj = load_artifact(path, kind="pipeline")
-    if not isinstance(obj, Pipeline):
-        raise KadError(f"{path} holds a {type(obj).__name__}, not a kad pipeline")
-    return obj
+    """Read a pipeline written by :meth:`Pipeline.save`; nothing in the file can run code:
+    it is JSON, NumPy arrays, scikit-learn objects of allowed types and Keras networks in
+    safe mode (see :mod:`kad.artifact`)."""
+    artifact = open_artifact(path, kind="pipeline")
+    tree = artifact.tree
+    if not isinstance(tree, dict) or set(tree) != {"pipeline", "detector"}:
+        raise ArtifactError(f"{path} is corrupt: it does not hold a pipeline and a detector")
+    detector = decode_detector(artifact, tree["detector"], "detector")
+    fields = artifact.decode(tree["pipeline"], "pipeline")
+    if not isinstance(fields, dict) or set(fields) != set(_FIELDS):
+        raise ArtifactError(f"{path} is corrupt: its pipeline record does not have the fields "
+                            f"{', '.join(_FIELDS)}")
+    try:
+        threshold = Threshold(**fields.pop("threshold"))
+        versions = fields.pop("versions")
+        pipeline = Pipeline(**fields, detector=detector, threshold=threshold)
+    except TypeError as exc:
+        raise ArtifactError(f"{path} is corrupt: its pipeline record is malformed ({exc})") \
+            from exc
+    pipeline.versions = versions
+    pipeline.source = Path(path)
+    return pipeline
 
 
 def threshold_at_sensitivity(normal_scores, anomaly_scores, sensitivity: float) -> Threshold:
@@ -199,6 +248,15 @@ def threshold_at_sensitivity(normal_scores, anomaly_scores, sensitivity: float) 
         "specificity_ci95": [spec_ci.low, spec_ci.high],
         "n_normal": len(normal), "n_anomalous": len(anomalous),
     })
+
+
+def recorded_weights(weights) -> str:
+    """How a pipeline records ``weights``: ``"imagenet"``, ``"none"`` or the absolute path
+    of a weights file, so that the model file works from any folder."""
+    from .backbones import resolve_weights
+
+    kind, value = resolve_weights(weights)
+    return str(value) if kind == "path" else kind
 
 
 def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str = "imagenet",
@@ -276,7 +334,7 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
                                                    val_scores > threshold.value)
     model = plan.backbone.build_extractor(plan.input_size, weights)[0]
     pipeline = Pipeline(
-        backbone=str(plan.backbone.spec), weights=str(weights),
+        backbone=str(plan.backbone.spec), weights=recorded_weights(weights),
         weights_fingerprint=weights_fingerprint(model), image_size=plan.input_size,
         preprocessing=plan.preprocessing.key, blocks=blocks, all_blocks=features.blocks,
         detector=det, threshold=threshold,

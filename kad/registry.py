@@ -273,6 +273,33 @@ def status(group: str | Kind) -> list[PluginStatus]:
     return rows
 
 
+def registered_as(cls: type, group: str = DETECTORS) -> PluginInfo:
+    """The entry point of ``group`` that provides ``cls``: the name a saved object records,
+    so that loading takes the class from the registry and never from the file.
+
+    An entry point naming ``module:Class`` matches without importing anything; otherwise
+    the entry points whose module or attribute name match ``cls`` are loaded and compared.
+    """
+    plugins = discover(group)
+    value = f"{cls.__module__}:{cls.__qualname__}"
+    for info in plugins.values():
+        if info.value.replace(" ", "") == value:
+            return info
+    for info in plugins.values():
+        module, _, attr = info.value.replace(" ", "").partition(":")
+        if module == cls.__module__ or attr.rsplit(".", 1)[-1] == cls.__name__:
+            try:
+                if load(group, info.name) is cls:
+                    return info
+            except PluginError:
+                continue
+    raise PluginError(
+        f"{value} is not registered as a {_kind(group).what} plugin (entry point group {group!r}), "
+        "so a file of it could not be loaded back; declare it in your package's "
+        f'[project.entry-points."{group}"] and install the package'
+    )
+
+
 def get_detector(spec: str | Spec, **params: Any):
     """A new detector from ``NAME[:key=value,...]``; ``params`` override the spec's."""
     parsed = parse_spec(spec, DETECTOR.what)

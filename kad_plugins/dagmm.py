@@ -48,7 +48,7 @@ Defaults and the original settings
 
 The model is a subclassed ``keras.Model`` with its own ``train_step``/``test_step`` and
 metric trackers (loss, reconstruction, energy, covariance penalty), registered as
-``kad>DAGMMNet`` so that a fitted detector pickles.
+``kad>DAGMMNet`` so that a fitted detector saves in Keras' format and loads in safe mode.
 """
 
 from __future__ import annotations

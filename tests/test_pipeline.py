@@ -88,13 +88,14 @@ def test_another_version_or_a_corrupt_file_is_refused(fitted, tmp_path, monkeypa
         load_pipeline(path)
     monkeypatch.undo()
     with zipfile.ZipFile(path) as zf:
-        manifest, payload = zf.read("manifest.json"), bytearray(zf.read("payload.pkl"))
-    payload[len(payload) // 2] ^= 0xFF
+        members = {name: bytearray(zf.read(name)) for name in zf.namelist()}
+    member = [n for n in members if n.startswith(("sklearn/", "arrays/"))][0]
+    members[member][len(members[member]) // 2] ^= 0xFF
     corrupt = tmp_path / "corrupt.kad"
     with zipfile.ZipFile(corrupt, "w") as zf:
-        zf.writestr("manifest.json", manifest)
-        zf.writestr("payload.pkl", bytes(payload))
-    with pytest.raises(ArtifactError, match="corrupt"):
+        for name, data in members.items():
+            zf.writestr(name, bytes(data))
+    with pytest.raises(ArtifactError, match=f"corrupt: its member {member} does not match"):
         load_pipeline(corrupt)
     (tmp_path / "junk.kad").write_bytes(b"junk")
     with pytest.raises(ArtifactError, match="not a kad model file or is corrupt"):
@@ -112,6 +113,33 @@ def test_other_weights_are_refused(fitted, tmp_path):
     with pytest.raises(WeightsError, match="not those this pipeline was fitted with"):
         load_pipeline(pipeline.save(tmp_path / "m.kad")).score(FileSource(files[:1]),
                                                                  weights=str(other))
+
+
+def test_a_weights_file_is_recorded_by_absolute_path_and_can_be_overridden(tmp_path,
+                                                                            monkeypatch):
+    from kad.backbones import get_backbone
+
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    get_backbone("mobilenet_v2:alpha=0.35").build_base(32, "none").save_weights(
+        folder / "mobilenet.weights.h5")
+    root = screening_folder(tmp_path / "data", n_normal=12, n_abnormal=2)
+    dataset = load_dataset("folder", root, kind="natural")
+    files = [root / i for i in dataset.ids[:4]]
+    monkeypatch.chdir(folder)
+    pipeline = fit_pipeline(dataset, train_rows=np.flatnonzero(~dataset.anomaly), batch_size=8,
+                            **{**FAST, "weights": "mobilenet.weights.h5"})
+    assert pipeline.weights == str((folder / "mobilenet.weights.h5").resolve())
+    model = pipeline.save(tmp_path / "model.kad")
+    in_memory = pipeline.score(FileSource(files)).scores
+    monkeypatch.chdir(tmp_path)
+    moved = (folder / "mobilenet.weights.h5").rename(tmp_path / "elsewhere.weights.h5")
+    with pytest.raises(WeightsError, match=r"weights file .*mobilenet.weights.h5, whose path came "
+                                           r"from the model file .*model.kad, cannot be found; "
+                                           r"pass --weights PATH"):
+        load_pipeline(model).score(FileSource(files))
+    again = load_pipeline(model).score(FileSource(files), weights=str(moved)).scores
+    np.testing.assert_array_equal(again, in_memory)
 
 
 def test_threshold_at_a_sensitivity():

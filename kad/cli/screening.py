@@ -28,8 +28,12 @@ from .render import NOTHING_KEPT, handle_errors, progress_bar, say, skipped
 SensitivityOpt = Annotated[float | None, typer.Option(
     "--sensitivity", min=0.0, max=1.0,
     help="Set the threshold to flag this share of labelled anomalies.")]
-MODEL_FILE = ("A model file holds JSON, arrays and the network's identity (backbone, weights "
-              "fingerprint); loading it runs no code from the file.")
+MODEL_FILE = ("A model file written by kad fit holds only JSON settings, NumPy arrays, "
+              "scikit-learn objects of types kad allows and Keras networks loaded in safe "
+              "mode, so loading it cannot run code.")
+WeightsOverrideOpt = Annotated[str | None, typer.Option(
+    "--weights", help="A weights file to use instead of the one whose path is recorded in "
+                      "the model file (when it has moved); it must hold the same tensors.")]
 
 
 def fit(
@@ -90,8 +94,7 @@ def score(
                                           "report.html.")] = Path("kad-scores"),
     labels: Annotated[Path | None, typer.Option(
         "--labels", help="CSV image,label (normal/abnormal) for AUROC and the ROC curve.")] = None,
-    weights: Annotated[str | None, typer.Option(
-        "--weights", help="The weights file, if it moved since fitting.")] = None,
+    weights: WeightsOverrideOpt = None,
 ) -> None:
     """Score images, most suspicious first: scores.csv and report.html."""
     from ..screening import SCORED, SKIPPED, UNREADABLE, screen
@@ -119,7 +122,7 @@ def threshold(
     sensitivity: Annotated[float, typer.Option("--sensitivity", min=0.0, max=1.0)] = 0.95,
     out_path: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Write the updated model here instead of over MODEL.")] = None,
-    weights: Annotated[str | None, typer.Option("--weights")] = None,
+    weights: WeightsOverrideOpt = None,
 ) -> None:
     """Set the flagging threshold at a target sensitivity on a labelled validation set."""
     from ..screening import set_threshold

@@ -1,4 +1,8 @@
-"""A minimal third-party detector: the largest absolute z-score of a feature vector."""
+"""A minimal third-party detector: the largest absolute z-score of a feature vector.
+
+Its learned attributes (``mean_``, ``scale_``: NumPy arrays) are saved by ``save`` as they
+are; a detector that learns other kinds of values overrides ``get_fitted_state`` and
+``set_fitted_state`` (see ``kad.detector``)."""
 
 import numpy as np
 
