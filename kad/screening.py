@@ -28,6 +28,9 @@ class ScoredImage:
     percentile: float
     flagged: bool
     label: int | None = None
+    # conformal p-value against the calibration normals; None for a model fitted without
+    # a calibration set
+    p_value: float | None = None
 
 
 def collect_images(inputs: list[Path]) -> tuple[list[Path], list[tuple[str, str]]]:
@@ -108,23 +111,29 @@ def rank(pipeline: Pipeline, files: list[Path], result: Scores,
     ok = np.isfinite(result.scores)
     percentiles = pipeline.percentile(np.where(ok, result.scores, 0.0))
     flagged = pipeline.flag(np.where(ok, result.scores, -np.inf))
+    p_values = pipeline.p_values(np.where(ok, result.scores, 0.0))
     rows = [
         ScoredImage(str(files[i]), float(result.scores[i]), float(percentiles[i]),
                     bool(flagged[i]),
-                    None if labels is None or labels[i] < 0 else int(labels[i]))
+                    None if labels is None or labels[i] < 0 else int(labels[i]),
+                    None if p_values is None else float(p_values[i]))
         for i in np.flatnonzero(ok)
     ]
     return sorted(rows, key=lambda r: -r.score)
 
 
 def write_scores_csv(path: Path, rows: list[ScoredImage], failed: dict[str, str]) -> Path:
+    """``file, score, p_value, flagged[, label], error``, in the order of ``rows``; the
+    p-value is the conformal one (blank for a model without a calibration set), unreadable
+    files come last with the reason."""
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        header = ["file", "score", "percentile", "flagged"]
+        header = ["file", "score", "p_value", "flagged"]
         labelled = any(r.label is not None for r in rows)
         writer.writerow(header + (["label"] if labelled else []) + ["error"])
         for r in rows:
-            line = [r.file, f"{r.score:.6g}", f"{r.percentile:.1f}", "yes" if r.flagged else "no"]
+            p_value = "" if r.p_value is None else f"{r.p_value:.6g}"
+            line = [r.file, f"{r.score:.6g}", p_value, "yes" if r.flagged else "no"]
             if labelled:
                 line.append("" if r.label is None else r.label)
             writer.writerow(line + [""])

@@ -70,7 +70,7 @@ def test_score_ranks_most_suspicious_first_and_lists_unreadable_files(work):
     assert len(broken) == 1 and broken[0]["file"].endswith("broken.png") and broken[0]["error"]
     threshold = load_pipeline(work / "model.kad").threshold.value
     assert all((r["flagged"] == "yes") == (float(r["score"]) > threshold) for r in scored)
-    assert all(0 <= float(r["percentile"]) <= 100 for r in scored)
+    assert all(r["p_value"] == "" or 0 < float(r["p_value"]) <= 1 for r in scored)
     auroc = roc_auc_score([int(r["label"]) for r in scored], scores)
     assert auroc > 0.9
     assert f"AUROC {auroc:.3f}" in result.output
@@ -106,22 +106,137 @@ def test_refusals_are_one_clear_line(work, tmp_path):
     assert result.exit_code == 1 and "no such file or folder" in result.output
 
 
-@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
-                    reason="headless Chromium is not installed")
+BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_browser = pytest.mark.skipif(not BROWSER, reason="headless Chromium is not installed")
+
+
+def _browser(tmp_path, *args):
+    return subprocess.run([
+        BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+        "--no-first-run", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", *args,
+    ], check=True, capture_output=True, text=True, timeout=120)
+
+
+@needs_browser
 def test_the_report_renders_in_a_headless_browser(work, tmp_path):
     out = work / "scored"
     if not (out / "report.html").exists():
         _kad("score", work / "model.kad", work / "new", "--out", out)
     shot = tmp_path / "report.png"
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    subprocess.run([
-        browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-        "--no-first-run", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
-        "--window-size=1200,2400", f"--screenshot={shot}", (out / "report.html").as_uri(),
-    ], check=True, capture_output=True, timeout=120)
+    _browser(tmp_path, "--window-size=1200,2400", f"--screenshot={shot}",
+             (out / "report.html").as_uri())
     import cv2
 
     image = cv2.imread(str(shot))
     assert image is not None and image.shape[0] >= 2000
     assert image.std() > 20, "the page rendered blank"
+
+
+# -- calibrated fitting, through the library ------------------------------------------------
+LIB_FAST = {"backbone": "mobilenet_v2:alpha=0.35", "weights": "none", "image_size": 32,
+            "preprocessing": "natural", "batch_size": 16}
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    from kad.calibration import plan_fit_split
+    from kad.datasets import load_dataset
+    from kad.pipeline import fit_pipeline
+
+    root = screening_folder(tmp_path_factory.mktemp("calibrated"), n_normal=60, n_abnormal=24,
+                            seed=5)
+    dataset = load_dataset("folder", root, kind="natural")
+    split = plan_fit_split(dataset, calibration=0.3, validation=0.3, seed=0)
+    pipeline = fit_pipeline(dataset, split=split, representation="picked", fpr=0.1,
+                            **LIB_FAST)
+    return pipeline, split, dataset, root
+
+
+def test_a_calibrated_fit_uses_each_image_once_and_keeps_what_it_measured(calibrated):
+    pipeline, split, dataset, _ = calibrated
+    parts = split.parts()
+    assert sum(len(v) for v in parts.values()) == len(dataset)
+    assert pipeline.training["rows"] == {k: len(v) for k, v in parts.items()}
+    assert pipeline.training["n_images"] == len(split.train)
+    threshold = pipeline.threshold
+    assert threshold.method == "conformal" and threshold.details["alpha"] == 0.1
+    n_cal = len(split.calibration)
+    assert threshold.details["n_calibration"] == n_cal == pipeline.calibration["n"]
+    # the threshold is the ceil((n+1)(1-alpha))-th smallest calibration score
+    cal = np.sort(pipeline.calibration["scores"])
+    assert threshold.value == cal[int(np.ceil((n_cal + 1) * 0.9)) - 1]
+    assessed = pipeline.assessed()
+    assert assessed.honest and assessed.n_anomalous == split.assessment_labels.sum() > 0
+    assert assessed.n_normal == (split.assessment_labels == 0).sum() > 0
+    assert assessed.specificity.low <= assessed.specificity.value <= assessed.specificity.high
+    assert "held out of fitting, calibration, block picking" in assessed.measured_on
+    info = pipeline.describe()
+    assert info["calibration"]["n"] == n_cal and info["assessment"]["sensitivity"]["n"] > 0
+
+
+def test_p_values_survive_saving_and_follow_the_threshold(calibrated, tmp_path):
+    from kad.calibration import threshold_at_fpr
+    from kad.datasets import FileSource
+    from kad.screening import rank, write_scores_csv
+
+    pipeline, _, dataset, root = calibrated
+    files = [root / i for i in dataset.ids]
+    result = pipeline.score(FileSource(files), ids=[str(f) for f in files])
+    loaded = load_pipeline(pipeline.save(tmp_path / "model.kad"))
+    np.testing.assert_array_equal(loaded.p_values(result.scores),
+                                  pipeline.p_values(result.scores))
+    rows = rank(loaded, files, result)
+    assert all((r.p_value <= 0.1) == r.flagged for r in rows)
+    write_scores_csv(tmp_path / "scores.csv", rows, {})
+    written = _read_scores(tmp_path / "scores.csv")
+    assert [float(r["p_value"]) for r in written] == pytest.approx([r.p_value for r in rows],
+                                                                    rel=1e-5)
+    # moving the threshold by false-positive rate needs no refit
+    loaded.threshold = threshold_at_fpr(loaded, 0.25)
+    assert loaded.threshold.value <= pipeline.threshold.value
+    flagged = loaded.flag(result.scores)
+    np.testing.assert_array_equal(flagged, loaded.p_values(result.scores) <= 0.25)
+    assert loaded.assessed().threshold == loaded.threshold.value
+
+
+def test_the_report_shows_the_photograph_the_fit_and_the_p_values(calibrated, tmp_path):
+    from kad.datasets import FileSource
+    from kad.report import write_report
+    from kad.screening import rank
+
+    pipeline, _, dataset, root = calibrated
+    files = [root / i for i in dataset.ids[:10]]
+    result = pipeline.score(FileSource(files), ids=[str(f) for f in files])
+    rows = rank(pipeline, files, result)
+    path, _ = write_report(tmp_path / "report.html", pipeline, rows, {}, [], "model.kad",
+                           n_thumbnails=5)
+    page = path.read_text()
+    assert page.count('alt="as taken"') == page.count('alt="model input"') == 10
+    assert "How the threshold was set" in page and "conformal at false-positive rate 0.1" in page
+    assert pipeline.threshold.details["guarantee"] in page
+    assessed = pipeline.assessed()
+    assert f"specificity (held out)</th><td>{assessed.specificity.text()}" in page
+    assert f"{rows[0].p_value:.3g}" in page and "Ranked images and p-values" in page
+    assert not re.search(r"""(src|href)=["']?(https?:|//)""", page)
+
+
+@needs_browser
+def test_the_new_report_sections_render_in_a_headless_browser(calibrated, tmp_path):
+    from kad.datasets import FileSource
+    from kad.report import write_report
+    from kad.screening import rank
+
+    pipeline, _, dataset, root = calibrated
+    files = [root / i for i in dataset.ids[:6]]
+    result = pipeline.score(FileSource(files), ids=[str(f) for f in files])
+    path, _ = write_report(tmp_path / "report.html", pipeline, rank(pipeline, files, result),
+                           {}, [], "model.kad", n_thumbnails=3)
+    dom = _browser(tmp_path, "--dump-dom", path.as_uri()).stdout
+    assert "How the threshold was set" in dom and "specificity (held out)" in dom
+    shot = tmp_path / "report.png"
+    _browser(tmp_path, "--window-size=1200,1800", f"--screenshot={shot}", path.as_uri())
+    import cv2
+
+    image = cv2.imread(str(shot))
+    assert image is not None and image.std() > 20, "the page rendered blank"
