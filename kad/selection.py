@@ -26,13 +26,14 @@ class BlockChoice:
 
 
 def pick_block(features, train_rows, rows, labels, prototype,
-               blocks: list[str] | None = None, fit=None) -> BlockChoice:
+               blocks: list[str] | None = None, fit=None, progress=None) -> BlockChoice:
     """The block of ``features`` whose detector, fitted on ``train_rows``, ranks the
     labelled ``rows`` best (AUROC against ``labels``, 1 = anomaly).
 
     ``features`` needs ``blocks`` and ``matrix(blocks, rows)`` (a
     :class:`~kad.cache.FeatureSet`); ``prototype`` is an unfitted detector, cloned per
-    block, unless ``fit(block, x_train)`` is given to build and fit one.
+    block, unless ``fit(block, x_train)`` is given to build and fit one. ``progress(done,
+    total)`` is called after each block.
     """
     from sklearn.base import clone
 
@@ -46,7 +47,8 @@ def pick_block(features, train_rows, rows, labels, prototype,
     if np.intersect1d(rows, train_rows).size:
         raise KadError("the images that pick the block must not be among the training images")
     choice = BlockChoice("", {})
-    for block in blocks or features.blocks:
+    todo = list(blocks or features.blocks)
+    for done, block in enumerate(todo, start=1):
         x_train = features.matrix([block], train_rows)
         start = time.perf_counter()
         det = fit(block, x_train) if fit else clone(prototype).fit(x_train)
@@ -56,4 +58,6 @@ def pick_block(features, train_rows, rows, labels, prototype,
         choice.detectors[block] = det
         if not choice.block or auroc > choice.validation_auroc[choice.block]:
             choice.block = block
+        if progress:
+            progress(done, len(todo))
     return choice
