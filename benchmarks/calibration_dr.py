@@ -1,27 +1,33 @@
 """Operating points on new patients: what kad fit reports against what happens.
 
-On Kaggle DR fundus images (grade 0 normal, grade 4 abnormal, patient = the number before
-``_left``/``_right``), a share of the patients is kept fully outside fitting. The rest form
-a folder dataset (``normal/``, ``abnormal/`` and ``patients.csv``, as symbolic links in a
-work folder, never in the repository) that is fitted the way ``kad fit`` does, with
-:func:`kad.calibration.plan_fit_split` and :func:`kad.pipeline.fit_pipeline`:
+Kaggle DR fundus images (grade 0 normal, grade 4 abnormal, patient = the number before
+``_left``/``_right``) of ``--healthy-patients`` patients with two grade-0 eyes and every
+patient with a grade-4 eye form one folder dataset (``normal/``, ``abnormal/`` and
+``patients.csv``, as symbolic links in a work folder, never in the repository); features
+are extracted once. Each of ``--repeats`` runs then
 
-``fpr``
-    the block picked on the selection part, the threshold set by split-conformal
-    calibration at ``--fpr`` on the calibration normals; printed: the threshold, its
-    guarantee, and the false-positive rate observed on the outside normals.
-``sensitivity``
-    the same block, the threshold set at ``--sensitivity`` on the selection part (as ``kad
-    fit`` did before: block picking and threshold from one set of images). Printed side by
-    side: the figures at fitting (in-sample), the held-out assessment that ``kad fit`` now
-    reports, and what is observed on the outside patients.
+1. keeps an ``--outside`` share of the patients (healthy and sick drawn separately) fully
+   outside fitting;
+2. divides the other patients with :func:`kad.calibration.plan_fit_split` (``rows=``) and
+   fits twice with :func:`kad.pipeline.fit_pipeline`, as ``kad fit`` does:
 
-Each of ``--seeds`` redraws the split inside the fitting patients; the outside patients
-stay the same. Every rate carries a Wilson 95% interval and its counts.
+   ``fpr``
+       block picked on the selection part, threshold by split-conformal calibration at
+       ``--fpr`` on the calibration normals: the threshold, its guarantee, the held-out
+       (assessment) figures, and the false-positive rate observed on the outside normals;
+   ``sensitivity``
+       the same block, the threshold at ``--sensitivity`` on the selection part. Side by
+       side: the figures at fitting (in-sample: the images that set the threshold, what
+       ``kad fit`` used to report), the held-out assessment ``kad fit`` reports now, and
+       what is observed on the outside patients.
 
-Run from the repository root (CPU is enough; about two minutes on two cores)::
+Every rate carries a Wilson 95% interval and its counts; the means over runs carry the
+standard error over runs. The first run also checks that the streamed scoring path
+(:meth:`Pipeline.score`) gives the scores computed from the cached features.
 
-    python benchmarks/calibration_dr.py --seeds 5 --json calibration.json
+Run from the repository root (CPU is enough; a few minutes on two cores)::
+
+    python benchmarks/calibration_dr.py --repeats 20 --json calibration.json
 
 (``--data-dir`` and ``--weights`` default to Kaggle DR and the MobileNetV2-0.35 ImageNet
 weights under ``../shared``.)
@@ -41,40 +47,44 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def build_folders(data_dir: Path, work: Path, n_healthy: int, outside: float, seed: int):
-    """``work/fit`` and ``work/outside`` folder datasets of grade-0 and grade-4 images,
-    patients never in both; returns the counts."""
+def build_folder(data_dir: Path, root: Path, n_healthy: int, seed: int) -> dict:
+    """A folder dataset of grade-0 and grade-4 images under ``root``; returns the counts."""
     grades = {}
     with open(data_dir / "trainLabels.csv") as fh:
         for row in csv.DictReader(fh):
             grades[row["image"]] = int(row["level"])
-    images = data_dir / "images"
-    present = {p.stem: p for p in images.iterdir() if p.is_file()}
+    present = {p.stem: p for p in (data_dir / "images").iterdir() if p.is_file()}
     kept = {k: g for k, g in grades.items() if k in present and g in (0, 4)}
     patient = {k: k.split("_")[0] for k in kept}
     sick = sorted({patient[k] for k, g in kept.items() if g == 4})
     healthy = sorted(set(patient.values()) - set(sick))
     rng = np.random.default_rng(seed)
-    healthy = list(rng.choice(healthy, size=min(n_healthy, len(healthy)), replace=False))
-    chosen = set(healthy) | set(sick)
-    out_healthy = set(rng.choice(healthy, size=round(outside * len(healthy)), replace=False))
-    out_sick = set(rng.choice(sick, size=round(outside * len(sick)), replace=False))
-    counts = {}
-    for part, members in (("fit", chosen - out_healthy - out_sick),
-                          ("outside", out_healthy | out_sick)):
-        root = work / part
-        rows = ["image,patient"]
-        for sub in ("normal", "abnormal"):
-            (root / sub).mkdir(parents=True)
-        for key in sorted(k for k in kept if patient[k] in members):
-            sub = "abnormal" if kept[key] == 4 else "normal"
-            name = f"{sub}/{present[key].name}"
-            (root / name).symlink_to(present[key].resolve())
-            rows.append(f"{name},{patient[key]}")
-            counts[(part, sub)] = counts.get((part, sub), 0) + 1
-        (root / "patients.csv").write_text("\n".join(rows) + "\n")
-        counts[(part, "patients")] = len(members)
-    return {f"{a}/{b}": v for (a, b), v in counts.items()}
+    chosen = set(rng.choice(healthy, size=min(n_healthy, len(healthy)), replace=False))
+    chosen |= set(sick)
+    rows = ["image,patient"]
+    counts = {"normal": 0, "abnormal": 0, "patients": len(chosen)}
+    for sub in ("normal", "abnormal"):
+        (root / sub).mkdir(parents=True)
+    for key in sorted(k for k in kept if patient[k] in chosen):
+        sub = "abnormal" if kept[key] == 4 else "normal"
+        name = f"{sub}/{present[key].name}"
+        (root / name).symlink_to(present[key].resolve())
+        rows.append(f"{name},{patient[key]}")
+        counts[sub] += 1
+    (root / "patients.csv").write_text("\n".join(rows) + "\n")
+    return counts
+
+
+def outside_rows(dataset, share: float, seed: int) -> np.ndarray:
+    """Rows of a ``share`` of the healthy and of the sick patients, drawn with ``seed``."""
+    patient = np.asarray(dataset.patient)
+    anomaly = np.asarray(dataset.anomaly, bool)
+    sick = np.unique(patient[anomaly])
+    healthy = np.setdiff1d(np.unique(patient), sick)
+    rng = np.random.default_rng(1000 + seed)
+    out = np.r_[rng.choice(healthy, size=round(share * len(healthy)), replace=False),
+                rng.choice(sick, size=round(share * len(sick)), replace=False)]
+    return np.flatnonzero(np.isin(patient, out))
 
 
 def main() -> None:
@@ -91,9 +101,7 @@ def main() -> None:
     parser.add_argument("--validation", type=float, default=0.25)
     parser.add_argument("--fpr", type=float, default=0.1)
     parser.add_argument("--sensitivity", type=float, default=0.95)
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--outside-seed", type=int, default=0,
-                        help="draws the healthy patients and which patients stay outside")
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
     args = parser.parse_args()
@@ -104,50 +112,47 @@ def main() -> None:
     from kad.pipeline import fit_pipeline
 
     work = args.work or Path(tempfile.mkdtemp(prefix="kad-calibration-"))
-    counts = build_folders(args.data_dir, work, args.healthy_patients, args.outside,
-                           args.outside_seed)
+    counts = build_folder(args.data_dir, work / "pool", args.healthy_patients, 0)
     print("images:", json.dumps(counts))
-    fit_ds = load_dataset("folder", work / "fit")
-    out_ds = load_dataset("folder", work / "outside")
+    dataset = load_dataset("folder", work / "pool")
     cache = work / "cache"
-    common = {"backbone": args.backbone, "weights": args.weights, "detector": args.detector,
-              "cache_dir": cache, "batch_size": 32}
-    features = extract_features(fit_ds, args.backbone, args.weights, cache_dir=cache,
+    features = extract_features(dataset, args.backbone, args.weights, cache_dir=cache,
                                 batch_size=32)
-    outside = extract_features(out_ds, args.backbone, args.weights, cache_dir=cache,
-                               batch_size=32)
-    out_rows = np.flatnonzero(outside.valid)
-    out_y = np.asarray(out_ds.anomaly, int)[out_rows]
-    print(f"outside: {int((out_y == 0).sum())} normal, {int(out_y.sum())} abnormal images of "
-          f"{len(set(np.asarray(out_ds.patient)[out_rows]))} patients never used in fitting")
+    labels = np.asarray(dataset.anomaly, int)
+    common = {"backbone": args.backbone, "weights": args.weights, "detector": args.detector,
+              "cache_dir": cache, "batch_size": 32, "features": features,
+              "representation": "picked"}
     results = []
-    for seed in range(args.seeds):
-        split = plan_fit_split(fit_ds, args.calibration, args.validation, seed=seed,
-                               valid=features.valid)
-        record = {"seed": seed, "split": split.describe()}
+    for run in range(args.repeats):
+        out_rows = outside_rows(dataset, args.outside, run)
+        out_rows = out_rows[features.valid[out_rows]]
+        out_y = labels[out_rows]
+        split = plan_fit_split(dataset, args.calibration, args.validation, seed=run,
+                               valid=features.valid,
+                               rows=np.setdiff1d(np.arange(len(dataset)), out_rows))
+        record = {"run": run, "split": split.describe(),
+                  "outside": {"normal": int((out_y == 0).sum()), "abnormal": int(out_y.sum())}}
         for method in ("fpr", "sensitivity"):
-            pipe = fit_pipeline(fit_ds, split=split, representation="picked",
-                                features=features, **common,
+            pipe = fit_pipeline(dataset, split=split, **common,
                                 **({"fpr": args.fpr} if method == "fpr"
                                    else {"sensitivity": args.sensitivity}))
-            scores = pipe.score_features(outside.matrix(pipe.blocks, out_rows))
-            if seed == 0 and method == "fpr":  # the streamed path gives the same scores
-                files = [work / "outside" / i for i in np.asarray(out_ds.ids)[out_rows[:16]]]
+            scores = pipe.score_features(features.matrix(pipe.blocks, out_rows))
+            if run == 0 and method == "fpr":  # the streamed path gives the same scores
+                files = [work / "pool" / i for i in np.asarray(dataset.ids)[out_rows[:16]]]
                 streamed = pipe.score(FileSource(files)).scores
                 np.testing.assert_allclose(streamed, scores[:16], rtol=1e-5, atol=1e-6)
-            observed = assess(scores, out_y, pipe.threshold.value, "outside patients")
-            held = pipe.assessed()
-            details = pipe.threshold.details
+            normal_flags = scores[out_y == 0] > pipe.threshold.value
             entry = {
                 "block": pipe.blocks[0], "threshold": pipe.threshold.value,
-                "observed_fpr": Proportion.of(int((scores[out_y == 0] >
-                                                   pipe.threshold.value).sum()),
-                                              int((out_y == 0).sum())).__dict__,
-                "observed": observed.as_dict(), "held_out": held.as_dict(),
+                "observed_fpr": Proportion.of(int(normal_flags.sum()),
+                                              len(normal_flags)).__dict__,
+                "observed": assess(scores, out_y, pipe.threshold.value,
+                                   "outside patients").as_dict(),
+                "held_out": pipe.assessed().as_dict(),
             }
+            details = pipe.threshold.details
             if method == "fpr":
-                entry["guarantee"] = details["guarantee"]
-                entry["fpr_bound"] = details["fpr_bound"]
+                entry.update(guarantee=details["guarantee"], fpr_bound=details["fpr_bound"])
             else:
                 entry["at_fitting"] = {k: details[k] for k in
                                        ("sensitivity", "sensitivity_ci95", "specificity",
@@ -171,9 +176,9 @@ def _rate(p) -> str:
 def _print(record) -> None:
     fpr, sens = record["fpr"], record["sensitivity"]
     split = record["split"]
-    print(f"\nseed {record['seed']}: train {split['train']}, calibration "
+    print(f"\nrun {record['run']}: train {split['train']}, calibration "
           f"{split['calibration']}, selection {split['selection']}, assessment "
-          f"{split['assessment']}; block {fpr['block']}")
+          f"{split['assessment']}, outside {record['outside']}; block {fpr['block']}")
     print(f"  --fpr: threshold {fpr['threshold']:.4g}; {fpr['guarantee']}")
     print(f"         observed FPR on outside normals {_rate(fpr['observed_fpr'])}")
     print(f"         held-out sens {_rate(fpr['held_out']['sensitivity'])}, spec "
@@ -191,25 +196,28 @@ def _print(record) -> None:
 
 
 def _summary(results) -> None:
+    """Mean ± standard error over runs of every rate."""
     def mean(get):
-        values = [get(r) for r in results]
-        values = [v for v in values if v is not None]
-        return f"{np.mean(values):.1%}" if values else "—"
+        values = [v for v in (get(r) for r in results) if v is not None]
+        if not values:
+            return "—"
+        se = np.std(values, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else np.nan
+        return f"{np.mean(values):.1%} ± {se:.1%}"
 
     def value(p):
         return None if p is None else p["value"]
 
-    print(f"\nmean over {len(results)} seeds:")
+    print(f"\nmean ± standard error over {len(results)} runs:")
     observed = mean(lambda r: r["fpr"]["observed_fpr"]["value"])
     print(f"  --fpr: observed FPR on outside normals {observed}"
-          f" (bound {mean(lambda r: r['fpr']['fpr_bound'])})")
+          f" (guaranteed at most {mean(lambda r: r['fpr']['fpr_bound'])})")
     for method in ("fpr", "sensitivity"):
-        rows = [("held out", "held_out"), ("outside", "observed")]
         if method == "sensitivity":
-            print(f"  {method}: at fitting sens "
+            print(f"  {method}: at fitting (in-sample) sens "
                   f"{mean(lambda r: r['sensitivity']['at_fitting']['sensitivity'])}, spec "
                   f"{mean(lambda r: r['sensitivity']['at_fitting']['specificity'])}")
-        for name, key in rows:
+        for name, key in (("held out (reported)", "held_out"), ("outside (observed)",
+                                                                "observed")):
             print(f"  {method}: {name} sens "
                   f"{mean(lambda r, k=key, m=method: value(r[m][k]['sensitivity']))}, spec "
                   f"{mean(lambda r, k=key, m=method: value(r[m][k]['specificity']))}")

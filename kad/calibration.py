@@ -177,7 +177,8 @@ def _share(items: np.ndarray, fraction: float, rng) -> tuple[np.ndarray, np.ndar
 def plan_fit_split(dataset, calibration: float = DEFAULT_CALIBRATION,
                    validation: float = DEFAULT_VALIDATION, seed: int = 0,
                    valid: np.ndarray | None = None,
-                   min_anomalies: int = MIN_ANOMALIES_TO_ASSESS) -> FitSplit:
+                   min_anomalies: int = MIN_ANOMALIES_TO_ASSESS,
+                   rows: np.ndarray | None = None) -> FitSplit:
     """Divide ``dataset`` into the disjoint parts of :class:`FitSplit`, by patient.
 
     Patients (``dataset.patient``, else each image on its own) with a labelled anomaly go
@@ -187,7 +188,9 @@ def plan_fit_split(dataset, calibration: float = DEFAULT_CALIBRATION,
     and normal ones separately, into selection and assessment, unless there are fewer than
     ``min_anomalies`` anomalies: then every anomaly goes to selection, the assessment keeps
     its normals only, and a note says that sensitivity cannot be measured honestly.
-    ``valid`` (a mask) leaves out unreadable images, listed in ``left_out``.
+    ``valid`` (a mask) leaves out unreadable images, and ``rows`` (indices) restricts the
+    split to some images, e.g. to keep other patients for a later test; both are listed in
+    ``left_out`` with the reason.
     """
     for name, value in (("calibration", calibration), ("validation", validation)):
         if not 0.0 <= value < 1.0:
@@ -198,8 +201,14 @@ def plan_fit_split(dataset, calibration: float = DEFAULT_CALIBRATION,
                else np.asarray(dataset.anomaly, bool))
     by_patient = dataset.patient is not None
     groups = np.asarray(dataset.patient if by_patient else dataset.ids, dtype=str)
-    left_out = {int(i): "unreadable image" for i in np.flatnonzero(~usable)}
-    rows = np.flatnonzero(usable)
+    offered = np.ones(n, bool)
+    if rows is not None:
+        offered = np.zeros(n, bool)
+        offered[np.asarray(rows, dtype=int)] = True
+    left_out = {int(i): "not among the rows offered for fitting"
+                for i in np.flatnonzero(~offered)}
+    left_out.update({int(i): "unreadable image" for i in np.flatnonzero(~usable)})
+    rows = np.flatnonzero(usable & offered)
     rng = np.random.default_rng(seed)
 
     sick = np.unique(groups[rows[anomaly[rows]]])
@@ -339,4 +348,59 @@ def assess(scores, labels, threshold: float, measured_on: str, honest: bool = Tr
         sensitivity=Proportion.of(int(flagged[labels == 1].sum()), n_anom),
         specificity=Proportion.of(int((~flagged[labels == 0]).sum()), n_norm),
         auroc=auroc, auroc_ci95=ci, n_normal=n_norm, n_anomalous=n_anom, notes=notes,
+    )
+
+
+@dataclass
+class FitSummary:
+    """What ``kad fit`` and ``kad threshold`` print: the threshold and how it was set, its
+    guarantee, and the held-out sensitivity and specificity, each saying what it was
+    measured on."""
+
+    threshold: float
+    method: str
+    n_train: int
+    n_calibration: int
+    guarantee: str | None
+    at_fitting: str | None   # in-sample figures of a sensitivity threshold (optimistic)
+    held_out: Assessment | None
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"threshold {self.threshold:.4g} ({self.method}); trained on {self.n_train} "
+               f"normal images, {self.n_calibration} more kept aside for calibration"]
+        if self.guarantee:
+            out.append(f"guarantee: {self.guarantee}")
+        if self.at_fitting:
+            out.append(self.at_fitting)
+        if self.held_out:
+            out += self.held_out.lines()
+        else:
+            out.append("no labelled images were held out: sensitivity and specificity on new "
+                       "patients were not measured")
+        return out + [n for n in self.notes if not self.held_out or n not in self.held_out.notes]
+
+
+def fit_summary(pipeline) -> FitSummary:
+    """The :class:`FitSummary` of a fitted (or re-thresholded) pipeline."""
+    threshold = pipeline.threshold
+    details = threshold.details
+    calibration = getattr(pipeline, "calibration", None) or {}
+    at_fitting = None
+    if threshold.method == "sensitivity":
+        lo, hi = details["specificity_ci95"]
+        at_fitting = (
+            f"at fitting: sensitivity {details['sensitivity']:.1%} on "
+            f"{details['n_anomalous']} labelled anomalies, specificity "
+            f"{details['specificity']:.1%} (95% CI {lo:.1%}–{hi:.1%}) on "
+            f"{details['n_normal']} labelled normals; these images set the threshold, so "
+            "the figures are optimistic")
+    notes = list(pipeline.training.get("split", {}).get("notes", []))
+    if not calibration:
+        notes.append("no calibration set: no p-values and no guaranteed false-positive rate")
+    return FitSummary(
+        threshold=float(threshold.value), method=threshold.method,
+        n_train=int(pipeline.training["n_images"]), n_calibration=int(calibration.get("n", 0)),
+        guarantee=details.get("guarantee"), at_fitting=at_fitting,
+        held_out=pipeline.assessed(), notes=notes,
     )

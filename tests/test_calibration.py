@@ -173,6 +173,17 @@ def test_no_image_is_used_twice_and_patients_stay_together():
     assert len(set(data.patient[split.calibration])) == round(0.2 * healthy)
 
 
+def test_rows_not_offered_are_left_out_with_the_reason():
+    data = _toy()
+    outside = np.flatnonzero(np.isin(data.patient, [str(p) for p in range(0, 120, 3)]))
+    offered = np.setdiff1d(np.arange(len(data)), outside)
+    split = plan_fit_split(data, seed=0, rows=offered)
+    every = np.concatenate(list(split.parts().values()))
+    assert not np.isin(every, outside).any()
+    assert sorted(split.left_out) == outside.tolist()
+    assert set(split.left_out.values()) == {"not among the rows offered for fitting"}
+
+
 def test_the_split_follows_the_seed():
     data = _toy()
     first, again = plan_fit_split(data, seed=3), plan_fit_split(data, seed=3)

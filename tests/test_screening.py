@@ -149,7 +149,7 @@ def calibrated(tmp_path_factory):
     dataset = load_dataset("folder", root, kind="natural")
     split = plan_fit_split(dataset, calibration=0.3, validation=0.3, seed=0)
     pipeline = fit_pipeline(dataset, split=split, representation="picked", fpr=0.1,
-                            **LIB_FAST)
+                            cache_dir=root / "cache", **LIB_FAST)
     return pipeline, split, dataset, root
 
 
@@ -240,3 +240,37 @@ def test_the_new_report_sections_render_in_a_headless_browser(calibrated, tmp_pa
 
     image = cv2.imread(str(shot))
     assert image is not None and image.std() > 20, "the page rendered blank"
+
+
+def test_the_fit_summary_says_what_each_number_was_measured_on(calibrated):
+    from kad.calibration import fit_summary
+
+    pipeline, split, _, _ = calibrated
+    summary = fit_summary(pipeline)
+    assert summary.n_calibration == len(split.calibration)
+    assert summary.n_train == len(split.train) and summary.method == "conformal"
+    text = "\n".join(summary.lines())
+    assert summary.guarantee in text and "measured on" in text
+    assert f"specificity {summary.held_out.specificity.text()}" in text
+
+
+def test_a_sensitivity_threshold_is_set_on_selection_and_reported_on_assessment(calibrated):
+    from kad.datasets import FileSource
+    from kad.pipeline import fit_pipeline
+
+    first, split, dataset, root = calibrated
+    pipeline = fit_pipeline(dataset, split=split, representation="picked", sensitivity=0.9,
+                            cache_dir=root / "cache", **LIB_FAST)
+    assert pipeline.blocks == first.blocks  # the same selection images pick the same block
+    details = pipeline.threshold.details
+    assert details["n_anomalous"] == split.selection_labels.sum()
+    assert details["n_normal"] == (split.selection_labels == 0).sum()
+    # the reported figures are measured on the assessment images, scored by the detector
+    files = [root / dataset.ids[i] for i in split.assessment]
+    np.testing.assert_allclose(pipeline.score(FileSource(files)).scores,
+                               pipeline.assessment["scores"], rtol=1e-6)
+    held = pipeline.assessed()
+    flagged = np.asarray(pipeline.assessment["scores"]) > pipeline.threshold.value
+    labels = np.asarray(split.assessment_labels)
+    assert held.sensitivity.k == flagged[labels == 1].sum()
+    assert held.specificity.k == (~flagged[labels == 0]).sum()
