@@ -166,13 +166,12 @@ def fit_section(pipeline: Pipeline) -> str:
     training = pipeline.training
     threshold = pipeline.threshold
     details = threshold.details
-    rows = [("trained on", f"{training['n_images']} normal images of {training['dataset']}")]
     calibration = getattr(pipeline, "calibration", None)
     if calibration:
-        rows.append(("calibration", calibration["measured_on"]))
+        rows = [("calibration", calibration["measured_on"])]
     else:
-        rows.append(("calibration", "none: this model has no p-values and no guaranteed "
-                                    "false-positive rate (refit with a calibration share)"))
+        rows = [("calibration", "none: this model has no p-values and no guaranteed "
+                                "false-positive rate (refit with a calibration share)")]
     if threshold.method == "conformal":
         rows += [("threshold", f"{threshold.value:.4g}, conformal at false-positive rate "
                                f"{details['alpha']:g} (the {details['rank']}-th smallest of "

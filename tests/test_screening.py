@@ -55,7 +55,7 @@ def test_fit_picks_a_block_and_sets_the_threshold_with_labelled_anomalies(work):
     assert len(info["blocks"]) == 1  # picked, as in Table 2
     assert info["threshold"]["method"] == "sensitivity"
     assert info["threshold"]["target_sensitivity"] == 0.95
-    assert info["training"]["n_images"] >= 25 and info["training"]["fingerprint"]
+    assert info["training"]["n_images"] >= 20 and info["training"]["fingerprint"]
 
 
 def test_score_ranks_most_suspicious_first_and_lists_unreadable_files(work):
@@ -274,3 +274,27 @@ def test_a_sensitivity_threshold_is_set_on_selection_and_reported_on_assessment(
     labels = np.asarray(split.assessment_labels)
     assert held.sensitivity.k == flagged[labels == 1].sum()
     assert held.specificity.k == (~flagged[labels == 0]).sum()
+
+
+def test_a_model_without_a_calibration_set_says_it_has_no_p_values(calibrated, tmp_path):
+    from kad.calibration import fit_summary, threshold_at_fpr
+    from kad.datasets import FileSource
+    from kad.errors import KadError
+    from kad.pipeline import fit_pipeline
+    from kad.report import write_report
+    from kad.screening import rank, write_scores_csv
+
+    _, split, dataset, root = calibrated
+    plain = fit_pipeline(dataset, train_rows=split.train, cache_dir=root / "cache", **LIB_FAST)
+    assert plain.threshold.method == "contamination" and plain.calibration is None
+    files = [root / i for i in dataset.ids[:4]]
+    rows = rank(plain, files, plain.score(FileSource(files)))
+    assert all(r.p_value is None for r in rows)
+    write_scores_csv(tmp_path / "scores.csv", rows, {})
+    assert all(r["p_value"] == "" for r in _read_scores(tmp_path / "scores.csv"))
+    page = write_report(tmp_path / "report.html", plain, rows, {}, [], "m.kad",
+                        n_thumbnails=2)[0].read_text()
+    assert "this model has no p-values" in page and "th pct of training" in page
+    assert any("no calibration set" in line for line in fit_summary(plain).lines())
+    with pytest.raises(KadError, match="no calibration set"):
+        threshold_at_fpr(plain, 0.1)
