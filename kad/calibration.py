@@ -221,14 +221,16 @@ def plan_fit_split(dataset, calibration: float = DEFAULT_CALIBRATION,
         val_groups, train_groups = np.array([], dtype=str), rest
     notes: list[str] = []
     n_anomalies = int(anomaly[rows].sum())
-    sel_sick, ass_sick = _share(sick, 0.5, rng)
+    # assessment takes its half first, so that a single patient goes to selection, which
+    # cannot do without one
+    ass_sick, sel_sick = _share(sick, 0.5, rng)
     if has_anomalies and n_anomalies < min_anomalies:
         sel_sick, ass_sick = sick, np.array([], dtype=str)
         notes.append(
             f"only {n_anomalies} labelled anomalies: all of them pick the block and set the "
             f"threshold, so sensitivity on new patients cannot be measured (at least "
             f"{min_anomalies} are needed to hold half of them out)")
-    sel_healthy, ass_healthy = _share(val_groups, 0.5, rng)
+    ass_healthy, sel_healthy = _share(val_groups, 0.5, rng)
 
     def rows_of(members) -> np.ndarray:
         return np.sort(rows[np.isin(groups[rows], members)])

@@ -201,6 +201,15 @@ def test_too_few_anomalies_are_all_used_to_select_and_the_split_says_so():
     assert any("cannot be measured" in note for note in split.notes)
 
 
+def test_a_single_validation_patient_goes_to_selection():
+    data = _toy(n_patients=17, sick=12)
+    split = plan_fit_split(data, calibration=0.2, validation=0.25, seed=0)
+    healthy = set(data.patient[12 * 2:])  # the first 12 patients are sick
+    assert len(healthy & set(data.patient[split.selection])) == 1
+    assert not healthy & set(data.patient[split.assessment])
+    assert set(split.selection_labels.tolist()) == {0, 1} and split.assessment_labels.sum() > 0
+
+
 def test_without_anomalies_only_train_and_calibration():
     data = _toy(sick=0, patients=False)
     split = plan_fit_split(data, calibration=0.25, seed=0)
