@@ -119,6 +119,8 @@ def main() -> None:
     features = extract_features(dataset, args.backbone, args.weights, cache_dir=cache,
                                 batch_size=32)
     labels = np.asarray(dataset.anomaly, int)
+    patients = np.asarray(dataset.patient)
+    sick_patient = np.isin(patients, patients[labels == 1])
     common = {"backbone": args.backbone, "weights": args.weights, "detector": args.detector,
               "cache_dir": cache, "batch_size": 32, "features": features,
               "representation": "picked"}
@@ -141,11 +143,18 @@ def main() -> None:
                 files = [work / "pool" / i for i in np.asarray(dataset.ids)[out_rows[:16]]]
                 streamed = pipe.score(FileSource(files)).scores
                 np.testing.assert_allclose(streamed, scores[:16], rtol=1e-5, atol=1e-6)
-            normal_flags = scores[out_y == 0] > pipe.threshold.value
+            flags = scores > pipe.threshold.value
+            healthy = (out_y == 0) & ~sick_patient[out_rows]
             entry = {
                 "block": pipe.blocks[0], "threshold": pipe.threshold.value,
-                "observed_fpr": Proportion.of(int(normal_flags.sum()),
-                                              len(normal_flags)).__dict__,
+                "observed_fpr": Proportion.of(int(flags[out_y == 0].sum()),
+                                              int((out_y == 0).sum())).__dict__,
+                # calibration normals come from patients without an abnormal eye only
+                "observed_fpr_healthy_patients": Proportion.of(
+                    int(flags[healthy].sum()), int(healthy.sum())).__dict__,
+                "observed_fpr_fellow_eyes": _maybe(Proportion.of(
+                    int(flags[(out_y == 0) & ~healthy].sum()),
+                    int(((out_y == 0) & ~healthy).sum()))),
                 "observed": assess(scores, out_y, pipe.threshold.value,
                                    "outside patients").as_dict(),
                 "held_out": pipe.assessed().as_dict(),
@@ -167,6 +176,10 @@ def main() -> None:
     print(f"work folder: {work}")
 
 
+def _maybe(proportion):
+    return None if proportion is None else proportion.__dict__
+
+
 def _rate(p) -> str:
     if p is None:
         return "—"
@@ -180,7 +193,9 @@ def _print(record) -> None:
           f"{split['calibration']}, selection {split['selection']}, assessment "
           f"{split['assessment']}, outside {record['outside']}; block {fpr['block']}")
     print(f"  --fpr: threshold {fpr['threshold']:.4g}; {fpr['guarantee']}")
-    print(f"         observed FPR on outside normals {_rate(fpr['observed_fpr'])}")
+    print(f"         observed FPR on outside normals {_rate(fpr['observed_fpr'])}: "
+          f"healthy patients {_rate(fpr['observed_fpr_healthy_patients'])}, normal fellow "
+          f"eyes of patients with an abnormal eye {_rate(fpr['observed_fpr_fellow_eyes'])}")
     print(f"         held-out sens {_rate(fpr['held_out']['sensitivity'])}, spec "
           f"{_rate(fpr['held_out']['specificity'])}")
     print(f"         outside  sens {_rate(fpr['observed']['sensitivity'])}, spec "
@@ -211,6 +226,10 @@ def _summary(results) -> None:
     observed = mean(lambda r: r["fpr"]["observed_fpr"]["value"])
     print(f"  --fpr: observed FPR on outside normals {observed}"
           f" (guaranteed at most {mean(lambda r: r['fpr']['fpr_bound'])})")
+    healthy = mean(lambda r: r["fpr"]["observed_fpr_healthy_patients"]["value"])
+    fellow = mean(lambda r: value(r["fpr"]["observed_fpr_fellow_eyes"]))
+    print(f"  --fpr: of which healthy patients {healthy}, normal fellow eyes of patients "
+          f"with an abnormal eye {fellow}")
     for method in ("fpr", "sensitivity"):
         if method == "sensitivity":
             print(f"  {method}: at fitting (in-sample) sens "
