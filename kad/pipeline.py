@@ -66,7 +66,8 @@ class Pipeline:
     def __init__(self, *, backbone: str, weights: str, weights_fingerprint: str,
                  image_size: int, preprocessing: str, blocks: list[str],
                  all_blocks: list[str], detector: BaseDetector, threshold: Threshold,
-                 training: dict, batch_size: int):
+                 training: dict, batch_size: int, calibration: dict | None = None,
+                 assessment: dict | None = None):
         self.backbone = backbone
         self.weights = weights
         self.weights_fingerprint = weights_fingerprint
@@ -78,6 +79,10 @@ class Pipeline:
         self.threshold = threshold
         self.training = training
         self.batch_size = batch_size
+        # scores of the held-aside calibration normals (conformal threshold, p-values) and
+        # of the labelled images used for nothing but measuring (honest metrics)
+        self.calibration = calibration
+        self.assessment = assessment
         self.versions = library_versions()
         self.source: Path | None = None  # the file it was loaded from
         self._model = None
@@ -98,6 +103,9 @@ class Pipeline:
             "threshold": {"value": self.threshold.value, "method": self.threshold.method,
                           **self.threshold.details},
             "training": {k: v for k, v in self.training.items() if k != "scores"},
+            "calibration": ({k: v for k, v in self.calibration.items() if k != "scores"}
+                            if getattr(self, "calibration", None) else None),
+            "assessment": self.assessed().as_dict() if self.assessed() else None,
             "versions": self.versions,
         }
 
@@ -179,6 +187,27 @@ class Pipeline:
         train = np.sort(np.asarray(self.training["scores"]))
         return 100.0 * np.searchsorted(train, np.asarray(scores), side="left") / len(train)
 
+    def p_values(self, scores: np.ndarray) -> np.ndarray | None:
+        """Conformal p-value of each score against the calibration normals (None when the
+        pipeline was fitted without a calibration set)."""
+        from .calibration import conformal_p_values
+
+        calibration = getattr(self, "calibration", None)
+        if not calibration or not calibration.get("scores"):
+            return None
+        return conformal_p_values(calibration["scores"], scores)
+
+    def assessed(self):
+        """Sensitivity and specificity at the current threshold on the held-out labelled
+        images (a :class:`~kad.calibration.Assessment`), or None without them."""
+        from .calibration import assess
+
+        held = getattr(self, "assessment", None)
+        if not held:
+            return None
+        return assess(held["scores"], held["labels"], self.threshold.value,
+                      held["measured_on"], honest=True)
+
     def save(self, path: str | Path) -> Path:
         """Write the pipeline to one file of plain data (see :mod:`kad.artifact`); raises
         :class:`~kad.errors.UnstorableError` naming the value when part of it cannot be
@@ -194,7 +223,8 @@ class Pipeline:
 
 #: What a saved pipeline stores besides its detector.
 _FIELDS = ("backbone", "weights", "weights_fingerprint", "image_size", "preprocessing",
-           "blocks", "all_blocks", "threshold", "training", "batch_size", "versions")
+           "blocks", "all_blocks", "threshold", "training", "batch_size", "versions",
+           "calibration", "assessment")
 
 
 def load_pipeline(path: str | Path) -> Pipeline:
@@ -265,83 +295,159 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
                  train_rows: np.ndarray | None = None, labelled_rows: np.ndarray | None = None,
                  labels: np.ndarray | None = None, sensitivity: float | None = None,
                  batch_size: int = 64, cache_dir: str | Path | None = None,
-                 progress: ProgressCallback | None = None, features=None) -> Pipeline:
+                 progress: ProgressCallback | None = None, features=None,
+                 split=None, calibration_rows: np.ndarray | None = None,
+                 assessment_rows: np.ndarray | None = None,
+                 assessment_labels: np.ndarray | None = None,
+                 fpr: float | None = None) -> Pipeline:
     """Fit a pipeline on the normal images ``train_rows`` of ``dataset``.
 
     With labelled images (``labelled_rows`` and ``labels``, 1 = anomaly, none of them in
     ``train_rows``), the block with the best AUROC on them is picked (as in the paper's
-    Table 2) unless ``representation`` names blocks, and, with ``sensitivity``, the threshold
-    is set to reach it; otherwise the threshold follows the detector's ``contamination``.
+    Table 2, :func:`kad.selection.pick_block`) when ``representation`` is ``"picked"``,
+    and, with ``sensitivity``, the threshold is set to reach it on them.
+
+    ``calibration_rows`` (normal images used for nothing else) give the conformal p-values
+    and, with ``fpr`` (or by default when no sensitivity is asked), a threshold that flags a
+    healthy image with probability at most ``fpr`` (:mod:`kad.calibration`). Without them
+    the threshold follows the detector's ``contamination``. ``assessment_rows`` and
+    ``assessment_labels`` are scored and kept to measure sensitivity and specificity at the
+    threshold on images used for nothing else (:meth:`Pipeline.assessed`).
+
+    ``split`` (a :class:`kad.calibration.FitSplit` from
+    :func:`kad.calibration.plan_fit_split`) fills all the row arguments at once.
     """
     from sklearn.base import clone
 
+    from .calibration import DEFAULT_FPR, conformal_threshold
     from .features import extract_features, plan_extraction
     from .metrics import evaluate
     from .registry import get_detector
+    from .selection import pick_block
 
+    if split is not None:
+        train_rows, calibration_rows = split.train, split.calibration
+        labelled_rows, labels = split.selection, split.selection_labels
+        assessment_rows, assessment_labels = split.assessment, split.assessment_labels
+    if fpr is not None and sensitivity is not None:
+        raise KadError("set the threshold either by a false-positive rate or by a "
+                       "sensitivity, not both")
     plan = plan_extraction(dataset, backbone, weights, image_size, preprocessing, cache_dir)
     if features is None:
         features = extract_features(dataset, plan.backbone, weights, image_size, preprocessing,
                                     batch_size=batch_size, cache_dir=cache_dir,
                                     progress=progress)
     usable = features.valid
+    unreadable: dict[str, int] = {}
+
+    def readable(rows, name, extra=None):
+        rows = np.asarray(rows, dtype=int)
+        keep = usable[rows]
+        if not keep.all():
+            unreadable[name] = int((~keep).sum())
+        return (rows[keep], None if extra is None else np.asarray(extra, dtype=int)[keep])
+
     if train_rows is None:
         train_rows = np.flatnonzero(usable & ~np.asarray(dataset.anomaly, dtype=bool)) if (
             dataset.anomaly is not None) else np.flatnonzero(usable)
-    train_rows = np.asarray(train_rows)[usable[np.asarray(train_rows)]]
+    train_rows, _ = readable(train_rows, "train")
     if len(train_rows) < 2:
         raise KadError(f"fitting needs at least 2 readable normal images, got {len(train_rows)}")
     prototype = get_detector(detector) if isinstance(detector, str) else detector
     labelled = labelled_rows is not None and len(labelled_rows) > 0
     if labelled:
-        labelled_rows = np.asarray(labelled_rows)
-        labels = np.asarray(labels, dtype=int)
-        keep = usable[labelled_rows]
-        labelled_rows, labels = labelled_rows[keep], labels[keep]
+        labelled_rows, labels = readable(labelled_rows, "selection", labels)
         if set(np.unique(labels)) != {0, 1}:
             raise KadError("labelled images must include both normal (0) and anomalous (1) ones")
-        if np.intersect1d(labelled_rows, train_rows).size:
-            raise KadError("labelled validation images must not be among the training images")
+    has_calibration = calibration_rows is not None and len(calibration_rows) > 0
+    if has_calibration:
+        calibration_rows, _ = readable(calibration_rows, "calibration")
+    assessing = assessment_rows is not None and len(assessment_rows) > 0
+    if assessing:
+        assessment_rows, assessment_labels = readable(assessment_rows, "assessment",
+                                                      assessment_labels)
+    parts = {"train": train_rows, "selection": labelled_rows if labelled else [],
+             "calibration": calibration_rows if has_calibration else [],
+             "assessment": assessment_rows if assessing else []}
+    names = list(parts)
+    for a, first in enumerate(names):
+        for second in names[a + 1:]:
+            if np.intersect1d(parts[first], parts[second]).size:
+                raise KadError(f"the {first} and {second} images overlap; every image may "
+                               "serve one purpose only (use kad.calibration.plan_fit_split)")
 
     def fitted_on(blocks):
         return clone(prototype).fit(features.matrix(blocks, train_rows))
 
     selection: dict = {"representation": representation}
     if labelled and representation == "picked":
-        per_block = {}
-        for block in features.blocks:
-            det = fitted_on([block])
-            scores = det.anomaly_score(features.matrix([block], labelled_rows))
-            per_block[block] = evaluate(labels, scores)["auroc"]
-        best = max(per_block, key=per_block.get)
-        blocks = [best]
-        selection.update(picked=best, validation_auroc=per_block)
+        choice = pick_block(features, train_rows, labelled_rows, labels, prototype)
+        blocks = [choice.block]
+        det = choice.detectors[choice.block]
+        selection.update(picked=choice.block, validation_auroc=choice.validation_auroc)
     elif representation == "picked":
         raise KadError("representation 'picked' needs labelled anomalies to pick a block with")
     else:
         blocks = features.resolve(representation)
-    det = fitted_on(blocks)
+        det = fitted_on(blocks)
     train_scores = det.decision_scores_
     val_scores = det.anomaly_score(features.matrix(blocks, labelled_rows)) if labelled else None
-    if labelled and sensitivity is not None:
+    cal_scores = (np.sort(det.anomaly_score(features.matrix(blocks, calibration_rows)))
+                  if has_calibration else None)
+    if fpr is not None:
+        if not has_calibration:
+            raise KadError("a threshold by false-positive rate needs calibration images "
+                           "(normal images kept aside: --calibration)")
+        threshold = conformal_threshold(cal_scores, fpr)
+    elif labelled and sensitivity is not None:
         threshold = threshold_at_sensitivity(val_scores[labels == 0], val_scores[labels == 1],
                                              sensitivity)
+    elif has_calibration:
+        threshold = conformal_threshold(cal_scores, DEFAULT_FPR)
     else:
         threshold = Threshold(det.threshold_, "contamination",
                               {"contamination": det.contamination})
     if labelled:
         threshold.details["validation"] = evaluate(labels, val_scores,
                                                    val_scores > threshold.value)
+    patients = (np.asarray(dataset.patient, dtype=str) if dataset.patient is not None
+                else None)
+
+    def who(rows):
+        n = len(rows)
+        return (f"{n} images of {len(np.unique(patients[rows]))} patients"
+                if patients is not None else f"{n} images")
+
+    calibration = None
+    if has_calibration:
+        calibration = {"scores": cal_scores.tolist(), "n": int(len(cal_scores)),
+                       "measured_on": f"{who(calibration_rows)}: normal images kept aside, "
+                                      "used neither to fit nor to pick the block"}
+    assessment = None
+    if assessing:
+        assessment_labels = np.asarray(assessment_labels, dtype=int)
+        assessment = {
+            "scores": det.anomaly_score(features.matrix(blocks, assessment_rows)).tolist(),
+            "labels": assessment_labels.tolist(),
+            "measured_on": (f"{who(assessment_rows)} ({int((assessment_labels == 0).sum())} "
+                            f"normal, {int(assessment_labels.sum())} abnormal) held out of "
+                            "fitting, calibration, block picking and threshold setting"),
+        }
+    training = {"dataset": dataset.name, "fingerprint": dataset.fingerprint,
+                "n_images": int(len(train_rows)), "feature_cache": features.key,
+                "scores": np.sort(train_scores).tolist(), "selection": selection,
+                "rows": {k: int(len(v)) for k, v in parts.items()}}
+    if unreadable:
+        training["unreadable_left_out"] = unreadable
+    if split is not None:
+        training["split"] = split.describe()
     model = plan.backbone.build_extractor(plan.input_size, weights)[0]
     pipeline = Pipeline(
         backbone=str(plan.backbone.spec), weights=recorded_weights(weights),
         weights_fingerprint=weights_fingerprint(model), image_size=plan.input_size,
         preprocessing=plan.preprocessing.key, blocks=blocks, all_blocks=features.blocks,
-        detector=det, threshold=threshold,
-        training={"dataset": dataset.name, "fingerprint": dataset.fingerprint,
-                  "n_images": int(len(train_rows)), "feature_cache": features.key,
-                  "scores": np.sort(train_scores).tolist(), "selection": selection},
-        batch_size=batch_size,
+        detector=det, threshold=threshold, training=training, batch_size=batch_size,
+        calibration=calibration, assessment=assessment,
     )
     pipeline._model = model  # scoring right away needs no second build
     return pipeline

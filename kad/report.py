@@ -1,9 +1,12 @@
 """``report.html``: one self-contained page a person can open without a server or network.
 
 Every picture is inlined as a base64 PNG: thumbnails of the most and least suspicious
-images as the model saw them (after preprocessing), the score distribution of the training
-normals against the new images, and, when labels are given, the ROC curve with its AUROC and
-the operating point of the threshold.
+images, each as the photograph was taken beside what the model saw (after preprocessing),
+with its score and conformal p-value; the score distribution of the training normals
+against the new images; how the threshold was set (calibration size, method and its
+guarantee, and sensitivity and specificity with 95% intervals on held-out patients); and,
+when labels are given, the ROC curve with its AUROC and the operating point of the
+threshold.
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ td,th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:left}
 figure{margin:0;width:THUMBpx;font-size:11px;overflow-wrap:anywhere}
 figure img{width:THUMBpx;height:THUMBpx;border:3px solid #ccc;border-radius:4px}
 figure.flag img{border-color:#d33}.num{font-variant-numeric:tabular-nums}
+figure.pair{width:calc(2*THUMBpx + 14px)}.pair .views{display:flex;gap:4px}
+.pair .views div{width:THUMBpx;text-align:center;color:#666}
+.pair img.taken{object-fit:contain;background:#111}
+.note{color:#8a4b00}
 .plots img{max-width:520px;margin-right:16px}
 """.replace("THUMB", str(THUMB))
 
@@ -52,15 +59,21 @@ def _figure_png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _thumbnail(pipeline: Pipeline, file: str) -> str | None:
+def _thumbnails(pipeline: Pipeline, file: str) -> tuple[str, str] | None:
+    """The photograph as taken (aspect ratio kept) and what the model saw, as PNG URIs."""
     from .images import read_image, resize
     from .preprocessing import get_preprocessing
 
     try:
-        seen = get_preprocessing(pipeline.preprocessing)(read_image(file))
+        taken = read_image(file)
+        seen = get_preprocessing(pipeline.preprocessing)(taken)
     except ImageReadError:
         return None
-    return _png(resize(resize(seen, pipeline.image_size), THUMB))
+    height, width = taken.shape[:2]
+    scale = THUMB / max(height, width)
+    shape = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return (_png(resize(taken.astype(np.float32) / 255.0, shape)),
+            _png(resize(resize(seen, pipeline.image_size), THUMB)))
 
 
 def _distribution(pipeline: Pipeline, rows: list[ScoredImage]) -> str:
@@ -116,16 +129,28 @@ def _roc(rows: list[ScoredImage], metrics: dict, threshold: float) -> str:
     return uri
 
 
+def _where(r: ScoredImage) -> str:
+    """p = the image's conformal p-value, or its percentile among the training scores for a
+    model without a calibration set."""
+    if r.p_value is not None:
+        return f"p = {r.p_value:.3g}"
+    return f"{r.percentile:.0f}th pct of training"
+
+
 def _gallery(pipeline: Pipeline, rows: list[ScoredImage]) -> str:
     cells = []
     for r in rows:
-        uri = _thumbnail(pipeline, r.file)
+        uris = _thumbnails(pipeline, r.file)
         label = "" if r.label is None else (" · labelled abnormal" if r.label else
                                             " · labelled normal")
-        img = f'<img src="{uri}" alt="">' if uri else "<div>(unreadable)</div>"
+        if uris:
+            views = (f'<div><img class="taken" src="{uris[0]}" alt="as taken"><br>as taken'
+                     f'</div><div><img src="{uris[1]}" alt="model input"><br>model input</div>')
+        else:
+            views = "<div>(unreadable)</div>"
         cells.append(
-            f'<figure class="{"flag" if r.flagged else ""}">{img}<figcaption>'
-            f'<b class="num">{r.score:.4g}</b> · {r.percentile:.0f}th pct{label}<br>'
+            f'<figure class="pair{" flag" if r.flagged else ""}"><div class="views">{views}'
+            f'</div><figcaption><b class="num">{r.score:.4g}</b> · {_where(r)}{label}<br>'
             f"{html.escape(Path(r.file).name)}</figcaption></figure>"
         )
     return '<div class="grid">' + "".join(cells) + "</div>"
@@ -147,6 +172,78 @@ def labelled_metrics(rows: list[ScoredImage], threshold: float) -> dict | None:
         n_normal=int((y == 0).sum()), n_anomalous=int((y == 1).sum()),
     )
     return metrics
+
+def _percent_ci(proportion) -> str:
+    if proportion is None:
+        return "not measured"
+    return proportion.text()
+
+
+def fit_section(pipeline: Pipeline) -> str:
+    """How the model was fitted and its threshold set: the calibration set, the threshold
+    method and what it guarantees, and the sensitivity and specificity with 95% intervals,
+    each with what it was measured on (HTML)."""
+    training = pipeline.training
+    threshold = pipeline.threshold
+    details = threshold.details
+    calibration = getattr(pipeline, "calibration", None)
+    if calibration:
+        rows = [("calibration", calibration["measured_on"])]
+    else:
+        rows = [("calibration", "none: this model has no p-values and no guaranteed "
+                                "false-positive rate (refit with a calibration share)")]
+    if threshold.method == "conformal":
+        rows += [("threshold", f"{threshold.value:.4g}, conformal at false-positive rate "
+                               f"{details['alpha']:g} (the {details['rank']}-th smallest of "
+                               f"{details['n_calibration']} calibration scores)"),
+                 ("guarantee", details["guarantee"])]
+    elif threshold.method == "sensitivity":
+        rows += [("threshold", f"{threshold.value:.4g}, set to flag "
+                               f"{details['target_sensitivity']:.0%} of the labelled "
+                               "anomalies of the selection set"),
+                 ("at fitting (optimistic)",
+                  f"sensitivity {details['sensitivity']:.1%}, specificity "
+                  f"{details['specificity']:.1%} on the {details['n_anomalous']} anomalies and "
+                  f"{details['n_normal']} normals that set the threshold")]
+    else:
+        rows.append(("threshold", f"{threshold.value:.4g} ({threshold.method}); no "
+                                  "guarantee on the false-positive rate"))
+    picked = training.get("selection", {}).get("picked")
+    if picked:
+        rows.append(("block", f"{picked}, best validation AUROC "
+                              f"{training['selection']['validation_auroc'][picked]:.3f} on "
+                              "the selection set"))
+    assessment = pipeline.assessed()
+    if assessment:
+        rows += [("held out", assessment.measured_on),
+                 ("sensitivity (held out)", _percent_ci(assessment.sensitivity)),
+                 ("specificity (held out)", _percent_ci(assessment.specificity))]
+        if assessment.auroc is not None:
+            low, high = assessment.auroc_ci95
+            rows.append(("AUROC (held out)",
+                         f"{assessment.auroc:.3f} (95% CI {low:.3f}–{high:.3f})"))
+    else:
+        rows.append(("held out", "no labelled images were held out: sensitivity and "
+                                 "specificity on new patients were not measured at fitting"))
+    notes = list(training.get("split", {}).get("notes", []))
+    notes += assessment.notes if assessment else []
+    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+                    for k, v in rows)
+    items = "".join(f'<li class="note">{html.escape(n)}</li>' for n in notes)
+    return f"<table>{table}</table>" + (f"<ul>{items}</ul>" if items else "")
+
+
+def _ranked_table(rows: list[ScoredImage], limit: int = 50) -> str:
+    head = "<tr><th>rank</th><th>file</th><th>score</th><th>p-value</th><th>flagged</th></tr>"
+    body = "".join(
+        f"<tr><td>{i + 1}</td><td>{html.escape(Path(r.file).name)}</td>"
+        f'<td class="num">{r.score:.4g}</td>'
+        f'<td class="num">{"" if r.p_value is None else f"{r.p_value:.3g}"}</td>'
+        f"<td>{'yes' if r.flagged else 'no'}</td></tr>"
+        for i, r in enumerate(rows[:limit]))
+    more = f"<p class=meta>and {len(rows) - limit} more in scores.csv</p>" if (
+        len(rows) > limit) else ""
+    return f"<table>{head}{body}</table>{more}"
 
 
 def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
@@ -196,7 +293,13 @@ def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
 <div class="meta">{datetime.now():%Y-%m-%d %H:%M} · kad {html.escape(info['versions']['kad'])}
  · red borders: flagged (score above the threshold)</div>
 <h2>Summary</h2><table>{table}</table>
+<h2>How the threshold was set</h2>{fit_section(pipeline)}
 <h2>Scores</h2><div class="plots">{plots}</div>
+<h2>Ranked images and p-values</h2>
+<p class="meta">The p-value is the share of calibration normals scoring at least as high:
+small means unlike the healthy images; an image is flagged by a conformal threshold at
+false-positive rate α exactly when its p-value is at most α.</p>
+{_ranked_table(rows)}
 <h2>Most suspicious {k}</h2>{_gallery(pipeline, rows[:k])}
 <h2>Least suspicious {k}</h2>{_gallery(pipeline, rows[::-1][:k])}
 {problems}

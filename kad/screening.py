@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,9 @@ class ScoredImage:
     percentile: float
     flagged: bool
     label: int | None = None
+    # conformal p-value against the calibration normals; None for a model fitted without
+    # a calibration set
+    p_value: float | None = None
 
 
 @dataclass
@@ -120,10 +123,12 @@ def rank(pipeline: Pipeline, files: list[Path], result: Scores,
     ok = np.isfinite(result.scores)
     percentiles = pipeline.percentile(np.where(ok, result.scores, 0.0))
     flagged = pipeline.flag(np.where(ok, result.scores, -np.inf))
+    p_values = pipeline.p_values(np.where(ok, result.scores, 0.0))
     rows = [
         ScoredImage(str(files[i]), float(result.scores[i]), float(percentiles[i]),
                     bool(flagged[i]),
-                    None if labels is None or labels[i] < 0 else int(labels[i]))
+                    None if labels is None or labels[i] < 0 else int(labels[i]),
+                    None if p_values is None else float(p_values[i]))
         for i in np.flatnonzero(ok)
     ]
     return sorted(rows, key=lambda r: -r.score)
@@ -131,14 +136,16 @@ def rank(pipeline: Pipeline, files: list[Path], result: Scores,
 
 def write_scores_csv(path: Path, rows: list[ScoredImage], not_scored: list[NotScored]) -> Path:
     """One row per input: the scored images, most suspicious first, then every input that
-    was not scored, with its status and the reason."""
+    was not scored, with its status and the reason. The p-value is the conformal one
+    (blank for a model without a calibration set)."""
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         labelled = any(r.label is not None for r in rows)
-        writer.writerow(["file", "status", "score", "percentile", "flagged",
+        writer.writerow(["file", "status", "score", "p_value", "flagged",
                          *(["label"] if labelled else []), "reason"])
         for r in rows:
-            writer.writerow([r.file, SCORED, f"{r.score:.6g}", f"{r.percentile:.1f}",
+            p_value = "" if r.p_value is None else f"{r.p_value:.6g}"
+            writer.writerow([r.file, SCORED, f"{r.score:.6g}", p_value,
                              "yes" if r.flagged else "no",
                              *([("" if r.label is None else r.label)] if labelled else []), ""])
         for other in not_scored:
@@ -151,94 +158,81 @@ def write_scores_csv(path: Path, rows: list[ScoredImage], not_scored: list[NotSc
 
 
 @dataclass
-class FitSplit:
-    """Which images of a dataset do what in :func:`fit_model`. ``train`` fits the detector;
-    ``labelled`` rows (held-out normals and labelled anomalies, ``labels`` 1 = anomaly)
-    pick the block and set the threshold; ``left_out`` names normal images used for
-    neither, with the reason."""
-
-    train: np.ndarray
-    labelled: np.ndarray | None = None
-    labels: np.ndarray | None = None
-    left_out: dict[str, str] = field(default_factory=dict)
-
-
-def split_for_fit(dataset, validation: float, seed: int) -> FitSplit:
-    """Training normals, and, when the dataset has anomalies, a share ``validation`` of the
-    normal patients held out with every labelled anomaly. Patients stay on one side: a
-    patient with an abnormal image never trains."""
-    from sklearn.model_selection import GroupShuffleSplit
-
-    anomaly = np.asarray(dataset.anomaly, dtype=bool)
-    normal = np.flatnonzero(~anomaly)
-    if not anomaly.any():
-        return FitSplit(normal)
-    groups = np.asarray(dataset.patient if dataset.patient is not None else dataset.ids)
-    cut = GroupShuffleSplit(n_splits=1, test_size=validation, random_state=seed)
-    train, held = next(cut.split(normal, groups=groups[normal]))
-    anomalies = np.flatnonzero(anomaly)
-    clash = set(groups[anomalies])
-    keep = np.array([groups[normal[i]] not in clash for i in train], dtype=bool)
-    left_out = {str(dataset.ids[normal[i]]): f"patient {groups[normal[i]]} also has abnormal "
-                "images, which are held out for validation"
-                for i in train[~keep]}
-    labels = np.r_[np.zeros(len(held), int), np.ones(len(anomalies), int)]
-    return FitSplit(normal[train[keep]], np.r_[normal[held], anomalies], labels, left_out)
-
-
-@dataclass
 class FitRun:
-    """What :func:`fit_model` did: the fitted pipeline, where it was written, how many
-    normal images it was fitted on, and every normal image left out, with the reason."""
+    """What :func:`fit_model` did: the fitted pipeline, where it was written, the split of
+    the dataset (:class:`kad.calibration.FitSplit`) and every image used for nothing, by
+    id, with the reason."""
 
     pipeline: Pipeline
     path: Path
-    n_fitted: int
-    n_held_out_normal: int
-    n_labelled_anomalies: int
+    split: object
     left_out: dict[str, str]
+
+    @property
+    def n_fitted(self) -> int:
+        return int(self.pipeline.training["n_images"])
 
 
 def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resnet_v2",
               weights: str = "imagenet", image_size: int | None = None,
               preprocessing: str | None = None, detector: str = "iforest",
               representation: str | None = None, sensitivity: float | None = None,
-              validation: float = 0.25, seed: int = 0, batch_size: int = 64,
+              fpr: float | None = None, calibration: float | None = None,
+              validation: float | None = None, seed: int = 0, batch_size: int = 64,
               cache_dir: str | Path | None = None,
               progress: ProgressCallback | None = None) -> FitRun:
     """Fit the whole pipeline on the normal images of ``dataset`` and save it to
-    ``out_path`` (see :func:`kad.pipeline.fit_pipeline`)."""
+    ``out_path``. The dataset is divided by patient (:func:`kad.calibration.plan_fit_split`)
+    into images that fit the detector, normals that calibrate the conformal threshold
+    (``fpr``), and, with labelled anomalies, images that pick the block and set a
+    ``sensitivity`` threshold and images held out to measure the result."""
+    from .calibration import (
+        DEFAULT_CALIBRATION,
+        DEFAULT_FPR,
+        DEFAULT_VALIDATION,
+        min_calibration_size,
+        plan_fit_split,
+    )
     from .features import extract_features
     from .pipeline import fit_pipeline
 
     if dataset.anomaly is None:
         raise KadError(f"{dataset.name} has no normal/abnormal labels; fit on a folder, dr or "
                        "rop dataset")
-    split = split_for_fit(dataset, validation, seed)
-    labelled = split.labelled is not None
+    if fpr is not None and sensitivity is not None:
+        raise KadError("give --fpr or --sensitivity, not both: one threshold is set")
+    labelled = bool(np.any(dataset.anomaly))
+    if sensitivity is not None and not labelled:
+        raise KadError("a sensitivity needs labelled anomalies (an abnormal/ folder); use "
+                       "--fpr for a threshold set on normal images alone")
     if labelled:
         representation = representation or "picked"
-        sensitivity = 0.95 if sensitivity is None else sensitivity
-    elif sensitivity is not None:
-        raise KadError("a sensitivity needs labelled anomalies (an abnormal/ folder); or set it "
-                       "later with kad threshold")
+        if fpr is None and sensitivity is None:
+            sensitivity = 0.95
+    calibration = DEFAULT_CALIBRATION if calibration is None else calibration
+    validation = DEFAULT_VALIDATION if validation is None else validation
+    alpha = fpr if fpr is not None else (DEFAULT_FPR if sensitivity is None else None)
+    if alpha is not None:  # before any work: is the calibration share large enough?
+        n_cal = len(plan_fit_split(dataset, calibration, validation, seed).calibration)
+        if n_cal < min_calibration_size(alpha):
+            raise KadError(
+                f"a false-positive rate of {alpha:g} needs at least "
+                f"{min_calibration_size(alpha)} calibration images, but --calibration "
+                f"{calibration:g} of {dataset.name} gives {n_cal}; raise --calibration, add "
+                f"normal images, or ask for --fpr {1 / (n_cal + 1):.3g} or more")
     features = extract_features(dataset, backbone, weights, image_size, preprocessing,
                                 batch_size=batch_size, cache_dir=cache_dir, progress=progress)
-    left_out = dict(split.left_out)
-    for i in split.train:
-        reason = features.failed.get(str(dataset.ids[i]))
-        if reason is not None:
-            left_out[str(dataset.ids[i])] = reason
+    split = plan_fit_split(dataset, calibration, validation, seed, valid=features.valid)
     pipeline = fit_pipeline(
         dataset, backbone=backbone, weights=weights, image_size=image_size,
         preprocessing=preprocessing, representation=representation or "concat",
-        detector=detector, train_rows=split.train, labelled_rows=split.labelled,
-        labels=split.labels, sensitivity=sensitivity, batch_size=batch_size,
-        cache_dir=cache_dir, features=features)
+        detector=detector, split=split, sensitivity=sensitivity, fpr=fpr,
+        batch_size=batch_size, cache_dir=cache_dir, features=features)
     path = pipeline.save(out_path)
-    labels = split.labels if labelled else np.zeros(0, int)
-    return FitRun(pipeline, Path(path), int(pipeline.training["n_images"]),
-                  int((labels == 0).sum()), int(labels.sum()), left_out)
+    ids = dataset.ids
+    left_out = {str(ids[i]): features.failed.get(str(ids[i]), why)
+                for i, why in split.left_out.items()}
+    return FitRun(pipeline, Path(path), split, left_out)
 
 
 # -- kad score -----------------------------------------------------------------------------
@@ -310,15 +304,30 @@ class ThresholdRun:
     not_used: list[NotScored]
 
 
-def set_threshold(model: str | Path, labels: str | Path, *, sensitivity: float = 0.95,
+def set_threshold(model: str | Path, labels: str | Path | None = None, *,
+                  sensitivity: float | None = None, fpr: float | None = None,
                   out_path: str | Path | None = None, weights: str | None = None,
                   progress: ProgressCallback | None = None) -> ThresholdRun:
-    """Move the threshold of ``model`` to ``sensitivity`` on a labelled validation CSV
-    (``image,label``; paths relative to the CSV's folder or absolute) and save it."""
+    """Move the threshold of ``model`` without refitting, and save it: to a false-positive
+    rate ``fpr`` on its calibration normals (conformal), or to ``sensitivity`` on a labelled
+    validation CSV (``image,label``; paths relative to the CSV's folder or absolute; 0.95
+    when only ``labels`` is given)."""
+    from .calibration import threshold_at_fpr
     from .datasets import FileSource
     from .pipeline import load_pipeline, threshold_at_sensitivity
 
+    if labels is not None and fpr is None and sensitivity is None:
+        sensitivity = 0.95
+    if (fpr is None) == (sensitivity is None):
+        raise KadError("give --fpr ALPHA (no labels needed) or --labels CSV (with "
+                       "--sensitivity, 0.95 by default), not both")
+    if sensitivity is not None and labels is None:
+        raise KadError("--sensitivity needs --labels, a CSV image,label of labelled images")
     pipeline = load_pipeline(model)
+    if fpr is not None:
+        pipeline.threshold = threshold_at_fpr(pipeline, fpr)
+        path = pipeline.save(out_path or model)
+        return ThresholdRun(pipeline, Path(path), int(pipeline.calibration["n"]), [])
     labels = Path(labels)
     table = read_labels(labels)
     files = [p if p.is_absolute() else labels.parent / p for p in map(Path, table)]

@@ -9,13 +9,24 @@ validation and test AUROC, which are kept too, with a plot against block depth).
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from kad.errors import KadError
 from kad.metrics import evaluate, mean_std
 from kad.protocols import splits
+from kad.selection import pick_block
 
-from .common import FEATURES, RecipeOptions, Run, Workbench, fit_and_score, summarise
+from .common import (
+    FEATURES,
+    RecipeOptions,
+    Run,
+    Workbench,
+    fit_and_score,
+    make_detector,
+    summarise,
+)
 from .table1 import RecipeResult
 
 
@@ -50,24 +61,30 @@ def run_table2(options: RecipeOptions, n_anomalies: float | None = None,
         val_anomalies = rng.choice(split.spare_anomalies, size=n_val, replace=False)
         val_rows = np.concatenate([split.val_normal, val_anomalies])
         val_y = np.r_[np.zeros(len(split.val_normal)), np.ones(n_val)].astype(int)
-        best, best_val = None, -1.0
-        for block in blocks:
-            x_train = bench.inputs(FEATURES, block, split.train)
-            metrics, scores, det = fit_and_score(
-                spec, split.seed, x_train, bench.inputs(FEATURES, block, split.test),
-                split.test_y)
-            val_auroc = evaluate(val_y, det.anomaly_score(
-                bench.inputs(FEATURES, block, val_rows)))["auroc"]
-            per_block[block]["val"].append(val_auroc)
-            per_block[block]["test"].append(metrics["auroc"])
-            if val_auroc > best_val:
-                best, best_val = block, val_auroc
-                best_metrics = metrics
+        def fit(block, x_train, seed=split.seed):
+            return make_detector(spec, seed).fit(x_train)
+
+        def tick(_done, _total):
+            nonlocal done
             done += 1
             if progress:
                 progress(done, total)
-        picked.append(best)
-        runs.append(_run(spec, "picked", split, best_metrics))
+
+        choice = pick_block(features, split.train, val_rows, val_y, None, blocks=blocks,
+                            fit=fit, progress=tick)
+        test_metrics = {}
+        for block in blocks:
+            det = choice.detectors.pop(block)
+            start = time.perf_counter()
+            scores = det.anomaly_score(bench.inputs(FEATURES, block, split.test))
+            metrics = evaluate(split.test_y, scores, scores > det.threshold_)
+            metrics.update(fit_seconds=choice.fit_seconds[block],
+                           score_seconds=time.perf_counter() - start)
+            test_metrics[block] = metrics
+            per_block[block]["val"].append(choice.validation_auroc[block])
+            per_block[block]["test"].append(metrics["auroc"])
+        picked.append(choice.block)
+        runs.append(_run(spec, "picked", split, test_metrics[choice.block]))
         concat, _, _ = fit_and_score(
             spec, split.seed, bench.inputs(FEATURES, "concat", split.train),
             bench.inputs(FEATURES, "concat", split.test), split.test_y)

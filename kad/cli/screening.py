@@ -23,7 +23,7 @@ from .options import (
     SeedOpt,
     WeightsOpt,
 )
-from .render import NOTHING_KEPT, handle_errors, progress_bar, say, skipped
+from .render import NOTHING_KEPT, handle_errors, note, progress_bar, say, skipped
 
 SensitivityOpt = Annotated[float | None, typer.Option(
     "--sensitivity", min=0.0, max=1.0,
@@ -36,6 +36,12 @@ WeightsOverrideOpt = Annotated[str | None, typer.Option(
                       "the model file (when it has moved); it must hold the same tensors.")]
 
 
+FprOpt = Annotated[float | None, typer.Option(
+    "--fpr", min=0.0, max=1.0,
+    help="Set the threshold so that a healthy image is flagged with probability at most "
+         "this (conformal, on the calibration normals; no labelled anomalies needed).")]
+
+
 def fit(
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Model file to write.")],
     dataset: DatasetOpt = "folder", data_dir: DataDirOpt = None,
@@ -46,45 +52,48 @@ def fit(
     representation: Annotated[str | None, typer.Option(
         "--representation", help="concat, block names, or picked (best block on labelled "
                                  "anomalies; the default when there are some).")] = None,
+    fpr: FprOpt = None,
     sensitivity: SensitivityOpt = None,
+    calibration: Annotated[float, typer.Option(
+        "--calibration", min=0.0, max=0.9,
+        help="Share of normal patients kept aside to calibrate the threshold and the "
+             "p-values; never used to fit or pick a block.")] = 0.2,
     validation: Annotated[float, typer.Option(
-        "--validation", min=0.05, max=0.9,
+        "--validation", min=0.0, max=0.9,
         help="Share of normal patients held out, with the labelled anomalies, to pick the "
-             "block and set the threshold.")] = 0.25,
+             "block, set a sensitivity threshold and measure the result.")] = 0.25,
     seed: SeedOpt = 0,
     batch_size: BatchSizeOpt = 64, cache_dir: CacheDirOpt = None,
 ) -> None:
     """Fit the whole pipeline on normal images and save it as one file."""
+    from ..calibration import fit_summary
     from ..screening import fit_model
 
     ds = load_dataset(dataset, data_dir)
     with progress_bar(f"features of {ds.name}") as update:
         run = fit_model(ds, out_path, backbone=backbone, weights=weights,
                         image_size=image_size, preprocessing=preprocessing, detector=detector,
-                        representation=representation, sensitivity=sensitivity,
-                        validation=validation, seed=seed, batch_size=batch_size,
-                        cache_dir=cache_dir, progress=update)
-    skipped(run.left_out.items(), "normal image(s) were not fitted on and are")
-    pipeline = run.pipeline
-    line = f"fitted on {run.n_fitted} normal images"
-    if run.n_labelled_anomalies:
-        line += (f"; {run.n_held_out_normal} held-out normal and {run.n_labelled_anomalies} "
-                 "abnormal images picked the block and set the threshold")
+                        representation=representation, fpr=fpr, sensitivity=sensitivity,
+                        calibration=calibration, validation=validation, seed=seed,
+                        batch_size=batch_size, cache_dir=cache_dir, progress=update)
+    skipped(run.left_out.items(), "image(s) were used for nothing and are")
+    parts = run.split.describe()
+    line = (f"fitted on {run.n_fitted} normal images; {parts['calibration']} normal images "
+            "calibrate the threshold")
+    selection, assessment = parts["selection"], parts["assessment"]
+    if selection["anomalous"]:
+        line += (f"; {selection['normal']} normal and {selection['anomalous']} abnormal pick "
+                 f"the block; {assessment['normal']} normal and {assessment['anomalous']} "
+                 "abnormal are held out to measure the result")
     say(line)
-    _show_threshold(pipeline)
+    for text in parts["notes"]:
+        note(text, label="note:")
+    for text in fit_summary(run.pipeline).lines():
+        say(text)
+    pipeline = run.pipeline
     blocks = ", ".join(pipeline.blocks) if len(pipeline.blocks) < 6 else "concat"
     say(f"wrote {run.path}: {pipeline.backbone}, blocks {blocks}, threshold "
         f"{pipeline.threshold.value:.4g} ({pipeline.threshold.method})")
-
-
-def _show_threshold(pipeline) -> None:
-    details = pipeline.threshold.details
-    if pipeline.threshold.method == "sensitivity":
-        lo, hi = details["specificity_ci95"]
-        say(f"threshold {pipeline.threshold.value:.4g}: sensitivity "
-            f"{details['sensitivity']:.1%} on {details['n_anomalous']} labelled anomalies, "
-            f"specificity {details['specificity']:.1%} (95% CI {lo:.1%}–{hi:.1%}) on "
-            f"{details['n_normal']} labelled normals")
 
 
 def score(
@@ -117,23 +126,29 @@ score.__doc__ = f"{score.__doc__}\n\n{MODEL_FILE}"
 
 def threshold(
     model: ModelArg,
-    labels: Annotated[Path, typer.Option("--labels", help="CSV image,label; image paths "
-                                         "relative to the CSV's folder or absolute.")],
-    sensitivity: Annotated[float, typer.Option("--sensitivity", min=0.0, max=1.0)] = 0.95,
+    fpr: FprOpt = None,
+    sensitivity: Annotated[float | None, typer.Option(
+        "--sensitivity", min=0.0, max=1.0,
+        help="Flag this share of the labelled anomalies of --labels.")] = None,
+    labels: Annotated[Path | None, typer.Option(
+        "--labels", help="CSV image,label for --sensitivity; image paths relative to the "
+                         "CSV's folder or absolute.")] = None,
     out_path: Annotated[Path | None, typer.Option(
         "--out", "-o", help="Write the updated model here instead of over MODEL.")] = None,
     weights: WeightsOverrideOpt = None,
 ) -> None:
-    """Set the flagging threshold at a target sensitivity on a labelled validation set."""
+    """Move the flagging threshold without refitting: to a false-positive rate (--fpr) or to
+    a sensitivity on a labelled validation set (--sensitivity with --labels)."""
+    from ..calibration import fit_summary
     from ..screening import set_threshold
 
     with progress_bar("scoring labelled images") as update:
-        run = set_threshold(model, labels, sensitivity=sensitivity, out_path=out_path,
-                            weights=weights, progress=update)
+        run = set_threshold(model, labels, sensitivity=sensitivity, fpr=fpr,
+                            out_path=out_path, weights=weights, progress=update)
     skipped(((o.file, o.reason) for o in run.not_used), "labelled image(s) could not be "
             "read and are")
-    say(f"threshold set on {run.n_used} labelled images")
-    _show_threshold(run.pipeline)
+    for text in fit_summary(run.pipeline).lines():
+        say(text)
     say(f"wrote {run.path}")
 
 
