@@ -15,26 +15,133 @@ Writes are atomic: an entry is built in ``<entry>.partial/`` and renamed into pl
 complete. The partial folder records how many rows are done after each flushed batch, so an
 interrupted extraction resumes where it stopped; a lock file keeps two processes from
 writing the same entry.
+
+Nothing damaged is served: when an entry completes, the SHA-256 of every block file is
+recorded in ``meta.json``, and a block file is checked against it before its data is first
+used in a process (:meth:`FeatureSet.block`, :func:`verify_entry`). A damaged ``meta.json``
+or block file raises :class:`DamagedEntryError`, naming the file and the remedy.
+:func:`list_entries`, :func:`verify_entry` and :func:`remove_entries` are what ``kad cache``
+shows and does; :func:`check_writable` checks a folder before any work is started in it.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import KadError
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: meta.json records the SHA-256 of every block file
 _META = "meta.json"
 _PROGRESS = "progress.json"
+_CHUNK = 8 << 20
+
+log = logging.getLogger("kad.cache")
+
+
+class DamagedEntryError(KadError):
+    """A cache entry's ``meta.json`` or a block file is damaged; it is never used."""
+
+    def __init__(self, entry: Path, file: Path, reason: str):
+        self.entry, self.file, self.reason = Path(entry), Path(file), reason
+        super().__init__(
+            f"damaged feature cache entry: {file} {reason}; it is not used. Remove the entry "
+            f"(kad cache remove {self.entry.name}, or delete {self.entry}) and extract again"
+        )
+
+
+@dataclass(frozen=True)
+class CacheEvent:
+    """Something the user should hear about while the cache is used.
+
+    ``kind`` is ``"waiting"`` (another process holds the entry's lock), ``"damaged"`` (a
+    damaged entry was found and is being extracted again) or ``"merged"`` (shards were
+    joined into the entry). ``message`` is one line the command line prints as is.
+    """
+
+    kind: str
+    entry: Path
+    message: str
+    lock: Path | None = None
+
+
+EventCallback = Callable[[CacheEvent], None]
+
+
+def emit(on_event: EventCallback | None, event: CacheEvent) -> None:
+    """Log ``event`` on the ``kad.cache`` logger and hand it to ``on_event``."""
+    log.info(event.message)
+    if on_event is not None:
+        on_event(event)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# Block files checked in this process: path -> (inode, size, mtime_ns, sha256). A file is
+# checked again when it is replaced or modified on disk.
+_VERIFIED: dict[str, tuple[int, int, int, str]] = {}
+
+
+def _stat_key(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def check_block_file(entry: Path, path: Path, expected: str | None) -> None:
+    """Raise :class:`DamagedEntryError` unless ``path`` has the SHA-256 ``expected``;
+    remembered per process, so each file is read once."""
+    if expected is None:
+        raise DamagedEntryError(entry, path, "has no recorded checksum (written by an older "
+                                             "kad or by hand)")
+    try:
+        key = _stat_key(path)
+    except FileNotFoundError:
+        raise DamagedEntryError(entry, path, "is missing") from None
+    known = _VERIFIED.get(str(path))
+    if known is not None and known[:3] == key and known[3] == expected:
+        return
+    found = file_sha256(path)
+    if found != expected:
+        raise DamagedEntryError(entry, path, f"does not match its checksum (sha256 {found[:12]}"
+                                             f"..., recorded {expected[:12]}...)")
+    _VERIFIED[str(path)] = (*key, found)
+
+
+def read_meta(entry: Path) -> dict:
+    """An entry's ``meta.json``; :class:`DamagedEntryError` naming it if it is damaged."""
+    path = Path(entry) / _META
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise KadError(f"{entry} is not a complete kad feature cache entry (no {_META})") \
+            from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DamagedEntryError(entry, path, f"is not valid JSON ({exc})") from None
+    missing = [k for k in ("blocks", "dims", "ids", "inputs") if not isinstance(meta, dict)
+               or k not in meta]
+    if missing:
+        raise DamagedEntryError(entry, path, f"lacks {', '.join(missing)}")
+    if len(meta["blocks"]) != len(meta["dims"]):
+        raise DamagedEntryError(entry, path, "lists blocks and sizes of different lengths")
+    return meta
 
 
 def cache_root() -> Path:
@@ -73,10 +180,7 @@ class FeatureSet:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        meta_path = self.path / _META
-        if not meta_path.is_file():
-            raise KadError(f"{self.path} is not a complete kad feature cache entry")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = read_meta(self.path)
         self.blocks: list[str] = list(self.meta["blocks"])
         self.dims: dict[str, int] = dict(zip(self.blocks, self.meta["dims"], strict=True))
         self.ids = np.asarray(self.meta["ids"], dtype=str)
@@ -104,9 +208,27 @@ class FeatureSet:
                 f"{', '.join(self.blocks)}"
             )
         if name not in self._arrays:
-            self._arrays[name] = np.load(self.path / "blocks" / f"{_safe(name)}.npy",
-                                         mmap_mode="r")
+            file = self.block_file(name)
+            check_block_file(self.path, file, self.meta.get("checksums", {}).get(name))
+            try:
+                array = np.load(file, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError) as exc:  # checksum fine, yet no float32 array
+                raise DamagedEntryError(self.path, file, f"cannot be read ({exc})") from None
+            if array.dtype != np.float32 or array.shape != (len(self), self.dims[name]):
+                raise DamagedEntryError(
+                    self.path, file, f"holds {array.dtype} {array.shape}, expected float32 "
+                                     f"{(len(self), self.dims[name])}")
+            self._arrays[name] = array
         return self._arrays[name]
+
+    def block_file(self, name: str) -> Path:
+        return self.path / "blocks" / f"{_safe(name)}.npy"
+
+    def verify(self) -> None:
+        """Check every block file now (each is read once per process); raise
+        :class:`DamagedEntryError` for the first damaged one."""
+        for name in self.blocks:
+            self.block(name)
 
     def resolve(self, representation: str | Sequence[str] = "concat") -> list[str]:
         """Block names for a representation: ``"concat"`` (every block), one block name, a
@@ -157,11 +279,10 @@ class EntryWriter:
         self.final = final
         self.partial = final.with_name(final.name + ".partial")
         self.blocks, self.dims, self.n, self.meta = blocks, dims, n, meta
-        fresh = not (self.partial / _PROGRESS).is_file()
-        if not fresh:
-            progress = json.loads((self.partial / _PROGRESS).read_text())
-            if progress.get("blocks") != blocks or progress.get("n") != n:
-                fresh = True  # written by a different layout: start over
+        progress = _read_progress(self.partial / _PROGRESS)
+        fresh = progress is None or progress.get("blocks") != blocks or progress.get("n") != n
+        if not fresh and not self._files_fit(progress):
+            fresh = True  # a block file lost or cut short: nothing in it is trusted
         if fresh:
             shutil.rmtree(self.partial, ignore_errors=True)
             (self.partial / "blocks").mkdir(parents=True)
@@ -180,6 +301,16 @@ class EntryWriter:
 
     def _file(self, name: str) -> Path:
         return self.partial / "blocks" / f"{_safe(name)}.npy"
+
+    def _files_fit(self, progress: dict) -> bool:
+        for name, dim in zip(self.blocks, self.dims, strict=True):
+            try:
+                array = np.load(self._file(name), mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError):
+                return False
+            if array.dtype != np.float32 or array.shape != (self.n, dim):
+                return False
+        return True
 
     @property
     def done(self) -> int:
@@ -220,29 +351,335 @@ class EntryWriter:
         self.close()
         if self.done != self.n:
             raise KadError(f"cache entry incomplete: {self.done} of {self.n} rows written")
-        _write_json(self.partial / _META, {
+        return finish_entry(self.partial, self.final, {
             **self.meta, "blocks": self.blocks, "dims": self.dims,
             "failed": self.progress["failed"],
         })
-        (self.partial / _PROGRESS).unlink()
-        if self.final.exists():  # written meanwhile by someone else: keep theirs
-            shutil.rmtree(self.partial)
-        else:
-            os.replace(self.partial, self.final)
-        return FeatureSet(self.final)
+
+
+def finish_entry(partial: Path, final: Path, meta: dict) -> FeatureSet:
+    """Record the checksum of every block file of ``partial`` in its ``meta.json`` and move
+    it into place as ``final`` (atomically; someone else's complete entry is kept)."""
+    checksums = {}
+    for name in meta["blocks"]:
+        file = partial / "blocks" / f"{_safe(name)}.npy"
+        checksums[name] = file_sha256(file)
+        _VERIFIED[str(final / "blocks" / file.name)] = (*_stat_key(file), checksums[name])
+    _write_json(partial / _META, {**meta, "checksums": checksums,
+                                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                           time.gmtime())})
+    (partial / _PROGRESS).unlink(missing_ok=True)
+    if final.exists():  # written meanwhile by someone else: keep theirs
+        shutil.rmtree(partial)
+    else:
+        os.replace(partial, final)
+    return FeatureSet(final)
+
+
+def _read_progress(path: Path) -> dict | None:
+    """A partial entry's progress record, or None if there is none or it is damaged (the
+    partial entry is then started over: nothing in it is trusted)."""
+    try:
+        progress = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        log.warning("%s is damaged (%s); extracting this entry from the start", path, exc)
+        return None
+    return progress if isinstance(progress, dict) and "done" in progress else None
+
+
+def lock_path(final: Path) -> Path:
+    return final.with_name(final.name + ".lock")
 
 
 @contextmanager
-def entry_lock(final: Path) -> Iterator[None]:
-    """Exclusive lock on an entry while it is being written (blocks other writers)."""
+def entry_lock(final: Path, on_event: EventCallback | None = None) -> Iterator[None]:
+    """Exclusive lock on an entry while it is being written (blocks other writers).
+
+    If another process holds it, a ``"waiting"`` :class:`CacheEvent` is emitted first, so
+    the user sees why nothing moves.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
-    with open(final.with_name(final.name + ".lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    lock = lock_path(final)
+    with open(lock, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            emit(on_event, CacheEvent(
+                "waiting", final, f"waiting for another kad process extracting {final.name} "
+                                  f"(lock {lock})", lock))
+            fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def is_locked(final: Path) -> bool:
+    """Whether another process holds the entry's lock right now."""
+    lock = lock_path(final)
+    if not lock.is_file():
+        return False
+    with open(lock) as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
+
+
 def entry_path(dataset_name: str, backbone: str, key: str, root: Path | None = None) -> Path:
     return (root or cache_root()) / f"{_safe(dataset_name)}-{_safe(backbone)}-{key}"
+
+
+# -- what `kad cache` lists, verifies and removes ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """One folder of the cache as ``kad cache list`` shows it.
+
+    ``state`` is ``"complete"``, ``"partial"`` (an interrupted or running extraction; see
+    ``detail``), ``"shard"`` (one complete shard waiting for the others) or ``"damaged"``
+    (``detail`` says what is wrong). Fields that are unknown (a damaged ``meta.json``) are
+    None.
+    """
+
+    path: Path
+    state: str
+    dataset: str | None
+    backbone: str | None
+    image_size: int | None
+    preprocessing: str | None
+    weights: str | None
+    n_images: int | None
+    n_blocks: int | None
+    size_bytes: int
+    created: str | None
+    detail: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """What :func:`verify_entry` found: ``ok`` or the ``problems``, one line each, naming
+    the file; ``bytes_read`` and ``seconds`` are the cost of the check."""
+
+    path: Path
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    files_checked: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class RemovedEntry:
+    path: Path
+    size_bytes: int
+
+
+def _folder_bytes(path: Path) -> int:
+    total = 0
+    for base, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(base, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def _is_entry_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / _META).exists() or (path / _PROGRESS).exists()
+                              or path.name.endswith(".partial") or ".shard-" in path.name)
+
+
+def _info(path: Path) -> EntryInfo:
+    size = _folder_bytes(path)
+    state, detail = "complete", ""
+    if path.name.endswith(".partial"):
+        state = "partial"
+        progress = _read_progress(path / _PROGRESS)
+        final = path.with_name(path.name[:-len(".partial")])
+        detail = (f"{progress['done']} of {progress['n']} rows" if progress else
+                  "no usable progress record: starts over")
+        if is_locked(final):
+            detail += ", being written now"
+        n = progress.get("n") if progress else None
+        blocks = progress.get("blocks") if progress else None
+        return EntryInfo(path, state, None, None, None, None, None, n,
+                         len(blocks) if blocks else None, size, None, detail)
+    try:
+        meta = read_meta(path)
+    except KadError as exc:
+        reason = exc.reason if isinstance(exc, DamagedEntryError) else str(exc)
+        return EntryInfo(path, "damaged", None, None, None, None, None, None, None, size,
+                         None, f"{_META} {reason}")
+    if "shard" in meta:
+        state = "shard"
+        shard = meta["shard"]
+        detail = f"shard {shard['index']}/{shard['count']}, rows {shard['start']}:" \
+                 f"{shard['stop']}"
+    elif "checksums" not in meta:
+        state, detail = "damaged", "no checksums (written by an older kad): remove it"
+    inputs = meta.get("inputs", {})
+    return EntryInfo(path, state, meta.get("dataset"), inputs.get("backbone"),
+                     inputs.get("image_size"), inputs.get("preprocessing"),
+                     inputs.get("weights"), len(meta["ids"]), len(meta["blocks"]), size,
+                     meta.get("created"), detail)
+
+
+def list_entries(root: str | Path | None = None) -> list[EntryInfo]:
+    """Every entry, partial entry and shard in the cache folder, by name."""
+    base = Path(root) if root else cache_root()
+    if not base.is_dir():
+        return []
+    return [_info(p) for p in sorted(base.iterdir()) if _is_entry_folder(p)]
+
+
+def verify_entry(path: str | Path) -> VerifyResult:
+    """Read every block file of a complete entry (or shard) and compare it with its
+    recorded checksum, shape and type; every problem is listed, not only the first."""
+    path = Path(path)
+    started = time.perf_counter()
+    try:
+        meta = read_meta(path)
+    except KadError as exc:
+        return VerifyResult(path, False, [str(exc)], 0, 0, time.perf_counter() - started)
+    problems, checked, read = [], 0, 0
+    features = FeatureSet(path)
+    for name in features.blocks:
+        file = features.block_file(name)
+        _VERIFIED.pop(str(file), None)  # asked explicitly: read it again
+        checked += 1
+        try:
+            read += file.stat().st_size if file.exists() else 0
+            features.block(name)
+        except DamagedEntryError as exc:
+            problems.append(f"{exc.file} {exc.reason}")
+    if "checksums" not in meta:
+        problems.insert(0, f"{path / _META} records no checksums (written by an older kad)")
+    return VerifyResult(path, not problems, problems, checked, read,
+                        time.perf_counter() - started)
+
+
+def resolve_entry(name: str | Path, root: str | Path | None = None) -> Path:
+    """An entry folder from its path, its folder name or a unique beginning of the name."""
+    base = Path(root) if root else cache_root()
+    candidate = Path(name)
+    if candidate.is_dir() and _is_entry_folder(candidate):
+        return candidate
+    matches = [p for p in (base.iterdir() if base.is_dir() else [])
+               if _is_entry_folder(p) and p.name.startswith(str(name))]
+    exact = [p for p in matches if p.name == str(name)]
+    if exact:
+        return exact[0]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise KadError(f"no cache entry {str(name)!r} in {base}; see kad cache list")
+    raise KadError(f"{str(name)!r} names {len(matches)} cache entries in {base} "
+                   f"({', '.join(p.name for p in matches[:4])}, ...): give more of the name")
+
+
+def _entry_of(path: Path) -> Path:
+    """The final entry a folder belongs to (partial entries and shards share its lock)."""
+    name = path.name
+    if name.endswith(".partial"):
+        name = name[:-len(".partial")]
+    if ".shard-" in name:
+        name = name.split(".shard-")[0]
+    return path.with_name(name)
+
+
+def remove_entries(names: Sequence[str | Path] = (), root: str | Path | None = None, *,
+                   all_entries: bool = False) -> list[RemovedEntry]:
+    """Remove the named entries (see :func:`resolve_entry`), or every one with
+    ``all_entries``. An entry being written by a running extraction is refused."""
+    base = Path(root) if root else cache_root()
+    if all_entries:
+        paths = [info.path for info in list_entries(base)]
+    else:
+        if not names:
+            raise KadError("name the cache entries to remove, or ask for all of them")
+        paths = [resolve_entry(name, base) for name in names]
+    for path in paths:
+        if is_locked(_entry_of(path)):
+            raise KadError(f"{path} is being written by a running kad process (lock "
+                           f"{lock_path(_entry_of(path))}); wait for it or stop it first")
+    removed = []
+    for path in paths:
+        size = _folder_bytes(path)
+        shutil.rmtree(path)
+        removed.append(RemovedEntry(path, size))
+    for path in paths:  # a lock file is left only while something of its entry remains
+        entry = _entry_of(path)
+        if not any(p.exists() for p in (entry, entry.with_name(entry.name + ".partial"))) \
+                and not list(entry.parent.glob(f"{entry.name}.shard-*")):
+            lock_path(entry).unlink(missing_ok=True)
+    return removed
+
+
+# -- writability -----------------------------------------------------------------------------
+
+_WRITE_ERRORS = {
+    errno.ENOSPC: "the disk is full: free space there or choose another folder",
+    errno.EDQUOT: "the disk quota is exceeded: free space there or choose another folder",
+    errno.EROFS: "it is on a read-only file system: choose a writable folder",
+    errno.EACCES: "permission denied: choose a folder you can write to or fix its permissions",
+    errno.EPERM: "permission denied: choose a folder you can write to or fix its permissions",
+}
+
+
+def _write_error(path: Path, exc: OSError, what: str) -> KadError:
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()),
+                       path)
+        return KadError(f"cannot use {path} as the {what}: {blocker} is a file, not a folder; "
+                        f"choose another path or move that file away")
+    advice = _WRITE_ERRORS.get(exc.errno, f"{exc.strerror or exc}: choose another folder")
+    return KadError(f"cannot write to the {what} {path}: {advice}")
+
+
+def check_writable(path: str | Path, *, what: str = "folder", is_file: bool = False,
+                   need_bytes: int = 0) -> Path:
+    """Check that ``path`` can be written before any work starts; return it.
+
+    A folder (``is_file=False``) is created if missing; for a file (``--out``), its folder
+    is checked and ``path`` must not be a folder. A small probe file is written, synced and
+    removed, so a read-only file system, a full disk, missing permissions or a file where a
+    folder should be each raise one :class:`~kad.errors.KadError` line naming the path and
+    what to do. ``need_bytes`` also requires that much free space.
+    """
+    path = Path(path).expanduser()
+    folder = path.parent if is_file else path
+    if is_file and path.is_dir():
+        raise KadError(f"cannot write the {what} {path}: it is a folder; name a file")
+    if folder.exists() and not folder.is_dir():
+        raise KadError(f"cannot use {folder} as the {what}: {folder} is a file, not a "
+                       f"folder; choose another path or move that file away")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".kad-write-probe-{os.getpid()}"
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            probe.unlink(missing_ok=True)
+    except OSError as exc:
+        raise _write_error(folder, exc, what) from None
+    if need_bytes:
+        free = shutil.disk_usage(folder).free
+        if free < need_bytes:
+            raise KadError(f"cannot write to the {what} {folder}: {need_bytes / 2**30:.1f} GiB "
+                           f"are needed and {free / 2**30:.1f} GiB are free; free space there "
+                           f"or choose another folder")
+    return path

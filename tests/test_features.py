@@ -11,6 +11,7 @@ import pytest
 from conftest import CIFAR10_TAR, KAGGLE_DR, MOBILENET_WEIGHTS, need
 from kad.backbones import Backbone
 from kad.datasets import load_dataset
+from kad.errors import KadError
 from kad.features import extract_features, plan_extraction
 
 pytestmark = pytest.mark.tf
@@ -138,3 +139,29 @@ def test_imagenet_features_of_cifar10_and_fundus_images(tmp_path):
     assert features.meta["inputs"]["preprocessing"].startswith("fundus")
     assert features.matrix("concat").shape == (32, sum(features.dims.values()))
     assert np.isfinite(features.matrix("concat")).all() and not features.failed
+
+
+def test_a_damaged_entry_is_extracted_again_never_served(folder, tmp_path):
+    first = extract_features(folder, MNV2, "none", 32, batch_size=4)
+    reference = {b: np.array(first.block(b)) for b in first.blocks}
+    file = first.block_file("out_relu")
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0x7F
+    file.write_bytes(bytes(data))
+    events = []
+    again = extract_features(folder, MNV2, "none", 32, batch_size=4, on_event=events.append)
+    assert [e.kind for e in events] == ["damaged"] and str(file) in events[0].message
+    for block, values in reference.items():
+        np.testing.assert_array_equal(again.block(block), values)
+
+
+def test_an_unwritable_cache_folder_stops_before_the_network_is_built(folder, tmp_path,
+                                                                      monkeypatch):
+    def no_build(*args, **kwargs):
+        raise AssertionError("the network was built although the cache cannot be written")
+
+    monkeypatch.setattr(Backbone, "build_extractor", no_build)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    with pytest.raises(KadError, match=f"{blocker} is a file, not a folder"):
+        extract_features(folder, MNV2, "none", 32, cache_dir=blocker / "cache")
