@@ -153,14 +153,14 @@ SYNC_SECONDS = 10.0  # how often finished batches are made durable during extrac
 
 
 def _extract(dataset, plan: ExtractionPlan, batch_size: int, workers: int | None,
-             progress: ProgressCallback | None) -> FeatureSet:
+             progress: ProgressCallback | None, extra_meta: dict | None = None) -> FeatureSet:
     from .cache import EntryWriter
 
     model, names = plan.backbone.build_extractor(plan.input_size, plan.weights)
     dims = [int(out.shape[-1]) for out in model.outputs]
     meta = {
         "key": plan.key, "inputs": plan.inputs, "dataset": dataset.name,
-        "ids": [str(i) for i in dataset.ids], "kad": __version__,
+        "ids": [str(i) for i in dataset.ids], "kad": __version__, **(extra_meta or {}),
     }
     n = len(dataset)
     writer = EntryWriter(plan.path, names, dims, n, meta)
