@@ -294,6 +294,7 @@ class EntryWriter:
         self.progress = progress
         self.written = int(progress["done"])
         self._failed: dict[str, str] = {}
+        self._new: list[tuple[int, int]] = []
         self._files = []
         for name in blocks:
             offset = np.load(self._file(name), mmap_mode="r").offset
@@ -314,31 +315,66 @@ class EntryWriter:
 
     @property
     def done(self) -> int:
-        """Rows known to be on disk."""
+        """Rows known to be on disk from the first row on, without a gap."""
         return int(self.progress["done"])
 
-    def write(self, start: int, outputs: list[np.ndarray], failed: dict[str, str]) -> None:
-        """Write rows ``start:start+len`` of every block (durable at the next ``sync``)."""
-        if start != self.written:
-            raise KadError(f"cache writer expected row {self.written}, got {start}")
+    def missing(self) -> list[tuple[int, int]]:
+        """Row ranges ``[start, stop)`` not yet known to be on disk (rows written out of
+        order by :meth:`write_at` count once synced)."""
+        return _gaps(self.progress, self.n)
+
+    def _ranges(self) -> list[tuple[int, int]]:
+        return _done_ranges(self.progress)
+
+    @staticmethod
+    def recorded(final: Path) -> dict | None:
+        """The progress record of ``final``'s partial entry (``blocks``, ``dims``, ``n``,
+        ``done``, ``ranges``), or None; with :func:`missing_rows`, what a resumed run
+        still has to compute, known before the network is built."""
+        return _read_progress(final.with_name(final.name + ".partial") / _PROGRESS)
+
+    def _pwrite(self, start: int, outputs: list[np.ndarray]) -> None:
         for (fd, offset), dim, values in zip(self._files, self.dims, outputs, strict=True):
             data = np.ascontiguousarray(values, dtype="<f4").tobytes()
             position = offset + start * dim * 4
             while data:
                 count = os.pwrite(fd, data, position)
                 data, position = data[count:], position + count
+
+    def write(self, start: int, outputs: list[np.ndarray], failed: dict[str, str]) -> None:
+        """Write rows ``start:start+len`` of every block (durable at the next ``sync``)."""
+        if start != self.written:
+            raise KadError(f"cache writer expected row {self.written}, got {start}")
+        self._pwrite(start, outputs)
         self.written = start + len(outputs[0])
+        self._failed.update(failed)
+
+    def write_at(self, start: int, outputs: list[np.ndarray], failed: dict[str, str]) -> None:
+        """Write rows ``start:start+len`` in any order (durable at the next ``sync``). Rows
+        land at their own place, so writing a batch twice never adds rows."""
+        stop = start + len(outputs[0])
+        if not 0 <= start <= stop <= self.n:
+            raise KadError(f"cache writer got rows {start}:{stop} of an entry of {self.n}")
+        self._pwrite(start, outputs)
+        self._new.append((start, stop))
         self._failed.update(failed)
 
     def sync(self) -> None:
         """Make written rows durable, then record them as done."""
-        if self.written == self.done and not self._failed:
+        if self.written == self.done and not self._failed and not self._new:
             return
         for fd, _ in self._files:
             os.fsync(fd)
+        extra = [tuple(r) for r in self.progress.get("ranges", [])] + self._new
+        self.progress["ranges"] = [list(r) for r in extra]
         self.progress["done"] = self.written
+        ranges = self._ranges()
+        prefix = ranges[0][1] if ranges and ranges[0][0] == 0 else 0
+        self.progress["done"] = prefix
+        self.progress["ranges"] = [list(r) for r in ranges if r[0] > prefix]
+        self.written = max(self.written, prefix)
         self.progress["failed"].update(self._failed)
-        self._failed = {}
+        self._failed, self._new = {}, []
         _write_json(self.partial / _PROGRESS, self.progress)
 
     def close(self) -> None:
@@ -351,9 +387,11 @@ class EntryWriter:
         self.close()
         if self.done != self.n:
             raise KadError(f"cache entry incomplete: {self.done} of {self.n} rows written")
+        failed = self.progress["failed"]
+        order = {str(ident): row for row, ident in enumerate(self.meta.get("ids", []))}
+        failed = dict(sorted(failed.items(), key=lambda item: order.get(item[0], -1)))
         return finish_entry(self.partial, self.final, {
-            **self.meta, "blocks": self.blocks, "dims": self.dims,
-            "failed": self.progress["failed"],
+            **self.meta, "blocks": self.blocks, "dims": self.dims, "failed": failed,
         })
 
 
@@ -374,6 +412,37 @@ def finish_entry(partial: Path, final: Path, meta: dict) -> FeatureSet:
     else:
         os.replace(partial, final)
     return FeatureSet(final)
+
+
+def _done_ranges(progress: dict) -> list[tuple[int, int]]:
+    spans = sorted([(0, int(progress.get("done", 0)))]
+                   + [tuple(r) for r in progress.get("ranges", [])])
+    merged: list[list[int]] = []
+    for start, stop in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], stop)
+        elif stop > start:
+            merged.append([start, stop])
+    return [(a, b) for a, b in merged]
+
+
+def _gaps(progress: dict, n: int) -> list[tuple[int, int]]:
+    gaps, position = [], 0
+    for start, stop in _done_ranges(progress):
+        if start > position:
+            gaps.append((position, start))
+        position = max(position, stop)
+    if position < n:
+        gaps.append((position, n))
+    return gaps
+
+
+def missing_rows(progress: dict | None, n: int) -> list[tuple[int, int]]:
+    """Row ranges a partial entry with this progress record still lacks (all of them when
+    there is no record, or it is for another number of rows)."""
+    if not progress or progress.get("n") != n:
+        return [(0, n)] if n else []
+    return _gaps(progress, n)
 
 
 def _read_progress(path: Path) -> dict | None:
@@ -588,14 +657,10 @@ def resolve_entry(name: str | Path, root: str | Path | None = None) -> Path:
                    f"({', '.join(p.name for p in matches[:4])}, ...): give more of the name")
 
 
-def _entry_of(path: Path) -> Path:
-    """The final entry a folder belongs to (partial entries and shards share its lock)."""
+def _writer_of(path: Path) -> Path:
+    """The folder whose lock guards ``path`` (a partial folder shares its entry's lock)."""
     name = path.name
-    if name.endswith(".partial"):
-        name = name[:-len(".partial")]
-    if ".shard-" in name:
-        name = name.split(".shard-")[0]
-    return path.with_name(name)
+    return path.with_name(name[:-len(".partial")] if name.endswith(".partial") else name)
 
 
 def remove_entries(names: Sequence[str | Path] = (), root: str | Path | None = None, *,
@@ -610,19 +675,18 @@ def remove_entries(names: Sequence[str | Path] = (), root: str | Path | None = N
             raise KadError("name the cache entries to remove, or ask for all of them")
         paths = [resolve_entry(name, base) for name in names]
     for path in paths:
-        if is_locked(_entry_of(path)):
+        if is_locked(_writer_of(path)):
             raise KadError(f"{path} is being written by a running kad process (lock "
-                           f"{lock_path(_entry_of(path))}); wait for it or stop it first")
+                           f"{lock_path(_writer_of(path))}); wait for it or stop it first")
     removed = []
     for path in paths:
         size = _folder_bytes(path)
         shutil.rmtree(path)
         removed.append(RemovedEntry(path, size))
-    for path in paths:  # a lock file is left only while something of its entry remains
-        entry = _entry_of(path)
-        if not any(p.exists() for p in (entry, entry.with_name(entry.name + ".partial"))) \
-                and not list(entry.parent.glob(f"{entry.name}.shard-*")):
-            lock_path(entry).unlink(missing_ok=True)
+    for path in paths:  # a lock file is left only while its entry or partial entry is
+        target = _writer_of(path)
+        if not any(p.exists() for p in (target, target.with_name(target.name + ".partial"))):
+            lock_path(target).unlink(missing_ok=True)
     return removed
 
 

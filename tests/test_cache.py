@@ -196,3 +196,26 @@ def test_meta_records_a_checksum_per_block(tmp_path):
     meta = json.loads((entry.path / "meta.json").read_text())
     assert sorted(meta["checksums"]) == sorted(BLOCKS)
     assert all(len(v) == 64 for v in meta["checksums"].values())
+
+
+def test_rows_written_out_of_order_resume_and_never_add_rows(tmp_path):
+    n, meta = 10, {"ids": [f"i{k}" for k in range(10)], "inputs": {}}
+    rows = [np.arange(n * d, dtype=np.float32).reshape(n, d) for d in DIMS]
+    writer = EntryWriter(tmp_path / "e", BLOCKS, DIMS, n, meta)
+    writer.write_at(6, [r[6:10] for r in rows], {"i8": "truncated"})
+    writer.write_at(0, [r[0:3] for r in rows], {})
+    writer.sync()
+    writer.close()
+    size = writer._file("conv1").stat().st_size
+    again = EntryWriter(tmp_path / "e", BLOCKS, DIMS, n, meta)  # resumed
+    assert again.done == 3 and again.missing() == [(3, 6)]
+    again.write_at(3, [r[3:6] for r in rows], {"i4": "empty file"})
+    again.write_at(6, [r[6:10] for r in rows], {"i8": "truncated"})  # the same batch twice
+    entry = again.commit()
+    assert entry.block_file("conv1").stat().st_size == size
+    for name, values in zip(BLOCKS, rows, strict=True):
+        np.testing.assert_array_equal(entry.block(name), values)
+    assert list(entry.failed) == ["i4", "i8"], "failed images in row order"
+    with pytest.raises(KadError, match="rows 8:12 of an entry of 10"):
+        EntryWriter(tmp_path / "f", BLOCKS, DIMS, n, meta).write_at(
+            8, [np.zeros((4, d), np.float32) for d in DIMS], {})
