@@ -75,10 +75,12 @@ def plan_extraction(dataset, backbone="inception_resnet_v2", weights="imagenet",
     return ExtractionPlan(bb, weights, size, prep, key, path, inputs)
 
 
-def cached_features(plan: ExtractionPlan, verify: bool = False) -> FeatureSet | None:
+def cached_features(plan: ExtractionPlan, verify: bool = True) -> FeatureSet | None:
     """The complete entry of ``plan``, or None. A damaged entry raises
-    :class:`~kad.cache.DamagedEntryError`: when opened (``meta.json``), and with
-    ``verify`` when any block file does not match its checksum."""
+    :class:`~kad.cache.DamagedEntryError` naming the file and the remedy: a damaged
+    ``meta.json`` always, a block file that does not match its checksum with ``verify``
+    (each file is read once per process; without ``verify`` it is checked when first
+    used)."""
     if not plan.path.is_dir():
         return None
     found = FeatureSet(plan.path)

@@ -10,9 +10,10 @@ import pytest
 
 from conftest import CIFAR10_TAR, KAGGLE_DR, MOBILENET_WEIGHTS, need
 from kad.backbones import Backbone
+from kad.cache import DamagedEntryError
 from kad.datasets import load_dataset
 from kad.errors import KadError
-from kad.features import extract_features, plan_extraction
+from kad.features import cached_features, extract_features, plan_extraction
 
 pytestmark = pytest.mark.tf
 MNV2 = "mobilenet_v2:alpha=0.35"
@@ -148,6 +149,8 @@ def test_a_damaged_entry_is_extracted_again_never_served(folder, tmp_path):
     data = bytearray(file.read_bytes())
     data[-1] ^= 0x7F
     file.write_bytes(bytes(data))
+    with pytest.raises(DamagedEntryError, match="does not match its checksum"):
+        cached_features(plan_extraction(folder, MNV2, "none", 32))  # what the CLI asks first
     events = []
     again = extract_features(folder, MNV2, "none", 32, batch_size=4, on_event=events.append)
     assert [e.kind for e in events] == ["damaged"] and str(file) in events[0].message
