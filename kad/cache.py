@@ -185,6 +185,9 @@ class FeatureSet:
         self.dims: dict[str, int] = dict(zip(self.blocks, self.meta["dims"], strict=True))
         self.ids = np.asarray(self.meta["ids"], dtype=str)
         self.failed: dict[str, str] = dict(self.meta.get("failed", {}))
+        #: every block the backbone has; more than ``blocks`` once :func:`prune_entry` kept
+        #: only those a fitted pipeline uses
+        self.all_blocks: list[str] = list(self.meta.get("pruned_from") or self.blocks)
         self.valid = ~np.isin(self.ids, list(self.failed)) if self.failed else np.ones(
             len(self.ids), dtype=bool)
         self._arrays: dict[str, np.ndarray] = {}
@@ -202,6 +205,11 @@ class FeatureSet:
 
     def block(self, name: str) -> np.ndarray:
         """The memory-mapped ``(n_images, dim)`` array of one block."""
+        if name not in self.dims and name in self.all_blocks:
+            raise KadError(
+                f"block {name!r} was removed from {self.path} (it keeps only "
+                f"{', '.join(self.blocks)}, the blocks a fitted pipeline uses); remove the "
+                f"entry (kad cache remove {self.path.name}) and extract again for all blocks")
         if name not in self.dims:
             raise KadError(
                 f"unknown block {name!r} for {self.meta['inputs']['backbone']}; blocks: "
@@ -221,6 +229,11 @@ class FeatureSet:
             self._arrays[name] = array
         return self._arrays[name]
 
+    @property
+    def pruned(self) -> bool:
+        """Whether this entry keeps only some of the backbone's blocks."""
+        return self.all_blocks != self.blocks
+
     def block_file(self, name: str) -> Path:
         return self.path / "blocks" / f"{_safe(name)}.npy"
 
@@ -235,6 +248,12 @@ class FeatureSet:
         comma-separated list or a sequence of names."""
         if isinstance(representation, str):
             if representation == "concat":
+                if self.pruned:
+                    raise KadError(
+                        f"'concat' needs all {len(self.all_blocks)} blocks, but {self.path} "
+                        f"keeps only {', '.join(self.blocks)} (the blocks a fitted pipeline "
+                        f"uses); remove the entry (kad cache remove {self.path.name}) and "
+                        f"extract again")
                 return list(self.blocks)
             representation = [r.strip() for r in representation.split(",") if r.strip()]
         names = list(representation)
@@ -688,6 +707,53 @@ def remove_entries(names: Sequence[str | Path] = (), root: str | Path | None = N
         if not any(p.exists() for p in (target, target.with_name(target.name + ".partial"))):
             lock_path(target).unlink(missing_ok=True)
     return removed
+
+
+@dataclass(frozen=True)
+class PrunedEntry:
+    """What :func:`prune_entry` kept and how much disk it freed."""
+
+    path: Path
+    kept: list[str]
+    removed: list[str]
+    freed_bytes: int
+
+
+def prune_entry(path: str | Path, keep: Sequence[str],
+                on_event: EventCallback | None = None) -> PrunedEntry:
+    """Keep only the blocks ``keep`` of a complete entry and delete the others' files, so a
+    screening programme stores the blocks its pipeline uses, not all of them.
+
+    The kept blocks are verified first. ``meta.json`` (replaced atomically before any file
+    is deleted) records every block the backbone has, so the entry is never taken for a
+    complete one: :func:`kad.features.extract_features` extracts all blocks again when it
+    is asked for more than an entry keeps.
+    """
+    path = Path(path)
+    with entry_lock(path, on_event):
+        features = FeatureSet(path)
+        unknown = sorted(set(keep) - set(features.blocks))
+        keep = [b for b in features.blocks if b in set(keep)]
+        if unknown or not keep:
+            raise KadError(f"cannot keep blocks {', '.join(unknown) or '(none)'} of {path}: "
+                           f"it has {', '.join(features.blocks)}")
+        for name in keep:
+            features.block(name)  # checksum
+        drop = [b for b in features.blocks if b not in keep]
+        if not drop:
+            return PrunedEntry(path, keep, [], 0)
+        meta = dict(features.meta)
+        meta.update(
+            blocks=keep, dims=[features.dims[b] for b in keep],
+            checksums={b: meta["checksums"][b] for b in keep},
+            pruned_from=features.all_blocks)
+        _write_json(path / _META, meta)
+        freed = 0
+        for name in drop:
+            file = features.block_file(name)
+            freed += file.stat().st_size if file.exists() else 0
+            file.unlink(missing_ok=True)
+    return PrunedEntry(path, keep, drop, freed)
 
 
 # -- writability -----------------------------------------------------------------------------

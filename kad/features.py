@@ -96,7 +96,8 @@ def extract_features(dataset, backbone="inception_resnet_v2", weights="imagenet"
                      progress: ProgressCallback | None = None,
                      on_event: EventCallback | None = None,
                      shard: tuple[int, int] | None = None,
-                     engine: str = "local", ray_address: str | None = None) -> FeatureSet:
+                     engine: str = "local", ray_address: str | None = None,
+                     blocks: list[str] | None = None) -> FeatureSet:
     """Features of every block for every image of ``dataset``; see the module docstring.
 
     ``progress(done, total)`` is called after every batch (the CLI draws a rich bar);
@@ -107,6 +108,10 @@ def extract_features(dataset, backbone="inception_resnet_v2", weights="imagenet"
     ``shard=(i, n)`` computes only the i-th of n disjoint shares (``0 <= i < n``) into its
     own resumable entry, see :mod:`kad.shards`. ``engine="ray"`` runs the extraction on Ray
     Data, see :mod:`kad.ray_engine`.
+
+    An entry that keeps only some blocks (:func:`~kad.cache.prune_entry`, after ``kad
+    fit``) is used when it holds ``blocks``; asked for all blocks (``blocks=None``), it is
+    extracted again in full.
     """
     plan = plan_extraction(dataset, backbone, weights, image_size, preprocessing, cache_dir)
     if shard is not None or engine != "local":
@@ -124,23 +129,33 @@ def extract_features(dataset, backbone="inception_resnet_v2", weights="imagenet"
 
         return extract_with_ray(dataset, plan, batch_size=batch_size, address=ray_address,
                                 progress=progress, on_event=on_event)
-    found = _usable(plan, on_event)
+    found = _usable(plan, on_event, blocks=blocks)
     if found is not None:
         return found
     check_writable(plan.path.parent, what="feature cache folder")
     with entry_lock(plan.path, on_event):
-        found = _usable(plan, on_event, locked=True)  # another process may have finished it
+        found = _usable(plan, on_event, locked=True, blocks=blocks)  # finished meanwhile?
         if found is not None:
             return found
         return _extract(dataset, plan, batch_size, workers, progress)
 
 
 def _usable(plan: ExtractionPlan, on_event: EventCallback | None,
-            locked: bool = False) -> FeatureSet | None:
-    """The verified entry, or None. Holding the entry's lock, a damaged entry is reported
-    and removed, so that it is extracted again."""
+            locked: bool = False, blocks: list[str] | None = None) -> FeatureSet | None:
+    """The verified entry, or None. Holding the entry's lock, a damaged entry, or one that
+    lacks blocks that are asked for, is reported and removed, so that it is extracted
+    again."""
     try:
-        return cached_features(plan, verify=True)
+        found = cached_features(plan, verify=True)
+        if found is None or not found.pruned or (
+                blocks is not None and set(blocks) <= set(found.blocks)):
+            return found
+        if locked:
+            emit(on_event, CacheEvent(
+                "pruned", plan.path, f"{plan.path.name} keeps only {len(found.blocks)} of "
+                                     f"{len(found.all_blocks)} blocks; extracting all again"))
+            shutil.rmtree(plan.path, ignore_errors=True)
+        return None
     except DamagedEntryError as exc:
         if not locked:
             return None

@@ -207,13 +207,18 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
                  train_rows: np.ndarray | None = None, labelled_rows: np.ndarray | None = None,
                  labels: np.ndarray | None = None, sensitivity: float | None = None,
                  batch_size: int = 64, cache_dir: str | Path | None = None,
-                 progress: ProgressCallback | None = None, features=None) -> Pipeline:
+                 progress: ProgressCallback | None = None, features=None,
+                 keep_all_blocks: bool = True) -> Pipeline:
     """Fit a pipeline on the normal images ``train_rows`` of ``dataset``.
 
     With labelled images (``labelled_rows`` and ``labels``, 1 = anomaly, none of them in
     ``train_rows``), the block with the best AUROC on them is picked (as in the paper's
     Table 2) unless ``representation`` names blocks, and, with ``sensitivity``, the threshold
     is set to reach it; otherwise the threshold follows the detector's ``contamination``.
+
+    With ``keep_all_blocks=False`` the feature cache entry then keeps only the pipeline's
+    blocks (:func:`kad.cache.prune_entry`; ``pipeline.training["pruned"]`` says what was
+    freed), so a screening programme does not store every block of every image.
     """
     from sklearn.base import clone
 
@@ -286,4 +291,10 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
         batch_size=batch_size,
     )
     pipeline._model = model  # scoring right away needs no second build
+    if not keep_all_blocks:
+        from .cache import prune_entry
+
+        pruned = prune_entry(features.path, blocks)
+        pipeline.training["pruned"] = {"removed_blocks": len(pruned.removed),
+                                       "freed_bytes": pruned.freed_bytes}
     return pipeline

@@ -19,6 +19,7 @@ from kad.cache import (
     entry_lock,
     list_entries,
     lock_path,
+    prune_entry,
     remove_entries,
     verify_entry,
 )
@@ -219,3 +220,22 @@ def test_rows_written_out_of_order_resume_and_never_add_rows(tmp_path):
     with pytest.raises(KadError, match="rows 8:12 of an entry of 10"):
         EntryWriter(tmp_path / "f", BLOCKS, DIMS, n, meta).write_at(
             8, [np.zeros((4, d), np.float32) for d in DIMS], {})
+
+
+def test_pruning_keeps_the_pipelines_blocks_and_never_passes_for_complete(tmp_path):
+    entry, values = make_entry(tmp_path)
+    size = entry.block_file("conv1").stat().st_size
+    pruned = prune_entry(entry.path, ["block_2_add"])
+    assert (pruned.kept, pruned.removed, pruned.freed_bytes) == (["block_2_add"], ["conv1"],
+                                                                 size)
+    assert not entry.block_file("conv1").exists()
+    again = FeatureSet(entry.path)
+    assert again.pruned and again.all_blocks == BLOCKS and again.blocks == ["block_2_add"]
+    np.testing.assert_array_equal(again.matrix("block_2_add"), values[1])
+    with pytest.raises(KadError, match="'concat' needs all 2 blocks"):
+        again.matrix("concat")
+    with pytest.raises(KadError, match="block 'conv1' was removed"):
+        again.block("conv1")
+    assert verify_entry(entry.path).ok
+    with pytest.raises(KadError, match="cannot keep blocks nope"):
+        prune_entry(entry.path, ["nope"])

@@ -168,3 +168,19 @@ def test_an_unwritable_cache_folder_stops_before_the_network_is_built(folder, tm
     blocker.write_text("")
     with pytest.raises(KadError, match=f"{blocker} is a file, not a folder"):
         extract_features(folder, MNV2, "none", 32, cache_dir=blocker / "cache")
+
+
+def test_fit_can_keep_only_the_blocks_the_pipeline_uses(folder):
+    from kad.pipeline import fit_pipeline
+
+    pipeline = fit_pipeline(folder, backbone=MNV2, weights="none", image_size=32,
+                            representation="out_relu", batch_size=4, keep_all_blocks=False)
+    plan = plan_extraction(folder, MNV2, "none", 32)
+    kept = extract_features(folder, MNV2, "none", 32, blocks=pipeline.blocks)
+    assert kept.blocks == ["out_relu"] and len(kept.all_blocks) == 18
+    assert pipeline.training["pruned"]["removed_blocks"] == 17
+    assert sorted(p.name for p in (plan.path / "blocks").iterdir()) == ["out_relu.npy"]
+    events = []
+    full = extract_features(folder, MNV2, "none", 32, batch_size=4, on_event=events.append)
+    assert [e.kind for e in events] == ["pruned"] and full.blocks == full.all_blocks
+    np.testing.assert_array_equal(full.block("out_relu"), kept.block("out_relu"))

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
+from kad.errors import MissingDependencyError
 from kad.features import extract_features
 
 MNV2 = "mobilenet_v2:alpha=0.35"
-pytestmark = [pytest.mark.tf, pytest.mark.slow]
+
+
+def test_without_ray_the_engine_says_what_to_install(monkeypatch, tmp_path):
+    from kad.datasets import load_dataset
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    monkeypatch.setitem(sys.modules, "ray.data", None)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'kad\[ray\]'"):
+        extract_features(load_dataset("digits"), MNV2, "none", 32, engine="ray",
+                         cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown engine 'spark'"):
+        extract_features(load_dataset("digits"), MNV2, "none", 32, engine="spark")
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +50,8 @@ def images(tmp_path_factory):
     return load_dataset("folder", root, kind="natural")
 
 
+@pytest.mark.tf
+@pytest.mark.slow
 def test_ray_gives_the_local_features_resumes_and_adds_no_rows(images, local_ray, tmp_path):
     local = extract_features(images, MNV2, "none", 32, batch_size=16,
                              cache_dir=tmp_path / "local")
