@@ -95,6 +95,20 @@ class _Infer:
         return result
 
 
+def _connect(ray, address: str | None, num_cpus: int | None) -> bool:
+    """Connect to the cluster at ``address`` or ``$RAY_ADDRESS``, else start a local Ray;
+    True if this call started or connected it (and should shut it down)."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 log_to_driver=False)
+    return True
+
+
 def _resources(ray, actors: int | None, gpus_per_actor: float | None):
     """``(actors, num_gpus, num_cpus)`` per actor from what the cluster has."""
     total = ray.cluster_resources()
@@ -127,15 +141,7 @@ def extract_with_ray(dataset, plan, *, batch_size: int = 64, address: str | None
     if found is not None:
         return found
     check_writable(plan.path.parent, what="feature cache folder")
-    started_here = False
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or None
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                     log_to_driver=False)
-        started_here = True
+    started_here = _connect(ray, address, num_cpus)
     try:
         with entry_lock(plan.path, on_event):
             found = _usable(plan, on_event, locked=True)
@@ -218,4 +224,77 @@ def _run(ray, dataset, plan, ids, meta: dict, state: dict,
     state["writer"].sync()
 
 
-__all__ = ["extract_with_ray", "import_ray"]
+class _Score:
+    """Ray actor: one fitted pipeline's network and detector, scoring whole batches as
+    :meth:`kad.pipeline.Pipeline.score` does."""
+
+    def __init__(self, pipeline, ids, weights):
+        self.pipeline, self.ids = pipeline, ids
+        self.model = pipeline.network(weights)
+        self.columns = [pipeline.all_blocks.index(b) for b in pipeline.blocks]
+
+    def __call__(self, rows: dict) -> dict:
+        out: dict[str, list] = {"start": [], "n": [], "failed": [], "scores": []}
+        for x, start, n, failed in zip(rows["x"], rows["start"], rows["n"], rows["failed"],
+                                       strict=True):
+            n, start = int(n), int(start)
+            outputs = [np.asarray(o, dtype=np.float32)[:n]
+                       for o in self.model.predict_on_batch(np.asarray(x))]
+            features = np.concatenate([outputs[c] for c in self.columns], axis=1)
+            ok = ~np.isin(self.ids[start:start + n], list(json.loads(str(failed))))
+            scores = np.full(len(x), np.nan)
+            if ok.any():
+                scores[:n][ok] = self.pipeline.detector.anomaly_score(features[ok])
+            out["start"].append(start)
+            out["n"].append(n)
+            out["failed"].append(str(failed))
+            out["scores"].append(scores)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+
+def score_with_ray(pipeline, source, ids=None, *, address: str | None = None,
+                   actors: int | None = None, gpus_per_actor: float | None = None,
+                   num_cpus: int | None = None, weights: str | None = None,
+                   progress=None):
+    """:meth:`kad.pipeline.Pipeline.score` on Ray Data (``kad score --engine ray``): the
+    same batches and the same scores, decoded in Ray tasks and scored in an actor pool,
+    one network per actor. Returns :class:`kad.pipeline.Scores`."""
+    from .pipeline import Scores
+
+    ray = import_ray()
+    ids = np.asarray([str(i) for i in (ids if ids is not None else range(len(source)))])
+    n, batch_size, plan = len(source), pipeline.batch_size, pipeline._plan()
+    started_here = _connect(ray, address, num_cpus)
+    try:
+        actors, gpus_per_actor, cpus_per_actor = _resources(ray, actors, gpus_per_actor)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        starts = list(range(0, n, batch_size))
+        rows = ray.data.from_items([{"start": s} for s in starts],
+                                   override_num_blocks=max(1, len(starts)))
+        pixels = batch_size * plan.input_size ** 2 * 3 * 4
+        loaded = rows.map(_load, fn_kwargs={"source": source, "ids": ids, "plan": plan,
+                                            "batch_size": batch_size},
+                          num_cpus=1, memory=3 * pixels + (256 << 20))
+        scored = loaded.map_batches(
+            _Score, fn_constructor_args=(pipeline, ids, weights), batch_size=1,
+            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=gpus_per_actor, num_cpus=cpus_per_actor)
+        scores = np.full(n, np.nan)
+        failed: dict[str, str] = {}
+        done = 0
+        for batch in scored.iter_batches(batch_size=1, batch_format="numpy"):
+            for row, start in enumerate(batch["start"]):
+                count = int(batch["n"][row])
+                scores[int(start):int(start) + count] = batch["scores"][row][:count]
+                failed.update(json.loads(str(batch["failed"][row])))
+                done += count
+            if progress:
+                progress(done, n)
+    finally:
+        if started_here:
+            ray.shutdown()
+    order = {ident: row for row, ident in enumerate(ids)}
+    return Scores(list(ids), scores, dict(sorted(failed.items(), key=lambda kv: order[kv[0]])))
+
+
+__all__ = ["extract_with_ray", "import_ray", "score_with_ray"]

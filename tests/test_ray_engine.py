@@ -78,3 +78,17 @@ def test_ray_gives_the_local_features_resumes_and_adds_no_rows(images, local_ray
                              engine="ray")
     assert again.path == ray_run.path
     assert [again.block_file(b).stat().st_mtime_ns for b in again.blocks] == mtimes
+
+    # kad score --engine ray: the same scores as scoring in this process
+    from kad.pipeline import fit_pipeline
+    from kad.ray_engine import score_with_ray
+
+    pipeline = fit_pipeline(images, backbone=MNV2, weights="none", image_size=32,
+                            representation="out_relu", batch_size=16,
+                            cache_dir=tmp_path / "local")
+    source = images.source.take(np.arange(34, 74))
+    ids = list(images.ids[34:74])
+    here = pipeline.score(source, ids)
+    there = score_with_ray(pipeline, source, ids)
+    np.testing.assert_array_equal(there.scores, here.scores)
+    assert there.failed == here.failed and list(there.failed) == ["normal/042.png"]
