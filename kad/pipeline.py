@@ -208,7 +208,7 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
                  labels: np.ndarray | None = None, sensitivity: float | None = None,
                  batch_size: int = 64, cache_dir: str | Path | None = None,
                  progress: ProgressCallback | None = None, features=None,
-                 keep_all_blocks: bool = True) -> Pipeline:
+                 keep_all_blocks: bool = True, out: str | Path | None = None) -> Pipeline:
     """Fit a pipeline on the normal images ``train_rows`` of ``dataset``.
 
     With labelled images (``labelled_rows`` and ``labels``, 1 = anomaly, none of them in
@@ -219,6 +219,9 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
     With ``keep_all_blocks=False`` the feature cache entry then keeps only the pipeline's
     blocks (:func:`kad.cache.prune_entry`; ``pipeline.training["pruned"]`` says what was
     freed), so a screening programme does not store every block of every image.
+
+    ``out``, the file the pipeline will be saved to, and the cache folder are checked for
+    writability before any work starts (:func:`kad.cache.check_writable`).
     """
     from sklearn.base import clone
 
@@ -227,7 +230,14 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
     from .registry import get_detector
 
     plan = plan_extraction(dataset, backbone, weights, image_size, preprocessing, cache_dir)
+    if out is not None:
+        from .cache import check_writable
+
+        check_writable(out, is_file=True, what="--out file")
     if features is None:
+        from .cache import check_writable
+
+        check_writable(plan.path.parent, what="feature cache folder")
         features = extract_features(dataset, plan.backbone, weights, image_size, preprocessing,
                                     batch_size=batch_size, cache_dir=cache_dir,
                                     progress=progress)

@@ -239,3 +239,23 @@ def test_pruning_keeps_the_pipelines_blocks_and_never_passes_for_complete(tmp_pa
     assert verify_entry(entry.path).ok
     with pytest.raises(KadError, match="cannot keep blocks nope"):
         prune_entry(entry.path, ["nope"])
+
+
+def test_fit_checks_out_and_the_cache_before_any_work(tmp_path, monkeypatch):
+    from kad.datasets import load_dataset
+    from kad.pipeline import fit_pipeline
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("features were extracted although --out cannot be written")
+
+    monkeypatch.setattr("kad.features.extract_features", no_work)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    digits = load_dataset("digits")
+    with pytest.raises(KadError, match=f"cannot use {blocker} as the --out file: {blocker} "
+                                       f"is a file, not a folder"):
+        fit_pipeline(digits, backbone="mobilenet_v2:alpha=0.35", weights="none",
+                     image_size=32, out=blocker / "model.kad")
+    with pytest.raises(KadError, match="as the feature cache folder"):
+        fit_pipeline(digits, backbone="mobilenet_v2:alpha=0.35", weights="none",
+                     image_size=32, cache_dir=blocker / "cache")
