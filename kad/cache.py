@@ -81,10 +81,12 @@ EventCallback = Callable[[CacheEvent], None]
 
 
 def emit(on_event: EventCallback | None, event: CacheEvent) -> None:
-    """Log ``event`` on the ``kad.cache`` logger and hand it to ``on_event``."""
-    log.info(event.message)
+    """Hand ``event`` to ``on_event``; without one, log it as a warning on the
+    ``kad.cache`` logger, which Python prints to stderr when logging is not configured."""
     if on_event is not None:
         on_event(event)
+    else:
+        log.warning(event.message)
 
 
 def file_sha256(path: Path) -> str:

@@ -259,3 +259,17 @@ def test_fit_checks_out_and_the_cache_before_any_work(tmp_path, monkeypatch):
     with pytest.raises(KadError, match="as the feature cache folder"):
         fit_pipeline(digits, backbone="mobilenet_v2:alpha=0.35", weights="none",
                      image_size=32, cache_dir=blocker / "cache")
+
+
+def test_without_a_callback_the_wait_is_logged(tmp_path, caplog):
+    entry = tmp_path / "digits-mobilenet_v2-abc"
+    ready, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_hold_lock, args=(entry, ready, release))
+    holder.start()
+    ready.wait(10)
+    threading.Timer(0.2, release.set).start()
+    with caplog.at_level("WARNING", logger="kad.cache"), entry_lock(entry):
+        pass
+    holder.join()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"waiting for another kad process extracting {entry.name} (lock {lock_path(entry)})"]
