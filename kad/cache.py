@@ -355,12 +355,23 @@ class EntryWriter:
         return _read_progress(final.with_name(final.name + ".partial") / _PROGRESS)
 
     def _pwrite(self, start: int, outputs: list[np.ndarray]) -> None:
-        for (fd, offset), dim, values in zip(self._files, self.dims, outputs, strict=True):
-            data = np.ascontiguousarray(values, dtype="<f4").tobytes()
-            position = offset + start * dim * 4
-            while data:
-                count = os.pwrite(fd, data, position)
-                data, position = data[count:], position + count
+        try:
+            for (fd, offset), dim, values in zip(self._files, self.dims, outputs,
+                                                 strict=True):
+                data = np.ascontiguousarray(values, dtype="<f4").tobytes()
+                position = offset + start * dim * 4
+                while data:
+                    count = os.pwrite(fd, data, position)
+                    data, position = data[count:], position + count
+        except OSError as exc:
+            raise self._failure(exc) from None
+
+    def _failure(self, exc: OSError) -> KadError:
+        """A write error as one line: the folder, what to do, and that the rows already
+        recorded are kept for the next run."""
+        error = _write_error(self.partial.parent, exc, "feature cache folder")
+        return KadError(f"{error}; the {self.done} rows already recorded in {self.partial} "
+                        f"are kept and the next run resumes after them")
 
     def write(self, start: int, outputs: list[np.ndarray], failed: dict[str, str]) -> None:
         """Write rows ``start:start+len`` of every block (durable at the next ``sync``)."""
@@ -384,8 +395,11 @@ class EntryWriter:
         """Make written rows durable, then record them as done."""
         if self.written == self.done and not self._failed and not self._new:
             return
-        for fd, _ in self._files:
-            os.fsync(fd)
+        try:
+            for fd, _ in self._files:
+                os.fsync(fd)
+        except OSError as exc:
+            raise self._failure(exc) from None
         extra = [tuple(r) for r in self.progress.get("ranges", [])] + self._new
         self.progress["ranges"] = [list(r) for r in extra]
         self.progress["done"] = self.written

@@ -273,3 +273,22 @@ def test_without_a_callback_the_wait_is_logged(tmp_path, caplog):
     holder.join()
     assert [r.getMessage() for r in caplog.records] == [
         f"waiting for another kad process extracting {entry.name} (lock {lock_path(entry)})"]
+
+
+def test_a_disk_that_fills_up_during_extraction_gives_one_line(tmp_path, monkeypatch):
+    meta = {"ids": ["a", "b"], "inputs": {}}
+    writer = EntryWriter(tmp_path / "e", BLOCKS, DIMS, 2, meta)
+    writer.write(0, [np.ones((1, d), np.float32) for d in DIMS], {})
+    writer.sync()
+
+    def full(fd, data, position):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(KadError) as info:
+        writer.write(1, [np.ones((1, d), np.float32) for d in DIMS], {})
+    assert str(info.value) == (
+        f"cannot write to the feature cache folder {tmp_path}: the disk is full: free space "
+        f"there or choose another folder; the 1 rows already recorded in "
+        f"{tmp_path / 'e.partial'} are kept and the next run resumes after them")
+    writer.close()
