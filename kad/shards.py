@@ -32,6 +32,7 @@ from .cache import (
     EventCallback,
     FeatureSet,
     _safe,
+    _write_error,
     cache_root,
     check_writable,
     emit,
@@ -196,10 +197,16 @@ def merge_shards(entry: str | Path, *, count: int | None = None,
         partial = entry.with_name(entry.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         (partial / "blocks").mkdir(parents=True)
-        for name, dim in zip(meta["blocks"], meta["dims"], strict=True):
-            _join_block(partial / "blocks" / f"{_safe(name)}.npy", len(meta["ids"]), dim,
-                        [p.block(name) for p in parts])
-        merged = finish_entry(partial, entry, meta)
+        try:
+            for name, dim in zip(meta["blocks"], meta["dims"], strict=True):
+                _join_block(partial / "blocks" / f"{_safe(name)}.npy", len(meta["ids"]),
+                            dim, [p.block(name) for p in parts])
+            merged = finish_entry(partial, entry, meta)
+        except OSError as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise KadError(f"{_write_error(entry.parent, exc, 'feature cache folder')}; the "
+                           f"shards are kept, merge again with kad cache merge "
+                           f"{entry.name}") from None
         merged.verify()
         for shard in shards:
             shutil.rmtree(shard.path)
