@@ -96,3 +96,45 @@ def test_an_interrupted_shard_resumes(folder, single, tmp_path):
                              shard=(0, 2))
     for block in single.blocks:
         assert whole.block_file(block).read_bytes() == single.block_file(block).read_bytes()
+
+
+def _entry(final, rows, ids, shard=None, failed=None):
+    from kad.cache import EntryWriter
+
+    meta = {"key": "k", "inputs": {"backbone": "b"}, "dataset": "d", "ids": ids, "kad": "0"}
+    if shard:
+        meta["shard"] = shard
+    writer = EntryWriter(final, ["a", "b"], [2, 3], len(ids), meta)
+    writer.write(0, rows, failed or {})
+    return writer.commit()
+
+
+def test_merge_joins_hand_made_shards_and_keeps_them_when_the_disk_is_full(tmp_path,
+                                                                           monkeypatch):
+    import errno
+    import os
+
+    rng = np.random.default_rng(0)
+    rows = [rng.random((10, 2), dtype=np.float32), rng.random((10, 3), dtype=np.float32)]
+    ids = [f"i{k}" for k in range(10)]
+    single = _entry(tmp_path / "one" / "d-b-k", rows, ids, failed={"i7": "bad"})
+    entry = tmp_path / "two" / "d-b-k"
+    for index, (start, stop) in enumerate([(0, 4), (4, 10)]):
+        _entry(entry.with_name(f"d-b-k.shard-{index}-of-2"), [r[start:stop] for r in rows],
+               ids[start:stop], {"index": index, "count": 2, "start": start, "stop": stop,
+                                 "n": 10, "batch_size": 4},
+               {"i7": "bad"} if start <= 7 < stop else None)
+
+    def full(fd, data, position):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "pwrite", full)
+        with pytest.raises(KadError, match="the disk is full.*the shards are kept"):
+            merge_shards(entry)
+    assert len(find_shards(entry)) == 2 and not entry.exists()
+    merged = merge_shards("d-b-k", root=entry.parent)
+    assert merged.path == entry and not find_shards(entry)
+    for block in ("a", "b"):
+        assert merged.block_file(block).read_bytes() == single.block_file(block).read_bytes()
+    assert merged.failed == {"i7": "bad"} and list(merged.ids) == ids
