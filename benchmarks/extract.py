@@ -20,6 +20,16 @@ at ``--scale`` x N images: kad's memory should not depend on N, plain predict ne
 images in memory at once. The per-block sums of both variants' features are compared, to
 show that both computed the same thing.
 
+``--engines local,shards2,ray1,ray2`` compares instead how the same extraction runs
+(the ``engine`` column): ``local`` is one ``extract_features`` process, ``shards2`` two
+processes computing ``--shard 0/2`` and ``1/2`` at the same time into one cache folder
+(the second to finish merges), ``rayK`` one driver starting a local Ray with this machine's
+CPUs and an inference pool of K actors. Every engine is timed from the start of its
+processes to the complete, merged entry, model construction and Ray's start included;
+peak memory is read per process (``VmHWM`` of every process the run started, Ray's
+workers included). The entry is then verified against its checksums (``verify s``), the
+cost of the check a later process pays before it uses the features.
+
 Run from the repository root::
 
     python benchmarks/extract.py                       # digits, no data needed
@@ -47,6 +57,7 @@ import numpy as np
 
 RESULT_PREFIX = "KAD_BENCH_RESULT "
 VARIANTS = ("kad", "predict")
+ENGINES = ("local", "shards2", "ray1", "ray2")
 
 
 # -- memory -------------------------------------------------------------------------------
@@ -218,6 +229,146 @@ def run_predict(args: argparse.Namespace) -> dict:
             "peak_mib": peak, "anon_peak_mib": anon.mib, "sums": sums}
 
 
+# -- engines: local, shards, Ray ----------------------------------------------------------
+
+
+def run_engine(args: argparse.Namespace) -> dict:
+    """One engine's extraction (a child process; a shard runs as one child of two)."""
+    from kad.cache import verify_entry
+    from kad.features import extract_features, plan_extraction
+
+    dataset = load_images(args, args.n)
+    options = {"batch_size": args.batch_size, "cache_dir": args.cache, "workers": args.workers}
+    start = time.perf_counter()
+    if args.variant == "shard":
+        from kad.shards import parse_shard
+
+        features = extract_features(dataset, args.backbone, args.weights, args.image_size,
+                                    shard=parse_shard(args.shard), **options)
+    elif args.variant.startswith("ray"):
+        import ray
+
+        from kad.ray_engine import extract_with_ray
+
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                 log_to_driver=False)
+        plan = plan_extraction(dataset, args.backbone, args.weights, args.image_size,
+                               cache_dir=args.cache)
+        features = extract_with_ray(dataset, plan, batch_size=args.batch_size,
+                                    actors=int(args.variant[3:]))
+        ray.shutdown()
+    else:
+        features = extract_features(dataset, args.backbone, args.weights, args.image_size,
+                                    **options)
+    seconds = time.perf_counter() - start
+    result = {"extract_s": seconds, "merged": "shard" not in features.meta}
+    if result["merged"]:
+        checked = verify_entry(features.path)
+        result.update(verify_s=checked.seconds, verify_bytes=checked.bytes_read,
+                      ok=checked.ok, sums=block_sums(features.block(b)
+                                                     for b in features.blocks))
+    return result
+
+
+def _children(root: int) -> set[int]:
+    """``root`` and every process below it, from ``/proc``."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    parents[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found, todo = {root}, [root]
+    while todo:
+        pid = todo.pop()
+        for child, parent in parents.items():
+            if parent == pid and child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _hwm_kib(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def spawn_engine(args: argparse.Namespace, engine: str) -> dict:
+    """Run one engine in fresh processes; wall time to the complete entry and the peak
+    memory of every process it started."""
+    cache = tempfile.mkdtemp(prefix="kad-bench-", dir=args.tmp_dir)
+    base = child_command(args, "local", args.n) + ["--cache", cache]
+    if engine == "shards2":
+        commands = [base[:base.index("--variant") + 1] + ["shard"]
+                    + base[base.index("--variant") + 2:] + ["--shard", f"{i}/2"]
+                    for i in range(2)]
+    else:
+        commands = [base[:base.index("--variant") + 1] + [engine]
+                    + base[base.index("--variant") + 2:]]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    print(f"running engine {engine} on {args.n} images ...", file=sys.stderr, flush=True)
+    peaks: dict[int, int] = {}
+    start = time.perf_counter()
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for c in commands]
+    outputs = [[] for _ in procs]
+    readers = [threading.Thread(target=lambda p=p, o=o: o.append(p.communicate()))
+               for p, o in zip(procs, outputs, strict=True)]
+    for reader in readers:
+        reader.start()
+    while any(p.poll() is None for p in procs):
+        for proc in procs:
+            for pid in _children(proc.pid):
+                value = _hwm_kib(pid)
+                if value is not None:
+                    peaks[pid] = max(peaks.get(pid, 0), value)
+        time.sleep(0.2)
+    wall = time.perf_counter() - start
+    for reader in readers:
+        reader.join()
+    shutil.rmtree(cache, ignore_errors=True)
+    results = []
+    for proc, ((stdout, stderr),) in zip(procs, outputs, strict=True):
+        lines = [ln for ln in stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+        if not lines:
+            sys.stderr.write(stdout[-3000:] + stderr[-3000:])
+            raise SystemExit(f"engine {engine} exited with status {proc.returncode} and no "
+                             f"result")
+        results.append(json.loads(lines[-1][len(RESULT_PREFIX):]))
+    merged = next(r for r in results if r["merged"])
+    return {"engine": engine, "n": args.n, "wall_s": wall, "processes": len(peaks),
+            "max_process_mib": max(peaks.values()) / 1024.0,
+            "sum_process_mib": sum(peaks.values()) / 1024.0, **merged}
+
+
+def print_engines(results: list[dict]) -> None:
+    header = (f"{'engine':<8} {'images':>6} {'wall s':>7} {'img/s':>7} {'x local':>7} "
+              f"{'procs':>5} {'max MiB':>8} {'sum MiB':>8} {'verify s':>8} {'GB/s':>5}")
+    print(header)
+    print("-" * len(header))
+    local = next((r for r in results if r["engine"] == "local"), results[0])
+    for r in results:
+        rate = r["n"] / r["wall_s"]
+        print(f"{r['engine']:<8} {r['n']:>6} {r['wall_s']:>7.1f} {rate:>7.2f} "
+              f"{rate / (local['n'] / local['wall_s']):>7.2f} {r['processes']:>5} "
+              f"{r['max_process_mib']:>8.0f} {r['sum_process_mib']:>8.0f} "
+              f"{r['verify_s']:>8.3f} {r['verify_bytes'] / r['verify_s'] / 1e9:>5.2f}")
+    print()
+    for r in results:
+        same = np.allclose(r["sums"], local["sums"], rtol=0, atol=0)
+        print(f"{r['engine']}: entry verified {'ok' if r['ok'] else 'DAMAGED'}, features "
+              f"{'identical to' if same else 'DIFFERENT from'} local; checking the "
+              f"checksums costs {100 * r['verify_s'] / r['wall_s']:.1f}% of the extraction")
+
+
 # -- the driver ---------------------------------------------------------------------------
 
 
@@ -324,18 +475,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tmp-dir", help="where kad's temporary cache goes (default: the "
                         "system's temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
-    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # children
+    parser.add_argument("--engines", help="compare engines instead: a comma-separated list "
+                        f"of {', '.join(ENGINES)}")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # children
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
+    parser.add_argument("--shard", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.n < 1 or args.scale < 1 or args.batch_size < 1 or args.repeat < 1:
         parser.error("--n, --scale, --batch-size and --repeat must be at least 1")
+    if args.engines and set(args.engines.split(",")) - set(ENGINES):
+        parser.error(f"--engines takes {', '.join(ENGINES)}")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.variant:
-        result = (run_kad if args.variant == "kad" else run_predict)(args)
-        print(RESULT_PREFIX + json.dumps(result), flush=True)
+        run = {"kad": run_kad, "predict": run_predict}.get(args.variant, run_engine)
+        print(RESULT_PREFIX + json.dumps(run(args)), flush=True)
+        return
+    if args.engines:
+        warm_page_cache(args, args.n)
+        results = [spawn_engine(args, e) for e in args.engines.split(",")]
+        print(f"\ndataset {default_dataset(args)}, backbone {args.backbone}, weights "
+              f"{args.weights}, batch {args.batch_size}, {os.cpu_count()} CPUs, load average "
+              f"{os.getloadavg()[0]:.1f}\n")
+        print_engines(results)
+        if args.json:
+            args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
+                                             "results": results}, indent=1))
         return
     sizes = [args.n] + ([args.n * args.scale] if args.scale > 1 else [])
     warm_page_cache(args, max(sizes))

@@ -11,6 +11,7 @@ marked invalid in the entry; they never stop the run.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,7 +22,17 @@ import numpy as np
 
 from . import __version__
 from .backbones import Backbone, get_backbone, weights_identity
-from .cache import FeatureSet, cache_key, entry_lock, entry_path
+from .cache import (
+    CacheEvent,
+    DamagedEntryError,
+    EventCallback,
+    FeatureSet,
+    cache_key,
+    check_writable,
+    emit,
+    entry_lock,
+    entry_path,
+)
 from .errors import ImageReadError
 from .images import check_usable, resize
 from .preprocessing import Preprocessing, get_preprocessing
@@ -64,42 +75,109 @@ def plan_extraction(dataset, backbone="inception_resnet_v2", weights="imagenet",
     return ExtractionPlan(bb, weights, size, prep, key, path, inputs)
 
 
-def cached_features(plan: ExtractionPlan) -> FeatureSet | None:
-    return FeatureSet(plan.path) if (plan.path / "meta.json").is_file() else None
+def cached_features(plan: ExtractionPlan, verify: bool = True) -> FeatureSet | None:
+    """The complete entry of ``plan``, or None. A damaged entry raises
+    :class:`~kad.cache.DamagedEntryError` naming the file and the remedy: a damaged
+    ``meta.json`` always, a block file that does not match its checksum with ``verify``
+    (each file is read once per process; without ``verify`` it is checked when first
+    used)."""
+    if not plan.path.is_dir():
+        return None
+    found = FeatureSet(plan.path)
+    if verify:
+        found.verify()
+    return found
 
 
 def extract_features(dataset, backbone="inception_resnet_v2", weights="imagenet",
                      image_size: int | None = None, preprocessing=None, *,
                      batch_size: int = 64, workers: int | None = None,
                      cache_dir: str | Path | None = None,
-                     progress: ProgressCallback | None = None) -> FeatureSet:
+                     progress: ProgressCallback | None = None,
+                     on_event: EventCallback | None = None,
+                     shard: tuple[int, int] | None = None,
+                     engine: str = "local", ray_address: str | None = None,
+                     blocks: list[str] | None = None) -> FeatureSet:
     """Features of every block for every image of ``dataset``; see the module docstring.
 
-    ``progress(done, total)`` is called after every batch (the CLI draws a rich bar).
+    ``progress(done, total)`` is called after every batch (the CLI draws a rich bar);
+    ``on_event`` receives :class:`~kad.cache.CacheEvent` lines to show (waiting for another
+    process's lock, a damaged entry extracted again, shards merged). A cached entry is
+    verified against its checksums before it is returned; a damaged one is extracted again.
+
+    ``shard=(i, n)`` computes only the i-th of n disjoint shares (``0 <= i < n``) into its
+    own resumable entry, see :mod:`kad.shards`. ``engine="ray"`` runs the extraction on Ray
+    Data, see :mod:`kad.ray_engine`.
+
+    An entry that keeps only some blocks (:func:`~kad.cache.prune_entry`, after ``kad
+    fit``) is used when it holds ``blocks``; asked for all blocks (``blocks=None``), it is
+    extracted again in full.
     """
     plan = plan_extraction(dataset, backbone, weights, image_size, preprocessing, cache_dir)
-    found = cached_features(plan)
+    if shard is not None or engine != "local":
+        if engine not in ("local", "ray"):
+            raise ValueError(f"unknown engine {engine!r}: use local or ray")
+        if shard is not None and engine != "local":
+            raise ValueError("--shard and --engine ray do not go together: Ray shares the "
+                             "work out itself")
+        if shard is not None:
+            from .shards import extract_shard
+
+            return extract_shard(dataset, plan, shard, batch_size=batch_size,
+                                 workers=workers, progress=progress, on_event=on_event)
+        from .ray_engine import extract_with_ray
+
+        return extract_with_ray(dataset, plan, batch_size=batch_size, address=ray_address,
+                                progress=progress, on_event=on_event)
+    found = _usable(plan, on_event, blocks=blocks)
     if found is not None:
         return found
-    with entry_lock(plan.path):
-        found = cached_features(plan)  # another process may have finished it meanwhile
+    check_writable(plan.path.parent, what="feature cache folder")
+    with entry_lock(plan.path, on_event):
+        found = _usable(plan, on_event, locked=True, blocks=blocks)  # finished meanwhile?
         if found is not None:
             return found
         return _extract(dataset, plan, batch_size, workers, progress)
+
+
+def _usable(plan: ExtractionPlan, on_event: EventCallback | None,
+            locked: bool = False, blocks: list[str] | None = None) -> FeatureSet | None:
+    """The verified entry, or None. Holding the entry's lock, a damaged entry, or one that
+    lacks blocks that are asked for, is reported and removed, so that it is extracted
+    again."""
+    try:
+        found = cached_features(plan, verify=True)
+        if found is None or not found.pruned or (
+                blocks is not None and set(blocks) <= set(found.blocks)):
+            return found
+        if locked:
+            emit(on_event, CacheEvent(
+                "pruned", plan.path, f"{plan.path.name} keeps only {len(found.blocks)} of "
+                                     f"{len(found.all_blocks)} blocks; extracting all again"))
+            shutil.rmtree(plan.path, ignore_errors=True)
+        return None
+    except DamagedEntryError as exc:
+        if not locked:
+            return None
+        emit(on_event, CacheEvent("damaged", plan.path,
+                                  f"{exc.file} {exc.reason}; removing {plan.path.name} and "
+                                  f"extracting it again"))
+        shutil.rmtree(plan.path, ignore_errors=True)
+        return None
 
 
 SYNC_SECONDS = 10.0  # how often finished batches are made durable during extraction
 
 
 def _extract(dataset, plan: ExtractionPlan, batch_size: int, workers: int | None,
-             progress: ProgressCallback | None) -> FeatureSet:
+             progress: ProgressCallback | None, extra_meta: dict | None = None) -> FeatureSet:
     from .cache import EntryWriter
 
     model, names = plan.backbone.build_extractor(plan.input_size, plan.weights)
     dims = [int(out.shape[-1]) for out in model.outputs]
     meta = {
         "key": plan.key, "inputs": plan.inputs, "dataset": dataset.name,
-        "ids": [str(i) for i in dataset.ids], "kad": __version__,
+        "ids": [str(i) for i in dataset.ids], "kad": __version__, **(extra_meta or {}),
     }
     n = len(dataset)
     writer = EntryWriter(plan.path, names, dims, n, meta)

@@ -299,7 +299,8 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
                  split=None, calibration_rows: np.ndarray | None = None,
                  assessment_rows: np.ndarray | None = None,
                  assessment_labels: np.ndarray | None = None,
-                 fpr: float | None = None) -> Pipeline:
+                 fpr: float | None = None, keep_all_blocks: bool = True,
+                 out: str | Path | None = None) -> Pipeline:
     """Fit a pipeline on the normal images ``train_rows`` of ``dataset``.
 
     With labelled images (``labelled_rows`` and ``labels``, 1 = anomaly, none of them in
@@ -316,6 +317,13 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
 
     ``split`` (a :class:`kad.calibration.FitSplit` from
     :func:`kad.calibration.plan_fit_split`) fills all the row arguments at once.
+
+    With ``keep_all_blocks=False`` the feature cache entry then keeps only the pipeline's
+    blocks (:func:`kad.cache.prune_entry`; ``pipeline.training["pruned"]`` says what was
+    freed), so a screening programme does not store every block of every image.
+
+    ``out``, the file the pipeline will be saved to, and the cache folder are checked for
+    writability before any work starts (:func:`kad.cache.check_writable`).
     """
     from sklearn.base import clone
 
@@ -333,7 +341,14 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
         raise KadError("set the threshold either by a false-positive rate or by a "
                        "sensitivity, not both")
     plan = plan_extraction(dataset, backbone, weights, image_size, preprocessing, cache_dir)
+    if out is not None:
+        from .cache import check_writable
+
+        check_writable(out, is_file=True, what="--out file")
     if features is None:
+        from .cache import check_writable
+
+        check_writable(plan.path.parent, what="feature cache folder")
         features = extract_features(dataset, plan.backbone, weights, image_size, preprocessing,
                                     batch_size=batch_size, cache_dir=cache_dir,
                                     progress=progress)
@@ -450,4 +465,10 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
         calibration=calibration, assessment=assessment,
     )
     pipeline._model = model  # scoring right away needs no second build
+    if not keep_all_blocks:
+        from .cache import prune_entry
+
+        pruned = prune_entry(features.path, blocks)
+        pipeline.training["pruned"] = {"removed_blocks": len(pruned.removed),
+                                       "freed_bytes": pruned.freed_bytes}
     return pipeline

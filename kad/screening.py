@@ -179,13 +179,16 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
               representation: str | None = None, sensitivity: float | None = None,
               fpr: float | None = None, calibration: float | None = None,
               validation: float | None = None, seed: int = 0, batch_size: int = 64,
-              cache_dir: str | Path | None = None,
-              progress: ProgressCallback | None = None) -> FitRun:
+              cache_dir: str | Path | None = None, keep_all_blocks: bool = False,
+              progress: ProgressCallback | None = None, on_event=None) -> FitRun:
     """Fit the whole pipeline on the normal images of ``dataset`` and save it to
     ``out_path``. The dataset is divided by patient (:func:`kad.calibration.plan_fit_split`)
     into images that fit the detector, normals that calibrate the conformal threshold
     (``fpr``), and, with labelled anomalies, images that pick the block and set a
-    ``sensitivity`` threshold and images held out to measure the result."""
+    ``sensitivity`` threshold and images held out to measure the result. ``out_path`` and
+    the cache folder are checked for writability before any work; the training images'
+    cache entry then keeps only the blocks the model uses unless ``keep_all_blocks``."""
+    from .cache import cache_root, check_writable
     from .calibration import (
         DEFAULT_CALIBRATION,
         DEFAULT_FPR,
@@ -220,14 +223,18 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
                 f"{min_calibration_size(alpha)} calibration images, but --calibration "
                 f"{calibration:g} of {dataset.name} gives {n_cal}; raise --calibration, add "
                 f"normal images, or ask for --fpr {1 / (n_cal + 1):.3g} or more")
+    check_writable(out_path, is_file=True, what="--out file")
+    check_writable(Path(cache_dir) if cache_dir else cache_root(), what="feature cache folder")
     features = extract_features(dataset, backbone, weights, image_size, preprocessing,
-                                batch_size=batch_size, cache_dir=cache_dir, progress=progress)
+                                batch_size=batch_size, cache_dir=cache_dir, progress=progress,
+                                on_event=on_event)
     split = plan_fit_split(dataset, calibration, validation, seed, valid=features.valid)
     pipeline = fit_pipeline(
         dataset, backbone=backbone, weights=weights, image_size=image_size,
         preprocessing=preprocessing, representation=representation or "concat",
         detector=detector, split=split, sensitivity=sensitivity, fpr=fpr,
-        batch_size=batch_size, cache_dir=cache_dir, features=features)
+        batch_size=batch_size, cache_dir=cache_dir, features=features,
+        keep_all_blocks=keep_all_blocks)
     path = pipeline.save(out_path)
     ids = dataset.ids
     left_out = {str(ids[i]): features.failed.get(str(ids[i]), why)
@@ -261,15 +268,20 @@ class ScreeningRun:
 
 def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, *,
            labels: str | Path | None = None, weights: str | None = None,
+           engine: str = "local", ray_address: str | None = None,
            progress: ProgressCallback | None = None) -> ScreeningRun:
     """Score every image under ``inputs`` with the model file ``model`` and write
-    ``scores.csv`` and ``report.html`` to ``out_dir``."""
+    ``scores.csv`` and ``report.html`` to ``out_dir`` (checked for writability first).
+    ``engine="ray"`` scores on a Ray cluster (:func:`kad.ray_engine.score_with_ray`)."""
+    from .cache import check_writable
     from .datasets import FileSource
     from .pipeline import load_pipeline
     from .report import write_report
 
+    if engine not in ("local", "ray"):
+        raise KadError(f"unknown engine {engine!r}: use local or ray")
     pipeline = load_pipeline(model)
-    out_dir = Path(out_dir)
+    out_dir = check_writable(Path(out_dir), what="--out folder")
     files, not_scored = collect_images(inputs)
     if not files:
         from .datasets.base import first_few
@@ -277,11 +289,16 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
         raise KadError(f"no image files in {', '.join(map(str, inputs))}: "
                        + first_few(f"{Path(o.file).name} ({o.reason})" for o in not_scored))
     truth = match_labels(files, read_labels(Path(labels))) if labels else None
-    result = pipeline.score(FileSource(files), ids=[str(f) for f in files],
-                            progress=progress, weights=weights)
+    ids = [str(f) for f in files]
+    if engine == "ray":
+        from .ray_engine import score_with_ray
+
+        result = score_with_ray(pipeline, FileSource(files), ids, address=ray_address,
+                                weights=weights, progress=progress)
+    else:
+        result = pipeline.score(FileSource(files), ids=ids, progress=progress, weights=weights)
     rows = rank(pipeline, files, result, truth)
     not_scored = [NotScored(f, UNREADABLE, why) for f, why in result.failed.items()] + not_scored
-    out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = write_scores_csv(out_dir / "scores.csv", rows, not_scored)
     report, metrics = write_report(out_dir / "report.html", pipeline, rows,
                                    {o.file: o.reason for o in not_scored if o.status == UNREADABLE},
@@ -312,6 +329,7 @@ def set_threshold(model: str | Path, labels: str | Path | None = None, *,
     rate ``fpr`` on its calibration normals (conformal), or to ``sensitivity`` on a labelled
     validation CSV (``image,label``; paths relative to the CSV's folder or absolute; 0.95
     when only ``labels`` is given)."""
+    from .cache import check_writable
     from .calibration import threshold_at_fpr
     from .datasets import FileSource
     from .pipeline import load_pipeline, threshold_at_sensitivity
@@ -324,6 +342,7 @@ def set_threshold(model: str | Path, labels: str | Path | None = None, *,
     if sensitivity is not None and labels is None:
         raise KadError("--sensitivity needs --labels, a CSV image,label of labelled images")
     pipeline = load_pipeline(model)
+    check_writable(Path(out_path or model), is_file=True, what="model file to write")
     if fpr is not None:
         pipeline.threshold = threshold_at_fpr(pipeline, fpr)
         path = pipeline.save(out_path or model)

@@ -85,9 +85,14 @@ class Workbench:
     """
 
     def __init__(self, options: RecipeOptions, log=print, progress=None, report_skipped=None):
+        from kad.cache import cache_root, check_writable
         from kad.datasets import load_dataset
         from kad.protocols import check_protocol, subsample
 
+        if options.out is not None:  # before any work, not after it
+            check_writable(options.out, what="--out folder")
+        check_writable(Path(options.cache_dir) if options.cache_dir else cache_root(),
+                       what="feature cache folder")
         self.options = options
         self.log = log
         self._progress = progress

@@ -100,3 +100,48 @@ def test_interrupting_score_does_not_promise_a_resume(monkeypatch, tmp_path):
     result = runner.invoke(app, ["score", str(tmp_path / "m.kad"), str(tmp_path)])
     assert result.exit_code == 130 and "resume" not in result.output
     assert "nothing was written" in result.output
+
+
+@pytest.mark.tf
+def test_the_cache_commands_find_a_damaged_entry_and_extraction_replaces_it(tmp_path):
+    args = ["extract", "--dataset", "digits", "--backbone", "mobilenet_v2:alpha=0.35",
+            "--weights", "none", "--image-size", "32", "--cache-dir", str(tmp_path)]
+    assert runner.invoke(app, args).exit_code == 0
+    listed = runner.invoke(app, ["cache", "list", "--cache-dir", str(tmp_path)])
+    assert listed.exit_code == 0 and "digits" in listed.output and "complete" in listed.output
+    ok = runner.invoke(app, ["cache", "verify", "--cache-dir", str(tmp_path)])
+    assert ok.exit_code == 0 and "1 entries verified, 0 damaged" in ok.output
+    block = next(tmp_path.glob("*/blocks/out_relu.npy"))
+    data = bytearray(block.read_bytes())
+    data[-5] ^= 0xFF
+    block.write_bytes(bytes(data))
+    bad = runner.invoke(app, ["cache", "verify", "--cache-dir", str(tmp_path)])
+    assert bad.exit_code == 1 and "out_relu.npy" in bad.output and "1 damaged" in bad.output
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "does not match its checksum" in again.output
+    assert runner.invoke(app, ["cache", "verify", "--cache-dir", str(tmp_path)]).exit_code == 0
+    removed = runner.invoke(app, ["cache", "remove", "--all", "--cache-dir", str(tmp_path)])
+    assert removed.exit_code == 0 and "1 entries removed" in removed.output
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]
+
+
+@pytest.mark.tf
+def test_two_shards_from_the_command_line_join_into_one_entry(tmp_path):
+    args = ["extract", "--dataset", "digits", "--backbone", "mobilenet_v2:alpha=0.35",
+            "--weights", "none", "--image-size", "32", "--cache-dir", str(tmp_path)]
+    first = runner.invoke(app, [*args, "--shard", "1/2"])
+    assert first.exit_code == 0 and "waiting for shard(s) 0" in first.output, first.output
+    second = runner.invoke(app, [*args, "--shard", "0/2"])
+    assert second.exit_code == 0 and "1797 images" in second.output, second.output
+    whole = runner.invoke(app, args)
+    assert whole.exit_code == 0 and "1797 images" in whole.output
+    entries = [p.name for p in tmp_path.iterdir() if p.is_dir()]
+    assert len(entries) == 1 and ".shard-" not in entries[0]
+
+
+def test_an_unwritable_out_folder_stops_score_before_any_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = runner.invoke(app, ["score", str(tmp_path / "model.kad"), str(tmp_path),
+                                 "--out", str(blocker / "sub")])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1

@@ -10,8 +10,10 @@ import pytest
 
 from conftest import CIFAR10_TAR, KAGGLE_DR, MOBILENET_WEIGHTS, need
 from kad.backbones import Backbone
+from kad.cache import DamagedEntryError
 from kad.datasets import load_dataset
-from kad.features import extract_features, plan_extraction
+from kad.errors import KadError
+from kad.features import cached_features, extract_features, plan_extraction
 
 pytestmark = pytest.mark.tf
 MNV2 = "mobilenet_v2:alpha=0.35"
@@ -138,3 +140,47 @@ def test_imagenet_features_of_cifar10_and_fundus_images(tmp_path):
     assert features.meta["inputs"]["preprocessing"].startswith("fundus")
     assert features.matrix("concat").shape == (32, sum(features.dims.values()))
     assert np.isfinite(features.matrix("concat")).all() and not features.failed
+
+
+def test_a_damaged_entry_is_extracted_again_never_served(folder, tmp_path):
+    first = extract_features(folder, MNV2, "none", 32, batch_size=4)
+    reference = {b: np.array(first.block(b)) for b in first.blocks}
+    file = first.block_file("out_relu")
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0x7F
+    file.write_bytes(bytes(data))
+    with pytest.raises(DamagedEntryError, match="does not match its checksum"):
+        cached_features(plan_extraction(folder, MNV2, "none", 32))  # what the CLI asks first
+    events = []
+    again = extract_features(folder, MNV2, "none", 32, batch_size=4, on_event=events.append)
+    assert [e.kind for e in events] == ["damaged"] and str(file) in events[0].message
+    for block, values in reference.items():
+        np.testing.assert_array_equal(again.block(block), values)
+
+
+def test_an_unwritable_cache_folder_stops_before_the_network_is_built(folder, tmp_path,
+                                                                      monkeypatch):
+    def no_build(*args, **kwargs):
+        raise AssertionError("the network was built although the cache cannot be written")
+
+    monkeypatch.setattr(Backbone, "build_extractor", no_build)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    with pytest.raises(KadError, match=f"{blocker} is a file, not a folder"):
+        extract_features(folder, MNV2, "none", 32, cache_dir=blocker / "cache")
+
+
+def test_fit_can_keep_only_the_blocks_the_pipeline_uses(folder):
+    from kad.pipeline import fit_pipeline
+
+    pipeline = fit_pipeline(folder, backbone=MNV2, weights="none", image_size=32,
+                            representation="out_relu", batch_size=4, keep_all_blocks=False)
+    plan = plan_extraction(folder, MNV2, "none", 32)
+    kept = extract_features(folder, MNV2, "none", 32, blocks=pipeline.blocks)
+    assert kept.blocks == ["out_relu"] and len(kept.all_blocks) == 18
+    assert pipeline.training["pruned"]["removed_blocks"] == 17
+    assert sorted(p.name for p in (plan.path / "blocks").iterdir()) == ["out_relu.npy"]
+    events = []
+    full = extract_features(folder, MNV2, "none", 32, batch_size=4, on_event=events.append)
+    assert [e.kind for e in events] == ["pruned"] and full.blocks == full.all_blocks
+    np.testing.assert_array_equal(full.block("out_relu"), kept.block("out_relu"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import typer
 
-from . import commands, screening
+from . import cache, commands, screening
 from .render import note
 
 app = typer.Typer(
@@ -24,6 +24,7 @@ app = typer.Typer(
 )
 commands.register(app)
 screening.register(app)
+app.add_typer(cache.app, name="cache")
 
 
 def _mount_command_plugins(root: typer.Typer) -> None:

@@ -13,8 +13,10 @@ from .options import (
     CacheDirOpt,
     DataDirOpt,
     DatasetOpt,
+    EngineOpt,
     ImageSizeOpt,
     PreprocessingOpt,
+    RayAddressOpt,
     WeightsOpt,
 )
 from .render import handle_errors, note, progress_bar, say, skipped, stdout, table
@@ -38,16 +40,32 @@ def extract(
     preprocessing: PreprocessingOpt = None,
     batch_size: BatchSizeOpt = 64,
     cache_dir: CacheDirOpt = None,
+    shard: Annotated[str | None, typer.Option(
+        "--shard", help="i/N: compute the i-th of N disjoint shares (0 <= i < N); the last "
+                        "shard to finish joins them into the entry.")] = None,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Compute every block's features for a dataset once and cache them."""
     from ..features import extract_features
+    from ..shards import find_shards, parse_shard
 
     ds = load_dataset(dataset, data_dir)
+    part = parse_shard(shard) if shard else None
     with progress_bar(f"features of {ds.name}") as update:
         features = extract_features(ds, backbone, weights, image_size, preprocessing,
                                     batch_size=batch_size, cache_dir=cache_dir,
-                                    progress=update)
+                                    progress=update, on_event=lambda e: note(e.message),
+                                    shard=part, engine=engine, ray_address=ray_address)
     skipped(features.failed.items(), "image(s) could not be used and are")
+    if "shard" in features.meta:
+        entry = features.path.parent / features.path.name.split(".shard-")[0]
+        missing = sorted({i for i in range(part[1])} - {
+            s.index for s in find_shards(entry) if s.count == part[1] and s.complete})
+        say(f"shard {part[0]}/{part[1]} done at {features.path}; waiting for shard(s) "
+            f"{', '.join(map(str, missing))} (the last one to finish joins them, or run "
+            f"kad cache merge {entry.name})")
+        return
     stdout.print(table(f"{features.meta['inputs']['backbone']} features of {ds.name}",
                     ["block", "dim"], ((b, features.dims[b]) for b in features.blocks),
                     right=["dim"]))

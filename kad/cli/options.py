@@ -27,3 +27,9 @@ CacheDirOpt = Annotated[Path | None, typer.Option(
     "--cache-dir", help="Feature cache folder (default $KAD_CACHE_DIR or ~/.cache/kad).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice.")]
 ModelArg = Annotated[Path, typer.Argument(help="A model file written by kad fit.")]
+EngineOpt = Annotated[str, typer.Option(
+    "--engine", help="local (this process) or ray (Ray Data: a cluster, or a local Ray "
+                     "started for the run; pip install 'kad[ray]').")]
+RayAddressOpt = Annotated[str | None, typer.Option(
+    "--ray-address", help="Address of a running Ray cluster (default $RAY_ADDRESS, else a "
+                          "local Ray is started).")]

@@ -17,9 +17,11 @@ from .options import (
     CacheDirOpt,
     DataDirOpt,
     DatasetOpt,
+    EngineOpt,
     ImageSizeOpt,
     ModelArg,
     PreprocessingOpt,
+    RayAddressOpt,
     SeedOpt,
     WeightsOpt,
 )
@@ -64,6 +66,9 @@ def fit(
              "block, set a sensitivity threshold and measure the result.")] = 0.25,
     seed: SeedOpt = 0,
     batch_size: BatchSizeOpt = 64, cache_dir: CacheDirOpt = None,
+    keep_all_blocks: Annotated[bool, typer.Option(
+        "--keep-all-blocks", help="Keep every block of the training images in the feature "
+                                  "cache (by default only the blocks the model uses).")] = False,
 ) -> None:
     """Fit the whole pipeline on normal images and save it as one file."""
     from ..calibration import fit_summary
@@ -94,6 +99,11 @@ def fit(
     blocks = ", ".join(pipeline.blocks) if len(pipeline.blocks) < 6 else "concat"
     say(f"wrote {run.path}: {pipeline.backbone}, blocks {blocks}, threshold "
         f"{pipeline.threshold.value:.4g} ({pipeline.threshold.method})")
+    pruned = pipeline.training.get("pruned")
+    if pruned and pruned["removed_blocks"]:
+        note(f"the feature cache keeps only the model's blocks: {pruned['removed_blocks']} "
+             f"blocks removed, {pruned['freed_bytes'] / 2**20:.1f} MiB freed "
+             "(--keep-all-blocks keeps them)")
 
 
 def score(
@@ -104,12 +114,15 @@ def score(
     labels: Annotated[Path | None, typer.Option(
         "--labels", help="CSV image,label (normal/abnormal) for AUROC and the ROC curve.")] = None,
     weights: WeightsOverrideOpt = None,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Score images, most suspicious first: scores.csv and report.html."""
     from ..screening import SCORED, SKIPPED, UNREADABLE, screen
 
     with progress_bar("scoring") as update:
-        run = screen(model, images, out_dir, labels=labels, weights=weights, progress=update)
+        run = screen(model, images, out_dir, labels=labels, weights=weights, engine=engine,
+                     ray_address=ray_address, progress=update)
     flagged = sum(r.flagged for r in run.rows)
     say(f"{run.n_inputs} files: {run.count(SCORED)} scored ({flagged} flagged), "
         f"{run.count(UNREADABLE)} unreadable, {run.count(SKIPPED)} skipped")

@@ -1,0 +1,94 @@
+"""--engine ray: a local Ray with 2 CPUs gives the single-process features, resumably."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from kad.errors import MissingDependencyError
+from kad.features import extract_features
+
+MNV2 = "mobilenet_v2:alpha=0.35"
+
+
+def test_without_ray_the_engine_says_what_to_install(monkeypatch, tmp_path):
+    from kad.datasets import load_dataset
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    monkeypatch.setitem(sys.modules, "ray.data", None)
+    with pytest.raises(MissingDependencyError, match=r"pip install 'kad\[ray\]'"):
+        extract_features(load_dataset("digits"), MNV2, "none", 32, engine="ray",
+                         cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown engine 'spark'"):
+        extract_features(load_dataset("digits"), MNV2, "none", 32, engine="spark")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    import cv2
+
+    from kad.datasets import load_dataset
+
+    root = tmp_path_factory.mktemp("ray") / "data"
+    (root / "normal").mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for i in range(100):
+        cv2.imwrite(str(root / "normal" / f"{i:03d}.png"),
+                    rng.integers(0, 255, (36, 36, 3), dtype=np.uint8))
+    (root / "normal" / "042.png").write_bytes(b"\x89PNG broken")
+    return load_dataset("folder", root, kind="natural")
+
+
+@pytest.mark.tf
+@pytest.mark.slow
+def test_ray_gives_the_local_features_resumes_and_adds_no_rows(images, local_ray, tmp_path):
+    local = extract_features(images, MNV2, "none", 32, batch_size=16,
+                             cache_dir=tmp_path / "local")
+    cache = tmp_path / "ray"
+
+    def interrupt(done, total):
+        if done >= 32:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(images, MNV2, "none", 32, batch_size=16, cache_dir=cache,
+                         engine="ray", progress=interrupt)
+    seen = []
+    ray_run = extract_features(images, MNV2, "none", 32, batch_size=16, cache_dir=cache,
+                               engine="ray", progress=lambda done, n: seen.append(done))
+    assert seen[0] >= 32, "the rerun starts from the batches that arrived before"
+    assert len(ray_run) == 100 and list(ray_run.ids) == list(local.ids)
+    assert ray_run.failed == local.failed == {"normal/042.png": ray_run.failed[
+        "normal/042.png"]}
+    for block in local.blocks:
+        assert ray_run.block_file(block).read_bytes() == local.block_file(block).read_bytes()
+    mtimes = [ray_run.block_file(b).stat().st_mtime_ns for b in ray_run.blocks]
+    again = extract_features(images, MNV2, "none", 32, batch_size=16, cache_dir=cache,
+                             engine="ray")
+    assert again.path == ray_run.path
+    assert [again.block_file(b).stat().st_mtime_ns for b in again.blocks] == mtimes
+
+    # kad score --engine ray: the same scores as scoring in this process
+    from kad.pipeline import fit_pipeline
+    from kad.ray_engine import score_with_ray
+
+    pipeline = fit_pipeline(images, backbone=MNV2, weights="none", image_size=32,
+                            representation="out_relu", batch_size=16,
+                            cache_dir=tmp_path / "local")
+    source = images.source.take(np.arange(34, 74))
+    ids = list(images.ids[34:74])
+    here = pipeline.score(source, ids)
+    there = score_with_ray(pipeline, source, ids)
+    np.testing.assert_array_equal(there.scores, here.scores)
+    assert there.failed == here.failed and list(there.failed) == ["normal/042.png"]
