@@ -69,6 +69,24 @@ class OneClassSVMDetector(BaseDetector):
     def _score(self, X):
         return -self.svm_.decision_function(self.scaler_.transform(X))
 
+    def _score_gradient(self, X):
+        """``-∇ Σᵢ αᵢ k(z, svᵢ)`` with ``z`` the standardised ``x``: for the RBF kernel
+        ``2γ Σᵢ αᵢ k(z, svᵢ) (z - svᵢ) / σ``; for the linear one ``-Σᵢ αᵢ svᵢ / σ``. Other
+        kernels: None (occlusion)."""
+        z = self.scaler_.transform(X).astype(np.float64)
+        sv = self.svm_.support_vectors_.astype(np.float64)
+        alpha = self.svm_.dual_coef_.ravel().astype(np.float64)
+        scale = np.asarray(self.scaler_.scale_, dtype=np.float64)
+        if self.svm_.kernel == "linear":
+            return np.broadcast_to(-(alpha @ sv) / scale, z.shape).copy()
+        if self.svm_.kernel != "rbf":
+            return None
+        gamma = float(self.svm_._gamma)  # the value "scale"/"auto" resolved to at fit
+        sq = (z * z).sum(1)[:, None] - 2.0 * z @ sv.T + (sv * sv).sum(1)[None, :]
+        weights = alpha[None, :] * np.exp(-gamma * np.maximum(sq, 0.0))  # (n, n_sv)
+        grad_z = 2.0 * gamma * (weights.sum(1)[:, None] * z - weights @ sv)
+        return grad_z / scale
+
 
 class KNNDetector(BaseDetector):
     """Distance to the nearest normal training features (Bergman et al. 2020, DN2).
@@ -102,6 +120,22 @@ class KNNDetector(BaseDetector):
     def _score(self, X):
         return self._reduce(self.nn_.kneighbors(X)[0])
 
+    def _score_gradient(self, X):
+        """For the Euclidean metric, the mean (``"mean"``) of the unit vectors from the
+        ``n_neighbors`` nearest training vectors to ``x``, or the one from the k-th
+        (``"kth"``); the score is differentiable wherever the neighbours do not change.
+        Other metrics: None (occlusion)."""
+        if self.metric not in ("euclidean", "l2"):
+            return None
+        X = X.astype(np.float64)
+        dist, idx = self.nn_.kneighbors(X)
+        train = self.nn_._fit_X  # the training vectors the index holds
+        if self.method == "kth":
+            dist, idx = dist[:, -1:], idx[:, -1:]
+        diff = X[:, None, :] - train[idx].astype(np.float64)  # (n, k, d)
+        unit = diff / np.maximum(dist, 1e-12)[:, :, None]
+        return unit.mean(axis=1)
+
     def _training_scores(self, X):
         # Each training vector is its own nearest neighbour: skip that match.
         dist, _ = self.nn_.kneighbors(X, n_neighbors=self.n_neighbors + 1)
@@ -129,3 +163,8 @@ class MahalanobisDetector(BaseDetector):
     def _score(self, X):
         centred = X.astype(np.float64) - self.gaussian_.location_
         return np.einsum("ij,ij->i", centred @ self.gaussian_.precision_, centred)
+
+    def _score_gradient(self, X):
+        """``2 Σ⁻¹ (x - μ)``."""
+        centred = X.astype(np.float64) - self.gaussian_.location_
+        return 2.0 * centred @ self.gaussian_.precision_
