@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,8 @@ DEFAULT_STEPS = 16
 OCCLUSION_FILL = 0.5
 
 ProgressCallback = Callable[[int, int], None]
+# The map and pooled models made from a pipeline's network, per tuple of blocks.
+_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -255,9 +258,12 @@ class _Explainer:
         self.preprocessing = get_preprocessing(pipeline.preprocessing)
         model = pipeline.network(weights)
         self.blocks = list(pipeline.blocks)
-        self.maps_model = spatial_extractor(model, self.blocks)
-        self.pooled_model = keras.Model(
-            model.inputs, [model.get_layer(f"kad_gap_{b}").output for b in self.blocks])
+        built = _MODELS.setdefault(model, {})
+        key = tuple(self.blocks)
+        if key not in built:  # built once per network: Keras traces each model once
+            built[key] = (spatial_extractor(model, self.blocks), keras.Model(
+                model.inputs, [model.get_layer(f"kad_gap_{b}").output for b in self.blocks]))
+        self.maps_model, self.pooled_model = built[key]
         if self.method == "gradient":
             self.reference = np.asarray(self.detector.reference_, dtype=np.float64)
             self.reference_score = float(self.detector.anomaly_score(
@@ -427,7 +433,7 @@ def overlay(image: np.ndarray, heat: np.ndarray, vmax: float | None = None,
     level = np.clip(heat / top, 0.0, 1.0) if top > 0 else np.zeros_like(heat)
     colour = cv2.applyColorMap((level * 255).astype(np.uint8), cv2.COLORMAP_JET)
     colour = cv2.cvtColor(colour, cv2.COLOR_BGR2RGB).astype(np.float32)
-    alpha = (opacity * np.sqrt(level))[..., None]
+    alpha = (opacity * level)[..., None]
     return np.clip(rgb * (1 - alpha) + colour * alpha + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -512,7 +518,7 @@ def pointing_game(heat: np.ndarray, mask: np.ndarray, tolerance: float = 0.0) ->
     row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
     if tolerance <= 0:
         return bool(mask[row, col])
-    distance = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, 5)
+    distance = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     return bool(distance[row, col] <= tolerance)
 
 

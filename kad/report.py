@@ -29,6 +29,7 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px}
 td,th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:left}
 .grid{display:flex;flex-wrap:wrap;gap:10px}
 figure{margin:0;width:THUMBpx;font-size:11px;overflow-wrap:anywhere}
+figure.heat{width:calc(3 * THUMBpx + 24px)}
 figure img{width:THUMBpx;height:THUMBpx;border:3px solid #ccc;border-radius:4px}
 figure.flag img{border-color:#d33}.num{font-variant-numeric:tabular-nums}
 .plots img{max-width:520px;margin-right:16px}
@@ -113,15 +114,35 @@ def _roc(rows: list[ScoredImage], metrics: dict, threshold: float) -> str:
     return uri
 
 
-def _gallery(pipeline: Pipeline, rows: list[ScoredImage]) -> str:
+def _overlay_thumbnail(path) -> str | None:
+    """A heatmap overlay PNG written by :func:`kad.heatmaps.save_overlays`, as a thumbnail."""
+    from .images import read_image, resize
+
+    if path is None:
+        return None
+    try:
+        return _png(resize(read_image(path), THUMB).astype(np.float32) / 255.0)
+    except ImageReadError:
+        return None
+
+
+def _gallery(pipeline: Pipeline, rows: list[ScoredImage], heatmaps: dict | None = None) -> str:
     cells = []
     for r in rows:
         uri = _thumbnail(pipeline, r.file)
         label = "" if r.label is None else (" · labelled abnormal" if r.label else
                                             " · labelled normal")
         img = f'<img src="{uri}" alt="">' if uri else "<div>(unreadable)</div>"
+        drawn = (heatmaps or {}).get(r.file)
+        if drawn is not None:
+            for part, what in ((drawn.seen, "as the model saw it"),
+                               (drawn.original, "on the photograph")):
+                heat = _overlay_thumbnail(part)
+                if heat:
+                    img += f'<img src="{heat}" alt="heatmap {what}" title="heatmap {what}">'
         cells.append(
-            f'<figure class="{"flag" if r.flagged else ""}">{img}<figcaption>'
+            f'<figure class="{"flag" if r.flagged else ""}{" heat" if drawn else ""}">'
+            f"{img}<figcaption>"
             f'<b class="num">{r.score:.4g}</b> · {r.percentile:.0f}th pct{label}<br>'
             f"{html.escape(Path(r.file).name)}</figcaption></figure>"
         )
@@ -130,8 +151,13 @@ def _gallery(pipeline: Pipeline, rows: list[ScoredImage]) -> str:
 
 def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
                  failed: dict[str, str], skipped: list[tuple[str, str]], model_path: str,
-                 n_thumbnails: int = 12) -> tuple[Path, dict | None]:
-    """Write the page; returns its path and the labelled metrics (None without labels)."""
+                 n_thumbnails: int = 12, heatmaps: dict | None = None,
+                 ) -> tuple[Path, dict | None]:
+    """Write the page; returns its path and the labelled metrics (None without labels).
+
+    ``heatmaps`` ({file: :class:`kad.heatmaps.OverlayFiles`}, from
+    :func:`kad.heatmaps.write_heatmaps`) adds, for the most suspicious images, the heatmap
+    over the image as the model saw it and over the photograph."""
     metrics = labelled_metrics(rows, pipeline.threshold.value)
     flagged = sum(r.flagged for r in rows)
     info = pipeline.describe()
@@ -168,6 +194,9 @@ def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
                  for f, why in [*failed.items(), *skipped]]
         problems = ("<h2>Not scored</h2><table><tr><th>file</th><th>reason</th></tr>"
                     + "".join(items) + "</table>")
+    heat_note = ('<p class="meta">Each image, then its heatmap as the model saw it and on '
+                 "the photograph: the warmer, the more that region raises the score (colour "
+                 "scale per image).</p>" if heatmaps else "")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>kad screening report</title>
 <style>{_CSS}</style></head><body>
@@ -176,7 +205,7 @@ def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
  · red borders: flagged (score above the threshold)</div>
 <h2>Summary</h2><table>{table}</table>
 <h2>Scores</h2><div class="plots">{plots}</div>
-<h2>Most suspicious {k}</h2>{_gallery(pipeline, rows[:k])}
+<h2>Most suspicious {k}</h2>{heat_note}{_gallery(pipeline, rows[:k], heatmaps)}
 <h2>Least suspicious {k}</h2>{_gallery(pipeline, rows[::-1][:k])}
 {problems}
 </body></html>
