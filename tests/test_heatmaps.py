@@ -236,3 +236,20 @@ def test_a_folder_gets_overlays_and_unreadable_images_are_named(data, tmp_path):
         seen = cv2.imread(str(written.seen))
         assert seen.shape == (32, 32, 3)
         assert cv2.imread(str(written.original)).shape == (32, 32, 3)
+
+
+@pytest.mark.tf
+def test_deep_svdd_score_gradient_on_features_matches_finite_differences():
+    from kad_plugins.deep_svdd import DeepSVDDDetector
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(80, 6)).astype(np.float32)
+    detector = DeepSVDDDetector(**DeepSVDDDetector.quick_params).fit(X)
+    queries = (rng.normal(size=(3, 6)) * 2).astype(np.float64)
+    gradient = detector.score_gradient(queries.astype(np.float32))
+    eps = 1e-2  # the network runs in float32
+    numeric = np.stack([
+        (detector._score((queries + eps * e).astype(np.float32))
+         - detector._score((queries - eps * e).astype(np.float32))) / (2 * eps)
+        for e in np.eye(6)], axis=1)
+    np.testing.assert_allclose(gradient, numeric, rtol=0.05, atol=0.02 * np.abs(numeric).max())
