@@ -22,7 +22,7 @@ lesion's mask there:
 Cost: for every detector and block, the time of :meth:`Pipeline.score` and of
 :func:`explain` on the same planted images, measured side by side in this run, per image.
 
-Run from the repository root (about 10-15 minutes on 2 cores with the defaults)::
+Run from the repository root (about 15 minutes on 2 shared cores with the defaults)::
 
     python benchmarks/heatmaps.py --n 100 --n-fit 200
 """
@@ -171,8 +171,9 @@ def main(argv=None) -> None:
             if choose_method(pipeline.detector) == "occlusion" and args.occlusion_n:
                 count = min(count, args.occlusion_n)
             sub = ArraySource(np.stack(planted[:count]))
-            pipeline.score(sub)  # warm-up: graph tracing counts for neither
-            explain(pipeline, ArraySource(np.stack(planted[:1])), **options)
+            first = ArraySource(np.stack(planted[:1]))  # warm-up: one (padded) batch each,
+            pipeline.score(first)  # so graph tracing counts for neither
+            explain(pipeline, first, **options)
             began = time.perf_counter()
             pipeline.score(sub)
             scoring = (time.perf_counter() - began) / count
