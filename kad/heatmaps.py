@@ -80,6 +80,7 @@ __all__ = [
     "save_overlays",
     "to_image_resolution",
     "write_heatmaps",
+    "write_overlay",
 ]
 
 METHODS = ("auto", "gradient", "occlusion", "detector")
@@ -452,24 +453,35 @@ def _write_png(path: Path, rgb: np.ndarray) -> Path:
     return path
 
 
+def write_overlay(heatmap: Heatmap, path: str | Path, on: str = "seen") -> Path:
+    """Write one overlay PNG to ``path``: over the image as the model saw it (``on="seen"``)
+    or mapped back over the original photograph (``on="original"``)."""
+    if heatmap.map is None:
+        raise KadError(f"{heatmap.id} has no heatmap: {heatmap.error}")
+    if on not in ("seen", "original"):
+        raise KadError(f"an overlay is drawn on 'seen' or 'original', got {on!r}")
+    image = heatmap.seen if on == "seen" else heatmap.original
+    if image is None:
+        raise KadError(f"{heatmap.id}: the heatmap was made without keep_images=True")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if on == "seen":
+        return _write_png(path, overlay(image, heatmap.map))
+    back = heatmap.on_original()
+    return _write_png(path, overlay(image, back, vmax=float(back.max())))
+
+
 def save_overlays(heatmap: Heatmap, out_dir: str | Path, stem: str | None = None,
                   ) -> OverlayFiles:
     """Write ``STEM_seen.png`` (the map over the image as the model saw it) and
     ``STEM_original.png`` (mapped back over the original photograph) into ``out_dir``.
     ``stem`` defaults to the image's name and a hash of its id (unique per id)."""
-    if heatmap.map is None:
-        raise KadError(f"{heatmap.id} has no heatmap: {heatmap.error}")
-    if heatmap.seen is None:
-        raise KadError(f"{heatmap.id}: the heatmap was made without keep_images=True")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     stem = stem or _stem(heatmap.id)
-    seen = _write_png(out / f"{stem}_seen.png", overlay(heatmap.seen, heatmap.map))
+    seen = write_overlay(heatmap, out / f"{stem}_seen.png", "seen")
     original = None
     if heatmap.original is not None and heatmap.box is not None:
-        back = heatmap.on_original()
-        original = _write_png(out / f"{stem}_original.png",
-                              overlay(heatmap.original, back, vmax=float(back.max())))
+        original = write_overlay(heatmap, out / f"{stem}_original.png", "original")
     return OverlayFiles(seen, original)
 
 

@@ -237,6 +237,16 @@ def test_a_folder_gets_overlays_and_unreadable_images_are_named(data, tmp_path):
         assert seen.shape == (32, 32, 3)
         assert cv2.imread(str(written.original)).shape == (32, 32, 3)
 
+    from kad.report import write_report
+    from kad.screening import rank
+
+    rows = rank(pipeline, files, run.scores)
+    page, _ = write_report(tmp_path / "report.html", pipeline, rows, run.scores.failed, [],
+                           "model.kad", n_thumbnails=2, heatmaps=run.files)
+    text = page.read_text()
+    assert text.count('alt="heatmap as the model saw it"') == 2
+    assert text.count('alt="heatmap on the photograph"') == 2
+
 
 @pytest.mark.tf
 def test_deep_svdd_score_gradient_on_features_matches_finite_differences():
@@ -253,3 +263,21 @@ def test_deep_svdd_score_gradient_on_features_matches_finite_differences():
          - detector._score((queries - eps * e).astype(np.float32))) / (2 * eps)
         for e in np.eye(6)], axis=1)
     np.testing.assert_allclose(gradient, numeric, rtol=0.05, atol=0.02 * np.abs(numeric).max())
+
+
+def test_one_overlay_goes_to_the_path_asked_for(tmp_path):
+    from kad.heatmaps import write_overlay
+
+    heat = np.zeros((16, 16), np.float32)
+    heat[3, 3] = 1.0
+    found = Heatmap("eye.png", 1.0, "gradient", heat, box=(0, 0, 40, 20),
+                    original_shape=(20, 40), seen=np.full((16, 16, 3), 0.5, np.float32),
+                    original=np.zeros((20, 40, 3), np.uint8))
+    assert cv2.imread(str(write_overlay(found, tmp_path / "a.png"))).shape == (16, 16, 3)
+    written = write_overlay(found, tmp_path / "sub" / "b.png", on="original")
+    assert cv2.imread(str(written)).shape == (20, 40, 3)
+    with pytest.raises(KadError, match="'seen' or 'original'"):
+        write_overlay(found, tmp_path / "c.png", on="both")
+    with pytest.raises(KadError, match="no heatmap"):
+        write_overlay(Heatmap("x", float("nan"), "gradient", None, error="truncated"),
+                      tmp_path / "d.png")
