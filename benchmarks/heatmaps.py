@@ -96,7 +96,7 @@ def row(name: str, result: dict, cost: str = "") -> str:
     lo, hi = wilson(result["hits"], n)
     nlo, nhi = wilson(result["near"], n)
     mean, alo, ahi = result["auroc"]
-    return (f"{name:<34} {100 * result['hits'] / n:5.1f} [{100 * lo:4.1f}-{100 * hi:5.1f}]  "
+    return (f"{name:<38} {100 * result['hits'] / n:5.1f} [{100 * lo:4.1f}-{100 * hi:5.1f}]  "
             f"{100 * result['near'] / n:5.1f} [{100 * nlo:4.1f}-{100 * nhi:5.1f}]  "
             f"{mean:.3f} [{alo:.3f}-{ahi:.3f}]  {cost}")
 
@@ -153,7 +153,7 @@ def main(argv=None) -> None:
         left, top, side = fundus_box(image)
         yy, xx = np.mgrid[:image.shape[0], :image.shape[1]]
         centre_maps.append(-np.hypot(xx + 0.5 - left - side / 2, yy + 0.5 - top - side / 2))
-    header = (f"{'detector / block (method)':<34} {'pointing %':<17}  {'within 15 px %':<17}  "
+    header = (f"{'detector / block (method)':<38} {'pointing %':<17}  {'within 15 px %':<17}  "
               f"{'pixel AUROC':<21}  lesion effect  cost per image: score, heatmap, ratio")
     lines = [header, row("centre bias", evaluate(centre_maps, masks, discs))]
     print(lines[0])
