@@ -12,7 +12,8 @@ How a map is made is part of the detector contract (:mod:`kad.detector`), in thi
     The detector overrides :meth:`~kad.detector.BaseDetector.explain_maps` and returns
     its own map from the unpooled block maps.
 
-``"gradient"`` (kNN, Mahalanobis, OC-SVM with an RBF or linear kernel)
+``"gradient"`` (kNN, Mahalanobis, OC-SVM with an RBF or linear kernel, and on feature
+vectors Deep SVDD and DSEBM's energy)
     The score ``s`` is a differentiable function of the pooled feature vector ``p``, and
     ``p`` is the spatial mean of the block maps the network has already computed:
     ``p_b = (1/N_b) Σ_l f_{b,l}`` for block ``b`` with ``N_b`` locations ``l``. The score is
@@ -34,7 +35,7 @@ How a map is made is part of the detector contract (:mod:`kad.detector`), in thi
     these non-linear scores; integrated gradients does, at ``steps`` detector gradients
     per image and no extra network pass.
 
-``"occlusion"`` (Isolation Forest, deep detectors, anything else)
+``"occlusion"`` (Isolation Forest, DAGMM, anything else)
     The image is cut into a ``grid`` x ``grid`` grid; each cell in turn is filled with
     neutral grey (0.5 in [0, 1]: for fundus preprocessing, exactly the local average colour
     it subtracts) and the image rescored. A cell's value is the score minus the occluded

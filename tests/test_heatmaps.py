@@ -249,12 +249,14 @@ def test_a_folder_gets_overlays_and_unreadable_images_are_named(data, tmp_path):
 
 
 @pytest.mark.tf
-def test_deep_svdd_score_gradient_on_features_matches_finite_differences():
-    from kad_plugins.deep_svdd import DeepSVDDDetector
+@pytest.mark.parametrize("name", ["deep_svdd", "dsebm"])
+def test_deep_score_gradient_on_features_matches_finite_differences(name):
+    from kad.registry import get_detector
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(80, 6)).astype(np.float32)
-    detector = DeepSVDDDetector(**DeepSVDDDetector.quick_params).fit(X)
+    prototype = get_detector(name)
+    detector = prototype.set_params(**type(prototype).quick_params).fit(X)
     queries = (rng.normal(size=(3, 6)) * 2).astype(np.float64)
     gradient = detector.score_gradient(queries.astype(np.float32))
     eps = 1e-2  # the network runs in float32
