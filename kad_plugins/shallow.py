@@ -16,6 +16,9 @@ from sklearn.svm import OneClassSVM
 from kad.detector import BaseDetector
 
 
+_ROWS = 64  # rows per matrix product in MahalanobisDetector._score
+
+
 class IsolationForestDetector(BaseDetector):
     """Isolation Forest (Liu et al. 2008), scikit-learn defaults: the paper's method.
 
@@ -161,8 +164,19 @@ class MahalanobisDetector(BaseDetector):
         self.gaussian_ = LedoitWolf().fit(X.astype(np.float64))
 
     def _score(self, X):
+        # The product runs on blocks of a fixed number of rows (the last one padded with
+        # zeros): BLAS sums in an order that depends on the matrix shapes, so an image's
+        # score would otherwise change in its last bits with the images scored beside it.
         centred = X.astype(np.float64) - self.gaussian_.location_
-        return np.einsum("ij,ij->i", centred @ self.gaussian_.precision_, centred)
+        scores = np.empty(len(centred))
+        block = np.zeros((_ROWS, centred.shape[1]))
+        for start in range(0, len(centred), _ROWS):
+            part = centred[start:start + _ROWS]
+            block[:len(part)] = part
+            block[len(part):] = 0.0
+            product = (block @ self.gaussian_.precision_)[:len(part)]
+            scores[start:start + len(part)] = np.einsum("ij,ij->i", product, part)
+        return scores
 
     def _score_gradient(self, X):
         """``2 Σ⁻¹ (x - μ)``."""
