@@ -15,7 +15,6 @@ from sklearn.svm import OneClassSVM
 
 from kad.detector import BaseDetector
 
-
 _ROWS = 64  # rows per matrix product in MahalanobisDetector._score
 
 
