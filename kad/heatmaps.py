@@ -68,11 +68,13 @@ from .errors import ImageReadError, KadError
 
 __all__ = [
     "METHODS",
+    "Explained",
     "Heatmap",
     "HeatmapRun",
     "OverlayFiles",
     "choose_method",
     "explain",
+    "explain_file",
     "iter_heatmaps",
     "occlusion_cells",
     "overlay",
@@ -513,6 +515,47 @@ def write_heatmaps(pipeline, source, ids: Sequence[str] | None, out_dir: str | P
         files[heat.id] = save_overlays(heat, out_dir)
     return HeatmapRun(Scores(ids, scores, failed), files, used, passes,
                       time.perf_counter() - began)
+
+
+@dataclass
+class Explained:
+    """What :func:`explain_file` found and wrote for one image."""
+
+    file: str
+    score: float
+    flagged: bool
+    threshold: float
+    percentile: float
+    method: str
+    forward_passes: int
+    peak: tuple[int, int]  # (row, column) in the image as the model saw it
+    image_size: int
+    explained: float | None  # score - reference score (gradient method), else None
+    attributed: float  # the map's sum
+    seen_png: Path
+    original_png: Path | None
+
+
+def explain_file(pipeline, image: str | Path, out: str | Path, *,
+                 original: str | Path | None = None, method: str = "auto",
+                 grid: int = DEFAULT_GRID, steps: int = DEFAULT_STEPS,
+                 weights: str | None = None) -> Explained:
+    """Explain one image file: the overlay on the image as the model saw it goes to
+    ``out``, and, with ``original``, the overlay on the photograph goes there. An
+    unreadable image raises :class:`~kad.errors.ImageReadError`."""
+    from .datasets import FileSource
+
+    found = explain(pipeline, FileSource([Path(image)]), [str(image)], method=method,
+                    grid=grid, steps=steps, weights=weights)[0]
+    if found.map is None:
+        raise ImageReadError(image, found.error or "unreadable")
+    seen = write_overlay(found, out, "seen")
+    back = write_overlay(found, original, "original") if original is not None else None
+    return Explained(
+        str(image), found.score, bool(pipeline.flag(np.array([found.score]))[0]),
+        float(pipeline.threshold.value), float(pipeline.percentile(np.array([found.score]))[0]),
+        found.method, found.forward_passes, found.peak, int(found.map.shape[0]),
+        found.explained, float(found.map.astype(np.float64).sum()), seen, back)
 
 
 # ----------------------------------------------------------------------- evaluation

@@ -237,6 +237,18 @@ def test_a_folder_gets_overlays_and_unreadable_images_are_named(data, tmp_path):
         assert seen.shape == (32, 32, 3)
         assert cv2.imread(str(written.original)).shape == (32, 32, 3)
 
+    from kad.heatmaps import explain_file
+
+    one = explain_file(pipeline, files[0], tmp_path / "one.png",
+                       original=tmp_path / "one_photo.png")
+    assert one.score == run.scores.scores[0] and one.method == "gradient"
+    assert one.flagged == (one.score > pipeline.threshold.value)
+    assert one.attributed == pytest.approx(one.explained, rel=1e-4)
+    assert cv2.imread(str(one.seen_png)) is not None and one.original_png.is_file()
+    with pytest.raises(KadError, match="broken.png"):
+        explain_file(pipeline, broken, tmp_path / "never.png")
+    assert not (tmp_path / "never.png").exists()
+
     from kad.report import write_report
     from kad.screening import rank
 
