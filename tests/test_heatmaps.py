@@ -61,6 +61,15 @@ def test_isolation_forest_has_no_gradient_and_gets_occlusion():
         choose_method(forest, "saliency")
 
 
+def test_a_detector_fitted_without_a_reference_falls_back_to_occlusion():
+    X = np.random.default_rng(0).normal(size=(50, 4))
+    knn = KNNDetector().fit(X)
+    del knn.reference_  # as in models fitted before heatmaps existed
+    assert choose_method(knn) == "occlusion"
+    with pytest.raises(KadError, match="refit"):
+        choose_method(knn, "gradient")
+
+
 def test_block_shares_brought_to_the_image_keep_their_sum():
     share = np.random.default_rng(1).normal(size=(7, 7))
     up = to_image_resolution(share, 224)
