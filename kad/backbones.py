@@ -162,6 +162,26 @@ class Backbone:
         return model, names
 
 
+def spatial_extractor(model, blocks: list[str]):
+    """From a model of :meth:`Backbone.build_extractor`, one that returns, for each of
+    ``blocks`` in order, the pooled vector ``(n, c)`` and then the block's unpooled map
+    ``(n, h, w, c)``: ``[pooled_1, map_1, pooled_2, map_2, ...]``.
+
+    It shares the extractor's layers and weights (nothing is loaded again) and keeps the
+    pooling inside the graph, so the pooled outputs are those the pipeline scores, and
+    the maps are the tensors they are the spatial mean of.
+    """
+    keras = import_keras()
+    outputs = []
+    for name in blocks:
+        try:
+            gap = model.get_layer(f"kad_gap_{name}")
+        except ValueError as exc:
+            raise KadError(f"the extractor has no block {name!r}") from exc
+        outputs += [gap.output, gap.input]
+    return keras.Model(model.inputs, outputs, name=f"{model.name}_maps")
+
+
 def keras_cache_dir() -> Path:
     """Where Keras keeps downloaded weights (``$KERAS_HOME/models``)."""
     home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")

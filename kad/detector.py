@@ -79,6 +79,24 @@ class BaseDetector(BaseEstimator):
         """Anomaly scores of ``X``, higher meaning more anomalous."""
         raise NotImplementedError
 
+    def _score_gradient(self, X: np.ndarray) -> np.ndarray | None:
+        """Gradient of the anomaly score with respect to each row of ``X`` (feature
+        vectors), or None (the default) where the score is not a differentiable function of
+        them; heatmaps then fall back to occlusion. See :meth:`score_gradient`."""
+        return None
+
+    def explain_maps(self, maps: list[np.ndarray]) -> np.ndarray | None:
+        """A detector's own heatmap of one image, or None (the default) to let
+        :mod:`kad.heatmaps` make it (gradient attribution where :meth:`score_gradient`
+        exists, occlusion otherwise).
+
+        ``maps`` are the unpooled block maps ``(h, w, c)`` of the image, in the order whose
+        spatial means, concatenated, are the feature vector the detector scores. Return a
+        ``(h', w')`` array of how much each region raises the score (any resolution; it is
+        resized to the image).
+        """
+        return None
+
     def _training_scores(self, X: np.ndarray) -> np.ndarray:
         """Scores of the training data, from which ``threshold_`` is set. Override where a
         training point must not count as its own evidence (nearest neighbours)."""
@@ -94,6 +112,9 @@ class BaseDetector(BaseEstimator):
                 "(1 = anomaly, 0 = normal)"
             )
         X = self._validate(X, reset=True)
+        if X.ndim == 2:
+            # The typical normal feature vector: heatmaps explain a score against it.
+            self.reference_ = X.mean(axis=0, dtype=np.float64)
         self._fit(X, y)
         scores = np.asarray(self._training_scores(X), dtype=np.float64)
         self.decision_scores_ = scores
@@ -106,6 +127,18 @@ class BaseDetector(BaseEstimator):
         check_is_fitted(self, "threshold_")
         X = self._validate(X, reset=False)
         return np.asarray(self._score(X), dtype=np.float64)
+
+    def score_gradient(self, X) -> np.ndarray | None:
+        """``(n, d)`` gradient of :meth:`anomaly_score` with respect to each feature vector
+        (float64), or None where the detector's score is not differentiable in its features
+        (Isolation Forest) or the detector does not say how; :mod:`kad.heatmaps` uses it to
+        attribute a score to image regions."""
+        check_is_fitted(self, "threshold_")
+        X = self._validate(X, reset=False)
+        if X.ndim != 2:
+            return None
+        gradient = self._score_gradient(X)
+        return None if gradient is None else np.asarray(gradient, dtype=np.float64)
 
     def predict(self, X) -> np.ndarray:
         """1 for inputs scored above ``threshold_`` (anomalies), 0 otherwise."""

@@ -29,6 +29,7 @@ __all__ = [
     "Natural",
     "Preprocessing",
     "crop_fundus",
+    "fundus_box",
     "get_preprocessing",
 ]
 
@@ -49,6 +50,14 @@ class Preprocessing:
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def crop_box(self, rgb: np.ndarray) -> tuple[int, int, int, int]:
+        """``(left, top, width, height)``: the region of ``rgb``, in its pixels, that the
+        output covers (it may reach past the photograph, where the output is padding). The
+        output is this region resized to the output's size, so a map over the output maps
+        back onto the photograph by the inverse resize. The whole image by default."""
+        height, width = to_rgb_uint8(rgb).shape[:2]
+        return 0, 0, width, height
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,11 @@ class Fundus(Preprocessing):
         out[~inside] = 0.5
         return out.astype(np.float32, copy=False)
 
+    def crop_box(self, rgb: np.ndarray) -> tuple[int, int, int, int]:
+        """The square :func:`crop_fundus` cuts, as ``(left, top, side, side)``."""
+        left, top, side = fundus_box(rgb)
+        return left, top, side, side
+
 
 #: Every preprocessing by name.
 def get_preprocessing(spec: str | Preprocessing) -> Preprocessing:
@@ -193,16 +207,11 @@ def crop_fundus(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     rgb = to_rgb_uint8(rgb)
     height, width = rgb.shape[:2]
-    found = _find_fundus(rgb)
-    if found is None:
-        side = min(height, width)
-        top, left = (height - side) // 2, (width - side) // 2
+    (left, top, side), hull = _box(rgb)
+    if hull is None:
         crop = rgb[top : top + side, left : left + side].copy()
         return crop, np.ones((side, side), dtype=bool)
 
-    (cx, cy, radius), hull = found
-    side = max(1, round(2 * radius))
-    left, top = round(cx - side / 2), round(cy - side / 2)
     crop = np.zeros((side, side, 3), dtype=np.uint8)
     x0, y0 = max(left, 0), max(top, 0)
     x1, y1 = min(left + side, width), min(top + side, height)
@@ -214,6 +223,26 @@ def crop_fundus(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     yy, xx = np.ogrid[:side, :side]
     disc = (xx + 0.5 - centre) ** 2 + (yy + 0.5 - centre) ** 2 <= centre**2
     return crop, disc & region.astype(bool)
+
+
+def fundus_box(rgb: np.ndarray) -> tuple[int, int, int]:
+    """``(left, top, side)`` of the square :func:`crop_fundus` cuts from ``rgb``, in its
+    pixels; the square may reach past the photograph (the crop is padded with black there).
+    """
+    return _box(to_rgb_uint8(rgb))[0]
+
+
+def _box(rgb: np.ndarray) -> tuple[tuple[int, int, int], np.ndarray | None]:
+    """The crop square and the hull of the fundus (None when no fundus was found and the
+    square is the centred one)."""
+    height, width = rgb.shape[:2]
+    found = _find_fundus(rgb)
+    if found is None:
+        side = min(height, width)
+        return ((width - side) // 2, (height - side) // 2, side), None
+    (cx, cy, radius), hull = found
+    side = max(1, round(2 * radius))
+    return (round(cx - side / 2), round(cy - side / 2), side), hull
 
 
 def _find_fundus(

@@ -35,6 +35,7 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px}
 td,th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:left}
 .grid{display:flex;flex-wrap:wrap;gap:10px}
 figure{margin:0;width:THUMBpx;font-size:11px;overflow-wrap:anywhere}
+figure.heat{width:calc(3 * THUMBpx + 24px)}
 figure img{width:THUMBpx;height:THUMBpx;border:3px solid #ccc;border-radius:4px}
 figure.flag img{border-color:#d33}.num{font-variant-numeric:tabular-nums}
 figure.pair{width:calc(2*THUMBpx + 14px)}.pair .views{display:flex;gap:4px}
@@ -137,7 +138,19 @@ def _where(r: ScoredImage) -> str:
     return f"{r.percentile:.0f}th pct of training"
 
 
-def _gallery(pipeline: Pipeline, rows: list[ScoredImage]) -> str:
+def _overlay_thumbnail(path) -> str | None:
+    """A heatmap overlay PNG written by :func:`kad.heatmaps.save_overlays`, as a thumbnail."""
+    from .images import read_image, resize
+
+    if path is None:
+        return None
+    try:
+        return _png(resize(read_image(path), THUMB).astype(np.float32) / 255.0)
+    except ImageReadError:
+        return None
+
+
+def _gallery(pipeline: Pipeline, rows: list[ScoredImage], heatmaps: dict | None = None) -> str:
     cells = []
     for r in rows:
         uris = _thumbnails(pipeline, r.file)
@@ -148,8 +161,17 @@ def _gallery(pipeline: Pipeline, rows: list[ScoredImage]) -> str:
                      f'</div><div><img src="{uris[1]}" alt="model input"><br>model input</div>')
         else:
             views = "<div>(unreadable)</div>"
+        drawn = (heatmaps or {}).get(r.file)
+        if drawn is not None:
+            for part, what in ((drawn.seen, "as the model saw it"),
+                               (drawn.original, "on the photograph")):
+                heat = _overlay_thumbnail(part)
+                if heat:
+                    views += (f'<div><img src="{heat}" alt="heatmap {what}" '
+                              f'title="heatmap {what}"><br>heatmap {what}</div>')
         cells.append(
-            f'<figure class="pair{" flag" if r.flagged else ""}"><div class="views">{views}'
+            f'<figure class="pair{" flag" if r.flagged else ""}{" heat" if drawn else ""}">'
+            f'<div class="views">{views}'
             f'</div><figcaption><b class="num">{r.score:.4g}</b> · {_where(r)}{label}<br>'
             f"{html.escape(Path(r.file).name)}</figcaption></figure>"
         )
@@ -248,8 +270,13 @@ def _ranked_table(rows: list[ScoredImage], limit: int = 50) -> str:
 
 def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
                  failed: dict[str, str], skipped: list[tuple[str, str]], model_path: str,
-                 n_thumbnails: int = 12) -> tuple[Path, dict | None]:
-    """Write the page; returns its path and the labelled metrics (None without labels)."""
+                 n_thumbnails: int = 12, heatmaps: dict | None = None,
+                 ) -> tuple[Path, dict | None]:
+    """Write the page; returns its path and the labelled metrics (None without labels).
+
+    ``heatmaps`` ({file: :class:`kad.heatmaps.OverlayFiles`}, from
+    :func:`kad.heatmaps.write_heatmaps`) adds, for the most suspicious images, the heatmap
+    over the image as the model saw it and over the photograph."""
     metrics = labelled_metrics(rows, pipeline.threshold.value)
     flagged = sum(r.flagged for r in rows)
     info = pipeline.describe()
@@ -286,6 +313,9 @@ def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
                  for f, why in [*failed.items(), *skipped]]
         problems = ("<h2>Not scored</h2><table><tr><th>file</th><th>reason</th></tr>"
                     + "".join(items) + "</table>")
+    heat_note = ('<p class="meta">Beside each image, its heatmap as the model saw it and on '
+                 "the photograph: the warmer, the more that region raises the score (colour "
+                 "scale per image).</p>" if heatmaps else "")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>kad screening report</title>
 <style>{_CSS}</style></head><body>
@@ -300,7 +330,7 @@ def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
 small means unlike the healthy images; an image is flagged by a conformal threshold at
 false-positive rate α exactly when its p-value is at most α.</p>
 {_ranked_table(rows)}
-<h2>Most suspicious {k}</h2>{_gallery(pipeline, rows[:k])}
+<h2>Most suspicious {k}</h2>{heat_note}{_gallery(pipeline, rows[:k], heatmaps)}
 <h2>Least suspicious {k}</h2>{_gallery(pipeline, rows[::-1][:k])}
 {problems}
 </body></html>

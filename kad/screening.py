@@ -255,6 +255,7 @@ class ScreeningRun:
     scores_csv: Path
     report: Path
     metrics: dict | None
+    heatmaps: object = None  # kad.heatmaps.HeatmapRun, with heatmaps
 
     @property
     def n_inputs(self) -> int:
@@ -269,10 +270,13 @@ class ScreeningRun:
 def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path, *,
            labels: str | Path | None = None, weights: str | None = None,
            engine: str = "local", ray_address: str | None = None,
-           progress: ProgressCallback | None = None) -> ScreeningRun:
+           heatmaps: bool = False, heatmap_method: str = "auto", grid: int = 8,
+           steps: int = 16, progress: ProgressCallback | None = None) -> ScreeningRun:
     """Score every image under ``inputs`` with the model file ``model`` and write
     ``scores.csv`` and ``report.html`` to ``out_dir`` (checked for writability first).
-    ``engine="ray"`` scores on a Ray cluster (:func:`kad.ray_engine.score_with_ray`)."""
+    ``engine="ray"`` scores on a Ray cluster (:func:`kad.ray_engine.score_with_ray`).
+    With ``heatmaps``, every scored image's heatmap overlays go to ``out_dir/heatmaps``
+    and the report shows them (:func:`kad.heatmaps.write_heatmaps`)."""
     from .cache import check_writable
     from .datasets import FileSource
     from .pipeline import load_pipeline
@@ -280,6 +284,9 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
 
     if engine not in ("local", "ray"):
         raise KadError(f"unknown engine {engine!r}: use local or ray")
+    if heatmaps and engine != "local":
+        raise KadError("heatmaps are drawn by the local engine; drop --engine ray or "
+                       "--heatmaps")
     pipeline = load_pipeline(model)
     out_dir = check_writable(Path(out_dir), what="--out folder")
     files, not_scored = collect_images(inputs)
@@ -290,7 +297,15 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
                        + first_few(f"{Path(o.file).name} ({o.reason})" for o in not_scored))
     truth = match_labels(files, read_labels(Path(labels))) if labels else None
     ids = [str(f) for f in files]
-    if engine == "ray":
+    drawn = None
+    if heatmaps:
+        from .heatmaps import write_heatmaps
+
+        drawn = write_heatmaps(pipeline, FileSource(files), ids, out_dir / "heatmaps",
+                               method=heatmap_method, grid=grid, steps=steps, weights=weights,
+                               progress=progress)
+        result = drawn.scores
+    elif engine == "ray":
         from .ray_engine import score_with_ray
 
         result = score_with_ray(pipeline, FileSource(files), ids, address=ray_address,
@@ -303,8 +318,9 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
     report, metrics = write_report(out_dir / "report.html", pipeline, rows,
                                    {o.file: o.reason for o in not_scored if o.status == UNREADABLE},
                                    [(o.file, o.reason) for o in not_scored
-                                    if o.status != UNREADABLE], str(model))
-    return ScreeningRun(rows, not_scored, csv_path, report, metrics)
+                                    if o.status != UNREADABLE], str(model),
+                                   heatmaps=drawn.files if drawn else None)
+    return ScreeningRun(rows, not_scored, csv_path, report, metrics, drawn)
 
 
 # -- kad threshold -------------------------------------------------------------------------

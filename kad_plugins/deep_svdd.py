@@ -60,6 +60,7 @@ from kad.deep import (
     inference_copy,
     keras,
     seed_everything,
+    tf,
 )
 
 __all__ = ["DeepSVDDDetector", "CollapseWarning"]
@@ -241,6 +242,19 @@ class DeepSVDDDetector(DeepDetector):
     def _score(self, X):
         reps = self._predict(self.encoder_, self._prepare(X)).astype(np.float64)
         return np.sum((reps - self.c_.astype(np.float64)) ** 2, axis=1)
+
+    def _score_gradient(self, X):
+        """On feature vectors, ``∇ ||φ((x - m) / σ) - c||²`` by automatic differentiation
+        through the encoder in inference mode (float32); None on images."""
+        if X.ndim != 2:
+            return None
+        x = tf.constant(self._prepare(X))
+        centre = tf.constant(self.c_.astype(np.float32))
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            score = tf.reduce_sum((self.encoder_(x, training=False) - centre) ** 2, axis=1)
+        gradient = tape.gradient(score, x).numpy().astype(np.float64)
+        return gradient / self.feature_scale_.astype(np.float64)
 
     def _training_scores(self, X):
         scores = self._score(X)

@@ -196,3 +196,12 @@ class DSEBMDetector(DeepDetector):
     def _score(self, X):
         out = self._predict(self.net_, self._prepare(X))
         return np.asarray(out[self.score], dtype=np.float64)
+
+    def _score_gradient(self, X):
+        """With ``score="energy"``, on feature vectors: ``∂E/∂x`` from the network's own
+        input gradient (float32), divided by the standardisation scale; otherwise None
+        (the reconstruction score is the norm of that gradient: occlusion)."""
+        if X.ndim != 2 or self.score != "energy":
+            return None
+        _, gradient = self.net_.energy_gradient(tf.constant(self._prepare(X)))
+        return gradient.numpy().astype(np.float64) / self.feature_scale_.astype(np.float64)

@@ -15,6 +15,8 @@ from sklearn.svm import OneClassSVM
 
 from kad.detector import BaseDetector
 
+_ROWS = 64  # rows per matrix product in MahalanobisDetector._score
+
 
 class IsolationForestDetector(BaseDetector):
     """Isolation Forest (Liu et al. 2008), scikit-learn defaults: the paper's method.
@@ -69,6 +71,24 @@ class OneClassSVMDetector(BaseDetector):
     def _score(self, X):
         return -self.svm_.decision_function(self.scaler_.transform(X))
 
+    def _score_gradient(self, X):
+        """``-∇ Σᵢ αᵢ k(z, svᵢ)`` with ``z`` the standardised ``x``: for the RBF kernel
+        ``2γ Σᵢ αᵢ k(z, svᵢ) (z - svᵢ) / σ``; for the linear one ``-Σᵢ αᵢ svᵢ / σ``. Other
+        kernels: None (occlusion)."""
+        z = self.scaler_.transform(X).astype(np.float64)
+        sv = self.svm_.support_vectors_.astype(np.float64)
+        alpha = self.svm_.dual_coef_.ravel().astype(np.float64)
+        scale = np.asarray(self.scaler_.scale_, dtype=np.float64)
+        if self.svm_.kernel == "linear":
+            return np.broadcast_to(-(alpha @ sv) / scale, z.shape).copy()
+        if self.svm_.kernel != "rbf":
+            return None
+        gamma = float(self.svm_._gamma)  # the value "scale"/"auto" resolved to at fit
+        sq = (z * z).sum(1)[:, None] - 2.0 * z @ sv.T + (sv * sv).sum(1)[None, :]
+        weights = alpha[None, :] * np.exp(-gamma * np.maximum(sq, 0.0))  # (n, n_sv)
+        grad_z = 2.0 * gamma * (weights.sum(1)[:, None] * z - weights @ sv)
+        return grad_z / scale
+
 
 class KNNDetector(BaseDetector):
     """Distance to the nearest normal training features (Bergman et al. 2020, DN2).
@@ -102,6 +122,22 @@ class KNNDetector(BaseDetector):
     def _score(self, X):
         return self._reduce(self.nn_.kneighbors(X)[0])
 
+    def _score_gradient(self, X):
+        """For the Euclidean metric, the mean (``"mean"``) of the unit vectors from the
+        ``n_neighbors`` nearest training vectors to ``x``, or the one from the k-th
+        (``"kth"``); the score is differentiable wherever the neighbours do not change.
+        Other metrics: None (occlusion)."""
+        if self.metric not in ("euclidean", "l2"):
+            return None
+        X = X.astype(np.float64)
+        dist, idx = self.nn_.kneighbors(X)
+        train = self.nn_._fit_X  # the training vectors the index holds
+        if self.method == "kth":
+            dist, idx = dist[:, -1:], idx[:, -1:]
+        diff = X[:, None, :] - train[idx].astype(np.float64)  # (n, k, d)
+        unit = diff / np.maximum(dist, 1e-12)[:, :, None]
+        return unit.mean(axis=1)
+
     def _training_scores(self, X):
         # Each training vector is its own nearest neighbour: skip that match.
         dist, _ = self.nn_.kneighbors(X, n_neighbors=self.n_neighbors + 1)
@@ -127,5 +163,21 @@ class MahalanobisDetector(BaseDetector):
         self.gaussian_ = LedoitWolf().fit(X.astype(np.float64))
 
     def _score(self, X):
+        # The product runs on blocks of a fixed number of rows (the last one padded with
+        # zeros): BLAS sums in an order that depends on the matrix shapes, so an image's
+        # score would otherwise change in its last bits with the images scored beside it.
         centred = X.astype(np.float64) - self.gaussian_.location_
-        return np.einsum("ij,ij->i", centred @ self.gaussian_.precision_, centred)
+        scores = np.empty(len(centred))
+        block = np.zeros((_ROWS, centred.shape[1]))
+        for start in range(0, len(centred), _ROWS):
+            part = centred[start:start + _ROWS]
+            block[:len(part)] = part
+            block[len(part):] = 0.0
+            product = (block @ self.gaussian_.precision_)[:len(part)]
+            scores[start:start + len(part)] = np.einsum("ij,ij->i", product, part)
+        return scores
+
+    def _score_gradient(self, X):
+        """``2 Σ⁻¹ (x - μ)``."""
+        centred = X.astype(np.float64) - self.gaussian_.location_
+        return 2.0 * centred @ self.gaussian_.precision_

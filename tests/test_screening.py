@@ -377,3 +377,24 @@ def test_threshold_moves_to_a_false_positive_rate_without_labels(work):
     n = len(calibration)
     assert chosen.value == calibration[int(np.ceil((n + 1) * 0.7)) - 1]
     assert "guarantee" in result.output and str(target) in result.output
+
+
+def test_score_with_heatmaps_and_explain_draw_where_the_score_comes_from(work, tmp_path):
+    import cv2
+
+    out = tmp_path / "heat"
+    new = sorted((work / "new" / "abnormal").glob("*.png"))[:3]
+    result = _kad("score", work / "model.kad", *new, "--out", out, "--heatmaps",
+                  "--grid", "4")
+    drawn = sorted((out / "heatmaps").glob("*.png"))
+    assert len(drawn) == 2 * len(new), drawn  # over the model input and over the photograph
+    assert "heatmaps by occlusion" in result.output  # iforest has no gradient
+    assert "network passes" in result.output
+    page = (out / "report.html").read_text()
+    assert page.count('alt="heatmap as the model saw it"') == len(new)
+    picture = tmp_path / "one.png"
+    result = _kad("explain", work / "model.kad", new[0], "--out", picture, "--grid", "4",
+                  "--original", tmp_path / "taken.png")
+    assert "map by occlusion, 17 network passes" in result.output
+    assert cv2.imread(str(picture)) is not None and cv2.imread(str(tmp_path / "taken.png")) \
+        is not None

@@ -30,3 +30,13 @@ def test_knn_training_scores_skip_the_point_itself():
     det = get_detector("knn:n_neighbors=1").fit(train)
     np.testing.assert_allclose(det.decision_scores_, [1.0, 1.0, 2.0, 7.0])
     np.testing.assert_allclose(det.anomaly_score(np.array([[2.0], [0.0]])), [1.0, 0.0])
+
+
+def test_an_image_scores_the_same_alone_as_beside_others():
+    rng = np.random.default_rng(0)
+    train, test = rng.normal(size=(200, 40)), rng.normal(size=(150, 40))
+    for name in ("mahalanobis", "knn", "ocsvm", "iforest"):
+        det = get_detector(name).fit(train)
+        together = det.anomaly_score(test)
+        alone = np.array([det.anomaly_score(test[i:i + 1])[0] for i in range(len(test))])
+        np.testing.assert_array_equal(alone, together, err_msg=name)

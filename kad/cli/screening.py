@@ -27,6 +27,12 @@ from .options import (
 )
 from .render import NOTHING_KEPT, handle_errors, note, progress_bar, say, skipped
 
+HeatmapMethodOpt = Annotated[str, typer.Option(
+    "--heatmap-method", help="auto (gradient through the pooling where the detector has one, "
+                             "else occlusion), gradient, occlusion or detector.")]
+GridOpt = Annotated[int, typer.Option("--grid", min=2, help="Occlusion grid (cells a side).")]
+StepsOpt = Annotated[int, typer.Option("--steps", min=1,
+                                       help="Integrated-gradient steps of the gradient maps.")]
 SensitivityOpt = Annotated[float | None, typer.Option(
     "--sensitivity", min=0.0, max=1.0,
     help="Set the threshold to flag this share of labelled anomalies.")]
@@ -116,13 +122,20 @@ def score(
     weights: WeightsOverrideOpt = None,
     engine: EngineOpt = "local",
     ray_address: RayAddressOpt = None,
+    heatmaps: Annotated[bool, typer.Option(
+        "--heatmaps", help="Also draw, for every scored image, where the score comes from: "
+                           "overlays in OUT/heatmaps/ and in the report.")] = False,
+    heatmap_method: HeatmapMethodOpt = "auto",
+    grid: GridOpt = 8,
+    steps: StepsOpt = 16,
 ) -> None:
     """Score images, most suspicious first: scores.csv and report.html."""
     from ..screening import SCORED, SKIPPED, UNREADABLE, screen
 
     with progress_bar("scoring") as update:
         run = screen(model, images, out_dir, labels=labels, weights=weights, engine=engine,
-                     ray_address=ray_address, progress=update)
+                     ray_address=ray_address, heatmaps=heatmaps,
+                     heatmap_method=heatmap_method, grid=grid, steps=steps, progress=update)
     flagged = sum(r.flagged for r in run.rows)
     say(f"{run.n_inputs} files: {run.count(SCORED)} scored ({flagged} flagged), "
         f"{run.count(UNREADABLE)} unreadable, {run.count(SKIPPED)} skipped")
@@ -131,6 +144,11 @@ def score(
         m = run.metrics
         say(f"AUROC {m['auroc']:.3f}; at the threshold sensitivity {m['sensitivity']:.1%}, "
             f"specificity {m['specificity']:.1%}")
+    if run.heatmaps:
+        drawn = run.heatmaps
+        say(f"heatmaps by {drawn.method}: {drawn.forward_passes} network passes, "
+            f"{1000 * drawn.seconds / max(len(run.rows), 1):.0f} ms per image, in "
+            f"{out_dir / 'heatmaps'}")
     say(f"wrote {run.scores_csv} and {run.report}")
 
 
@@ -165,7 +183,41 @@ def threshold(
     say(f"wrote {run.path}")
 
 
+def explain(
+    model: ModelArg,
+    image: Annotated[Path, typer.Argument(help="The image file to explain.")],
+    out_path: Annotated[Path, typer.Option(
+        "--out", "-o", help="PNG of the heatmap over the image as the model saw it.")] = Path(
+        "explain.png"),
+    original: Annotated[Path | None, typer.Option(
+        "--original", help="Also write the heatmap over the photograph as taken here.")] = None,
+    heatmap_method: HeatmapMethodOpt = "auto",
+    grid: GridOpt = 8,
+    steps: StepsOpt = 16,
+    weights: WeightsOverrideOpt = None,
+) -> None:
+    """Show where one image's score comes from: a heatmap of how much each region raises it."""
+    from ..heatmaps import explain_file
+    from ..pipeline import load_pipeline
+
+    pipeline = load_pipeline(model)
+    e = explain_file(pipeline, image, out_path, original=original, method=heatmap_method,
+                     grid=grid, steps=steps, weights=weights)
+    p_values = pipeline.p_values([e.score])
+    where = (f"p-value {p_values[0]:.3g}" if p_values is not None
+             else f"{e.percentile:.0f}th percentile of the training scores")
+    line = (f"{e.file}: score {e.score:.4g}, {where}, "
+            f"{'flagged' if e.flagged else 'not flagged'} (threshold {e.threshold:.4g}); map by "
+            f"{e.method}, {e.forward_passes} network passes; peak at row {e.peak[0]}, column "
+            f"{e.peak[1]} of {e.image_size} px")
+    if e.explained is not None:
+        line += f"; the map sums to {e.attributed:.4g} of {e.explained:.4g} explained"
+    say(line)
+    say(f"wrote {e.seen_png}" + (f" and {e.original_png}" if e.original_png else ""))
+
+
 def register(app: typer.Typer) -> None:
     app.command()(handle_errors(fit))
     app.command()(handle_errors(score, interrupted=NOTHING_KEPT))
     app.command()(handle_errors(threshold, interrupted=NOTHING_KEPT))
+    app.command()(handle_errors(explain, interrupted=NOTHING_KEPT))
