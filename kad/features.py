@@ -40,28 +40,59 @@ class ExtractionPlan:
     key: str
     path: Path
     inputs: dict
+    runtime: str = "keras"  # resolved: "keras" or "openvino" (see kad.runtime)
 
 
 def default_preprocessing(dataset) -> str:
     return "fundus" if getattr(dataset, "kind", "natural") == "fundus" else "natural"
 
 
+#: Tiny images are upscaled at most this many times by default: more adds no detail,
+#: only compute (which grows with the square of the input size).
+MAX_UPSCALE = 10
+
+
+def default_input_size(dataset, backbone: Backbone) -> int:
+    """The input size used when none is given: the backbone's native size, except for
+    datasets of tiny in-memory images (the 8x8 digits), which get ``MAX_UPSCALE`` times
+    their side, but never less than the backbone's minimum (75 px for the Inception
+    networks). 32 px images (CIFAR, SVHN) keep the native size."""
+    array = getattr(getattr(dataset, "source", None), "array", None)
+    native = backbone.default_size
+    if array is None or getattr(array, "ndim", 0) < 3:
+        return native
+    side = max(int(array.shape[1]), int(array.shape[2]))
+    return max(backbone.min_size, min(native, MAX_UPSCALE * side))
+
+
 def plan_extraction(dataset, backbone="inception_resnet_v2", weights="imagenet",
                     image_size: int | None = None, preprocessing=None,
-                    cache_dir: str | Path | None = None) -> ExtractionPlan:
+                    cache_dir: str | Path | None = None, runtime: str = "auto",
+                    ) -> ExtractionPlan:
+    """What decides the features of ``dataset``, and where they are cached.
+
+    ``image_size`` None picks :func:`default_input_size`. ``runtime`` (``auto``, ``keras``
+    or ``openvino``, see :mod:`kad.runtime`) is resolved here and recorded in the key, so
+    features from different runtimes never mix.
+    """
+    from .runtime import resolve_runtime
+
     bb = backbone if isinstance(backbone, Backbone) else get_backbone(backbone)
-    size = bb.input_size(image_size)
+    size = bb.input_size(default_input_size(dataset, bb) if image_size is None else image_size)
     prep = get_preprocessing(preprocessing or default_preprocessing(dataset))
+    engine = resolve_runtime(runtime).name
     inputs = {
         "dataset": dataset.fingerprint,
         "backbone": str(bb.spec),
         "weights": weights_identity(weights),
         "image_size": size,
         "preprocessing": prep.key,
+        "preprocessing_revision": prep.revision,
+        "runtime": engine,
     }
     key = cache_key(inputs)
     path = entry_path(dataset.name, bb.name, key, Path(cache_dir) if cache_dir else None)
-    return ExtractionPlan(bb, weights, size, prep, key, path, inputs)
+    return ExtractionPlan(bb, weights, size, prep, key, path, inputs, engine)
 
 
 def cached_features(plan: ExtractionPlan) -> FeatureSet | None:
@@ -72,12 +103,15 @@ def extract_features(dataset, backbone="inception_resnet_v2", weights="imagenet"
                      image_size: int | None = None, preprocessing=None, *,
                      batch_size: int = 64, workers: int | None = None,
                      cache_dir: str | Path | None = None,
-                     progress: ProgressCallback | None = None) -> FeatureSet:
+                     progress: ProgressCallback | None = None,
+                     runtime: str = "auto") -> FeatureSet:
     """Features of every block for every image of ``dataset``; see the module docstring.
 
     ``progress(done, total)`` is called after every batch (the CLI draws a rich bar).
+    ``runtime``: ``auto``, ``keras`` or ``openvino`` (:mod:`kad.runtime`).
     """
-    plan = plan_extraction(dataset, backbone, weights, image_size, preprocessing, cache_dir)
+    plan = plan_extraction(dataset, backbone, weights, image_size, preprocessing, cache_dir,
+                           runtime)
     found = cached_features(plan)
     if found is not None:
         return found
@@ -94,9 +128,11 @@ SYNC_SECONDS = 10.0  # how often finished batches are made durable during extrac
 def _extract(dataset, plan: ExtractionPlan, batch_size: int, workers: int | None,
              progress: ProgressCallback | None) -> FeatureSet:
     from .cache import EntryWriter
+    from .runtime import build_runtime
 
-    model, names = plan.backbone.build_extractor(plan.input_size, plan.weights)
-    dims = [int(out.shape[-1]) for out in model.outputs]
+    engine = build_runtime(plan.backbone, plan.input_size, plan.weights, plan.runtime,
+                           batch_size, plan.path.parent)
+    names, dims = engine.names, engine.dims
     meta = {
         "key": plan.key, "inputs": plan.inputs, "dataset": dataset.name,
         "ids": [str(i) for i in dataset.ids], "kad": __version__,
@@ -111,7 +147,7 @@ def _extract(dataset, plan: ExtractionPlan, batch_size: int, workers: int | None
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kad-write") as saver:
             for start, outputs, failed in stream_features(
-                    model, dataset.source, dataset.ids, plan, batch_size, workers,
+                    engine, dataset.source, dataset.ids, plan, batch_size, workers,
                     first=writer.done):
                 if pending is not None:
                     pending.result()
@@ -145,16 +181,20 @@ def stream_features(model, source, ids, plan: ExtractionPlan, batch_size: int = 
                     ) -> Iterator[tuple[int, list[np.ndarray], dict[str, str]]]:
     """``(start, per-block outputs, failed)`` batch by batch, images loaded ahead in threads.
 
-    Every batch is run at the full ``batch_size`` (the last one padded), so an image's
+    ``model`` is a runtime from :func:`kad.runtime.build_runtime` or a Keras model. Every
+    batch is run at the full ``batch_size`` (the last one padded), so an image's
     features never depend on how many images came with it. Rows of unreadable images are
     zeros and their ids are in ``failed`` with the reason.
     """
+    from .runtime import as_runtime
+
+    engine = as_runtime(model)
     for start, batch, failed in _batches(source, ids, plan, first, batch_size, workers):
         n = len(batch)
         if n < batch_size:
             batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]),
                                                     dtype=batch.dtype)])
-        outputs = [np.asarray(o, dtype=np.float32)[:n] for o in model.predict_on_batch(batch)]
+        outputs = [o[:n] for o in engine.predict(batch)]
         for row, ident in enumerate(ids[start:start + n]):
             if str(ident) in failed:
                 for block in outputs:
@@ -165,8 +205,16 @@ def stream_features(model, source, ids, plan: ExtractionPlan, batch_size: int = 
 def load_preprocessed(source, index: int, preprocessing: Preprocessing,
                       input_size: int) -> np.ndarray:
     """One image as the network sees it, before the backbone's own scaling: float32 in
-    [0, 1], ``input_size`` square."""
-    return resize(preprocessing(source.load(index)), input_size)
+    [0, 1], ``input_size`` square.
+
+    A large JPEG is decoded at the smallest size the preprocessing can work from
+    (:meth:`~kad.preprocessing.Preprocessing.source_side`), which is much cheaper.
+    """
+    side = preprocessing.source_side(input_size)
+    load_scaled = getattr(source, "load_scaled", None)
+    image = source.load(index) if load_scaled is None or side is None else load_scaled(
+        index, side)
+    return resize(preprocessing(image), input_size)
 
 
 def _load_batch(source, ids, plan: ExtractionPlan, start: int, stop: int):

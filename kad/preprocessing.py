@@ -42,6 +42,15 @@ class Preprocessing:
     """Base class: a named, parametrised map from RGB ``uint8`` to ``float32`` in [0, 1]."""
 
     name: ClassVar[str] = ""
+    #: Raised whenever the numbers a preprocessing produces change beyond float noise;
+    #: feature caches record it next to :attr:`key`, so old entries are not reused.
+    revision: ClassVar[int] = 1
+
+    def source_side(self, input_size: int) -> int | None:
+        """The shorter side an image needs for this preprocessing to give the same result
+        at ``input_size`` (the network input); a large JPEG is decoded at a reduced size
+        that keeps at least this much. None: the full image is needed."""
+        return None
 
     @property
     def key(self) -> str:
@@ -60,6 +69,10 @@ class Natural(Preprocessing):
     """Rescale to [0, 1]; the size is unchanged."""
 
     name: ClassVar[str] = "natural"
+    revision: ClassVar[int] = 2  # large JPEGs are decoded at a reduced size
+
+    def source_side(self, input_size: int) -> int | None:
+        return int(input_size)  # the image is resized to input_size x input_size
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         return to_rgb_uint8(rgb).astype(np.float32) / np.float32(255.0)

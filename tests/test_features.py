@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
+import kad.runtime
 from conftest import CIFAR10_TAR, KAGGLE_DR, MOBILENET_WEIGHTS, need
 from kad.backbones import Backbone
 from kad.datasets import load_dataset
@@ -88,20 +89,20 @@ def test_an_interrupted_extraction_resumes_without_recomputing(folder, monkeypat
     assert plan.path.with_name(plan.path.name + ".partial").is_dir()
 
     seen = []
-    original = Backbone.build_extractor
+    original = kad.runtime.build_runtime
 
-    def counting(self, *args, **kwargs):
-        model, names = original(self, *args, **kwargs)
-        predict = model.predict_on_batch
+    def counting(*args, **kwargs):
+        engine = original(*args, **kwargs)
+        predict = engine.predict
 
-        def predict_on_batch(x):
+        def counted(x):
             seen.append(len(x))
             return predict(x)
 
-        model.predict_on_batch = predict_on_batch
-        return model, names
+        engine.predict = counted
+        return engine
 
-    monkeypatch.setattr(Backbone, "build_extractor", counting)
+    monkeypatch.setattr(kad.runtime, "build_runtime", counting)
     resumed = extract_features(folder, MNV2, "none", 32, batch_size=4)
     # 19 images in batches of 4: 2 of 5 batches were done, only the other 3 are run
     assert seen == [4, 4, 4]
