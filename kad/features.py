@@ -230,16 +230,33 @@ def _load_batch(source, ids, plan: ExtractionPlan, start: int, stop: int):
 
 def _batches(source, ids, plan: ExtractionPlan, first: int, batch_size: int,
              workers: int | None) -> Iterator[tuple[int, np.ndarray, dict[str, str]]]:
-    """Preprocessed batches in order, loaded ahead by a thread pool."""
+    """Preprocessed batches in order, loaded ahead by a thread pool.
+
+    Each batch is split into one slice per worker, so the next batch is ready as soon as
+    possible while the network runs on the current one; two batches are in flight.
+    (Threads, not processes: OpenCV and NumPy release the GIL, and a process would have
+    to copy every preprocessed batch back.)
+    """
     n = len(source)
     workers = workers or max(1, min(4, (os.cpu_count() or 2)))
-    ahead = workers + 1
+    step = max(1, -(-batch_size // workers))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kad-load") as pool:
-        pending: list[Future] = []
+        pending: list[tuple[int, list[Future]]] = []
         for start in range(first, n, batch_size):
-            pending.append(pool.submit(_load_batch, source, ids, plan, start,
-                                       min(start + batch_size, n)))
-            if len(pending) >= ahead:
-                yield pending.pop(0).result()
-        for future in pending:
-            yield future.result()
+            stop = min(start + batch_size, n)
+            pending.append((start, [pool.submit(_load_batch, source, ids, plan, a,
+                                                min(a + step, stop))
+                                    for a in range(start, stop, step)]))
+            if len(pending) >= 2:
+                yield _joined(*pending.pop(0))
+        for start, parts in pending:
+            yield _joined(start, parts)
+
+
+def _joined(start: int, parts: list[Future]) -> tuple[int, np.ndarray, dict[str, str]]:
+    results = [part.result() for part in parts]
+    failed: dict[str, str] = {}
+    for _, _, bad in results:
+        failed.update(bad)
+    batch = results[0][1] if len(results) == 1 else np.concatenate([r[1] for r in results])
+    return start, batch, failed
