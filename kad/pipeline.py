@@ -64,7 +64,7 @@ class Pipeline:
     def __init__(self, *, backbone: str, weights: str, weights_fingerprint: str,
                  image_size: int, preprocessing: str, blocks: list[str],
                  all_blocks: list[str], detector: BaseDetector, threshold: Threshold,
-                 training: dict, batch_size: int):
+                 training: dict, batch_size: int, runtime: str = "keras"):
         self.backbone = backbone
         self.weights = weights
         self.weights_fingerprint = weights_fingerprint
@@ -76,13 +76,22 @@ class Pipeline:
         self.threshold = threshold
         self.training = training
         self.batch_size = batch_size
+        #: The runtime the training features were computed with; scoring uses it too.
+        self.runtime = runtime
         self.versions = library_versions()
         self._model = None
+        self._engine = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_model"] = None  # the network is rebuilt from backbone and weights
+        state["_engine"] = None
         return state
+
+    def __setstate__(self, state):
+        state.setdefault("runtime", "keras")  # pipelines saved before runtimes existed
+        state.setdefault("_engine", None)
+        self.__dict__.update(state)
 
     def describe(self) -> dict:
         """A JSON-able summary (stored in the artefact's manifest too)."""
@@ -90,6 +99,7 @@ class Pipeline:
             "backbone": self.backbone, "weights": self.weights,
             "weights_fingerprint": self.weights_fingerprint, "image_size": self.image_size,
             "preprocessing": self.preprocessing, "blocks": self.blocks,
+            "runtime": self.runtime,
             "detector": type(self.detector).__name__,
             "detector_params": {k: repr(v) for k, v in self.detector.get_params().items()},
             "threshold": {"value": self.threshold.value, "method": self.threshold.method,
@@ -128,12 +138,34 @@ class Pipeline:
             self._model = model
         return self._model
 
+    def engine(self, weights: str | None = None, runtime: str | None = None):
+        """The runtime that scores: the one the pipeline was fitted with unless ``runtime``
+        names another (``auto``, ``keras``, ``openvino``). The Keras network is built
+        and its weights checked first; OpenVINO converts that checked network (or reuses
+        its cached conversion)."""
+        from .runtime import KerasRuntime, build_runtime, resolve_runtime
+
+        choice = resolve_runtime(runtime or self.runtime).name
+        cached = self._engine
+        if cached is None or weights is not None or cached.name != choice:
+            model = self.network(weights)
+            if choice == "keras":
+                cached = KerasRuntime(model, self.all_blocks)
+            else:
+                cached = build_runtime(self.backbone, self.image_size, weights or self.weights,
+                                       choice, self.batch_size,
+                                       keras_model=(model, self.all_blocks))
+            self._engine = cached
+        return cached
+
     def score(self, source, ids: Sequence[str] | None = None,
-              progress: ProgressCallback | None = None, weights: str | None = None) -> Scores:
-        """Scores of every image of an :class:`~kad.datasets.ImageSource`, streamed."""
+              progress: ProgressCallback | None = None, weights: str | None = None,
+              runtime: str | None = None) -> Scores:
+        """Scores of every image of an :class:`~kad.datasets.ImageSource`, streamed, on the
+        pipeline's runtime (or ``runtime``)."""
         from .features import stream_features
 
-        model = self.network(weights)
+        model = self.engine(weights, runtime)
         ids = np.asarray([str(i) for i in (ids if ids is not None else range(len(source)))])
         columns = [self.all_blocks.index(b) for b in self.blocks]
         scores = np.full(len(source), np.nan)
@@ -207,7 +239,8 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
                  train_rows: np.ndarray | None = None, labelled_rows: np.ndarray | None = None,
                  labels: np.ndarray | None = None, sensitivity: float | None = None,
                  batch_size: int = 64, cache_dir: str | Path | None = None,
-                 progress: ProgressCallback | None = None, features=None) -> Pipeline:
+                 progress: ProgressCallback | None = None, features=None,
+                 runtime: str = "auto") -> Pipeline:
     """Fit a pipeline on the normal images ``train_rows`` of ``dataset``.
 
     With labelled images (``labelled_rows`` and ``labels``, 1 = anomaly, none of them in
@@ -221,11 +254,12 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
     from .metrics import evaluate
     from .registry import get_detector
 
-    plan = plan_extraction(dataset, backbone, weights, image_size, preprocessing, cache_dir)
+    plan = plan_extraction(dataset, backbone, weights, image_size, preprocessing, cache_dir,
+                           runtime)
     if features is None:
         features = extract_features(dataset, plan.backbone, weights, image_size, preprocessing,
                                     batch_size=batch_size, cache_dir=cache_dir,
-                                    progress=progress)
+                                    progress=progress, runtime=runtime)
     usable = features.valid
     if train_rows is None:
         train_rows = np.flatnonzero(usable & ~np.asarray(dataset.anomaly, dtype=bool)) if (
@@ -284,6 +318,7 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
                   "n_images": int(len(train_rows)), "feature_cache": features.key,
                   "scores": np.sort(train_scores).tolist(), "selection": selection},
         batch_size=batch_size,
+        runtime=features.meta["inputs"].get("runtime", "keras"),
     )
     pipeline._model = model  # scoring right away needs no second build
     return pipeline

@@ -291,11 +291,11 @@ def _replace(partial: Path, folder: Path) -> None:
     os.replace(partial, folder)
 
 
-def _convert(backbone, input_size: int, weights, folder: Path, core):
+def _convert(backbone, input_size: int, weights, folder: Path, core, keras_model=None):
     """Build the Keras model, convert it, name its outputs after the blocks, save it."""
     import openvino as ov
 
-    model, names = backbone.build_extractor(input_size, weights)
+    model, names = keras_model or backbone.build_extractor(input_size, weights)
     converted = ov.convert_model(model)
     by_tensor = {tensor.name: block for tensor, block in zip(model.outputs, names, strict=True)}
     for output in converted.outputs:
@@ -324,20 +324,22 @@ def _convert(backbone, input_size: int, weights, folder: Path, core):
 
 def build_runtime(backbone, input_size: int, weights, runtime: str = "auto",
                   batch_size: int = 64, cache_dir: str | Path | None = None,
-                  log_line: Callable[[str], None] | None = None):
+                  log_line: Callable[[str], None] | None = None, keras_model=None):
     """The network of ``backbone`` at ``input_size`` with ``weights`` on ``runtime``.
 
     Returns a :class:`KerasRuntime` or an :class:`OpenVINORuntime` (see the module
     docstring). ``batch_size`` is the batch the caller will pass to ``predict``; OpenVINO
     splits it into equal slices, one per inference request. ``log_line`` receives one line
-    saying what runs where, and when a model is converted.
+    saying what runs where, and when a model is converted. ``keras_model``: an already
+    built ``(model, block names)`` of the same backbone, input size and weights, used
+    instead of building one again.
     """
     from .backbones import Backbone, get_backbone
 
     bb = backbone if isinstance(backbone, Backbone) else get_backbone(backbone)
     choice = resolve_runtime(runtime)
     if choice.name == "keras":
-        model, names = bb.build_extractor(input_size, weights)
+        model, names = keras_model or bb.build_extractor(input_size, weights)
         return KerasRuntime(model, names)
     try:
         import openvino as ov
@@ -350,7 +352,7 @@ def build_runtime(backbone, input_size: int, weights, runtime: str = "auto",
     if found is None:
         if log_line:
             log_line(f"converting {bb.spec} @{input_size}px to OpenVINO, cached at {folder}")
-        found = _convert(bb, input_size, weights, folder, core)
+        found = _convert(bb, input_size, weights, folder, core, keras_model)
     model, names = found
     config = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32"}
     probe = core.compile_model(model, "CPU", config)
