@@ -186,16 +186,17 @@ def run_kad(args: argparse.Namespace) -> dict:
     # extract_features builds its runtime: hand it the warmed-up one.
     kad.runtime.build_runtime = lambda *_args, **_kwargs: engine
     base = rss_mib()
-    times, caches = [], []
+    times, cpu, caches = [], [], []
     try:
         with AnonPeak() as anon:
             for _ in range(args.repeat):
                 caches.append(tempfile.mkdtemp(prefix="kad-bench-", dir=args.tmp_dir))
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 features = extract_features(
                     dataset, backbone, args.weights, size, batch_size=args.batch_size,
                     workers=args.workers, cache_dir=caches[-1], runtime=args.runtime)
                 times.append(time.perf_counter() - start)
+                cpu.append(time.process_time() - start_cpu)
         peak = peak_rss_mib()  # before the fingerprint below reads the whole entry
         sums = block_sums(features.block(b) for b in features.blocks)
         dump_features(args, (features.block(b) for b in features.blocks))
@@ -203,7 +204,8 @@ def run_kad(args: argparse.Namespace) -> dict:
         for cache in [*caches, model_cache]:
             shutil.rmtree(cache, ignore_errors=True)
     return {"run_s": times, "prep_s": None, "setup_s": setup, "base_mib": base,
-            "peak_mib": peak, "anon_peak_mib": anon.mib, "sums": sums}
+            "peak_mib": peak, "anon_peak_mib": anon.mib, "sums": sums, "cpu_s": cpu,
+            "prep_cpu_s": None}
 
 
 def run_predict(args: argparse.Namespace) -> dict:
@@ -215,25 +217,27 @@ def run_predict(args: argparse.Namespace) -> dict:
         args, lambda m, batch: m.predict(batch, batch_size=args.batch_size, verbose=0))
     plan = plan_extraction(dataset, backbone, args.weights, size)
     base = rss_mib()
-    times = []
+    times, cpu = [], []
     with AnonPeak() as anon:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         x = np.empty((args.n, size, size, 3), dtype=np.float32)
         for i in range(args.n):
             x[i] = load_preprocessed(dataset.source, i, plan.preprocessing, size)
         for lo in range(0, args.n, args.batch_size):  # in slices: no full-size temporaries
             x[lo:lo + args.batch_size] = backbone.preprocess(x[lo:lo + args.batch_size])
-        prep = time.perf_counter() - start
+        prep, prep_cpu = time.perf_counter() - start, time.process_time() - start_cpu
         for _ in range(args.repeat):
             outputs = None
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             outputs = model.predict(x, batch_size=args.batch_size, verbose=0)
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
     peak = peak_rss_mib()
     sums = block_sums(outputs)
     dump_features(args, outputs)
     return {"run_s": times, "prep_s": prep, "setup_s": setup, "base_mib": base,
-            "peak_mib": peak, "anon_peak_mib": anon.mib, "sums": sums}
+            "peak_mib": peak, "anon_peak_mib": anon.mib, "sums": sums, "cpu_s": cpu,
+            "prep_cpu_s": prep_cpu}
 
 
 # -- the driver ---------------------------------------------------------------------------
@@ -286,6 +290,13 @@ def throughput(result: dict) -> float:
     return result["n"] / min(result["run_s"])
 
 
+def cpu_per_image(result: dict) -> float:
+    """CPU milliseconds (every thread of the process) per image in the fastest timed run:
+    on a shared machine, what the work costs, whatever share of the cores it got."""
+    fastest = int(np.argmin(result["run_s"]))
+    return 1000.0 * result["cpu_s"][fastest] / result["n"]
+
+
 def _fmt(value: float | None, width: int, digits: int) -> str:
     return "-".rjust(width) if value is None else f"{value:{width}.{digits}f}"
 
@@ -307,8 +318,8 @@ def agreement(dumps: dict[str, Path], reference: str = "predict") -> dict[str, f
 def print_report(args: argparse.Namespace, results: list[dict],
                  errors: dict[str, float] | None = None) -> None:
     header = (f"{'variant':<13} {'images':>6} {'setup s':>8} {'prep s':>7} {'run s':>7} "
-              f"{'img/s':>7} {'e2e img/s':>9} {'base MiB':>9} {'peak MiB':>9} "
-              f"{'anon MiB':>9}")
+              f"{'img/s':>7} {'e2e img/s':>9} {'cpu ms/img':>10} {'base MiB':>9} "
+              f"{'peak MiB':>9} {'anon MiB':>9}")
     print(header)
     print("-" * len(header))
     for r in results:
@@ -316,8 +327,8 @@ def print_report(args: argparse.Namespace, results: list[dict],
         e2e = r["n"] / (run + (r["prep_s"] or 0.0))
         print(f"{r['variant']:<13} {r['n']:>6} {r['setup_s']:>8.1f} "
               f"{_fmt(r['prep_s'], 7, 1)} {run:>7.2f} {throughput(r):>7.2f} {e2e:>9.2f} "
-              f"{_fmt(r['base_mib'], 9, 0)} {r['peak_mib']:>9.0f} "
-              f"{_fmt(r['anon_peak_mib'], 9, 0)}")
+              f"{cpu_per_image(r):>10.1f} {_fmt(r['base_mib'], 9, 0)} "
+              f"{r['peak_mib']:>9.0f} {_fmt(r['anon_peak_mib'], 9, 0)}")
     by = {(r["variant"], r["n"]): r for r in results}
     n, big = args.n, args.n * args.scale
     plain = by[("predict", n)]
@@ -327,7 +338,8 @@ def print_report(args: argparse.Namespace, results: list[dict],
         kad = by[(variant, n)]
         print(f"{variant} end to end / plain predict: "
               f"{throughput(kad) / throughput(plain):.2f}x; / plain preprocess + predict: "
-              f"{throughput(kad) / e2e_plain:.2f}x")
+              f"{throughput(kad) / e2e_plain:.2f}x; CPU time per image, plain predict / "
+              f"{variant}: {cpu_per_image(plain) / cpu_per_image(kad):.2f}x")
     if args.scale > 1:
         for variant in variants(args):
             ratio = by[(variant, big)]["peak_mib"] / by[(variant, n)]["peak_mib"]
