@@ -194,11 +194,11 @@ class OpenVINORuntime:
 
 
 def as_runtime(model) -> KerasRuntime | OpenVINORuntime:
-    """``model`` as a runtime: runtimes are returned as they are, a Keras model is wrapped
-    in a :class:`KerasRuntime`."""
-    if isinstance(model, (KerasRuntime, OpenVINORuntime)):
-        return model
-    return KerasRuntime(model, [f"output_{i}" for i in range(len(model.outputs))])
+    """``model`` as a runtime: a Keras model (it has ``predict_on_batch``) is wrapped in a
+    :class:`KerasRuntime`; anything else with ``predict(batch)`` is taken as a runtime."""
+    if hasattr(model, "predict_on_batch"):
+        return KerasRuntime(model, [f"output_{i}" for i in range(len(model.outputs))])
+    return model
 
 
 def _output_name(block: str) -> str:
