@@ -130,6 +130,9 @@ def _extract(dataset, plan: ExtractionPlan, batch_size: int, workers: int | None
     from .cache import EntryWriter
     from .runtime import build_runtime
 
+    n = len(dataset)
+    if progress:
+        progress(0, n)  # the bar shows while the network is built (or converted)
     engine = build_runtime(plan.backbone, plan.input_size, plan.weights, plan.runtime,
                            batch_size, plan.path.parent)
     names, dims = engine.names, engine.dims
@@ -137,7 +140,6 @@ def _extract(dataset, plan: ExtractionPlan, batch_size: int, workers: int | None
         "key": plan.key, "inputs": plan.inputs, "dataset": dataset.name,
         "ids": [str(i) for i in dataset.ids], "kad": __version__,
     }
-    n = len(dataset)
     writer = EntryWriter(plan.path, names, dims, n, meta)
     if progress:
         progress(writer.done, n)

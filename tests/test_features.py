@@ -139,3 +139,19 @@ def test_imagenet_features_of_cifar10_and_fundus_images(tmp_path):
     assert features.meta["inputs"]["preprocessing"].startswith("fundus")
     assert features.matrix("concat").shape == (32, sum(features.dims.values()))
     assert np.isfinite(features.matrix("concat")).all() and not features.failed
+
+
+def test_progress_is_reported_from_before_the_network_is_built(folder, monkeypatch):
+    calls = []
+    seen_at_build = []
+    original = kad.runtime.build_runtime
+
+    def building(*args, **kwargs):
+        seen_at_build.extend(calls)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kad.runtime, "build_runtime", building)
+    extract_features(folder, MNV2, "none", 32, batch_size=8,
+                     progress=lambda done, total: calls.append((done, total)))
+    assert seen_at_build == [(0, 19)]  # the bar is up while the model is built/converted
+    assert calls[-1] == (19, 19) and [d for d, _ in calls] == sorted(d for d, _ in calls)
