@@ -1,8 +1,9 @@
 """Where the network runs: Keras, or OpenVINO on a CPU.
 
 The Keras multi-output model of :meth:`kad.backbones.Backbone.build_extractor` is the one
-definition of every network. On a CPU, OpenVINO runs the same graph 1.4-3.3 times faster
-(``benchmarks/README.md``), so kad converts the Keras model with
+definition of every network. On a CPU, OpenVINO runs the same graph in 40 % (MobileNetV2)
+to 89-98 % (the Inception networks, which Keras already runs near the processor's peak) of
+Keras' CPU time (``benchmarks/README.md``), so kad converts the Keras model with
 ``openvino.convert_model``, keeps the converted model on disk and reuses it.
 
 ``runtime`` is one of :data:`RUNTIMES`:
