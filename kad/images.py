@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 
 import cv2
@@ -250,10 +251,15 @@ def _header(data: bytes) -> tuple[tuple[int, int] | None, int]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            orientation = image.getexif().get(0x0112, 1)
-            size = image.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        with warnings.catch_warnings():
+            # Pillow's guard against decompression bombs concerns decoding, which OpenCV
+            # does (with its own limits); reading the header is safe.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                orientation = image.getexif().get(0x0112, 1)
+                size = image.size
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+            SyntaxError):
         return None, 1
     try:
         orientation = int(orientation)

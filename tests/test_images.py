@@ -358,3 +358,15 @@ def test_reduced_decode_keeps_exif_orientation(tmp_path):
 def test_png_is_never_reduced(tmp_path):
     write(tmp_path / "big.png", colourful(200, 300))
     assert read_image(tmp_path / "big.png", min_side=20).shape == (200, 300, 3)
+
+
+def test_a_very_large_image_header_does_not_warn_or_fail(tmp_path, monkeypatch):
+    from PIL import Image
+
+    rgb = np.zeros((40, 60, 3), np.uint8)
+    _jpeg_with_orientation(tmp_path / "big.jpg", rgb, 6)
+    # As if the image were larger than Pillow's decompression-bomb limits (warning, error).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 2400 pixels: Pillow warns
+    assert read_image(tmp_path / "big.jpg").shape == (60, 40, 3)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # over twice the limit: it raises
+    assert read_image(tmp_path / "big.jpg").shape == (40, 60, 3)  # header unread: as stored
