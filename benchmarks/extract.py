@@ -1,12 +1,13 @@
 """Benchmark kad's feature extraction against a plain ``model.predict``.
 
-Two ways of computing the features of every block for the same images, with the same
+Ways of computing the features of every block for the same images, from the same
 multi-output extractor model (:meth:`kad.backbones.Backbone.build_extractor`):
 
-``kad``
+``kad:keras``, ``kad:openvino``
     :func:`kad.features.extract_features` end to end from the dataset: decoding,
-    preprocessing, inference and the writes to the memory-mapped cache, into a fresh
-    temporary cache folder. Images are decoded in kad's thread pool while the network runs.
+    preprocessing, inference on that runtime (:mod:`kad.runtime`) and the writes to the
+    cache, into a fresh temporary cache folder. Images are decoded in kad's thread pool
+    while the network runs. ``--runtimes`` picks which (default: both).
 ``predict``
     The images decoded and preprocessed first into one in-memory array (timed separately),
     then one ``model.predict(x, batch_size=...)`` call (timed alone).
@@ -17,8 +18,9 @@ child process (``--variant kad|predict``), which prints one JSON line, so its pe
 memory (``VmHWM`` from ``/proc/self/status``, else ``ru_maxrss``) is its own; the peak of
 anonymous memory (``RssAnon``, sampled) is reported too. Each variant runs at N images and
 at ``--scale`` x N images: kad's memory should not depend on N, plain predict needs all
-images in memory at once. The per-block sums of both variants' features are compared, to
-show that both computed the same thing.
+images in memory at once. Every variant's features are compared with those of ``predict``
+(Keras float32): the largest difference in each block relative to that block's largest
+value, the worst block reported.
 
 ``--engines local,shards2,ray1,ray2`` compares instead how the same extraction runs
 (the ``engine`` column): ``local`` is one ``extract_features`` process, ``shards2`` two
@@ -58,6 +60,7 @@ import numpy as np
 RESULT_PREFIX = "KAD_BENCH_RESULT "
 VARIANTS = ("kad", "predict")
 ENGINES = ("local", "shards2", "ray1", "ray2")
+RUNTIMES = ("keras", "openvino")
 
 
 # -- memory -------------------------------------------------------------------------------
@@ -171,33 +174,50 @@ def block_sums(outputs) -> list[float]:
     return [float(np.abs(np.asarray(o, dtype=np.float64)).sum()) for o in outputs]
 
 
+def dump_features(args: argparse.Namespace, outputs) -> None:
+    """Save every block's features for the parent to compare (``--dump``)."""
+    if args.dump:
+        np.savez(args.dump, *[np.asarray(o, dtype=np.float32) for o in outputs])
+
+
 def run_kad(args: argparse.Namespace) -> dict:
     """Time :func:`kad.features.extract_features` end to end, ``--repeat`` times."""
+    import kad.runtime
+    from kad.backbones import get_backbone
     from kad.features import extract_features
 
     dataset = load_images(args, args.n)
-    backbone, size, model, names, setup = build_model(
-        args, lambda m, batch: m.predict_on_batch(batch))
-    # extract_features builds its model through the backbone: hand it the warmed-up one.
-    backbone.build_extractor = lambda *_args, **_kwargs: (model, names)
+    start = time.perf_counter()
+    backbone = get_backbone(args.backbone)
+    size = backbone.input_size(args.image_size)
+    model_cache = tempfile.mkdtemp(prefix="kad-bench-models-", dir=args.tmp_dir)
+    engine = kad.runtime.build_runtime(backbone, size, args.weights, args.runtime,
+                                       args.batch_size, model_cache)
+    engine.predict(np.zeros((args.batch_size, size, size, 3), dtype=np.float32))
+    setup = time.perf_counter() - start
+    # extract_features builds its runtime: hand it the warmed-up one.
+    kad.runtime.build_runtime = lambda *_args, **_kwargs: engine
     base = rss_mib()
-    times, caches = [], []
+    times, cpu, caches = [], [], []
     try:
         with AnonPeak() as anon:
             for _ in range(args.repeat):
                 caches.append(tempfile.mkdtemp(prefix="kad-bench-", dir=args.tmp_dir))
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 features = extract_features(
                     dataset, backbone, args.weights, size, batch_size=args.batch_size,
-                    workers=args.workers, cache_dir=caches[-1])
+                    workers=args.workers, cache_dir=caches[-1], runtime=args.runtime)
                 times.append(time.perf_counter() - start)
+                cpu.append(time.process_time() - start_cpu)
         peak = peak_rss_mib()  # before the fingerprint below reads the whole entry
         sums = block_sums(features.block(b) for b in features.blocks)
+        dump_features(args, (features.block(b) for b in features.blocks))
     finally:
-        for cache in caches:
+        for cache in [*caches, model_cache]:
             shutil.rmtree(cache, ignore_errors=True)
     return {"run_s": times, "prep_s": None, "setup_s": setup, "base_mib": base,
-            "peak_mib": peak, "anon_peak_mib": anon.mib, "sums": sums}
+            "peak_mib": peak, "anon_peak_mib": anon.mib, "sums": sums, "cpu_s": cpu,
+            "prep_cpu_s": None}
 
 
 def run_predict(args: argparse.Namespace) -> dict:
@@ -209,24 +229,27 @@ def run_predict(args: argparse.Namespace) -> dict:
         args, lambda m, batch: m.predict(batch, batch_size=args.batch_size, verbose=0))
     plan = plan_extraction(dataset, backbone, args.weights, size)
     base = rss_mib()
-    times = []
+    times, cpu = [], []
     with AnonPeak() as anon:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         x = np.empty((args.n, size, size, 3), dtype=np.float32)
         for i in range(args.n):
             x[i] = load_preprocessed(dataset.source, i, plan.preprocessing, size)
         for lo in range(0, args.n, args.batch_size):  # in slices: no full-size temporaries
             x[lo:lo + args.batch_size] = backbone.preprocess(x[lo:lo + args.batch_size])
-        prep = time.perf_counter() - start
+        prep, prep_cpu = time.perf_counter() - start, time.process_time() - start_cpu
         for _ in range(args.repeat):
             outputs = None
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             outputs = model.predict(x, batch_size=args.batch_size, verbose=0)
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
     peak = peak_rss_mib()
     sums = block_sums(outputs)
+    dump_features(args, outputs)
     return {"run_s": times, "prep_s": prep, "setup_s": setup, "base_mib": base,
-            "peak_mib": peak, "anon_peak_mib": anon.mib, "sums": sums}
+            "peak_mib": peak, "anon_peak_mib": anon.mib, "sums": sums, "cpu_s": cpu,
+            "prep_cpu_s": prep_cpu}
 
 
 # -- engines: local, shards, Ray ----------------------------------------------------------
@@ -372,24 +395,32 @@ def print_engines(results: list[dict]) -> None:
 # -- the driver ---------------------------------------------------------------------------
 
 
-def child_command(args: argparse.Namespace, variant: str, n: int) -> list[str]:
-    command = [sys.executable, str(Path(__file__).resolve()), "--variant", variant,
+def variants(args: argparse.Namespace) -> list[str]:
+    return [f"kad:{r}" for r in args.runtimes] + ["predict"]
+
+
+def child_command(args: argparse.Namespace, variant: str, n: int,
+                  dump: Path | None = None) -> list[str]:
+    kind, _, runtime = variant.partition(":")
+    command = [sys.executable, str(Path(__file__).resolve()), "--variant", kind,
+               "--runtime", runtime or "keras",
                "--n", str(n), "--backbone", args.backbone, "--weights", str(args.weights),
                "--batch-size", str(args.batch_size), "--repeat", str(args.repeat),
                "--dataset", default_dataset(args)]
     for flag, value in (("--data-dir", args.data_dir), ("--image-size", args.image_size),
-                        ("--workers", args.workers), ("--tmp-dir", args.tmp_dir)):
+                        ("--workers", args.workers), ("--tmp-dir", args.tmp_dir),
+                        ("--dump", dump)):
         if value is not None:
             command += [flag, str(value)]
     return command
 
 
-def spawn(args: argparse.Namespace, variant: str, n: int) -> dict:
+def spawn(args: argparse.Namespace, variant: str, n: int, dump: Path | None = None) -> dict:
     """Run one variant in a fresh Python process and return its JSON result."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
     print(f"running {variant} on {n} images ...", file=sys.stderr, flush=True)
-    done = subprocess.run(child_command(args, variant, n), capture_output=True, text=True,
-                          env=env)
+    done = subprocess.run(child_command(args, variant, n, dump), capture_output=True,
+                          text=True, env=env)
     for line in done.stdout.splitlines():
         if line.startswith(RESULT_PREFIX):
             return {"variant": variant, "n": n, **json.loads(line[len(RESULT_PREFIX):])}
@@ -411,44 +442,69 @@ def throughput(result: dict) -> float:
     return result["n"] / min(result["run_s"])
 
 
+def cpu_per_image(result: dict) -> float:
+    """CPU milliseconds (every thread of the process) per image in the fastest timed run:
+    on a shared machine, what the work costs, whatever share of the cores it got."""
+    fastest = int(np.argmin(result["run_s"]))
+    return 1000.0 * result["cpu_s"][fastest] / result["n"]
+
+
 def _fmt(value: float | None, width: int, digits: int) -> str:
     return "-".rjust(width) if value is None else f"{value:{width}.{digits}f}"
 
 
-def print_report(args: argparse.Namespace, results: list[dict]) -> None:
-    header = (f"{'variant':<8} {'images':>6} {'setup s':>8} {'prep s':>7} {'run s':>7} "
-              f"{'img/s':>7} {'e2e img/s':>9} {'base MiB':>9} {'peak MiB':>9} "
-              f"{'anon MiB':>9}")
+def agreement(dumps: dict[str, Path], reference: str = "predict") -> dict[str, float]:
+    """For every variant: the largest difference from the reference's features, in each
+    block relative to that block's largest absolute value, worst block."""
+    with np.load(dumps[reference]) as ref:
+        expected = [ref[k] for k in sorted(ref.files, key=lambda k: int(k.split("_")[1]))]
+    found = {}
+    for variant, path in dumps.items():
+        with np.load(path) as got:
+            blocks = [got[k] for k in sorted(got.files, key=lambda k: int(k.split("_")[1]))]
+        found[variant] = max(float(np.abs(b - a).max() / max(np.abs(a).max(), 1e-12))
+                             for a, b in zip(expected, blocks, strict=True))
+    return found
+
+
+def print_report(args: argparse.Namespace, results: list[dict],
+                 errors: dict[str, float] | None = None) -> None:
+    header = (f"{'variant':<13} {'images':>6} {'setup s':>8} {'prep s':>7} {'run s':>7} "
+              f"{'img/s':>7} {'e2e img/s':>9} {'cpu ms/img':>10} {'base MiB':>9} "
+              f"{'peak MiB':>9} {'anon MiB':>9}")
     print(header)
     print("-" * len(header))
     for r in results:
         run = min(r["run_s"])
         e2e = r["n"] / (run + (r["prep_s"] or 0.0))
-        print(f"{r['variant']:<8} {r['n']:>6} {r['setup_s']:>8.1f} {_fmt(r['prep_s'], 7, 1)} "
-              f"{run:>7.2f} {throughput(r):>7.2f} {e2e:>9.2f} {_fmt(r['base_mib'], 9, 0)} "
+        print(f"{r['variant']:<13} {r['n']:>6} {r['setup_s']:>8.1f} "
+              f"{_fmt(r['prep_s'], 7, 1)} {run:>7.2f} {throughput(r):>7.2f} {e2e:>9.2f} "
+              f"{cpu_per_image(r):>10.1f} {_fmt(r['base_mib'], 9, 0)} "
               f"{r['peak_mib']:>9.0f} {_fmt(r['anon_peak_mib'], 9, 0)}")
     by = {(r["variant"], r["n"]): r for r in results}
     n, big = args.n, args.n * args.scale
-    kad, plain = by[("kad", n)], by[("predict", n)]
+    plain = by[("predict", n)]
     e2e_plain = n / (min(plain["run_s"]) + plain["prep_s"])
     print()
-    print(f"throughput kad / plain predict: {throughput(kad) / throughput(plain):.2f}x")
-    print(f"throughput kad / plain preprocess + predict: {throughput(kad) / e2e_plain:.2f}x")
+    for variant in variants(args)[:-1]:
+        kad = by[(variant, n)]
+        print(f"{variant} end to end / plain predict: "
+              f"{throughput(kad) / throughput(plain):.2f}x; / plain preprocess + predict: "
+              f"{throughput(kad) / e2e_plain:.2f}x; CPU time per image, plain predict / "
+              f"{variant}: {cpu_per_image(plain) / cpu_per_image(kad):.2f}x")
     if args.scale > 1:
-        for variant in VARIANTS:
+        for variant in variants(args):
             ratio = by[(variant, big)]["peak_mib"] / by[(variant, n)]["peak_mib"]
-            name = "kad" if variant == "kad" else "plain predict"
-            print(f"peak memory {name}({args.scale}N) / {name}(N): {ratio:.2f}x")
-        ratio = by[("kad", big)]["peak_mib"] / by[("predict", big)]["peak_mib"]
-        print(f"peak memory kad({args.scale}N) / plain predict({args.scale}N): {ratio:.2f}x")
-        anon = [by[("kad", m)]["anon_peak_mib"] for m in (n, big)]
-        if None not in anon:
-            print(f"peak anonymous memory kad({args.scale}N) / kad(N): "
-                  f"{anon[1] / anon[0]:.2f}x")
-    a, b = np.asarray(kad["sums"]), np.asarray(plain["sums"])
-    diff = float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
-    print(f"same features in both variants: {'yes' if diff < 1e-3 else 'NO'} "
-          f"(largest relative difference of the per-block sums: {diff:.1e})")
+            print(f"peak memory {variant}({args.scale}N) / {variant}(N): {ratio:.2f}x")
+        for variant in variants(args)[:-1]:
+            anon = [by[(variant, m)]["anon_peak_mib"] for m in (n, big)]
+            if None not in anon:
+                print(f"peak anonymous memory {variant}({args.scale}N) / {variant}(N): "
+                      f"{anon[1] / anon[0]:.2f}x")
+    for variant, error in (errors or {}).items():
+        if variant != "predict":
+            print(f"features {variant} vs Keras predict: largest difference {error:.1e} of "
+                  f"the block's scale ({'ok' if error <= 1e-4 else 'ABOVE 1e-4'})")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -469,6 +525,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale", type=int, default=2, help="also run on scale x N images "
                         "to compare peak memory; 1 skips it (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES),
+                        help="kad runtimes to time, comma-separated (default: %(default)s)")
     parser.add_argument("--workers", type=int, help="kad's decoding threads (default: kad's)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="timed runs per child; the fastest counts (default: %(default)s)")
@@ -478,9 +536,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--engines", help="compare engines instead: a comma-separated list "
                         f"of {', '.join(ENGINES)}")
     parser.add_argument("--variant", help=argparse.SUPPRESS)  # children
+    parser.add_argument("--runtime", default="keras", help=argparse.SUPPRESS)  # children
+    parser.add_argument("--dump", type=Path, help=argparse.SUPPRESS)  # children
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     parser.add_argument("--shard", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.runtimes = [r.strip() for r in str(args.runtimes).split(",") if r.strip()]
+    unknown = set(args.runtimes) - set(RUNTIMES)
+    if unknown:
+        parser.error(f"--runtimes: unknown {', '.join(sorted(unknown))}; choose from "
+                     f"{', '.join(RUNTIMES)}")
     if args.n < 1 or args.scale < 1 or args.batch_size < 1 or args.repeat < 1:
         parser.error("--n, --scale, --batch-size and --repeat must be at least 1")
     if args.engines and set(args.engines.split(",")) - set(ENGINES):
@@ -507,10 +572,21 @@ def main(argv: list[str] | None = None) -> None:
         return
     sizes = [args.n] + ([args.n * args.scale] if args.scale > 1 else [])
     warm_page_cache(args, max(sizes))
-    results = [spawn(args, variant, n) for n in sizes for variant in VARIANTS]
+    dumps_dir = Path(tempfile.mkdtemp(prefix="kad-bench-features-", dir=args.tmp_dir))
+    try:
+        results, dumps = [], {}
+        for n in sizes:
+            for variant in variants(args):  # interleaved: the load hits every variant alike
+                dump = dumps_dir / f"{variant.replace(':', '-')}.npz" if n == args.n else None
+                results.append(spawn(args, variant, n, dump))
+                if dump is not None:
+                    dumps[variant] = dump
+        errors = agreement(dumps)
+    finally:
+        shutil.rmtree(dumps_dir, ignore_errors=True)
     print(f"\ndataset {default_dataset(args)}, backbone {args.backbone}, weights "
           f"{args.weights}, batch {args.batch_size}, {os.cpu_count()} CPUs\n")
-    print_report(args, results)
+    print_report(args, results, errors)
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
                                          "results": results}, indent=1))

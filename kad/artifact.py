@@ -62,7 +62,7 @@ _DTYPE_KINDS = "biufcSUM"  # bool, ints, floats, complex, bytes, str, datetime; 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape kad's numbers (only those already imported)."""
     versions = {"kad": __version__, "python": platform.python_version()}
-    for name in ("numpy", "sklearn", "cv2", "keras", "tensorflow"):
+    for name in ("numpy", "sklearn", "cv2", "keras", "tensorflow", "openvino"):
         module = sys.modules.get(name)
         if module is not None:
             versions[name] = str(getattr(module, "__version__", "?"))

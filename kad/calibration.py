@@ -31,6 +31,17 @@ import numpy as np
 from .errors import KadError
 
 DEFAULT_FPR = 0.05
+
+@dataclass
+class Threshold:
+    """The flagging threshold (flag when score > value) and how it was chosen:
+    ``"conformal"`` (a false-positive rate on calibration normals), ``"sensitivity"`` (on
+    labelled anomalies) or ``"contamination"`` (the detector's own)."""
+
+    value: float
+    method: str
+    details: dict = field(default_factory=dict)
+
 DEFAULT_CALIBRATION = 0.2
 DEFAULT_VALIDATION = 0.25
 # Fewer labelled anomalies than this and none are held out for assessment: each half would
@@ -77,7 +88,6 @@ def conformal_threshold(calibration_scores, alpha: float):
     """
     from scipy.stats import beta
 
-    from .pipeline import Threshold
 
     alpha = _check_alpha(alpha)
     cal = _calibration_scores(calibration_scores)

@@ -494,7 +494,7 @@ def write_heatmaps(pipeline, source, ids: Sequence[str] | None, out_dir: str | P
                    progress: ProgressCallback | None = None) -> HeatmapRun:
     """Score every image of ``source`` and write its two overlays into ``out_dir``,
     streaming (images are not kept). The scores are those :meth:`Pipeline.score` gives."""
-    from .pipeline import Scores
+    from .extraction import Scores
 
     ids = [str(i) for i in (ids if ids is not None else range(len(source)))]
     scores = np.full(len(ids), np.nan)

@@ -9,11 +9,21 @@ path, including non-ASCII ones, and releases the GIL, so callers may decode in a
 pool. A file that cannot be decoded raises :class:`~kad.errors.ImageReadError` naming the
 file and the reason. Truncated JPEG and PNG files are detected explicitly: libjpeg decodes
 a truncated JPEG "successfully", filling the missing part with grey.
+
+The EXIF orientation tag is applied, as every image viewer does: a photograph taken with
+the camera held sideways is returned upright. The tag is read with Pillow (header only);
+OpenCV's own handling is switched off so that it is applied once, for every format.
+
+A large JPEG can be decoded at 1/2, 1/4 or 1/8 of its size (libjpeg scales in the DCT
+domain, which costs a fraction of a full decode) when the caller says how many pixels it
+needs (``min_side``); see :func:`read_image`.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import warnings
 from pathlib import Path
 
 import cv2
@@ -25,6 +35,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MIN_IMAGE_SIDE",
     "check_usable",
+    "apply_orientation",
     "is_image_file",
     "read_image",
     "resize",
@@ -69,12 +80,17 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return not name.startswith("._") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode the image file ``path`` to an ``(H, W, 3)`` ``uint8`` RGB array.
+def read_image(path: str | os.PathLike, *, min_side: int | None = None) -> np.ndarray:
+    """Decode the image file ``path`` to an ``(H, W, 3)`` ``uint8`` RGB array, upright.
 
     Grey images become three equal channels, an alpha channel is composited on black,
     16-bit images are scaled to 8 bits, floating-point images are clipped to [0, 1] and
-    scaled to 255.
+    scaled to 255. The EXIF orientation (tag 274), where there is one, is applied.
+
+    ``min_side``: the caller needs an image whose shorter side is at least this many
+    pixels. A JPEG whose shorter side is at least 2, 4 or 8 times that is then decoded at
+    1/2, 1/4 or 1/8 of its size (the largest such factor), in the DCT domain, which is much
+    cheaper than a full decode followed by a resize. Other formats are decoded whole.
 
     Raises :class:`~kad.errors.ImageReadError` when the file is missing, empty, not an
     image, truncated, or has a channel layout that is not grey, grey+alpha, colour or
@@ -82,8 +98,13 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     """
     data = _read_bytes(path)
     _check_complete(path, data)
+    size, orientation = _header(data)
+    flags = cv2.IMREAD_UNCHANGED
+    factor = _reduction(size, min_side) if data.startswith(_JPEG_SOI) else 1
+    if factor > 1:
+        flags = _REDUCED_FLAGS[factor] | cv2.IMREAD_IGNORE_ORIENTATION
     try:
-        decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     except cv2.error as exc:
         raise ImageReadError(path, f"OpenCV failed to decode it: {exc}") from exc
     if decoded is None:
@@ -94,9 +115,37 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             f"and that its format is one of {_extensions_text()}",
         )
     try:
-        return _convert(decoded, bgr=True)
+        rgb = _convert(decoded, bgr=True)
     except ValueError as exc:
         raise ImageReadError(path, str(exc)) from exc
+    return apply_orientation(rgb, orientation)
+
+
+#: EXIF orientation (1-8) to the OpenCV operations that make the image upright, in order:
+#: ("flip", flipCode) or ("rotate", rotateCode) or ("transpose", None).
+_ORIENTATIONS: dict[int, tuple[tuple[str, int | None], ...]] = {
+    1: (),
+    2: (("flip", 1),),  # mirrored left-right
+    3: (("rotate", cv2.ROTATE_180),),
+    4: (("flip", 0),),  # mirrored top-bottom
+    5: (("transpose", None),),  # mirrored along the main diagonal
+    6: (("rotate", cv2.ROTATE_90_CLOCKWISE),),
+    7: (("transpose", None), ("rotate", cv2.ROTATE_180)),  # along the anti-diagonal
+    8: (("rotate", cv2.ROTATE_90_COUNTERCLOCKWISE),),
+}
+
+
+def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
+    """``image`` turned upright according to its EXIF ``orientation`` (1-8; 1 and unknown
+    values leave it as it is)."""
+    for op, code in _ORIENTATIONS.get(int(orientation), ()):
+        if op == "flip":
+            image = cv2.flip(image, code)
+        elif op == "rotate":
+            image = cv2.rotate(image, code)
+        else:
+            image = cv2.transpose(image)
+    return np.ascontiguousarray(image)
 
 
 def check_usable(rgb: np.ndarray, where: str | os.PathLike,
@@ -212,6 +261,49 @@ def _check_complete(path: str | os.PathLike, data: bytes) -> None:
             f"file was cut short (interrupted download or copy?); replace it with a complete "
             f"copy or remove it",
         )
+
+
+_REDUCED_FLAGS = {
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+}
+
+
+def _header(data: bytes) -> tuple[tuple[int, int] | None, int]:
+    """``((width, height) or None, EXIF orientation)`` from the file's header, read with
+    Pillow without decoding the pixels; ``(None, 1)`` where Pillow does not know the
+    format (OpenCV may still decode it)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            # Pillow's guard against decompression bombs concerns decoding, which OpenCV
+            # does (with its own limits); reading the header is safe.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                orientation = image.getexif().get(0x0112, 1)
+                size = image.size
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+            SyntaxError):
+        return None, 1
+    try:
+        orientation = int(orientation)
+    except (TypeError, ValueError):
+        orientation = 1
+    return size, orientation if orientation in _ORIENTATIONS else 1
+
+
+def _reduction(size: tuple[int, int] | None, min_side: int | None) -> int:
+    """The largest of 8, 4, 2 by which an image of ``size`` can be shrunk and keep its
+    shorter side at least ``min_side``; 1 when none can."""
+    if size is None or not min_side or min_side < 1:
+        return 1
+    shorter = min(size)
+    for factor in (8, 4, 2):
+        if shorter // factor >= min_side:
+            return factor
+    return 1
 
 
 def _extensions_text() -> str:

@@ -19,34 +19,17 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .artifact import Encoder, library_versions, open_artifact, write_artifact
+from .calibration import Threshold
 from .detector import BaseDetector, decode_detector, encode_detector
 from .errors import ArtifactError, KadError, WeightsError
+from .extraction import Scores
 
 ProgressCallback = Callable[[int, int], None]
-
-
-@dataclass
-class Threshold:
-    """The flagging threshold (flag when score > value) and how it was chosen."""
-
-    value: float
-    method: str  # "contamination" or "sensitivity"
-    details: dict = field(default_factory=dict)
-
-
-@dataclass
-class Scores:
-    """Scores of a batch of images; unreadable ones are in ``failed`` with the reason."""
-
-    ids: list[str]
-    scores: np.ndarray  # NaN where the image could not be read
-    failed: dict[str, str]
 
 
 def weights_fingerprint(model) -> str:
@@ -67,7 +50,8 @@ class Pipeline:
                  image_size: int, preprocessing: str, blocks: list[str],
                  all_blocks: list[str], detector: BaseDetector, threshold: Threshold,
                  training: dict, batch_size: int, calibration: dict | None = None,
-                 assessment: dict | None = None):
+                 assessment: dict | None = None,
+                 runtime: str = "keras"):
         self.backbone = backbone
         self.weights = weights
         self.weights_fingerprint = weights_fingerprint
@@ -83,14 +67,23 @@ class Pipeline:
         # of the labelled images used for nothing but measuring (honest metrics)
         self.calibration = calibration
         self.assessment = assessment
+        #: The runtime the training features were computed with; scoring uses it too.
+        self.runtime = runtime
         self.versions = library_versions()
         self.source: Path | None = None  # the file it was loaded from
         self._model = None
+        self._engine = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_model"] = None  # the network is rebuilt from backbone and weights
+        state["_engine"] = None
         return state
+
+    def __setstate__(self, state):
+        state.setdefault("runtime", "keras")  # pipelines saved before runtimes existed
+        state.setdefault("_engine", None)
+        self.__dict__.update(state)
 
     def describe(self) -> dict:
         """A JSON-able summary (stored in the artefact's manifest too)."""
@@ -98,6 +91,7 @@ class Pipeline:
             "backbone": self.backbone, "weights": self.weights,
             "weights_fingerprint": self.weights_fingerprint, "image_size": self.image_size,
             "preprocessing": self.preprocessing, "blocks": self.blocks,
+            "runtime": self.runtime,
             "detector": type(self.detector).__name__,
             "detector_params": {k: repr(v) for k, v in self.detector.get_params().items()},
             "threshold": {"value": self.threshold.value, "method": self.threshold.method,
@@ -112,7 +106,7 @@ class Pipeline:
     # -- scoring ------------------------------------------------------------------------
     def _plan(self):
         from .backbones import get_backbone
-        from .features import ExtractionPlan
+        from .extraction import ExtractionPlan
         from .preprocessing import get_preprocessing
 
         return ExtractionPlan(get_backbone(self.backbone), self.weights, self.image_size,
@@ -153,12 +147,34 @@ class Pipeline:
                 "found; pass --weights PATH (weights=PATH) to use the file where it is now"
             )
 
-    def score(self, source, ids: Sequence[str] | None = None,
-              progress: ProgressCallback | None = None, weights: str | None = None) -> Scores:
-        """Scores of every image of an :class:`~kad.datasets.ImageSource`, streamed."""
-        from .features import stream_features
+    def engine(self, weights: str | None = None, runtime: str | None = None):
+        """The runtime that scores: the one the pipeline was fitted with unless ``runtime``
+        names another (``auto``, ``keras``, ``openvino``). The Keras network is built
+        and its weights checked first; OpenVINO converts that checked network (or reuses
+        its cached conversion)."""
+        from .runtime import KerasRuntime, build_runtime, resolve_runtime
 
-        model = self.network(weights)
+        choice = resolve_runtime(runtime or self.runtime).name
+        cached = self._engine
+        if cached is None or weights is not None or cached.name != choice:
+            model = self.network(weights)
+            if choice == "keras":
+                cached = KerasRuntime(model, self.all_blocks)
+            else:
+                cached = build_runtime(self.backbone, self.image_size, weights or self.weights,
+                                       choice, self.batch_size,
+                                       keras_model=(model, self.all_blocks))
+            self._engine = cached
+        return cached
+
+    def score(self, source, ids: Sequence[str] | None = None,
+              progress: ProgressCallback | None = None, weights: str | None = None,
+              runtime: str | None = None) -> Scores:
+        """Scores of every image of an :class:`~kad.datasets.ImageSource`, streamed, on the
+        pipeline's runtime (or ``runtime``)."""
+        from .extraction import stream_features
+
+        model = self.engine(weights, runtime)
         ids = np.asarray([str(i) for i in (ids if ids is not None else range(len(source)))])
         columns = [self.all_blocks.index(b) for b in self.blocks]
         scores = np.full(len(source), np.nan)
@@ -224,7 +240,7 @@ class Pipeline:
 #: What a saved pipeline stores besides its detector.
 _FIELDS = ("backbone", "weights", "weights_fingerprint", "image_size", "preprocessing",
            "blocks", "all_blocks", "threshold", "training", "batch_size", "versions",
-           "calibration", "assessment")
+           "calibration", "assessment", "runtime")
 
 
 def load_pipeline(path: str | Path) -> Pipeline:
@@ -300,7 +316,7 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
                  assessment_rows: np.ndarray | None = None,
                  assessment_labels: np.ndarray | None = None,
                  fpr: float | None = None, keep_all_blocks: bool = True,
-                 out: str | Path | None = None) -> Pipeline:
+                 out: str | Path | None = None, runtime: str = "auto") -> Pipeline:
     """Fit a pipeline on the normal images ``train_rows`` of ``dataset``.
 
     With labelled images (``labelled_rows`` and ``labels``, 1 = anomaly, none of them in
@@ -340,7 +356,8 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
     if fpr is not None and sensitivity is not None:
         raise KadError("set the threshold either by a false-positive rate or by a "
                        "sensitivity, not both")
-    plan = plan_extraction(dataset, backbone, weights, image_size, preprocessing, cache_dir)
+    plan = plan_extraction(dataset, backbone, weights, image_size, preprocessing, cache_dir,
+                           runtime)
     if out is not None:
         from .cache import check_writable
 
@@ -351,7 +368,7 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
         check_writable(plan.path.parent, what="feature cache folder")
         features = extract_features(dataset, plan.backbone, weights, image_size, preprocessing,
                                     batch_size=batch_size, cache_dir=cache_dir,
-                                    progress=progress)
+                                    progress=progress, runtime=runtime)
     usable = features.valid
     unreadable: dict[str, int] = {}
 
@@ -463,6 +480,7 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
         preprocessing=plan.preprocessing.key, blocks=blocks, all_blocks=features.blocks,
         detector=det, threshold=threshold, training=training, batch_size=batch_size,
         calibration=calibration, assessment=assessment,
+        runtime=features.meta["inputs"].get("runtime", "keras"),
     )
     pipeline._model = model  # scoring right away needs no second build
     if not keep_all_blocks:

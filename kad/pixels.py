@@ -15,7 +15,7 @@ import numpy as np
 
 from .cache import cache_key, cache_root
 from .errors import ImageReadError
-from .features import load_preprocessed
+from .extraction import load_preprocessed
 from .preprocessing import get_preprocessing
 
 
@@ -24,7 +24,8 @@ def load_pixels(dataset, size: int, preprocessing, cache_dir: str | Path | None 
     """``(images, failed)``: float32 ``(n, size, size, 3)`` in [0, 1], and the ids of images
     that could not be read (their rows are zeros) with the reason."""
     prep = get_preprocessing(preprocessing)
-    key = cache_key({"pixels": dataset.fingerprint, "size": int(size), "prep": prep.key})
+    key = cache_key({"pixels": dataset.fingerprint, "size": int(size), "prep": prep.key,
+                     "revision": prep.revision})
     root = Path(cache_dir) if cache_dir else cache_root()
     path = root / f"{dataset.name}-pixels{size}-{key}.npz"
     if path.is_file():

@@ -52,7 +52,7 @@ def import_ray():
 
 def _load(row: dict, source, ids, plan, batch_size: int) -> dict:
     """Ray task body: decode and preprocess one batch (the rows of a local run's batch)."""
-    from .features import _load_batch
+    from .extraction import _load_batch
 
     start = int(row["start"])
     stop = min(start + batch_size, len(source))
@@ -134,7 +134,7 @@ def extract_with_ray(dataset, plan, *, batch_size: int = 64, address: str | None
     called as batches arrive.
     """
     from . import __version__
-    from .features import _usable
+    from .extraction import _usable
 
     ray = import_ray()
     found = _usable(plan, on_event)
@@ -259,7 +259,7 @@ def score_with_ray(pipeline, source, ids=None, *, address: str | None = None,
     """:meth:`kad.pipeline.Pipeline.score` on Ray Data (``kad score --engine ray``): the
     same batches and the same scores, decoded in Ray tasks and scored in an actor pool,
     one network per actor. Returns :class:`kad.pipeline.Scores`."""
-    from .pipeline import Scores
+    from .extraction import Scores
 
     ray = import_ray()
     ids = np.asarray([str(i) for i in (ids if ids is not None else range(len(source)))])

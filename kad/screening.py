@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import KadError
-from .pipeline import Pipeline, Scores
+from .extraction import Scores
+from .pipeline import Pipeline
 
 NORMAL_LABELS = {"0", "normal", "negative", "no", "false"}
 ANOMALY_LABELS = {"1", "abnormal", "anomaly", "anomalous", "positive", "yes", "true"}
@@ -180,7 +181,8 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
               fpr: float | None = None, calibration: float | None = None,
               validation: float | None = None, seed: int = 0, batch_size: int = 64,
               cache_dir: str | Path | None = None, keep_all_blocks: bool = False,
-              progress: ProgressCallback | None = None, on_event=None) -> FitRun:
+              runtime: str = "auto", progress: ProgressCallback | None = None,
+              on_event=None) -> FitRun:
     """Fit the whole pipeline on the normal images of ``dataset`` and save it to
     ``out_path``. The dataset is divided by patient (:func:`kad.calibration.plan_fit_split`)
     into images that fit the detector, normals that calibrate the conformal threshold
@@ -227,14 +229,14 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
     check_writable(Path(cache_dir) if cache_dir else cache_root(), what="feature cache folder")
     features = extract_features(dataset, backbone, weights, image_size, preprocessing,
                                 batch_size=batch_size, cache_dir=cache_dir, progress=progress,
-                                on_event=on_event)
+                                on_event=on_event, runtime=runtime)
     split = plan_fit_split(dataset, calibration, validation, seed, valid=features.valid)
     pipeline = fit_pipeline(
         dataset, backbone=backbone, weights=weights, image_size=image_size,
         preprocessing=preprocessing, representation=representation or "concat",
         detector=detector, split=split, sensitivity=sensitivity, fpr=fpr,
         batch_size=batch_size, cache_dir=cache_dir, features=features,
-        keep_all_blocks=keep_all_blocks)
+        keep_all_blocks=keep_all_blocks, runtime=runtime)
     path = pipeline.save(out_path)
     ids = dataset.ids
     left_out = {str(ids[i]): features.failed.get(str(ids[i]), why)
@@ -271,7 +273,8 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
            labels: str | Path | None = None, weights: str | None = None,
            engine: str = "local", ray_address: str | None = None,
            heatmaps: bool = False, heatmap_method: str = "auto", grid: int = 8,
-           steps: int = 16, progress: ProgressCallback | None = None) -> ScreeningRun:
+           steps: int = 16, runtime: str | None = None,
+           progress: ProgressCallback | None = None) -> ScreeningRun:
     """Score every image under ``inputs`` with the model file ``model`` and write
     ``scores.csv`` and ``report.html`` to ``out_dir`` (checked for writability first).
     ``engine="ray"`` scores on a Ray cluster (:func:`kad.ray_engine.score_with_ray`).
@@ -311,7 +314,8 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
         result = score_with_ray(pipeline, FileSource(files), ids, address=ray_address,
                                 weights=weights, progress=progress)
     else:
-        result = pipeline.score(FileSource(files), ids=ids, progress=progress, weights=weights)
+        result = pipeline.score(FileSource(files), ids=ids, progress=progress, weights=weights,
+                                runtime=runtime)
     rows = rank(pipeline, files, result, truth)
     not_scored = [NotScored(f, UNREADABLE, why) for f, why in result.failed.items()] + not_scored
     csv_path = write_scores_csv(out_dir / "scores.csv", rows, not_scored)

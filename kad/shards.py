@@ -113,7 +113,7 @@ def find_shards(entry: Path) -> list[ShardInfo]:
 
 
 class _Share:
-    """Rows ``start:stop`` of a dataset, as :func:`kad.features._extract` reads it."""
+    """Rows ``start:stop`` of a dataset, as :func:`kad.extraction._extract` reads it."""
 
     def __init__(self, dataset, start: int, stop: int):
         self.name = dataset.name
@@ -130,7 +130,7 @@ def extract_shard(dataset, plan, shard: tuple[int, int], *, batch_size: int = 64
     """Compute one shard (see the module docstring). Returns the whole entry when this
     shard completed the set (it is merged then), else this shard's own entry, whose
     ``meta["shard"]`` says which rows it holds."""
-    from .features import _extract, _usable
+    from .extraction import _extract, _usable
 
     index, count = check_shard(shard)
     whole = _usable(plan, on_event)

@@ -20,6 +20,7 @@ from kad.cli.options import (
     DatasetOpt,
     ImageSizeOpt,
     PreprocessingOpt,
+    RuntimeOpt,
     WeightsOpt,
 )
 from kad.cli.render import handle_errors, note, progress_bar, say, skipped, stdout, table
@@ -106,6 +107,7 @@ def table1(
     folds: FoldsOpt = 5, limit: LimitOpt = None, classes: ClassesOpt = None,
     pixel_size: PixelSizeOpt = None, batch_size: BatchSizeOpt = 64,
     cache_dir: CacheDirOpt = None, out_dir: OutOpt = None,
+    runtime: RuntimeOpt = "auto",
     per_split: Annotated[bool, typer.Option("--per-split", help="Also show every split.")] = False,
 ) -> None:
     """Table 1: novelty detection (AUROC % mean ± std), detectors as columns."""
@@ -116,7 +118,7 @@ def table1(
                        image_size=image_size, preprocessing=preprocessing, detectors=detectors,
                        inputs=inputs, representation=representation, seeds=seeds, folds=folds,
                        limit=limit, classes=classes, pixel_size=pixel_size,
-                       batch_size=batch_size, cache_dir=cache_dir, out=out_dir)
+                       batch_size=batch_size, cache_dir=cache_dir, out=out_dir, runtime=runtime)
     with progress_bar("table1 runs") as update:
         result = run_table1(options, progress=update, bench=_bench(options))
     _finish(result, options, started, f"Table 1 — {result.bench.dataset.name}")
@@ -146,6 +148,7 @@ def table2(
     detectors: DetectorsOpt = "iforest", seeds: SeedsOpt = None, folds: FoldsOpt = 5,
     limit: LimitOpt = None, classes: ClassesOpt = None, batch_size: BatchSizeOpt = 64,
     cache_dir: CacheDirOpt = None, out_dir: OutOpt = None,
+    runtime: RuntimeOpt = "auto",
     n_anomalies: Annotated[float | None, typer.Option(
         "--n-anomalies", help="Labelled validation anomalies: a count, or a fraction of the "
                               "dataset (default 0.03).")] = None,
@@ -158,7 +161,7 @@ def table2(
                        image_size=image_size, preprocessing=preprocessing, detectors=detectors,
                        inputs="features", seeds=seeds, folds=folds, limit=limit,
                        classes=classes, batch_size=batch_size, cache_dir=cache_dir,
-                       out=out_dir)
+                       out=out_dir, runtime=runtime)
     with progress_bar("table2 block fits") as update:
         result = run_table2(options, n_anomalies, progress=update, bench=_bench(options))
     folder = _finish(result, options, started, "")
@@ -188,6 +191,7 @@ def table3(
     folds: FoldsOpt = 5, limit: LimitOpt = None, classes: ClassesOpt = None,
     pixel_size: PixelSizeOpt = None, batch_size: BatchSizeOpt = 64,
     cache_dir: CacheDirOpt = None, out_dir: OutOpt = None,
+    runtime: RuntimeOpt = "auto",
     ratios: Annotated[str | None, typer.Option(
         "--ratios", help="Anomaly ratios in training, e.g. 0.01,0.02,0.03 (default: the "
                          "paper's, by dataset).")] = None,
@@ -201,7 +205,7 @@ def table3(
                        image_size=image_size, preprocessing=preprocessing, detectors=detectors,
                        inputs=inputs, representation=representation, seeds=seeds, folds=folds,
                        limit=limit, classes=classes, pixel_size=pixel_size,
-                       batch_size=batch_size, cache_dir=cache_dir, out=out_dir)
+                       batch_size=batch_size, cache_dir=cache_dir, out=out_dir, runtime=runtime)
     with progress_bar("table3 runs") as update:
         result = run_table3(options, ratio_list, progress=update, bench=_bench(options))
     _finish(result, options, started, f"Table 3 — {result.bench.dataset.name}")

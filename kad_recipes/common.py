@@ -36,6 +36,7 @@ class RecipeOptions:
     batch_size: int = 64
     cache_dir: Path | None = None
     out: Path | None = None
+    runtime: str = "auto"
 
     def to_json(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -129,7 +130,8 @@ class Workbench:
             with bar as update:
                 self._features = extract_features(
                     self.dataset, o.backbone, o.weights, o.image_size, o.preprocessing,
-                    batch_size=o.batch_size, cache_dir=o.cache_dir, progress=update)
+                    batch_size=o.batch_size, cache_dir=o.cache_dir, progress=update,
+                    runtime=o.runtime)
             self._failed.update(self._features.failed)
             if self._report_skipped:
                 self._report_skipped(self._features.failed.items(),

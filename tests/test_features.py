@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
+import kad.runtime
 from conftest import CIFAR10_TAR, KAGGLE_DR, MOBILENET_WEIGHTS, need
 from kad.backbones import Backbone
 from kad.cache import DamagedEntryError
@@ -90,20 +91,20 @@ def test_an_interrupted_extraction_resumes_without_recomputing(folder, monkeypat
     assert plan.path.with_name(plan.path.name + ".partial").is_dir()
 
     seen = []
-    original = Backbone.build_extractor
+    original = kad.runtime.build_runtime
 
-    def counting(self, *args, **kwargs):
-        model, names = original(self, *args, **kwargs)
-        predict = model.predict_on_batch
+    def counting(*args, **kwargs):
+        engine = original(*args, **kwargs)
+        predict = engine.predict
 
-        def predict_on_batch(x):
+        def counted(x):
             seen.append(len(x))
             return predict(x)
 
-        model.predict_on_batch = predict_on_batch
-        return model, names
+        engine.predict = counted
+        return engine
 
-    monkeypatch.setattr(Backbone, "build_extractor", counting)
+    monkeypatch.setattr(kad.runtime, "build_runtime", counting)
     resumed = extract_features(folder, MNV2, "none", 32, batch_size=4)
     # 19 images in batches of 4: 2 of 5 batches were done, only the other 3 are run
     assert seen == [4, 4, 4]
@@ -184,3 +185,18 @@ def test_fit_can_keep_only_the_blocks_the_pipeline_uses(folder):
     full = extract_features(folder, MNV2, "none", 32, batch_size=4, on_event=events.append)
     assert [e.kind for e in events] == ["pruned"] and full.blocks == full.all_blocks
     np.testing.assert_array_equal(full.block("out_relu"), kept.block("out_relu"))
+
+def test_progress_is_reported_from_before_the_network_is_built(folder, monkeypatch):
+    calls = []
+    seen_at_build = []
+    original = kad.runtime.build_runtime
+
+    def building(*args, **kwargs):
+        seen_at_build.extend(calls)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kad.runtime, "build_runtime", building)
+    extract_features(folder, MNV2, "none", 32, batch_size=8,
+                     progress=lambda done, total: calls.append((done, total)))
+    assert seen_at_build == [(0, 19)]  # the bar is up while the model is built/converted
+    assert calls[-1] == (19, 19) and [d for d, _ in calls] == sorted(d for d, _ in calls)

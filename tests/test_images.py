@@ -286,3 +286,87 @@ def test_resize_to_same_size_returns_the_image():
 def test_resize_rejects_bad_sizes(size):
     with pytest.raises(ValueError, match="size"):
         resize(colourful(), size)
+
+
+# ----------------------------------------------------------------- EXIF and reduced decode
+
+
+def _jpeg_with_orientation(path, rgb: np.ndarray, orientation: int) -> None:
+    """Write ``rgb`` as a JPEG whose EXIF says how to turn it upright, with Pillow."""
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(rgb).save(path, quality=100, subsampling=0, exif=exif.tobytes())
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_as_viewers_do(tmp_path, orientation):
+    from PIL import Image, ImageOps
+
+    # Left half dark, right half bright, top-left corner marked: every one of the eight
+    # orientations gives a different picture.
+    rgb = np.full((24, 40, 3), 40, np.uint8)
+    rgb[:, 20:] = 200
+    rgb[:6, :6] = (255, 0, 0)
+    path = tmp_path / f"o{orientation}.jpg"
+    _jpeg_with_orientation(path, rgb, orientation)
+    with Image.open(path) as stored:
+        expected = np.asarray(ImageOps.exif_transpose(stored).convert("RGB"))
+    got = read_image(path)
+    assert got.shape == expected.shape
+    assert np.abs(got.astype(int) - expected.astype(int)).max() <= 2
+
+
+def test_rotated_jpeg_is_not_read_sideways(tmp_path):
+    rgb = np.zeros((20, 50, 3), np.uint8)  # stored landscape, tagged "rotate 90 clockwise"
+    _jpeg_with_orientation(tmp_path / "r.jpg", rgb, 6)
+    assert read_image(tmp_path / "r.jpg").shape == (50, 20, 3)
+
+
+def test_unknown_exif_orientation_is_ignored(tmp_path):
+    rgb = colourful(16, 24)
+    _jpeg_with_orientation(tmp_path / "x.jpg", rgb, 9)
+    assert read_image(tmp_path / "x.jpg").shape == (16, 24, 3)
+
+
+@pytest.mark.parametrize(("min_side", "shape"), [
+    (None, (400, 640)), (300, (400, 640)), (200, (200, 320)), (100, (100, 160)),
+    (50, (50, 80)), (10, (50, 80)),
+])
+def test_large_jpeg_is_decoded_at_the_size_the_caller_needs(tmp_path, min_side, shape):
+    yy, xx = np.mgrid[:400, :640]
+    rgb = np.stack([xx % 256, yy % 256, (xx + yy) % 256], axis=2).astype(np.uint8)
+    write(tmp_path / "big.jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    full = read_image(tmp_path / "big.jpg")
+    got = read_image(tmp_path / "big.jpg", min_side=min_side)
+    assert got.shape == (*shape, 3)
+    # The DCT-domain reduction is an average over blocks, as INTER_AREA is.
+    expected = resize(full, shape)
+    assert np.abs(got.astype(float) - expected).mean() < 3.0
+
+
+def test_reduced_decode_keeps_exif_orientation(tmp_path):
+    rgb = np.zeros((160, 320, 3), np.uint8)
+    rgb[:, :160] = 255
+    _jpeg_with_orientation(tmp_path / "r.jpg", rgb, 6)
+    got = read_image(tmp_path / "r.jpg", min_side=40)
+    assert got.shape == (80, 40, 3)  # quarter size, upright
+    assert got[:30].mean() > 200 and got[-30:].mean() < 50  # left half turned to the top
+
+
+def test_png_is_never_reduced(tmp_path):
+    write(tmp_path / "big.png", colourful(200, 300))
+    assert read_image(tmp_path / "big.png", min_side=20).shape == (200, 300, 3)
+
+
+def test_a_very_large_image_header_does_not_warn_or_fail(tmp_path, monkeypatch):
+    from PIL import Image
+
+    rgb = np.zeros((40, 60, 3), np.uint8)
+    _jpeg_with_orientation(tmp_path / "big.jpg", rgb, 6)
+    # As if the image were larger than Pillow's decompression-bomb limits (warning, error).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 2400 pixels: Pillow warns
+    assert read_image(tmp_path / "big.jpg").shape == (60, 40, 3)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # over twice the limit: it raises
+    assert read_image(tmp_path / "big.jpg").shape == (40, 60, 3)  # header unread: as stored

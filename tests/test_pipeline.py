@@ -62,6 +62,23 @@ def test_a_new_process_scores_exactly_as_the_fitted_pipeline(fitted, tmp_path):
     assert alone[0] == in_memory[3]
 
 
+def test_scoring_runs_on_the_runtime_of_the_training_features(tmp_path):
+    """A distance-based detector sees float-noise differences between runtimes: scoring
+    the training images gives exactly what the detector gives on the cached features."""
+    from kad.features import extract_features
+    from kad.runtime import resolve_runtime
+
+    root = screening_folder(tmp_path / "data", n_normal=12, n_abnormal=4)
+    dataset = load_dataset("folder", root, kind="natural")
+    pipeline = fit_pipeline(dataset, detector="knn", batch_size=8, **FAST)
+    assert pipeline.runtime == resolve_runtime("auto").name
+    assert pipeline.describe()["runtime"] == pipeline.runtime
+    features = extract_features(dataset, batch_size=8, **FAST)  # the cached entry
+    expected = pipeline.detector.anomaly_score(features.matrix(pipeline.blocks))
+    got = pipeline.score(FileSource([root / i for i in dataset.ids])).scores
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_scores_separate_the_speckled_images(fitted):
     from sklearn.metrics import roc_auc_score
 

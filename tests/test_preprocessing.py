@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kad.errors import KadError
-from kad.images import read_image
+from kad.images import read_image, resize
 from kad.preprocessing import (
     Fundus,
     Natural,
@@ -346,3 +346,82 @@ def test_fundus_on_real_kaggle_images():
         assert out.shape == (256, 256, 3) and out.dtype == np.float32
         assert 0.0 <= out.min() and out.max() <= 1.0
         assert out.std() > 0.02, f"{path.name}: preprocessed image is flat"
+
+
+# ------------------------------------------------------------- sizes decoded and chosen
+
+
+def test_large_jpeg_is_decoded_reduced_for_the_network_input(tmp_path, monkeypatch):
+    from kad.datasets import FileSource
+    from kad.features import load_preprocessed
+
+    yy, xx = np.mgrid[:600, :800]
+    rgb = np.stack([xx % 256, yy % 256, (xx // 4 + yy // 4) % 256], axis=2).astype(np.uint8)
+    path = tmp_path / "big.jpg"
+    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    source = FileSource([path])
+    seen = []
+    original = FileSource.load_scaled
+
+    def spy(self, i, min_side):
+        image = original(self, i, min_side)
+        seen.append((min_side, image.shape[:2]))
+        return image
+
+    monkeypatch.setattr(FileSource, "load_scaled", spy)
+    got = load_preprocessed(source, 0, Natural(), 96)
+    assert seen == [(96, (150, 200))]  # a quarter: the shorter side stays >= 96
+    full = resize(Natural()(read_image(path)), 96)
+    assert got.shape == full.shape == (96, 96, 3)
+    assert np.abs(got - full).mean() < 2 / 255
+
+
+def test_fundus_needs_twice_its_output_size_natural_the_input_size():
+    assert Fundus().source_side(299) == 512
+    assert Fundus(size=128).source_side(299) == 256
+    assert Natural().source_side(224) == 224
+
+
+def test_revisions_enter_the_feature_cache_key(monkeypatch):
+    from kad.datasets import load_dataset
+    from kad.features import plan_extraction
+
+    digits = load_dataset("digits")
+    plan = plan_extraction(digits, "mobilenet_v2:alpha=0.35", "none", 32, runtime="keras")
+    assert plan.inputs["preprocessing_revision"] == Natural.revision
+    monkeypatch.setattr(Natural, "revision", Natural.revision + 1)
+    again = plan_extraction(digits, "mobilenet_v2:alpha=0.35", "none", 32, runtime="keras")
+    assert again.key != plan.key
+
+
+@pytest.mark.parametrize(("backbone", "expected"), [
+    ("inception_resnet_v2", 80), ("inception_v3", 80), ("mobilenet_v2:alpha=0.35", 80),
+])
+def test_tiny_images_get_a_small_input_size(backbone, expected):
+    from kad.backbones import get_backbone
+    from kad.datasets import load_dataset
+    from kad.features import default_input_size, plan_extraction
+
+    digits = load_dataset("digits")  # 8x8 images
+    assert default_input_size(digits, get_backbone(backbone)) == expected
+    assert plan_extraction(digits, backbone, "none", runtime="keras").input_size == expected
+
+
+def test_small_and_file_images_keep_the_native_input_size(tmp_path):
+    from kad.backbones import get_backbone
+    from kad.datasets import ArraySource, Dataset, load_dataset
+    from kad.features import default_input_size
+
+    irv2 = get_backbone("inception_resnet_v2")
+    cifar_like = Dataset(name="c", source=ArraySource(np.zeros((4, 32, 32, 3), np.uint8)),
+                         ids=np.arange(4), target=np.zeros(4))
+    assert default_input_size(cifar_like, irv2) == 299
+    tiny = Dataset(name="t", source=ArraySource(np.zeros((4, 5, 5), np.uint8)),
+                   ids=np.arange(4), target=np.zeros(4))
+    assert default_input_size(tiny, irv2) == 75  # never below the backbone's minimum
+    for sub in ("normal", "abnormal"):
+        (tmp_path / sub).mkdir()
+        for i in range(2):
+            cv2.imwrite(str(tmp_path / sub / f"{i}.png"), np.zeros((8, 8, 3), np.uint8))
+    files = load_dataset("folder", tmp_path, kind="natural")
+    assert default_input_size(files, irv2) == 299  # files: sizes unknown until decoded

@@ -53,8 +53,9 @@ def images(tmp_path_factory):
 @pytest.mark.tf
 @pytest.mark.slow
 def test_ray_gives_the_local_features_resumes_and_adds_no_rows(images, local_ray, tmp_path):
+    # Ray's actors run the Keras network: the local run it must equal runs it too
     local = extract_features(images, MNV2, "none", 32, batch_size=16,
-                             cache_dir=tmp_path / "local")
+                             cache_dir=tmp_path / "local", runtime="keras")
     cache = tmp_path / "ray"
 
     def interrupt(done, total):
@@ -85,7 +86,7 @@ def test_ray_gives_the_local_features_resumes_and_adds_no_rows(images, local_ray
 
     pipeline = fit_pipeline(images, backbone=MNV2, weights="none", image_size=32,
                             representation="out_relu", batch_size=16,
-                            cache_dir=tmp_path / "local")
+                            cache_dir=tmp_path / "local", runtime="keras")
     source = images.source.take(np.arange(34, 74))
     ids = list(images.ids[34:74])
     here = pipeline.score(source, ids)

@@ -17,6 +17,7 @@ from .options import (
     ImageSizeOpt,
     PreprocessingOpt,
     RayAddressOpt,
+    RuntimeOpt,
     WeightsOpt,
 )
 from .render import handle_errors, note, progress_bar, say, skipped, stdout, table
@@ -45,18 +46,24 @@ def extract(
                         "shard to finish joins them into the entry.")] = None,
     engine: EngineOpt = "local",
     ray_address: RayAddressOpt = None,
+    runtime: RuntimeOpt = "auto",
 ) -> None:
     """Compute every block's features for a dataset once and cache them."""
     from ..features import extract_features
+    from ..runtime import resolve_runtime
     from ..shards import find_shards, parse_shard
 
     ds = load_dataset(dataset, data_dir)
+    if engine == "local":
+        choice = resolve_runtime(runtime)
+        note(f"runtime: {choice.name} ({choice.reason})")
     part = parse_shard(shard) if shard else None
     with progress_bar(f"features of {ds.name}") as update:
         features = extract_features(ds, backbone, weights, image_size, preprocessing,
                                     batch_size=batch_size, cache_dir=cache_dir,
                                     progress=update, on_event=lambda e: note(e.message),
-                                    shard=part, engine=engine, ray_address=ray_address)
+                                    shard=part, engine=engine, ray_address=ray_address,
+                                    runtime=runtime)
     skipped(features.failed.items(), "image(s) could not be used and are")
     if "shard" in features.meta:
         entry = features.path.parent / features.path.name.split(".shard-")[0]

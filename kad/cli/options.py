@@ -33,3 +33,6 @@ EngineOpt = Annotated[str, typer.Option(
 RayAddressOpt = Annotated[str | None, typer.Option(
     "--ray-address", help="Address of a running Ray cluster (default $RAY_ADDRESS, else a "
                           "local Ray is started).")]
+RuntimeOpt = Annotated[str, typer.Option(
+    "--runtime", help="Where the network runs: auto (OpenVINO on a CPU when installed, else "
+                      "Keras), keras or openvino.")]

@@ -22,6 +22,7 @@ from .options import (
     ModelArg,
     PreprocessingOpt,
     RayAddressOpt,
+    RuntimeOpt,
     SeedOpt,
     WeightsOpt,
 )
@@ -72,6 +73,7 @@ def fit(
              "block, set a sensitivity threshold and measure the result.")] = 0.25,
     seed: SeedOpt = 0,
     batch_size: BatchSizeOpt = 64, cache_dir: CacheDirOpt = None,
+    runtime: RuntimeOpt = "auto",
     keep_all_blocks: Annotated[bool, typer.Option(
         "--keep-all-blocks", help="Keep every block of the training images in the feature "
                                   "cache (by default only the blocks the model uses).")] = False,
@@ -102,6 +104,7 @@ def fit(
     for text in fit_summary(run.pipeline).lines():
         say(text)
     pipeline = run.pipeline
+    note(f"runtime: {pipeline.runtime}")
     blocks = ", ".join(pipeline.blocks) if len(pipeline.blocks) < 6 else "concat"
     say(f"wrote {run.path}: {pipeline.backbone}, blocks {blocks}, threshold "
         f"{pipeline.threshold.value:.4g} ({pipeline.threshold.method})")
@@ -128,6 +131,9 @@ def score(
     heatmap_method: HeatmapMethodOpt = "auto",
     grid: GridOpt = 8,
     steps: StepsOpt = 16,
+    runtime: Annotated[str | None, typer.Option(
+        "--runtime", help="auto, keras or openvino (default: the runtime the model was "
+                          "fitted with).")] = None,
 ) -> None:
     """Score images, most suspicious first: scores.csv and report.html."""
     from ..screening import SCORED, SKIPPED, UNREADABLE, screen
@@ -135,7 +141,8 @@ def score(
     with progress_bar("scoring") as update:
         run = screen(model, images, out_dir, labels=labels, weights=weights, engine=engine,
                      ray_address=ray_address, heatmaps=heatmaps,
-                     heatmap_method=heatmap_method, grid=grid, steps=steps, progress=update)
+                     heatmap_method=heatmap_method, grid=grid, steps=steps, runtime=runtime,
+                     progress=update)
     flagged = sum(r.flagged for r in run.rows)
     say(f"{run.n_inputs} files: {run.count(SCORED)} scored ({flagged} flagged), "
         f"{run.count(UNREADABLE)} unreadable, {run.count(SKIPPED)} skipped")

@@ -92,6 +92,13 @@ class FileSource(ImageSource):
 
         return read_image(self.paths[i])
 
+    def load_scaled(self, i: int, min_side: int) -> np.ndarray:
+        """Item ``i``, decoded smaller where its format allows and its shorter side stays
+        at least ``min_side`` (:func:`kad.images.read_image`)."""
+        from ..images import read_image
+
+        return read_image(self.paths[i], min_side=min_side)
+
     def describe(self, i: int) -> str:
         return str(self.paths[i])
 
