@@ -186,14 +186,18 @@ class DAGMMNet(keras.Model):
         else:
             self.encoder, self.decoder = _compression_mlp(
                 self.data_shape[0], self.hidden, self.latent_dim, self.activation)
+        if self.n_components < 1:
+            raise ValueError(f"n_components must be at least 1, got {n_components!r}")
         layers = keras.layers
-        z_in = keras.Input((self.latent_dim + len(self.distances),))
-        x = z_in
-        for units in self.est_hidden:
-            x = layers.Dense(units, activation="tanh")(x)
-            x = layers.Dropout(self.dropout)(x)
-        gamma = layers.Dense(self.n_components, activation="softmax")(x)
-        self.estimator = keras.Model(z_in, gamma, name="estimator")
+        self.estimator = None  # one component: every membership is 1, nothing to estimate
+        if self.n_components > 1:
+            z_in = keras.Input((self.latent_dim + len(self.distances),))
+            x = z_in
+            for units in self.est_hidden:
+                x = layers.Dense(units, activation="tanh")(x)
+                x = layers.Dropout(self.dropout)(x)
+            gamma = layers.Dense(self.n_components, activation="softmax")(x)
+            self.estimator = keras.Model(z_in, gamma, name="estimator")
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.recon_tracker = keras.metrics.Mean(name="reconstruction")
         self.energy_tracker = keras.metrics.Mean(name="energy")
@@ -232,7 +236,10 @@ class DAGMMNet(keras.Model):
             "euclidean": dist,
         }
         z = tf.concat([code] + [features[d][:, None] for d in self.distances], axis=1)
-        gamma = self.estimator(z, training=training)
+        if self.estimator is None:
+            gamma = tf.ones_like(z[:, :1])
+        else:
+            gamma = self.estimator(z, training=training)
         sq_err = tf.reduce_sum(tf.square(flat_x - flat_r), axis=1)
         return z, gamma, sq_err
 

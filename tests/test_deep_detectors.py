@@ -138,6 +138,20 @@ def test_dagmm_learns():
     assert_learns(untrained, trained)
 
 
+def test_dagmm_with_one_component_is_a_single_gaussian():
+    from scipy.stats import multivariate_normal
+
+    from kad_plugins.dagmm import DAGMMDetector
+
+    x = np.random.default_rng(0).normal(size=(60, 5)).astype(np.float32)
+    det = DAGMMDetector(**{**DAGMMDetector.quick_params, "n_components": 1, "epochs": 1}).fit(x)
+    z = det._predict(det.net_, det._prepare(x))["z"].astype(np.float64)
+    cov = np.cov(z.T, bias=True) + det.cov_eps * np.eye(z.shape[1])
+    np.testing.assert_allclose(det.phi_, [1.0])
+    np.testing.assert_allclose(det.anomaly_score(x),
+                               -multivariate_normal(z.mean(axis=0), cov).logpdf(z), rtol=1e-6)
+
+
 def test_dagmm_energy_matches_a_reference_mixture():
     import tensorflow as tf
     from scipy.stats import multivariate_normal
