@@ -138,6 +138,19 @@ def test_dagmm_learns():
     assert_learns(untrained, trained)
 
 
+def test_dagmm_default_distances_depend_on_the_input():
+    from kad_plugins.dagmm import DAGMMDetector
+
+    rng = np.random.default_rng(0)
+    params = {**DAGMMDetector.quick_params, "epochs": 0}
+    features = DAGMMDetector(**params).fit(rng.normal(size=(40, 6)))
+    images = DAGMMDetector(**params).fit(rng.uniform(size=(40, 16, 16, 3)))
+    assert features.net_.distances == ("relative", "cosine", "euclidean")
+    assert images.net_.distances == ("relative", "cosine")
+    chosen = DAGMMDetector(**params, distances=("relative", "cosine"))
+    assert chosen.fit(rng.normal(size=(40, 6))).net_.distances == ("relative", "cosine")
+
+
 def test_dagmm_with_one_component_is_a_single_gaussian():
     from scipy.stats import multivariate_normal
 
