@@ -263,7 +263,7 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
     else:
         blocks = features.resolve(representation)
     det = fitted_on(blocks)
-    train_scores = det.decision_scores_
+    train_scores = det.anomaly_scores_
     val_scores = det.anomaly_score(features.matrix(blocks, labelled_rows)) if labelled else None
     if labelled and sensitivity is not None:
         threshold = threshold_at_sensitivity(val_scores[labels == 0], val_scores[labels == 1],
