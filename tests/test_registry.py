@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import kad
 from kad.errors import PluginError
 from kad.registry import DETECTORS, clear_cache, discover, get_detector, list_detectors, load
 from plugin_env import activate, install, install_example
@@ -97,7 +98,7 @@ def test_a_duplicate_name_is_an_error_naming_both(site, monkeypatch):
     activate(site, monkeypatch)
     with pytest.raises(PluginError, match="declared twice") as info:
         discover(DETECTORS)
-    assert "kad-clash 2.0" in str(info.value) and "kad 0.1.0" in str(info.value)
+    assert "kad-clash 2.0" in str(info.value) and f"kad {kad.__version__}" in str(info.value)
 
 
 def test_an_unknown_name_lists_the_available_ones():
