@@ -151,9 +151,6 @@ class Pipeline:
                 progress(start + len(features), len(source))
         return Scores(list(ids), scores, failed)
 
-    def score_features(self, features: np.ndarray) -> np.ndarray:
-        return self.detector.anomaly_score(features)
-
     def flag(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray(scores) > self.threshold.value
 

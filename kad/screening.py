@@ -52,7 +52,7 @@ def collect_images(inputs: list[Path]) -> tuple[list[Path], list[tuple[str, str]
     return files, skipped
 
 
-def read_labels(path: Path, files: list[Path] | None = None) -> dict[str, int]:
+def read_labels(path: Path) -> dict[str, int]:
     """``image,label`` rows (label normal/abnormal or 0/1) as {key: 0|1}. Keys are the paths
     as written; :func:`match_labels` relates them to files."""
     path = Path(path)
