@@ -183,12 +183,12 @@ def test_dagmm_energy_matches_a_reference_mixture():
 
 
 # -- DSEBM ---------------------------------------------------------------------------
-@pytest.mark.parametrize("score", ["energy", "reconstruction"])
-def test_dsebm_learns(score):
+@pytest.mark.parametrize("score_type", ["energy", "reconstruction"])
+def test_dsebm_learns(score_type):
     from kad_plugins.dsebm import DSEBMDetector
 
     # Images of 24 px, resized to the network's 16 px working size.
-    params = {"score": score, "image_size": 16, "epochs": 10, "batch_size": 32}
+    params = {"score_type": score_type, "image_size": 16, "epochs": 10, "batch_size": 32}
     untrained, trained = trained_vs_untrained(DSEBMDetector, params,
                                               orientation_task(bands, size=24))
     assert_learns(untrained, trained)

@@ -87,8 +87,7 @@ DEEP_DEFAULT_CHECKS = set(DATA_FREE_CHECKS) | {
     # no fit: refused at validation
     "check_complex_data", "check_estimators_empty_data_messages", "check_fit1d",
     "check_estimator_sparse_tag", "check_estimator_sparse_array",
-    "check_estimator_sparse_matrix", "check_array_api_input",
-    "check_non_transformer_estimators_n_iter",
+    "check_estimator_sparse_matrix", "check_non_transformer_estimators_n_iter",
     # the deep detector's own behaviour
     "check_fit_idempotent", "check_methods_subset_invariance", "check_fit2d_1sample",
 }
@@ -187,3 +186,14 @@ def test_tags_say_what_the_detector_takes(name):
     assert tags.target_tags.required == det.supervised
     if det.__module__.startswith("kad_plugins."):
         assert (name in KERAS_BUILTINS) == _is_deep(det), "update KERAS_BUILTINS"
+
+
+#: Method names scikit-learn looks for with hasattr: a parameter of that name hides them.
+SCIKIT_LEARN_METHODS = {"fit", "predict", "fit_predict", "score", "score_samples",
+                        "decision_function", "predict_proba", "transform", "fit_transform"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in NAMES])
+def test_no_parameter_takes_a_scikit_learn_method_name(name):
+    det = _detector(name)
+    assert not set(det.get_params(deep=False)) & SCIKIT_LEARN_METHODS
