@@ -125,7 +125,6 @@ class RichProgress(keras.callbacks.Callback):
         self.description = description
         self._progress = None
         self._task = None
-        self._epoch = 0
 
     def _metrics_text(self, logs) -> str:
         logs = logs or {}
@@ -159,9 +158,6 @@ class RichProgress(keras.callbacks.Callback):
             self.description, total=epochs * steps if steps else epochs, metrics=""
         )
         self._per_step = bool(steps)
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
         if self._progress is not None and self._per_step:

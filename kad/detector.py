@@ -1,15 +1,27 @@
-"""The detector contract.
+"""The detector contract: scikit-learn's outlier-detector contract, checked by scikit-learn.
 
 **Score direction, stated once for all of kad: a detector's ``anomaly_score`` is higher
-for more anomalous inputs.** scikit-learn's ``score_samples`` runs the other way (lower is
-more abnormal); the wrappers in ``kad_plugins`` flip its sign, and the contract tests check
-that planted outliers receive the highest scores.
+for more anomalous inputs.** The fitted detector keeps the anomaly scores of its training
+data in ``anomaly_scores_`` and flags inputs scored above ``threshold_``, the
+``1 - contamination`` quantile of ``anomaly_scores_`` (``contamination`` is the expected
+share of anomalies in the training data).
 
-A detector follows scikit-learn's estimator rules: ``__init__`` only stores its keyword
-arguments, what is learned ends in ``_``, ``fit`` returns the detector, and using it before
-``fit`` raises :class:`NotFittedError`. Subclasses implement ``_fit`` and ``_score``; the
-base class validates inputs and derives ``threshold_`` and ``labels_`` from
-``contamination``, the expected share of anomalies in the training data.
+A detector is a scikit-learn outlier detector (``OutlierMixin``, estimator type
+``"outlier_detector"``), with scikit-learn's conventions for the methods scikit-learn
+defines:
+
+* ``predict`` and ``fit_predict``: ``-1`` for anomalies, ``+1`` for normal inputs;
+* ``score_samples``: ``-anomaly_score``, lower is more abnormal;
+* ``decision_function``: ``threshold_ - anomaly_score``, negative for anomalies;
+  ``offset_`` is ``-threshold_``, so ``decision_function = score_samples - offset_``.
+
+``__init__`` only stores its keyword arguments, what is learned ends in ``_``, ``fit``
+returns the detector, and using it before ``fit`` raises :class:`NotFittedError`. Inputs
+are validated with scikit-learn's ``check_array``/``validate_data`` (sparse, complex, NaN
+and infinite inputs are refused; ``n_features_in_`` and ``feature_names_in_`` are
+recorded). Subclasses implement ``_fit`` and ``_score``. ``tests/test_sklearn_checks.py``
+runs scikit-learn's estimator checks on every registered detector and lists each deviation
+with its reason.
 
 Saving (:meth:`BaseDetector.save`, :func:`load_detector`) never pickles. A saved detector
 is its registry name (the ``kad.detectors`` entry point), its ``get_params()`` and its
@@ -31,9 +43,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, OutlierMixin
 from sklearn.exceptions import NotFittedError
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from .errors import ArtifactError, PluginError, UnstorableError
 
@@ -45,7 +57,7 @@ InputKind = Literal["features", "images", "both"]
 __all__ = ["BaseDetector", "NotFittedError", "load_detector", "InputKind"]
 
 
-class BaseDetector(BaseEstimator):
+class BaseDetector(OutlierMixin, BaseEstimator):
     """Base class of every kad detector.
 
     Class attributes a plugin sets:
@@ -59,8 +71,8 @@ class BaseDetector(BaseEstimator):
     #: True for detectors that need labelled anomalies in ``fit(X, y)`` (the supervised
     #: upper bound); recipes mark their results as such.
     supervised: ClassVar[bool] = False
-    #: Small settings under which the detector fits in seconds; used by the contract tests
-    #: and by quick runs, never as defaults.
+    #: Small settings under which the detector fits in seconds on the tests' small inputs;
+    #: the contract tests use them. Never defaults.
     quick_params: ClassVar[dict] = {}
     #: Type names (as ``skops`` writes them, ``module.Class``) that this detector's
     #: scikit-learn state needs beyond kad's allow-list
@@ -98,9 +110,16 @@ class BaseDetector(BaseEstimator):
         return None
 
     def _training_scores(self, X: np.ndarray) -> np.ndarray:
-        """Scores of the training data, from which ``threshold_`` is set. Override where a
-        training point must not count as its own evidence (nearest neighbours)."""
+        """Anomaly scores of the training data, from which ``threshold_`` is set. Override
+        where a training point must not count as its own evidence (nearest neighbours)."""
         return self._score(X)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # scikit-learn's checks feed 2-D arrays; image-only detectors cannot take them.
+        tags.input_tags.two_d_array = self.input_kind != "images"
+        tags.target_tags.required = bool(self.supervised)
+        return tags
 
     # -- the public contract ---------------------------------------------------------
     def fit(self, X, y=None) -> BaseDetector:
@@ -117,9 +136,8 @@ class BaseDetector(BaseEstimator):
             self.reference_ = X.mean(axis=0, dtype=np.float64)
         self._fit(X, y)
         scores = np.asarray(self._training_scores(X), dtype=np.float64)
-        self.decision_scores_ = scores
+        self.anomaly_scores_ = scores
         self.threshold_ = float(np.quantile(scores, 1.0 - self.contamination))
-        self.labels_ = (scores > self.threshold_).astype(int)
         return self
 
     def anomaly_score(self, X) -> np.ndarray:
@@ -141,8 +159,30 @@ class BaseDetector(BaseEstimator):
         return None if gradient is None else np.asarray(gradient, dtype=np.float64)
 
     def predict(self, X) -> np.ndarray:
-        """1 for inputs scored above ``threshold_`` (anomalies), 0 otherwise."""
-        return (self.anomaly_score(X) > self.threshold_).astype(int)
+        """scikit-learn's labels: -1 for inputs scored above ``threshold_`` (anomalies),
+        +1 for the others."""
+        return np.where(self.anomaly_score(X) > self.threshold_, -1, 1)
+
+    def fit_predict(self, X, y=None) -> np.ndarray:
+        """``fit(X, y).predict(X)``: -1 for anomalies, +1 for the others. ``y`` is passed
+        on to ``fit`` (supervised detectors need it)."""
+        return self.fit(X, y).predict(X)
+
+    def score_samples(self, X) -> np.ndarray:
+        """scikit-learn's direction: ``-anomaly_score(X)``, lower is more abnormal."""
+        return -self.anomaly_score(X)
+
+    def decision_function(self, X) -> np.ndarray:
+        """``threshold_ - anomaly_score(X)``: negative for anomalies, as in scikit-learn."""
+        scores = self.anomaly_score(X)  # first: it refuses an unfitted detector
+        return self.threshold_ - scores
+
+    @property
+    def offset_(self) -> float:
+        """scikit-learn's name for ``-threshold_``:
+        ``decision_function(X) == score_samples(X) - offset_``."""
+        check_is_fitted(self, "threshold_")
+        return -self.threshold_
 
     def get_fitted_state(self) -> dict[str, Any]:
         """What ``fit`` learned, as :meth:`save` stores it: by default every attribute whose
@@ -185,38 +225,43 @@ class BaseDetector(BaseEstimator):
             )
 
     def _validate(self, X, reset: bool) -> np.ndarray:
-        X = np.asarray(X)
-        if X.dtype == object or not np.issubdtype(X.dtype, np.number):
-            raise ValueError(f"{type(self).__name__} needs numeric input, got dtype {X.dtype}")
-        kind = self.input_kind
-        if X.ndim == 2 and kind == "images":
+        """``X`` as a float32 array: 2-D feature vectors, or 4-D images for detectors that
+        take them (flattened to pixels for feature detectors: the paper's raw-pixel
+        baselines). Records ``n_features_in_`` and ``input_shape_`` when ``reset`` and
+        checks new inputs against them otherwise."""
+        name = type(self).__name__
+        ndim = X.ndim if hasattr(X, "ndim") else np.asarray(X).ndim
+        images = ndim == 4
+        if images:
+            X = check_array(X, dtype=np.float32, allow_nd=True, estimator=self,
+                            input_name="X")
+            if self.input_kind == "features":
+                X, images = X.reshape(len(X), -1), False
+        elif self.input_kind == "images":
             raise ValueError(
-                f"{type(self).__name__} works on images (n, height, width, 3), "
-                f"got feature vectors of shape {X.shape}"
+                f"{name} works on images (n, height, width, 3), got an input of shape "
+                f"{np.shape(X)}; pass images, not feature vectors"
             )
-        if X.ndim == 4 and kind == "features":
-            # Flattened pixels: the paper's raw-pixel baselines.
-            X = X.reshape(len(X), -1)
-        if X.ndim not in (2, 4):
+        elif ndim == 3:
             raise ValueError(
-                f"{type(self).__name__} expects a 2-D array of feature vectors or a 4-D "
-                f"array of images, got shape {X.shape}"
+                f"{name} expects a 2-D array of feature vectors or a 4-D array of images "
+                f"(n, height, width, 3), got shape {np.shape(X)}; a single image needs a "
+                "leading batch axis"
             )
-        if len(X) == 0:
-            raise ValueError(f"{type(self).__name__} got an empty input of shape {X.shape}")
-        X = X.astype(np.float32, copy=False)
-        if not np.isfinite(X).all():
-            raise ValueError(f"{type(self).__name__} got NaN or infinite values in its input")
-        if reset:
+        if not images:
+            X = validate_data(self, X, reset=reset, dtype=np.float32)
+        elif reset:
             self.n_features_in_ = int(np.prod(X.shape[1:]))
+            if hasattr(self, "feature_names_in_"):
+                del self.feature_names_in_
+        if reset:
             self.input_shape_ = tuple(X.shape[1:])
-        else:
-            check_is_fitted(self, "n_features_in_")
-            if tuple(X.shape[1:]) != self.input_shape_:
-                raise ValueError(
-                    f"{type(self).__name__} was fitted on inputs of shape {self.input_shape_}, "
-                    f"got {tuple(X.shape[1:])}"
-                )
+        elif tuple(X.shape[1:]) != self.input_shape_:
+            raise ValueError(
+                f"X has {int(np.prod(X.shape[1:]))} features, but {name} is expecting "
+                f"{self.n_features_in_} features as input: it was fitted on inputs of shape "
+                f"{self.input_shape_} and got inputs of shape {tuple(X.shape[1:])}"
+            )
         return X
 
 

@@ -192,9 +192,6 @@ class Pipeline:
                 progress(start + len(features), len(source))
         return Scores(list(ids), scores, failed)
 
-    def score_features(self, features: np.ndarray) -> np.ndarray:
-        return self.detector.anomaly_score(features)
-
     def flag(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray(scores) > self.threshold.value
 
@@ -422,7 +419,7 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
     else:
         blocks = features.resolve(representation)
         det = fitted_on(blocks)
-    train_scores = det.decision_scores_
+    train_scores = det.anomaly_scores_
     val_scores = det.anomaly_score(features.matrix(blocks, labelled_rows)) if labelled else None
     cal_scores = (np.sort(det.anomaly_score(features.matrix(blocks, calibration_rows)))
                   if has_calibration else None)

@@ -13,11 +13,11 @@ Method
     classified, and the normality score combines the predicted probabilities
     ``y(T_i(x))``:
 
-    * ``score="dirichlet"`` (Golan et al.'s main score): for every transformation a
+    * ``score_type="dirichlet"`` (Golan et al.'s main score): for every transformation a
       Dirichlet distribution is fitted (fixed-point maximum likelihood, Minka 2000) to the
       softmax outputs of the transformed normal training images; the normality is
       ``Σ_i Σ_j (α_ij - 1) log y(T_i(x))_j``.
-    * ``score="simple"`` (the paper's simplified score): ``Σ_i log y(T_i(x))_i``.
+    * ``score_type="simple"`` (the paper's simplified score): ``Σ_i log y(T_i(x))_i``.
 
     The anomaly score is the negated normality.
 
@@ -233,7 +233,7 @@ class DeepGeoDetector(DeepDetector):
     """DeepGEO (Golan & El-Yaniv 2018): a classifier of 72 geometric transformations of
     normal images; anomaly score = minus the (Dirichlet or simple) normality score.
 
-    Parameters: ``score`` ("dirichlet" or "simple"), ``arch`` ("cnn" or "wrn"), ``width``
+    Parameters: ``score_type`` ("dirichlet" or "simple"), ``arch`` ("cnn" or "wrn"), ``width``
     (CNN), ``depth`` / ``widen`` (WRN), ``translation`` (pixels; None: image_size // 4),
     ``image_size``, ``epochs`` (passes over the 72-fold data), ``batch_size``,
     ``learning_rate``, ``validation_fraction``, ``patience``, ``random_state``,
@@ -244,11 +244,11 @@ class DeepGeoDetector(DeepDetector):
     _display_name = "DeepGEO"
     quick_params = {"image_size": 16, "width": 8, "epochs": 1, "batch_size": 128, "verbose": 0}
 
-    def __init__(self, score="dirichlet", arch="cnn", width=16, depth=10, widen=4,
+    def __init__(self, score_type="dirichlet", arch="cnn", width=16, depth=10, widen=4,
                  translation=None, image_size=32, epochs=2, batch_size=128,
                  learning_rate=1e-3, validation_fraction=0.1, patience=2, random_state=0,
                  verbose=1, contamination=0.1):
-        self.score = score
+        self.score_type = score_type
         self.arch = arch
         self.width = width
         self.depth = depth
@@ -272,8 +272,8 @@ class DeepGeoDetector(DeepDetector):
         return Transformations(size, t)
 
     def _fit(self, X, y):
-        if self.score not in _SCORES:
-            raise ValueError(f"score must be one of {_SCORES}, got {self.score!r}")
+        if self.score_type not in _SCORES:
+            raise ValueError(f"score_type must be one of {_SCORES}, got {self.score_type!r}")
         if self.arch not in _ARCHS:
             raise ValueError(f"arch must be one of {_ARCHS}, got {self.arch!r}")
         seed_everything(self.random_state)
@@ -300,7 +300,7 @@ class DeepGeoDetector(DeepDetector):
         # Dirichlet parameters per transformation, from all of the normal training images;
         # the training scores come out of the same pass.
         x_all = self._prepare(X)
-        if self.score == "simple":
+        if self.score_type == "simple":
             self.alphas_ = None
             normality = np.zeros(len(X))
             for i in range(n_classes):
@@ -345,7 +345,7 @@ class DeepGeoDetector(DeepDetector):
         normality = np.zeros(len(x))
         for i in range(len(transformations)):
             p = self._probabilities(x, transformations, i)
-            if self.score == "simple":
+            if self.score_type == "simple":
                 normality += np.log(p[:, i])
             else:
                 normality += self._dirichlet_normality(np.log(p).astype(np.float32), i)

@@ -11,8 +11,8 @@ Method
     ``f(x̃) = x̃ - ∂E/∂x̃`` should recover ``x``; the loss is ``mean ||x - f(x̃)||²`` (summed
     over input dimensions). The gradient with respect to the input is taken inside
     ``train_step`` with a nested ``tf.GradientTape``. Two scores are available (Zhai et
-    al. evaluate both): the energy ``E(x)`` (``score="energy"``, default) and the
-    reconstruction error ``||x - f(x)|| = ||∂E/∂x||`` (``score="reconstruction"``).
+    al. evaluate both): the energy ``E(x)`` (``score_type="energy"``, default) and the
+    reconstruction error ``||x - f(x)|| = ||∂E/∂x||`` (``score_type="reconstruction"``).
 
 Architectures
     * images (working size ``image_size`` = 32, kept in [0, 1]): the convolutional
@@ -144,7 +144,7 @@ class DSEBMDetector(DeepDetector):
     """DSEBM (Zhai et al. 2016): an energy model trained by denoising score matching; the
     score is the energy (or the reconstruction error).
 
-    Parameters: ``score`` ("energy" or "reconstruction"), ``noise_std`` (σ), ``hidden``
+    Parameters: ``score_type`` ("energy" or "reconstruction"), ``noise_std`` (σ), ``hidden``
     (MLP for feature vectors), ``filters`` (conv layer for images), ``units`` (top layer),
     ``image_size``, ``epochs``, ``batch_size``, ``learning_rate``,
     ``validation_fraction``, ``patience``, ``random_state``, ``verbose``.
@@ -157,11 +157,11 @@ class DSEBMDetector(DeepDetector):
         "hidden": (32,), "verbose": 0,
     }
 
-    def __init__(self, score="energy", noise_std=0.5, hidden=(128,), filters=64, units=None,
+    def __init__(self, score_type="energy", noise_std=0.5, hidden=(128,), filters=64, units=None,
                  image_size=32, epochs=50, batch_size=64, learning_rate=1e-3,
                  validation_fraction=0.1, patience=10, random_state=0, verbose=1,
                  contamination=0.1):
-        self.score = score
+        self.score_type = score_type
         self.noise_std = noise_std
         self.hidden = hidden
         self.filters = filters
@@ -177,8 +177,8 @@ class DSEBMDetector(DeepDetector):
         self.contamination = contamination
 
     def _fit(self, X, y):
-        if self.score not in _SCORES:
-            raise ValueError(f"score must be one of {_SCORES}, got {self.score!r}")
+        if self.score_type not in _SCORES:
+            raise ValueError(f"score_type must be one of {_SCORES}, got {self.score_type!r}")
         seed_everything(self.random_state)
         train_idx, val_idx = self._split(len(X))
         x_train = self._prepare(X[train_idx], fit=True)
@@ -195,13 +195,13 @@ class DSEBMDetector(DeepDetector):
 
     def _score(self, X):
         out = self._predict(self.net_, self._prepare(X))
-        return np.asarray(out[self.score], dtype=np.float64)
+        return np.asarray(out[self.score_type], dtype=np.float64)
 
     def _score_gradient(self, X):
-        """With ``score="energy"``, on feature vectors: ``∂E/∂x`` from the network's own
+        """With ``score_type="energy"``, on feature vectors: ``∂E/∂x`` from the network's own
         input gradient (float32), divided by the standardisation scale; otherwise None
         (the reconstruction score is the norm of that gradient: occlusion)."""
-        if X.ndim != 2 or self.score != "energy":
+        if X.ndim != 2 or self.score_type != "energy":
             return None
         _, gradient = self.net_.energy_gradient(tf.constant(self._prepare(X)))
         return gradient.numpy().astype(np.float64) / self.feature_scale_.astype(np.float64)

@@ -27,6 +27,7 @@ class IsolationForestDetector(BaseDetector):
     """
 
     input_kind = "features"
+    quick_params = {"n_estimators": 20}
 
     def __init__(self, n_estimators=100, max_samples="auto", max_features=1.0,
                  random_state=0, n_jobs=None, contamination=0.1):
@@ -109,6 +110,11 @@ class KNNDetector(BaseDetector):
     def _fit(self, X, y):
         if self.method not in ("mean", "kth"):
             raise ValueError(f"method must be 'mean' or 'kth', got {self.method!r}")
+        if len(X) < 2:
+            raise ValueError(
+                f"KNNDetector needs at least 2 training vectors (a vector is not its own "
+                f"neighbour), got n_samples={len(X)}"
+            )
         if not (isinstance(self.n_neighbors, int) and 1 <= self.n_neighbors < len(X)):
             raise ValueError(
                 f"n_neighbors must be an integer in [1, {len(X) - 1}] for {len(X)} training "

@@ -106,7 +106,7 @@ def _pipeline() -> Pipeline:
                     blocks=["b1"], all_blocks=["b1"], detector=det,
                     threshold=Threshold(det.threshold_, "contamination",
                                         {"contamination": 0.1}),
-                    training={"scores": np.sort(det.decision_scores_).tolist()}, batch_size=8)
+                    training={"scores": np.sort(det.anomaly_scores_).tolist()}, batch_size=8)
 
 
 @pytest.fixture
@@ -221,7 +221,7 @@ def test_an_object_array_is_refused(tmp_path, no_pickle):
     np.lib.format.write_array(buffer, np.array([_Touch(marker)], dtype=object),
                               allow_pickle=True)
     crafted = _rewrite(path, tmp_path / "crafted.kad",
-                       {"arrays/detector.state.labels_.npy": buffer.getvalue()})
+                       {"arrays/detector.state.anomaly_scores_.npy": buffer.getvalue()})
     with pytest.raises(ArtifactError, match="cannot be read without unpickling"):
         load_detector(crafted)
     assert not marker.exists()
@@ -255,13 +255,13 @@ def test_another_version_a_damaged_member_or_a_missing_one_is_refused(tmp_path, 
             load_detector(path)
     with zipfile.ZipFile(path) as zf:
         members = {n: bytearray(zf.read(n)) for n in zf.namelist()}
-    members["arrays/detector.state.decision_scores_.npy"][-3] ^= 0xFF
+    members["arrays/detector.state.anomaly_scores_.npy"][-3] ^= 0xFF
     damaged = tmp_path / "damaged.kad"
     with zipfile.ZipFile(damaged, "w") as zf:
         for name, data in members.items():
             zf.writestr(name, bytes(data))
     with pytest.raises(ArtifactError, match="corrupt: its member arrays/detector.state."
-                                            "decision_scores_.npy does not match"):
+                                            "anomaly_scores_.npy does not match"):
         load_detector(damaged)
     with zipfile.ZipFile(path) as zf, zipfile.ZipFile(tmp_path / "missing.kad", "w") as out:
         for name in zf.namelist():
@@ -281,12 +281,14 @@ def test_a_saved_pipeline_keeps_its_record(tmp_path):
     pipeline.threshold.details["n"] = np.int64(3)
     again = load_pipeline(pipeline.save(tmp_path / "p.kad"))
     for name in ("backbone", "weights", "weights_fingerprint", "image_size", "preprocessing",
-                 "blocks", "all_blocks", "training", "batch_size", "versions"):
+                 "blocks", "all_blocks", "training", "batch_size", "versions", "calibration",
+                 "assessment", "runtime"):
         assert getattr(again, name) == getattr(pipeline, name), name
     assert again.threshold == pipeline.threshold
     assert type(again.threshold.details["n"]) is np.int64
     assert again.source == tmp_path / "p.kad"
-    np.testing.assert_array_equal(again.score_features(X), pipeline.score_features(X))
+    np.testing.assert_array_equal(again.detector.anomaly_score(X),
+                                  pipeline.detector.anomaly_score(X))
 
 
 THIRD_PARTY = '''

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import kad
 from kad.cli import app
 
 runner = CliRunner()
@@ -31,7 +32,7 @@ def test_detectors_lists_the_builtins_with_their_distribution():
     assert result.exit_code == 0
     for name in ("iforest", "ocsvm", "knn", "mahalanobis"):
         assert name in result.output
-    assert "kad 0.1.0" in result.output
+    assert f"kad {kad.__version__}" in result.output
 
 
 def test_backbones_lists_the_builtins():

@@ -138,6 +138,33 @@ def test_dagmm_learns():
     assert_learns(untrained, trained)
 
 
+def test_dagmm_default_distances_depend_on_the_input():
+    from kad_plugins.dagmm import DAGMMDetector
+
+    rng = np.random.default_rng(0)
+    params = {**DAGMMDetector.quick_params, "epochs": 0}
+    features = DAGMMDetector(**params).fit(rng.normal(size=(40, 6)))
+    images = DAGMMDetector(**params).fit(rng.uniform(size=(40, 16, 16, 3)))
+    assert features.net_.distances == ("relative", "cosine", "euclidean")
+    assert images.net_.distances == ("relative", "cosine")
+    chosen = DAGMMDetector(**params, distances=("relative", "cosine"))
+    assert chosen.fit(rng.normal(size=(40, 6))).net_.distances == ("relative", "cosine")
+
+
+def test_dagmm_with_one_component_is_a_single_gaussian():
+    from scipy.stats import multivariate_normal
+
+    from kad_plugins.dagmm import DAGMMDetector
+
+    x = np.random.default_rng(0).normal(size=(60, 5)).astype(np.float32)
+    det = DAGMMDetector(**{**DAGMMDetector.quick_params, "n_components": 1, "epochs": 1}).fit(x)
+    z = det._predict(det.net_, det._prepare(x))["z"].astype(np.float64)
+    cov = np.cov(z.T, bias=True) + det.cov_eps * np.eye(z.shape[1])
+    np.testing.assert_allclose(det.phi_, [1.0])
+    np.testing.assert_allclose(det.anomaly_score(x),
+                               -multivariate_normal(z.mean(axis=0), cov).logpdf(z), rtol=1e-6)
+
+
 def test_dagmm_energy_matches_a_reference_mixture():
     import tensorflow as tf
     from scipy.stats import multivariate_normal
@@ -156,12 +183,12 @@ def test_dagmm_energy_matches_a_reference_mixture():
 
 
 # -- DSEBM ---------------------------------------------------------------------------
-@pytest.mark.parametrize("score", ["energy", "reconstruction"])
-def test_dsebm_learns(score):
+@pytest.mark.parametrize("score_type", ["energy", "reconstruction"])
+def test_dsebm_learns(score_type):
     from kad_plugins.dsebm import DSEBMDetector
 
     # Images of 24 px, resized to the network's 16 px working size.
-    params = {"score": score, "image_size": 16, "epochs": 10, "batch_size": 32}
+    params = {"score_type": score_type, "image_size": 16, "epochs": 10, "batch_size": 32}
     untrained, trained = trained_vs_untrained(DSEBMDetector, params,
                                               orientation_task(bands, size=24))
     assert_learns(untrained, trained)

@@ -88,9 +88,29 @@ def test_planted_outliers_get_the_highest_scores(fitted):
 def test_predictions_follow_the_threshold(fitted):
     det, test_x, _ = fitted
     scores = det.anomaly_score(test_x)
-    np.testing.assert_array_equal(det.predict(test_x), (scores > det.threshold_).astype(int))
-    # contamination sets the share of training data flagged
-    assert det.labels_.mean() <= det.contamination + 0.02
+    # scikit-learn's outlier labels: -1 for anomalies (scored above threshold_), +1 otherwise
+    np.testing.assert_array_equal(det.predict(test_x), np.where(scores > det.threshold_, -1, 1))
+
+
+def test_contamination_sets_the_share_of_training_data_flagged(fitted):
+    det, _, _ = fitted
+    train = det.anomaly_scores_
+    share = float(np.mean(train > det.threshold_))
+    # the (1 - contamination) quantile flags the contamination share, to one sample; constant
+    # scores flag none and fail
+    assert abs(share - det.contamination) <= 1.0 / len(train), share
+
+
+def test_scikit_learn_methods_are_the_anomaly_score_turned_round(fitted):
+    """score_samples and decision_function run scikit-learn's way (lower is more abnormal),
+    for image detectors too, which scikit-learn's own checks cannot feed."""
+    det, test_x, _ = fitted
+    scores = det.anomaly_score(test_x)
+    np.testing.assert_array_equal(det.score_samples(test_x), -scores)
+    np.testing.assert_array_equal(det.decision_function(test_x), det.threshold_ - scores)
+    np.testing.assert_array_equal(det.decision_function(test_x),
+                                  det.score_samples(test_x) - det.offset_)
+    np.testing.assert_array_equal(det.predict(test_x) == -1, det.decision_function(test_x) < 0)
 
 
 def test_clone_is_unfitted_with_the_same_parameters(fitted):
@@ -111,7 +131,7 @@ def test_save_and_load_give_identical_scores(fitted, tmp_path):
 
 def test_wrong_input_shape_is_refused(fitted):
     det, test_x, _ = fitted
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match="features, but .* is expecting"):
         det.anomaly_score(test_x[:, :3] if test_x.ndim == 2 else test_x[:, :8, :8])
 
 

@@ -28,7 +28,7 @@ def test_iforest_is_scikit_learns_with_its_sign_flipped():
 def test_knn_training_scores_skip_the_point_itself():
     train = np.array([[0.0], [1.0], [3.0], [10.0]])
     det = get_detector("knn:n_neighbors=1").fit(train)
-    np.testing.assert_allclose(det.decision_scores_, [1.0, 1.0, 2.0, 7.0])
+    np.testing.assert_allclose(det.anomaly_scores_, [1.0, 1.0, 2.0, 7.0])
     np.testing.assert_allclose(det.anomaly_score(np.array([[2.0], [0.0]])), [1.0, 0.0])
 
 

@@ -25,5 +25,6 @@ def test_a_list_of_specs_keeps_each_spec_whole():
 
 @pytest.mark.parametrize("bad", ["", "9lives", "knn:n_neighbors", "knn:a=1,a=2", "knn:=3"])
 def test_malformed_specs_are_refused_with_the_text(bad):
-    with pytest.raises(SpecError):
+    with pytest.raises(SpecError) as info:
         parse_spec(bad)
+    assert repr(bad) in str(info.value)
