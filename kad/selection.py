@@ -45,6 +45,7 @@ __all__ = [
     "fresh_detector",
     "nested_selection",
     "parse_sizes",
+    "preprocessing_at",
     "select",
     "summarise_candidates",
     "validation_set",
@@ -159,6 +160,24 @@ class MultiSizeFeatures:
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
 
+def preprocessing_at(spec: str | None, size: int | None) -> str | None:
+    """``spec`` with ``size=input`` replaced by the network input ``size``: the fundus
+    preprocessing then works at the resolution the network sees instead of 256 px
+    (``fundus:size=input`` at 448 px is ``fundus:size=448``). With ``size`` None the option
+    is dropped (the preprocessing's default). Other specs are returned unchanged."""
+    if spec is None:
+        return None
+    from .specs import Spec, parse_spec
+
+    parsed = parse_spec(spec, "preprocessing")
+    if str(parsed.options.get("size")) != "input":
+        return spec
+    options = {k: v for k, v in parsed.options.items() if k != "size"}
+    if size is not None:
+        options["size"] = int(size)
+    return str(Spec(parsed.name, options))
+
+
 def extract_sizes(dataset, backbone="inception_resnet_v2", weights="imagenet",
                   sizes: int | str | Sequence[int] | None = None,
                   preprocessing: str | Mapping[int, str] | None = None, *,
@@ -167,8 +186,9 @@ def extract_sizes(dataset, backbone="inception_resnet_v2", weights="imagenet",
                   extract: Callable | None = None) -> MultiSizeFeatures:
     """Features at every size of ``sizes``, one cache entry each: a size already cached is
     read, not extracted again. ``preprocessing`` is one spec for every size or a mapping
-    ``{size: spec}`` (e.g. ``{448: "fundus:size=448"}`` to preprocess fundus photographs at
-    the network's resolution instead of 256 px). ``extract`` defaults to
+    ``{size: spec}``; ``size=input`` in a spec follows each size (:func:`preprocessing_at`:
+    ``fundus:size=input`` preprocesses fundus photographs at the network's resolution
+    instead of 256 px). ``extract`` defaults to
     :func:`kad.features.extract_features` (the CLI passes its progress-bar wrapper)."""
     from .backbones import get_backbone
 
@@ -183,6 +203,7 @@ def extract_sizes(dataset, backbone="inception_resnet_v2", weights="imagenet",
     by_size = {}
     for size in wanted:
         prep = preprocessing.get(size) if isinstance(preprocessing, Mapping) else preprocessing
+        prep = preprocessing_at(prep, size)
         by_size[size] = extract(dataset, bb, weights, size, prep)
     return MultiSizeFeatures(by_size)
 
@@ -250,17 +271,23 @@ def candidate_grid(features: MultiSizeFeatures, detectors: Iterable[str], *,
 
 @dataclass
 class CandidateScore:
-    """How one candidate did. ``test_auroc`` is filled in by a caller that evaluates on a
-    test set afterwards; :func:`select` never sets or reads it."""
+    """How one candidate did. ``test`` (AUROC, AUPRC, recall at the detector's threshold,
+    scoring seconds) is filled in by a caller that evaluates on a test set afterwards;
+    :func:`select` never sets or reads it."""
 
     candidate: Candidate
     validation_auroc: float
     fit_seconds: float
-    test_auroc: float | None = None
+    test: dict | None = None
+
+    @property
+    def test_auroc(self) -> float | None:
+        return None if self.test is None else self.test["auroc"]
 
     def to_json(self) -> dict:
         return {**self.candidate.to_json(), "validation_auroc": self.validation_auroc,
-                "test_auroc": self.test_auroc, "fit_seconds": self.fit_seconds}
+                "test_auroc": self.test_auroc, "test": self.test,
+                "fit_seconds": self.fit_seconds}
 
 
 @dataclass
@@ -415,7 +442,7 @@ def nested_selection(features: MultiSizeFeatures, splits: Sequence, candidates: 
     for index, split in enumerate(splits):
         val_rows, val_y = validation_set(split, n_anomalies)
         test_y = np.asarray(split.test_y, dtype=int)
-        test_scores: dict[Candidate, tuple[np.ndarray, float]] = {}
+        test_scores: dict[Candidate, tuple[np.ndarray, float, float]] = {}
         cache: dict[str, np.ndarray] = {}
 
         def score_test(candidate, detector, _cache=cache, _scores=test_scores, _split=split):
@@ -423,7 +450,9 @@ def nested_selection(features: MultiSizeFeatures, splits: Sequence, candidates: 
             if rep not in _cache:
                 _cache.clear()
                 _cache[rep] = features.matrix(rep, _split.test)
-            _scores[candidate] = (detector.anomaly_score(_cache[rep]), detector.threshold_)
+            start = time.perf_counter()
+            scores = detector.anomaly_score(_cache[rep])
+            _scores[candidate] = (scores, detector.threshold_, time.perf_counter() - start)
 
         def step(done, _total, _base=index * len(candidates)):
             if progress:
@@ -432,11 +461,12 @@ def nested_selection(features: MultiSizeFeatures, splits: Sequence, candidates: 
         selection = select(features, candidates, split.train, val_rows, val_y, seed=split.seed,
                            make_detector=make_detector, inspect=score_test, progress=step)
         for score in selection.scores:
-            score.test_auroc = evaluate(test_y, test_scores[score.candidate][0])["auroc"]
-        scores, threshold = test_scores[selection.picked]
+            scores, threshold, seconds = test_scores[score.candidate]
+            score.test = {**evaluate(test_y, scores, scores > threshold),
+                          "score_seconds": seconds}
         results.append(SplitSelection(
             split.name, split.seed, split.fold, split.normal_class, selection,
-            evaluate(test_y, scores, scores > threshold), len(split.test), int(test_y.sum())))
+            selection.score_of(selection.picked).test, len(split.test), int(test_y.sum())))
     return results
 
 

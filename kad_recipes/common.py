@@ -23,7 +23,7 @@ class RecipeOptions:
     data_dir: Path | None = None
     backbone: str = "inception_resnet_v2"
     weights: str = "imagenet"
-    image_size: int | None = None
+    image_size: int | list[int] | None = None  # several sizes: one cache entry each
     preprocessing: str | None = None
     detectors: list[str] = field(default_factory=lambda: ["iforest"])
     inputs: list[str] = field(default_factory=lambda: [PIXELS, FEATURES])
@@ -88,7 +88,7 @@ class Workbench:
         if options.limit:
             dataset = dataset.subset(subsample(dataset, options.limit))
         self.dataset = dataset
-        self._features = None
+        self._multi = None
         self._pixels = None
         self._failed: dict[str, str] = {}
         self._matrix_cache: dict = {}
@@ -102,25 +102,40 @@ class Workbench:
         return self.options.seeds or (1 if self.natural else 5)
 
     @property
-    def features(self):
-        if self._features is None:
+    def multi(self):
+        """Features at every ``image_size`` (:class:`kad.selection.MultiSizeFeatures`),
+        each size extracted once into its own cache entry."""
+        if self._multi is None:
             from kad._cli import extract_with_progress
+            from kad.selection import extract_sizes
 
             o = self.options
-            self._features = extract_with_progress(
-                self.dataset, o.backbone, o.weights, o.image_size, o.preprocessing,
-                o.batch_size, o.cache_dir)
-            self._failed.update(self._features.failed)
-        return self._features
+
+            def extract(dataset, backbone, weights, size, preprocessing):
+                return extract_with_progress(dataset, backbone, weights, size, preprocessing,
+                                             o.batch_size, o.cache_dir)
+
+            self._multi = extract_sizes(self.dataset, o.backbone, o.weights, o.image_size,
+                                        o.preprocessing, extract=extract)
+            self._failed.update(self._multi.failed)
+        return self._multi
+
+    @property
+    def features(self):
+        """The features at the first ``image_size``."""
+        multi = self.multi
+        return multi.by_size[multi.sizes[0]]
 
     @property
     def pixels(self) -> np.ndarray:
         if self._pixels is None:
             from kad.features import default_preprocessing
             from kad.pixels import load_pixels
+            from kad.selection import preprocessing_at
 
             size = self.options.pixel_size or 32
-            prep = self.options.preprocessing or default_preprocessing(self.dataset)
+            prep = (preprocessing_at(self.options.preprocessing, None)
+                    or default_preprocessing(self.dataset))
             self._pixels, failed = load_pixels(self.dataset, size, prep, self.options.cache_dir)
             self._failed.update(failed)
         return self._pixels
@@ -141,7 +156,7 @@ class Workbench:
             if key not in self._matrix_cache:
                 if len(self._matrix_cache) > 4:
                     self._matrix_cache.clear()
-                self._matrix_cache[key] = self.features.matrix(representation, rows)
+                self._matrix_cache[key] = self.multi.matrix(representation, rows)
             return self._matrix_cache[key]
         raise KadError(f"unknown input {kind!r}: use {PIXELS!r} or {FEATURES!r}")
 
@@ -156,9 +171,12 @@ class Workbench:
 
     def cache_keys(self) -> dict:
         keys = {}
-        if self._features is not None:
-            keys["features"] = {"key": self._features.key, "path": str(self._features.path),
-                                "inputs": self._features.meta["inputs"]}
+        if self._multi is not None:
+            entries = {size: {"key": f.key, "path": str(f.path), "inputs": f.meta["inputs"]}
+                       for size, f in self._multi.by_size.items()}
+            keys["features"] = entries[self._multi.sizes[0]]
+            if len(entries) > 1:
+                keys["features_by_size"] = entries
         return keys
 
 
