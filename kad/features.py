@@ -24,7 +24,7 @@ from .backbones import Backbone, get_backbone, weights_identity
 from .cache import FeatureSet, cache_key, entry_lock, entry_path
 from .errors import ImageReadError
 from .images import resize
-from .preprocessing import Preprocessing, get_preprocessing
+from .preprocessing import Preprocessing, get_preprocessing, preprocessing_at
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -51,7 +51,9 @@ def plan_extraction(dataset, backbone="inception_resnet_v2", weights="imagenet",
                     cache_dir: str | Path | None = None) -> ExtractionPlan:
     bb = backbone if isinstance(backbone, Backbone) else get_backbone(backbone)
     size = bb.input_size(image_size)
-    prep = get_preprocessing(preprocessing or default_preprocessing(dataset))
+    # fundus:size=input works at the network's input size (see preprocessing_at)
+    prep = get_preprocessing(preprocessing_at(preprocessing, size)
+                             or default_preprocessing(dataset))
     inputs = {
         "dataset": dataset.fingerprint,
         "backbone": str(bb.spec),

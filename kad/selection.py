@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import KadError
+from .preprocessing import preprocessing_at
 
 __all__ = [
     "UNSUPERVISED_DEFAULT",
@@ -160,24 +161,6 @@ class MultiSizeFeatures:
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
 
-def preprocessing_at(spec: str | None, size: int | None) -> str | None:
-    """``spec`` with ``size=input`` replaced by the network input ``size``: the fundus
-    preprocessing then works at the resolution the network sees instead of 256 px
-    (``fundus:size=input`` at 448 px is ``fundus:size=448``). With ``size`` None the option
-    is dropped (the preprocessing's default). Other specs are returned unchanged."""
-    if spec is None:
-        return None
-    from .specs import Spec, parse_spec
-
-    parsed = parse_spec(spec, "preprocessing")
-    if str(parsed.options.get("size")) != "input":
-        return spec
-    options = {k: v for k, v in parsed.options.items() if k != "size"}
-    if size is not None:
-        options["size"] = int(size)
-    return str(Spec(parsed.name, options))
-
-
 def extract_sizes(dataset, backbone="inception_resnet_v2", weights="imagenet",
                   sizes: int | str | Sequence[int] | None = None,
                   preprocessing: str | Mapping[int, str] | None = None, *,
@@ -304,6 +287,14 @@ class Selection:
 
     def score_of(self, candidate: Candidate) -> CandidateScore:
         return next(s for s in self.scores if s.candidate == candidate)
+
+    def best_of(self, keep: Callable[[Candidate], bool]) -> CandidateScore:
+        """The best validation AUROC among the candidates ``keep`` accepts: the pick a
+        smaller grid would have made from the same fits (first of equals)."""
+        kept = [s for s in self.scores if keep(s.candidate)]
+        if not kept:
+            raise KadError("no scored candidate matches")
+        return max(kept, key=lambda s: s.validation_auroc)
 
     def to_json(self) -> dict:
         return {"picked": self.picked.to_json(), "validation_auroc": self.validation_auroc,

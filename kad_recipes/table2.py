@@ -91,9 +91,8 @@ def run_table2(options: RecipeOptions, n_anomalies: float | None = None,
     runs: list[Run] = []
     picked: list[str] = []
     for split, result in zip(todo, results, strict=True):
-        scored = [s for s in result.selection.scores if s.candidate.detector == spec
-                  and s.candidate.sizes == (size,) and s.candidate.block != CONCAT]
-        best = max(scored, key=lambda s: s.validation_auroc)  # first of equals
+        best = result.selection.best_of(lambda c: c.detector == spec and c.sizes == (size,)
+                                        and c.block != CONCAT)
         picked.append(best.candidate.block)
         runs.append(_run(spec, "picked", split, best))
         runs.append(_run(spec, CONCAT, split,
