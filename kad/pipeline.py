@@ -202,8 +202,9 @@ def threshold_at_sensitivity(normal_scores, anomaly_scores, sensitivity: float) 
 
 
 def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str = "imagenet",
-                 image_size: int | None = None, preprocessing: str | None = None,
-                 representation: str = "concat", detector: str | BaseDetector = "iforest",
+                 image_size: int | Sequence[int] | str | None = None,
+                 preprocessing: str | None = None, representation: str = "concat",
+                 detector: str | BaseDetector | Sequence[str] = "knn",
                  train_rows: np.ndarray | None = None, labelled_rows: np.ndarray | None = None,
                  labels: np.ndarray | None = None, sensitivity: float | None = None,
                  batch_size: int = 64, cache_dir: str | Path | None = None,
@@ -211,29 +212,44 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
     """Fit a pipeline on the normal images ``train_rows`` of ``dataset``.
 
     With labelled images (``labelled_rows`` and ``labels``, 1 = anomaly, none of them in
-    ``train_rows``), the block with the best AUROC on them is picked (as in the paper's
-    Table 2) unless ``representation`` names blocks, and, with ``sensitivity``, the threshold
-    is set to reach it; otherwise the threshold follows the detector's ``contamination``.
+    ``train_rows``) and ``representation="picked"``, the (input size, block or
+    concatenation, detector) with the best AUROC on them is picked among ``image_size``
+    (one size or several, e.g. ``[224, 448]``) and ``detector`` (one spec or several) with
+    :func:`kad.selection.select`; with one size and one detector this is the paper's
+    Table 2 block pick (single blocks, then the concatenation). With ``sensitivity`` the
+    threshold is set to reach it; otherwise it follows the detector's ``contamination``.
+
+    Without labels there is nothing to choose with: one size and one detector are needed,
+    and the default detector is :data:`kad.selection.UNSUPERVISED_DEFAULT`'s (kNN on the
+    concatenation), the best without labels in ``benchmarks/evidence.py``.
     """
-    from sklearn.base import clone
-
-    from .features import extract_features, plan_extraction
+    from .features import plan_extraction
     from .metrics import evaluate
-    from .registry import get_detector
+    from .selection import (
+        MultiSizeFeatures,
+        candidate_grid,
+        extract_sizes,
+        fresh_detector,
+        select,
+    )
 
-    plan = plan_extraction(dataset, backbone, weights, image_size, preprocessing, cache_dir)
-    if features is None:
-        features = extract_features(dataset, plan.backbone, weights, image_size, preprocessing,
-                                    batch_size=batch_size, cache_dir=cache_dir,
-                                    progress=progress)
-    usable = features.valid
+    specs = [detector] if isinstance(detector, (str, BaseDetector)) else list(detector)
+    if not specs:
+        raise KadError("no detector given: name one, e.g. knn")
+    if isinstance(features, MultiSizeFeatures):
+        multi = features
+    elif features is not None:  # one FeatureSet, at the size it was extracted at
+        multi = MultiSizeFeatures({int(features.meta["inputs"]["image_size"]): features})
+    else:
+        multi = extract_sizes(dataset, backbone, weights, image_size, preprocessing,
+                              batch_size=batch_size, cache_dir=cache_dir, progress=progress)
+    usable = multi.valid
     if train_rows is None:
         train_rows = np.flatnonzero(usable & ~np.asarray(dataset.anomaly, dtype=bool)) if (
             dataset.anomaly is not None) else np.flatnonzero(usable)
     train_rows = np.asarray(train_rows)[usable[np.asarray(train_rows)]]
     if len(train_rows) < 2:
         raise KadError(f"fitting needs at least 2 readable normal images, got {len(train_rows)}")
-    prototype = get_detector(detector) if isinstance(detector, str) else detector
     labelled = labelled_rows is not None and len(labelled_rows) > 0
     if labelled:
         labelled_rows = np.asarray(labelled_rows)
@@ -245,24 +261,40 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
         if np.intersect1d(labelled_rows, train_rows).size:
             raise KadError("labelled validation images must not be among the training images")
 
-    def fitted_on(blocks):
-        return clone(prototype).fit(features.matrix(blocks, train_rows))
-
     selection: dict = {"representation": representation}
-    if labelled and representation == "picked":
-        per_block = {}
-        for block in features.blocks:
-            det = fitted_on([block])
-            scores = det.anomaly_score(features.matrix([block], labelled_rows))
-            per_block[block] = evaluate(labels, scores)["auroc"]
-        best = max(per_block, key=per_block.get)
-        blocks = [best]
-        selection.update(picked=best, validation_auroc=per_block)
-    elif representation == "picked":
-        raise KadError("representation 'picked' needs labelled anomalies to pick a block with")
+    if representation == "picked":
+        if not labelled:
+            raise KadError("representation 'picked' needs labelled anomalies to pick a block "
+                           "with")
+        names = [str(d) if isinstance(d, str) else f"#{i}" for i, d in enumerate(specs)]
+        prototypes = dict(zip(names, specs, strict=True))
+        # a pipeline scores at one size: no concatenation across sizes
+        grid = candidate_grid(multi, names, across_sizes=False)
+        chosen = select(multi, grid, train_rows, labelled_rows, labels,
+                        make_detector=lambda name, seed: fresh_detector(prototypes[name], seed))
+        size = chosen.picked.sizes[0]
+        blocks = [b for _, b in multi.resolve(chosen.picked.representation)]
+        spec = prototypes[chosen.picked.detector]
+        one = len(multi.sizes) == 1 and len(specs) == 1  # the paper's case: key by block
+        selection.update(picked=chosen.picked.block, validation_auroc={
+            (s.candidate.block if one else s.candidate.label): s.validation_auroc
+            for s in chosen.scores})
+        selection.update(picked_candidate=chosen.picked.to_json(),
+                         picked_validation_auroc=chosen.validation_auroc,
+                         candidates=[s.to_json() for s in chosen.scores],
+                         failed=chosen.failed)
     else:
-        blocks = features.resolve(representation)
-    det = fitted_on(blocks)
+        if len(multi.sizes) > 1 or len(specs) > 1:
+            raise KadError(
+                f"{len(multi.sizes)} image sizes and {len(specs)} detectors given but nothing "
+                "to choose with: pass labelled anomalies and representation 'picked', or one "
+                "size and one detector")
+        size, spec = multi.sizes[0], specs[0]
+        blocks = multi.by_size[size].resolve(representation)
+    det = fresh_detector(spec).fit(multi.by_size[size].matrix(blocks, train_rows))
+    features = multi.by_size[size]
+    plan = plan_extraction(dataset, backbone, weights, size,
+                           features.meta["inputs"]["preprocessing"], cache_dir)
     train_scores = det.decision_scores_
     val_scores = det.anomaly_score(features.matrix(blocks, labelled_rows)) if labelled else None
     if labelled and sensitivity is not None:

@@ -125,3 +125,33 @@ def test_threshold_at_a_sensitivity():
     assert low < 0.6 < high
     with pytest.raises(ValueError, match="sensitivity"):
         threshold_at_sensitivity(normal, anomalous, 1.5)
+
+
+def test_with_labels_fit_picks_size_block_and_detector_and_scores_with_them(tmp_path):
+    from kad.errors import KadError
+
+    root = screening_folder(tmp_path / "data", n_normal=24, n_abnormal=8)
+    dataset = load_dataset("folder", root, kind="natural")
+    normal, abnormal = np.flatnonzero(~dataset.anomaly), np.flatnonzero(dataset.anomaly)
+    options = {**FAST, "image_size": [32, 48], "detector": ["knn", "iforest:n_estimators=10"]}
+    rows = np.r_[normal[16:], abnormal]
+    labels = np.r_[np.zeros(8, int), np.ones(8, int)]
+    pipeline = fit_pipeline(dataset, train_rows=normal[:16], labelled_rows=rows, labels=labels,
+                            representation="picked", batch_size=8, **options)
+    chosen = pipeline.training["selection"]
+    assert len(chosen["candidates"]) == 2 * 2 * 19  # per size: 18 blocks + concat
+    best = max(c["validation_auroc"] for c in chosen["candidates"])
+    assert chosen["picked_validation_auroc"] == best
+    picked = chosen["picked_candidate"]
+    assert pipeline.image_size == picked["sizes"][0]
+    assert type(pipeline.detector).__name__ == (
+        "KNNDetector" if picked["detector"] == "knn" else "IsolationForestDetector")
+    assert pipeline.blocks == (pipeline.all_blocks if picked["block"] == "concat"
+                               else [picked["block"]])
+    scores = pipeline.score(FileSource([root / dataset.ids[i] for i in rows])).scores
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(labels, scores) == pytest.approx(best)
+    with pytest.raises(KadError, match="2 image sizes and 2 detectors given but nothing to "
+                                       "choose with"):
+        fit_pipeline(dataset, train_rows=normal[:16], batch_size=8, **options)
