@@ -162,3 +162,41 @@ def test_a_candidate_that_cannot_fit_is_named_and_the_others_still_compete(tmp_p
     assert selection.picked.detector == "knn"
     assert "n_neighbors must be an integer in [1, 59]" in selection.failed[
         "32 px / a / knn:n_neighbors=100"]
+
+
+def test_fundus_size_input_works_at_each_network_size_end_to_end(tmp_path):
+    """fundus:size=input preprocesses at the network's size (448 px) instead of shrinking to
+    256 px first; each size gets its own cache key."""
+    import cv2
+
+    from kad.datasets import load_dataset
+    from kad.features import load_preprocessed, plan_extraction
+    from kad.preprocessing import Fundus, preprocessing_at
+    from kad.selection import extract_sizes
+
+    assert preprocessing_at("fundus:size=input,blur=0.02", 448) == "fundus:blur=0.02,size=448"
+    assert preprocessing_at("fundus:size=input", None) == "fundus"
+    rng = np.random.default_rng(0)
+    for sub in ("normal", "abnormal"):
+        (tmp_path / sub).mkdir()
+        image = np.zeros((600, 600, 3), np.uint8)
+        cv2.circle(image, (300, 300), 280, (90, 60, 40), -1)
+        image[rng.random((600, 600)) < 0.05] = 255  # fine detail a 256 px pass would blur
+        cv2.imwrite(str(tmp_path / sub / "eye.png"), image)
+    dataset = load_dataset("folder", tmp_path, kind="fundus")
+    plans = {size: plan_extraction(dataset, "mobilenet_v2:alpha=0.35", "none", size,
+                                   "fundus:size=input") for size in (224, 448)}
+    assert plans[448].preprocessing == Fundus(size=448)
+    assert plans[224].preprocessing == Fundus(size=224) and plans[224].key != plans[448].key
+    seen = load_preprocessed(dataset.source, 0, plans[448].preprocessing, 448)
+    np.testing.assert_array_equal(seen, Fundus(size=448)(dataset.source.load(0)))
+    shrunk = load_preprocessed(dataset.source, 0, Fundus(), 448)
+    assert np.abs(np.diff(seen, axis=1)).mean() > 1.2 * np.abs(np.diff(shrunk, axis=1)).mean()
+    asked = []
+    extract_sizes(dataset, "mobilenet_v2:alpha=0.35", "none", [224, 448], "fundus:size=input",
+                  extract=lambda ds, bb, w, size, prep: asked.append((size, prep)) or _Fake())
+    assert asked == [(224, "fundus:size=224"), (448, "fundus:size=448")]
+
+
+class _Fake:
+    ids = ["eye"]
