@@ -219,20 +219,23 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
     Table 2 block pick (single blocks, then the concatenation). With ``sensitivity`` the
     threshold is set to reach it; otherwise it follows the detector's ``contamination``.
 
-    Without labels there is nothing to choose with: one size and one detector are needed,
-    and the default detector is :data:`kad.selection.UNSUPERVISED_DEFAULT`'s (kNN on the
-    concatenation), the best without labels in ``benchmarks/evidence.py``.
+    Without labels there is nothing to choose with: one size and one detector are needed.
+    The defaults are :data:`kad.selection.UNSUPERVISED_DEFAULT`'s, the best without labels
+    in ``benchmarks/evidence.py``: kNN on the concatenation, and ``image_size=None`` means
+    448 px for fundus photographs and the backbone's native size otherwise.
     """
     from .features import plan_extraction
     from .metrics import evaluate
     from .selection import (
         MultiSizeFeatures,
         candidate_grid,
+        default_image_size,
         extract_sizes,
         fresh_detector,
         select,
     )
 
+    image_size = default_image_size(dataset, image_size)
     specs = [detector] if isinstance(detector, (str, BaseDetector)) else list(detector)
     if not specs:
         raise KadError("no detector given: name one, e.g. knn")

@@ -200,3 +200,13 @@ def test_fundus_size_input_works_at_each_network_size_end_to_end(tmp_path):
 
 class _Fake:
     ids = ["eye"]
+
+
+def test_fundus_photographs_default_to_448_px_and_other_images_to_the_native_size():
+    from types import SimpleNamespace
+
+    from kad.selection import default_image_size
+
+    assert default_image_size(SimpleNamespace(kind="fundus")) == 448
+    assert default_image_size(SimpleNamespace(kind="natural")) is None
+    assert default_image_size(SimpleNamespace(kind="fundus"), 299) == 299
