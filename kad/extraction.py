@@ -34,7 +34,7 @@ from .cache import (
 )
 from .errors import ImageReadError
 from .images import check_usable, resize
-from .preprocessing import Preprocessing, get_preprocessing
+from .preprocessing import Preprocessing, get_preprocessing, preprocessing_at
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -98,7 +98,9 @@ def plan_extraction(dataset, backbone="inception_resnet_v2", weights="imagenet",
 
     bb = backbone if isinstance(backbone, Backbone) else get_backbone(backbone)
     size = bb.input_size(default_input_size(dataset, bb) if image_size is None else image_size)
-    prep = get_preprocessing(preprocessing or default_preprocessing(dataset))
+    # fundus:size=input works at the network's input size (see preprocessing_at)
+    prep = get_preprocessing(preprocessing_at(preprocessing, size)
+                             or default_preprocessing(dataset))
     engine = resolve_runtime(runtime).name
     inputs = {
         "dataset": dataset.fingerprint,

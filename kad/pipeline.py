@@ -303,8 +303,9 @@ def recorded_weights(weights) -> str:
 
 
 def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str = "imagenet",
-                 image_size: int | None = None, preprocessing: str | None = None,
-                 representation: str = "concat", detector: str | BaseDetector = "iforest",
+                 image_size: int | None = None,
+                 preprocessing: str | None = None, representation: str = "concat",
+                 detector: str | BaseDetector = "knn",
                  train_rows: np.ndarray | None = None, labelled_rows: np.ndarray | None = None,
                  labels: np.ndarray | None = None, sensitivity: float | None = None,
                  batch_size: int = 64, cache_dir: str | Path | None = None,
@@ -315,6 +316,11 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
                  fpr: float | None = None, keep_all_blocks: bool = True,
                  out: str | Path | None = None, runtime: str = "auto") -> Pipeline:
     """Fit a pipeline on the normal images ``train_rows`` of ``dataset``.
+
+    The defaults are the best without labels in ``benchmarks/evidence.py``
+    (:data:`kad.selection.UNSUPERVISED_DEFAULT`): kNN on the concatenation of every block,
+    and ``image_size=None`` means 448 px for fundus photographs and the backbone's native
+    size otherwise.
 
     With labelled images (``labelled_rows`` and ``labels``, 1 = anomaly, none of them in
     ``train_rows``), the block with the best AUROC on them is picked (as in the paper's
@@ -338,14 +344,16 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
     ``out``, the file the pipeline will be saved to, and the cache folder are checked for
     writability before any work starts (:func:`kad.cache.check_writable`).
     """
+
     from sklearn.base import clone
 
     from .calibration import DEFAULT_FPR, conformal_threshold
     from .features import extract_features, plan_extraction
     from .metrics import evaluate
     from .registry import get_detector
-    from .selection import pick_block
+    from .selection import default_image_size, pick_block
 
+    image_size = default_image_size(dataset, image_size)
     if split is not None:
         train_rows, calibration_rows = split.train, split.calibration
         labelled_rows, labels = split.selection, split.selection_labels

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from .images import resize, to_rgb_uint8
-from .specs import Spec
+from .specs import Spec, parse_spec
 
 __all__ = [
     "Fundus",
@@ -32,6 +32,7 @@ __all__ = [
     "crop_fundus",
     "fundus_box",
     "get_preprocessing",
+    "preprocessing_at",
 ]
 
 
@@ -447,3 +448,19 @@ def _widest_middle(along: np.ndarray, line: np.ndarray, lines: int) -> float:
 
 def _disc(diameter: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (diameter, diameter))
+
+
+def preprocessing_at(spec, size: int | None):
+    """``spec`` with ``size=input`` replaced by the network input ``size``: the fundus
+    preprocessing then works at the resolution the network sees instead of 256 px
+    (``fundus:size=input`` at 448 px is ``fundus:size=448``). With ``size`` None the option
+    is dropped (the preprocessing's default). Other specs are returned unchanged."""
+    if spec is None or isinstance(spec, Preprocessing):
+        return spec
+    parsed = parse_spec(spec, "preprocessing")
+    if str(parsed.options.get("size")) != "input":
+        return spec
+    options = {k: v for k, v in parsed.options.items() if k != "size"}
+    if size is not None:
+        options["size"] = int(size)
+    return str(Spec(parsed.name, options))

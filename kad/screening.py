@@ -176,7 +176,7 @@ class FitRun:
 
 def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resnet_v2",
               weights: str = "imagenet", image_size: int | None = None,
-              preprocessing: str | None = None, detector: str = "iforest",
+              preprocessing: str | None = None, detector: str = "knn",
               representation: str | None = None, sensitivity: float | None = None,
               fpr: float | None = None, calibration: float | None = None,
               validation: float | None = None, seed: int = 0, batch_size: int = 64,
@@ -200,6 +200,7 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
     )
     from .features import extract_features
     from .pipeline import fit_pipeline
+    from .selection import default_image_size
 
     if dataset.anomaly is None:
         raise KadError(f"{dataset.name} has no normal/abnormal labels; fit on a folder, dr or "
@@ -214,6 +215,7 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
         representation = representation or "picked"
         if fpr is None and sensitivity is None:
             sensitivity = 0.95
+    image_size = default_image_size(dataset, image_size)  # 448 px for fundus photographs
     calibration = DEFAULT_CALIBRATION if calibration is None else calibration
     validation = DEFAULT_VALIDATION if validation is None else validation
     alpha = fpr if fpr is not None else (DEFAULT_FPR if sensitivity is None else None)

@@ -100,6 +100,7 @@ class KNNDetector(BaseDetector):
     """
 
     input_kind = "features"
+    RERANK = 16  # extra candidates whose distances are recomputed exactly
 
     def __init__(self, n_neighbors=2, method="mean", metric="euclidean", contamination=0.1):
         self.n_neighbors = n_neighbors
@@ -125,8 +126,26 @@ class KNNDetector(BaseDetector):
     def _reduce(self, dist):
         return dist.mean(axis=1) if self.method == "mean" else dist[:, -1]
 
+    def _distances(self, X, n: int) -> np.ndarray:
+        """Distances to the ``n`` nearest training vectors, sorted, the same for a row
+        whatever else is in ``X``. scikit-learn's brute-force Euclidean search goes through
+        matrix products whose rounding depends on how many rows come together; it only
+        proposes ``n + RERANK`` candidates here, and their distances are recomputed row by
+        row."""
+        if self.metric not in ("euclidean", "l2"):
+            return self.nn_.kneighbors(X, n_neighbors=n)[0]
+        train = self.nn_._fit_X
+        m = min(len(train), n + self.RERANK)
+        index = self.nn_.kneighbors(X, n_neighbors=m, return_distance=False)
+        out = np.empty((len(X), n))
+        for start in range(0, len(X), 64):
+            rows = slice(start, start + 64)
+            diff = X[rows, None, :].astype(np.float64) - train[index[rows]]
+            out[rows] = np.sort(np.sqrt(np.einsum("ijk,ijk->ij", diff, diff)), axis=1)[:, :n]
+        return out
+
     def _score(self, X):
-        return self._reduce(self.nn_.kneighbors(X)[0])
+        return self._reduce(self._distances(X, self.n_neighbors))
 
     def _score_gradient(self, X):
         """For the Euclidean metric, the mean (``"mean"``) of the unit vectors from the
@@ -146,8 +165,7 @@ class KNNDetector(BaseDetector):
 
     def _training_scores(self, X):
         # Each training vector is its own nearest neighbour: skip that match.
-        dist, _ = self.nn_.kneighbors(X, n_neighbors=self.n_neighbors + 1)
-        return self._reduce(dist[:, 1:])
+        return self._reduce(self._distances(X, self.n_neighbors + 1)[:, 1:])
 
 
 class MahalanobisDetector(BaseDetector):

@@ -18,7 +18,7 @@ from kad.cli.options import (
     CacheDirOpt,
     DataDirOpt,
     DatasetOpt,
-    ImageSizeOpt,
+    ImageSizesOpt,
     PreprocessingOpt,
     RuntimeOpt,
     WeightsOpt,
@@ -60,6 +60,10 @@ def _options(**kw) -> RecipeOptions:
     kw["detectors"] = _split(kw["detectors"])
     kw["inputs"] = _split(kw["inputs"])
     kw["classes"] = _split(kw["classes"])
+    from kad.selection import parse_sizes
+
+    sizes = parse_sizes(kw["image_size"])
+    kw["image_size"] = sizes[0] if sizes and len(sizes) == 1 else sizes
     return RecipeOptions(**kw)
 
 
@@ -101,7 +105,7 @@ def _table(title: str, row_label: str, rows: dict[str, dict[str, str]]):
 def table1(
     dataset: DatasetOpt = "digits", data_dir: DataDirOpt = None,
     backbone: BackboneOpt = "inception_resnet_v2", weights: WeightsOpt = "imagenet",
-    image_size: ImageSizeOpt = None, preprocessing: PreprocessingOpt = None,
+    image_size: ImageSizesOpt = None, preprocessing: PreprocessingOpt = None,
     detectors: DetectorsOpt = "iforest", inputs: InputsOpt = "pixels,features",
     representation: RepresentationOpt = "concat", seeds: SeedsOpt = None,
     folds: FoldsOpt = 5, limit: LimitOpt = None, classes: ClassesOpt = None,
@@ -144,7 +148,7 @@ def table1(
 def table2(
     dataset: DatasetOpt = "digits", data_dir: DataDirOpt = None,
     backbone: BackboneOpt = "inception_resnet_v2", weights: WeightsOpt = "imagenet",
-    image_size: ImageSizeOpt = None, preprocessing: PreprocessingOpt = None,
+    image_size: ImageSizesOpt = None, preprocessing: PreprocessingOpt = None,
     detectors: DetectorsOpt = "iforest", seeds: SeedsOpt = None, folds: FoldsOpt = 5,
     limit: LimitOpt = None, classes: ClassesOpt = None, batch_size: BatchSizeOpt = 64,
     cache_dir: CacheDirOpt = None, out_dir: OutOpt = None,
@@ -154,7 +158,7 @@ def table2(
                               "dataset (default 0.03).")] = None,
 ) -> None:
     """Table 2: pick the best block with a few labelled anomalies."""
-    from .table2 import plot_blocks, run_table2
+    from .table2 import plot_blocks, plot_candidates, run_table2
 
     started = time.perf_counter()
     options = _options(dataset=dataset, data_dir=data_dir, backbone=backbone, weights=weights,
@@ -178,6 +182,17 @@ def table2(
         for b in result.extra["blocks"]}))
     picked = result.extra["picked_blocks"]
     say("picked: " + ", ".join(f"{b} ×{picked.count(b)}" for b in dict.fromkeys(picked)))
+    picked = result.extra["picked"]
+    plot_candidates(folder / "candidates.png", result.extra["candidates"],
+                    f"{result.bench.dataset.name}: test AUROC per block")
+    stdout.print(_table("picked (input size, block, detector) per split, by validation "
+                        "AUROC inside the training folds", "split", {
+        row["split"]: {"picked": row["picked"]["label"],
+                       "validation %": percent(row["validation_auroc"]),
+                       "test %": percent(row["test_auroc"])}
+        for row in picked["per_split"]}))
+    say(f"picked triple: test AUROC {percent(picked['auroc'], picked['auroc_std'])}; "
+        + ", ".join(f"{label} ×{n}" for label, n in picked["counts"].items()))
 
 
 @app.command()
@@ -185,7 +200,7 @@ def table2(
 def table3(
     dataset: DatasetOpt = "digits", data_dir: DataDirOpt = None,
     backbone: BackboneOpt = "inception_resnet_v2", weights: WeightsOpt = "imagenet",
-    image_size: ImageSizeOpt = None, preprocessing: PreprocessingOpt = None,
+    image_size: ImageSizesOpt = None, preprocessing: PreprocessingOpt = None,
     detectors: DetectorsOpt = "iforest", inputs: InputsOpt = "features",
     representation: RepresentationOpt = "concat", seeds: SeedsOpt = None,
     folds: FoldsOpt = 5, limit: LimitOpt = None, classes: ClassesOpt = None,

@@ -23,7 +23,7 @@ class RecipeOptions:
     data_dir: Path | None = None
     backbone: str = "inception_resnet_v2"
     weights: str = "imagenet"
-    image_size: int | None = None
+    image_size: int | list[int] | None = None  # several sizes: one cache entry each
     preprocessing: str | None = None
     detectors: list[str] = field(default_factory=lambda: ["iforest"])
     inputs: list[str] = field(default_factory=lambda: [PIXELS, FEATURES])
@@ -104,7 +104,7 @@ class Workbench:
         if options.limit:
             dataset = dataset.subset(subsample(dataset, options.limit))
         self.dataset = dataset
-        self._features = None
+        self._multi = None
         self._pixels = None
         self._failed: dict[str, str] = {}
         self._matrix_cache: dict = {}
@@ -118,34 +118,49 @@ class Workbench:
         return self.options.seeds or (1 if self.natural else 5)
 
     @property
-    def features(self):
-        if self._features is None:
+    def multi(self):
+        """Features at every ``image_size`` (:class:`kad.selection.MultiSizeFeatures`),
+        each size extracted once into its own cache entry."""
+        if self._multi is None:
             from contextlib import nullcontext
 
             from kad.features import extract_features
+            from kad.selection import extract_sizes
 
             o = self.options
-            bar = (self._progress(f"features of {self.dataset.name}") if self._progress
-                   else nullcontext(None))
-            with bar as update:
-                self._features = extract_features(
-                    self.dataset, o.backbone, o.weights, o.image_size, o.preprocessing,
-                    batch_size=o.batch_size, cache_dir=o.cache_dir, progress=update,
-                    runtime=o.runtime)
-            self._failed.update(self._features.failed)
+
+            def extract(dataset, backbone, weights, size, preprocessing):
+                bar = (self._progress(f"features of {dataset.name} at {size} px")
+                       if self._progress else nullcontext(None))
+                with bar as update:
+                    return extract_features(dataset, backbone, weights, size, preprocessing,
+                                            batch_size=o.batch_size, cache_dir=o.cache_dir,
+                                            progress=update, runtime=o.runtime)
+
+            self._multi = extract_sizes(self.dataset, o.backbone, o.weights, o.image_size,
+                                        o.preprocessing, extract=extract)
+            self._failed.update(self._multi.failed)
             if self._report_skipped:
-                self._report_skipped(self._features.failed.items(),
+                self._report_skipped(self._multi.failed.items(),
                                      "image(s) could not be used and are")
-        return self._features
+        return self._multi
+
+    @property
+    def features(self):
+        """The features at the first ``image_size``."""
+        multi = self.multi
+        return multi.by_size[multi.sizes[0]]
 
     @property
     def pixels(self) -> np.ndarray:
         if self._pixels is None:
             from kad.features import default_preprocessing
             from kad.pixels import load_pixels
+            from kad.selection import preprocessing_at
 
             size = self.options.pixel_size or 32
-            prep = self.options.preprocessing or default_preprocessing(self.dataset)
+            prep = (preprocessing_at(self.options.preprocessing, None)
+                    or default_preprocessing(self.dataset))
             self._pixels, failed = load_pixels(self.dataset, size, prep, self.options.cache_dir)
             self._failed.update(failed)
         return self._pixels
@@ -166,7 +181,7 @@ class Workbench:
             if key not in self._matrix_cache:
                 if len(self._matrix_cache) > 4:
                     self._matrix_cache.clear()
-                self._matrix_cache[key] = self.features.matrix(representation, rows)
+                self._matrix_cache[key] = self.multi.matrix(representation, rows)
             return self._matrix_cache[key]
         raise KadError(f"unknown input {kind!r}: use {PIXELS!r} or {FEATURES!r}")
 
@@ -181,9 +196,12 @@ class Workbench:
 
     def cache_keys(self) -> dict:
         keys = {}
-        if self._features is not None:
-            keys["features"] = {"key": self._features.key, "path": str(self._features.path),
-                                "inputs": self._features.meta["inputs"]}
+        if self._multi is not None:
+            entries = {size: {"key": f.key, "path": str(f.path), "inputs": f.meta["inputs"]}
+                       for size, f in self._multi.by_size.items()}
+            keys["features"] = entries[self._multi.sizes[0]]
+            if len(entries) > 1:
+                keys["features_by_size"] = entries
         return keys
 
 

@@ -5,29 +5,35 @@ held-out normal images form a validation set. Every block is fitted on the train
 and scored on it; the block with the best validation AUROC is then evaluated on the test
 set, next to the concatenation of all blocks (Supplementary Sect. 10 gives the per-block
 validation and test AUROC, which are kept too, with a plot against block depth).
+
+Beyond the paper, the same fits choose among several input sizes (``image_size`` a list)
+and detectors: the (size, block or concatenation, detector) triple with the best
+validation AUROC, picked inside the training folds, is reported on the test fold under
+``picked`` (see :func:`run_table2`).
 """
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from kad.errors import KadError
-from kad.metrics import evaluate, mean_std
+from kad.metrics import mean_std
 from kad.protocols import splits
-from kad.selection import pick_block
+from kad.selection import Candidate
 
 from .common import (
     FEATURES,
     RecipeOptions,
     Run,
     Workbench,
-    fit_and_score,
+    compatible,
     make_detector,
     summarise,
 )
 from .table1 import RecipeResult
+
+#: The ``representation`` of the runs of kad's pick, one per split, in ``results.csv``.
+PICKED_TRIPLE = "picked (size, block, detector)"
 
 
 def n_validation_anomalies(n_anomalies: float | None, n_images: int) -> int:
@@ -40,79 +46,92 @@ def n_validation_anomalies(n_anomalies: float | None, n_images: int) -> int:
 
 
 def run_table2(options: RecipeOptions, n_anomalies: float | None = None,
-               progress=None,
-               bench: Workbench | None = None) -> RecipeResult:
+               progress=None, bench: Workbench | None = None) -> RecipeResult:
+    """The paper's Table 2 and kad's evidence-driven pick, from one grid of fits.
+
+    Every split fits each candidate of :func:`kad.selection.candidate_grid` (each block
+    and the concatenation at every ``image_size``, the concatenation across sizes, each
+    with every detector) on its training normals and ranks it on its validation set
+    (:func:`kad.selection.nested_selection`: the test fold never influences a pick).
+
+    * The paper's columns (``summary``, ``picked_blocks``, ``blocks``): the first detector
+      at the first size, the block with the best validation AUROC, and the concatenation.
+      With one size and one detector this is exactly the paper's Table 2.
+    * ``picked``: the best (size, block or concatenation, detector) triple per split and
+      its test metrics; ``candidates``: every candidate's validation and test AUROC.
+    """
+    from kad.registry import DETECTORS, load
+    from kad.selection import CONCAT, candidate_grid, nested_selection, summarise_candidates
+    from kad.specs import parse_spec
+
     bench = bench or Workbench(options)
-    spec = options.detectors[0]
+    detectors = [d for d in options.detectors
+                 if compatible(load(DETECTORS, parse_spec(d, "detector").name), FEATURES)]
+    if not detectors:
+        raise KadError(f"no detector among {options.detectors} works on features")
+    spec = detectors[0]
     valid = bench.valid({FEATURES})
-    features = bench.features
-    blocks = features.blocks
+    features = bench.multi
+    size = features.sizes[0]
+    blocks = features.blocks(size)
     todo = splits(bench.dataset, bench.seeds, options.folds, valid, options.classes)
     wanted = n_validation_anomalies(n_anomalies, int(valid.sum()))
+    fewest = min(len(split.spare_anomalies) for split in todo)
+    if fewest < wanted:
+        bench.log(f"only {fewest} anomalies are outside the test set of some split; "
+                  "those splits use them all")
+    grid = candidate_grid(features, detectors)
+    results = nested_selection(
+        features, todo, grid, wanted, progress=progress,
+        make_detector=lambda det, seed: make_detector(det, seed, bench.detector_defaults))
+
+    def paper_candidate(block):
+        return Candidate(f"{block}@{size}", spec)
+
     runs: list[Run] = []
-    per_block = {b: {"val": [], "test": []} for b in blocks}
     picked: list[str] = []
-    total, done = len(todo) * (len(blocks) + 1), 0
-    for split in todo:
-        n_val = min(wanted, len(split.spare_anomalies))
-        if n_val < wanted and not picked:
-            bench.log(f"only {n_val} anomalies are outside the test set; using them all")
-        rng = np.random.default_rng(split.seed)
-        val_anomalies = rng.choice(split.spare_anomalies, size=n_val, replace=False)
-        val_rows = np.concatenate([split.val_normal, val_anomalies])
-        val_y = np.r_[np.zeros(len(split.val_normal)), np.ones(n_val)].astype(int)
-        def fit(block, x_train, seed=split.seed):
-            return make_detector(spec, seed).fit(x_train)
-
-        def tick(_done, _total):
-            nonlocal done
-            done += 1
-            if progress:
-                progress(done, total)
-
-        choice = pick_block(features, split.train, val_rows, val_y, None, blocks=blocks,
-                            fit=fit, progress=tick)
-        test_metrics = {}
-        for block in blocks:
-            det = choice.detectors.pop(block)
-            start = time.perf_counter()
-            scores = det.anomaly_score(bench.inputs(FEATURES, block, split.test))
-            metrics = evaluate(split.test_y, scores, scores > det.threshold_)
-            metrics.update(fit_seconds=choice.fit_seconds[block],
-                           score_seconds=time.perf_counter() - start)
-            test_metrics[block] = metrics
-            per_block[block]["val"].append(choice.validation_auroc[block])
-            per_block[block]["test"].append(metrics["auroc"])
-        picked.append(choice.block)
-        runs.append(_run(spec, "picked", split, test_metrics[choice.block]))
-        concat, _, _ = fit_and_score(
-            spec, split.seed, bench.inputs(FEATURES, "concat", split.train),
-            bench.inputs(FEATURES, "concat", split.test), split.test_y)
-        runs.append(_run(spec, "concat", split, concat))
-        done += 1
-        if progress:
-            progress(done, total)
+    for split, result in zip(todo, results, strict=True):
+        best = result.selection.best_of(lambda c: c.detector == spec and c.sizes == (size,)
+                                        and c.block != CONCAT)
+        picked.append(best.candidate.block)
+        runs.append(_run(spec, "picked", split, best))
+        runs.append(_run(spec, CONCAT, split,
+                         result.selection.score_of(paper_candidate(CONCAT))))
     summary = summarise(runs, ("detector", "representation"))
+    triple_runs = [_run(r.picked.detector, PICKED_TRIPLE, split, r.selection.score_of(r.picked))
+                   for split, r in zip(todo, results, strict=True)]
+    candidates = summarise_candidates(results)
+    by_rep = {(c["representation"], c["detector"]): c for c in candidates}
     blocks_table = []
     for depth, block in enumerate(blocks):
-        val_mean, val_std = mean_std(per_block[block]["val"])
-        test_mean, test_std = mean_std(per_block[block]["test"])
-        blocks_table.append({"depth": depth, "block": block, "val_auroc": val_mean,
-                             "val_auroc_std": val_std, "test_auroc": test_mean,
-                             "test_auroc_std": test_std,
-                             "val_auroc_per_split": per_block[block]["val"],
-                             "test_auroc_per_split": per_block[block]["test"]})
-    extra = {"n_validation_anomalies": wanted, "picked_blocks": picked,
-             "blocks": blocks_table}
-    return RecipeResult("table2", bench, runs, summary, {}, extra)
+        row = by_rep[(f"{block}@{size}", spec)]
+        blocks_table.append({"depth": depth, "block": block, **{
+            k: row[k] for k in ("val_auroc", "val_auroc_std", "test_auroc", "test_auroc_std",
+                                "val_auroc_per_split", "test_auroc_per_split")}})
+    auroc, auroc_std = mean_std(r.test["auroc"] for r in results)
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r.picked.label] = counts.get(r.picked.label, 0) + 1
+    extra = {
+        "n_validation_anomalies": wanted, "picked_blocks": picked, "blocks": blocks_table,
+        "image_sizes": features.sizes, "detectors": detectors,
+        "grid": {"sizes": features.sizes, "detectors": detectors, "n_candidates": len(grid),
+                 "representations": list(dict.fromkeys(c.representation for c in grid))},
+        "picked": {"auroc": auroc, "auroc_std": auroc_std, "counts": counts,
+                   "per_split": [r.to_json() for r in results]},
+        "candidates": candidates,
+    }
+    return RecipeResult("table2", bench, runs + triple_runs, summary, {}, extra)
 
 
-def _run(spec, representation, split, metrics) -> Run:
+def _run(spec, representation, split, score) -> Run:
+    """A run from a candidate's score on a split's test set."""
+    metrics = score.test
     return Run(
         detector=spec, input=FEATURES, representation=representation, split=split.name,
         seed=split.seed, fold=split.fold, normal_class=split.normal_class,
         auroc=metrics["auroc"], auprc=metrics["auprc"], recall=metrics["recall"],
-        fit_seconds=metrics["fit_seconds"], score_seconds=metrics["score_seconds"],
+        fit_seconds=score.fit_seconds, score_seconds=metrics["score_seconds"],
         n_train=len(split.train), n_test=len(split.test),
         n_test_anomalies=int(split.test_y.sum()),
     )
@@ -137,6 +156,47 @@ def plot_blocks(path, blocks_table: list[dict], title: str):
     ax.set_xlabel("block (network order)")
     ax.set_title(title)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_candidates(path, candidates: list[dict], title: str):
+    """Test AUROC (mean ± std over splits) per block, in network order, with the
+    concatenation last: one line per (size, detector); the concatenation across sizes is
+    one marker per detector."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kad.selection import CONCAT
+
+    single = [c for c in candidates if len(c["sizes"]) == 1]
+    blocks = list(dict.fromkeys(c["block"] for c in single if c["block"] != CONCAT))
+    xs = {b: i for i, b in enumerate([*blocks, CONCAT])}
+    fig, ax = plt.subplots(figsize=(max(7, len(xs) * 0.3), 4.5))
+    lines: dict[tuple[str, str], list[dict]] = {}
+    for c in single:
+        lines.setdefault((c["size"], c["detector"]), []).append(c)
+    for (size, detector), members in lines.items():
+        x = np.array([xs[c["block"]] for c in members])
+        mean = np.array([c["test_auroc"] for c in members]) * 100
+        std = np.array([c["test_auroc_std"] for c in members]) * 100
+        (line,) = ax.plot(x, mean, marker="o", ms=3, label=f"{size} px, {detector}")
+        ax.fill_between(x, mean - std, mean + std, alpha=0.12, color=line.get_color())
+    for c in candidates:
+        if len(c["sizes"]) > 1:
+            ax.errorbar([xs[CONCAT] + 0.25], [c["test_auroc"] * 100],
+                        yerr=[c["test_auroc_std"] * 100], marker="*", ms=9, capsize=3,
+                        linestyle="none", label=f"{c['size']} px concat, {c['detector']}")
+    ax.set_xticks(list(xs.values()))
+    ax.set_xticklabels(list(xs), rotation=90, fontsize=6)
+    ax.set_ylabel("test AUROC (%)")
+    ax.set_xlabel("block (network order), then every block concatenated")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -250,12 +250,17 @@ class Blocks:
     def __init__(self, anomaly, seed=0):
         rng = np.random.default_rng(seed)
         self.blocks = ["b0", "b1", "b2", "b3"]
+        self.ids = [str(i) for i in range(len(anomaly))]
         self.data = {b: rng.normal(size=(len(anomaly), 4)) for b in self.blocks}
         self.data["b2"][anomaly] += 3.0
         self.data["b1"][anomaly] += 0.5
 
+    def resolve(self, representation):
+        return self.blocks if representation == "concat" else representation.split(",")
+
     def matrix(self, blocks, rows):
-        return np.concatenate([self.data[b][rows] for b in blocks], axis=1)
+        names = self.resolve(blocks) if isinstance(blocks, str) else blocks
+        return np.concatenate([self.data[b][rows] for b in names], axis=1)
 
 
 def test_pick_block_keeps_the_block_that_separates_the_validation_anomalies():
@@ -267,6 +272,6 @@ def test_pick_block_keeps_the_block_that_separates_the_validation_anomalies():
     assert choice.block == "b2"
     assert choice.validation_auroc["b2"] == max(choice.validation_auroc.values())
     assert set(choice.detectors) == set(features.blocks)
-    with pytest.raises(KadError, match="must not be among the training images"):
+    with pytest.raises(KadError, match="must not be among the training"):
         pick_block(features, train, np.r_[rows, 0], np.r_[anomaly[rows], 0].astype(int),
                    KNN(n_neighbors=5))

@@ -130,3 +130,52 @@ def test_the_recipe_backbone_reaches_the_supervised_upper_bound():
     own = make_detector("supervised:backbone=inception_v3,random_state=9", 3, defaults)
     assert own.backbone == "inception_v3" and own.random_state == 9
     assert "backbone" not in make_detector("iforest", 0, defaults).get_params()
+
+
+def test_table2_picks_a_size_block_detector_triple_and_caches_each_size_once(tmp_path,
+                                                                            monkeypatch):
+    from kad.backbones import Backbone
+    from kad_recipes.common import RecipeOptions
+    from kad_recipes.table2 import plot_candidates, run_table2
+
+    built = []
+    original = Backbone.build_extractor
+
+    def counting(self, size, weights):
+        built.append(size)
+        return original(self, size, weights)
+
+    monkeypatch.setattr(Backbone, "build_extractor", counting)
+    options = RecipeOptions(dataset="digits", backbone="mobilenet_v2:alpha=0.35",
+                            weights="none", image_size=[32, 48, 32],
+                            detectors=["iforest:n_estimators=10", "knn"], limit=20,
+                            classes=["7"], cache_dir=tmp_path / "cache",
+                            runtime="keras")  # builds the network per extraction: countable
+    result = run_table2(options, n_anomalies=10)
+    assert sorted(built) == [32, 48]  # each size once, the repeated 32 too
+    extra = result.extra
+    assert extra["image_sizes"] == [32, 48]
+    # 18 blocks + concat at each size, concat across sizes; two detectors each
+    assert extra["grid"]["n_candidates"] == 2 * (2 * 19 + 1)
+    by_label = {c["label"]: c for c in extra["candidates"]}
+    for i, split in enumerate(extra["picked"]["per_split"]):
+        best = max(c["val_auroc_per_split"][i] for c in extra["candidates"])
+        row = by_label[split["picked"]["label"]]
+        assert split["validation_auroc"] == row["val_auroc_per_split"][i] == best
+        assert split["test_auroc"] == row["test_auroc_per_split"][i]
+    assert sum(extra["picked"]["counts"].values()) == len(extra["picked"]["per_split"]) == 1
+    # the paper's columns are still the first detector at the first size
+    assert {r.representation for r in result.runs} >= {"picked", "concat"}
+    assert {r.detector for r in result.runs if r.representation == "concat"} == {
+        "iforest:n_estimators=10"}
+    assert plot_candidates(tmp_path / "c.png", extra["candidates"], "t").stat().st_size > 1000
+    keys = result.bench.cache_keys()["features_by_size"]
+    assert sorted(keys) == [32, 48] and keys[32]["key"] != keys[48]["key"]
+    built.clear()
+    again = run_table2(options, n_anomalies=10)
+    assert built == []  # both sizes come from the cache
+    def picks(doc):  # timings aside, the same seed gives the same picks and numbers
+        return [(s["picked"]["label"], s["validation_auroc"], s["test"]["auroc"])
+                for s in doc["picked"]["per_split"]]
+
+    assert picks(again.extra) == picks(extra)

@@ -388,13 +388,13 @@ def test_score_with_heatmaps_and_explain_draw_where_the_score_comes_from(work, t
                   "--grid", "4")
     drawn = sorted((out / "heatmaps").glob("*.png"))
     assert len(drawn) == 2 * len(new), drawn  # over the model input and over the photograph
-    assert "heatmaps by occlusion" in result.output  # iforest has no gradient
+    assert "heatmaps by gradient" in result.output  # kNN, the default, has a gradient
     assert "network passes" in result.output
     page = (out / "report.html").read_text()
     assert page.count('alt="heatmap as the model saw it"') == len(new)
     picture = tmp_path / "one.png"
     result = _kad("explain", work / "model.kad", new[0], "--out", picture, "--grid", "4",
-                  "--original", tmp_path / "taken.png")
+                  "--original", tmp_path / "taken.png", "--heatmap-method", "occlusion")
     assert "map by occlusion, 17 network passes" in result.output
     assert cv2.imread(str(picture)) is not None and cv2.imread(str(tmp_path / "taken.png")) \
         is not None

@@ -20,8 +20,13 @@ WeightsOpt = Annotated[str, typer.Option(
     "--weights", "-w", help="imagenet (Keras download and cache), none, or a weights file.")]
 ImageSizeOpt = Annotated[int | None, typer.Option(
     "--image-size", help="Network input size in px (default: the backbone's native size).")]
+ImageSizesOpt = Annotated[str | None, typer.Option(
+    "--image-size", help="Network input size(s) in px, e.g. 224 or 224,448: features are "
+                         "extracted and cached per size (default: the backbone's native "
+                         "size).")]
 PreprocessingOpt = Annotated[str | None, typer.Option(
-    "--preprocessing", help="natural or fundus[:key=value,...] (default: by dataset).")]
+    "--preprocessing", help="natural or fundus[:key=value,...] (default: by dataset); "
+                            "fundus:size=input preprocesses at the network's input size.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")]
 CacheDirOpt = Annotated[Path | None, typer.Option(
     "--cache-dir", help="Feature cache folder (default $KAD_CACHE_DIR or ~/.cache/kad).")]

@@ -57,7 +57,8 @@ def fit(
     backbone: BackboneOpt = "inception_resnet_v2", weights: WeightsOpt = "imagenet",
     image_size: ImageSizeOpt = None, preprocessing: PreprocessingOpt = None,
     detector: Annotated[str, typer.Option(
-        "--detector", help="Detector plugin, NAME[:key=value,...].")] = "iforest",
+        "--detector", help="Detector plugin, NAME[:key=value,...] (default knn: the best "
+                           "without labels, see benchmarks/evidence.py).")] = "knn",
     representation: Annotated[str | None, typer.Option(
         "--representation", help="concat, block names, or picked (best block on labelled "
                                  "anomalies; the default when there are some).")] = None,
