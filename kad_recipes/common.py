@@ -142,7 +142,7 @@ class Workbench:
             self._failed.update(self._multi.failed)
             if self._report_skipped:
                 self._report_skipped(self._multi.failed.items(),
-                                     "image(s) could not be used and are")
+                                     "image(s) could not be used")
         return self._multi
 
     @property

@@ -64,7 +64,7 @@ def extract(
                                     progress=update, on_event=lambda e: note(e.message),
                                     shard=part, engine=engine, ray_address=ray_address,
                                     runtime=runtime)
-    skipped(features.failed.items(), "image(s) could not be used and are")
+    skipped(features.failed.items(), "image(s) could not be used")
     if "shard" in features.meta:
         entry = features.path.parent / features.path.name.split(".shard-")[0]
         missing = sorted({i for i in range(part[1])} - {

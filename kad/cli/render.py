@@ -73,7 +73,7 @@ def skipped(items: Iterable[tuple[str, str]], what: str) -> None:
     items = list(items)
     if not items:
         return
-    note(f"{len(items)} {what} left out:", label="skipped")
+    note(f"{len(items)} {what}:", label="left out:")
     for name, reason in items[:SHOWN]:
         note(f"  {name}: {reason}")
     if len(items) > SHOWN:

@@ -90,7 +90,7 @@ def fit(
                         representation=representation, fpr=fpr, sensitivity=sensitivity,
                         calibration=calibration, validation=validation, seed=seed,
                         batch_size=batch_size, cache_dir=cache_dir, progress=update)
-    skipped(run.left_out.items(), "image(s) were used for nothing and are")
+    skipped(run.left_out.items(), "image(s) were used for nothing")
     parts = run.split.describe()
     line = (f"fitted on {run.n_fitted} normal images; {parts['calibration']} normal images "
             "calibrate the threshold")
@@ -147,7 +147,8 @@ def score(
     flagged = sum(r.flagged for r in run.rows)
     say(f"{run.n_inputs} files: {run.count(SCORED)} scored ({flagged} flagged), "
         f"{run.count(UNREADABLE)} unreadable, {run.count(SKIPPED)} skipped")
-    skipped(((o.file, f"{o.status}: {o.reason}") for o in run.not_scored), "file(s) were")
+    skipped(((o.file, f"{o.status}: {o.reason}") for o in run.not_scored),
+            "file(s) were not scored")
     if run.metrics:
         m = run.metrics
         say(f"AUROC {m['auroc']:.3f}; at the threshold sensitivity {m['sensitivity']:.1%}, "
@@ -184,8 +185,7 @@ def threshold(
     with progress_bar("scoring labelled images") as update:
         run = set_threshold(model, labels, sensitivity=sensitivity, fpr=fpr,
                             out_path=out_path, weights=weights, progress=update)
-    skipped(((o.file, o.reason) for o in run.not_used), "labelled image(s) could not be "
-            "read and are")
+    skipped(((o.file, o.reason) for o in run.not_used), "labelled image(s) could not be read")
     for text in fit_summary(run.pipeline).lines():
         say(text)
     say(f"wrote {run.path}")
