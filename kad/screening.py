@@ -175,8 +175,8 @@ class FitRun:
 
 
 def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resnet_v2",
-              weights: str = "imagenet", image_size: int | None = None,
-              preprocessing: str | None = None, detector: str = "knn",
+              weights: str = "imagenet", image_size: int | str | Sequence[int] | None = None,
+              preprocessing: str | None = None, detector: str | Sequence[str] = "knn",
               representation: str | None = None, sensitivity: float | None = None,
               fpr: float | None = None, calibration: float | None = None,
               validation: float | None = None, seed: int = 0, batch_size: int = 64,
@@ -189,7 +189,12 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
     (``fpr``), and, with labelled anomalies, images that pick the block and set a
     ``sensitivity`` threshold and images held out to measure the result. ``out_path`` and
     the cache folder are checked for writability before any work; the training images'
-    cache entry then keeps only the blocks the model uses unless ``keep_all_blocks``."""
+    cache entry then keeps only the blocks the model uses unless ``keep_all_blocks``.
+
+    With labelled anomalies, several ``image_size`` values (``"224,448"``) and several
+    ``detector`` specs (``"iforest,knn"``), the (input size, block or concatenation,
+    detector) with the best AUROC on the selection images is picked first
+    (:func:`kad.selection.select`, a grid at each size), then fitted and calibrated as one."""
     from .cache import cache_root, check_writable
     from .calibration import (
         DEFAULT_CALIBRATION,
@@ -200,7 +205,15 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
     )
     from .features import extract_features
     from .pipeline import fit_pipeline
-    from .selection import default_image_size
+    from .selection import (
+        MultiSizeFeatures,
+        candidate_grid,
+        default_image_size,
+        fresh_detector,
+        parse_sizes,
+        select,
+    )
+    from .specs import split_specs
 
     if dataset.anomaly is None:
         raise KadError(f"{dataset.name} has no normal/abnormal labels; fit on a folder, dr or "
@@ -215,7 +228,13 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
         representation = representation or "picked"
         if fpr is None and sensitivity is None:
             sensitivity = 0.95
-    image_size = default_image_size(dataset, image_size)  # 448 px for fundus photographs
+    sizes = parse_sizes(default_image_size(dataset, image_size)) or [None]
+    specs = split_specs(detector) if isinstance(detector, str) else list(detector)
+    choosing = len(sizes) > 1 or len(specs) > 1
+    if choosing and not (labelled and representation == "picked"):
+        raise KadError(f"{len(sizes)} image sizes and {len(specs)} detectors but nothing to "
+                       "choose with: add labelled anomalies (abnormal/), or give one of each")
+    image_size = sizes[0]
     calibration = DEFAULT_CALIBRATION if calibration is None else calibration
     validation = DEFAULT_VALIDATION if validation is None else validation
     alpha = fpr if fpr is not None else (DEFAULT_FPR if sensitivity is None else None)
@@ -229,16 +248,33 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
                 f"normal images, or ask for --fpr {1 / (n_cal + 1):.3g} or more")
     check_writable(out_path, is_file=True, what="--out file")
     check_writable(Path(cache_dir) if cache_dir else cache_root(), what="feature cache folder")
-    features = extract_features(dataset, backbone, weights, image_size, preprocessing,
-                                batch_size=batch_size, cache_dir=cache_dir, progress=progress,
-                                on_event=on_event, runtime=runtime)
-    split = plan_fit_split(dataset, calibration, validation, seed, valid=features.valid)
+    by_size = {size: extract_features(dataset, backbone, weights, size, preprocessing,
+                                      batch_size=batch_size, cache_dir=cache_dir,
+                                      progress=progress, on_event=on_event, runtime=runtime)
+               for size in sizes}
+    multi = MultiSizeFeatures({f.meta["inputs"]["image_size"]: f for f in by_size.values()})
+    split = plan_fit_split(dataset, calibration, validation, seed, valid=multi.valid)
+    chosen = None
+    if choosing:  # on the selection images only; calibration and assessment stay untouched
+        chosen = select(multi, candidate_grid(multi, specs, across_sizes=False), split.train,
+                        split.selection, split.selection_labels, seed=seed,
+                        make_detector=fresh_detector)
+        image_size, detector = chosen.picked.sizes[0], chosen.picked.detector
+        representation = chosen.picked.block
+    else:
+        image_size, detector = multi.sizes[0], specs[0]
+    features = multi.by_size[image_size]
     pipeline = fit_pipeline(
         dataset, backbone=backbone, weights=weights, image_size=image_size,
         preprocessing=preprocessing, representation=representation or "concat",
         detector=detector, split=split, sensitivity=sensitivity, fpr=fpr,
         batch_size=batch_size, cache_dir=cache_dir, features=features,
         keep_all_blocks=keep_all_blocks, runtime=runtime)
+    if chosen is not None:
+        pipeline.training["selection"].update(
+            picked_candidate=chosen.picked.to_json(),
+            picked_validation_auroc=chosen.validation_auroc,
+            candidates=[c.to_json() for c in chosen.scores], failed=chosen.failed)
     path = pipeline.save(out_path)
     ids = dataset.ids
     left_out = {str(ids[i]): features.failed.get(str(ids[i]), why)

@@ -398,3 +398,24 @@ def test_score_with_heatmaps_and_explain_draw_where_the_score_comes_from(work, t
     assert "map by occlusion, 17 network passes" in result.output
     assert cv2.imread(str(picture)) is not None and cv2.imread(str(tmp_path / "taken.png")) \
         is not None
+
+
+def test_fit_picks_size_block_and_detector_on_the_selection_images_only(tmp_path):
+    screening_folder(tmp_path / "fit", n_normal=40, n_abnormal=16, seed=4)
+    model = tmp_path / "model.kad"
+    result = _kad("fit", "--dataset", "folder:kind=natural", "--data-dir", tmp_path / "fit",
+                  "--backbone", "mobilenet_v2:alpha=0.35", "--weights", "none",
+                  "--preprocessing", "natural", "--image-size", "32,48",
+                  "--detector", "iforest:n_estimators=20,knn", "--out", model)
+    pipeline = load_pipeline(model)
+    selection = pipeline.training["selection"]
+    picked = selection["picked_candidate"]
+    candidates = selection["candidates"]
+    assert {c["size"] for c in candidates} == {"32", "48"}
+    assert {c["detector"] for c in candidates} == {"iforest:n_estimators=20", "knn"}
+    best = max(c["validation_auroc"] for c in candidates)
+    assert selection["picked_validation_auroc"] == best
+    assert pipeline.image_size == picked["sizes"][0]
+    assert f"picked {picked['label']}" in result.output
+    assessed = pipeline.assessed()  # measured on images the pick never saw
+    assert assessed is not None and assessed.honest

@@ -18,7 +18,7 @@ from .options import (
     DataDirOpt,
     DatasetOpt,
     EngineOpt,
-    ImageSizeOpt,
+    ImageSizesOpt,
     ModelArg,
     PreprocessingOpt,
     RayAddressOpt,
@@ -55,10 +55,11 @@ def fit(
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Model file to write.")],
     dataset: DatasetOpt = "folder", data_dir: DataDirOpt = None,
     backbone: BackboneOpt = "inception_resnet_v2", weights: WeightsOpt = "imagenet",
-    image_size: ImageSizeOpt = None, preprocessing: PreprocessingOpt = None,
+    image_size: ImageSizesOpt = None, preprocessing: PreprocessingOpt = None,
     detector: Annotated[str, typer.Option(
         "--detector", help="Detector plugin, NAME[:key=value,...] (default knn: the best "
-                           "without labels, see benchmarks/evidence.py).")] = "knn",
+                           "without labels, see benchmarks/evidence.py); with labelled "
+                           "anomalies, several (iforest,knn) to pick from.")] = "knn",
     representation: Annotated[str | None, typer.Option(
         "--representation", help="concat, block names, or picked (best block on labelled "
                                  "anomalies; the default when there are some).")] = None,
@@ -100,6 +101,11 @@ def fit(
                  f"the block; {assessment['normal']} normal and {assessment['anomalous']} "
                  "abnormal are held out to measure the result")
     say(line)
+    picked = run.pipeline.training["selection"].get("picked_candidate")
+    if picked:
+        say(f"picked {picked['label']} (validation AUROC "
+            f"{run.pipeline.training['selection']['picked_validation_auroc']:.3f} on the "
+            "selection images)")
     for text in parts["notes"]:
         note(text, label="note:")
     for text in fit_summary(run.pipeline).lines():
