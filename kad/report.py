@@ -293,6 +293,7 @@ def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
         ("images scored", str(len(rows))),
         ("flagged", f"{flagged} ({100 * flagged / max(len(rows), 1):.1f}%)"),
         ("unreadable", str(len(failed))),
+        ("skipped (not images kad reads, broken links, missing)", str(len(skipped))),
     ]
     if metrics:
         summary += [
