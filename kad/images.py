@@ -215,15 +215,21 @@ def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 
 
+def broken_link(path: str | os.PathLike) -> str | None:
+    """The reason ``path`` cannot be read when it is a symbolic link to nothing, else None."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return (f"broken symbolic link (it points to {os.readlink(path)}, which does not "
+                "exist); fix or remove the link")
+    return None
+
+
 def _read_bytes(path: str | os.PathLike) -> bytes:
     p = Path(path)
     try:
         data = p.read_bytes()
     except FileNotFoundError as exc:
-        if p.is_symlink():
-            raise ImageReadError(path, f"broken symbolic link (it points to {os.readlink(p)}, "
-                                       "which does not exist); fix or remove the link") from exc
-        raise ImageReadError(path, "the file does not exist; check the path") from exc
+        raise ImageReadError(path, broken_link(p) or "the file does not exist; check the "
+                                                     "path") from exc
     except IsADirectoryError as exc:
         raise ImageReadError(path, "it is a directory, not an image file") from exc
     except PermissionError as exc:

@@ -220,11 +220,11 @@ def skip_reason(path: str | os.PathLike) -> str | None:
 
     Only the name and the link are looked at, never the content: a broken symbolic link,
     or a name whose extension is not among :data:`kad.images.IMAGE_EXTENSIONS`."""
-    from ..images import is_image_file
+    from ..images import broken_link, is_image_file
 
-    if os.path.islink(path) and not os.path.exists(path):
-        return (f"broken symbolic link (it points to {os.readlink(path)}, which does not "
-                "exist); fix or remove the link")
+    broken = broken_link(path)
+    if broken:
+        return broken
     if is_image_file(path):
         return None
     suffix = Path(path).suffix.lower()
