@@ -42,7 +42,7 @@ WEIGHTS = (SHARED / "weights"
            / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5")
 BLOCKS = ("block_2_add", "block_5_add", "block_9_add", "block_12_add", "block_15_add",
           "out_relu")
-DETECTORS = ("knn", "mahalanobis", "ocsvm", "iforest")
+DETECTORS = ("patchknn", "knn", "mahalanobis", "ocsvm", "iforest")
 RADII = (3, 5, 8)
 KINDS = {"exudate": (250, 225, 110), "haemorrhage": (85, 18, 12)}
 

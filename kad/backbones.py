@@ -182,6 +182,25 @@ def spatial_extractor(model, blocks: list[str]):
     return keras.Model(model.inputs, outputs, name=f"{model.name}_maps")
 
 
+def map_extractor(model, blocks: list[str]):
+    """From a model of :meth:`Backbone.build_extractor`, one that returns only the unpooled
+    maps ``(n, h, w, c)`` of ``blocks``, in order (for detectors that score locations)."""
+    keras = import_keras()
+    outputs = []
+    for name in blocks:
+        try:
+            outputs.append(model.get_layer(f"kad_gap_{name}").input)
+        except ValueError as exc:
+            raise KadError(f"the extractor has no block {name!r}") from exc
+    return keras.Model(model.inputs, outputs, name=f"{model.name}_block_maps")
+
+
+def map_sides(model, blocks: list[str]) -> dict[str, int]:
+    """The side (in locations) of each block's map in a model of
+    :meth:`Backbone.build_extractor`."""
+    return {b: int(model.get_layer(f"kad_gap_{b}").input.shape[1]) for b in blocks}
+
+
 def keras_cache_dir() -> Path:
     """Where Keras keeps downloaded weights (``$KERAS_HOME/models``)."""
     home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")

@@ -52,9 +52,15 @@ from .errors import ArtifactError, PluginError, UnstorableError
 if TYPE_CHECKING:
     from .artifact import Artifact, Encoder
 
-InputKind = Literal["features", "images", "both"]
+InputKind = Literal["features", "images", "both", "maps"]
 
-__all__ = ["BaseDetector", "NotFittedError", "load_detector", "InputKind"]
+__all__ = ["BaseDetector", "NotFittedError", "load_detector", "InputKind", "uses_maps"]
+
+
+def uses_maps(detector) -> bool:
+    """Whether ``detector`` (an instance or class) scores unpooled block maps
+    (``input_kind == "maps"``) rather than pooled feature vectors."""
+    return getattr(detector, "input_kind", "features") == "maps"
 
 
 class BaseDetector(OutlierMixin, BaseEstimator):
@@ -64,7 +70,10 @@ class BaseDetector(OutlierMixin, BaseEstimator):
 
     ``input_kind``
         ``"features"`` (2-D arrays of feature vectors), ``"images"`` (4-D arrays
-        ``(n, height, width, 3)`` with values in [0, 1]) or ``"both"``.
+        ``(n, height, width, 3)`` with values in [0, 1]), ``"both"``, or ``"maps"``: the
+        network's unpooled block maps ``(n, h, w, c)``, for detectors that score
+        locations (:class:`kad_plugins.patch_knn.PatchKNNDetector`); a pipeline passes
+        them instead of pooled vectors (:func:`uses_maps`).
     """
 
     input_kind: ClassVar[InputKind] = "features"
@@ -117,7 +126,7 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         # scikit-learn's checks feed 2-D arrays; image-only detectors cannot take them.
-        tags.input_tags.two_d_array = self.input_kind != "images"
+        tags.input_tags.two_d_array = self.input_kind not in ("images", "maps")
         tags.target_tags.required = bool(self.supervised)
         return tags
 
@@ -241,6 +250,11 @@ class BaseDetector(OutlierMixin, BaseEstimator):
             raise ValueError(
                 f"{name} works on images (n, height, width, 3), got an input of shape "
                 f"{np.shape(X)}; pass images, not feature vectors"
+            )
+        elif self.input_kind == "maps":
+            raise ValueError(
+                f"{name} works on block maps (n, h, w, channels), got an input of shape "
+                f"{np.shape(X)}; pass unpooled maps, not feature vectors"
             )
         elif ndim == 3:
             raise ValueError(

@@ -10,7 +10,9 @@ How a map is made is part of the detector contract (:mod:`kad.detector`), in thi
 
 ``"detector"``
     The detector overrides :meth:`~kad.detector.BaseDetector.explain_maps` and returns
-    its own map from the unpooled block maps.
+    its own map from the unpooled block maps. Patch kNN
+    (:class:`kad_plugins.patch_knn.PatchKNNDetector`), which scores each location and takes
+    the largest, returns its location scores: the map's maximum is the image's score.
 
 ``"gradient"`` (kNN, Mahalanobis, OC-SVM with an RBF or linear kernel, and on feature
 vectors Deep SVDD and DSEBM's energy)
@@ -191,6 +193,10 @@ def choose_method(detector: BaseDetector, method: str = "auto") -> str:
     differentiable = reference is not None and (
         detector.score_gradient(np.asarray(reference, dtype=np.float32)[None]) is not None)
     name = type(detector).__name__
+    if getattr(detector, "input_kind", "features") == "maps" and method in (
+            "gradient", "occlusion"):
+        raise KadError(f"{type(detector).__name__} scores block maps and draws its own "
+                       "heatmap; use --heatmap-method auto")
     if method == "detector" and not own:
         raise KadError(f"{name} provides no heatmap of its own; use --heatmap-method auto")
     if method == "gradient" and not differentiable:
@@ -245,6 +251,7 @@ class _Explainer:
                  batch_size: int | None):
         from .backbones import get_backbone, spatial_extractor
         from .deps import import_keras
+        from .detector import uses_maps
         from .preprocessing import get_preprocessing
 
         keras = import_keras()
@@ -262,12 +269,17 @@ class _Explainer:
         self.preprocessing = get_preprocessing(pipeline.preprocessing)
         model = pipeline.network(weights)
         self.blocks = list(pipeline.blocks)
+        self.on_maps = uses_maps(self.detector)
         built = _MODELS.setdefault(model, {})
         key = tuple(self.blocks)
-        if key not in built:  # built once per network: Keras traces each model once
-            built[key] = (spatial_extractor(model, self.blocks), keras.Model(
-                model.inputs, [model.get_layer(f"kad_gap_{b}").output for b in self.blocks]))
-        self.maps_model, self.pooled_model = built[key]
+        if self.on_maps:  # the very model Pipeline.score runs
+            self.maps_model, self.pooled_model = pipeline.map_network(weights), None
+        else:
+            if key not in built:  # built once per network: Keras traces each model once
+                built[key] = (spatial_extractor(model, self.blocks), keras.Model(
+                    model.inputs,
+                    [model.get_layer(f"kad_gap_{b}").output for b in self.blocks]))
+            self.maps_model, self.pooled_model = built[key]
         if self.method == "gradient":
             self.reference = np.asarray(self.detector.reference_, dtype=np.float64)
             self.reference_score = float(self.detector.anomaly_score(
@@ -298,10 +310,16 @@ class _Explainer:
                                                     dict[str, np.ndarray]]]:
         """``(score, map, reference score, block maps)`` for a batch of preprocessed images
         (at most ``batch_size``)."""
+        from .pipeline import stack_maps
+
         outputs = self._run(self.maps_model, seen)
-        pooled = [outputs[2 * k] for k in range(len(self.blocks))]
-        maps = [outputs[2 * k + 1] for k in range(len(self.blocks))]
-        scores = self.detector.anomaly_score(np.concatenate(pooled, axis=1))
+        if self.on_maps:
+            maps = outputs
+            scores = self.detector.anomaly_score(stack_maps(maps))
+        else:
+            pooled = [outputs[2 * k] for k in range(len(self.blocks))]
+            maps = [outputs[2 * k + 1] for k in range(len(self.blocks))]
+            scores = self.detector.anomaly_score(np.concatenate(pooled, axis=1))
         if self.method == "gradient":
             return self._gradient(scores, maps)
         if self.method == "occlusion":

@@ -25,7 +25,7 @@ import numpy as np
 
 from .artifact import Encoder, library_versions, open_artifact, write_artifact
 from .calibration import Threshold
-from .detector import BaseDetector, decode_detector, encode_detector
+from .detector import BaseDetector, decode_detector, encode_detector, uses_maps
 from .errors import ArtifactError, KadError, WeightsError
 from .extraction import Scores
 
@@ -41,6 +41,52 @@ def weights_fingerprint(model) -> str:
         digest.update(str(value.shape).encode())
         digest.update(value.tobytes())
     return digest.hexdigest()
+
+
+#: Detectors that score locations get, by default, the deepest block whose map has a
+#: stride of at most this many pixels: about 8, PatchCore's finer layer.
+MAP_STRIDE = 9
+
+
+def stack_maps(maps: list[np.ndarray]) -> np.ndarray:
+    """Block maps ``(n, h_b, w_b, c_b)`` as one ``(n, h, w, Σ c_b)`` array on the finest
+    block's grid, coarser blocks resized bilinearly (as PatchCore aligns its layers)."""
+    import cv2
+
+    maps = [np.asarray(m, dtype=np.float32) for m in maps]
+    h, w = max(m.shape[1] for m in maps), max(m.shape[2] for m in maps)
+    out = []
+    for m in maps:
+        if m.shape[1:3] != (h, w):
+            n, _, _, c = m.shape
+            flat = m.transpose(1, 2, 0, 3).reshape(m.shape[1], m.shape[2], n * c)
+            parts = [cv2.resize(flat[..., i:i + 512], (w, h), interpolation=cv2.INTER_LINEAR)
+                     for i in range(0, n * c, 512)]
+            up = np.concatenate([p.reshape(h, w, -1) for p in parts], axis=2)
+            m = up.reshape(h, w, n, c).transpose(2, 0, 1, 3)
+        out.append(m)
+    return np.ascontiguousarray(np.concatenate(out, axis=3))
+
+
+def default_map_blocks(model, blocks: list[str], image_size: int) -> list[str]:
+    """The block a location-scoring detector uses by default: the deepest of ``blocks``
+    whose map has a stride of at most :data:`MAP_STRIDE` pixels (the first block
+    otherwise)."""
+    from .backbones import map_sides
+
+    sides = map_sides(model, blocks)
+    fine = [b for b in blocks if image_size / sides[b] <= MAP_STRIDE]
+    return [fine[-1] if fine else blocks[0]]
+
+
+def stream_maps(network, source, ids, plan, batch_size: int):
+    """``(start, stacked maps, failed)`` batch by batch, as
+    :func:`kad.extraction.stream_features` gives pooled features; ``network`` is a
+    :func:`kad.backbones.map_extractor` model."""
+    from .extraction import stream_features
+
+    for start, outputs, failed in stream_features(network, source, ids, plan, batch_size):
+        yield start, stack_maps(outputs), failed
 
 
 class Pipeline:
@@ -78,6 +124,7 @@ class Pipeline:
         state = dict(self.__dict__)
         state["_model"] = None  # the network is rebuilt from backbone and weights
         state["_engine"] = None
+        state.pop("_maps", None)
         return state
 
     def __setstate__(self, state):
@@ -167,6 +214,19 @@ class Pipeline:
             self._engine = cached
         return cached
 
+    def map_network(self, weights: str | None = None, runtime: str | None = None):
+        """The Keras model that gives the unpooled maps of the pipeline's blocks, for a
+        detector that scores locations (:func:`uses_maps`); such pipelines run on Keras."""
+        from .backbones import map_extractor
+
+        if runtime not in (None, "auto", "keras"):
+            raise KadError(f"{type(self.detector).__name__} scores block maps, which kad "
+                           f"computes with Keras only; drop --runtime {runtime}")
+        model = self.network(weights)
+        if getattr(self, "_maps", (None, None))[0] is not model:
+            self._maps = (model, map_extractor(model, self.blocks))
+        return self._maps[1]
+
     def score(self, source, ids: Sequence[str] | None = None,
               progress: ProgressCallback | None = None, weights: str | None = None,
               runtime: str | None = None) -> Scores:
@@ -174,14 +234,19 @@ class Pipeline:
         pipeline's runtime (or ``runtime``)."""
         from .extraction import stream_features
 
-        model = self.engine(weights, runtime)
         ids = np.asarray([str(i) for i in (ids if ids is not None else range(len(source)))])
-        columns = [self.all_blocks.index(b) for b in self.blocks]
         scores = np.full(len(source), np.nan)
         failed: dict[str, str] = {}
-        for start, outputs, bad in stream_features(model, source, ids, self._plan(),
-                                                   self.batch_size):
-            features = np.concatenate([outputs[c] for c in columns], axis=1)
+        if uses_maps(self.detector):
+            batches = stream_maps(self.map_network(weights, runtime), source, ids,
+                                  self._plan(), self.batch_size)
+        else:
+            columns = [self.all_blocks.index(b) for b in self.blocks]
+            batches = ((start, np.concatenate([outputs[c] for c in columns], axis=1), bad)
+                       for start, outputs, bad in stream_features(
+                           self.engine(weights, runtime), source, ids, self._plan(),
+                           self.batch_size))
+        for start, features, bad in batches:
             ok = ~np.isin(ids[start:start + len(features)], list(bad))
             if ok.any():
                 batch = np.full(len(features), np.nan)
@@ -413,8 +478,31 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
                 raise KadError(f"the {first} and {second} images overlap; every image may "
                                "serve one purpose only (use kad.calibration.plan_fit_split)")
 
+    model = plan.backbone.build_extractor(plan.input_size, weights)[0]
+    matrix = features.matrix
+    if uses_maps(prototype):
+        # A detector that scores locations gets the blocks' unpooled maps, computed here
+        # for the rows it needs (the feature cache holds pooled vectors only).
+        from .backbones import map_extractor
+
+        # Its default block (rather than one picked on labelled images, which would take a
+        # pass over them per block) unless blocks are named.
+        map_blocks = (default_map_blocks(model, features.blocks, plan.input_size)
+                      if representation in ("concat", "picked")
+                      else features.resolve(representation))
+        network = map_extractor(model, map_blocks)
+
+        def matrix(blocks, rows):
+            rows = np.asarray(rows, dtype=int)
+            ids = np.asarray(dataset.ids, dtype=str)[rows]
+            parts = [maps for _, maps, _ in stream_maps(network, dataset.source.take(rows),
+                                                         ids, plan, batch_size)]
+            return np.concatenate(parts) if parts else np.zeros((0, 1, 1, 1), np.float32)
+
+        representation = ",".join(map_blocks)
+
     def fitted_on(blocks):
-        return clone(prototype).fit(features.matrix(blocks, train_rows))
+        return clone(prototype).fit(matrix(blocks, train_rows))
 
     selection: dict = {"representation": representation}
     if labelled and representation == "picked":
@@ -428,8 +516,8 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
         blocks = features.resolve(representation)
         det = fitted_on(blocks)
     train_scores = det.anomaly_scores_
-    val_scores = det.anomaly_score(features.matrix(blocks, labelled_rows)) if labelled else None
-    cal_scores = (np.sort(det.anomaly_score(features.matrix(blocks, calibration_rows)))
+    val_scores = det.anomaly_score(matrix(blocks, labelled_rows)) if labelled else None
+    cal_scores = (np.sort(det.anomaly_score(matrix(blocks, calibration_rows)))
                   if has_calibration else None)
     if fpr is not None:
         if not has_calibration:
@@ -464,7 +552,7 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
     if assessing:
         assessment_labels = np.asarray(assessment_labels, dtype=int)
         assessment = {
-            "scores": det.anomaly_score(features.matrix(blocks, assessment_rows)).tolist(),
+            "scores": det.anomaly_score(matrix(blocks, assessment_rows)).tolist(),
             "labels": assessment_labels.tolist(),
             "measured_on": (f"{who(assessment_rows)} ({int((assessment_labels == 0).sum())} "
                             f"normal, {int(assessment_labels.sum())} abnormal) held out of "
@@ -478,14 +566,14 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
         training["unreadable_left_out"] = unreadable
     if split is not None:
         training["split"] = split.describe()
-    model = plan.backbone.build_extractor(plan.input_size, weights)[0]
     pipeline = Pipeline(
         backbone=str(plan.backbone.spec), weights=recorded_weights(weights),
         weights_fingerprint=weights_fingerprint(model), image_size=plan.input_size,
         preprocessing=plan.preprocessing.key, blocks=blocks, all_blocks=features.blocks,
         detector=det, threshold=threshold, training=training, batch_size=batch_size,
         calibration=calibration, assessment=assessment,
-        runtime=features.meta["inputs"].get("runtime", "keras"),
+        runtime=("keras" if uses_maps(det)
+                 else features.meta["inputs"].get("runtime", "keras")),
     )
     pipeline._model = model  # scoring right away needs no second build
     if not keep_all_blocks:

@@ -33,7 +33,7 @@ from .cache import (
     entry_lock,
     missing_rows,
 )
-from .errors import MissingDependencyError
+from .errors import KadError, MissingDependencyError
 
 SYNC_SECONDS = 10.0
 _RAY_HINT = "install it with: pip install 'kad[ray]'"
@@ -259,8 +259,12 @@ def score_with_ray(pipeline, source, ids=None, *, address: str | None = None,
     """:meth:`kad.pipeline.Pipeline.score` on Ray Data (``kad score --engine ray``): the
     same batches and the same scores, decoded in Ray tasks and scored in an actor pool,
     one network per actor. Returns :class:`kad.pipeline.Scores`."""
+    from .detector import uses_maps
     from .extraction import Scores
 
+    if uses_maps(pipeline.detector):
+        raise KadError(f"{type(pipeline.detector).__name__} scores block maps, which the Ray "
+                       "engine does not compute; score with --engine local")
     ray = import_ray()
     ids = np.asarray([str(i) for i in (ids if ids is not None else range(len(source)))])
     n, batch_size, plan = len(source), pipeline.batch_size, pipeline._plan()

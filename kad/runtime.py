@@ -135,7 +135,10 @@ class KerasRuntime:
         self.dims = [int(out.shape[-1]) for out in model.outputs]
 
     def predict(self, batch: np.ndarray) -> list[np.ndarray]:
-        return [np.asarray(o, dtype=np.float32) for o in self.model.predict_on_batch(batch)]
+        result = self.model.predict_on_batch(batch)
+        if not isinstance(result, (list, tuple)):  # a model with one output
+            result = [result]
+        return [np.asarray(o, dtype=np.float32) for o in result]
 
     def describe(self) -> str:
         return "keras"

@@ -203,6 +203,7 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
         min_calibration_size,
         plan_fit_split,
     )
+    from .detector import uses_maps
     from .features import extract_features
     from .pipeline import fit_pipeline
     from .selection import (
@@ -231,6 +232,16 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
     sizes = parse_sizes(default_image_size(dataset, image_size)) or [None]
     specs = split_specs(detector) if isinstance(detector, str) else list(detector)
     choosing = len(sizes) > 1 or len(specs) > 1
+    if choosing:
+        from .registry import DETECTORS, load
+        from .specs import parse_spec
+
+        on_maps = [s for s in specs if uses_maps(load(DETECTORS, parse_spec(s, "detector")
+                                                      .name))]
+        if on_maps:
+            raise KadError(f"{', '.join(on_maps)} scores block maps and cannot be chosen "
+                           "among detectors of pooled features; fit it on its own, at one "
+                           "image size")
     if choosing and not (labelled and representation == "picked"):
         raise KadError(f"{len(sizes)} image sizes and {len(specs)} detectors but nothing to "
                        "choose with: add labelled anomalies (abnormal/), or give one of each")
@@ -320,6 +331,7 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
     and the report shows them (:func:`kad.heatmaps.write_heatmaps`)."""
     from .cache import check_writable
     from .datasets import FileSource
+    from .detector import uses_maps
     from .pipeline import load_pipeline
     from .report import write_report
 
@@ -329,6 +341,9 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
         raise KadError("heatmaps are drawn by the local engine; drop --engine ray or "
                        "--heatmaps")
     pipeline = load_pipeline(model)
+    if engine == "ray" and uses_maps(pipeline.detector):  # before any work
+        raise KadError(f"{type(pipeline.detector).__name__} scores block maps, which the Ray "
+                       "engine does not compute; drop --engine ray")
     out_dir = check_writable(Path(out_dir), what="--out folder")
     files, not_scored = collect_images(inputs)
     if not files:

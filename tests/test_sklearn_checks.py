@@ -68,12 +68,14 @@ DEVIATIONS: dict[str, dict[str, str]] = {
 }
 #: Deviations that hang on the machine's float32 kernels: they may pass elsewhere.
 MACHINE_DEPENDENT = {("dagmm", "check_methods_subset_invariance")}
-#: Image-only detectors take (n, height, width, 3) arrays; scikit-learn's checks generate
+#: Image-only detectors take (n, height, width, 3) arrays, and detectors of block maps
+#: (n, h, w, channels) arrays; scikit-learn's checks generate
 #: 2-D arrays only, so their tags say ``two_d_array=False`` and scikit-learn runs no check
 #: on them. They get the checks that need no data (below); their behaviour on data is
 #: checked by tests/test_detector_contract.py, on images.
 IMAGE_ONLY_REASON = (
-    "scikit-learn's checks feed 2-D arrays; image-only detectors need (n, height, width, 3)"
+    "scikit-learn's checks feed 2-D arrays; image-only detectors need (n, height, width, 3), "
+    "detectors of block maps (n, h, w, channels)"
 )
 DATA_FREE_CHECKS = (
     "check_estimator_cloneable", "check_estimator_tags_renamed", "check_valid_tag_types",
@@ -120,7 +122,7 @@ def _is_deep(det: BaseDetector) -> bool:
 def _run(det: BaseDetector, wanted) -> tuple[list[str], dict[str, str]]:
     """Run the scikit-learn checks whose id ``wanted(id)`` accepts; ``(passed, failed)``,
     with failures as ``{check id: "Error: message"}``."""
-    if det.input_kind == "images":
+    if det.input_kind in ("images", "maps"):
         checks = [partial(getattr(sk_checks, c), type(det).__name__) for c in DATA_FREE_CHECKS]
         pairs = [(det, check) for check in checks]
     else:
@@ -170,7 +172,7 @@ def test_scikit_learn_checks(name):
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in NAMES])
 def test_scikit_learn_checks_of_deep_detectors_in_full(name):
     det = _detector(name)
-    if det.input_kind == "images":
+    if det.input_kind in ("images", "maps"):
         pytest.skip(f"{name}: {IMAGE_ONLY_REASON}")
     if not _is_deep(det):
         pytest.skip(f"{name}: all its checks run in test_scikit_learn_checks")
@@ -183,7 +185,7 @@ def test_tags_say_what_the_detector_takes(name):
     det = _detector(name)
     tags = det.__sklearn_tags__()
     assert tags.estimator_type == "outlier_detector"
-    assert tags.input_tags.two_d_array == (det.input_kind != "images")
+    assert tags.input_tags.two_d_array == (det.input_kind not in ("images", "maps"))
     assert tags.target_tags.required == det.supervised
     if det.__module__.startswith("kad_plugins."):
         assert (name in KERAS_BUILTINS) == _is_deep(det), "update KERAS_BUILTINS"

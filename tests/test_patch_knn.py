@@ -1,0 +1,149 @@
+"""Patch kNN scores every location and finds a lesion that pooling averages away."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from kad.detector import load_detector
+from kad.errors import KadError
+from kad_plugins.patch_knn import PatchKNNDetector
+from kad_plugins.shallow import KNNDetector
+
+
+def _maps(n, rng, side=12, channels=8):
+    """Smooth random textures: each location a mix of a few channel patterns."""
+    base = rng.normal(size=(n, side // 3, side // 3, channels)).astype(np.float32)
+    maps = np.repeat(np.repeat(base, 3, axis=1), 3, axis=2)
+    return maps + rng.normal(0, 0.1, size=maps.shape).astype(np.float32)
+
+
+def _with_lesion(maps, rng):
+    """Each map with one location pushed off the normal texture; where it is."""
+    out, where = maps.copy(), []
+    for m in out:
+        r, c = (int(v) for v in rng.integers(0, m.shape[0], size=2))
+        m[r, c] += 6.0 * np.sign(rng.normal(size=m.shape[-1]))
+        where.append((r, c))
+    return out, where
+
+
+def test_a_single_unusual_location_is_found_where_pooled_features_miss_it():
+    rng = np.random.default_rng(0)
+    train, normal = _maps(60, rng), _maps(30, rng)
+    abnormal, where = _with_lesion(_maps(30, rng), rng)
+    y = np.r_[np.zeros(30), np.ones(30)]
+    patch = PatchKNNDetector(bank_size=4000).fit(train)
+    test = np.concatenate([normal, abnormal])
+    assert roc_auc_score(y, patch.anomaly_score(test)) > 0.95
+    # the same images, pooled, then scored by kNN: one location in 144 is averaged away
+    pooled = KNNDetector().fit(train.mean(axis=(1, 2)))
+    assert roc_auc_score(y, pooled.anomaly_score(test.mean(axis=(1, 2)))) < 0.75
+    peaks = [np.unravel_index(np.argmax(patch.explain_maps([m])), m.shape[:2])
+             for m in abnormal]
+    assert [tuple(int(v) for v in p) for p in peaks] == where
+
+
+def test_the_map_maximum_is_the_score():
+    rng = np.random.default_rng(1)
+    det = PatchKNNDetector(bank_size=2000).fit(_maps(20, rng))
+    test = _maps(5, rng)
+    np.testing.assert_allclose([det.explain_maps([m]).max() for m in test],
+                               det.anomaly_score(test), rtol=1e-6)
+
+
+def test_training_images_are_not_their_own_neighbours():
+    rng = np.random.default_rng(2)
+    train, fresh = _maps(40, rng), _maps(40, rng)
+    det = PatchKNNDetector(bank_size=100_000).fit(train)  # every location in the bank
+    # against a bank holding its own locations a training image would score 0
+    assert det.anomaly_scores_.min() > 0
+    ratio = np.median(det.anomaly_scores_) / np.median(det.anomaly_score(fresh))
+    assert 0.8 < ratio < 1.25
+
+
+def test_a_score_does_not_depend_on_the_images_scored_with_it_and_survives_saving(tmp_path):
+    rng = np.random.default_rng(3)
+    det = PatchKNNDetector(bank_size=3000, n_neighbors=3).fit(_maps(30, rng))
+    test = _maps(7, rng)
+    together = det.anomaly_score(test)
+    np.testing.assert_array_equal([det.anomaly_score(t[None])[0] for t in test], together)
+    again = load_detector(det.save(tmp_path / "patch.kad"))
+    np.testing.assert_array_equal(again.anomaly_score(test), together)
+    np.testing.assert_array_equal(again.bank_, det.bank_)
+    same_seed = PatchKNNDetector(bank_size=3000, n_neighbors=3).fit(_maps(30, np.random
+                                                                         .default_rng(3)))
+    np.testing.assert_array_equal(same_seed.anomaly_score(test), together)
+
+
+def test_feature_vectors_and_bad_settings_are_refused():
+    rng = np.random.default_rng(4)
+    with pytest.raises(ValueError, match="block maps"):
+        PatchKNNDetector().fit(rng.normal(size=(10, 8)))
+    with pytest.raises(ValueError, match="bank_size"):
+        PatchKNNDetector(bank_size=0).fit(_maps(4, rng))
+    with pytest.raises(ValueError, match="at least 2 training images"):
+        PatchKNNDetector().fit(_maps(1, rng))
+
+
+# -- in a pipeline ----------------------------------------------------------------------
+
+
+FAST = {"backbone": "mobilenet_v2:alpha=0.35", "weights": "none", "image_size": 32,
+        "preprocessing": "natural", "batch_size": 8, "runtime": "keras"}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from kad.datasets import load_dataset
+    from synthetic import screening_folder
+
+    root = screening_folder(tmp_path_factory.mktemp("patch"), n_normal=24, n_abnormal=4,
+                            size=32)
+    dataset = load_dataset("folder", root, kind="natural")
+    return dataset, np.flatnonzero(~dataset.anomaly)[:20], [root / i for i in dataset.ids]
+
+
+@pytest.mark.tf
+def test_a_pipeline_scores_block_maps_and_its_heatmap_is_the_detectors_own(folder, tmp_path):
+    from kad.datasets import FileSource
+    from kad.heatmaps import explain
+    from kad.pipeline import fit_pipeline, load_pipeline
+
+    dataset, train, files = folder
+    pipeline = fit_pipeline(dataset, train_rows=train, detector="patchknn", **FAST)
+    # the deepest block of stride 8 or less: block_5_add's 4x4 map at 32 px
+    assert pipeline.blocks == ["block_5_add"] and pipeline.runtime == "keras"
+    source = FileSource(files[-6:])
+    scores = pipeline.score(source).scores
+    found = explain(pipeline, source)
+    assert {f.method for f in found} == {"detector"}
+    np.testing.assert_array_equal([f.score for f in found], scores)
+    reloaded = load_pipeline(pipeline.save(tmp_path / "patch.kad"))
+    np.testing.assert_array_equal(reloaded.score(source).scores, scores)
+    for a, b in zip(found, explain(reloaded, source), strict=True):
+        np.testing.assert_array_equal(a.map, b.map)
+    with pytest.raises(KadError, match="Keras only"):
+        pipeline.score(source, runtime="openvino")
+    with pytest.raises(KadError, match="own heatmap"):
+        explain(pipeline, source, method="occlusion")
+
+
+@pytest.mark.tf
+def test_kad_fit_and_score_with_patchknn_refuse_what_they_cannot_do_before_any_work(
+        folder, tmp_path):
+    from kad.screening import fit_model, screen
+
+    dataset, train, files = folder
+    with pytest.raises(KadError, match="cannot be chosen"):
+        fit_model(dataset, tmp_path / "m.kad", detector="patchknn,knn",
+                  cache_dir=tmp_path / "cache", **FAST)
+    assert not (tmp_path / "cache").exists()
+    model = fit_model(dataset, tmp_path / "m.kad", detector="patchknn",
+                      cache_dir=tmp_path / "cache", **FAST).path
+    with pytest.raises(KadError, match="drop --engine ray"):
+        screen(model, [files[-1]], tmp_path / "out", engine="ray")
+    assert not (tmp_path / "out").exists()
+    run = screen(model, [files[-1], files[0]], tmp_path / "out", heatmaps=True)
+    assert run.heatmaps.method == "detector" and len(run.rows) == 2
