@@ -60,8 +60,10 @@ def stack_maps(maps: list[np.ndarray]) -> np.ndarray:
         if m.shape[1:3] != (h, w):
             n, _, _, c = m.shape
             flat = m.transpose(1, 2, 0, 3).reshape(m.shape[1], m.shape[2], n * c)
-            parts = [cv2.resize(flat[..., i:i + 512], (w, h), interpolation=cv2.INTER_LINEAR)
-                     for i in range(0, n * c, 512)]
+            # OpenCV resizes at most 128 channels at once (CV_CN_MAX in OpenCV 5)
+            parts = [cv2.resize(np.ascontiguousarray(flat[..., i:i + 128]), (w, h),
+                                interpolation=cv2.INTER_LINEAR)
+                     for i in range(0, n * c, 128)]
             up = np.concatenate([p.reshape(h, w, -1) for p in parts], axis=2)
             m = up.reshape(h, w, n, c).transpose(2, 0, 1, 3)
         out.append(m)

@@ -147,3 +147,19 @@ def test_kad_fit_and_score_with_patchknn_refuse_what_they_cannot_do_before_any_w
     assert not (tmp_path / "out").exists()
     run = screen(model, [files[-1], files[0]], tmp_path / "out", heatmaps=True)
     assert run.heatmaps.method == "detector" and len(run.rows) == 2
+
+
+def test_block_maps_are_stacked_on_the_finest_grid():
+    import cv2
+
+    from kad.pipeline import stack_maps
+
+    rng = np.random.default_rng(5)
+    fine = rng.normal(size=(40, 8, 8, 3)).astype(np.float32)
+    coarse = rng.normal(size=(40, 4, 4, 30)).astype(np.float32)  # 1200 channels in all
+    stacked = stack_maps([fine, coarse])
+    assert stacked.shape == (40, 8, 8, 33)
+    np.testing.assert_array_equal(stacked[..., :3], fine)
+    for i in (0, 17, 39):
+        np.testing.assert_allclose(stacked[i, ..., 3:], cv2.resize(
+            coarse[i], (8, 8), interpolation=cv2.INTER_LINEAR), rtol=1e-6, atol=1e-6)
