@@ -10,7 +10,6 @@ and scores each location of a new image by its distance to the nearest of them.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics.pairwise import euclidean_distances
 
 from kad.detector import BaseDetector
 
@@ -69,19 +68,27 @@ class PatchKNNDetector(BaseDetector):
                         ) -> np.ndarray:
         """``(h, w)`` anomaly of every location of one image's map ``(h, w, c)``: the mean
         distance to its ``n_neighbors`` nearest bank vectors, skipping the bank rows where
-        ``exclude`` (a boolean mask over the bank) is true."""
+        ``exclude`` (a boolean mask over the bank) is true.
+
+        Squared distances are ``|x|² - 2 x·b + |b|²``, one float32 matrix product per
+        ``_ROWS`` locations (the nearest vectors found that way, their distances then
+        recomputed exactly in float64, so that cancellation cannot blur small ones)."""
         h, w, c = maps.shape
-        queries = maps.reshape(-1, c).astype(np.float32)
-        norms = np.einsum("ij,ij->i", self.bank_, self.bank_)[None, :]
+        queries = np.ascontiguousarray(maps.reshape(-1, c), dtype=np.float32)
+        bank = self.bank_
+        half_norms = 0.5 * np.einsum("ij,ij->i", bank, bank)
+        if exclude is not None:
+            half_norms = np.where(exclude, np.inf, half_norms).astype(np.float32)
         k = int(self.n_neighbors)
         out = np.empty(len(queries))
         for start in range(0, len(queries), _ROWS):
-            d = euclidean_distances(queries[start:start + _ROWS], self.bank_,
-                                    Y_norm_squared=norms, squared=True)
-            if exclude is not None:
-                d[:, exclude] = np.inf
-            near = np.partition(d, k - 1, axis=1)[:, :k] if k < d.shape[1] else d
-            out[start:start + _ROWS] = np.sqrt(np.maximum(near, 0.0)).mean(axis=1)
+            x = queries[start:start + _ROWS]
+            # ranks bank vectors by |b|²/2 - x·b, which orders them as |x - b|² does
+            key = half_norms[None, :] - x @ bank.T
+            near = (key.argmin(axis=1)[:, None] if k == 1
+                    else np.argpartition(key, k - 1, axis=1)[:, :k])
+            diff = x[:, None, :].astype(np.float64) - bank[near]
+            out[start:start + _ROWS] = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff)).mean(1)
         return out.reshape(h, w)
 
     def _score(self, X):
