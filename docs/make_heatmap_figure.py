@@ -3,10 +3,11 @@
 Synthetic fundus photographs (an orange disc on black with darker branching vessels, uneven
 lighting and noise) are written to a temporary folder: ``normal/`` to fit on, and one
 photograph with three planted bright exudate-like spots and a dark haemorrhage-like one.
-A kNN pipeline on MobileNetV2-0.35 block ``block_5_add`` is fitted on the normals
-(:func:`kad.pipeline.fit_pipeline`), the photograph is explained
-(:func:`kad.heatmaps.explain`) and the figure puts side by side: the photograph, the map
-over the image as the model saw it, and the map on the photograph.
+Two pipelines on MobileNetV2-0.35 block ``block_5_add`` are fitted on the normals
+(:func:`kad.pipeline.fit_pipeline`): kNN on the pooled features (top row, gradient map)
+and patch kNN on the block's map (bottom row, its own map). The photograph is explained
+by each (:func:`kad.heatmaps.explain`), and each row puts side by side: the photograph,
+the map over the image as the model saw it, and the map on the photograph.
 
 Run from the repository root::
 
@@ -77,24 +78,32 @@ def main(argv=None) -> None:
     sick = root / "lesions.png"
     cv2.imwrite(str(sick), cv2.cvtColor(fundus(rng, lesions=True), cv2.COLOR_RGB2BGR))
     dataset = load_dataset("folder", root, kind="fundus")
-    pipeline = fit_pipeline(dataset, backbone="mobilenet_v2:alpha=0.35", weights=args.weights,
-                            detector="knn", representation="block_5_add", batch_size=16,
-                            cache_dir=root / "cache")
-    found = explain(pipeline, FileSource([sick]), ids=[sick.name])[0]
-    panels = [
-        cv2.resize(found.original, (224, 224), interpolation=cv2.INTER_AREA),
-        overlay(found.seen, found.map),
-        cv2.resize(overlay(found.original, found.on_original()), (224, 224),
-                   interpolation=cv2.INTER_AREA),
-    ]
-    gap = np.full((224, 8, 3), 255, np.uint8)
-    figure = np.hstack([panels[0], gap, panels[1], gap, panels[2]])
+    rows = []
+    for detector in ("knn", "patchknn"):
+        pipeline = fit_pipeline(dataset, backbone="mobilenet_v2:alpha=0.35",
+                                weights=args.weights, detector=detector,
+                                representation="block_5_add", batch_size=16,
+                                cache_dir=root / "cache")
+        found = explain(pipeline, FileSource([sick]), ids=[sick.name])[0]
+        panels = [
+            cv2.resize(found.original, (224, 224), interpolation=cv2.INTER_AREA),
+            cv2.resize(overlay(found.seen, found.map), (224, 224),
+                       interpolation=cv2.INTER_AREA),
+            cv2.resize(overlay(found.original, found.on_original()), (224, 224),
+                       interpolation=cv2.INTER_AREA),
+        ]
+        cv2.putText(panels[0], detector, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.55,
+                    (255, 255, 255), 1, cv2.LINE_AA)
+        gap = np.full((224, 8, 3), 255, np.uint8)
+        rows.append(np.hstack([panels[0], gap, panels[1], gap, panels[2]]))
+        explained = ("" if found.explained is None else
+                     f", {found.map.sum():.3f} of {found.explained:.3f} explained")
+        print(f"{detector}: score {found.score:.3f} (threshold "
+              f"{pipeline.threshold.value:.3f}), method {found.method}{explained}")
+    figure = np.vstack([rows[0], np.full((8, rows[0].shape[1], 3), 255, np.uint8), rows[1]])
     cv2.imwrite(str(args.out), cv2.cvtColor(figure, cv2.COLOR_RGB2BGR),
                 [cv2.IMWRITE_PNG_COMPRESSION, 9])
-    print(f"wrote {args.out}: score {found.score:.3f} (threshold "
-          f"{pipeline.threshold.value:.3f}), method {found.method}, "
-          f"{found.map.sum():.3f} of {found.explained:.3f} explained")
-
+    print(f"wrote {args.out}")
 
 if __name__ == "__main__":
     main()
