@@ -183,7 +183,7 @@ def main(argv=None) -> None:
             result = evaluate([m.on_original() for m in maps], masks[:count], discs[:count])
             # How much the lesion moves the score: planted minus clean, in SDs of the
             # training scores.
-            moved = (pipeline.score(sub).scores
+            moved = (np.array([m.score for m in maps])
                      - pipeline.score(ArraySource(np.stack(clean[:count]))).scores)
             effect = float(np.median(moved) / np.std(pipeline.training["scores"]))
             name = f"{detector} / {block} ({maps[0].method})"

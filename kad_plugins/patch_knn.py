@@ -27,8 +27,9 @@ class PatchKNNDetector(BaseDetector):
     images). A location's anomaly is the mean Euclidean distance to its ``n_neighbors``
     nearest bank vectors, and an image's score is the maximum over its locations.
 
-    Its heatmap is its own (:meth:`explain_maps`): the map of location anomalies, whose
-    maximum *is* the score, so the map shows exactly where the score comes from.
+    Its heatmap is its own (:meth:`explain_maps`): the map of location anomalies above an
+    ordinary location's, whose maximum is the score less that constant, so the map shows
+    exactly where the score comes from.
 
     A training image's locations in the bank are not their own neighbours: its training
     score is measured against the bank without them, so that ``threshold_`` is set on
@@ -95,13 +96,19 @@ class PatchKNNDetector(BaseDetector):
         return np.array([self.location_scores(x).max() for x in X])
 
     def _training_scores(self, X):
-        return np.array([self.location_scores(x, exclude=self.bank_image_ == i).max()
-                         for i, x in enumerate(X)])
+        maps = [self.location_scores(x, exclude=self.bank_image_ == i)
+                for i, x in enumerate(X)]
+        # what an ordinary location scores: the median over the training images' locations
+        self.typical_location_ = float(np.median(np.concatenate([m.ravel() for m in maps])))
+        return np.array([m.max() for m in maps])
 
     def explain_maps(self, maps):
-        """The location anomalies of one image (:meth:`location_scores`) on the grid of
-        ``maps`` (the block maps, stacked as in fitting); its maximum is the score."""
+        """How much each location of one image raises the score above an ordinary
+        location's: :meth:`location_scores` on the grid of ``maps`` (the block maps,
+        stacked as in fitting) minus ``typical_location_``, the median location score of
+        the training images. The map's maximum is the score minus that constant; ordinary
+        regions are near or below zero and are not drawn."""
         from kad.pipeline import stack_maps
 
         stacked = stack_maps([np.asarray(m)[None] for m in maps])[0]
-        return self.location_scores(stacked).astype(np.float32)
+        return (self.location_scores(stacked) - self.typical_location_).astype(np.float32)

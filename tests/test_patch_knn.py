@@ -45,12 +45,15 @@ def test_a_single_unusual_location_is_found_where_pooled_features_miss_it():
     assert [tuple(int(v) for v in p) for p in peaks] == where
 
 
-def test_the_map_maximum_is_the_score():
+def test_the_map_maximum_is_the_score_above_an_ordinary_location():
     rng = np.random.default_rng(1)
     det = PatchKNNDetector(bank_size=2000).fit(_maps(20, rng))
     test = _maps(5, rng)
-    np.testing.assert_allclose([det.explain_maps([m]).max() for m in test],
+    maps = [det.explain_maps([m]) for m in test]
+    np.testing.assert_allclose([m.max() + det.typical_location_ for m in maps],
                                det.anomaly_score(test), rtol=1e-6)
+    # an ordinary location scores about the typical one: half the map is at most zero
+    assert 0.3 < np.mean([np.mean(m <= 0) for m in maps]) < 0.7
 
 
 def test_training_images_are_not_their_own_neighbours():
