@@ -497,8 +497,12 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
         def matrix(blocks, rows):
             rows = np.asarray(rows, dtype=int)
             ids = np.asarray(dataset.ids, dtype=str)[rows]
-            parts = [maps for _, maps, _ in stream_maps(network, dataset.source.take(rows),
-                                                         ids, plan, batch_size)]
+            parts = []
+            for _, maps, _ in stream_maps(network, dataset.source.take(rows), ids, plan,
+                                          batch_size):
+                parts.append(maps)
+                if progress:  # the maps pass counts again from 0, over these rows
+                    progress(sum(len(p) for p in parts), len(rows))
             return np.concatenate(parts) if parts else np.zeros((0, 1, 1, 1), np.float32)
 
         representation = ",".join(map_blocks)
