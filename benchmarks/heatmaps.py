@@ -96,7 +96,7 @@ def row(name: str, result: dict, cost: str = "") -> str:
     lo, hi = wilson(result["hits"], n)
     nlo, nhi = wilson(result["near"], n)
     mean, alo, ahi = result["auroc"]
-    return (f"{name:<38} {100 * result['hits'] / n:5.1f} [{100 * lo:4.1f}-{100 * hi:5.1f}]  "
+    return (f"{name:<52} {100 * result['hits'] / n:5.1f} [{100 * lo:4.1f}-{100 * hi:5.1f}]  "
             f"{100 * result['near'] / n:5.1f} [{100 * nlo:4.1f}-{100 * nhi:5.1f}]  "
             f"{mean:.3f} [{alo:.3f}-{ahi:.3f}]  {cost}")
 
@@ -153,7 +153,7 @@ def main(argv=None) -> None:
         left, top, side = fundus_box(image)
         yy, xx = np.mgrid[:image.shape[0], :image.shape[1]]
         centre_maps.append(-np.hypot(xx + 0.5 - left - side / 2, yy + 0.5 - top - side / 2))
-    header = (f"{'detector / block (method)':<38} {'pointing %':<17}  {'within 15 px %':<17}  "
+    header = (f"{'detector / block (method)':<52} {'pointing %':<17}  {'within 15 px %':<17}  "
               f"{'pixel AUROC':<21}  lesion effect  cost per image: score, heatmap, ratio")
     lines = [header, row("centre bias", evaluate(centre_maps, masks, discs))]
     print(lines[0])
@@ -164,7 +164,8 @@ def main(argv=None) -> None:
         for block in args.blocks.split(","):
             pipeline = fit_pipeline(
                 dataset.subset(fit_rows), backbone="mobilenet_v2:alpha=0.35",
-                weights=args.weights, preprocessing="fundus", representation=block,
+                weights=args.weights, preprocessing="fundus",
+                representation="concat" if block == "default" else block,
                 detector=detector, batch_size=32, cache_dir=cache)
             count = len(planted)
             options = {"grid": args.grid, "steps": args.steps, "keep_images": False}
@@ -186,7 +187,10 @@ def main(argv=None) -> None:
             moved = (np.array([m.score for m in maps])
                      - pipeline.score(ArraySource(np.stack(clean[:count]))).scores)
             effect = float(np.median(moved) / np.std(pipeline.training["scores"]))
-            name = f"{detector} / {block} ({maps[0].method})"
+            used = ("+".join(pipeline.blocks) if len(pipeline.blocks) <= 2
+                    else f"{len(pipeline.blocks)} blocks")
+            name = (f"{detector} / {'default: ' + used if block == 'default' else block} "
+                    f"({maps[0].method})")
             line = row(name, result, f"{effect:+6.2f} SD     "
                                      f"{1000 * scoring:6.1f} ms, {1000 * heat:7.1f} ms, "
                                      f"x{heat / scoring:5.1f}" + (f"  (n={count})"

@@ -44,8 +44,9 @@ def weights_fingerprint(model) -> str:
 
 
 #: Detectors that score locations get, by default, the deepest block whose map has a
-#: stride of at most this many pixels: about 8, PatchCore's finer layer.
-MAP_STRIDE = 9
+#: stride of at most ``MAP_STRIDES[0]`` pixels and the deepest of stride at most
+#: ``MAP_STRIDES[1]``: about 8 and 16, PatchCore's two layers.
+MAP_STRIDES = (9, 18)
 
 
 def stack_maps(maps: list[np.ndarray]) -> np.ndarray:
@@ -71,14 +72,19 @@ def stack_maps(maps: list[np.ndarray]) -> np.ndarray:
 
 
 def default_map_blocks(model, blocks: list[str], image_size: int) -> list[str]:
-    """The block a location-scoring detector uses by default: the deepest of ``blocks``
-    whose map has a stride of at most :data:`MAP_STRIDE` pixels (the first block
-    otherwise)."""
+    """The blocks a location-scoring detector uses by default: for each stride limit of
+    :data:`MAP_STRIDES`, the deepest of ``blocks`` whose map's stride is within it (the
+    first block where none is)."""
     from .backbones import map_sides
 
     sides = map_sides(model, blocks)
-    fine = [b for b in blocks if image_size / sides[b] <= MAP_STRIDE]
-    return [fine[-1] if fine else blocks[0]]
+    chosen = []
+    for limit in MAP_STRIDES:
+        fine = [b for b in blocks if image_size / sides[b] <= limit]
+        block = fine[-1] if fine else blocks[0]
+        if block not in chosen:
+            chosen.append(block)
+    return chosen
 
 
 def stream_maps(network, source, ids, plan, batch_size: int):
@@ -493,6 +499,9 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
                       if representation in ("concat", "picked")
                       else features.resolve(representation))
         network = map_extractor(model, map_blocks)
+        if "block_channels" in prototype.get_params():  # where each block's channels are
+            prototype = clone(prototype).set_params(block_channels=tuple(
+                int(model.get_layer(f"kad_gap_{b}").input.shape[-1]) for b in map_blocks))
 
         def matrix(blocks, rows):
             rows = np.asarray(rows, dtype=int)

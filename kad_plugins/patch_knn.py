@@ -19,36 +19,55 @@ _ROWS = 1024  # query locations per distance matrix
 class PatchKNNDetector(BaseDetector):
     """Distance of each location to the nearest normal locations; the score is the largest.
 
-    ``fit`` takes the unpooled block maps of normal images, ``(n, h, w, c)`` (kad's
-    pipeline passes the maps of the chosen blocks, coarser ones upsampled to the finest:
-    :func:`kad.pipeline.stack_maps`). It keeps a memory bank of at most ``bank_size``
-    of their location vectors, drawn uniformly at random with ``random_state`` (PatchCore
-    draws a greedy coreset instead; uniform draws keep fitting linear in the number of
-    images). A location's anomaly is the mean Euclidean distance to its ``n_neighbors``
-    nearest bank vectors, and an image's score is the maximum over its locations.
+    ``fit`` takes the unpooled block maps of normal images, ``(n, h, w, c)``: kad's
+    pipeline passes the maps of its blocks stacked on the finest grid
+    (:func:`kad.pipeline.stack_maps`) and sets ``block_channels`` to each block's number
+    of channels, in order (None: all channels are one block). The detector keeps a memory
+    bank of at most ``bank_size`` location vectors, drawn uniformly at random with
+    ``random_state`` (PatchCore draws a greedy coreset instead; uniform draws keep fitting
+    linear in the number of images).
 
-    Its heatmap is its own (:meth:`explain_maps`): the map of location anomalies above an
-    ordinary location's, whose maximum is the score less that constant, so the map shows
-    exactly where the score comes from.
+    For each block, a location's distance is the mean Euclidean distance of its features
+    to those of its ``n_neighbors`` nearest bank locations. The distances are
+    standardised per block, by the median and the median absolute deviation of the
+    distances of the training images' locations, and added over blocks: a location's
+    anomaly is how many typical spreads above an ordinary location it lies, at every
+    scale together, so that a block with wider features does not drown the others. An
+    image's score is its largest location anomaly.
+
+    Its heatmap is its own (:meth:`explain_maps`): the location anomalies, whose maximum
+    *is* the score; ordinary locations are near or below zero.
 
     A training image's locations in the bank are not their own neighbours: its training
-    score is measured against the bank without them, so that ``threshold_`` is set on
-    scores comparable with new images'. Each image is scored on its own, so its score
-    never depends on the images that come with it. The cost per image is one distance
-    matrix of ``h·w`` by ``bank_size`` in ``c`` dimensions.
+    distances are measured against the bank without them, so that the standardisation and
+    ``threshold_`` rest on distances comparable with new images'. Each image is scored on
+    its own, so its score never depends on the images that come with it. The cost per
+    image is one distance matrix of ``h·w`` by ``bank_size`` in ``c`` dimensions.
     """
 
     input_kind = "maps"
     quick_params = {"bank_size": 2000}
 
-    def __init__(self, n_neighbors=1, bank_size=50000, random_state=0, contamination=0.1):
+    def __init__(self, n_neighbors=1, bank_size=50000, block_channels=None, random_state=0,
+                 contamination=0.1):
         self.n_neighbors = n_neighbors
         self.bank_size = bank_size
+        self.block_channels = block_channels
         self.random_state = random_state
         self.contamination = contamination
 
+    def _blocks(self, channels: int) -> list[slice]:
+        split = [channels] if self.block_channels is None else [
+            int(c) for c in self.block_channels]
+        if min(split) < 1 or sum(split) != channels:
+            raise ValueError(f"block_channels {self.block_channels!r} must be positive and "
+                             f"add up to the maps' {channels} channels")
+        edges = np.cumsum([0, *split])
+        return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
     def _fit(self, X, y):
         n, h, w, c = X.shape
+        self._blocks(c)  # checks block_channels
         if not (isinstance(self.bank_size, (int, np.integer)) and self.bank_size >= 1):
             raise ValueError(f"bank_size must be a positive integer, got {self.bank_size!r}")
         locations = X.reshape(-1, c)
@@ -64,51 +83,66 @@ class PatchKNNDetector(BaseDetector):
                 f"PatchKNNDetector needs at least 2 training images and n_neighbors in "
                 f"[1, {others}] (the bank vectors of the other images), got n_samples={n}, "
                 f"n_neighbors={self.n_neighbors!r}")
+        # every training image against the others' bank vectors, block by block
+        distances = np.stack([self.distances(x, exclude=self.bank_image_ == i)
+                              for i, x in enumerate(X)])  # (n, blocks, h, w)
+        per_block = distances.transpose(1, 0, 2, 3).reshape(distances.shape[1], -1)
+        self.centre_ = np.median(per_block, axis=1)
+        spread = np.median(np.abs(per_block - self.centre_[:, None]), axis=1)
+        self.spread_ = np.where(spread > 0, spread, 1.0)
+        self._training = distances
 
-    def location_scores(self, maps: np.ndarray, exclude: np.ndarray | None = None,
-                        ) -> np.ndarray:
-        """``(h, w)`` anomaly of every location of one image's map ``(h, w, c)``: the mean
-        distance to its ``n_neighbors`` nearest bank vectors, skipping the bank rows where
-        ``exclude`` (a boolean mask over the bank) is true.
+    def distances(self, maps: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
+        """``(blocks, h, w)``: for every block, each location's mean distance to its
+        ``n_neighbors`` nearest bank locations, for one image's map ``(h, w, c)``,
+        skipping the bank rows where ``exclude`` (a boolean mask over the bank) is true.
 
         Squared distances are ``|x|² - 2 x·b + |b|²``, one float32 matrix product per
-        ``_ROWS`` locations (the nearest vectors found that way, their distances then
-        recomputed exactly in float64, so that cancellation cannot blur small ones)."""
+        ``_ROWS`` locations; the nearest vectors found that way have their distances
+        recomputed exactly in float64, so that cancellation cannot blur small ones."""
         h, w, c = maps.shape
         queries = np.ascontiguousarray(maps.reshape(-1, c), dtype=np.float32)
-        bank = self.bank_
-        half_norms = 0.5 * np.einsum("ij,ij->i", bank, bank)
-        if exclude is not None:
-            half_norms = np.where(exclude, np.inf, half_norms).astype(np.float32)
         k = int(self.n_neighbors)
-        out = np.empty(len(queries))
-        for start in range(0, len(queries), _ROWS):
-            x = queries[start:start + _ROWS]
-            # ranks bank vectors by |b|²/2 - x·b, which orders them as |x - b|² does
-            key = half_norms[None, :] - x @ bank.T
-            near = (key.argmin(axis=1)[:, None] if k == 1
-                    else np.argpartition(key, k - 1, axis=1)[:, :k])
-            diff = x[:, None, :].astype(np.float64) - bank[near]
-            out[start:start + _ROWS] = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff)).mean(1)
-        return out.reshape(h, w)
+        blocks = self._blocks(c)
+        out = np.empty((len(blocks), len(queries)))
+        for b, channels in enumerate(blocks):
+            bank = np.ascontiguousarray(self.bank_[:, channels])
+            half_norms = 0.5 * np.einsum("ij,ij->i", bank, bank)
+            if exclude is not None:
+                half_norms = np.where(exclude, np.inf, half_norms).astype(np.float32)
+            part = np.ascontiguousarray(queries[:, channels])
+            for start in range(0, len(queries), _ROWS):
+                x = part[start:start + _ROWS]
+                # |b|²/2 - x·b orders the bank vectors as |x - b|² does
+                key = half_norms[None, :] - x @ bank.T
+                near = (key.argmin(axis=1)[:, None] if k == 1
+                        else np.argpartition(key, k - 1, axis=1)[:, :k])
+                diff = x[:, None, :].astype(np.float64) - bank[near]
+                out[b, start:start + _ROWS] = np.sqrt(
+                    np.einsum("ijk,ijk->ij", diff, diff)).mean(axis=1)
+        return out.reshape(len(blocks), h, w)
+
+    def _anomaly(self, distances: np.ndarray) -> np.ndarray:
+        """Location anomalies ``(h, w)`` from per-block distances ``(blocks, h, w)``."""
+        return ((distances - self.centre_[:, None, None])
+                / self.spread_[:, None, None]).sum(axis=0)
+
+    def location_scores(self, maps: np.ndarray) -> np.ndarray:
+        """``(h, w)`` anomaly of every location of one image's map ``(h, w, c)``: its
+        per-block distances, standardised and added (see the class docstring)."""
+        return self._anomaly(self.distances(maps))
 
     def _score(self, X):
         return np.array([self.location_scores(x).max() for x in X])
 
     def _training_scores(self, X):
-        maps = [self.location_scores(x, exclude=self.bank_image_ == i)
-                for i, x in enumerate(X)]
-        # what an ordinary location scores: the median over the training images' locations
-        self.typical_location_ = float(np.median(np.concatenate([m.ravel() for m in maps])))
-        return np.array([m.max() for m in maps])
+        training, self._training = self._training, None  # computed by _fit, without
+        return np.array([self._anomaly(d).max() for d in training])  # own-image matches
 
     def explain_maps(self, maps):
-        """How much each location of one image raises the score above an ordinary
-        location's: :meth:`location_scores` on the grid of ``maps`` (the block maps,
-        stacked as in fitting) minus ``typical_location_``, the median location score of
-        the training images. The map's maximum is the score minus that constant; ordinary
-        regions are near or below zero and are not drawn."""
+        """The location anomalies of one image (:meth:`location_scores`) on the grid of
+        ``maps`` (the block maps, stacked as in fitting): their maximum is the score."""
         from kad.pipeline import stack_maps
 
         stacked = stack_maps([np.asarray(m)[None] for m in maps])[0]
-        return (self.location_scores(stacked) - self.typical_location_).astype(np.float32)
+        return self.location_scores(stacked).astype(np.float32)

@@ -45,15 +45,38 @@ def test_a_single_unusual_location_is_found_where_pooled_features_miss_it():
     assert [tuple(int(v) for v in p) for p in peaks] == where
 
 
-def test_the_map_maximum_is_the_score_above_an_ordinary_location():
+def test_the_map_maximum_is_the_score_and_ordinary_locations_are_near_zero():
     rng = np.random.default_rng(1)
     det = PatchKNNDetector(bank_size=2000).fit(_maps(20, rng))
     test = _maps(5, rng)
     maps = [det.explain_maps([m]) for m in test]
-    np.testing.assert_allclose([m.max() + det.typical_location_ for m in maps],
-                               det.anomaly_score(test), rtol=1e-6)
-    # an ordinary location scores about the typical one: half the map is at most zero
+    np.testing.assert_array_equal([m.max() for m in maps],
+                                  det.anomaly_score(test).astype(np.float32))
+    # distances are standardised by the training locations' median: half are below it
     assert 0.3 < np.mean([np.mean(m <= 0) for m in maps]) < 0.7
+
+
+def test_each_block_counts_in_its_own_spread():
+    """A lesion seen only in a block of small features is found when the blocks are
+    standardised apart, and drowned by a block of wide features when they are not."""
+    rng = np.random.default_rng(6)
+
+    def two_blocks(n):
+        return np.concatenate([10 * _maps(n, rng, channels=8), _maps(n, rng, channels=8)],
+                              axis=3)
+
+    train, normal, abnormal = two_blocks(60), two_blocks(30), two_blocks(30)
+    for m in abnormal:
+        r, c = (int(v) for v in rng.integers(0, 12, size=2))
+        m[r, c, 8:] += 4.0 * np.sign(rng.normal(size=8))
+    y = np.r_[np.zeros(30), np.ones(30)]
+    test = np.concatenate([normal, abnormal])
+    apart = PatchKNNDetector(bank_size=4000, block_channels=(8, 8)).fit(train)
+    together = PatchKNNDetector(bank_size=4000).fit(train)
+    assert roc_auc_score(y, apart.anomaly_score(test)) > 0.9
+    assert roc_auc_score(y, together.anomaly_score(test)) < 0.75
+    with pytest.raises(ValueError, match="add up to the maps' 16 channels"):
+        PatchKNNDetector(block_channels=(8, 4)).fit(train)
 
 
 def test_training_images_are_not_their_own_neighbours():
@@ -116,8 +139,9 @@ def test_a_pipeline_scores_block_maps_and_its_heatmap_is_the_detectors_own(folde
 
     dataset, train, files = folder
     pipeline = fit_pipeline(dataset, train_rows=train, detector="patchknn", **FAST)
-    # the deepest block of stride 8 or less: block_5_add's 4x4 map at 32 px
-    assert pipeline.blocks == ["block_5_add"] and pipeline.runtime == "keras"
+    # the deepest blocks of stride 8 and 16: block_5_add's 4x4 map and block_12_add's 2x2
+    assert pipeline.blocks == ["block_5_add", "block_12_add"]
+    assert pipeline.detector.block_channels == (16, 32) and pipeline.runtime == "keras"
     source = FileSource(files[-6:])
     scores = pipeline.score(source).scores
     found = explain(pipeline, source)
