@@ -25,7 +25,9 @@ class PatchKNNDetector(BaseDetector):
     of channels, in order (None: all channels are one block). The detector keeps a memory
     bank of at most ``bank_size`` location vectors, drawn uniformly at random with
     ``random_state`` (PatchCore draws a greedy coreset instead; uniform draws keep fitting
-    linear in the number of images).
+    linear in the number of images). A block of more than ``max_dims`` channels is first
+    projected onto ``max_dims`` random Gaussian directions (distances kept within a few
+    percent, by the Johnson-Lindenstrauss lemma, as PatchCore projects for its coreset).
 
     For each block, a location's distance is the mean Euclidean distance of its features
     to those of its ``n_neighbors`` nearest bank locations. The distances are
@@ -48,28 +50,53 @@ class PatchKNNDetector(BaseDetector):
     input_kind = "maps"
     quick_params = {"bank_size": 2000}
 
-    def __init__(self, n_neighbors=1, bank_size=50000, block_channels=None, random_state=0,
-                 contamination=0.1):
+    def __init__(self, n_neighbors=1, bank_size=50000, block_channels=None, max_dims=128,
+                 random_state=0, contamination=0.1):
         self.n_neighbors = n_neighbors
         self.bank_size = bank_size
         self.block_channels = block_channels
+        self.max_dims = max_dims
         self.random_state = random_state
         self.contamination = contamination
 
-    def _blocks(self, channels: int) -> list[slice]:
-        split = [channels] if self.block_channels is None else [
-            int(c) for c in self.block_channels]
-        if min(split) < 1 or sum(split) != channels:
-            raise ValueError(f"block_channels {self.block_channels!r} must be positive and "
-                             f"add up to the maps' {channels} channels")
-        edges = np.cumsum([0, *split])
+    @staticmethod
+    def _slices(widths) -> list[slice]:
+        edges = np.cumsum([0, *widths])
         return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
+    def _project(self, maps: np.ndarray) -> np.ndarray:
+        """``maps`` (..., c) with each block of more than ``max_dims`` channels projected
+        onto its ``max_dims`` random Gaussian directions (``projections_``)."""
+        parts = []
+        for channels, projection in zip(self._slices(self.input_widths_), self.projections_,
+                                        strict=True):
+            part = maps[..., channels]
+            parts.append(part if projection is None else part @ projection.T)
+        return np.concatenate(parts, axis=-1).astype(np.float32)
+
     def _fit(self, X, y):
+        from sklearn.random_projection import GaussianRandomProjection
+
         n, h, w, c = X.shape
-        self._blocks(c)  # checks block_channels
+        widths = [c] if self.block_channels is None else [int(v) for v in self.block_channels]
+        if min(widths) < 1 or sum(widths) != c:
+            raise ValueError(f"block_channels {self.block_channels!r} must be positive and "
+                             f"add up to the maps' {c} channels")
         if not (isinstance(self.bank_size, (int, np.integer)) and self.bank_size >= 1):
             raise ValueError(f"bank_size must be a positive integer, got {self.bank_size!r}")
+        if not (isinstance(self.max_dims, (int, np.integer)) and self.max_dims >= 1):
+            raise ValueError(f"max_dims must be a positive integer, got {self.max_dims!r}")
+        # Wide blocks are projected onto max_dims random directions, which keeps distances
+        # within a few percent (Johnson-Lindenstrauss) at a fraction of the cost and size.
+        self.input_widths_ = tuple(widths)
+        self.projections_ = [
+            None if width <= self.max_dims else GaussianRandomProjection(
+                int(self.max_dims), random_state=self.random_state + b,
+            ).fit(np.zeros((1, width))).components_.astype(np.float32)
+            for b, width in enumerate(widths)]
+        self.dims_ = tuple(min(width, int(self.max_dims)) for width in widths)
+        X = self._project(X)
+        c = X.shape[-1]
         locations = X.reshape(-1, c)
         size = min(int(self.bank_size), len(locations))
         keep = np.sort(np.random.default_rng(self.random_state).choice(
@@ -84,7 +111,7 @@ class PatchKNNDetector(BaseDetector):
                 f"[1, {others}] (the bank vectors of the other images), got n_samples={n}, "
                 f"n_neighbors={self.n_neighbors!r}")
         # every training image against the others' bank vectors, block by block
-        distances = np.stack([self.distances(x, exclude=self.bank_image_ == i)
+        distances = np.stack([self._distances(x, exclude=self.bank_image_ == i)
                               for i, x in enumerate(X)])  # (n, blocks, h, w)
         per_block = distances.transpose(1, 0, 2, 3).reshape(distances.shape[1], -1)
         self.centre_ = np.median(per_block, axis=1)
@@ -92,18 +119,22 @@ class PatchKNNDetector(BaseDetector):
         self.spread_ = np.where(spread > 0, spread, 1.0)
         self._training = distances
 
-    def distances(self, maps: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
+    def distances(self, maps: np.ndarray) -> np.ndarray:
         """``(blocks, h, w)``: for every block, each location's mean distance to its
-        ``n_neighbors`` nearest bank locations, for one image's map ``(h, w, c)``,
-        skipping the bank rows where ``exclude`` (a boolean mask over the bank) is true.
+        ``n_neighbors`` nearest bank locations, for one image's map ``(h, w, c)``."""
+        return self._distances(self._project(maps))
+
+    def _distances(self, maps: np.ndarray, exclude: np.ndarray | None = None) -> np.ndarray:
+        """:meth:`distances` of a map already projected, skipping the bank rows where
+        ``exclude`` (a boolean mask over the bank) is true.
 
         Squared distances are ``|x|² - 2 x·b + |b|²``, one float32 matrix product per
         ``_ROWS`` locations; the nearest vectors found that way have their distances
         recomputed exactly in float64, so that cancellation cannot blur small ones."""
-        h, w, c = maps.shape
-        queries = np.ascontiguousarray(maps.reshape(-1, c), dtype=np.float32)
+        h, w, _ = maps.shape
+        queries = np.ascontiguousarray(maps.reshape(h * w, -1), dtype=np.float32)
         k = int(self.n_neighbors)
-        blocks = self._blocks(c)
+        blocks = self._slices(self.dims_)
         out = np.empty((len(blocks), len(queries)))
         for b, channels in enumerate(blocks):
             bank = np.ascontiguousarray(self.bank_[:, channels])

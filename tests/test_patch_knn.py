@@ -91,16 +91,34 @@ def test_training_images_are_not_their_own_neighbours():
 
 def test_a_score_does_not_depend_on_the_images_scored_with_it_and_survives_saving(tmp_path):
     rng = np.random.default_rng(3)
-    det = PatchKNNDetector(bank_size=3000, n_neighbors=3).fit(_maps(30, rng))
+    det = PatchKNNDetector(bank_size=3000, n_neighbors=3, max_dims=6).fit(_maps(30, rng))
+    assert det.projections_[0].shape == (6, 8)  # the 8 channels are projected
     test = _maps(7, rng)
     together = det.anomaly_score(test)
     np.testing.assert_array_equal([det.anomaly_score(t[None])[0] for t in test], together)
     again = load_detector(det.save(tmp_path / "patch.kad"))
     np.testing.assert_array_equal(again.anomaly_score(test), together)
     np.testing.assert_array_equal(again.bank_, det.bank_)
-    same_seed = PatchKNNDetector(bank_size=3000, n_neighbors=3).fit(_maps(30, np.random
-                                                                         .default_rng(3)))
+    same_seed = PatchKNNDetector(bank_size=3000, n_neighbors=3, max_dims=6).fit(
+        _maps(30, np.random.default_rng(3)))
     np.testing.assert_array_equal(same_seed.anomaly_score(test), together)
+
+
+def test_wide_blocks_are_projected_and_keep_their_distances():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(7)
+    mixing = rng.normal(size=(8, 256)).astype(np.float32)  # 256 channels of 8 factors
+    train = _maps(30, rng) @ mixing
+    test, _ = _with_lesion(_maps(4, rng), rng)
+    test = test @ mixing
+    full = PatchKNNDetector(bank_size=3000, max_dims=256).fit(train)
+    projected = PatchKNNDetector(bank_size=3000, max_dims=64).fit(train)
+    assert full.projections_ == [None] and projected.bank_.shape == (3000, 64)
+    for m in test:
+        a, b = full.distances(m).ravel(), projected.distances(m).ravel()
+        assert spearmanr(a, b).statistic > 0.8
+        assert 0.85 < np.median(b / a) < 1.15
 
 
 def test_feature_vectors_and_bad_settings_are_refused():
