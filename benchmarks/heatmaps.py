@@ -1,7 +1,9 @@
 """Do kad's heatmaps point at lesions? Planted lesions, pointing game and pixel AUROC.
 
 Normal (grade 0) Kaggle DR photographs are split by patient: ``--n-fit`` images fit one
-pipeline per detector and block (MobileNetV2-0.35, ImageNet weights), and ``--n`` images of
+pipeline per detector and block (MobileNetV2-0.35, ImageNet weights, fundus preprocessing
+at kad's default 448 px; block "default" is kad's default representation, every block for
+the detectors of pooled features and two for patch kNN), and ``--n`` images of
 other patients each receive one synthetic lesion at a random position inside the fundus
 (within 70% of its radius): a bright, yellowish exudate-like blob or a dark red
 haemorrhage-like one, of radius 3, 5 or 8 pixels on the 256-pixel photographs, with a soft
@@ -22,7 +24,8 @@ lesion's mask there:
 Cost: for every detector and block, the time of :meth:`Pipeline.score` and of
 :func:`explain` on the same planted images, measured side by side in this run, per image.
 
-Run from the repository root (about 15 minutes on 2 shared cores with the defaults)::
+Run from the repository root (about 40 minutes on 2 cores with the defaults; patch kNN on
+``block_2_add``, 12,544 locations per image, takes a third of it)::
 
     python benchmarks/heatmaps.py --n 100 --n-fit 200
 """
