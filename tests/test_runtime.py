@@ -154,3 +154,13 @@ def test_the_cache_key_records_the_runtime(tmp_path, monkeypatch):
     assert (keras_plan.runtime, ov_plan.runtime) == ("keras", "openvino")
     assert keras_plan.key != ov_plan.key and keras_plan.path != ov_plan.path
     assert ov_plan.inputs["runtime"] == "openvino"
+
+
+@pytest.mark.tf
+def test_a_keras_model_with_one_output_gives_one_array_per_batch():
+    from kad.backbones import map_extractor
+
+    model, names = get_backbone(MNV2).build_extractor(32, "none")
+    engine = runtime.as_runtime(map_extractor(model, ["block_5_add"]))
+    outputs = engine.predict(np.zeros((3, 32, 32, 3), np.float32))
+    assert [o.shape for o in outputs] == [(3, 4, 4, 16)]
