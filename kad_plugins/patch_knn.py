@@ -48,15 +48,16 @@ class PatchKNNDetector(BaseDetector):
     """
 
     input_kind = "maps"
-    quick_params = {"bank_size": 2000}
+    quick_params = {"bank_size": 2000, "verbose": 0}
 
     def __init__(self, n_neighbors=1, bank_size=50000, block_channels=None, max_dims=128,
-                 random_state=0, contamination=0.1):
+                 random_state=0, verbose=1, contamination=0.1):
         self.n_neighbors = n_neighbors
         self.bank_size = bank_size
         self.block_channels = block_channels
         self.max_dims = max_dims
         self.random_state = random_state
+        self.verbose = verbose
         self.contamination = contamination
 
     @staticmethod
@@ -110,9 +111,15 @@ class PatchKNNDetector(BaseDetector):
                 f"PatchKNNDetector needs at least 2 training images and n_neighbors in "
                 f"[1, {others}] (the bank vectors of the other images), got n_samples={n}, "
                 f"n_neighbors={self.n_neighbors!r}")
-        # every training image against the others' bank vectors, block by block
-        distances = np.stack([self._distances(x, exclude=self.bank_image_ == i)
-                              for i, x in enumerate(X)])  # (n, blocks, h, w)
+        # every training image against the others' bank vectors, block by block: the
+        # longest part of fitting, so it shows a progress bar (on stderr) unless verbose=0
+        from rich.console import Console
+        from rich.progress import track
+
+        rows = track(range(n), description="patch kNN: training images against the bank",
+                     console=Console(stderr=True), transient=True, disable=not self.verbose)
+        distances = np.stack([self._distances(X[i], exclude=self.bank_image_ == i)
+                              for i in rows])  # (n, blocks, h, w)
         per_block = distances.transpose(1, 0, 2, 3).reshape(distances.shape[1], -1)
         self.centre_ = np.median(per_block, axis=1)
         spread = np.median(np.abs(per_block - self.centre_[:, None]), axis=1)
