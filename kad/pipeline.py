@@ -486,7 +486,7 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
                 raise KadError(f"the {first} and {second} images overlap; every image may "
                                "serve one purpose only (use kad.calibration.plan_fit_split)")
 
-    model = plan.backbone.build_extractor(plan.input_size, weights)[0]
+    model, network_blocks = plan.backbone.build_extractor(plan.input_size, weights)
     matrix = features.matrix
     if uses_maps(prototype):
         # A detector that scores locations gets the blocks' unpooled maps, computed here
@@ -495,9 +495,15 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
 
         # Its default block (rather than one picked on labelled images, which would take a
         # pass over them per block) unless blocks are named.
-        map_blocks = (default_map_blocks(model, features.blocks, plan.input_size)
-                      if representation in ("concat", "picked")
-                      else features.resolve(representation))
+        if representation in ("concat", "picked"):
+            map_blocks = default_map_blocks(model, network_blocks, plan.input_size)
+        else:
+            map_blocks = [b.strip() for b in representation.split(",") if b.strip()]
+            unknown = [b for b in map_blocks if b not in network_blocks]
+            if unknown or not map_blocks:
+                raise KadError(f"no block {', '.join(unknown) or repr(representation)} in "
+                               f"{plan.backbone.spec}; its blocks are "
+                               f"{', '.join(network_blocks)}")
         network = map_extractor(model, map_blocks)
         if "block_channels" in prototype.get_params():  # where each block's channels are
             prototype = clone(prototype).set_params(block_channels=tuple(

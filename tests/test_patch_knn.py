@@ -208,3 +208,16 @@ def test_block_maps_are_stacked_on_the_finest_grid():
     for i in (0, 17, 39):
         np.testing.assert_allclose(stacked[i, ..., 3:], cv2.resize(
             coarse[i], (8, 8), interpolation=cv2.INTER_LINEAR), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.tf
+def test_named_blocks_are_used_and_unknown_ones_named(folder):
+    from kad.pipeline import fit_pipeline
+
+    dataset, train, _ = folder
+    pipeline = fit_pipeline(dataset, train_rows=train, representation="block_9_add",
+                            detector="patchknn", **FAST)
+    assert pipeline.blocks == ["block_9_add"] and pipeline.detector.block_channels == (24,)
+    with pytest.raises(KadError, match="no block block_99 in"):
+        fit_pipeline(dataset, train_rows=train, representation="block_5_add,block_99",
+                     detector="patchknn", **FAST)
