@@ -92,7 +92,8 @@ class PatchKNNDetector(BaseDetector):
         self.input_widths_ = tuple(widths)
         self.projections_ = [
             None if width <= self.max_dims else GaussianRandomProjection(
-                int(self.max_dims), random_state=self.random_state + b,
+                int(self.max_dims),
+                random_state=None if self.random_state is None else self.random_state + b,
             ).fit(np.zeros((1, width))).components_.astype(np.float32)
             for b, width in enumerate(widths)]
         self.dims_ = tuple(min(width, int(self.max_dims)) for width in widths)
