@@ -162,6 +162,16 @@ class Backbone:
         return model, names
 
 
+def _pooling(model, block: str):
+    """The spatial-average layer of ``block`` in a model of
+    :meth:`Backbone.build_extractor`: its input is the block's map, its output the pooled
+    vector."""
+    try:
+        return model.get_layer(f"kad_gap_{block}")
+    except ValueError as exc:
+        raise KadError(f"the extractor has no block {block!r}") from exc
+
+
 def spatial_extractor(model, blocks: list[str]):
     """From a model of :meth:`Backbone.build_extractor`, one that returns, for each of
     ``blocks`` in order, the pooled vector ``(n, c)`` and then the block's unpooled map
@@ -174,10 +184,7 @@ def spatial_extractor(model, blocks: list[str]):
     keras = import_keras()
     outputs = []
     for name in blocks:
-        try:
-            gap = model.get_layer(f"kad_gap_{name}")
-        except ValueError as exc:
-            raise KadError(f"the extractor has no block {name!r}") from exc
+        gap = _pooling(model, name)
         outputs += [gap.output, gap.input]
     return keras.Model(model.inputs, outputs, name=f"{model.name}_maps")
 
@@ -186,19 +193,14 @@ def map_extractor(model, blocks: list[str]):
     """From a model of :meth:`Backbone.build_extractor`, one that returns only the unpooled
     maps ``(n, h, w, c)`` of ``blocks``, in order (for detectors that score locations)."""
     keras = import_keras()
-    outputs = []
-    for name in blocks:
-        try:
-            outputs.append(model.get_layer(f"kad_gap_{name}").input)
-        except ValueError as exc:
-            raise KadError(f"the extractor has no block {name!r}") from exc
-    return keras.Model(model.inputs, outputs, name=f"{model.name}_block_maps")
+    return keras.Model(model.inputs, [_pooling(model, b).input for b in blocks],
+                       name=f"{model.name}_block_maps")
 
 
-def map_sides(model, blocks: list[str]) -> dict[str, int]:
-    """The side (in locations) of each block's map in a model of
+def map_shapes(model, blocks: list[str]) -> dict[str, tuple[int, int, int]]:
+    """The shape ``(h, w, c)`` of each block's map in a model of
     :meth:`Backbone.build_extractor`."""
-    return {b: int(model.get_layer(f"kad_gap_{b}").input.shape[1]) for b in blocks}
+    return {b: tuple(int(v) for v in _pooling(model, b).input.shape[1:]) for b in blocks}
 
 
 def keras_cache_dir() -> Path:

@@ -65,7 +65,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .detector import BaseDetector
+from .detector import BaseDetector, uses_maps
 from .errors import ImageReadError, KadError
 
 __all__ = [
@@ -193,10 +193,9 @@ def choose_method(detector: BaseDetector, method: str = "auto") -> str:
     differentiable = reference is not None and (
         detector.score_gradient(np.asarray(reference, dtype=np.float32)[None]) is not None)
     name = type(detector).__name__
-    if getattr(detector, "input_kind", "features") == "maps" and method in (
-            "gradient", "occlusion"):
-        raise KadError(f"{type(detector).__name__} scores block maps and draws its own "
-                       "heatmap; use --heatmap-method auto")
+    if uses_maps(detector) and method in ("gradient", "occlusion"):
+        raise KadError(f"{name} scores block maps and draws its own heatmap; use "
+                       "--heatmap-method auto")
     if method == "detector" and not own:
         raise KadError(f"{name} provides no heatmap of its own; use --heatmap-method auto")
     if method == "gradient" and not differentiable:
@@ -251,7 +250,6 @@ class _Explainer:
                  batch_size: int | None):
         from .backbones import get_backbone, spatial_extractor
         from .deps import import_keras
-        from .detector import uses_maps
         from .preprocessing import get_preprocessing
 
         keras = import_keras()
@@ -270,11 +268,11 @@ class _Explainer:
         model = pipeline.network(weights)
         self.blocks = list(pipeline.blocks)
         self.on_maps = uses_maps(self.detector)
-        built = _MODELS.setdefault(model, {})
-        key = tuple(self.blocks)
         if self.on_maps:  # the very model Pipeline.score runs
             self.maps_model, self.pooled_model = pipeline.map_network(weights), None
         else:
+            built = _MODELS.setdefault(model, {})
+            key = tuple(self.blocks)
             if key not in built:  # built once per network: Keras traces each model once
                 built[key] = (spatial_extractor(model, self.blocks), keras.Model(
                     model.inputs,

@@ -75,12 +75,12 @@ def default_map_blocks(model, blocks: list[str], image_size: int) -> list[str]:
     """The blocks a location-scoring detector uses by default: for each stride limit of
     :data:`MAP_STRIDES`, the deepest of ``blocks`` whose map's stride is within it (the
     first block where none is)."""
-    from .backbones import map_sides
+    from .backbones import map_shapes
 
-    sides = map_sides(model, blocks)
+    shapes = map_shapes(model, blocks)
     chosen = []
     for limit in MAP_STRIDES:
-        fine = [b for b in blocks if image_size / sides[b] <= limit]
+        fine = [b for b in blocks if image_size / shapes[b][0] <= limit]
         block = fine[-1] if fine else blocks[0]
         if block not in chosen:
             chosen.append(block)
@@ -491,7 +491,7 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
     if uses_maps(prototype):
         # A detector that scores locations gets the blocks' unpooled maps, computed here
         # for the rows it needs (the feature cache holds pooled vectors only).
-        from .backbones import map_extractor
+        from .backbones import map_extractor, map_shapes
 
         # Its default block (rather than one picked on labelled images, which would take a
         # pass over them per block) unless blocks are named.
@@ -506,18 +506,19 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
                                f"{', '.join(network_blocks)}")
         network = map_extractor(model, map_blocks)
         if "block_channels" in prototype.get_params():  # where each block's channels are
-            prototype = clone(prototype).set_params(block_channels=tuple(
-                int(model.get_layer(f"kad_gap_{b}").input.shape[-1]) for b in map_blocks))
+            shapes = map_shapes(model, map_blocks)
+            prototype = clone(prototype).set_params(
+                block_channels=tuple(shapes[b][2] for b in map_blocks))
 
         def matrix(blocks, rows):
             rows = np.asarray(rows, dtype=int)
             ids = np.asarray(dataset.ids, dtype=str)[rows]
             parts = []
-            for _, maps, _ in stream_maps(network, dataset.source.take(rows), ids, plan,
-                                          batch_size):
+            for start, maps, _ in stream_maps(network, dataset.source.take(rows), ids, plan,
+                                              batch_size):
                 parts.append(maps)
                 if progress:  # the maps pass counts again from 0, over these rows
-                    progress(sum(len(p) for p in parts), len(rows))
+                    progress(start + len(maps), len(rows))
             return np.concatenate(parts) if parts else np.zeros((0, 1, 1, 1), np.float32)
 
         representation = ",".join(map_blocks)
