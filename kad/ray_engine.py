@@ -252,6 +252,16 @@ class _Score:
         return {k: np.asarray(v) for k, v in out.items()}
 
 
+def check_scorable(pipeline) -> None:
+    """Refuse, in one line, a pipeline the Ray engine cannot score: one whose detector
+    scores block maps, which the actors do not compute."""
+    from .detector import uses_maps
+
+    if uses_maps(pipeline.detector):
+        raise KadError(f"{type(pipeline.detector).__name__} scores block maps, which the Ray "
+                       "engine does not compute; drop --engine ray")
+
+
 def score_with_ray(pipeline, source, ids=None, *, address: str | None = None,
                    actors: int | None = None, gpus_per_actor: float | None = None,
                    num_cpus: int | None = None, weights: str | None = None,
@@ -259,12 +269,9 @@ def score_with_ray(pipeline, source, ids=None, *, address: str | None = None,
     """:meth:`kad.pipeline.Pipeline.score` on Ray Data (``kad score --engine ray``): the
     same batches and the same scores, decoded in Ray tasks and scored in an actor pool,
     one network per actor. Returns :class:`kad.pipeline.Scores`."""
-    from .detector import uses_maps
     from .extraction import Scores
 
-    if uses_maps(pipeline.detector):
-        raise KadError(f"{type(pipeline.detector).__name__} scores block maps, which the Ray "
-                       "engine does not compute; score with --engine local")
+    check_scorable(pipeline)
     ray = import_ray()
     ids = np.asarray([str(i) for i in (ids if ids is not None else range(len(source)))])
     n, batch_size, plan = len(source), pipeline.batch_size, pipeline._plan()

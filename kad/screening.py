@@ -331,7 +331,6 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
     and the report shows them (:func:`kad.heatmaps.write_heatmaps`)."""
     from .cache import check_writable
     from .datasets import FileSource
-    from .detector import uses_maps
     from .pipeline import load_pipeline
     from .report import write_report
 
@@ -341,9 +340,10 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
         raise KadError("heatmaps are drawn by the local engine; drop --engine ray or "
                        "--heatmaps")
     pipeline = load_pipeline(model)
-    if engine == "ray" and uses_maps(pipeline.detector):  # before any work
-        raise KadError(f"{type(pipeline.detector).__name__} scores block maps, which the Ray "
-                       "engine does not compute; drop --engine ray")
+    if engine == "ray":  # before any work
+        from .ray_engine import check_scorable
+
+        check_scorable(pipeline)
     out_dir = check_writable(Path(out_dir), what="--out folder")
     files, not_scored = collect_images(inputs)
     if not files:
