@@ -2,7 +2,8 @@
 
 For each dataset the script extracts MobileNetV2-0.35 ImageNet features at every
 ``--sizes`` (cached under ``--cache-dir``, one entry per size), runs
-:func:`kad.selection.nested_selection` over the grid of :func:`kad.selection.candidate_grid`
+:func:`kad.screening.selection.nested_selection` over the grid of
+:func:`kad.screening.selection.candidate_grid`
 (every block and the concatenation at each size, the concatenation across sizes, each
 with every detector) and prints, per (size, block choice, detector), the test AUROC mean ±
 std over splits:
@@ -65,7 +66,7 @@ def time_per_image(dataset, sizes_preps, n: int, batch_size: int, repeat: int) -
     """Seconds per image to decode, preprocess and run the network, at each (size,
     preprocessing), on the same first ``n`` images, interleaved ``repeat`` times (fastest
     kept); the network is built and run once on a batch before timing."""
-    from kad.features import plan_extraction, stream_features
+    from kad.features.extract import plan_extraction, stream_features
 
     subset = dataset.subset(np.arange(min(n, len(dataset))))
     models = {}
@@ -86,8 +87,8 @@ def time_per_image(dataset, sizes_preps, n: int, batch_size: int, repeat: int) -
 
 def run_dataset(name, dataset, sizes, detectors, folds, seeds, cache_dir, batch_size,
                 extra_prep=None, progress=True) -> dict:
-    from kad.protocols import splits
-    from kad.selection import (
+    from kad.data.protocols import splits
+    from kad.screening.selection import (
         CONCAT,
         candidate_grid,
         extract_sizes,
@@ -191,10 +192,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from kad.datasets import load_dataset
-    from kad.protocols import subsample
-    from kad.selection import parse_sizes
-    from kad.specs import split_specs
+    from kad.data.datasets import load_dataset
+    from kad.data.protocols import subsample
+    from kad.screening.selection import parse_sizes
+    from kad.utils.specs import split_specs
 
     if not WEIGHTS.is_file():
         raise SystemExit(f"{WEIGHTS} is missing: the benchmark needs the MobileNetV2-0.35 "

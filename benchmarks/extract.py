@@ -1,11 +1,11 @@
 """Benchmark kad's feature extraction against a plain ``model.predict``.
 
 Ways of computing the features of every block for the same images, from the same
-multi-output extractor model (:meth:`kad.backbones.Backbone.build_extractor`):
+multi-output extractor model (:meth:`kad.features.backbones.Backbone.build_extractor`):
 
 ``kad:keras``, ``kad:openvino``
-    :func:`kad.features.extract_features` end to end from the dataset: decoding,
-    preprocessing, inference on that runtime (:mod:`kad.runtime`) and the writes to the
+    :func:`kad.features.extract.extract_features` end to end from the dataset: decoding,
+    preprocessing, inference on that runtime (:mod:`kad.features.runtime`) and the writes to the
     cache, into a fresh temporary cache folder. Images are decoded in kad's thread pool
     while the network runs. ``--runtimes`` picks which (default: both).
 ``predict``
@@ -146,7 +146,7 @@ def default_dataset(args: argparse.Namespace) -> str:
 
 def load_images(args: argparse.Namespace, n: int):
     """The first ``n`` images of the dataset (cycled when it holds fewer)."""
-    from kad.datasets import load_dataset
+    from kad.data.datasets import load_dataset
 
     dataset = load_dataset(default_dataset(args), args.data_dir)
     if n > len(dataset):
@@ -158,7 +158,7 @@ def load_images(args: argparse.Namespace, n: int):
 def build_model(args: argparse.Namespace, warm_up):
     """``(backbone, size, model, names, seconds)``: the extractor model, built and run
     once on a batch of zeros by ``warm_up(model, batch)``."""
-    from kad.backbones import get_backbone
+    from kad.features.backbones import get_backbone
 
     start = time.perf_counter()
     backbone = get_backbone(args.backbone)
@@ -181,22 +181,22 @@ def dump_features(args: argparse.Namespace, outputs) -> None:
 
 
 def run_kad(args: argparse.Namespace) -> dict:
-    """Time :func:`kad.features.extract_features` end to end, ``--repeat`` times."""
-    import kad.runtime
-    from kad.backbones import get_backbone
-    from kad.features import extract_features
+    """Time :func:`kad.features.extract.extract_features` end to end, ``--repeat`` times."""
+    import kad.features.runtime
+    from kad.features.backbones import get_backbone
+    from kad.features.extract import extract_features
 
     dataset = load_images(args, args.n)
     start = time.perf_counter()
     backbone = get_backbone(args.backbone)
     size = backbone.input_size(args.image_size)
     model_cache = tempfile.mkdtemp(prefix="kad-bench-models-", dir=args.tmp_dir)
-    engine = kad.runtime.build_runtime(backbone, size, args.weights, args.runtime,
+    engine = kad.features.runtime.build_runtime(backbone, size, args.weights, args.runtime,
                                        args.batch_size, model_cache)
     engine.predict(np.zeros((args.batch_size, size, size, 3), dtype=np.float32))
     setup = time.perf_counter() - start
     # extract_features builds its runtime: hand it the warmed-up one.
-    kad.runtime.build_runtime = lambda *_args, **_kwargs: engine
+    kad.features.runtime.build_runtime = lambda *_args, **_kwargs: engine
     base = rss_mib()
     times, cpu, caches = [], [], []
     try:
@@ -222,7 +222,7 @@ def run_kad(args: argparse.Namespace) -> dict:
 
 def run_predict(args: argparse.Namespace) -> dict:
     """Decode and preprocess every image into one array, then time ``model.predict``."""
-    from kad.features import load_preprocessed, plan_extraction
+    from kad.features.extract import load_preprocessed, plan_extraction
 
     dataset = load_images(args, args.n)
     backbone, size, model, _, setup = build_model(
@@ -257,21 +257,21 @@ def run_predict(args: argparse.Namespace) -> dict:
 
 def run_engine(args: argparse.Namespace) -> dict:
     """One engine's extraction (a child process; a shard runs as one child of two)."""
-    from kad.cache import verify_entry
-    from kad.features import extract_features, plan_extraction
+    from kad.features.cache import verify_entry
+    from kad.features.extract import extract_features, plan_extraction
 
     dataset = load_images(args, args.n)
     options = {"batch_size": args.batch_size, "cache_dir": args.cache, "workers": args.workers}
     start = time.perf_counter()
     if args.variant == "shard":
-        from kad.shards import parse_shard
+        from kad.features.shards import parse_shard
 
         features = extract_features(dataset, args.backbone, args.weights, args.image_size,
                                     shard=parse_shard(args.shard), **options)
     elif args.variant.startswith("ray"):
         import ray
 
-        from kad.ray_engine import extract_with_ray
+        from kad.features.ray_engine import extract_with_ray
 
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
                  log_to_driver=False)
@@ -430,7 +430,7 @@ def spawn(args: argparse.Namespace, variant: str, n: int, dump: Path | None = No
 
 def warm_page_cache(args: argparse.Namespace, n: int) -> None:
     """Read the image files once so that neither variant pays for the first disk read."""
-    from kad.datasets import FileSource
+    from kad.data.datasets import FileSource
 
     source = load_images(args, n).source
     if isinstance(source, FileSource):

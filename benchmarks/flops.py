@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--networks", nargs="+", default=list(DEFAULT),
                         help="BACKBONE@SIZE (default: %(default)s)")
     args = parser.parse_args(argv)
-    from kad.backbones import get_backbone
+    from kad.features.backbones import get_backbone
 
     for item in args.networks:
         spec, _, size = item.rpartition("@")

@@ -7,8 +7,9 @@ the detectors of pooled features and two for patch kNN), and ``--n`` images of
 other patients each receive one synthetic lesion at a random position inside the fundus
 (within 70% of its radius): a bright, yellowish exudate-like blob or a dark red
 haemorrhage-like one, of radius 3, 5 or 8 pixels on the 256-pixel photographs, with a soft
-edge. Every planted image is explained (:func:`kad.heatmaps.explain`), the map is taken back
-onto the photograph (:meth:`~kad.heatmaps.Heatmap.on_original`) and compared with the
+edge. Every planted image is explained (:func:`kad.screening.heatmaps.explain`), the map is
+taken back
+onto the photograph (:meth:`~kad.screening.heatmaps.Heatmap.on_original`) and compared with the
 lesion's mask there:
 
 * pointing game: the map's maximum falls inside the lesion (strict), and within 15 pixels
@@ -52,7 +53,7 @@ KINDS = {"exudate": (250, 225, 110), "haemorrhage": (85, 18, 12)}
 
 def plant(rgb: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, str]:
     """``rgb`` with one lesion planted inside the fundus, its mask, and its description."""
-    from kad.preprocessing import fundus_box
+    from kad.data.preprocessing import fundus_box
 
     left, top, side = fundus_box(rgb)
     cx, cy, radius = left + side / 2, top + side / 2, side / 2
@@ -83,7 +84,7 @@ def t_interval(values: np.ndarray) -> tuple[float, float, float]:
 
 
 def evaluate(maps: list[np.ndarray], masks, discs) -> dict:
-    from kad.heatmaps import pixel_auroc, pointing_game
+    from kad.screening.heatmaps import pixel_auroc, pointing_game
 
     hits = [pointing_game(m, k) for m, k in zip(maps, masks, strict=True)]
     near = [pointing_game(m, k, tolerance=15) for m, k in zip(maps, masks, strict=True)]
@@ -120,9 +121,9 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from kad.datasets import ArraySource, load_dataset
-    from kad.heatmaps import choose_method, explain
-    from kad.pipeline import fit_pipeline
+    from kad.data.datasets import ArraySource, load_dataset
+    from kad.screening.heatmaps import choose_method, explain
+    from kad.screening.pipeline import fit_pipeline
 
     dataset = load_dataset("dr", args.data_dir)
     normal = np.flatnonzero(~dataset.anomaly)
@@ -134,7 +135,7 @@ def main(argv=None) -> None:
     rest = [i for i in order[args.n_fit:] if dataset.patient[i] not in fit_patients]
     test_rows = np.array(rest[:args.n])
     planted, clean, masks, discs, kinds = [], [], [], [], []
-    from kad.preprocessing import fundus_box
+    from kad.data.preprocessing import fundus_box
 
     for i in test_rows:
         clean.append(dataset.source.load(int(i)))

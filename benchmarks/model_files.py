@@ -41,9 +41,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
-    from kad.artifact import library_versions
-    from kad.detector import load_detector
+    from kad.detectors.base import load_detector
     from kad.registry import get_detector
+    from kad.utils.artifact import library_versions
 
     x = np.random.default_rng(0).normal(size=(args.n, args.dim)).astype(np.float32)
     print(f"{args.n} x {args.dim} float32 features, best of {args.repeat}; "

@@ -1,6 +1,6 @@
 """CPU time per image of kad's decoding and preprocessing, on one core.
 
-What :func:`kad.features.load_preprocessed` costs for one image, from the file to the
+What :func:`kad.features.extract.load_preprocessed` costs for one image, from the file to the
 network's input size, with OpenCV limited to one thread and CPU time (not wall time)
 measured, so the numbers hold on a machine shared with other jobs:
 
@@ -72,10 +72,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"needs the Kaggle images at {KAGGLE}")
 
     import kad
-    from kad.datasets import FileSource
-    from kad.features import load_preprocessed
-    from kad.images import read_image
-    from kad.preprocessing import Fundus, Natural
+    from kad.data.datasets import FileSource
+    from kad.data.images import read_image
+    from kad.data.preprocessing import Fundus, Natural
+    from kad.features.extract import load_preprocessed
 
     cv2.setNumThreads(1)
     size = args.input_size

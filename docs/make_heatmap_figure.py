@@ -4,9 +4,9 @@ Synthetic fundus photographs (an orange disc on black with darker branching vess
 lighting and noise) are written to a temporary folder: ``normal/`` to fit on, and one
 photograph with three planted bright exudate-like spots and a dark haemorrhage-like one.
 Two pipelines on MobileNetV2-0.35 block ``block_5_add`` are fitted on the normals
-(:func:`kad.pipeline.fit_pipeline`): kNN on the pooled features (top row, gradient map)
+(:func:`kad.screening.pipeline.fit_pipeline`): kNN on the pooled features (top row, gradient map)
 and patch kNN on the block's map (bottom row, its own map). The photograph is explained
-by each (:func:`kad.heatmaps.explain`), and each row puts side by side: the photograph,
+by each (:func:`kad.screening.heatmaps.explain`), and each row puts side by side: the photograph,
 the map over the image as the model saw it, and the map on the photograph.
 
 Run from the repository root::
@@ -65,9 +65,9 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=60, help="normal images to fit on")
     args = parser.parse_args(argv)
 
-    from kad.datasets import FileSource, load_dataset
-    from kad.heatmaps import explain, overlay
-    from kad.pipeline import fit_pipeline
+    from kad.data.datasets import FileSource, load_dataset
+    from kad.screening.heatmaps import explain, overlay
+    from kad.screening.pipeline import fit_pipeline
 
     rng = np.random.default_rng(0)
     root = Path(tempfile.mkdtemp(prefix="kad-figure-"))

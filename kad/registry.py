@@ -6,15 +6,15 @@ Five kinds of plugin are read, each from its own entry-point group:
 kind               group                   what the entry point names
 =================  ======================  ==============================================
 detector           ``kad.detectors``       a :class:`kad.BaseDetector` subclass
-backbone           ``kad.backbones``       a :class:`kad.backbones.Backbone` subclass
+backbone           ``kad.backbones``       a :class:`kad.features.backbones.Backbone` subclass
 dataset            ``kad.datasets``        a loader ``(data_dir=None, **options) -> Dataset``
-preprocessing      ``kad.preprocessing``   a :class:`kad.preprocessing.Preprocessing` subclass
+preprocessing      ``kad.preprocessing``   a :class:`kad.data.preprocessing.Preprocessing` subclass
 command            ``kad.commands``        a ``typer.Typer`` mounted as ``kad NAME``
 =================  ======================  ==============================================
 
 kad's own built-ins are declared in its ``pyproject.toml`` exactly as a third-party
 distribution declares its plugins, so there is no hidden table. Every plugin is named and
-configured with one spelling, ``NAME[:key=value,...]`` (:mod:`kad.specs`), and
+configured with one spelling, ``NAME[:key=value,...]`` (:mod:`kad.utils.specs`), and
 :func:`create` is the one path from that spelling to an object: parse, load, check the
 option names against what the plugin accepts, build.
 
@@ -36,8 +36,8 @@ from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
-from .errors import PluginError, SpecError
-from .specs import Spec, parse_spec
+from kad.errors import PluginError, SpecError
+from kad.utils.specs import Spec, parse_spec
 
 BUILTIN_DISTRIBUTION = "kad"
 
@@ -61,11 +61,12 @@ class Kind:
         return getattr(importlib.import_module(module), attr)
 
 
-DETECTOR = Kind("kad.detectors", "detector", "kad.detector:BaseDetector", "kad.BaseDetector")
-BACKBONE = Kind("kad.backbones", "backbone", "kad.backbones:Backbone", "kad.backbones.Backbone")
+DETECTOR = Kind("kad.detectors", "detector", "kad.detectors.base:BaseDetector", "kad.BaseDetector")
+BACKBONE = Kind("kad.backbones", "backbone", "kad.features.backbones:Backbone",
+                "kad.features.backbones.Backbone")
 DATASET = Kind("kad.datasets", "dataset")
-PREPROCESSING = Kind("kad.preprocessing", "preprocessing", "kad.preprocessing:Preprocessing",
-                     "kad.preprocessing.Preprocessing")
+PREPROCESSING = Kind("kad.preprocessing", "preprocessing", "kad.data.preprocessing:Preprocessing",
+                     "kad.data.preprocessing.Preprocessing")
 COMMAND = Kind("kad.commands", "command", "typer:Typer", "typer.Typer")
 KINDS = {kind.group: kind for kind in (DETECTOR, BACKBONE, DATASET, PREPROCESSING, COMMAND)}
 

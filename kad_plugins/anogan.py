@@ -47,7 +47,7 @@ import zlib
 
 import numpy as np
 
-from kad.deep import DeepDetector, inference_copy, keras, seed_everything, tf
+from kad.detectors.deep import DeepDetector, inference_copy, keras, seed_everything, tf
 
 __all__ = ["AnoGANDetector", "build_generator", "build_discriminator"]
 

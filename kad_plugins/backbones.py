@@ -6,9 +6,9 @@ import re
 
 import numpy as np
 
-from kad.backbones import Backbone
-from kad.deps import import_keras
 from kad.errors import KadError
+from kad.features.backbones import Backbone
+from kad.utils.deps import import_keras
 
 
 def _tf_mode(x: np.ndarray) -> np.ndarray:

@@ -64,7 +64,7 @@ import numpy as np
 from scipy.linalg import solve_triangular
 from scipy.special import logsumexp
 
-from kad.deep import DeepDetector, inference_copy, keras, seed_everything, tf
+from kad.detectors.deep import DeepDetector, inference_copy, keras, seed_everything, tf
 
 __all__ = ["DAGMMDetector", "DAGMMNet", "gmm_parameters", "gmm_energy"]
 

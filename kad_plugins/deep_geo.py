@@ -48,7 +48,7 @@ import math
 import numpy as np
 from scipy.special import digamma
 
-from kad.deep import DeepDetector, inference_copy, keras, seed_everything, tf
+from kad.detectors.deep import DeepDetector, inference_copy, keras, seed_everything, tf
 
 __all__ = ["DeepGeoDetector", "Transformations", "fit_dirichlet"]
 

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kad.deep import (
+from kad.detectors.deep import (
     CollapseWarning,
     DeepDetector,
     check_collapse,

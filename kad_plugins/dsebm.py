@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kad.deep import DeepDetector, inference_copy, keras, seed_everything, tf
+from kad.detectors.deep import DeepDetector, inference_copy, keras, seed_everything, tf
 
 __all__ = ["DSEBMDetector", "DSEBMNet"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kad.detector import BaseDetector
+from kad.detectors.base import BaseDetector
 
 _ROWS = 1024  # query locations per distance matrix
 
@@ -21,7 +21,7 @@ class PatchKNNDetector(BaseDetector):
 
     ``fit`` takes the unpooled block maps of normal images, ``(n, h, w, c)``: kad's
     pipeline passes the maps of its blocks stacked on the finest grid
-    (:func:`kad.pipeline.stack_maps`) and sets ``block_channels`` to each block's number
+    (:func:`kad.screening.pipeline.stack_maps`) and sets ``block_channels`` to each block's number
     of channels, in order (None: all channels are one block). The detector keeps a memory
     bank of at most ``bank_size`` location vectors, drawn uniformly at random with
     ``random_state`` (PatchCore draws a greedy coreset instead; uniform draws keep fitting
@@ -181,7 +181,7 @@ class PatchKNNDetector(BaseDetector):
     def explain_maps(self, maps):
         """The location anomalies of one image (:meth:`location_scores`) on the grid of
         ``maps`` (the block maps, stacked as in fitting): their maximum is the score."""
-        from kad.pipeline import stack_maps
+        from kad.screening.pipeline import stack_maps
 
         stacked = stack_maps([np.asarray(m)[None] for m in maps])[0]
         return self.location_scores(stacked).astype(np.float32)

@@ -13,7 +13,7 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import OneClassSVM
 
-from kad.detector import BaseDetector
+from kad.detectors.base import BaseDetector
 
 _ROWS = 64  # rows per matrix product in MahalanobisDetector._score
 

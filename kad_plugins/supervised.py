@@ -7,7 +7,7 @@ anomaly detector in the paper's sense (it needs labelled anomalies): results are
 as supervised (``supervised = True``, so ``fit(X, y)`` requires ``y``, 1 = anomaly).
 
 Architecture
-    The headless backbone from :func:`kad.backbones.get_backbone` (``backbone`` =
+    The headless backbone from :func:`kad.features.backbones.get_backbone` (``backbone`` =
     "inception_resnet_v2", any kad backbone spec works, e.g. "mobilenet_v2:alpha=0.35"),
     global average pooling, dropout (``dropout`` = 0.5) and one logit; the score is the
     predicted probability of "abnormal", ``sigmoid(logit)`` computed in float64.
@@ -38,7 +38,7 @@ import math
 import numpy as np
 from scipy.special import expit
 
-from kad.deep import (
+from kad.detectors.deep import (
     DeepDetector,
     inference_copy,
     keras,
@@ -177,7 +177,7 @@ class SupervisedDetector(DeepDetector):
                 bn.momentum, bn.trainable = momentum, trainable
 
     def _fit(self, X, y):
-        from kad.backbones import get_backbone
+        from kad.features.backbones import get_backbone
 
         labels = self._labels(y, len(X))
         bb = get_backbone(self.backbone)
@@ -227,7 +227,7 @@ class SupervisedDetector(DeepDetector):
     def _preprocess(self):
         fn = getattr(self, "_tf_preprocess", None)
         if fn is None:
-            from kad.backbones import get_backbone
+            from kad.features.backbones import get_backbone
 
             fn = self._tf_preprocess = get_backbone(self.backbone_spec_).preprocess
         return fn

@@ -24,7 +24,7 @@ from kad.cli.options import (
     WeightsOpt,
 )
 from kad.cli.render import handle_errors, note, progress_bar, say, skipped, stdout, table
-from kad.metrics import percent
+from kad.utils.metrics import percent
 
 from .common import RecipeOptions, default_out, plot_rocs, write_results
 
@@ -51,7 +51,7 @@ OutOpt = Annotated[Path | None, typer.Option(
 
 def _split(text: str | None) -> list[str] | None:
     """Split a comma-separated list; 'iforest,knn:n_neighbors=5,method=kth' is two specs."""
-    from kad.specs import split_specs
+    from kad.utils.specs import split_specs
 
     return split_specs(text) if text else None
 
@@ -60,7 +60,7 @@ def _options(**kw) -> RecipeOptions:
     kw["detectors"] = _split(kw["detectors"])
     kw["inputs"] = _split(kw["inputs"])
     kw["classes"] = _split(kw["classes"])
-    from kad.selection import parse_sizes
+    from kad.screening.selection import parse_sizes
 
     sizes = parse_sizes(kw["image_size"])
     kw["image_size"] = sizes[0] if sizes and len(sizes) == 1 else sizes
@@ -79,7 +79,7 @@ def _finish(result, options: RecipeOptions, started: float, title: str) -> Path:
     write_results(folder, result.recipe, result.bench, result.runs, result.summary,
                   {**result.extra, "seconds": time.perf_counter() - started})
     if result.curves:
-        from kad.metrics import mean_std
+        from kad.utils.metrics import mean_std
 
         aurocs = {label: mean_std(r.auroc for r in result.runs if r.label == label)[0]
                   for label in result.curves}

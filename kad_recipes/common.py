@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from kad.errors import KadError
-from kad.metrics import evaluate, mean_std
+from kad.utils.metrics import evaluate, mean_std
 
 PIXELS, FEATURES = "pixels", "features"
 
@@ -86,9 +86,9 @@ class Workbench:
     """
 
     def __init__(self, options: RecipeOptions, log=print, progress=None, report_skipped=None):
-        from kad.cache import cache_root, check_writable
-        from kad.datasets import load_dataset
-        from kad.protocols import check_protocol, subsample
+        from kad.data.datasets import load_dataset
+        from kad.data.protocols import check_protocol, subsample
+        from kad.features.cache import cache_root, check_writable
 
         if options.out is not None:  # before any work, not after it
             check_writable(options.out, what="--out folder")
@@ -119,13 +119,13 @@ class Workbench:
 
     @property
     def multi(self):
-        """Features at every ``image_size`` (:class:`kad.selection.MultiSizeFeatures`),
+        """Features at every ``image_size`` (:class:`kad.screening.selection.MultiSizeFeatures`),
         each size extracted once into its own cache entry."""
         if self._multi is None:
             from contextlib import nullcontext
 
-            from kad.features import extract_features
-            from kad.selection import extract_sizes
+            from kad.features.extract import extract_features
+            from kad.screening.selection import extract_sizes
 
             o = self.options
 
@@ -154,9 +154,9 @@ class Workbench:
     @property
     def pixels(self) -> np.ndarray:
         if self._pixels is None:
-            from kad.features import default_preprocessing
-            from kad.pixels import load_pixels
-            from kad.selection import preprocessing_at
+            from kad.features.extract import default_preprocessing
+            from kad.features.pixels import load_pixels
+            from kad.screening.selection import preprocessing_at
 
             size = self.options.pixel_size or 32
             prep = (preprocessing_at(self.options.preprocessing, None)
@@ -213,7 +213,7 @@ def compatible(detector_cls, kind: str) -> bool:
 def plan_columns(detectors: list[str], inputs: list[str]) -> list[tuple[str, str]]:
     """``(detector spec, input)`` pairs: every detector on every input it accepts."""
     from kad.registry import DETECTORS, load
-    from kad.specs import parse_spec
+    from kad.utils.specs import parse_spec
 
     columns = []
     for spec in detectors:
@@ -233,7 +233,7 @@ def make_detector(spec: str, seed: int, defaults: dict | None = None):
     weights) fill parameters the detector has and the spec leaves unset, so the supervised
     upper bound fine-tunes the network the recipe extracts features with."""
     from kad.registry import get_detector
-    from kad.specs import parse_spec
+    from kad.utils.specs import parse_spec
 
     detector = get_detector(spec)
     params = detector.get_params()
@@ -285,7 +285,7 @@ def write_results(out: Path, recipe: str, bench: Workbench, runs: list[Run],
     """``results.json`` (everything), ``results.csv`` (one line per run)."""
     import csv
 
-    from kad.artifact import library_versions
+    from kad.utils.artifact import library_versions
 
     out.mkdir(parents=True, exist_ok=True)
     document = {

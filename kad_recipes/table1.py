@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kad.metrics import roc
-from kad.protocols import splits
+from kad.data.protocols import splits
+from kad.utils.metrics import roc
 
 from .common import FEATURES, RecipeOptions, Run, Workbench, fit_and_score, plan_columns, summarise
 

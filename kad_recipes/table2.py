@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from kad.data.protocols import splits
 from kad.errors import KadError
-from kad.metrics import mean_std
-from kad.protocols import splits
-from kad.selection import Candidate
+from kad.screening.selection import Candidate
+from kad.utils.metrics import mean_std
 
 from .common import (
     FEATURES,
@@ -49,10 +49,10 @@ def run_table2(options: RecipeOptions, n_anomalies: float | None = None,
                progress=None, bench: Workbench | None = None) -> RecipeResult:
     """The paper's Table 2 and kad's evidence-driven pick, from one grid of fits.
 
-    Every split fits each candidate of :func:`kad.selection.candidate_grid` (each block
+    Every split fits each candidate of :func:`kad.screening.selection.candidate_grid` (each block
     and the concatenation at every ``image_size``, the concatenation across sizes, each
     with every detector) on its training normals and ranks it on its validation set
-    (:func:`kad.selection.nested_selection`: the test fold never influences a pick).
+    (:func:`kad.screening.selection.nested_selection`: the test fold never influences a pick).
 
     * The paper's columns (``summary``, ``picked_blocks``, ``blocks``): the first detector
       at the first size, the block with the best validation AUROC, and the concatenation.
@@ -61,8 +61,13 @@ def run_table2(options: RecipeOptions, n_anomalies: float | None = None,
       its test metrics; ``candidates``: every candidate's validation and test AUROC.
     """
     from kad.registry import DETECTORS, load
-    from kad.selection import CONCAT, candidate_grid, nested_selection, summarise_candidates
-    from kad.specs import parse_spec
+    from kad.screening.selection import (
+        CONCAT,
+        candidate_grid,
+        nested_selection,
+        summarise_candidates,
+    )
+    from kad.utils.specs import parse_spec
 
     bench = bench or Workbench(options)
     detectors = [d for d in options.detectors
@@ -171,7 +176,7 @@ def plot_candidates(path, candidates: list[dict], title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from kad.selection import CONCAT
+    from kad.screening.selection import CONCAT
 
     single = [c for c in candidates if len(c["sizes"]) == 1]
     blocks = list(dict.fromkeys(c["block"] for c in single if c["block"] != CONCAT))

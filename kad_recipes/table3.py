@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kad.protocols import mix_anomalies, splits
+from kad.data.protocols import mix_anomalies, splits
 
 from .common import RecipeOptions, Workbench, plan_columns, summarise
 from .table1 import RecipeResult, evaluate_column

@@ -19,7 +19,7 @@ CIFAR10_TAR = SHARED / "data" / "cifar10-jpeg.tar"
 
 
 def _has_keras() -> bool:
-    from kad.deps import has_keras
+    from kad.utils.deps import has_keras
 
     return has_keras()
 

@@ -24,10 +24,10 @@ import pytest
 from typer.testing import CliRunner
 
 from kad import __version__
-from kad.detector import BaseDetector, load_detector
+from kad.detectors.base import BaseDetector, load_detector
 from kad.errors import ArtifactError, PluginError, UnstorableError
-from kad.pipeline import Pipeline, Threshold, load_pipeline
 from kad.registry import clear_cache, get_detector
+from kad.screening.pipeline import Pipeline, Threshold, load_pipeline
 from plugin_env import activate, install, install_example
 
 runner = CliRunner()
@@ -59,7 +59,7 @@ def _legacy_file(path: Path, payload_obj, kind: str) -> Path:
     payload's checksum in the manifest."""
     payload = pickle.dumps(payload_obj, protocol=pickle.HIGHEST_PROTOCOL)
     manifest = {
-        "format": 1, "kind": kind, "class": "kad.pipeline.Pipeline",
+        "format": 1, "kind": kind, "class": "kad.screening.pipeline.Pipeline",
         "created": "2026-01-01T00:00:00+00:00",
         "versions": {"kad": __version__, "python": "3"},
         "sha256": hashlib.sha256(payload).hexdigest(), "info": {},
@@ -193,7 +193,7 @@ def test_a_new_process_scores_a_saved_detector_bit_identically(tmp_path):
     det = get_detector("ocsvm").fit(X)
     path = det.save(tmp_path / "ocsvm.kad")
     np.save(tmp_path / "x.npy", X)
-    script = ("import json, sys, numpy as np; from kad.detector import load_detector; "
+    script = ("import json, sys, numpy as np; from kad.detectors.base import load_detector; "
               "d = load_detector(sys.argv[1]); "
               "print(json.dumps([float(s).hex() for s in d.anomaly_score(np.load(sys.argv[2]))]))")
     done = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "x.npy")],
@@ -250,7 +250,7 @@ def test_the_class_comes_from_the_registry_not_from_the_file(tmp_path):
 def test_another_version_a_damaged_member_or_a_missing_one_is_refused(tmp_path, monkeypatch):
     path = get_detector("iforest", n_estimators=5).fit(X).save(tmp_path / "d.kad")
     with monkeypatch.context() as m:
-        m.setattr("kad.artifact.__version__", "9.9.9")
+        m.setattr("kad.utils.artifact.__version__", "9.9.9")
         with pytest.raises(ArtifactError, match="saved by kad 0.1.0 and this is kad 9.9.9"):
             load_detector(path)
     with zipfile.ZipFile(path) as zf:
@@ -431,7 +431,7 @@ def test_a_subclassed_keras_network_scores_bit_identically_in_a_new_process(tmp_
     with zipfile.ZipFile(path) as zf:
         assert "keras/detector.state.net_.keras" in zf.namelist()
     np.save(tmp_path / "x.npy", X)
-    script = ("import json, sys, numpy as np; from kad.detector import load_detector; "
+    script = ("import json, sys, numpy as np; from kad.detectors.base import load_detector; "
               "d = load_detector(sys.argv[1]); "
               "print(json.dumps([float(s).hex() for s in d.anomaly_score(np.load(sys.argv[2]))]))")
     done = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "x.npy")],
@@ -442,7 +442,7 @@ def test_a_subclassed_keras_network_scores_bit_identically_in_a_new_process(tmp_
 
 @pytest.mark.tf
 def test_a_keras_member_with_code_is_refused_in_safe_mode(tmp_path, no_pickle):
-    from kad.deps import import_keras
+    from kad.utils.deps import import_keras
 
     keras = import_keras()
     marker = tmp_path / "pwned"

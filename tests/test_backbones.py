@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import MOBILENET_WEIGHTS, need
-from kad.backbones import get_backbone, resolve_weights, weights_identity
 from kad.errors import KadError, SpecError, WeightsError
+from kad.features.backbones import get_backbone, resolve_weights, weights_identity
 
 pytestmark = pytest.mark.tf
 

@@ -11,7 +11,8 @@ import time
 import numpy as np
 import pytest
 
-from kad.cache import (
+from kad.errors import KadError
+from kad.features.cache import (
     DamagedEntryError,
     EntryWriter,
     FeatureSet,
@@ -23,7 +24,6 @@ from kad.cache import (
     remove_entries,
     verify_entry,
 )
-from kad.errors import KadError
 
 BLOCKS, DIMS = ["conv1", "block_2_add"], [3, 5]
 
@@ -242,13 +242,13 @@ def test_pruning_keeps_the_pipelines_blocks_and_never_passes_for_complete(tmp_pa
 
 
 def test_fit_checks_out_and_the_cache_before_any_work(tmp_path, monkeypatch):
-    from kad.datasets import load_dataset
-    from kad.pipeline import fit_pipeline
+    from kad.data.datasets import load_dataset
+    from kad.screening.pipeline import fit_pipeline
 
     def no_work(*args, **kwargs):
         raise AssertionError("features were extracted although --out cannot be written")
 
-    monkeypatch.setattr("kad.features.extract_features", no_work)
+    monkeypatch.setattr("kad.features.extract.extract_features", no_work)
     blocker = tmp_path / "file"
     blocker.write_text("")
     digits = load_dataset("digits")
@@ -268,7 +268,7 @@ def test_without_a_callback_the_wait_is_logged(tmp_path, caplog):
     holder.start()
     ready.wait(10)
     threading.Timer(0.2, release.set).start()
-    with caplog.at_level("WARNING", logger="kad.cache"), entry_lock(entry):
+    with caplog.at_level("WARNING", logger="kad.features.cache"), entry_lock(entry):
         pass
     holder.join()
     assert [r.getMessage() for r in caplog.records] == [

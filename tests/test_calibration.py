@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from kad.calibration import (
+from kad.errors import KadError
+from kad.screening.calibration import (
     assess,
     conformal_p_values,
     conformal_rank,
@@ -21,8 +22,7 @@ from kad.calibration import (
     plan_fit_split,
     threshold_at_fpr,
 )
-from kad.errors import KadError
-from kad.selection import pick_block
+from kad.screening.selection import pick_block
 from kad_plugins.shallow import KNNDetector as KNN
 
 

@@ -81,24 +81,24 @@ def test_a_missing_data_dir_is_one_clear_line(tmp_path):
 
 
 def test_messages_are_printed_as_written_never_read_as_markup(monkeypatch):
-    import kad.features
+    import kad.features.extract
     from kad.errors import MissingDependencyError
 
     def missing(*args, **kwargs):
         raise MissingDependencyError("this needs Keras 3; install it with: pip install 'kad[tf]'")
 
-    monkeypatch.setattr(kad.features, "extract_features", missing)
+    monkeypatch.setattr(kad.features.extract, "extract_features", missing)
     result = runner.invoke(app, ["extract", "--dataset", "digits"])
     assert result.exit_code == 1 and "pip install 'kad[tf]'" in result.output
 
 
 def test_interrupting_score_does_not_promise_a_resume(monkeypatch, tmp_path):
-    import kad.screening
+    import kad.screening.workflow
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(kad.screening, "screen", interrupted)
+    monkeypatch.setattr(kad.screening.workflow, "screen", interrupted)
     result = runner.invoke(app, ["score", str(tmp_path / "m.kad"), str(tmp_path)])
     assert result.exit_code == 130 and "resume" not in result.output
     assert "nothing was written" in result.output

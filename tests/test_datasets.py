@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import CIFAR10_TAR, KAGGLE_DR, need
-from kad.datasets import Dataset, dataset_names, load_dataset
-from kad.datasets import natural as natural_module
-from kad.datasets._cifar100 import COARSE_CLASSES, FINE_CLASSES, FINE_TO_COARSE
+from kad.data.datasets import Dataset, dataset_names, load_dataset
+from kad.data.datasets import natural as natural_module
+from kad.data.datasets._cifar100 import COARSE_CLASSES, FINE_CLASSES, FINE_TO_COARSE
 from kad.errors import DatasetError, KadError
 
 # The coarse label of every fine label, as in CIFAR-100's meta file (independent check).
@@ -402,7 +402,8 @@ def test_folder_variants_and_errors(folder_dir: Path):
 def test_fingerprint_stable_and_sensitive(dr_dir: Path):
     first = load_dataset("dr", dr_dir).fingerprint
     assert first == load_dataset("dr", dr_dir).fingerprint
-    script = "import sys, kad.datasets as d; print(d.load_dataset('dr', sys.argv[1]).fingerprint)"
+    script = ("import sys, kad.data.datasets as d; "
+              "print(d.load_dataset('dr', sys.argv[1]).fingerprint)")
     other_process = subprocess.run(
         [sys.executable, "-c", script, str(dr_dir)], capture_output=True, text=True, check=True
     )
@@ -462,7 +463,7 @@ def test_load_dataset_takes_the_spec_spelling(dr_dir: Path):
 
 
 def test_import_does_not_load_tensorflow():
-    script = "import sys, kad.datasets; assert 'tensorflow' not in sys.modules; print('ok')"
+    script = "import sys, kad.data.datasets; assert 'tensorflow' not in sys.modules; print('ok')"
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
@@ -533,7 +534,7 @@ def test_a_broken_symlink_listed_in_a_csv_never_stops_loading(dr_dir: Path):
 
 
 def test_a_labels_csv_with_a_byte_order_mark_is_read(tmp_path: Path):
-    from kad.screening import read_labels
+    from kad.screening.workflow import read_labels
 
     path = tmp_path / "labels.csv"
     path.write_bytes("image,label\r\na.png,normal\r\nb.png,abnormal\r\n".encode("utf-8-sig"))

@@ -96,7 +96,7 @@ def test_deep_svdd_same_seed_same_scores():
 
 
 def test_deep_svdd_centre_fix_and_collapse_check():
-    from kad.deep import CollapseWarning, check_collapse
+    from kad.detectors.deep import CollapseWarning, check_collapse
     from kad_plugins.deep_svdd import fix_center
 
     np.testing.assert_allclose(fix_center(np.array([0.05, -0.05, 0.0, 0.5, -2.0]), 0.1),
@@ -109,7 +109,7 @@ def test_deep_svdd_centre_fix_and_collapse_check():
 
 
 def test_deep_svdd_detects_a_collapsed_network():
-    from kad.deep import CollapseWarning
+    from kad.detectors.deep import CollapseWarning
     from kad_plugins.deep_svdd import DeepSVDDDetector
 
     rng = np.random.default_rng(0)
@@ -298,7 +298,7 @@ def test_progress_is_shown_only_when_verbose(capsys):
 
 
 def test_validation_split_is_disjoint_and_seeded():
-    from kad.deep import split_validation
+    from kad.detectors.deep import split_validation
 
     train, val = split_validation(100, 0.2, random_state=0)
     assert len(val) == 20 and not set(train) & set(val) and len(train) + len(val) == 100

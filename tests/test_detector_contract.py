@@ -8,10 +8,10 @@ import pytest
 from sklearn.base import clone
 from sklearn.metrics import roc_auc_score
 
-from kad.deps import has_keras
-from kad.detector import BaseDetector, NotFittedError, load_detector
+from kad.detectors.base import BaseDetector, NotFittedError, load_detector
 from kad.errors import PluginError
 from kad.registry import DETECTORS, discover, load
+from kad.utils.deps import has_keras
 
 NAMES = list(discover(DETECTORS))
 

@@ -8,13 +8,13 @@ import cv2
 import numpy as np
 import pytest
 
-import kad.runtime
+import kad.features.runtime
 from conftest import CIFAR10_TAR, KAGGLE_DR, MOBILENET_WEIGHTS, need
-from kad.backbones import Backbone
-from kad.cache import DamagedEntryError
-from kad.datasets import load_dataset
+from kad.data.datasets import load_dataset
 from kad.errors import KadError
-from kad.features import cached_features, extract_features, plan_extraction
+from kad.features.backbones import Backbone
+from kad.features.cache import DamagedEntryError
+from kad.features.extract import cached_features, extract_features, plan_extraction
 
 pytestmark = pytest.mark.tf
 MNV2 = "mobilenet_v2:alpha=0.35"
@@ -91,7 +91,7 @@ def test_an_interrupted_extraction_resumes_without_recomputing(folder, monkeypat
     assert plan.path.with_name(plan.path.name + ".partial").is_dir()
 
     seen = []
-    original = kad.runtime.build_runtime
+    original = kad.features.runtime.build_runtime
 
     def counting(*args, **kwargs):
         engine = original(*args, **kwargs)
@@ -104,7 +104,7 @@ def test_an_interrupted_extraction_resumes_without_recomputing(folder, monkeypat
         engine.predict = counted
         return engine
 
-    monkeypatch.setattr(kad.runtime, "build_runtime", counting)
+    monkeypatch.setattr(kad.features.runtime, "build_runtime", counting)
     resumed = extract_features(folder, MNV2, "none", 32, batch_size=4)
     # 19 images in batches of 4: 2 of 5 batches were done, only the other 3 are run
     assert seen == [4, 4, 4]
@@ -172,7 +172,7 @@ def test_an_unwritable_cache_folder_stops_before_the_network_is_built(folder, tm
 
 
 def test_fit_can_keep_only_the_blocks_the_pipeline_uses(folder):
-    from kad.pipeline import fit_pipeline
+    from kad.screening.pipeline import fit_pipeline
 
     pipeline = fit_pipeline(folder, backbone=MNV2, weights="none", image_size=32,
                             representation="out_relu", batch_size=4, keep_all_blocks=False)
@@ -189,13 +189,13 @@ def test_fit_can_keep_only_the_blocks_the_pipeline_uses(folder):
 def test_progress_is_reported_from_before_the_network_is_built(folder, monkeypatch):
     calls = []
     seen_at_build = []
-    original = kad.runtime.build_runtime
+    original = kad.features.runtime.build_runtime
 
     def building(*args, **kwargs):
         seen_at_build.extend(calls)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(kad.runtime, "build_runtime", building)
+    monkeypatch.setattr(kad.features.runtime, "build_runtime", building)
     extract_features(folder, MNV2, "none", 32, batch_size=8,
                      progress=lambda done, total: calls.append((done, total)))
     assert seen_at_build == [(0, 19)]  # the bar is up while the model is built/converted

@@ -2,7 +2,7 @@
 
 Revision 2 finds the same fundus but draws its mask at the output size, blurs at half
 resolution and decodes large JPEGs reduced. The reference below is revision 1 written out:
-the full-resolution crop and mask from :func:`kad.preprocessing.crop_fundus`, resized,
+the full-resolution crop and mask from :func:`kad.data.preprocessing.crop_fundus`, resized,
 eroded, an exact Gaussian at the output size. Both go through MobileNetV2 (ImageNet
 weights) and the features are compared on real photographs: 256 px Kaggle images and
 full-size 3888x2592 photographs made from them.
@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 from conftest import KAGGLE_DR, MOBILENET_WEIGHTS, need
-from kad.images import read_image, resize
-from kad.preprocessing import Fundus, _disc, crop_fundus
+from kad.data.images import read_image, resize
+from kad.data.preprocessing import Fundus, _disc, crop_fundus
 
 pytestmark = [pytest.mark.tf, pytest.mark.shared]
 MNV2 = "mobilenet_v2:alpha=0.35"
@@ -61,13 +61,13 @@ def full_size_photograph(rgb: np.ndarray, path, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def network():
-    from kad.runtime import build_runtime
+    from kad.features.runtime import build_runtime
 
     return build_runtime(MNV2, SIZE, need(MOBILENET_WEIGHTS), "keras", 16)
 
 
 def features(network, images: list[np.ndarray]) -> np.ndarray:
-    from kad.backbones import get_backbone
+    from kad.features.backbones import get_backbone
 
     x = get_backbone(MNV2).preprocess(np.stack([resize(i, SIZE) for i in images]))
     padded = np.concatenate([x, np.zeros((16 - len(x), *x.shape[1:]), np.float32)])

@@ -6,8 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
+from kad.data.preprocessing import Fundus, Natural, crop_fundus
 from kad.errors import KadError
-from kad.heatmaps import (
+from kad.screening.heatmaps import (
     Heatmap,
     choose_method,
     overlay,
@@ -15,7 +16,6 @@ from kad.heatmaps import (
     pointing_game,
     to_image_resolution,
 )
-from kad.preprocessing import Fundus, Natural, crop_fundus
 from kad_plugins.shallow import (
     IsolationForestDetector,
     KNNDetector,
@@ -135,7 +135,7 @@ def test_overlay_colours_only_where_the_score_rises():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from kad.datasets import load_dataset
+    from kad.data.datasets import load_dataset
     from synthetic import screening_folder
 
     root = screening_folder(tmp_path_factory.mktemp("heat"), n_normal=24, n_abnormal=4,
@@ -146,7 +146,7 @@ def data(tmp_path_factory):
 
 
 def _fit(data, detector, representation):
-    from kad.pipeline import fit_pipeline
+    from kad.screening.pipeline import fit_pipeline
 
     dataset, train, _ = data
     return fit_pipeline(dataset, train_rows=train, detector=detector,
@@ -157,8 +157,8 @@ def _fit(data, detector, representation):
 @pytest.mark.parametrize("detector,steps,rtol", [
     ("mahalanobis", 1, 1e-5), ("knn", 64, 0.05), ("ocsvm", 64, 0.05)])
 def test_gradient_attribution_sums_to_the_score_difference(data, detector, steps, rtol):
-    from kad.datasets import FileSource
-    from kad.heatmaps import explain
+    from kad.data.datasets import FileSource
+    from kad.screening.heatmaps import explain
 
     pipeline = _fit(data, detector, TWO_BLOCKS)
     maps = explain(pipeline, FileSource(data[2][-6:]), steps=steps)
@@ -174,9 +174,9 @@ def test_gradient_attribution_sums_to_the_score_difference(data, detector, steps
 
 @pytest.mark.tf
 def test_heatmap_scores_are_the_pipeline_scores_and_survive_a_reload(data, tmp_path):
-    from kad.datasets import FileSource
-    from kad.heatmaps import explain
-    from kad.pipeline import load_pipeline
+    from kad.data.datasets import FileSource
+    from kad.screening.heatmaps import explain
+    from kad.screening.pipeline import load_pipeline
 
     files = FileSource(data[2][-5:])
     for detector, method in (("knn", "gradient"), ("iforest", "occlusion")):
@@ -200,8 +200,8 @@ def _blob(where, size=32, radius=3):
 
 @pytest.mark.tf
 def test_an_occlusion_map_peaks_on_a_planted_blob(data):
-    from kad.datasets import ArraySource
-    from kad.heatmaps import explain
+    from kad.data.datasets import ArraySource
+    from kad.screening.heatmaps import explain
 
     pipeline = _fit(data, "iforest", "block_5_add")
     where = [(22, 8), (6, 6), (10, 26), (26, 20), (14, 14)]  # (row, column) of each blob
@@ -214,8 +214,8 @@ def test_an_occlusion_map_peaks_on_a_planted_blob(data):
 
 @pytest.mark.tf
 def test_a_detector_may_draw_its_own_map(data):
-    from kad.datasets import FileSource
-    from kad.heatmaps import explain
+    from kad.data.datasets import FileSource
+    from kad.screening.heatmaps import explain
 
     class Own(MahalanobisDetector):
         def explain_maps(self, maps):
@@ -228,8 +228,8 @@ def test_a_detector_may_draw_its_own_map(data):
 
 @pytest.mark.tf
 def test_a_folder_gets_overlays_and_unreadable_images_are_named(data, tmp_path):
-    from kad.datasets import FileSource
-    from kad.heatmaps import write_heatmaps
+    from kad.data.datasets import FileSource
+    from kad.screening.heatmaps import write_heatmaps
 
     broken = tmp_path / "broken.png"
     broken.write_text("not an image")
@@ -247,7 +247,7 @@ def test_a_folder_gets_overlays_and_unreadable_images_are_named(data, tmp_path):
         assert seen.shape == (32, 32, 3)
         assert cv2.imread(str(written.original)).shape == (32, 32, 3)
 
-    from kad.heatmaps import explain_file
+    from kad.screening.heatmaps import explain_file
 
     one = explain_file(pipeline, files[0], tmp_path / "one.png",
                        original=tmp_path / "one_photo.png")
@@ -259,8 +259,8 @@ def test_a_folder_gets_overlays_and_unreadable_images_are_named(data, tmp_path):
         explain_file(pipeline, broken, tmp_path / "never.png")
     assert not (tmp_path / "never.png").exists()
 
-    from kad.report import write_report
-    from kad.screening import rank
+    from kad.screening.report import write_report
+    from kad.screening.workflow import rank
 
     rows = rank(pipeline, files, run.scores)
     page, _ = write_report(tmp_path / "report.html", pipeline, rows, run.scores.failed, [],
@@ -290,7 +290,7 @@ def test_deep_score_gradient_on_features_matches_finite_differences(name):
 
 
 def test_one_overlay_goes_to_the_path_asked_for(tmp_path):
-    from kad.heatmaps import write_overlay
+    from kad.screening.heatmaps import write_overlay
 
     heat = np.zeros((16, 16), np.float32)
     heat[3, 3] = 1.0

@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
+from kad.data.images import IMAGE_EXTENSIONS, is_image_file, read_image, resize, to_rgb_uint8
 from kad.errors import ImageReadError, KadError
-from kad.images import IMAGE_EXTENSIONS, is_image_file, read_image, resize, to_rgb_uint8
 
 
 def write(path, array) -> None:

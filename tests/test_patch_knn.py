@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from kad.detector import load_detector
+from kad.detectors.base import load_detector
 from kad.errors import KadError
 from kad_plugins.patch_knn import PatchKNNDetector
 from kad_plugins.shallow import KNNDetector
@@ -140,7 +140,7 @@ FAST = {"backbone": "mobilenet_v2:alpha=0.35", "weights": "none", "image_size": 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from kad.datasets import load_dataset
+    from kad.data.datasets import load_dataset
     from synthetic import screening_folder
 
     root = screening_folder(tmp_path_factory.mktemp("patch"), n_normal=24, n_abnormal=4,
@@ -151,9 +151,9 @@ def folder(tmp_path_factory):
 
 @pytest.mark.tf
 def test_a_pipeline_scores_block_maps_and_its_heatmap_is_the_detectors_own(folder, tmp_path):
-    from kad.datasets import FileSource
-    from kad.heatmaps import explain
-    from kad.pipeline import fit_pipeline, load_pipeline
+    from kad.data.datasets import FileSource
+    from kad.screening.heatmaps import explain
+    from kad.screening.pipeline import fit_pipeline, load_pipeline
 
     dataset, train, files = folder
     pipeline = fit_pipeline(dataset, train_rows=train, detector="patchknn", **FAST)
@@ -178,7 +178,7 @@ def test_a_pipeline_scores_block_maps_and_its_heatmap_is_the_detectors_own(folde
 @pytest.mark.tf
 def test_kad_fit_and_score_with_patchknn_refuse_what_they_cannot_do_before_any_work(
         folder, tmp_path):
-    from kad.screening import fit_model, screen
+    from kad.screening.workflow import fit_model, screen
 
     dataset, train, files = folder
     with pytest.raises(KadError, match="cannot be chosen"):
@@ -197,7 +197,7 @@ def test_kad_fit_and_score_with_patchknn_refuse_what_they_cannot_do_before_any_w
 def test_block_maps_are_stacked_on_the_finest_grid():
     import cv2
 
-    from kad.pipeline import stack_maps
+    from kad.screening.pipeline import stack_maps
 
     rng = np.random.default_rng(5)
     fine = rng.normal(size=(40, 8, 8, 3)).astype(np.float32)
@@ -212,7 +212,7 @@ def test_block_maps_are_stacked_on_the_finest_grid():
 
 @pytest.mark.tf
 def test_named_blocks_are_used_and_unknown_ones_named(folder):
-    from kad.pipeline import fit_pipeline
+    from kad.screening.pipeline import fit_pipeline
 
     dataset, train, _ = folder
     pipeline = fit_pipeline(dataset, train_rows=train, representation="block_9_add",

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 import kad
-from kad.artifact import read_manifest
-from kad.datasets import FileSource, load_dataset
+from kad.data.datasets import FileSource, load_dataset
 from kad.errors import ArtifactError, WeightsError
-from kad.pipeline import fit_pipeline, load_pipeline, threshold_at_sensitivity
+from kad.screening.pipeline import fit_pipeline, load_pipeline, threshold_at_sensitivity
+from kad.utils.artifact import read_manifest
 from synthetic import screening_folder
 
 pytestmark = pytest.mark.tf
@@ -49,8 +49,8 @@ def test_a_new_process_scores_exactly_as_the_fitted_pipeline(fitted, tmp_path):
     in_memory = pipeline.score(FileSource(files)).scores
     path = pipeline.save(tmp_path / "model.kad")
     script = (
-        "import json, sys; from kad.pipeline import load_pipeline; "
-        "from kad.datasets import FileSource; from pathlib import Path; "
+        "import json, sys; from kad.screening.pipeline import load_pipeline; "
+        "from kad.data.datasets import FileSource; from pathlib import Path; "
         "p = load_pipeline(sys.argv[1]); "
         "s = p.score(FileSource([Path(f) for f in sys.argv[2:]])).scores; "
         "print(json.dumps([float(x).hex() for x in s]))"
@@ -67,8 +67,8 @@ def test_a_new_process_scores_exactly_as_the_fitted_pipeline(fitted, tmp_path):
 def test_scoring_runs_on_the_runtime_of_the_training_features(tmp_path):
     """A distance-based detector sees float-noise differences between runtimes: scoring
     the training images gives exactly what the detector gives on the cached features."""
-    from kad.features import extract_features
-    from kad.runtime import resolve_runtime
+    from kad.features.extract import extract_features
+    from kad.features.runtime import resolve_runtime
 
     root = screening_folder(tmp_path / "data", n_normal=12, n_abnormal=4)
     dataset = load_dataset("folder", root, kind="natural")
@@ -102,7 +102,7 @@ def test_unreadable_images_are_listed_and_the_rest_scored(fitted, tmp_path):
 def test_another_version_or_a_corrupt_file_is_refused(fitted, tmp_path, monkeypatch):
     pipeline, _, _ = fitted
     path = pipeline.save(tmp_path / "model.kad")
-    monkeypatch.setattr("kad.artifact.__version__", "9.9.9")
+    monkeypatch.setattr("kad.utils.artifact.__version__", "9.9.9")
     message = f"saved by kad {kad.__version__} and this is kad 9.9.9"
     with pytest.raises(ArtifactError, match=re.escape(message)):
         load_pipeline(path)
@@ -123,7 +123,7 @@ def test_another_version_or_a_corrupt_file_is_refused(fitted, tmp_path, monkeypa
 
 
 def test_other_weights_are_refused(fitted, tmp_path):
-    from kad.backbones import get_backbone
+    from kad.features.backbones import get_backbone
 
     pipeline, files, _ = fitted
     base = get_backbone("mobilenet_v2:alpha=0.35").build_base(32, "none")
@@ -137,7 +137,7 @@ def test_other_weights_are_refused(fitted, tmp_path):
 
 def test_a_weights_file_is_recorded_by_absolute_path_and_can_be_overridden(tmp_path,
                                                                             monkeypatch):
-    from kad.backbones import get_backbone
+    from kad.features.backbones import get_backbone
 
     folder = tmp_path / "weights"
     folder.mkdir()

@@ -8,16 +8,16 @@ import cv2
 import numpy as np
 import pytest
 
-from kad.errors import KadError
-from kad.images import read_image, resize
-from kad.preprocessing import (
+from kad.data.images import read_image, resize
+from kad.data.preprocessing import (
     Fundus,
     Natural,
     Preprocessing,
     crop_fundus,
     get_preprocessing,
 )
-from kad.preview import save_preview
+from kad.data.preview import save_preview
+from kad.errors import KadError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 KAGGLE_DR = SHARED / "data" / "kaggle-dr-256" / "images"
@@ -352,8 +352,8 @@ def test_fundus_on_real_kaggle_images():
 
 
 def test_large_jpeg_is_decoded_reduced_for_the_network_input(tmp_path, monkeypatch):
-    from kad.datasets import FileSource
-    from kad.features import load_preprocessed
+    from kad.data.datasets import FileSource
+    from kad.features.extract import load_preprocessed
 
     yy, xx = np.mgrid[:600, :800]
     rgb = np.stack([xx % 256, yy % 256, (xx // 4 + yy // 4) % 256], axis=2).astype(np.uint8)
@@ -383,8 +383,8 @@ def test_fundus_needs_twice_its_output_size_natural_the_input_size():
 
 
 def test_revisions_enter_the_feature_cache_key(monkeypatch):
-    from kad.datasets import load_dataset
-    from kad.features import plan_extraction
+    from kad.data.datasets import load_dataset
+    from kad.features.extract import plan_extraction
 
     digits = load_dataset("digits")
     plan = plan_extraction(digits, "mobilenet_v2:alpha=0.35", "none", 32, runtime="keras")
@@ -398,9 +398,9 @@ def test_revisions_enter_the_feature_cache_key(monkeypatch):
     ("inception_resnet_v2", 80), ("inception_v3", 80), ("mobilenet_v2:alpha=0.35", 80),
 ])
 def test_tiny_images_get_a_small_input_size(backbone, expected):
-    from kad.backbones import get_backbone
-    from kad.datasets import load_dataset
-    from kad.features import default_input_size, plan_extraction
+    from kad.data.datasets import load_dataset
+    from kad.features.backbones import get_backbone
+    from kad.features.extract import default_input_size, plan_extraction
 
     digits = load_dataset("digits")  # 8x8 images
     assert default_input_size(digits, get_backbone(backbone)) == expected
@@ -408,9 +408,9 @@ def test_tiny_images_get_a_small_input_size(backbone, expected):
 
 
 def test_small_and_file_images_keep_the_native_input_size(tmp_path):
-    from kad.backbones import get_backbone
-    from kad.datasets import ArraySource, Dataset, load_dataset
-    from kad.features import default_input_size
+    from kad.data.datasets import ArraySource, Dataset, load_dataset
+    from kad.features.backbones import get_backbone
+    from kad.features.extract import default_input_size
 
     irv2 = get_backbone("inception_resnet_v2")
     cifar_like = Dataset(name="c", source=ArraySource(np.zeros((4, 32, 32, 3), np.uint8)),

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kad.datasets import ArraySource, Dataset, load_dataset
+from kad.data.datasets import ArraySource, Dataset, load_dataset
+from kad.data.protocols import mix_anomalies, splits, subsample
 from kad.errors import KadError
-from kad.protocols import mix_anomalies, splits, subsample
 
 
 def _medical(n_patients=40, seed=0) -> Dataset:

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from kad.errors import MissingDependencyError
-from kad.features import extract_features
+from kad.features.extract import extract_features
 
 MNV2 = "mobilenet_v2:alpha=0.35"
 
 
 def test_without_ray_the_engine_says_what_to_install(monkeypatch, tmp_path):
-    from kad.datasets import load_dataset
+    from kad.data.datasets import load_dataset
 
     monkeypatch.setitem(sys.modules, "ray", None)
     monkeypatch.setitem(sys.modules, "ray.data", None)
@@ -38,7 +38,7 @@ def local_ray():
 def images(tmp_path_factory):
     import cv2
 
-    from kad.datasets import load_dataset
+    from kad.data.datasets import load_dataset
 
     root = tmp_path_factory.mktemp("ray") / "data"
     (root / "normal").mkdir(parents=True)
@@ -81,8 +81,8 @@ def test_ray_gives_the_local_features_resumes_and_adds_no_rows(images, local_ray
     assert [again.block_file(b).stat().st_mtime_ns for b in again.blocks] == mtimes
 
     # kad score --engine ray: the same scores as scoring in this process
-    from kad.pipeline import fit_pipeline
-    from kad.ray_engine import score_with_ray
+    from kad.features.ray_engine import score_with_ray
+    from kad.screening.pipeline import fit_pipeline
 
     pipeline = fit_pipeline(images, backbone=MNV2, weights="none", image_size=32,
                             representation="out_relu", batch_size=16,

@@ -98,8 +98,8 @@ def test_table3_mixes_each_ratio(screening, tmp_path):
 
 
 def test_missing_weights_stop_the_main_job_with_one_clear_line(tmp_path, monkeypatch):
-    from kad.backbones import Backbone
     from kad.errors import WeightsError
+    from kad.features.backbones import Backbone
 
     def unavailable(self, shape):
         raise WeightsError("ImageNet weights for backbone inception_resnet_v2 are not "
@@ -134,7 +134,7 @@ def test_the_recipe_backbone_reaches_the_supervised_upper_bound():
 
 def test_table2_picks_a_size_block_detector_triple_and_caches_each_size_once(tmp_path,
                                                                             monkeypatch):
-    from kad.backbones import Backbone
+    from kad.features.backbones import Backbone
     from kad_recipes.common import RecipeOptions
     from kad_recipes.table2 import plot_candidates, run_table2
 

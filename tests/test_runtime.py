@@ -7,10 +7,10 @@ import logging
 import numpy as np
 import pytest
 
-import kad.runtime as runtime
+import kad.features.runtime as runtime
 from conftest import KAGGLE_DR, MOBILENET_WEIGHTS, need
-from kad.backbones import Backbone, get_backbone
 from kad.errors import KadError, MissingDependencyError
+from kad.features.backbones import Backbone, get_backbone
 
 MNV2 = "mobilenet_v2:alpha=0.35"
 
@@ -59,9 +59,9 @@ openvino_needed = pytest.mark.skipif(not runtime.openvino_available(),
 
 def _fundus_batch(size: int, n: int = 8) -> np.ndarray:
     """``n`` real fundus photographs as the network sees them."""
-    from kad.datasets import load_dataset
-    from kad.features import load_preprocessed
-    from kad.preprocessing import Fundus
+    from kad.data.datasets import load_dataset
+    from kad.data.preprocessing import Fundus
+    from kad.features.extract import load_preprocessed
 
     dr = load_dataset("dr", need(KAGGLE_DR))
     rows = np.r_[np.flatnonzero(~dr.anomaly)[: n // 2], np.flatnonzero(dr.anomaly)[: n - n // 2]]
@@ -135,7 +135,7 @@ def test_a_damaged_cached_model_is_detected_and_converted_again(tmp_path, caplog
     data[len(data) // 2] ^= 0xFF  # one flipped byte in the weights
     weights.write_bytes(bytes(data))
     runtime._CONVERTED.clear()
-    with caplog.at_level(logging.WARNING, logger="kad.runtime"):
+    with caplog.at_level(logging.WARNING, logger="kad.features.runtime"):
         rebuilt = runtime.build_runtime(MNV2, 32, "none", "openvino", 4, tmp_path)
     assert "damaged" in caplog.text and "model.bin" in caplog.text
     for a, b in zip(expected, rebuilt.predict(x), strict=True):
@@ -144,8 +144,8 @@ def test_a_damaged_cached_model_is_detected_and_converted_again(tmp_path, caplog
 
 @pytest.mark.tf
 def test_the_cache_key_records_the_runtime(tmp_path, monkeypatch):
-    from kad.datasets import load_dataset
-    from kad.features import plan_extraction
+    from kad.data.datasets import load_dataset
+    from kad.features.extract import plan_extraction
 
     monkeypatch.setattr(runtime, "openvino_available", lambda: True)
     digits = load_dataset("digits")
@@ -158,7 +158,7 @@ def test_the_cache_key_records_the_runtime(tmp_path, monkeypatch):
 
 @pytest.mark.tf
 def test_a_keras_model_with_one_output_gives_one_array_per_batch():
-    from kad.backbones import map_extractor
+    from kad.features.backbones import map_extractor
 
     model, names = get_backbone(MNV2).build_extractor(32, "none")
     engine = runtime.as_runtime(map_extractor(model, ["block_5_add"]))

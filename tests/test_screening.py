@@ -12,9 +12,9 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from kad.artifact import read_manifest
 from kad.cli import app
-from kad.pipeline import load_pipeline
+from kad.screening.pipeline import load_pipeline
+from kad.utils.artifact import read_manifest
 from synthetic import screening_folder
 
 pytestmark = pytest.mark.tf
@@ -207,9 +207,9 @@ LIB_FAST = {"backbone": "mobilenet_v2:alpha=0.35", "weights": "none", "image_siz
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
-    from kad.calibration import plan_fit_split
-    from kad.datasets import load_dataset
-    from kad.pipeline import fit_pipeline
+    from kad.data.datasets import load_dataset
+    from kad.screening.calibration import plan_fit_split
+    from kad.screening.pipeline import fit_pipeline
 
     root = screening_folder(tmp_path_factory.mktemp("calibrated"), n_normal=60, n_abnormal=24,
                             seed=5)
@@ -243,9 +243,9 @@ def test_a_calibrated_fit_uses_each_image_once_and_keeps_what_it_measured(calibr
 
 
 def test_p_values_survive_saving_and_follow_the_threshold(calibrated, tmp_path):
-    from kad.calibration import threshold_at_fpr
-    from kad.datasets import FileSource
-    from kad.screening import rank, write_scores_csv
+    from kad.data.datasets import FileSource
+    from kad.screening.calibration import threshold_at_fpr
+    from kad.screening.workflow import rank, write_scores_csv
 
     pipeline, _, dataset, root = calibrated
     files = [root / i for i in dataset.ids]
@@ -268,9 +268,9 @@ def test_p_values_survive_saving_and_follow_the_threshold(calibrated, tmp_path):
 
 
 def test_the_report_shows_the_photograph_the_fit_and_the_p_values(calibrated, tmp_path):
-    from kad.datasets import FileSource
-    from kad.report import write_report
-    from kad.screening import rank
+    from kad.data.datasets import FileSource
+    from kad.screening.report import write_report
+    from kad.screening.workflow import rank
 
     pipeline, _, dataset, root = calibrated
     files = [root / i for i in dataset.ids[:10]]
@@ -290,9 +290,9 @@ def test_the_report_shows_the_photograph_the_fit_and_the_p_values(calibrated, tm
 
 @needs_browser
 def test_the_new_report_sections_render_in_a_headless_browser(calibrated, tmp_path):
-    from kad.datasets import FileSource
-    from kad.report import write_report
-    from kad.screening import rank
+    from kad.data.datasets import FileSource
+    from kad.screening.report import write_report
+    from kad.screening.workflow import rank
 
     pipeline, _, dataset, root = calibrated
     files = [root / i for i in dataset.ids[:6]]
@@ -310,7 +310,7 @@ def test_the_new_report_sections_render_in_a_headless_browser(calibrated, tmp_pa
 
 
 def test_the_fit_summary_says_what_each_number_was_measured_on(calibrated):
-    from kad.calibration import fit_summary
+    from kad.screening.calibration import fit_summary
 
     pipeline, split, _, _ = calibrated
     summary = fit_summary(pipeline)
@@ -322,8 +322,8 @@ def test_the_fit_summary_says_what_each_number_was_measured_on(calibrated):
 
 
 def test_a_sensitivity_threshold_is_set_on_selection_and_reported_on_assessment(calibrated):
-    from kad.datasets import FileSource
-    from kad.pipeline import fit_pipeline
+    from kad.data.datasets import FileSource
+    from kad.screening.pipeline import fit_pipeline
 
     first, split, dataset, root = calibrated
     pipeline = fit_pipeline(dataset, split=split, representation="picked", sensitivity=0.9,
@@ -344,12 +344,12 @@ def test_a_sensitivity_threshold_is_set_on_selection_and_reported_on_assessment(
 
 
 def test_a_model_without_a_calibration_set_says_it_has_no_p_values(calibrated, tmp_path):
-    from kad.calibration import fit_summary, threshold_at_fpr
-    from kad.datasets import FileSource
+    from kad.data.datasets import FileSource
     from kad.errors import KadError
-    from kad.pipeline import fit_pipeline
-    from kad.report import write_report
-    from kad.screening import rank, write_scores_csv
+    from kad.screening.calibration import fit_summary, threshold_at_fpr
+    from kad.screening.pipeline import fit_pipeline
+    from kad.screening.report import write_report
+    from kad.screening.workflow import rank, write_scores_csv
 
     _, split, dataset, root = calibrated
     plain = fit_pipeline(dataset, train_rows=split.train, cache_dir=root / "cache", **LIB_FAST)

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kad.cache import EntryWriter
+from kad.data.protocols import Split
 from kad.errors import KadError
-from kad.protocols import Split
-from kad.selection import (
+from kad.features.cache import EntryWriter
+from kad.screening.selection import (
     Candidate,
     MultiSizeFeatures,
     candidate_grid,
@@ -169,10 +169,10 @@ def test_fundus_size_input_works_at_each_network_size_end_to_end(tmp_path):
     256 px first; each size gets its own cache key."""
     import cv2
 
-    from kad.datasets import load_dataset
-    from kad.features import load_preprocessed, plan_extraction
-    from kad.preprocessing import Fundus, preprocessing_at
-    from kad.selection import extract_sizes
+    from kad.data.datasets import load_dataset
+    from kad.data.preprocessing import Fundus, preprocessing_at
+    from kad.features.extract import load_preprocessed, plan_extraction
+    from kad.screening.selection import extract_sizes
 
     assert preprocessing_at("fundus:size=input,blur=0.02", 448) == "fundus:blur=0.02,size=448"
     assert preprocessing_at("fundus:size=input", None) == "fundus"
@@ -205,7 +205,7 @@ class _Fake:
 def test_fundus_photographs_default_to_448_px_and_other_images_to_the_native_size():
     from types import SimpleNamespace
 
-    from kad.selection import default_image_size
+    from kad.screening.selection import default_image_size
 
     assert default_image_size(SimpleNamespace(kind="fundus")) == 448
     assert default_image_size(SimpleNamespace(kind="natural")) is None

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from kad.errors import KadError
-from kad.features import extract_features, plan_extraction
-from kad.shards import find_shards, merge_shards, parse_shard, shard_range
+from kad.features.extract import extract_features, plan_extraction
+from kad.features.shards import find_shards, merge_shards, parse_shard, shard_range
 
 MNV2 = "mobilenet_v2:alpha=0.35"
 
@@ -32,7 +32,7 @@ def test_parse_shard():
 def folder(tmp_path_factory):
     import cv2
 
-    from kad.datasets import load_dataset
+    from kad.data.datasets import load_dataset
 
     tmp_path = tmp_path_factory.mktemp("shards")
     rng = np.random.default_rng(1)
@@ -99,7 +99,7 @@ def test_an_interrupted_shard_resumes(folder, single, tmp_path):
 
 
 def _entry(final, rows, ids, shard=None, failed=None):
-    from kad.cache import EntryWriter
+    from kad.features.cache import EntryWriter
 
     meta = {"key": "k", "inputs": {"backbone": "b"}, "dataset": "d", "ids": ids, "kad": "0"}
     if shard:

@@ -31,10 +31,10 @@ import sklearn.utils.estimator_checks as sk_checks
 from sklearn.exceptions import SkipTestWarning
 from sklearn.utils.estimator_checks import estimator_checks_generator
 
-from kad.deps import has_keras
-from kad.detector import BaseDetector
+from kad.detectors.base import BaseDetector
 from kad.errors import PluginError
 from kad.registry import DETECTORS, discover, load
+from kad.utils.deps import has_keras
 
 NAMES = list(discover(DETECTORS))
 #: kad's built-ins that are Keras networks (checked against their classes below).
@@ -115,7 +115,7 @@ def _detector(name) -> BaseDetector:
 
 
 def _is_deep(det: BaseDetector) -> bool:
-    deep = sys.modules.get("kad.deep")
+    deep = sys.modules.get("kad.detectors.deep")
     return deep is not None and isinstance(det, deep.DeepDetector)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kad.errors import SpecError
-from kad.specs import parse_spec, split_specs
+from kad.utils.specs import parse_spec, split_specs
 
 
 def test_values_are_read_as_literals_and_the_canonical_form_is_sorted():

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from conftest import CIFAR10_TAR, MOBILENET_WEIGHTS, need
-from kad.datasets import load_dataset
-from kad.features import extract_features
-from kad.metrics import evaluate
-from kad.pixels import load_pixels
+from kad.data.datasets import load_dataset
+from kad.features.extract import extract_features
+from kad.features.pixels import load_pixels
 from kad.registry import get_detector
+from kad.utils.metrics import evaluate
 
 pytestmark = [pytest.mark.tf, pytest.mark.shared]
 TRAIN_NORMAL, TEST_PER_CLASS = 600, 60

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import typer
 
-from . import cache, commands, screening
-from .render import note
+from kad.cli import cache, commands, screening
+from kad.cli.render import note
 
 app = typer.Typer(
     name="kad",
@@ -28,8 +28,8 @@ app.add_typer(cache.app, name="cache")
 
 
 def _mount_command_plugins(root: typer.Typer) -> None:
-    from ..errors import PluginError
-    from ..registry import COMMAND, load, names
+    from kad.errors import PluginError
+    from kad.registry import COMMAND, load, names
 
     for name in names(COMMAND):
         try:

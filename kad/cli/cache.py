@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from .options import CacheDirOpt
-from .render import handle_errors, note, say, stdout, table
+from kad.cli.options import CacheDirOpt
+from kad.cli.render import handle_errors, note, say, stdout, table
 
 app = typer.Typer(no_args_is_help=True, help="List, verify, remove and merge feature cache "
                                               "entries.")
@@ -28,7 +28,7 @@ def _size(n: int) -> str:
 @handle_errors
 def list_(cache_dir: CacheDirOpt = None) -> None:
     """Every entry: dataset, backbone, input size, preprocessing, size on disk, date."""
-    from ..cache import cache_root, list_entries
+    from kad.features.cache import cache_root, list_entries
 
     entries = list_entries(cache_dir)
     stdout.print(table(
@@ -46,7 +46,7 @@ def list_(cache_dir: CacheDirOpt = None) -> None:
 @handle_errors
 def verify(entries: EntriesArg = None, cache_dir: CacheDirOpt = None) -> None:
     """Check entries' block files (all complete entries by default) against their checksums."""
-    from ..cache import list_entries, resolve_entry, verify_entry
+    from kad.features.cache import list_entries, resolve_entry, verify_entry
 
     paths = ([resolve_entry(name, cache_dir) for name in entries] if entries else
              [e.path for e in list_entries(cache_dir) if e.state == "complete"])
@@ -71,8 +71,8 @@ def remove(entries: EntriesArg = None,
            all_entries: Annotated[bool, typer.Option("--all", help="Remove every entry.")] = False,
            cache_dir: CacheDirOpt = None) -> None:
     """Remove entries (or --all)."""
-    from ..cache import remove_entries
-    from ..errors import KadError
+    from kad.errors import KadError
+    from kad.features.cache import remove_entries
 
     if not entries and not all_entries:
         raise KadError("name the entries to remove (see kad cache list), or pass --all")
@@ -87,8 +87,8 @@ def remove(entries: EntriesArg = None,
 def merge(entry: Annotated[str, typer.Argument(help="The entry whose shards to join.")],
           cache_dir: CacheDirOpt = None) -> None:
     """Join the shards of an entry (kad extract --shard i/N) into the entry itself."""
-    from ..cache import cache_root
-    from ..shards import merge_shards
+    from kad.features.cache import cache_root
+    from kad.features.shards import merge_shards
 
     root = Path(cache_dir) if cache_dir else cache_root()
     target = Path(entry) if Path(entry).is_absolute() else root / entry

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .options import (
+from kad.cli.options import (
     BackboneOpt,
     BatchSizeOpt,
     CacheDirOpt,
@@ -20,12 +20,12 @@ from .options import (
     RuntimeOpt,
     WeightsOpt,
 )
-from .render import handle_errors, note, progress_bar, say, skipped, stdout, table
+from kad.cli.render import handle_errors, note, progress_bar, say, skipped, stdout, table
 
 
 def load_dataset(dataset: str, data_dir: Path | None):
     """The dataset an option names, with its summary (and what it skipped) on stderr."""
-    from ..datasets import load_dataset as load
+    from kad.data.datasets import load_dataset as load
 
     ds = load(dataset, data_dir)
     note(ds.summary())
@@ -49,9 +49,9 @@ def extract(
     runtime: RuntimeOpt = "auto",
 ) -> None:
     """Compute every block's features for a dataset once and cache them."""
-    from ..features import extract_features
-    from ..runtime import resolve_runtime
-    from ..shards import find_shards, parse_shard
+    from kad.features.extract import extract_features
+    from kad.features.runtime import resolve_runtime
+    from kad.features.shards import find_shards, parse_shard
 
     ds = load_dataset(dataset, data_dir)
     if engine == "local":
@@ -83,7 +83,7 @@ def extract(
 
 def detectors() -> None:
     """List the detector plugins (built-in and installed), with their status."""
-    from ..registry import list_detectors
+    from kad.registry import list_detectors
 
     rows = ((r.name, f"{r.distribution} {r.version}",
              r.input_kind + (" (supervised)" if r.supervised else ""), r.status, r.summary)
@@ -93,12 +93,12 @@ def detectors() -> None:
 
 
 def backbones() -> None:
-    """List the backbone plugins (entry-point group kad.backbones)."""
-    from ..backbones import list_backbones
+    """List the backbone plugins (entry-point group kad.features.backbones)."""
+    from kad.features.backbones import list_backbones
 
     rows = ((r.name, f"{r.distribution} {r.version}", r.status, r.summary)
             for r in list_backbones())
-    stdout.print(table("backbones (entry-point group kad.backbones)",
+    stdout.print(table("backbones (entry-point group kad.features.backbones)",
                     ["name", "distribution", "status", "summary"], rows))
 
 
@@ -109,7 +109,7 @@ def preview(
     preprocessing: PreprocessingOpt = "fundus",
 ) -> None:
     """Save a before/after picture of the preprocessing for a few images."""
-    from ..preview import save_preview
+    from kad.data.preview import save_preview
 
     path = save_preview(list(images), out_path, preprocessing or "fundus")
     say(f"wrote {path}")

@@ -10,7 +10,7 @@ import typer
 
 DatasetOpt = Annotated[str, typer.Option(
     "--dataset", "-d",
-    help="A kad.datasets plugin, NAME[:key=value,...]: digits, cifar10, cifar100, svhn, dr, "
+    help="A kad.data.datasets plugin, NAME[:key=value,...]: digits, cifar10, cifar100, svhn, dr, "
          "rop, rop-all-grades or folder, e.g. 'dr:anomaly_grades=(3,4)'.")]
 DataDirOpt = Annotated[Path | None, typer.Option(
     "--data-dir", help="Folder holding the dataset (required for dr, rop, folder).")]

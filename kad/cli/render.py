@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ..errors import KadError
+from kad.errors import KadError
 
 stdout = Console()
 stderr = Console(stderr=True)

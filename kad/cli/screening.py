@@ -1,6 +1,6 @@
 """``kad fit``, ``kad score`` and ``kad threshold``: the screening workflow.
 
-Each command calls one function of :mod:`kad.screening` and renders its record.
+Each command calls one function of :mod:`kad.screening.workflow` and renders its record.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Annotated
 
 import typer
 
-from .commands import load_dataset
-from .options import (
+from kad.cli.commands import load_dataset
+from kad.cli.options import (
     BackboneOpt,
     BatchSizeOpt,
     CacheDirOpt,
@@ -26,7 +26,7 @@ from .options import (
     SeedOpt,
     WeightsOpt,
 )
-from .render import NOTHING_KEPT, handle_errors, note, progress_bar, say, skipped
+from kad.cli.render import NOTHING_KEPT, handle_errors, note, progress_bar, say, skipped
 
 HeatmapMethodOpt = Annotated[str, typer.Option(
     "--heatmap-method", help="auto (gradient through the pooling where the detector has one, "
@@ -81,8 +81,8 @@ def fit(
                                   "cache (by default only the blocks the model uses).")] = False,
 ) -> None:
     """Fit the whole pipeline on normal images and save it as one file."""
-    from ..calibration import fit_summary
-    from ..screening import fit_model
+    from kad.screening.calibration import fit_summary
+    from kad.screening.workflow import fit_model
 
     ds = load_dataset(dataset, data_dir)
     with progress_bar(f"features of {ds.name}") as update:
@@ -143,7 +143,7 @@ def score(
                           "fitted with).")] = None,
 ) -> None:
     """Score images, most suspicious first: scores.csv and report.html."""
-    from ..screening import SCORED, SKIPPED, UNREADABLE, screen
+    from kad.screening.workflow import SCORED, SKIPPED, UNREADABLE, screen
 
     with progress_bar("scoring") as update:
         run = screen(model, images, out_dir, labels=labels, weights=weights, engine=engine,
@@ -185,8 +185,8 @@ def threshold(
 ) -> None:
     """Move the flagging threshold without refitting: to a false-positive rate (--fpr) or to
     a sensitivity on a labelled validation set (--sensitivity with --labels)."""
-    from ..calibration import fit_summary
-    from ..screening import set_threshold
+    from kad.screening.calibration import fit_summary
+    from kad.screening.workflow import set_threshold
 
     with progress_bar("scoring labelled images") as update:
         run = set_threshold(model, labels, sensitivity=sensitivity, fpr=fpr,
@@ -211,8 +211,8 @@ def explain(
     weights: WeightsOverrideOpt = None,
 ) -> None:
     """Show where one image's score comes from: a heatmap of how much each region raises it."""
-    from ..heatmaps import explain_file
-    from ..pipeline import load_pipeline
+    from kad.screening.heatmaps import explain_file
+    from kad.screening.pipeline import load_pipeline
 
     pipeline = load_pipeline(model)
     e = explain_file(pipeline, image, out_path, original=original, method=heatmap_method,

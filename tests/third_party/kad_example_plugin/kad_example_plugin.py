@@ -2,7 +2,7 @@
 
 Its learned attributes (``mean_``, ``scale_``: NumPy arrays) are saved by ``save`` as they
 are; a detector that learns other kinds of values overrides ``get_fitted_state`` and
-``set_fitted_state`` (see ``kad.detector``)."""
+``set_fitted_state`` (see ``kad.detectors.base``)."""
 
 import numpy as np
 

@@ -1,0 +1,389 @@
+"""Image files in, RGB ``uint8`` arrays out.
+
+Every image kad touches passes through :func:`read_image` (files) or :func:`to_rgb_uint8`
+(arrays already in memory), so the rest of the library sees one thing only: an array of
+shape ``(height, width, 3)``, dtype ``uint8``, channels in **RGB** order.
+
+Files are read as bytes and decoded with OpenCV (``cv2.imdecode``), which works for any
+path, including non-ASCII ones, and releases the GIL, so callers may decode in a thread
+pool. A file that cannot be decoded raises :class:`~kad.errors.ImageReadError` naming the
+file and the reason. Truncated JPEG and PNG files are detected explicitly: libjpeg decodes
+a truncated JPEG "successfully", filling the missing part with grey.
+
+The EXIF orientation tag is applied, as every image viewer does: a photograph taken with
+the camera held sideways is returned upright. The tag is read with Pillow (header only);
+OpenCV's own handling is switched off so that it is applied once, for every format.
+
+A large JPEG can be decoded at 1/2, 1/4 or 1/8 of its size (libjpeg scales in the DCT
+domain, which costs a fraction of a full decode) when the caller says how many pixels it
+needs (``min_side``); see :func:`read_image`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from kad.errors import ImageReadError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MIN_IMAGE_SIDE",
+    "check_usable",
+    "apply_orientation",
+    "is_image_file",
+    "read_image",
+    "resize",
+    "to_rgb_uint8",
+]
+
+#: Images with a side shorter than this many pixels are not screened: there is nothing to
+#: see in them (8 px keeps scikit-learn's 8x8 digits).
+MIN_IMAGE_SIDE = 8
+
+#: Lower-case file extensions that every OpenCV build kad supports (>= 4.8) decodes.
+#: GIF and AVIF are left out (only some builds read them), and so is OpenEXR (disabled
+#: in OpenCV's wheels unless an environment variable enables it).
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {
+        ".bmp", ".dib",
+        ".jpg", ".jpeg", ".jpe",
+        ".jp2",
+        ".png",
+        ".webp",
+        ".tif", ".tiff",
+        ".pbm", ".pgm", ".ppm", ".pxm", ".pnm", ".pfm",
+        ".sr", ".ras",
+        ".hdr", ".pic",
+    }
+)
+
+_JPEG_SOI = b"\xff\xd8\xff"
+_JPEG_SOS = b"\xff\xda"
+_JPEG_EOI = b"\xff\xd9"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_TRAILING_PADDING = b"\x00 \t\r\n"
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` has an extension in :data:`IMAGE_EXTENSIONS` (case-insensitive).
+
+    Only the name is looked at, never the content. macOS "AppleDouble" companions
+    (``._photo.jpg``), which are metadata and not images, are not image files.
+    """
+    name = Path(path).name
+    return not name.startswith("._") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def read_image(path: str | os.PathLike, *, min_side: int | None = None) -> np.ndarray:
+    """Decode the image file ``path`` to an ``(H, W, 3)`` ``uint8`` RGB array, upright.
+
+    Grey images become three equal channels, an alpha channel is composited on black,
+    16-bit images are scaled to 8 bits, floating-point images are clipped to [0, 1] and
+    scaled to 255. The EXIF orientation (tag 274), where there is one, is applied.
+
+    ``min_side``: the caller needs an image whose shorter side is at least this many
+    pixels. A JPEG whose shorter side is at least 2, 4 or 8 times that is then decoded at
+    1/2, 1/4 or 1/8 of its size (the largest such factor), in the DCT domain, which is much
+    cheaper than a full decode followed by a resize. Other formats are decoded whole.
+
+    Raises :class:`~kad.errors.ImageReadError` when the file is missing, empty, not an
+    image, truncated, or has a channel layout that is not grey, grey+alpha, colour or
+    colour+alpha.
+    """
+    data = _read_bytes(path)
+    _check_complete(path, data)
+    size, orientation = _header(data)
+    flags = cv2.IMREAD_UNCHANGED
+    factor = _reduction(size, min_side) if data.startswith(_JPEG_SOI) else 1
+    if factor > 1:
+        flags = _REDUCED_FLAGS[factor] | cv2.IMREAD_IGNORE_ORIENTATION
+    try:
+        decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+    except cv2.error as exc:
+        raise ImageReadError(path, f"OpenCV failed to decode it: {exc}") from exc
+    if decoded is None:
+        raise ImageReadError(
+            path,
+            f"not a decodable image: OpenCV recognises no image format in its {len(data)} "
+            f"bytes (they start with {data[:12]!r}); check that the file really is an image "
+            f"and that its format is one of {_extensions_text()}",
+        )
+    try:
+        rgb = _convert(decoded, bgr=True)
+    except ValueError as exc:
+        raise ImageReadError(path, str(exc)) from exc
+    return apply_orientation(rgb, orientation)
+
+
+#: EXIF orientation (1-8) to the OpenCV operations that make the image upright, in order:
+#: ("flip", flipCode) or ("rotate", rotateCode) or ("transpose", None).
+_ORIENTATIONS: dict[int, tuple[tuple[str, int | None], ...]] = {
+    1: (),
+    2: (("flip", 1),),  # mirrored left-right
+    3: (("rotate", cv2.ROTATE_180),),
+    4: (("flip", 0),),  # mirrored top-bottom
+    5: (("transpose", None),),  # mirrored along the main diagonal
+    6: (("rotate", cv2.ROTATE_90_CLOCKWISE),),
+    7: (("transpose", None), ("rotate", cv2.ROTATE_180)),  # along the anti-diagonal
+    8: (("rotate", cv2.ROTATE_90_COUNTERCLOCKWISE),),
+}
+
+
+def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:
+    """``image`` turned upright according to its EXIF ``orientation`` (1-8; 1 and unknown
+    values leave it as it is)."""
+    for op, code in _ORIENTATIONS.get(int(orientation), ()):
+        if op == "flip":
+            image = cv2.flip(image, code)
+        elif op == "rotate":
+            image = cv2.rotate(image, code)
+        else:
+            image = cv2.transpose(image)
+    return np.ascontiguousarray(image)
+
+
+def check_usable(rgb: np.ndarray, where: str | os.PathLike,
+                 min_side: int = MIN_IMAGE_SIDE) -> np.ndarray:
+    """``rgb`` itself when there is something to screen in it; otherwise an
+    :class:`~kad.errors.ImageReadError` naming ``where`` and the reason: a side shorter than
+    ``min_side`` pixels, or one flat colour (a blank or failed capture)."""
+    height, width = rgb.shape[:2]
+    if min(height, width) < min_side:
+        raise ImageReadError(where, f"the image is {width}x{height} px, smaller than the "
+                                    f"minimum of {min_side} px a side; nothing to screen")
+    first = rgb[0, 0]
+    if rgb.min() == rgb.max() or not (rgb != first).any():
+        raise ImageReadError(where, f"the image is one flat colour (every pixel RGB "
+                                    f"{tuple(int(c) for c in first)}): a blank or failed "
+                                    "capture, nothing to screen")
+    return rgb
+
+
+def to_rgb_uint8(array: np.ndarray) -> np.ndarray:
+    """Convert an in-memory image to an ``(H, W, 3)`` ``uint8`` RGB array.
+
+    Accepted: grey ``(H, W)`` or ``(H, W, 1)``, grey+alpha ``(H, W, 2)``, RGB ``(H, W, 3)``
+    and RGBA ``(H, W, 4)``; dtype ``uint8``, ``uint16`` (scaled by 255/65535), ``bool``,
+    floating point (values in [0, 1], clipped; NaN becomes 0), or another integer type
+    with values in [0, 255]. Channels are taken to be in RGB order already (arrays from
+    ``cv2.imread`` are BGR: use :func:`read_image` for files). An array that needs no
+    change is returned as it is, not copied.
+
+    Raises :class:`ValueError` for any other shape or dtype.
+    """
+    return _convert(np.asarray(array), bgr=False)
+
+
+def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize ``image`` to exactly ``size`` x ``size`` pixels, or to ``(height, width)``.
+
+    Shrinking uses ``cv2.INTER_AREA`` (no aliasing), enlarging ``cv2.INTER_LINEAR``; when
+    one axis shrinks and the other grows, each axis is resized with its own method. The
+    aspect ratio is not kept. Works for ``uint8`` and ``float32`` arrays of shape
+    ``(H, W)`` or ``(H, W, C)`` and keeps the shape's layout; an image already of the
+    requested size is returned as it is.
+    """
+    height, width = _target_size(size)
+    image = np.asarray(image)
+    if image.ndim not in (2, 3) or image.shape[0] == 0 or image.shape[1] == 0:
+        raise ValueError(
+            f"resize expects an image of shape (H, W) or (H, W, C) with H, W >= 1, "
+            f"got shape {image.shape}"
+        )
+    h, w = image.shape[:2]
+    if (h, w) == (height, width):
+        return image
+    if height <= h and width <= w:
+        out = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+    elif height >= h and width >= w:
+        out = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+    else:  # one axis shrinks, the other grows: shrink first, then enlarge
+        shrunk = (min(w, width), min(h, height))
+        out = cv2.resize(image, shrunk, interpolation=cv2.INTER_AREA)
+        out = cv2.resize(out, (width, height), interpolation=cv2.INTER_LINEAR)
+    if image.ndim == 3 and out.ndim == 2:  # OpenCV drops a single channel axis
+        out = out[:, :, None]
+    return out
+
+
+# --------------------------------------------------------------------------------------
+
+
+def broken_link(path: str | os.PathLike) -> str | None:
+    """The reason ``path`` cannot be read when it is a symbolic link to nothing, else None."""
+    if os.path.islink(path) and not os.path.exists(path):
+        return (f"broken symbolic link (it points to {os.readlink(path)}, which does not "
+                "exist); fix or remove the link")
+    return None
+
+
+def _read_bytes(path: str | os.PathLike) -> bytes:
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError as exc:
+        raise ImageReadError(path, broken_link(p) or "the file does not exist; check the "
+                                                     "path") from exc
+    except IsADirectoryError as exc:
+        raise ImageReadError(path, "it is a directory, not an image file") from exc
+    except PermissionError as exc:
+        raise ImageReadError(path, "permission denied; check the file's permissions") from exc
+    except OSError as exc:
+        raise ImageReadError(path, f"the file could not be read: {exc.strerror or exc}") from exc
+    if not data:
+        raise ImageReadError(
+            path, "the file is empty (0 bytes); it was probably not written completely"
+        )
+    return data
+
+
+def _check_complete(path: str | os.PathLike, data: bytes) -> None:
+    """Raise for a JPEG or PNG file whose end is missing."""
+    if data.startswith(_JPEG_SOI):
+        # Entropy-coded data never contains FF D9 (0xFF bytes are stuffed), so a JPEG is
+        # complete when an end-of-image marker follows its last start-of-scan marker. Data
+        # appended after the image by some cameras is tolerated this way.
+        end = data.rstrip(_TRAILING_PADDING)
+        last_scan = data.rfind(_JPEG_SOS)
+        if not end.endswith(_JPEG_EOI) and (
+            last_scan < 0 or data.find(_JPEG_EOI, last_scan) < 0
+        ):
+            raise ImageReadError(
+                path,
+                f"truncated JPEG: the end-of-image marker (FF D9) is missing after "
+                f"{len(data)} bytes, so the file was cut short (interrupted download or "
+                f"copy?); replace it with a complete copy or remove it",
+            )
+    elif data.startswith(_PNG_SIGNATURE) and data.rfind(b"IEND") < len(_PNG_SIGNATURE):
+        raise ImageReadError(
+            path,
+            f"truncated PNG: the final IEND chunk is missing after {len(data)} bytes, so the "
+            f"file was cut short (interrupted download or copy?); replace it with a complete "
+            f"copy or remove it",
+        )
+
+
+_REDUCED_FLAGS = {
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+}
+
+
+def _header(data: bytes) -> tuple[tuple[int, int] | None, int]:
+    """``((width, height) or None, EXIF orientation)`` from the file's header, read with
+    Pillow without decoding the pixels; ``(None, 1)`` where Pillow does not know the
+    format (OpenCV may still decode it)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            # Pillow's guard against decompression bombs concerns decoding, which OpenCV
+            # does (with its own limits); reading the header is safe.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                orientation = image.getexif().get(0x0112, 1)
+                size = image.size
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+            SyntaxError):
+        return None, 1
+    try:
+        orientation = int(orientation)
+    except (TypeError, ValueError):
+        orientation = 1
+    return size, orientation if orientation in _ORIENTATIONS else 1
+
+
+def _reduction(size: tuple[int, int] | None, min_side: int | None) -> int:
+    """The largest of 8, 4, 2 by which an image of ``size`` can be shrunk and keep its
+    shorter side at least ``min_side``; 1 when none can."""
+    if size is None or not min_side or min_side < 1:
+        return 1
+    shorter = min(size)
+    for factor in (8, 4, 2):
+        if shorter // factor >= min_side:
+            return factor
+    return 1
+
+
+def _extensions_text() -> str:
+    return " ".join(sorted(IMAGE_EXTENSIONS))
+
+
+def _target_size(size: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        dims = (int(size), int(size))
+    elif (
+        isinstance(size, (tuple, list))
+        and len(size) == 2
+        and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in size)
+    ):
+        dims = (int(size[0]), int(size[1]))
+    else:
+        raise ValueError(
+            f"size must be an int or a (height, width) pair of ints, got {size!r}"
+        )
+    if min(dims) < 1:
+        raise ValueError(f"size must be at least 1 pixel, got {size!r}")
+    return dims
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """Scale the values of ``array`` (any supported dtype) to ``uint8``."""
+    dtype = array.dtype
+    if dtype == np.uint8:
+        return array
+    if dtype == np.bool_:
+        return array.astype(np.uint8) * np.uint8(255)
+    if dtype == np.uint16:
+        scaled = array.astype(np.float32) * np.float32(255.0 / 65535.0)
+        return np.rint(scaled).astype(np.uint8)
+    if np.issubdtype(dtype, np.floating):
+        unit = np.clip(np.nan_to_num(array.astype(np.float32), nan=0.0), 0.0, 1.0)
+        return np.rint(unit * np.float32(255.0)).astype(np.uint8)
+    if np.issubdtype(dtype, np.integer):
+        low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
+        if low >= 0 and high <= 255:
+            return array.astype(np.uint8)
+        raise ValueError(
+            f"an image of dtype {dtype} must have values in [0, 255], got [{low}, {high}]; "
+            f"convert it to uint8, uint16 or float in [0, 1] first"
+        )
+    raise ValueError(
+        f"unsupported image dtype {dtype}; expected uint8, uint16, bool, float in [0, 1], "
+        f"or integers in [0, 255]"
+    )
+
+
+def _convert(array: np.ndarray, *, bgr: bool) -> np.ndarray:
+    """The conversions shared by :func:`read_image` (``bgr=True``) and :func:`to_rgb_uint8`."""
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(
+            f"an image must have shape (H, W) or (H, W, channels) with H, W >= 1, "
+            f"got shape {array.shape}"
+        )
+    channels = array.shape[2]
+    if channels not in (1, 2, 3, 4):
+        raise ValueError(
+            f"unsupported number of channels {channels} (shape {array.shape}); expected 1 "
+            f"(grey), 2 (grey+alpha), 3 (colour) or 4 (colour+alpha)"
+        )
+    array = _to_uint8(array)
+    if channels in (2, 4):
+        color, alpha = array[:, :, :-1], array[:, :, -1:]
+        # Composite on black: colour * alpha / 255, rounded.
+        weighted = color.astype(np.uint16) * alpha.astype(np.uint16) + 127
+        array = (weighted // 255).astype(np.uint8)
+    if array.shape[2] == 1:
+        return cv2.cvtColor(np.ascontiguousarray(array), cv2.COLOR_GRAY2RGB)
+    if bgr:
+        return cv2.cvtColor(np.ascontiguousarray(array), cv2.COLOR_BGR2RGB)
+    return np.ascontiguousarray(array)

@@ -1,0 +1,348 @@
+"""The detector contract: scikit-learn's outlier-detector contract, checked by scikit-learn.
+
+**Score direction, stated once for all of kad: a detector's ``anomaly_score`` is higher
+for more anomalous inputs.** The fitted detector keeps the anomaly scores of its training
+data in ``anomaly_scores_`` and flags inputs scored above ``threshold_``, the
+``1 - contamination`` quantile of ``anomaly_scores_`` (``contamination`` is the expected
+share of anomalies in the training data).
+
+A detector is a scikit-learn outlier detector (``OutlierMixin``, estimator type
+``"outlier_detector"``), with scikit-learn's conventions for the methods scikit-learn
+defines:
+
+* ``predict`` and ``fit_predict``: ``-1`` for anomalies, ``+1`` for normal inputs;
+* ``score_samples``: ``-anomaly_score``, lower is more abnormal;
+* ``decision_function``: ``threshold_ - anomaly_score``, negative for anomalies;
+  ``offset_`` is ``-threshold_``, so ``decision_function = score_samples - offset_``.
+
+``__init__`` only stores its keyword arguments, what is learned ends in ``_``, ``fit``
+returns the detector, and using it before ``fit`` raises :class:`NotFittedError`. Inputs
+are validated with scikit-learn's ``check_array``/``validate_data`` (sparse, complex, NaN
+and infinite inputs are refused; ``n_features_in_`` and ``feature_names_in_`` are
+recorded). Subclasses implement ``_fit`` and ``_score``. ``tests/test_sklearn_checks.py``
+runs scikit-learn's estimator checks on every registered detector and lists each deviation
+with its reason.
+
+Saving (:meth:`BaseDetector.save`, :func:`load_detector`) never pickles. A saved detector
+is its registry name (the ``kad.detectors`` entry point), its ``get_params()`` and its
+fitted state: :meth:`BaseDetector.get_fitted_state`, by default every attribute whose name
+ends in ``_`` (and does not start with ``_``). Each value must be one a kad model file can
+hold: None, bool, int, float, str, NumPy arrays and scalars (numeric or string dtypes),
+scikit-learn objects made only of allowed types, Keras models, and tuples, lists and dicts
+(string keys) of these. Attributes starting with ``_`` are caches and are not saved; they
+must be rebuilt on first use. A third-party detector whose learned state is something else
+(a network of another framework, say) overrides :meth:`~BaseDetector.get_fitted_state` to
+return it as arrays and plain values and :meth:`~BaseDetector.set_fitted_state` to rebuild
+it; a value that cannot be stored is refused by ``save``, naming the attribute and its type.
+Loading takes the class from the registry by the recorded name, never from the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+from sklearn.base import BaseEstimator, OutlierMixin
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+
+from kad.errors import ArtifactError, PluginError, UnstorableError
+
+if TYPE_CHECKING:
+    from kad.utils.artifact import Artifact, Encoder
+
+InputKind = Literal["features", "images", "both", "maps"]
+
+__all__ = ["BaseDetector", "NotFittedError", "load_detector", "InputKind", "uses_maps"]
+
+
+def uses_maps(detector) -> bool:
+    """Whether ``detector`` (an instance or class) scores unpooled block maps
+    (``input_kind == "maps"``) rather than pooled feature vectors."""
+    return getattr(detector, "input_kind", "features") == "maps"
+
+
+class BaseDetector(OutlierMixin, BaseEstimator):
+    """Base class of every kad detector.
+
+    Class attributes a plugin sets:
+
+    ``input_kind``
+        ``"features"`` (2-D arrays of feature vectors), ``"images"`` (4-D arrays
+        ``(n, height, width, 3)`` with values in [0, 1]), ``"both"``, or ``"maps"``: the
+        network's unpooled block maps ``(n, h, w, c)``, for detectors that score
+        locations (:class:`kad_plugins.patch_knn.PatchKNNDetector`); a pipeline passes
+        them instead of pooled vectors (:func:`uses_maps`).
+    """
+
+    input_kind: ClassVar[InputKind] = "features"
+    #: True for detectors that need labelled anomalies in ``fit(X, y)`` (the supervised
+    #: upper bound); recipes mark their results as such.
+    supervised: ClassVar[bool] = False
+    #: Small settings under which the detector fits in seconds on the tests' small inputs;
+    #: the contract tests use them. Never defaults.
+    quick_params: ClassVar[dict] = {}
+    #: Type names (as ``skops`` writes them, ``module.Class``) that this detector's
+    #: scikit-learn state needs beyond kad's allow-list
+    #: (:func:`kad.utils.artifact.sklearn_trusted_types`); they are trusted when a file of this
+    #: detector is loaded, the class being taken from the registry.
+    trusted_types: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, contamination: float = 0.1):
+        self.contamination = contamination
+
+    # -- what subclasses implement -------------------------------------------------
+    def _fit(self, X: np.ndarray, y: np.ndarray | None) -> None:
+        raise NotImplementedError
+
+    def _score(self, X: np.ndarray) -> np.ndarray:
+        """Anomaly scores of ``X``, higher meaning more anomalous."""
+        raise NotImplementedError
+
+    def _score_gradient(self, X: np.ndarray) -> np.ndarray | None:
+        """Gradient of the anomaly score with respect to each row of ``X`` (feature
+        vectors), or None (the default) where the score is not a differentiable function of
+        them; heatmaps then fall back to occlusion. See :meth:`score_gradient`."""
+        return None
+
+    def explain_maps(self, maps: list[np.ndarray]) -> np.ndarray | None:
+        """A detector's own heatmap of one image, or None (the default) to let
+        :mod:`kad.screening.heatmaps` make it (gradient attribution where :meth:`score_gradient`
+        exists, occlusion otherwise).
+
+        ``maps`` are the unpooled block maps ``(h, w, c)`` of the image, in the order whose
+        spatial means, concatenated, are the feature vector the detector scores. Return a
+        ``(h', w')`` array of how much each region raises the score (any resolution; it is
+        resized to the image).
+        """
+        return None
+
+    def _training_scores(self, X: np.ndarray) -> np.ndarray:
+        """Anomaly scores of the training data, from which ``threshold_`` is set. Override
+        where a training point must not count as its own evidence (nearest neighbours)."""
+        return self._score(X)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # scikit-learn's checks feed 2-D arrays; image-only detectors cannot take them.
+        tags.input_tags.two_d_array = self.input_kind not in ("images", "maps")
+        tags.target_tags.required = bool(self.supervised)
+        return tags
+
+    # -- the public contract ---------------------------------------------------------
+    def fit(self, X, y=None) -> BaseDetector:
+        """Fit on ``X`` (mostly normal data). ``y`` is ignored by unsupervised detectors."""
+        self._check_contamination()
+        if self.supervised and y is None:
+            raise ValueError(
+                f"{type(self).__name__} is supervised: fit(X, y) needs labels y "
+                "(1 = anomaly, 0 = normal)"
+            )
+        X = self._validate(X, reset=True)
+        if X.ndim == 2:
+            # The typical normal feature vector: heatmaps explain a score against it.
+            self.reference_ = X.mean(axis=0, dtype=np.float64)
+        self._fit(X, y)
+        scores = np.asarray(self._training_scores(X), dtype=np.float64)
+        self.anomaly_scores_ = scores
+        self.threshold_ = float(np.quantile(scores, 1.0 - self.contamination))
+        return self
+
+    def anomaly_score(self, X) -> np.ndarray:
+        """One score per input; **higher means more anomalous**."""
+        check_is_fitted(self, "threshold_")
+        X = self._validate(X, reset=False)
+        return np.asarray(self._score(X), dtype=np.float64)
+
+    def score_gradient(self, X) -> np.ndarray | None:
+        """``(n, d)`` gradient of :meth:`anomaly_score` with respect to each feature vector
+        (float64), or None where the detector's score is not differentiable in its features
+        (Isolation Forest) or the detector does not say how; :mod:`kad.screening.heatmaps` uses it
+        to
+        attribute a score to image regions."""
+        check_is_fitted(self, "threshold_")
+        X = self._validate(X, reset=False)
+        if X.ndim != 2:
+            return None
+        gradient = self._score_gradient(X)
+        return None if gradient is None else np.asarray(gradient, dtype=np.float64)
+
+    def predict(self, X) -> np.ndarray:
+        """scikit-learn's labels: -1 for inputs scored above ``threshold_`` (anomalies),
+        +1 for the others."""
+        return np.where(self.anomaly_score(X) > self.threshold_, -1, 1)
+
+    def fit_predict(self, X, y=None) -> np.ndarray:
+        """``fit(X, y).predict(X)``: -1 for anomalies, +1 for the others. ``y`` is passed
+        on to ``fit`` (supervised detectors need it)."""
+        return self.fit(X, y).predict(X)
+
+    def score_samples(self, X) -> np.ndarray:
+        """scikit-learn's direction: ``-anomaly_score(X)``, lower is more abnormal."""
+        return -self.anomaly_score(X)
+
+    def decision_function(self, X) -> np.ndarray:
+        """``threshold_ - anomaly_score(X)``: negative for anomalies, as in scikit-learn."""
+        scores = self.anomaly_score(X)  # first: it refuses an unfitted detector
+        return self.threshold_ - scores
+
+    @property
+    def offset_(self) -> float:
+        """scikit-learn's name for ``-threshold_``:
+        ``decision_function(X) == score_samples(X) - offset_``."""
+        check_is_fitted(self, "threshold_")
+        return -self.threshold_
+
+    def get_fitted_state(self) -> dict[str, Any]:
+        """What ``fit`` learned, as :meth:`save` stores it: by default every attribute whose
+        name ends in ``_`` and does not start with ``_``. Override (with
+        :meth:`set_fitted_state`) to store something else; see the module docstring."""
+        return {k: v for k, v in vars(self).items() if k.endswith("_") and not k.startswith("_")}
+
+    def set_fitted_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`get_fitted_state` returned, on a detector built with the
+        saved parameters; by default each item becomes an attribute, and only names of
+        learned attributes (ending in ``_``, not starting with ``_``) are accepted."""
+        for name in state:
+            if not (name.isidentifier() and name.endswith("_") and not name.startswith("_")):
+                raise ValueError(f"{name!r} is not the name of a learned attribute (those end "
+                                 "in '_' and do not start with '_')")
+        for name, value in state.items():
+            setattr(self, name, value)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the fitted detector to one file; :func:`load_detector` reads it back.
+
+        Raises :class:`~kad.errors.UnstorableError` (a :class:`TypeError`) naming the
+        attribute when part of the fitted state cannot be stored without pickle, and
+        :class:`~kad.errors.PluginError` when the class is not registered under
+        ``kad.detectors`` (loading needs its registry name)."""
+        from kad.utils.artifact import Encoder, write_artifact
+
+        check_is_fitted(self, "threshold_")
+        encoder = Encoder(trusted=tuple(type(self).trusted_types))
+        tree = {"detector": encode_detector(self, encoder, "detector")}
+        return write_artifact(path, "detector", tree, encoder.members)
+
+    # -- helpers ---------------------------------------------------------------------
+    def _check_contamination(self) -> None:
+        c = self.contamination
+        if not (isinstance(c, (int, float)) and 0.0 < c < 0.5):
+            raise ValueError(
+                f"contamination must be a number in (0, 0.5), got {c!r}; it is the expected "
+                "share of anomalies in the training data"
+            )
+
+    def _validate(self, X, reset: bool) -> np.ndarray:
+        """``X`` as a float32 array: 2-D feature vectors, or 4-D images for detectors that
+        take them (flattened to pixels for feature detectors: the paper's raw-pixel
+        baselines). Records ``n_features_in_`` and ``input_shape_`` when ``reset`` and
+        checks new inputs against them otherwise."""
+        name = type(self).__name__
+        ndim = X.ndim if hasattr(X, "ndim") else np.asarray(X).ndim
+        images = ndim == 4
+        if images:
+            X = check_array(X, dtype=np.float32, allow_nd=True, estimator=self,
+                            input_name="X")
+            if self.input_kind == "features":
+                X, images = X.reshape(len(X), -1), False
+        elif self.input_kind == "images":
+            raise ValueError(
+                f"{name} works on images (n, height, width, 3), got an input of shape "
+                f"{np.shape(X)}; pass images, not feature vectors"
+            )
+        elif self.input_kind == "maps":
+            raise ValueError(
+                f"{name} works on block maps (n, h, w, channels), got an input of shape "
+                f"{np.shape(X)}; pass unpooled maps, not feature vectors"
+            )
+        elif ndim == 3:
+            raise ValueError(
+                f"{name} expects a 2-D array of feature vectors or a 4-D array of images "
+                f"(n, height, width, 3), got shape {np.shape(X)}; a single image needs a "
+                "leading batch axis"
+            )
+        if not images:
+            X = validate_data(self, X, reset=reset, dtype=np.float32)
+        elif reset:
+            self.n_features_in_ = int(np.prod(X.shape[1:]))
+            if hasattr(self, "feature_names_in_"):
+                del self.feature_names_in_
+        if reset:
+            self.input_shape_ = tuple(X.shape[1:])
+        elif tuple(X.shape[1:]) != self.input_shape_:
+            raise ValueError(
+                f"X has {int(np.prod(X.shape[1:]))} features, but {name} is expecting "
+                f"{self.n_features_in_} features as input: it was fitted on inputs of shape "
+                f"{self.input_shape_} and got inputs of shape {tuple(X.shape[1:])}"
+            )
+        return X
+
+
+def encode_detector(detector: BaseDetector, encoder: Encoder, where: str) -> dict:
+    """The ``object.json`` record of a fitted detector: registry name, entry point, the
+    distribution that provides it, parameters and fitted state."""
+    from kad.registry import registered_as
+
+    info = registered_as(type(detector))
+    params = encoder.encode(detector.get_params(deep=False), f"{where}.params", plain=True)
+    state = detector.get_fitted_state()
+    if not isinstance(state, dict):
+        raise UnstorableError(f"{type(detector).__name__}.get_fitted_state() returned a "
+                              f"{type(state).__name__}; it must return a dict")
+    return {
+        "name": info.name, "entry_point": info.value,
+        "distribution": info.distribution, "version": info.version,
+        "params": params, "state": encoder.encode(state, f"{where}.state"),
+    }
+
+
+def decode_detector(artifact: Artifact, record: Any, where: str) -> BaseDetector:
+    """The detector of an :func:`encode_detector` record, its class taken from the registry
+    by the recorded name; the plugin must be the one it was saved with."""
+    from kad.registry import DETECTORS, discover, load
+
+    if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+        raise artifact.fail(f"{where} is not a detector record")
+    name = record["name"]
+    info = discover(DETECTORS).get(name)
+    if info is None:
+        raise artifact.fail(
+            f"the detector plugin {name!r} ({record.get('distribution')} "
+            f"{record.get('version')}) is not installed here; install it to load this file")
+    saved = (record.get("entry_point"), record.get("distribution"), record.get("version"))
+    if saved != (info.value, info.distribution, info.version):
+        raise artifact.fail(
+            f"the detector {name!r} was saved from {saved[0]} ({saved[1]} {saved[2]}), but "
+            f"here it is {info.value} ({info.distribution} {info.version}); scores could "
+            f"differ, so it is refused: install {saved[1]}=={saved[2]} or refit")
+    try:
+        cls = load(DETECTORS, name)
+    except PluginError as exc:
+        raise artifact.fail(str(exc)) from exc
+    params = artifact.decode(record.get("params"), f"{where}.params", plain=True)
+    state = artifact.decode(record.get("state"), f"{where}.state", trusted=cls.trusted_types)
+    if not isinstance(params, dict) or not isinstance(state, dict):
+        raise artifact.fail(f"{where} has malformed parameters or state")
+    try:
+        detector = cls(**params)
+        detector.set_fitted_state(state)
+    except Exception as exc:  # the plugin's own code: whatever it raises, name the file
+        raise artifact.fail(f"the detector {name!r} could not be rebuilt from the file "
+                            f"({type(exc).__name__}: {exc})") from exc
+    return detector
+
+
+def load_detector(path: str | Path) -> BaseDetector:
+    """Read a detector written by :meth:`BaseDetector.save`; nothing in the file can run
+    code (see :mod:`kad.utils.artifact`)."""
+    from kad.utils.artifact import open_artifact
+
+    artifact = open_artifact(path, kind="detector")
+    if not isinstance(artifact.tree, dict) or "detector" not in artifact.tree:
+        raise ArtifactError(f"{path} is corrupt: it holds no detector")
+    detector = decode_detector(artifact, artifact.tree["detector"], "detector")
+    if not hasattr(detector, "threshold_"):
+        raise ArtifactError(f"{path} is corrupt: its detector has no fitted threshold_")
+    return detector

@@ -1,0 +1,301 @@
+"""How one process extracts features: the plan of an extraction (what decides the
+features and which cache entry holds them), and the local extraction loop that
+:func:`kad.features.extract.extract_features` runs, which shards (:mod:`kad.features.shards`)
+and the Ray
+engine (:mod:`kad.features.ray_engine`) reuse.
+
+It decodes and preprocesses images in a thread pool (OpenCV releases the GIL) while the
+network runs on the previous batch, writes each batch to the memory-mapped entry, and
+resumes from the last written batch if it was interrupted. Images that cannot be read are
+counted, reported and marked invalid in the entry; they never stop the run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kad import __version__
+from kad.data.images import check_usable, resize
+from kad.data.preprocessing import Preprocessing, get_preprocessing, preprocessing_at
+from kad.errors import ImageReadError
+from kad.features.backbones import Backbone, get_backbone, weights_identity
+from kad.features.cache import (
+    CacheEvent,
+    DamagedEntryError,
+    EventCallback,
+    FeatureSet,
+    cache_key,
+    emit,
+    entry_path,
+)
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class Scores:
+    """Scores of a stream of images; unreadable ones are in ``failed`` with the reason."""
+
+    ids: list[str]
+    scores: np.ndarray  # NaN where the image could not be read
+    failed: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ExtractionPlan:
+    """Everything that decides the features, and the cache entry that holds them."""
+
+    backbone: Backbone
+    weights: str | Path | None
+    input_size: int
+    preprocessing: Preprocessing
+    key: str
+    path: Path
+    inputs: dict
+    runtime: str = "keras"  # resolved: "keras" or "openvino" (see kad.features.runtime)
+
+
+def default_preprocessing(dataset) -> str:
+    return "fundus" if getattr(dataset, "kind", "natural") == "fundus" else "natural"
+
+
+#: Tiny images are upscaled at most this many times by default: more adds no detail,
+#: only compute (which grows with the square of the input size).
+MAX_UPSCALE = 10
+
+
+def default_input_size(dataset, backbone: Backbone) -> int:
+    """The input size used when none is given: the backbone's native size, except for
+    datasets of tiny in-memory images (the 8x8 digits), which get ``MAX_UPSCALE`` times
+    their side, but never less than the backbone's minimum (75 px for the Inception
+    networks). 32 px images (CIFAR, SVHN) keep the native size."""
+    array = getattr(getattr(dataset, "source", None), "array", None)
+    native = backbone.default_size
+    if array is None or getattr(array, "ndim", 0) < 3:
+        return native
+    side = max(int(array.shape[1]), int(array.shape[2]))
+    return max(backbone.min_size, min(native, MAX_UPSCALE * side))
+
+
+def plan_extraction(dataset, backbone="inception_resnet_v2", weights="imagenet",
+                    image_size: int | None = None, preprocessing=None,
+                    cache_dir: str | Path | None = None, runtime: str = "auto",
+                    ) -> ExtractionPlan:
+    """What decides the features of ``dataset``, and where they are cached.
+
+    ``image_size`` None picks :func:`default_input_size`. ``runtime`` (``auto``, ``keras``
+    or ``openvino``, see :mod:`kad.features.runtime`) is resolved here and recorded in the key, so
+    features from different runtimes never mix.
+    """
+    from kad.features.runtime import resolve_runtime
+
+    bb = backbone if isinstance(backbone, Backbone) else get_backbone(backbone)
+    size = bb.input_size(default_input_size(dataset, bb) if image_size is None else image_size)
+    # fundus:size=input works at the network's input size (see preprocessing_at)
+    prep = get_preprocessing(preprocessing_at(preprocessing, size)
+                             or default_preprocessing(dataset))
+    engine = resolve_runtime(runtime).name
+    inputs = {
+        "dataset": dataset.fingerprint,
+        "backbone": str(bb.spec),
+        "weights": weights_identity(weights),
+        "image_size": size,
+        "preprocessing": prep.key,
+        "preprocessing_revision": prep.revision,
+        "runtime": engine,
+    }
+    key = cache_key(inputs)
+    path = entry_path(dataset.name, bb.name, key, Path(cache_dir) if cache_dir else None)
+    return ExtractionPlan(bb, weights, size, prep, key, path, inputs, engine)
+
+
+def cached_features(plan: ExtractionPlan, verify: bool = True) -> FeatureSet | None:
+    """The complete entry of ``plan``, or None. A damaged entry raises
+    :class:`~kad.features.cache.DamagedEntryError` naming the file and the remedy: a damaged
+    ``meta.json`` always, a block file that does not match its checksum with ``verify``
+    (each file is read once per process; without ``verify`` it is checked when first
+    used)."""
+    if not plan.path.is_dir():
+        return None
+    found = FeatureSet(plan.path)
+    if verify:
+        found.verify()
+    return found
+
+
+def _usable(plan: ExtractionPlan, on_event: EventCallback | None,
+            locked: bool = False, blocks: list[str] | None = None) -> FeatureSet | None:
+    """The verified entry, or None. Holding the entry's lock, a damaged entry, or one that
+    lacks blocks that are asked for, is reported and removed, so that it is extracted
+    again."""
+    try:
+        found = cached_features(plan, verify=True)
+        if found is None or not found.pruned or (
+                blocks is not None and set(blocks) <= set(found.blocks)):
+            return found
+        if locked:
+            emit(on_event, CacheEvent(
+                "pruned", plan.path, f"{plan.path.name} keeps only {len(found.blocks)} of "
+                                     f"{len(found.all_blocks)} blocks; extracting all again"))
+            shutil.rmtree(plan.path, ignore_errors=True)
+        return None
+    except DamagedEntryError as exc:
+        if not locked:
+            return None
+        emit(on_event, CacheEvent("damaged", plan.path,
+                                  f"{exc.file} {exc.reason}; removing {plan.path.name} and "
+                                  f"extracting it again"))
+        shutil.rmtree(plan.path, ignore_errors=True)
+        return None
+
+
+SYNC_SECONDS = 10.0  # how often finished batches are made durable during extraction
+
+
+def _extract(dataset, plan: ExtractionPlan, batch_size: int, workers: int | None,
+             progress: ProgressCallback | None, extra_meta: dict | None = None) -> FeatureSet:
+    from kad.features.cache import EntryWriter
+    from kad.features.runtime import build_runtime
+
+    n = len(dataset)
+    if progress:  # the bar shows while the network is built (or converted)
+        recorded = EntryWriter.recorded(plan.path) or {}
+        progress(min(int(recorded.get("done", 0)), n), n)
+    engine = build_runtime(plan.backbone, plan.input_size, plan.weights, plan.runtime,
+                           batch_size, plan.path.parent)
+    names, dims = engine.names, engine.dims
+    meta = {
+        "key": plan.key, "inputs": plan.inputs, "dataset": dataset.name,
+        "ids": [str(i) for i in dataset.ids], "kad": __version__, **(extra_meta or {}),
+    }
+    writer = EntryWriter(plan.path, names, dims, n, meta)
+    if progress:
+        progress(writer.done, n)
+    # Writing batch k overlaps inference on batch k+1; durability is paid every few seconds.
+    pending: Future | None = None
+    last_sync = time.monotonic()
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kad-write") as saver:
+            for start, outputs, failed in stream_features(
+                    engine, dataset.source, dataset.ids, plan, batch_size, workers,
+                    first=writer.done):
+                if pending is not None:
+                    pending.result()
+                stop = start + len(outputs[0])
+                sync = stop == n or time.monotonic() - last_sync > SYNC_SECONDS
+                pending = saver.submit(_save, writer, start, outputs, failed, sync)
+                if sync:
+                    last_sync = time.monotonic()
+                if progress:
+                    progress(stop, n)
+            if pending is not None:
+                pending.result()
+    except BaseException:
+        # Interrupted: what was written is made durable, so a rerun resumes after it.
+        try:
+            writer.sync()
+        finally:
+            writer.close()
+        raise
+    return writer.commit()
+
+
+def _save(writer, start, outputs, failed, sync: bool) -> None:
+    writer.write(start, outputs, failed)
+    if sync:
+        writer.sync()
+
+
+def stream_features(model, source, ids, plan: ExtractionPlan, batch_size: int = 64,
+                    workers: int | None = None, first: int = 0,
+                    ) -> Iterator[tuple[int, list[np.ndarray], dict[str, str]]]:
+    """``(start, per-block outputs, failed)`` batch by batch, images loaded ahead in threads.
+
+    ``model`` is a runtime from :func:`kad.features.runtime.build_runtime` or a Keras model. Every
+    batch is run at the full ``batch_size`` (the last one padded), so an image's
+    features never depend on how many images came with it. Rows of unreadable images are
+    zeros and their ids are in ``failed`` with the reason.
+    """
+    from kad.features.runtime import as_runtime
+
+    engine = as_runtime(model)
+    for start, batch, failed in _batches(source, ids, plan, first, batch_size, workers):
+        n = len(batch)
+        if n < batch_size:
+            batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]),
+                                                    dtype=batch.dtype)])
+        outputs = [o[:n] for o in engine.predict(batch)]
+        for row, ident in enumerate(ids[start:start + n]):
+            if str(ident) in failed:
+                for block in outputs:
+                    block[row] = 0.0
+        yield start, outputs, failed
+
+
+def load_preprocessed(source, index: int, preprocessing: Preprocessing,
+                      input_size: int) -> np.ndarray:
+    """One image as the network sees it, before the backbone's own scaling: float32 in
+    [0, 1], ``input_size`` square. An image with nothing to screen in it (too small, one
+    flat colour) raises :class:`~kad.errors.ImageReadError` like an unreadable one.
+
+    A large JPEG is decoded at the smallest size the preprocessing can work from
+    (:meth:`~kad.data.preprocessing.Preprocessing.source_side`), which is much cheaper.
+    """
+    side = preprocessing.source_side(input_size)
+    load_scaled = getattr(source, "load_scaled", None)
+    image = source.load(index) if load_scaled is None or side is None else load_scaled(
+        index, side)
+    return resize(preprocessing(check_usable(image, source.describe(index))), input_size)
+
+
+def _load_batch(source, ids, plan: ExtractionPlan, start: int, stop: int):
+    batch = np.zeros((stop - start, plan.input_size, plan.input_size, 3), dtype=np.float32)
+    failed: dict[str, str] = {}
+    for row, index in enumerate(range(start, stop)):
+        try:
+            batch[row] = load_preprocessed(source, index, plan.preprocessing, plan.input_size)
+        except ImageReadError as exc:
+            failed[str(ids[index])] = exc.reason
+    return start, plan.backbone.preprocess(batch), failed
+
+
+def _batches(source, ids, plan: ExtractionPlan, first: int, batch_size: int,
+             workers: int | None) -> Iterator[tuple[int, np.ndarray, dict[str, str]]]:
+    """Preprocessed batches in order, loaded ahead by a thread pool.
+
+    Each batch is split into one slice per worker, so the next batch is ready as soon as
+    possible while the network runs on the current one; two batches are in flight.
+    (Threads, not processes: OpenCV and NumPy release the GIL, and a process would have
+    to copy every preprocessed batch back.)
+    """
+    n = len(source)
+    workers = workers or max(1, min(4, (os.cpu_count() or 2)))
+    step = max(1, -(-batch_size // workers))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kad-load") as pool:
+        pending: list[tuple[int, list[Future]]] = []
+        for start in range(first, n, batch_size):
+            stop = min(start + batch_size, n)
+            pending.append((start, [pool.submit(_load_batch, source, ids, plan, a,
+                                                min(a + step, stop))
+                                    for a in range(start, stop, step)]))
+            if len(pending) >= 2:
+                yield _joined(*pending.pop(0))
+        for start, parts in pending:
+            yield _joined(start, parts)
+
+
+def _joined(start: int, parts: list[Future]) -> tuple[int, np.ndarray, dict[str, str]]:
+    results = [part.result() for part in parts]
+    failed: dict[str, str] = {}
+    for _, _, bad in results:
+        failed.update(bad)
+    batch = results[0][1] if len(results) == 1 else np.concatenate([r[1] for r in results])
+    return start, batch, failed

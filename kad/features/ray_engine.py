@@ -1,0 +1,311 @@
+"""Feature extraction on Ray Data, for clusters and GPUs (``engine="ray"``).
+
+The same entry as a local extraction, computed by a Ray Data pipeline:
+
+* one row per batch of ``batch_size`` images (the batches of a local run, so every image
+  is computed in the same batch, with the same padding);
+* decoding and preprocessing run as Ray tasks, spread over the cluster's CPUs;
+* inference runs in an actor pool, one network per actor: one GPU per actor where Ray sees
+  GPUs, else a fraction of a CPU, so that decoding tasks are not starved;
+* the driver writes each batch's rows into the cache entry as they arrive, at their own
+  place (:meth:`kad.features.cache.EntryWriter.write_at`), and records them as done every few
+  seconds. An interrupted run resumes with the batches that are missing; a rerun never
+  writes a row twice, and a complete entry is returned as is.
+
+Without ``address`` (or ``$RAY_ADDRESS``) a local Ray is started on this machine and shut
+down at the end; a Ray that is already initialised in this process is used as it is. The
+cache folder must be reachable from the driver only: workers send their rows back to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from kad.errors import KadError, MissingDependencyError
+from kad.features.cache import (
+    EntryWriter,
+    EventCallback,
+    FeatureSet,
+    check_writable,
+    entry_lock,
+    missing_rows,
+)
+
+SYNC_SECONDS = 10.0
+_RAY_HINT = "install it with: pip install 'kad[ray]'"
+
+
+def import_ray():
+    """``ray`` with Ray Data, or one clear error saying what to install."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependencyError(f"--engine ray needs Ray Data ({exc}); {_RAY_HINT}") \
+            from exc
+    return ray
+
+
+def _load(row: dict, source, ids, plan, batch_size: int) -> dict:
+    """Ray task body: decode and preprocess one batch (the rows of a local run's batch)."""
+    from kad.features.extraction import _load_batch
+
+    start = int(row["start"])
+    stop = min(start + batch_size, len(source))
+    _, batch, failed = _load_batch(source, ids, plan, start, stop)
+    if len(batch) < batch_size:  # padded as stream_features pads
+        batch = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]),
+                                                batch.dtype)])
+    return {"start": start, "n": stop - start, "x": batch, "failed": json.dumps(failed)}
+
+
+class _Infer:
+    """Ray actor: one network, built once, run on whole batches."""
+
+    def __init__(self, plan, ids):
+        self.model, self.names = plan.backbone.build_extractor(plan.input_size, plan.weights)
+        self.ids = ids
+
+    def __call__(self, rows: dict) -> dict:
+        out: dict[str, list] = {"start": [], "n": [], "failed": [], "names": []}
+        outputs_per_row = []
+        for x, start, n, failed in zip(rows["x"], rows["start"], rows["n"], rows["failed"],
+                                       strict=True):
+            n, start = int(n), int(start)
+            outputs = [np.asarray(o, dtype=np.float32)[:n]
+                       for o in self.model.predict_on_batch(np.asarray(x))]
+            bad = json.loads(str(failed))
+            for row, ident in enumerate(self.ids[start:start + n]):
+                if str(ident) in bad:
+                    for block in outputs:
+                        block[row] = 0.0
+            pad = len(x) - n  # fixed shapes for Ray's tensor columns; cut on the driver
+            outputs_per_row.append([np.pad(o, ((0, pad), (0, 0))) for o in outputs])
+            out["start"].append(start)
+            out["n"].append(n)
+            out["failed"].append(str(failed))
+            out["names"].append(json.dumps(self.names))
+        result = {k: np.asarray(v) for k, v in out.items()}
+        for b in range(len(self.names)):
+            result[f"b{b}"] = np.stack([o[b] for o in outputs_per_row])
+        return result
+
+
+def _connect(ray, address: str | None, num_cpus: int | None) -> bool:
+    """Connect to the cluster at ``address`` or ``$RAY_ADDRESS``, else start a local Ray;
+    True if this call started or connected it (and should shut it down)."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 log_to_driver=False)
+    return True
+
+
+def _resources(ray, actors: int | None, gpus_per_actor: float | None):
+    """``(actors, num_gpus, num_cpus)`` per actor from what the cluster has."""
+    total = ray.cluster_resources()
+    gpus, cpus = float(total.get("GPU", 0)), float(total.get("CPU", 1))
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if gpus >= 1 else 0.0
+    if actors is None:
+        actors = max(1, int(gpus // gpus_per_actor)) if gpus_per_actor else \
+            max(1, int(cpus // 4))
+    # On CPUs, actors take at most half of them so that decoding tasks always get a CPU.
+    cpus_per_actor = 1.0 if gpus_per_actor else max(0.1, min(1.0, cpus / 2 / actors))
+    return actors, gpus_per_actor, cpus_per_actor
+
+
+def extract_with_ray(dataset, plan, *, batch_size: int = 64, address: str | None = None,
+                     actors: int | None = None, gpus_per_actor: float | None = None,
+                     num_cpus: int | None = None, progress=None,
+                     on_event: EventCallback | None = None) -> FeatureSet:
+    """The entry of ``plan`` computed on Ray Data; see the module docstring.
+
+    ``actors`` is the size of the inference pool (default: one per GPU, else one per 4
+    CPUs); ``num_cpus`` limits a local Ray started here. ``progress(done, total)`` is
+    called as batches arrive.
+    """
+    from kad import __version__
+    from kad.features.extraction import _usable
+
+    ray = import_ray()
+    found = _usable(plan, on_event)
+    if found is not None:
+        return found
+    check_writable(plan.path.parent, what="feature cache folder")
+    started_here = _connect(ray, address, num_cpus)
+    try:
+        with entry_lock(plan.path, on_event):
+            found = _usable(plan, on_event, locked=True)
+            if found is not None:
+                return found
+            n = len(dataset)
+            ids = np.asarray([str(i) for i in dataset.ids])
+            meta = {"key": plan.key, "inputs": plan.inputs, "dataset": dataset.name,
+                    "ids": ids.tolist(), "kad": __version__}
+            state: dict = {"writer": None}
+            try:
+                # The block layout comes with the first batch, so the driver never builds
+                # the network; rows a resumed run already has are known from the record.
+                recorded = EntryWriter.recorded(plan.path)
+                missing = missing_rows(recorded, n)
+                if progress:
+                    progress(n - sum(b - a for a, b in missing), n)
+                for _ in range(2):  # twice if the record was for another layout
+                    if not missing:
+                        break
+                    _run(ray, dataset, plan, ids, meta, state, missing, batch_size, actors,
+                         gpus_per_actor, progress)
+                    missing = state["writer"].missing()
+                if state["writer"] is None:  # every row was there: only the commit was left
+                    state["writer"] = EntryWriter(plan.path, recorded["blocks"],
+                                                  recorded["dims"], n, meta)
+            except BaseException:
+                if state["writer"] is not None:
+                    try:
+                        state["writer"].sync()  # what arrived is kept: a rerun resumes
+                    finally:
+                        state["writer"].close()
+                raise
+            return state["writer"].commit()
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _run(ray, dataset, plan, ids, meta: dict, state: dict,
+         missing: list[tuple[int, int]], batch_size: int, actors, gpus, progress) -> None:
+    """Compute the batches that overlap ``missing`` into ``state["writer"]`` (created from
+    the first batch's layout if None)."""
+    n = len(ids)
+    todo = [start for start in range(0, n, batch_size)
+            if any(a < min(start + batch_size, n) and start < b for a, b in missing)]
+    done = n - sum(min(start + batch_size, n) - start for start in todo)
+    actors, gpus_per_actor, cpus_per_actor = _resources(ray, actors, gpus)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    rows = ray.data.from_items([{"start": s} for s in todo], override_num_blocks=len(todo))
+    # Each decoding task reserves the memory of its batch (decoded images, the float batch
+    # and its copy on the way out). This also keeps decoding in tasks of its own: Ray Data
+    # fuses a task into the actors that follow it only when their resources are alike.
+    pixels = batch_size * plan.input_size ** 2 * 3 * 4
+    loaded = rows.map(_load, fn_kwargs={"source": dataset.source, "ids": ids, "plan": plan,
+                                        "batch_size": batch_size},
+                      num_cpus=1, memory=3 * pixels + (256 << 20))
+    features = loaded.map_batches(
+        _Infer, fn_constructor_args=(plan, ids), batch_size=1, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor,
+        num_cpus=cpus_per_actor)
+    last_sync = time.monotonic()
+    for batch in features.iter_batches(batch_size=1, batch_format="numpy"):
+        for row, start in enumerate(batch["start"]):
+            count = int(batch["n"][row])
+            if state["writer"] is None:
+                names = json.loads(str(batch["names"][row]))
+                dims = [int(batch[f"b{b}"].shape[-1]) for b in range(len(names))]
+                state["writer"] = EntryWriter(plan.path, names, dims, n, meta)
+            writer = state["writer"]
+            outputs = [batch[f"b{b}"][row][:count] for b in range(len(writer.blocks))]
+            writer.write_at(int(start), outputs, json.loads(str(batch["failed"][row])))
+            done += count
+        if time.monotonic() - last_sync > SYNC_SECONDS:
+            writer.sync()
+            last_sync = time.monotonic()
+        if progress:
+            progress(done, n)
+    state["writer"].sync()
+
+
+class _Score:
+    """Ray actor: one fitted pipeline's network and detector, scoring whole batches as
+    :meth:`kad.screening.pipeline.Pipeline.score` does."""
+
+    def __init__(self, pipeline, ids, weights):
+        self.pipeline, self.ids = pipeline, ids
+        self.model = pipeline.network(weights)
+        self.columns = [pipeline.all_blocks.index(b) for b in pipeline.blocks]
+
+    def __call__(self, rows: dict) -> dict:
+        out: dict[str, list] = {"start": [], "n": [], "failed": [], "scores": []}
+        for x, start, n, failed in zip(rows["x"], rows["start"], rows["n"], rows["failed"],
+                                       strict=True):
+            n, start = int(n), int(start)
+            outputs = [np.asarray(o, dtype=np.float32)[:n]
+                       for o in self.model.predict_on_batch(np.asarray(x))]
+            features = np.concatenate([outputs[c] for c in self.columns], axis=1)
+            ok = ~np.isin(self.ids[start:start + n], list(json.loads(str(failed))))
+            scores = np.full(len(x), np.nan)
+            if ok.any():
+                scores[:n][ok] = self.pipeline.detector.anomaly_score(features[ok])
+            out["start"].append(start)
+            out["n"].append(n)
+            out["failed"].append(str(failed))
+            out["scores"].append(scores)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+
+def check_scorable(pipeline) -> None:
+    """Refuse, in one line, a pipeline the Ray engine cannot score: one whose detector
+    scores block maps, which the actors do not compute."""
+    from kad.detectors.base import uses_maps
+
+    if uses_maps(pipeline.detector):
+        raise KadError(f"{type(pipeline.detector).__name__} scores block maps, which the Ray "
+                       "engine does not compute; drop --engine ray")
+
+
+def score_with_ray(pipeline, source, ids=None, *, address: str | None = None,
+                   actors: int | None = None, gpus_per_actor: float | None = None,
+                   num_cpus: int | None = None, weights: str | None = None,
+                   progress=None):
+    """:meth:`kad.screening.pipeline.Pipeline.score` on Ray Data (``kad score --engine ray``): the
+    same batches and the same scores, decoded in Ray tasks and scored in an actor pool,
+    one network per actor. Returns :class:`kad.screening.pipeline.Scores`."""
+    from kad.features.extraction import Scores
+
+    check_scorable(pipeline)
+    ray = import_ray()
+    ids = np.asarray([str(i) for i in (ids if ids is not None else range(len(source)))])
+    n, batch_size, plan = len(source), pipeline.batch_size, pipeline._plan()
+    started_here = _connect(ray, address, num_cpus)
+    try:
+        actors, gpus_per_actor, cpus_per_actor = _resources(ray, actors, gpus_per_actor)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        starts = list(range(0, n, batch_size))
+        rows = ray.data.from_items([{"start": s} for s in starts],
+                                   override_num_blocks=max(1, len(starts)))
+        pixels = batch_size * plan.input_size ** 2 * 3 * 4
+        loaded = rows.map(_load, fn_kwargs={"source": source, "ids": ids, "plan": plan,
+                                            "batch_size": batch_size},
+                          num_cpus=1, memory=3 * pixels + (256 << 20))
+        scored = loaded.map_batches(
+            _Score, fn_constructor_args=(pipeline, ids, weights), batch_size=1,
+            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=gpus_per_actor, num_cpus=cpus_per_actor)
+        scores = np.full(n, np.nan)
+        failed: dict[str, str] = {}
+        done = 0
+        for batch in scored.iter_batches(batch_size=1, batch_format="numpy"):
+            for row, start in enumerate(batch["start"]):
+                count = int(batch["n"][row])
+                scores[int(start):int(start) + count] = batch["scores"][row][:count]
+                failed.update(json.loads(str(batch["failed"][row])))
+                done += count
+            if progress:
+                progress(done, n)
+    finally:
+        if started_here:
+            ray.shutdown()
+    order = {ident: row for row, ident in enumerate(ids)}
+    return Scores(list(ids), scores, dict(sorted(failed.items(), key=lambda kv: order[kv[0]])))
+
+
+__all__ = ["extract_with_ray", "import_ray", "score_with_ray"]

@@ -1,0 +1,373 @@
+"""Where the network runs: Keras, or OpenVINO on a CPU.
+
+The Keras multi-output model of :meth:`kad.features.backbones.Backbone.build_extractor` is the one
+definition of every network. On a CPU, OpenVINO runs the same graph in 40 % (MobileNetV2)
+to 89-98 % (the Inception networks, which Keras already runs near the processor's peak) of
+Keras' CPU time (``benchmarks/README.md``), so kad converts the Keras model with
+``openvino.convert_model``, keeps the converted model on disk and reuses it.
+
+``runtime`` is one of :data:`RUNTIMES`:
+
+``keras``
+    ``model.predict_on_batch`` on the Keras model.
+``openvino``
+    The converted model, compiled for the CPU with the throughput hint and float32
+    inference (OpenVINO otherwise picks bfloat16 on CPUs that have it, which changes the
+    features by up to 25 % of their scale), fed with asynchronous inference requests so
+    that every core is busy. Each request runs a fixed slice of the batch (the last one
+    padded), so an image's features never depend on the images that came with it.
+``auto``
+    ``openvino`` when it is installed and no GPU is visible, else ``keras``. The GPU test
+    does not import TensorFlow (it looks for the NVIDIA driver's devices and honours
+    ``CUDA_VISIBLE_DEVICES``), so resolving ``auto`` stays cheap.
+
+Converted models are cached under ``<cache root>/openvino/<backbone>-<key>/`` where the key
+hashes the backbone and its options, the weights' identity, the input size and the
+OpenVINO, Keras and kad versions. ``manifest.json`` records the SHA-256 of the weights
+file: a damaged or incomplete entry is detected, reported and rebuilt, never used. Weights
+are saved uncompressed (float32), never as float16.
+
+Both runtimes are objects with ``names`` (the block names, in network order) and
+``predict(batch) -> list[np.ndarray]`` (one float32 ``(n, dim)`` array per block).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kad.errors import KadError, MissingDependencyError
+
+__all__ = [
+    "RUNTIMES",
+    "KerasRuntime",
+    "OpenVINORuntime",
+    "RuntimeChoice",
+    "as_runtime",
+    "build_runtime",
+    "gpu_visible",
+    "openvino_available",
+    "openvino_model_dir",
+    "resolve_runtime",
+]
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "keras", "openvino")
+_MANIFEST = "manifest.json"
+_XML, _BIN = "model.xml", "model.bin"
+_OV_FORMAT = 1
+_OV_HINT = "pip install 'kad[tf]' (it brings openvino), or choose --runtime keras"
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """What ``runtime`` resolved to, and why: for logs and the command line."""
+
+    requested: str
+    name: str  # "keras" or "openvino"
+    reason: str
+
+
+def openvino_available() -> bool:
+    """Whether the ``openvino`` package is installed (it is not imported)."""
+    return importlib.util.find_spec("openvino") is not None
+
+
+def gpu_visible() -> bool:
+    """Whether an NVIDIA GPU is visible to this process, without importing TensorFlow."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    gpus = Path("/proc/driver/nvidia/gpus")
+    try:
+        if gpus.is_dir() and any(gpus.iterdir()):
+            return True
+    except OSError:
+        pass
+    return Path("/dev/nvidia0").exists()
+
+
+def resolve_runtime(runtime: str = "auto") -> RuntimeChoice:
+    """``runtime`` (see :data:`RUNTIMES`) resolved to ``keras`` or ``openvino``.
+
+    Raises :class:`~kad.errors.KadError` for an unknown name, and
+    :class:`~kad.errors.MissingDependencyError` for ``openvino`` when it is not installed.
+    """
+    name = str(runtime or "auto").strip().lower()
+    if name not in RUNTIMES:
+        raise KadError(f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if name == "keras":
+        return RuntimeChoice(name, "keras", "requested")
+    if name == "openvino":
+        if not openvino_available():
+            raise MissingDependencyError(f"runtime 'openvino' needs OpenVINO; {_OV_HINT}")
+        return RuntimeChoice(name, "openvino", "requested")
+    if gpu_visible():
+        return RuntimeChoice(name, "keras", "a GPU is visible")
+    if not openvino_available():
+        return RuntimeChoice(name, "keras", "OpenVINO is not installed")
+    return RuntimeChoice(name, "openvino", "CPU only and OpenVINO is installed")
+
+
+# ------------------------------------------------------------------------------ Keras
+
+
+class KerasRuntime:
+    """``model.predict_on_batch`` on the Keras multi-output model."""
+
+    name = "keras"
+
+    def __init__(self, model, names: list[str]):
+        self.model = model
+        self.names = list(names)
+        self.dims = [int(out.shape[-1]) for out in model.outputs]
+
+    def predict(self, batch: np.ndarray) -> list[np.ndarray]:
+        result = self.model.predict_on_batch(batch)
+        if not isinstance(result, (list, tuple)):  # a model with one output
+            result = [result]
+        return [np.asarray(o, dtype=np.float32) for o in result]
+
+    def describe(self) -> str:
+        return "keras"
+
+
+# --------------------------------------------------------------------------- OpenVINO
+
+
+class OpenVINORuntime:
+    """A converted model compiled for the CPU, fed with asynchronous inference requests.
+
+    ``predict`` splits the batch into slices of ``slice_size`` images (the last padded with
+    zeros), runs them on ``requests`` parallel inference requests and joins the results.
+    """
+
+    name = "openvino"
+
+    def __init__(self, compiled, names: list[str], slice_size: int, requests: int,
+                 model_dir: Path | None = None):
+        import openvino as ov
+
+        self.compiled = compiled
+        self.names = list(names)
+        self.slice_size = int(slice_size)
+        self.requests = int(requests)
+        self.model_dir = model_dir
+        self._outputs = [compiled.output(_output_name(n)) for n in self.names]
+        self.dims = [int(o.get_partial_shape()[-1].get_length()) for o in self._outputs]
+        self._queue = ov.AsyncInferQueue(compiled, self.requests)
+        self._results: dict[int, list[np.ndarray]] = {}
+        self._queue.set_callback(self._done)
+
+    def _done(self, request, index: int) -> None:
+        # The request's buffers are reused by the next job: copy what it produced.
+        self._results[index] = [np.array(request.get_tensor(o).data) for o in self._outputs]
+
+    def predict(self, batch: np.ndarray) -> list[np.ndarray]:
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        n, step = len(batch), self.slice_size
+        self._results.clear()
+        starts = range(0, n, step)
+        for index, start in enumerate(starts):
+            part = batch[start:start + step]
+            if len(part) < step:
+                part = np.concatenate([part, np.zeros((step - len(part), *part.shape[1:]),
+                                                      np.float32)])
+            self._queue.start_async({0: part}, index)
+        self._queue.wait_all()
+        joined = [np.concatenate([self._results[i][b] for i in range(len(starts))])[:n]
+                  for b in range(len(self.names))]
+        self._results.clear()
+        return joined
+
+    def describe(self) -> str:
+        return (f"openvino (CPU, float32, {self.requests} requests of {self.slice_size} "
+                f"images)")
+
+
+def as_runtime(model) -> KerasRuntime | OpenVINORuntime:
+    """``model`` as a runtime: a Keras model (it has ``predict_on_batch``) is wrapped in a
+    :class:`KerasRuntime`; anything else with ``predict(batch)`` is taken as a runtime."""
+    if hasattr(model, "predict_on_batch"):
+        return KerasRuntime(model, [f"output_{i}" for i in range(len(model.outputs))])
+    return model
+
+
+def _output_name(block: str) -> str:
+    return f"kad_block:{block}"
+
+
+def openvino_model_dir(backbone, input_size: int, weights, cache_dir: str | Path | None = None,
+                       ) -> Path:
+    """Where the OpenVINO conversion of ``backbone`` at ``input_size`` with ``weights`` is
+    cached (see the module docstring for what the key holds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from kad import __version__
+    from kad.features.backbones import weights_identity
+    from kad.features.cache import _safe, cache_root
+
+    def installed(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "absent"
+
+    inputs = {
+        "format": _OV_FORMAT, "backbone": str(backbone.spec),
+        "weights": weights_identity(weights), "input_size": int(input_size),
+        "openvino": installed("openvino"), "keras": installed("keras"), "kad": __version__,
+    }
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
+    root = Path(cache_dir) if cache_dir else cache_root()
+    return root / "openvino" / f"{_safe(backbone.name)}-{key}"
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_cached(folder: Path, core):
+    """``(model, names)`` from a complete, intact cache folder, else None (and why, logged)."""
+    manifest_path = folder / _MANIFEST
+    if not manifest_path.is_file():
+        return None
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        names = list(manifest["names"])
+        expected = manifest["sha256"]
+        found = {f: _file_sha256(folder / f) for f in (_XML, _BIN)}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("OpenVINO model cache %s is unreadable (%s); converting again", folder, exc)
+        return None
+    if found != expected:
+        bad = ", ".join(f for f in (_XML, _BIN) if found.get(f) != expected.get(f))
+        log.warning("OpenVINO model cache %s is damaged (%s does not match its checksum); "
+                    "converting again", folder, bad)
+        return None
+    return core.read_model(str(folder / _XML)), names
+
+
+#: Folders this process converted into, by key: another cache folder asking for the same
+#: key (a second cache root) copies the verified files instead of converting again.
+_CONVERTED: dict[str, Path] = {}
+
+
+def _copy_converted(folder: Path, core):
+    """``(model, names)`` copied from a folder this process converted the same key into."""
+    source = _CONVERTED.get(folder.name)
+    if source is None or source == folder:
+        return None
+    found = _read_cached(source, core)
+    if found is None:
+        return None
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for name in (_XML, _BIN, _MANIFEST):
+            shutil.copyfile(source / name, partial / name)
+        _replace(partial, folder)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return _read_cached(folder, core)
+
+
+def _replace(partial: Path, folder: Path) -> None:
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(partial, folder)
+
+
+def _convert(backbone, input_size: int, weights, folder: Path, core, keras_model=None):
+    """Build the Keras model, convert it, name its outputs after the blocks, save it."""
+    import openvino as ov
+
+    model, names = keras_model or backbone.build_extractor(input_size, weights)
+    converted = ov.convert_model(model)
+    by_tensor = {tensor.name: block for tensor, block in zip(model.outputs, names, strict=True)}
+    for output in converted.outputs:
+        found = [by_tensor[n] for n in output.get_names() if n in by_tensor]
+        if len(found) != 1:
+            raise KadError(
+                f"OpenVINO's conversion of backbone {backbone.spec} has an output "
+                f"{sorted(output.get_names())} that matches no block; use --runtime keras"
+            )
+        output.get_tensor().set_names({_output_name(found[0])})
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        ov.save_model(converted, str(partial / _XML), compress_to_fp16=False)
+        manifest = {"names": names, "backbone": str(backbone.spec), "input_size": input_size,
+                    "openvino": ov.__version__,
+                    "sha256": {f: _file_sha256(partial / f) for f in (_XML, _BIN)}}
+        (partial / _MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _replace(partial, folder)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    _CONVERTED[folder.name] = folder
+    return core.read_model(str(folder / _XML)), names
+
+
+def build_runtime(backbone, input_size: int, weights, runtime: str = "auto",
+                  batch_size: int = 64, cache_dir: str | Path | None = None,
+                  log_line: Callable[[str], None] | None = None, keras_model=None):
+    """The network of ``backbone`` at ``input_size`` with ``weights`` on ``runtime``.
+
+    Returns a :class:`KerasRuntime` or an :class:`OpenVINORuntime` (see the module
+    docstring). ``batch_size`` is the batch the caller will pass to ``predict``; OpenVINO
+    splits it into equal slices, one per inference request. ``log_line`` receives one line
+    saying what runs where, and when a model is converted. ``keras_model``: an already
+    built ``(model, block names)`` of the same backbone, input size and weights, used
+    instead of building one again.
+    """
+    from kad.features.backbones import Backbone, get_backbone
+
+    bb = backbone if isinstance(backbone, Backbone) else get_backbone(backbone)
+    choice = resolve_runtime(runtime)
+    if choice.name == "keras":
+        model, names = keras_model or bb.build_extractor(input_size, weights)
+        return KerasRuntime(model, names)
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        raise MissingDependencyError(f"runtime 'openvino' could not import OpenVINO ({exc}); "
+                                     f"{_OV_HINT}") from exc
+    core = ov.Core()
+    folder = openvino_model_dir(bb, input_size, weights, cache_dir)
+    found = _read_cached(folder, core) or _copy_converted(folder, core)
+    if found is None:
+        if log_line:
+            log_line(f"converting {bb.spec} @{input_size}px to OpenVINO, cached at {folder}")
+        found = _convert(bb, input_size, weights, folder, core, keras_model)
+    model, names = found
+    config = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32"}
+    probe = core.compile_model(model, "CPU", config)
+    requests = max(1, min(int(probe.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")),
+                          int(batch_size)))
+    del probe
+    slice_size = math.ceil(int(batch_size) / requests)
+    requests = math.ceil(int(batch_size) / slice_size)
+    model.reshape({model.inputs[0]: [slice_size, input_size, input_size, 3]})
+    compiled = core.compile_model(model, "CPU", config)
+    result = OpenVINORuntime(compiled, names, slice_size, requests, folder)
+    if log_line:
+        log_line(f"runtime: {result.describe()} ({choice.reason})")
+    return result

@@ -1,0 +1,418 @@
+"""Operating points that hold on new patients.
+
+Split-conformal calibration (Vovk et al. 2005; Lei et al. 2018): a share of the normal
+images is kept aside, never used to fit the detector or pick a block. Their scores set a
+threshold with a guarantee that needs no labelled anomaly: for a new image exchangeable with
+the normal images (a healthy eye from the same population), the probability that it is
+flagged is at most ``alpha``. With ``n`` calibration scores, the threshold is the
+``k = ceil((n + 1)(1 - alpha))``-th smallest of them, which needs ``n >= 1/alpha - 1``.
+The conformal p-value of an image, ``(1 + #{calibration scores >= s}) / (n + 1)``, is
+uniform for such an image, and an image is flagged at level ``alpha`` exactly when its
+p-value is at most ``alpha``.
+
+The guarantee is on average over the draw of the calibration set. For the one set drawn,
+the false-positive rate is itself random: it follows ``Beta(n + 1 - k, k)`` (no ties), and
+:func:`conformal_threshold` records its 95% upper bound too.
+
+:func:`plan_fit_split` divides a dataset's patients into disjoint parts: training normals,
+calibration normals, and (with labelled anomalies) a *selection* part that picks the block
+and sets a sensitivity threshold, and an *assessment* part used for nothing but the
+sensitivity and specificity that are reported. :func:`assess` measures those, with Wilson
+95% intervals, and says so plainly when the labelled anomalies are too few.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kad.errors import KadError
+
+DEFAULT_FPR = 0.05
+
+@dataclass
+class Threshold:
+    """The flagging threshold (flag when score > value) and how it was chosen:
+    ``"conformal"`` (a false-positive rate on calibration normals), ``"sensitivity"`` (on
+    labelled anomalies) or ``"contamination"`` (the detector's own)."""
+
+    value: float
+    method: str
+    details: dict = field(default_factory=dict)
+
+DEFAULT_CALIBRATION = 0.2
+DEFAULT_VALIDATION = 0.25
+# Fewer labelled anomalies than this and none are held out for assessment: each half would
+# be too small to pick a block with, or to say anything about sensitivity.
+MIN_ANOMALIES_TO_ASSESS = 10
+_EPS = 1e-9
+
+
+# -- conformal calibration --------------------------------------------------------------
+def _check_alpha(alpha: float) -> float:
+    alpha = float(alpha)
+    if not 0.0 < alpha < 1.0:
+        raise KadError(f"the false-positive rate must be in (0, 1), got {alpha}; e.g. --fpr 0.05")
+    return alpha
+
+
+def conformal_rank(n: int, alpha: float) -> int:
+    """``ceil((n + 1)(1 - alpha))``: the rank (1-based, smallest first) of the calibration
+    score used as threshold. Larger than ``n`` when ``n`` is too small for ``alpha``."""
+    alpha = _check_alpha(alpha)
+    return int(math.ceil((n + 1) * (1.0 - alpha) - _EPS))
+
+
+def min_calibration_size(alpha: float) -> int:
+    """The fewest calibration images for which level ``alpha`` can be guaranteed."""
+    alpha = _check_alpha(alpha)
+    return max(1, int(math.ceil(1.0 / alpha - 1.0 - _EPS)))
+
+
+def _calibration_scores(scores) -> np.ndarray:
+    values = np.sort(np.asarray(scores, dtype=np.float64).ravel())
+    if not np.isfinite(values).all():
+        raise KadError("calibration scores must be finite; unreadable images must be left out")
+    return values
+
+
+def conformal_threshold(calibration_scores, alpha: float):
+    """The split-conformal threshold at false-positive rate ``alpha`` (flag when
+    score > value), as a :class:`~kad.screening.pipeline.Threshold` with method ``"conformal"``.
+
+    Its details hold ``alpha``, ``n_calibration``, the ``rank`` used, the guaranteed bound
+    ``1 - rank / (n + 1)`` (at most ``alpha``), the 95% upper bound on the false-positive
+    rate for this calibration set, and ``guarantee``, a sentence saying what holds.
+    """
+    from scipy.stats import beta
+
+
+    alpha = _check_alpha(alpha)
+    cal = _calibration_scores(calibration_scores)
+    n = len(cal)
+    k = conformal_rank(n, alpha)
+    if k > n:
+        raise KadError(
+            f"a false-positive rate of {alpha:g} needs at least {min_calibration_size(alpha)} "
+            f"calibration images, but there are {n}; raise --calibration, add normal images "
+            f"or ask for --fpr {max(1.0 / (n + 1), 1e-4):.3g} or more"
+        )
+    bound = 1.0 - k / (n + 1)
+    upper = float(beta.ppf(0.95, n + 1 - k, k))
+    return Threshold(float(cal[k - 1]), "conformal", {
+        "alpha": alpha, "n_calibration": n, "rank": k, "fpr_bound": bound,
+        "fpr_upper95_this_calibration": upper,
+        "guarantee": (
+            f"a healthy image like the {n} calibration normals is flagged with probability "
+            f"at most {bound:.3g} (asked {alpha:g}); for this calibration set the "
+            f"false-positive rate is below {upper:.3g} with 95% confidence"
+        ),
+    })
+
+
+def conformal_p_values(calibration_scores, scores) -> np.ndarray:
+    """``(1 + #{calibration scores >= s}) / (n + 1)`` for every score ``s`` (NaN stays NaN).
+    Small means unlike the calibration normals; flagged at level alpha iff <= alpha."""
+    cal = _calibration_scores(calibration_scores)
+    if len(cal) == 0:
+        raise KadError("conformal p-values need at least one calibration score")
+    scores = np.asarray(scores, dtype=np.float64)
+    at_least = len(cal) - np.searchsorted(cal, scores, side="left")
+    values = (1.0 + at_least) / (len(cal) + 1.0)
+    return np.where(np.isnan(scores), np.nan, values)
+
+
+def threshold_at_fpr(pipeline, alpha: float):
+    """A new conformal threshold for a fitted pipeline from its stored calibration scores
+    (no refitting). Returns the :class:`~kad.screening.pipeline.Threshold`; assign it to
+    ``pipeline.threshold`` to use it."""
+    calibration = getattr(pipeline, "calibration", None)
+    if not calibration or not calibration.get("scores"):
+        raise KadError("this model has no calibration set; refit it with kad fit "
+                       "--calibration 0.2 to set a threshold by --fpr")
+    return conformal_threshold(calibration["scores"], alpha)
+
+
+# -- splitting a dataset for fitting -----------------------------------------------------
+@dataclass
+class FitSplit:
+    """Disjoint row sets of a dataset for ``kad fit``; patients never straddle two sets.
+
+    ``train`` fits the detector; ``calibration`` (normals only) sets the conformal threshold
+    and the p-values; ``selection`` (labelled normals and anomalies) picks the block and sets
+    a sensitivity threshold; ``assessment`` (labelled) measures the reported sensitivity and
+    specificity and nothing else. ``left_out`` names every row used nowhere, with the reason.
+    """
+
+    train: np.ndarray
+    calibration: np.ndarray
+    selection: np.ndarray
+    selection_labels: np.ndarray
+    assessment: np.ndarray
+    assessment_labels: np.ndarray
+    left_out: dict[int, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    by_patient: bool = False
+
+    def parts(self) -> dict[str, np.ndarray]:
+        return {"train": self.train, "calibration": self.calibration,
+                "selection": self.selection, "assessment": self.assessment}
+
+    def describe(self) -> dict:
+        """Counts per part (JSON-able), as stored in the model and printed by ``kad fit``."""
+        def labelled(rows, labels):
+            return {"normal": int((labels == 0).sum()), "anomalous": int((labels == 1).sum())}
+
+        return {
+            "train": int(len(self.train)), "calibration": int(len(self.calibration)),
+            "selection": labelled(self.selection, self.selection_labels),
+            "assessment": labelled(self.assessment, self.assessment_labels),
+            "left_out": len(self.left_out), "by_patient": self.by_patient,
+            "notes": list(self.notes),
+        }
+
+
+def _share(items: np.ndarray, fraction: float, rng) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffle ``items`` and cut off ``round(fraction * len)`` of them (at least one when
+    the fraction is positive and there are two or more)."""
+    items = rng.permutation(items)
+    k = int(round(fraction * len(items)))
+    if fraction > 0 and len(items) >= 2:
+        k = min(max(k, 1), len(items) - 1)
+    return items[:k], items[k:]
+
+
+def plan_fit_split(dataset, calibration: float = DEFAULT_CALIBRATION,
+                   validation: float = DEFAULT_VALIDATION, seed: int = 0,
+                   valid: np.ndarray | None = None,
+                   min_anomalies: int = MIN_ANOMALIES_TO_ASSESS,
+                   rows: np.ndarray | None = None) -> FitSplit:
+    """Divide ``dataset`` into the disjoint parts of :class:`FitSplit`, by patient.
+
+    Patients (``dataset.patient``, else each image on its own) with a labelled anomaly go
+    wholly to the labelled parts. Of the patients with normal images only, a ``calibration``
+    share goes to calibration and, when there are labelled anomalies, a ``validation`` share
+    to the labelled parts; the rest train. The labelled patients are then halved, anomalous
+    and normal ones separately, into selection and assessment, unless there are fewer than
+    ``min_anomalies`` anomalies: then every anomaly goes to selection, the assessment keeps
+    its normals only, and a note says that sensitivity cannot be measured honestly.
+    ``valid`` (a mask) leaves out unreadable images, and ``rows`` (indices) restricts the
+    split to some images, e.g. to keep other patients for a later test; both are listed in
+    ``left_out`` with the reason.
+    """
+    for name, value in (("calibration", calibration), ("validation", validation)):
+        if not 0.0 <= value < 1.0:
+            raise KadError(f"the {name} share must be in [0, 1), got {value}")
+    n = len(dataset)
+    usable = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
+    anomaly = (np.zeros(n, bool) if dataset.anomaly is None
+               else np.asarray(dataset.anomaly, bool))
+    by_patient = dataset.patient is not None
+    groups = np.asarray(dataset.patient if by_patient else dataset.ids, dtype=str)
+    offered = np.ones(n, bool)
+    if rows is not None:
+        offered = np.zeros(n, bool)
+        offered[np.asarray(rows, dtype=int)] = True
+    left_out = {int(i): "not among the rows offered for fitting"
+                for i in np.flatnonzero(~offered)}
+    left_out.update({int(i): "unreadable image" for i in np.flatnonzero(~usable)})
+    rows = np.flatnonzero(usable & offered)
+    rng = np.random.default_rng(seed)
+
+    sick = np.unique(groups[rows[anomaly[rows]]])
+    healthy = np.setdiff1d(np.unique(groups[rows]), sick)
+    has_anomalies = len(sick) > 0
+    cal_groups, rest = _share(healthy, calibration, rng)
+    if has_anomalies:
+        val_groups, train_groups = _share(rest, validation / max(1.0 - calibration, 1e-9), rng)
+    else:
+        val_groups, train_groups = np.array([], dtype=str), rest
+    notes: list[str] = []
+    n_anomalies = int(anomaly[rows].sum())
+    # assessment takes its half first, so that a single patient goes to selection, which
+    # cannot do without one
+    ass_sick, sel_sick = _share(sick, 0.5, rng)
+    if has_anomalies and n_anomalies < min_anomalies:
+        sel_sick, ass_sick = sick, np.array([], dtype=str)
+        notes.append(
+            f"only {n_anomalies} labelled anomalies: all of them pick the block and set the "
+            f"threshold, so sensitivity on new patients cannot be measured (at least "
+            f"{min_anomalies} are needed to hold half of them out)")
+    ass_healthy, sel_healthy = _share(val_groups, 0.5, rng)
+
+    def rows_of(members) -> np.ndarray:
+        return np.sort(rows[np.isin(groups[rows], members)])
+
+    train, cal = rows_of(train_groups), rows_of(cal_groups)
+    selection = rows_of(np.r_[sel_sick, sel_healthy])
+    assessment = rows_of(np.r_[ass_sick, ass_healthy])
+    if len(train) < 2:
+        raise KadError(f"{dataset.name}: only {len(train)} normal images are left to train on "
+                       f"after calibration {calibration:g} and validation {validation:g}; "
+                       "lower the shares or add normal images")
+    if not by_patient:
+        notes.append("no patient ids: images are split one by one (add patients.csv so that "
+                     "the two eyes of a patient stay together)")
+    return FitSplit(train, cal, selection, anomaly[selection].astype(int), assessment,
+                    anomaly[assessment].astype(int), left_out, notes, by_patient)
+
+
+# -- honest numbers ----------------------------------------------------------------------
+@dataclass
+class Proportion:
+    """A proportion ``k / n`` with its Wilson 95% interval."""
+
+    value: float
+    low: float
+    high: float
+    k: int
+    n: int
+
+    @classmethod
+    def of(cls, k: int, n: int) -> Proportion | None:
+        if n == 0:
+            return None
+        from scipy.stats import binomtest
+
+        ci = binomtest(int(k), int(n)).proportion_ci(method="wilson")
+        return cls(k / n, float(ci.low), float(ci.high), int(k), int(n))
+
+    def text(self) -> str:
+        return (f"{self.value:.1%} (95% CI {self.low:.1%}–{self.high:.1%}, "
+                f"{self.k}/{self.n})")
+
+
+@dataclass
+class Assessment:
+    """Sensitivity, specificity and AUROC at a threshold, and what they were measured on.
+
+    ``honest`` is true when none of the images was used to fit, calibrate, pick the block
+    or set the threshold. A ``None`` metric could not be measured; ``notes`` say why.
+    """
+
+    measured_on: str
+    honest: bool
+    threshold: float
+    sensitivity: Proportion | None
+    specificity: Proportion | None
+    auroc: float | None
+    auroc_ci95: tuple[float, float] | None
+    n_normal: int
+    n_anomalous: int
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """Plain sentences for a terminal or a report."""
+        out = [f"measured on {self.measured_on}"]
+        if self.sensitivity:
+            out.append(f"sensitivity {self.sensitivity.text()}")
+        if self.specificity:
+            out.append(f"specificity {self.specificity.text()}")
+        if self.auroc is not None:
+            low, high = self.auroc_ci95
+            out.append(f"AUROC {self.auroc:.3f} (95% CI {low:.3f}–{high:.3f})")
+        return out + list(self.notes)
+
+    def as_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def auroc_interval(auroc: float, n_anomalous: int, n_normal: int) -> tuple[float, float]:
+    """Hanley & McNeil (1982) 95% interval of an AUROC from its sample sizes."""
+    a = min(max(auroc, 1e-12), 1 - 1e-12)
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (n_anomalous - 1) * (q1 - a * a)
+           + (n_normal - 1) * (q2 - a * a)) / (n_anomalous * n_normal)
+    half = 1.959964 * math.sqrt(max(var, 0.0))
+    return max(0.0, auroc - half), min(1.0, auroc + half)
+
+
+def assess(scores, labels, threshold: float, measured_on: str, honest: bool = True,
+           min_anomalies: int = MIN_ANOMALIES_TO_ASSESS) -> Assessment:
+    """Sensitivity and specificity (Wilson 95% intervals) of ``score > threshold`` and the
+    AUROC (Hanley-McNeil interval) on labelled images; says what cannot be measured."""
+    from sklearn.metrics import roc_auc_score
+
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels, dtype=int)
+    flagged = scores > threshold
+    n_anom, n_norm = int((labels == 1).sum()), int((labels == 0).sum())
+    notes = []
+    if not honest:
+        notes.append("these images also picked the block or set the threshold: the figures "
+                     "are optimistic")
+    if n_anom == 0:
+        notes.append("no held-out labelled anomaly: sensitivity on new patients is unknown")
+    elif n_anom < min_anomalies:
+        notes.append(f"only {n_anom} held-out anomalies: the sensitivity interval is wide")
+    if n_norm == 0:
+        notes.append("no held-out labelled normal image: specificity is unknown")
+    auroc = ci = None
+    if n_anom and n_norm:
+        auroc = float(roc_auc_score(labels, scores))
+        ci = auroc_interval(auroc, n_anom, n_norm)
+    return Assessment(
+        measured_on=measured_on, honest=honest, threshold=float(threshold),
+        sensitivity=Proportion.of(int(flagged[labels == 1].sum()), n_anom),
+        specificity=Proportion.of(int((~flagged[labels == 0]).sum()), n_norm),
+        auroc=auroc, auroc_ci95=ci, n_normal=n_norm, n_anomalous=n_anom, notes=notes,
+    )
+
+
+@dataclass
+class FitSummary:
+    """What ``kad fit`` and ``kad threshold`` print: the threshold and how it was set, its
+    guarantee, and the held-out sensitivity and specificity, each saying what it was
+    measured on."""
+
+    threshold: float
+    method: str
+    n_train: int
+    n_calibration: int
+    guarantee: str | None
+    at_fitting: str | None   # in-sample figures of a sensitivity threshold (optimistic)
+    held_out: Assessment | None
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"threshold {self.threshold:.4g} ({self.method}); trained on {self.n_train} "
+               f"normal images, {self.n_calibration} more kept aside for calibration"]
+        if self.guarantee:
+            out.append(f"guarantee: {self.guarantee}")
+        if self.at_fitting:
+            out.append(self.at_fitting)
+        if self.held_out:
+            out += self.held_out.lines()
+        else:
+            out.append("no labelled images were held out: sensitivity and specificity on new "
+                       "patients were not measured")
+        return out + [n for n in self.notes if not self.held_out or n not in self.held_out.notes]
+
+
+def fit_summary(pipeline) -> FitSummary:
+    """The :class:`FitSummary` of a fitted (or re-thresholded) pipeline."""
+    threshold = pipeline.threshold
+    details = threshold.details
+    calibration = getattr(pipeline, "calibration", None) or {}
+    at_fitting = None
+    if threshold.method == "sensitivity":
+        lo, hi = details["specificity_ci95"]
+        at_fitting = (
+            f"at fitting: sensitivity {details['sensitivity']:.1%} on "
+            f"{details['n_anomalous']} labelled anomalies, specificity "
+            f"{details['specificity']:.1%} (95% CI {lo:.1%}–{hi:.1%}) on "
+            f"{details['n_normal']} labelled normals; these images set the threshold, so "
+            "the figures are optimistic")
+    notes = list(pipeline.training.get("split", {}).get("notes", []))
+    if not calibration:
+        notes.append("no calibration set: no p-values and no guaranteed false-positive rate")
+    return FitSummary(
+        threshold=float(threshold.value), method=threshold.method,
+        n_train=int(pipeline.training["n_images"]), n_calibration=int(calibration.get("n", 0)),
+        guarantee=details.get("guarantee"), at_fitting=at_fitting,
+        held_out=pipeline.assessed(), notes=notes,
+    )

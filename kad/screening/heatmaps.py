@@ -1,0 +1,609 @@
+"""Where a score comes from: a heatmap of every scored image.
+
+A heatmap says how much each region of an image raises its anomaly score. It is a
+``(size, size)`` array over the image *as the model saw it* (after preprocessing and
+resizing to the network's input), in score units per pixel, positive where a region raises
+the score; :meth:`Heatmap.on_original` maps it back onto the original photograph through the
+preprocessing's crop box (:meth:`kad.data.preprocessing.Preprocessing.crop_box`) and resize.
+
+How a map is made is part of the detector contract (:mod:`kad.detectors.base`), in this order:
+
+``"detector"``
+    The detector overrides :meth:`~kad.detectors.base.BaseDetector.explain_maps` and returns
+    its own map from the unpooled block maps. Patch kNN
+    (:class:`kad_plugins.patch_knn.PatchKNNDetector`), which scores each location and takes
+    the largest, returns its location scores: the map's maximum is the image's score.
+
+``"gradient"`` (kNN, Mahalanobis, OC-SVM with an RBF or linear kernel, and on feature
+vectors Deep SVDD and DSEBM's energy)
+    The score ``s`` is a differentiable function of the pooled feature vector ``p``, and
+    ``p`` is the spatial mean of the block maps the network has already computed:
+    ``p_b = (1/N_b) Σ_l f_{b,l}`` for block ``b`` with ``N_b`` locations ``l``. The score is
+    explained against the reference ``r``, the mean training feature vector
+    (``detector.reference_``), with integrated gradients (Sundararajan et al. 2017) along
+    the straight line from ``r`` to ``p``: ``ḡ = ∫₀¹ ∇s(r + α(p - r)) dα``, taken with the
+    midpoint rule over ``steps`` points. Location ``l`` of block ``b`` receives
+    ``a_{b,l} = (1/N_b) (f_{b,l} - r_b) · ḡ_b``. Because ``p`` is linear in the ``f_{b,l}``,
+    these shares add up to ``ḡ · (p - r)``, which is ``s(p) - s(r)`` up to the quadrature
+    error: the map is *complete*, it distributes exactly the score difference it explains
+    (:attr:`Heatmap.reference_score` is ``s(r)``). For Mahalanobis the score is quadratic,
+    its gradient affine, and the midpoint rule is exact for any ``steps``; for kNN the
+    neighbours may change along the path and the sum is exact as ``steps`` grows (the kNN
+    score is continuous and piecewise smooth). Assumptions: the score depends on the image
+    only through ``p`` (true for every feature detector), and a location's share is read
+    through the pooling, i.e. as where the block's feature is, not as the network's
+    receptive field (which is wider than one cell of the block's grid). Plain
+    gradient x input would need no reference but does not sum to anything meaningful for
+    these non-linear scores; integrated gradients does, at ``steps`` detector gradients
+    per image and no extra network pass.
+
+``"occlusion"`` (Isolation Forest, DAGMM, anything else)
+    The image is cut into a ``grid`` x ``grid`` grid; each cell in turn is filled with
+    neutral grey (0.5 in [0, 1]: for fundus preprocessing, exactly the local average colour
+    it subtracts) and the image rescored. A cell's value is the score minus the occluded
+    score, spread over its pixels and interpolated bilinearly between cell centres. It costs
+    ``grid²`` network passes per image beyond the one that scores it, run in batches of
+    the pipeline's batch size. No completeness is promised.
+
+Several blocks concatenated: each block's share is brought to the image's resolution
+(bilinear interpolation of its per-pixel density, corrected by a constant so its sum is
+kept) and the blocks are added, so maps of different resolutions make one map.
+
+The score of every image is computed from the same pooled outputs, in batches of the same
+size, as :meth:`kad.screening.pipeline.Pipeline.score`: a heatmap's :attr:`Heatmap.score` is that
+score, and a saved and reloaded pipeline gives identical maps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kad.detectors.base import BaseDetector, uses_maps
+from kad.errors import ImageReadError, KadError
+
+__all__ = [
+    "METHODS",
+    "Explained",
+    "Heatmap",
+    "HeatmapRun",
+    "OverlayFiles",
+    "choose_method",
+    "explain",
+    "explain_file",
+    "iter_heatmaps",
+    "occlusion_cells",
+    "overlay",
+    "pixel_auroc",
+    "pointing_game",
+    "save_overlays",
+    "to_image_resolution",
+    "write_heatmaps",
+    "write_overlay",
+]
+
+METHODS = ("auto", "gradient", "occlusion", "detector")
+DEFAULT_GRID = 8
+DEFAULT_STEPS = 16
+OCCLUSION_FILL = 0.5
+
+ProgressCallback = Callable[[int, int], None]
+# The map and pooled models made from a pipeline's network, per tuple of blocks.
+_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class Heatmap:
+    """The heatmap of one image; see the module docstring.
+
+    ``map`` is ``(size, size)`` float32 over the image as the model saw it, in score units
+    per pixel (positive raises the score); None when the image could not be read, with
+    ``error`` saying why. ``block_maps`` holds, for the gradient method, every block's
+    per-location shares at the block's own resolution. ``box`` is the region
+    ``(left, top, width, height)`` of the original photograph (``original_shape``
+    ``(height, width)``) that the model saw. ``seen`` and ``original`` are the images
+    themselves where kept (for drawing overlays).
+    """
+
+    id: str
+    score: float
+    method: str
+    map: np.ndarray | None
+    reference_score: float | None = None
+    forward_passes: int = 1
+    block_maps: dict[str, np.ndarray] = field(default_factory=dict)
+    box: tuple[int, int, int, int] | None = None
+    original_shape: tuple[int, int] | None = None
+    seen: np.ndarray | None = None
+    original: np.ndarray | None = None
+    error: str | None = None
+
+    @property
+    def explained(self) -> float | None:
+        """The score difference the map distributes (gradient method): ``score -
+        reference_score``; None for the other methods."""
+        return None if self.reference_score is None else self.score - self.reference_score
+
+    @property
+    def peak(self) -> tuple[int, int]:
+        """``(row, column)`` of the map's maximum in the image as the model saw it."""
+        if self.map is None:
+            raise KadError(f"{self.id} has no heatmap: {self.error}")
+        return tuple(int(v) for v in np.unravel_index(int(np.argmax(self.map)),
+                                                      self.map.shape))
+
+    def on_original(self) -> np.ndarray:
+        """The map on the original photograph, ``original_shape``, score units per pixel:
+        the inverse of the preprocessing's crop and resize. Outside the crop it is 0; the
+        sum over the part of the crop inside the photograph is kept."""
+        from kad.data.images import resize
+
+        if self.map is None or self.box is None or self.original_shape is None:
+            raise KadError(f"{self.id} has no heatmap to map back: {self.error or 'no box'}")
+        left, top, width, height = self.box
+        rows, cols = self.original_shape
+        size = self.map.shape[0]
+        scaled = resize(self.map.astype(np.float32), (height, width))
+        scaled *= np.float32(size * size / (width * height))  # density per original pixel
+        canvas = np.zeros((rows, cols), dtype=np.float32)
+        x0, y0 = max(left, 0), max(top, 0)
+        x1, y1 = min(left + width, cols), min(top + height, rows)
+        if x1 > x0 and y1 > y0:
+            canvas[y0:y1, x0:x1] = scaled[y0 - top:y1 - top, x0 - left:x1 - left]
+        return canvas
+
+
+@dataclass
+class OverlayFiles:
+    """PNG files of one heatmap: over the image as the model saw it, and over the original
+    photograph."""
+
+    seen: Path
+    original: Path | None
+
+
+@dataclass
+class HeatmapRun:
+    """What :func:`write_heatmaps` did: the scores (as :meth:`Pipeline.score` returns them),
+    the overlay files per image id, the method, network passes and seconds spent."""
+
+    scores: object  # kad.screening.pipeline.Scores
+    files: dict[str, OverlayFiles]
+    method: str
+    forward_passes: int
+    seconds: float
+
+
+# ----------------------------------------------------------------------- choosing
+
+
+def choose_method(detector: BaseDetector, method: str = "auto") -> str:
+    """The method that will make the maps for ``detector``: ``method`` itself when it is
+    available, or, for ``"auto"``, the detector's own, else gradient, else occlusion."""
+    if method not in METHODS:
+        raise KadError(f"unknown heatmap method {method!r}; use one of {', '.join(METHODS)}")
+    own = type(detector).explain_maps is not BaseDetector.explain_maps
+    reference = getattr(detector, "reference_", None)
+    differentiable = reference is not None and (
+        detector.score_gradient(np.asarray(reference, dtype=np.float32)[None]) is not None)
+    name = type(detector).__name__
+    if uses_maps(detector) and method in ("gradient", "occlusion"):
+        raise KadError(f"{name} scores block maps and draws its own heatmap; use "
+                       "--heatmap-method auto")
+    if method == "detector" and not own:
+        raise KadError(f"{name} provides no heatmap of its own; use --heatmap-method auto")
+    if method == "gradient" and not differentiable:
+        why = ("was fitted before kad recorded reference_; refit it" if reference is None
+               else "has no score gradient")
+        raise KadError(f"{name} {why}; use --heatmap-method occlusion")
+    if method != "auto":
+        return method
+    return "detector" if own else "gradient" if differentiable else "occlusion"
+
+
+# ----------------------------------------------------------------------- the maps
+
+
+def to_image_resolution(share: np.ndarray, size: int) -> np.ndarray:
+    """A block's per-location shares ``(h, w)`` as a ``(size, size)`` per-pixel density
+    whose sum is the shares' sum: bilinear interpolation of the density, plus the constant
+    that restores the sum."""
+    import cv2
+
+    share = np.asarray(share, dtype=np.float64)
+    h, w = share.shape
+    density = share * (h * w) / (size * size)
+    up = cv2.resize(density, (size, size), interpolation=cv2.INTER_LINEAR)
+    up += (share.sum() - up.sum()) / (size * size)
+    return up
+
+
+def occlusion_cells(size: int, grid: int) -> list[tuple[slice, slice]]:
+    """The ``grid²`` cells ``(rows, columns)`` of a ``size`` square image, row by row."""
+    if not 1 <= grid <= size:
+        raise KadError(f"occlusion grid must be between 1 and the image size {size}, "
+                       f"got {grid}")
+    edges = np.linspace(0, size, grid + 1).round().astype(int)
+    return [(slice(edges[i], edges[i + 1]), slice(edges[j], edges[j + 1]))
+            for i in range(grid) for j in range(grid)]
+
+
+def _cells_to_map(values: np.ndarray, size: int, grid: int) -> np.ndarray:
+    import cv2
+
+    cells = occlusion_cells(size, grid)
+    area = np.array([(r.stop - r.start) * (c.stop - c.start) for r, c in cells], float)
+    density = (values / area).reshape(grid, grid)
+    return cv2.resize(density, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+class _Explainer:
+    """The network pieces and settings shared by every batch."""
+
+    def __init__(self, pipeline, method: str, grid: int, steps: int, weights: str | None,
+                 batch_size: int | None):
+        from kad.data.preprocessing import get_preprocessing
+        from kad.features.backbones import get_backbone, spatial_extractor
+        from kad.utils.deps import import_keras
+
+        keras = import_keras()
+        self.pipeline = pipeline
+        self.detector = pipeline.detector
+        self.method = choose_method(self.detector, method)
+        if steps < 1:
+            raise KadError(f"integration steps must be at least 1, got {steps}")
+        self.grid, self.steps = int(grid), int(steps)
+        self.size = int(pipeline.image_size)
+        if self.method == "occlusion":
+            occlusion_cells(self.size, self.grid)  # checks the grid
+        self.batch_size = int(batch_size or pipeline.batch_size)
+        self.backbone = get_backbone(pipeline.backbone)
+        self.preprocessing = get_preprocessing(pipeline.preprocessing)
+        model = pipeline.network(weights)
+        self.blocks = list(pipeline.blocks)
+        self.on_maps = uses_maps(self.detector)
+        if self.on_maps:  # the very model Pipeline.score runs
+            self.maps_model, self.pooled_model = pipeline.map_network(weights), None
+        else:
+            built = _MODELS.setdefault(model, {})
+            key = tuple(self.blocks)
+            if key not in built:  # built once per network: Keras traces each model once
+                built[key] = (spatial_extractor(model, self.blocks), keras.Model(
+                    model.inputs,
+                    [model.get_layer(f"kad_gap_{b}").output for b in self.blocks]))
+            self.maps_model, self.pooled_model = built[key]
+        if self.method == "gradient":
+            self.reference = np.asarray(self.detector.reference_, dtype=np.float64)
+            self.reference_score = float(self.detector.anomaly_score(
+                self.reference.astype(np.float32)[None])[0])
+
+    @property
+    def passes_per_image(self) -> int:
+        return 1 + (self.grid ** 2 if self.method == "occlusion" else 0)
+
+    def _run(self, model, images: np.ndarray) -> list[np.ndarray]:
+        """``model`` on ``images`` in [0, 1], in batches of exactly ``batch_size`` (the last
+        one padded), as the pipeline runs it."""
+        outs: list[list[np.ndarray]] = []
+        bs = self.batch_size
+        for start in range(0, len(images), bs):
+            batch = images[start:start + bs]
+            n = len(batch)
+            if n < bs:
+                batch = np.concatenate([batch, np.zeros((bs - n, *batch.shape[1:]),
+                                                        dtype=batch.dtype)])
+            result = model.predict_on_batch(self.backbone.preprocess(batch))
+            if not isinstance(result, (list, tuple)):
+                result = [result]
+            outs.append([np.asarray(o, dtype=np.float32)[:n] for o in result])
+        return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
+
+    def batch(self, seen: np.ndarray) -> list[tuple[float, np.ndarray, float | None,
+                                                    dict[str, np.ndarray]]]:
+        """``(score, map, reference score, block maps)`` for a batch of preprocessed images
+        (at most ``batch_size``)."""
+        from kad.screening.pipeline import stack_maps
+
+        outputs = self._run(self.maps_model, seen)
+        if self.on_maps:
+            maps = outputs
+            scores = self.detector.anomaly_score(stack_maps(maps))
+        else:
+            pooled = [outputs[2 * k] for k in range(len(self.blocks))]
+            maps = [outputs[2 * k + 1] for k in range(len(self.blocks))]
+            scores = self.detector.anomaly_score(np.concatenate(pooled, axis=1))
+        if self.method == "gradient":
+            return self._gradient(scores, maps)
+        if self.method == "occlusion":
+            return self._occlusion(scores, seen)
+        results = []
+        for i, score in enumerate(scores):
+            own = self.detector.explain_maps([m[i] for m in maps])
+            if own is None:
+                raise KadError(f"{type(self.detector).__name__}.explain_maps returned None")
+            results.append((float(score), _resized(own, self.size), None, {}))
+        return results
+
+    def _gradient(self, scores, maps):
+        n = len(scores)
+        widths = [m.shape[-1] for m in maps]
+        bounds = np.cumsum([0, *widths])
+        pooled = np.concatenate([m.astype(np.float64).mean(axis=(1, 2)) for m in maps], axis=1)
+        delta = pooled - self.reference
+        alphas = (np.arange(self.steps) + 0.5) / self.steps
+        path = self.reference + alphas[None, :, None] * delta[:, None, :]  # (n, steps, d)
+        grads = self.detector.score_gradient(
+            path.reshape(n * self.steps, -1).astype(np.float32))
+        mean_grad = grads.reshape(n, self.steps, -1).mean(axis=1)
+        results = []
+        for i in range(n):
+            total = np.zeros((self.size, self.size))
+            block_maps = {}
+            for k, block in enumerate(self.blocks):
+                lo, hi = bounds[k], bounds[k + 1]
+                f = maps[k][i].astype(np.float64)  # (h, w, c)
+                h, w = f.shape[:2]
+                share = (f - self.reference[lo:hi]) @ mean_grad[i, lo:hi] / (h * w)
+                block_maps[block] = share.astype(np.float32)
+                total += to_image_resolution(share, self.size)
+            results.append((float(scores[i]), total.astype(np.float32),
+                            self.reference_score, block_maps))
+        return results
+
+    def _occlusion(self, scores, seen):
+        cells = occlusion_cells(self.size, self.grid)
+        results = []
+        for i, image in enumerate(seen):
+            occluded = np.repeat(image[None], len(cells), axis=0)
+            for k, (rows, cols) in enumerate(cells):
+                occluded[k, rows, cols] = OCCLUSION_FILL
+            pooled = self._run(self.pooled_model, occluded)
+            dropped = self.detector.anomaly_score(np.concatenate(pooled, axis=1))
+            values = float(scores[i]) - dropped
+            results.append((float(scores[i]),
+                            _cells_to_map(values, self.size, self.grid).astype(np.float32),
+                            None, {}))
+        return results
+
+
+def _resized(own: np.ndarray, size: int) -> np.ndarray:
+    from kad.data.images import resize
+
+    own = np.asarray(own, dtype=np.float32)
+    if own.ndim != 2:
+        raise KadError(f"a detector's own heatmap must be 2-D, got shape {own.shape}")
+    return np.asarray(resize(own, size), dtype=np.float32)
+
+
+def iter_heatmaps(pipeline, source, ids: Sequence[str] | None = None, *,
+                  method: str = "auto", grid: int = DEFAULT_GRID, steps: int = DEFAULT_STEPS,
+                  weights: str | None = None, batch_size: int | None = None,
+                  keep_images: bool = True,
+                  progress: ProgressCallback | None = None) -> Iterator[Heatmap]:
+    """One :class:`Heatmap` per image of ``source`` (an :class:`~kad.data.datasets.ImageSource`),
+    in order, streamed batch by batch; unreadable images give a heatmap with ``map`` None
+    and ``error`` set. See the module docstring for ``method``, ``grid`` and ``steps``."""
+    from kad.data.images import resize
+
+    explainer = _Explainer(pipeline, method, grid, steps, weights, batch_size)
+    ids = [str(i) for i in (ids if ids is not None else range(len(source)))]
+    if len(ids) != len(source):
+        raise KadError(f"{len(ids)} ids for {len(source)} images")
+    size, bs = explainer.size, explainer.batch_size
+    for start in range(0, len(source), bs):
+        stop = min(start + bs, len(source))
+        loaded: list[tuple[int, np.ndarray, np.ndarray, tuple]] = []
+        failed: dict[int, str] = {}
+        for index in range(start, stop):
+            try:
+                rgb = source.load(index)
+                seen = resize(explainer.preprocessing(rgb), size)
+                box = explainer.preprocessing.crop_box(rgb)
+            except ImageReadError as exc:
+                failed[index] = exc.reason
+                continue
+            loaded.append((index, rgb, np.asarray(seen, dtype=np.float32), box))
+        results = explainer.batch(np.stack([x[2] for x in loaded])) if loaded else []
+        made = {x[0]: (x, r) for x, r in zip(loaded, results, strict=True)}
+        for index in range(start, stop):
+            if index in failed:
+                yield Heatmap(ids[index], float("nan"), explainer.method, None,
+                              forward_passes=0, error=failed[index])
+                continue
+            (_, rgb, seen, box), (score, heat, ref, blocks) = made[index]
+            yield Heatmap(ids[index], score, explainer.method, heat, reference_score=ref,
+                          forward_passes=explainer.passes_per_image, block_maps=blocks,
+                          box=tuple(int(v) for v in box), original_shape=rgb.shape[:2],
+                          seen=seen if keep_images else None,
+                          original=rgb if keep_images else None)
+        if progress:
+            progress(stop, len(source))
+
+
+def explain(pipeline, source, ids: Sequence[str] | None = None, **options) -> list[Heatmap]:
+    """Heatmaps of every image of ``source``, as a list (see :func:`iter_heatmaps` for the
+    options); for a whole folder prefer :func:`write_heatmaps`, which streams."""
+    return list(iter_heatmaps(pipeline, source, ids, **options))
+
+
+# ----------------------------------------------------------------------- drawing
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, vmax: float | None = None,
+            opacity: float = 0.6) -> np.ndarray:
+    """``image`` (RGB, [0, 1] float or uint8) with the positive part of ``heat`` (same
+    height and width) drawn over it in the "jet" colour map, the more opaque the higher:
+    regions that lower the score or do not matter stay as they are. ``vmax`` (default:
+    the map's maximum) is the value drawn at full colour. Returns RGB uint8."""
+    import cv2
+
+    from kad.data.images import to_rgb_uint8
+
+    rgb = to_rgb_uint8(image).astype(np.float32)
+    heat = np.asarray(heat, dtype=np.float32)
+    if heat.shape != rgb.shape[:2]:
+        raise KadError(f"heatmap of shape {heat.shape} for an image of shape {rgb.shape}")
+    top = float(np.max(heat)) if vmax is None else float(vmax)
+    level = np.clip(heat / top, 0.0, 1.0) if top > 0 else np.zeros_like(heat)
+    colour = cv2.applyColorMap((level * 255).astype(np.uint8), cv2.COLORMAP_JET)
+    colour = cv2.cvtColor(colour, cv2.COLOR_BGR2RGB).astype(np.float32)
+    alpha = (opacity * level)[..., None]
+    return np.clip(rgb * (1 - alpha) + colour * alpha + 0.5, 0, 255).astype(np.uint8)
+
+
+def _stem(ident: str) -> str:
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(ident).stem)[:60]
+    return f"{name}-{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
+
+
+def _write_png(path: Path, rgb: np.ndarray) -> Path:
+    import cv2
+
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise KadError(f"could not encode {path} as PNG")
+    path.write_bytes(buf.tobytes())
+    return path
+
+
+def write_overlay(heatmap: Heatmap, path: str | Path, on: str = "seen") -> Path:
+    """Write one overlay PNG to ``path``: over the image as the model saw it (``on="seen"``)
+    or mapped back over the original photograph (``on="original"``)."""
+    if heatmap.map is None:
+        raise KadError(f"{heatmap.id} has no heatmap: {heatmap.error}")
+    if on not in ("seen", "original"):
+        raise KadError(f"an overlay is drawn on 'seen' or 'original', got {on!r}")
+    image = heatmap.seen if on == "seen" else heatmap.original
+    if image is None:
+        raise KadError(f"{heatmap.id}: the heatmap was made without keep_images=True")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if on == "seen":
+        return _write_png(path, overlay(image, heatmap.map))
+    back = heatmap.on_original()
+    return _write_png(path, overlay(image, back, vmax=float(back.max())))
+
+
+def save_overlays(heatmap: Heatmap, out_dir: str | Path, stem: str | None = None,
+                  ) -> OverlayFiles:
+    """Write ``STEM_seen.png`` (the map over the image as the model saw it) and
+    ``STEM_original.png`` (mapped back over the original photograph) into ``out_dir``.
+    ``stem`` defaults to the image's name and a hash of its id (unique per id)."""
+    out = Path(out_dir)
+    stem = stem or _stem(heatmap.id)
+    seen = write_overlay(heatmap, out / f"{stem}_seen.png", "seen")
+    original = None
+    if heatmap.original is not None and heatmap.box is not None:
+        original = write_overlay(heatmap, out / f"{stem}_original.png", "original")
+    return OverlayFiles(seen, original)
+
+
+def write_heatmaps(pipeline, source, ids: Sequence[str] | None, out_dir: str | Path, *,
+                   method: str = "auto", grid: int = DEFAULT_GRID,
+                   steps: int = DEFAULT_STEPS, weights: str | None = None,
+                   progress: ProgressCallback | None = None) -> HeatmapRun:
+    """Score every image of ``source`` and write its two overlays into ``out_dir``,
+    streaming (images are not kept). The scores are those :meth:`Pipeline.score` gives."""
+    from kad.features.extraction import Scores
+
+    ids = [str(i) for i in (ids if ids is not None else range(len(source)))]
+    scores = np.full(len(ids), np.nan)
+    failed: dict[str, str] = {}
+    files: dict[str, OverlayFiles] = {}
+    passes = 0
+    used = method
+    began = time.perf_counter()
+    for row, heat in enumerate(iter_heatmaps(pipeline, source, ids, method=method, grid=grid,
+                                             steps=steps, weights=weights,
+                                             progress=progress)):
+        used = heat.method
+        passes += heat.forward_passes
+        if heat.map is None:
+            failed[heat.id] = heat.error or "unreadable"
+            continue
+        scores[row] = heat.score
+        files[heat.id] = save_overlays(heat, out_dir)
+    return HeatmapRun(Scores(ids, scores, failed), files, used, passes,
+                      time.perf_counter() - began)
+
+
+@dataclass
+class Explained:
+    """What :func:`explain_file` found and wrote for one image."""
+
+    file: str
+    score: float
+    flagged: bool
+    threshold: float
+    percentile: float
+    method: str
+    forward_passes: int
+    peak: tuple[int, int]  # (row, column) in the image as the model saw it
+    image_size: int
+    explained: float | None  # score - reference score (gradient method), else None
+    attributed: float  # the map's sum
+    seen_png: Path
+    original_png: Path | None
+
+
+def explain_file(pipeline, image: str | Path, out: str | Path, *,
+                 original: str | Path | None = None, method: str = "auto",
+                 grid: int = DEFAULT_GRID, steps: int = DEFAULT_STEPS,
+                 weights: str | None = None) -> Explained:
+    """Explain one image file: the overlay on the image as the model saw it goes to
+    ``out``, and, with ``original``, the overlay on the photograph goes there. An
+    unreadable image raises :class:`~kad.errors.ImageReadError`."""
+    from kad.data.datasets import FileSource
+
+    found = explain(pipeline, FileSource([Path(image)]), [str(image)], method=method,
+                    grid=grid, steps=steps, weights=weights)[0]
+    if found.map is None:
+        raise ImageReadError(image, found.error or "unreadable")
+    seen = write_overlay(found, out, "seen")
+    back = write_overlay(found, original, "original") if original is not None else None
+    return Explained(
+        str(image), found.score, bool(pipeline.flag(np.array([found.score]))[0]),
+        float(pipeline.threshold.value), float(pipeline.percentile(np.array([found.score]))[0]),
+        found.method, found.forward_passes, found.peak, int(found.map.shape[0]),
+        found.explained, float(found.map.astype(np.float64).sum()), seen, back)
+
+
+# ----------------------------------------------------------------------- evaluation
+
+
+def pointing_game(heat: np.ndarray, mask: np.ndarray, tolerance: float = 0.0) -> bool:
+    """Whether the map's maximum falls inside ``mask`` (the planted lesion), or within
+    ``tolerance`` pixels of it (Zhang et al. 2016 use 15 px at 224). Ties: the first
+    maximum in row order."""
+    import cv2
+
+    heat = np.asarray(heat)
+    mask = np.asarray(mask, dtype=bool)
+    if heat.shape != mask.shape:
+        raise KadError(f"heatmap of shape {heat.shape} for a mask of shape {mask.shape}")
+    row, col = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    if tolerance <= 0:
+        return bool(mask[row, col])
+    distance = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return bool(distance[row, col] <= tolerance)
+
+
+def pixel_auroc(heat: np.ndarray, mask: np.ndarray, region: np.ndarray | None = None,
+                ) -> float:
+    """AUROC of the map's values as a per-pixel detector of ``mask``, over the pixels of
+    ``region`` (default: all)."""
+    from sklearn.metrics import roc_auc_score
+
+    heat = np.asarray(heat, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    keep = np.ones_like(mask) if region is None else np.asarray(region, dtype=bool)
+    y = mask[keep]
+    if y.all() or not y.any():
+        raise KadError("pixel AUROC needs lesion and background pixels inside the region")
+    return float(roc_auc_score(y, heat[keep]))
