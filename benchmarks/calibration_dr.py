@@ -9,7 +9,7 @@ are extracted once. Each of ``--repeats`` runs then
 1. keeps an ``--outside`` share of the patients (healthy and sick drawn separately) fully
    outside fitting;
 2. divides the other patients with :func:`kad.screening.calibration.plan_fit_split` (``rows=``) and
-   fits twice with :func:`kad.screening.pipeline.fit_pipeline`, as ``kad fit`` does:
+   fits twice with :func:`kad.screening.fitting.fit_pipeline`, as ``kad fit`` does:
 
    ``fpr``
        block picked on the selection part, threshold by split-conformal calibration at
@@ -109,7 +109,7 @@ def main() -> None:
     from kad.data.datasets import FileSource, load_dataset
     from kad.features.extract import extract_features
     from kad.screening.calibration import Proportion, assess, plan_fit_split
-    from kad.screening.pipeline import fit_pipeline
+    from kad.screening.fitting import fit_pipeline
 
     work = args.work or Path(tempfile.mkdtemp(prefix="kad-calibration-"))
     counts = build_folder(args.data_dir, work / "pool", args.healthy_patients, 0)

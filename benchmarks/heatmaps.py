@@ -122,8 +122,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     from kad.data.datasets import ArraySource, load_dataset
+    from kad.screening.fitting import fit_pipeline
     from kad.screening.heatmaps import choose_method, explain
-    from kad.screening.pipeline import fit_pipeline
 
     dataset = load_dataset("dr", args.data_dir)
     normal = np.flatnonzero(~dataset.anomaly)

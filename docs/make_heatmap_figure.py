@@ -4,7 +4,7 @@ Synthetic fundus photographs (an orange disc on black with darker branching vess
 lighting and noise) are written to a temporary folder: ``normal/`` to fit on, and one
 photograph with three planted bright exudate-like spots and a dark haemorrhage-like one.
 Two pipelines on MobileNetV2-0.35 block ``block_5_add`` are fitted on the normals
-(:func:`kad.screening.pipeline.fit_pipeline`): kNN on the pooled features (top row, gradient map)
+(:func:`kad.screening.fitting.fit_pipeline`): kNN on the pooled features (top row, gradient map)
 and patch kNN on the block's map (bottom row, its own map). The photograph is explained
 by each (:func:`kad.screening.heatmaps.explain`), and each row puts side by side: the photograph,
 the map over the image as the model saw it, and the map on the photograph.
@@ -66,8 +66,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     from kad.data.datasets import FileSource, load_dataset
+    from kad.screening.fitting import fit_pipeline
     from kad.screening.heatmaps import explain, overlay
-    from kad.screening.pipeline import fit_pipeline
 
     rng = np.random.default_rng(0)
     root = Path(tempfile.mkdtemp(prefix="kad-figure-"))

@@ -21,8 +21,9 @@ class PatchKNNDetector(BaseDetector):
 
     ``fit`` takes the unpooled block maps of normal images, ``(n, h, w, c)``: kad's
     pipeline passes the maps of its blocks stacked on the finest grid
-    (:func:`kad.screening.pipeline.stack_maps`) and sets ``block_channels`` to each block's number
-    of channels, in order (None: all channels are one block). The detector keeps a memory
+    (:class:`kad.features.representation.BlockMaps`) and sets ``block_channels`` to each
+    block's number of channels, in order (:meth:`for_representation`; None: all channels
+    are one block). The detector keeps a memory
     bank of at most ``bank_size`` location vectors, drawn uniformly at random with
     ``random_state`` (PatchCore draws a greedy coreset instead; uniform draws keep fitting
     linear in the number of images). A block of more than ``max_dims`` channels is first
@@ -178,10 +179,13 @@ class PatchKNNDetector(BaseDetector):
         training, self._training = self._training, None  # computed by _fit, without
         return np.array([self._anomaly(d).max() for d in training])  # own-image matches
 
-    def explain_maps(self, maps):
-        """The location anomalies of one image (:meth:`location_scores`) on the grid of
-        ``maps`` (the block maps, stacked as in fitting): their maximum is the score."""
-        from kad.screening.pipeline import stack_maps
+    def for_representation(self, representation):
+        """A clone whose ``block_channels`` are the representation's, in order."""
+        from sklearn.base import clone
 
-        stacked = stack_maps([np.asarray(m)[None] for m in maps])[0]
-        return self.location_scores(stacked).astype(np.float32)
+        return clone(self).set_params(block_channels=tuple(representation.channels))
+
+    def explain_maps(self, x):
+        """The location anomalies of one image's stacked maps ``x`` (:meth:`location_scores`),
+        on their grid: their maximum is the score."""
+        return self.location_scores(np.asarray(x, dtype=np.float32)).astype(np.float32)

@@ -26,8 +26,10 @@ from typer.testing import CliRunner
 from kad import __version__
 from kad.detectors.base import BaseDetector, load_detector
 from kad.errors import ArtifactError, PluginError, UnstorableError
+from kad.features.representation import Block, PooledVectors
 from kad.registry import clear_cache, get_detector
-from kad.screening.pipeline import Pipeline, Threshold, load_pipeline
+from kad.screening.pipeline import Pipeline, load_pipeline
+from kad.screening.thresholds import Threshold
 from plugin_env import activate, install, install_example
 
 runner = CliRunner()
@@ -103,7 +105,9 @@ def _pipeline() -> Pipeline:
     det = get_detector("iforest", n_estimators=10).fit(X)
     return Pipeline(backbone="mobilenet_v2:alpha=0.35", weights="none",
                     weights_fingerprint="0" * 64, image_size=32, preprocessing="natural",
-                    blocks=["b1"], all_blocks=["b1"], detector=det,
+                    representation=PooledVectors((Block("b1", X.shape[1], (1, 1)),),
+                                                 ("b1",)),
+                    all_blocks=["b1"], detector=det,
                     threshold=Threshold(det.threshold_, "contamination",
                                         {"contamination": 0.1}),
                     training={"scores": np.sort(det.anomaly_scores_).tolist()}, batch_size=8)
@@ -281,8 +285,8 @@ def test_a_saved_pipeline_keeps_its_record(tmp_path):
     pipeline.threshold.details["n"] = np.int64(3)
     again = load_pipeline(pipeline.save(tmp_path / "p.kad"))
     for name in ("backbone", "weights", "weights_fingerprint", "image_size", "preprocessing",
-                 "blocks", "all_blocks", "training", "batch_size", "versions", "calibration",
-                 "assessment", "runtime"):
+                 "representation", "all_blocks", "training", "batch_size", "versions",
+                 "calibration", "assessment", "runtime"):
         assert getattr(again, name) == getattr(pipeline, name), name
     assert again.threshold == pipeline.threshold
     assert type(again.threshold.details["n"]) is np.int64

@@ -243,7 +243,7 @@ def test_pruning_keeps_the_pipelines_blocks_and_never_passes_for_complete(tmp_pa
 
 def test_fit_checks_out_and_the_cache_before_any_work(tmp_path, monkeypatch):
     from kad.data.datasets import load_dataset
-    from kad.screening.pipeline import fit_pipeline
+    from kad.screening.fitting import fit_pipeline
 
     def no_work(*args, **kwargs):
         raise AssertionError("features were extracted although --out cannot be written")

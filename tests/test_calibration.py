@@ -17,12 +17,11 @@ from kad.screening.calibration import (
     assess,
     conformal_p_values,
     conformal_rank,
-    conformal_threshold,
     min_calibration_size,
     plan_fit_split,
-    threshold_at_fpr,
 )
 from kad.screening.selection import pick_block
+from kad.screening.thresholds import conformal_threshold, threshold_at_fpr
 from kad_plugins.shallow import KNNDetector as KNN
 
 

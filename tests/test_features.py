@@ -172,7 +172,7 @@ def test_an_unwritable_cache_folder_stops_before_the_network_is_built(folder, tm
 
 
 def test_fit_can_keep_only_the_blocks_the_pipeline_uses(folder):
-    from kad.screening.pipeline import fit_pipeline
+    from kad.screening.fitting import fit_pipeline
 
     pipeline = fit_pipeline(folder, backbone=MNV2, weights="none", image_size=32,
                             representation="out_relu", batch_size=4, keep_all_blocks=False)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from kad.data.preprocessing import Fundus, Natural, crop_fundus
+from kad.detectors.base import BaseDetector
 from kad.errors import KadError
 from kad.screening.heatmaps import (
     Heatmap,
@@ -146,7 +147,7 @@ def data(tmp_path_factory):
 
 
 def _fit(data, detector, representation):
-    from kad.screening.pipeline import fit_pipeline
+    from kad.screening.fitting import fit_pipeline
 
     dataset, train, _ = data
     return fit_pipeline(dataset, train_rows=train, detector=detector,
@@ -217,13 +218,24 @@ def test_a_detector_may_draw_its_own_map(data):
     from kad.data.datasets import FileSource
     from kad.screening.heatmaps import explain
 
-    class Own(MahalanobisDetector):
-        def explain_maps(self, maps):
-            return np.abs(maps[0]).sum(axis=-1)
+    class Own(BaseDetector):  # a detector of block maps: its input is the stacked maps
+        input_kind = "maps"
+
+        def _fit(self, X, y):
+            self.mean_ = X.mean(axis=(0, 1, 2))
+
+        def _score(self, X):
+            return np.abs(X - self.mean_).sum(axis=-1).max(axis=(1, 2))
+
+        def explain_maps(self, x):
+            return np.abs(x - self.mean_).sum(axis=-1)
 
     pipeline = _fit(data, Own(), "block_5_add")
-    found = explain(pipeline, FileSource(data[2][:1]))[0]
-    assert found.method == "detector" and found.map.shape == (32, 32)
+    source = FileSource(data[2][:2])
+    found = explain(pipeline, source)
+    assert [f.method for f in found] == ["detector"] * 2
+    assert all(f.map.shape == (32, 32) for f in found)
+    np.testing.assert_array_equal([f.score for f in found], pipeline.score(source).scores)
 
 
 @pytest.mark.tf

@@ -40,7 +40,7 @@ def test_a_single_unusual_location_is_found_where_pooled_features_miss_it():
     # the same images, pooled, then scored by kNN: one location in 144 is averaged away
     pooled = KNNDetector().fit(train.mean(axis=(1, 2)))
     assert roc_auc_score(y, pooled.anomaly_score(test.mean(axis=(1, 2)))) < 0.75
-    peaks = [np.unravel_index(np.argmax(patch.explain_maps([m])), m.shape[:2])
+    peaks = [np.unravel_index(np.argmax(patch.explain_maps(m)), m.shape[:2])
              for m in abnormal]
     assert [tuple(int(v) for v in p) for p in peaks] == where
 
@@ -49,7 +49,7 @@ def test_the_map_maximum_is_the_score_and_ordinary_locations_are_near_zero():
     rng = np.random.default_rng(1)
     det = PatchKNNDetector(bank_size=2000).fit(_maps(20, rng))
     test = _maps(5, rng)
-    maps = [det.explain_maps([m]) for m in test]
+    maps = [det.explain_maps(m) for m in test]
     np.testing.assert_array_equal([m.max() for m in maps],
                                   det.anomaly_score(test).astype(np.float32))
     # distances are standardised by the training locations' median: half are below it
@@ -152,8 +152,9 @@ def folder(tmp_path_factory):
 @pytest.mark.tf
 def test_a_pipeline_scores_block_maps_and_its_heatmap_is_the_detectors_own(folder, tmp_path):
     from kad.data.datasets import FileSource
+    from kad.screening.fitting import fit_pipeline
     from kad.screening.heatmaps import explain
-    from kad.screening.pipeline import fit_pipeline, load_pipeline
+    from kad.screening.pipeline import load_pipeline
 
     dataset, train, files = folder
     pipeline = fit_pipeline(dataset, train_rows=train, detector="patchknn", **FAST)
@@ -171,12 +172,16 @@ def test_a_pipeline_scores_block_maps_and_its_heatmap_is_the_detectors_own(folde
         np.testing.assert_array_equal(a.map, b.map)
     with pytest.raises(KadError, match="Keras only"):
         pipeline.score(source, runtime="openvino")
-    with pytest.raises(KadError, match="own heatmap"):
-        explain(pipeline, source, method="occlusion")
+    # occlusion rescoring goes through the same representation as scoring
+    occluded = explain(pipeline, source, method="occlusion", grid=2)
+    np.testing.assert_array_equal([f.score for f in occluded], scores)
+    assert all(np.isfinite(f.map).all() and f.map.std() > 0 for f in occluded)
+    with pytest.raises(KadError, match="gradient|reference_"):
+        explain(pipeline, source, method="gradient")
 
 
 @pytest.mark.tf
-def test_kad_fit_and_score_with_patchknn_refuse_what_they_cannot_do_before_any_work(
+def test_kad_fit_refuses_patchknn_among_pooled_detectors_before_any_work_and_scores_it(
         folder, tmp_path):
     from kad.screening.workflow import fit_model, screen
 
@@ -187,9 +192,6 @@ def test_kad_fit_and_score_with_patchknn_refuse_what_they_cannot_do_before_any_w
     assert not (tmp_path / "cache").exists()
     model = fit_model(dataset, tmp_path / "m.kad", detector="patchknn",
                       cache_dir=tmp_path / "cache", **FAST).path
-    with pytest.raises(KadError, match="drop --engine ray"):
-        screen(model, [files[-1]], tmp_path / "out", engine="ray")
-    assert not (tmp_path / "out").exists()
     run = screen(model, [files[-1], files[0]], tmp_path / "out", heatmaps=True)
     assert run.heatmaps.method == "detector" and len(run.rows) == 2
 
@@ -197,7 +199,7 @@ def test_kad_fit_and_score_with_patchknn_refuse_what_they_cannot_do_before_any_w
 def test_block_maps_are_stacked_on_the_finest_grid():
     import cv2
 
-    from kad.screening.pipeline import stack_maps
+    from kad.features.representation import stack_maps
 
     rng = np.random.default_rng(5)
     fine = rng.normal(size=(40, 8, 8, 3)).astype(np.float32)
@@ -212,7 +214,7 @@ def test_block_maps_are_stacked_on_the_finest_grid():
 
 @pytest.mark.tf
 def test_named_blocks_are_used_and_unknown_ones_named(folder):
-    from kad.screening.pipeline import fit_pipeline
+    from kad.screening.fitting import fit_pipeline
 
     dataset, train, _ = folder
     pipeline = fit_pipeline(dataset, train_rows=train, representation="block_9_add",

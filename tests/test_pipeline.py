@@ -15,7 +15,9 @@ import pytest
 import kad
 from kad.data.datasets import FileSource, load_dataset
 from kad.errors import ArtifactError, WeightsError
-from kad.screening.pipeline import fit_pipeline, load_pipeline, threshold_at_sensitivity
+from kad.screening.fitting import fit_pipeline
+from kad.screening.pipeline import load_pipeline
+from kad.screening.thresholds import threshold_at_sensitivity
 from kad.utils.artifact import read_manifest
 from synthetic import screening_folder
 

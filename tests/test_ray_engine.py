@@ -82,7 +82,7 @@ def test_ray_gives_the_local_features_resumes_and_adds_no_rows(images, local_ray
 
     # kad score --engine ray: the same scores as scoring in this process
     from kad.features.ray_engine import score_with_ray
-    from kad.screening.pipeline import fit_pipeline
+    from kad.screening.fitting import fit_pipeline
 
     pipeline = fit_pipeline(images, backbone=MNV2, weights="none", image_size=32,
                             representation="out_relu", batch_size=16,

@@ -209,7 +209,7 @@ LIB_FAST = {"backbone": "mobilenet_v2:alpha=0.35", "weights": "none", "image_siz
 def calibrated(tmp_path_factory):
     from kad.data.datasets import load_dataset
     from kad.screening.calibration import plan_fit_split
-    from kad.screening.pipeline import fit_pipeline
+    from kad.screening.fitting import fit_pipeline
 
     root = screening_folder(tmp_path_factory.mktemp("calibrated"), n_normal=60, n_abnormal=24,
                             seed=5)
@@ -244,7 +244,7 @@ def test_a_calibrated_fit_uses_each_image_once_and_keeps_what_it_measured(calibr
 
 def test_p_values_survive_saving_and_follow_the_threshold(calibrated, tmp_path):
     from kad.data.datasets import FileSource
-    from kad.screening.calibration import threshold_at_fpr
+    from kad.screening.thresholds import threshold_at_fpr
     from kad.screening.workflow import rank, write_scores_csv
 
     pipeline, _, dataset, root = calibrated
@@ -323,7 +323,7 @@ def test_the_fit_summary_says_what_each_number_was_measured_on(calibrated):
 
 def test_a_sensitivity_threshold_is_set_on_selection_and_reported_on_assessment(calibrated):
     from kad.data.datasets import FileSource
-    from kad.screening.pipeline import fit_pipeline
+    from kad.screening.fitting import fit_pipeline
 
     first, split, dataset, root = calibrated
     pipeline = fit_pipeline(dataset, split=split, representation="picked", sensitivity=0.9,
@@ -346,9 +346,10 @@ def test_a_sensitivity_threshold_is_set_on_selection_and_reported_on_assessment(
 def test_a_model_without_a_calibration_set_says_it_has_no_p_values(calibrated, tmp_path):
     from kad.data.datasets import FileSource
     from kad.errors import KadError
-    from kad.screening.calibration import fit_summary, threshold_at_fpr
-    from kad.screening.pipeline import fit_pipeline
+    from kad.screening.calibration import fit_summary
+    from kad.screening.fitting import fit_pipeline
     from kad.screening.report import write_report
+    from kad.screening.thresholds import threshold_at_fpr
     from kad.screening.workflow import rank, write_scores_csv
 
     _, split, dataset, root = calibrated

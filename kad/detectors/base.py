@@ -54,13 +54,7 @@ if TYPE_CHECKING:
 
 InputKind = Literal["features", "images", "both", "maps"]
 
-__all__ = ["BaseDetector", "NotFittedError", "load_detector", "InputKind", "uses_maps"]
-
-
-def uses_maps(detector) -> bool:
-    """Whether ``detector`` (an instance or class) scores unpooled block maps
-    (``input_kind == "maps"``) rather than pooled feature vectors."""
-    return getattr(detector, "input_kind", "features") == "maps"
+__all__ = ["BaseDetector", "NotFittedError", "load_detector", "InputKind"]
 
 
 class BaseDetector(OutlierMixin, BaseEstimator):
@@ -71,9 +65,12 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     ``input_kind``
         ``"features"`` (2-D arrays of feature vectors), ``"images"`` (4-D arrays
         ``(n, height, width, 3)`` with values in [0, 1]), ``"both"``, or ``"maps"``: the
-        network's unpooled block maps ``(n, h, w, c)``, for detectors that score
-        locations (:class:`kad_plugins.patch_knn.PatchKNNDetector`); a pipeline passes
-        them instead of pooled vectors (:func:`uses_maps`).
+        network's unpooled block maps stacked on the finest block's grid ``(n, h, w, c)``,
+        for detectors that score locations (:class:`kad_plugins.patch_knn.PatchKNNDetector`).
+        A fitted pipeline feeds a detector the representation this declares
+        (:func:`kad.features.representation.representation_class`): pooled vectors for
+        ``features`` and ``both``, block maps for ``maps``; a detector that needs to know
+        where each block's channels lie reads it in :meth:`for_representation`.
     """
 
     input_kind: ClassVar[InputKind] = "features"
@@ -106,16 +103,27 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         them; heatmaps then fall back to occlusion. See :meth:`score_gradient`."""
         return None
 
-    def explain_maps(self, maps: list[np.ndarray]) -> np.ndarray | None:
-        """A detector's own heatmap of one image, or None (the default) to let
-        :mod:`kad.screening.heatmaps` make it (gradient attribution where :meth:`score_gradient`
-        exists, occlusion otherwise).
+    def for_representation(self, representation) -> BaseDetector:
+        """The detector to fit on ``representation`` (a
+        :class:`kad.features.representation.Representation`: its blocks' names, channels
+        and map sides, in order). The default is the detector itself; one that needs the
+        layout returns a clone with it set as parameters (patch kNN sets
+        ``block_channels``). Called by the pipeline before fitting, so that the layout is
+        declared in one place."""
+        del representation  # the default detector needs no layout
+        return self
 
-        ``maps`` are the unpooled block maps ``(h, w, c)`` of the image, in the order whose
-        spatial means, concatenated, are the feature vector the detector scores. Return a
-        ``(h', w')`` array of how much each region raises the score (any resolution; it is
-        resized to the image).
+    def explain_maps(self, x: np.ndarray) -> np.ndarray | None:
+        """A detector's own heatmap of one image, or None (the default) to let
+        :mod:`kad.screening.heatmaps` make it (gradient attribution where
+        :meth:`score_gradient` exists, occlusion otherwise).
+
+        ``x`` is the image's input exactly as :meth:`anomaly_score` receives it, without
+        the batch axis: for a detector of block maps, its stacked maps ``(h, w, c)``.
+        Return a ``(h', w')`` array of how much each region raises the score (any
+        resolution; it is resized to the image).
         """
+        del x  # no map of its own
         return None
 
     def _training_scores(self, X: np.ndarray) -> np.ndarray:

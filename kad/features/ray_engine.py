@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from kad.errors import KadError, MissingDependencyError
+from kad.errors import MissingDependencyError
 from kad.features.cache import (
     EntryWriter,
     EventCallback,
@@ -230,17 +230,15 @@ class _Score:
 
     def __init__(self, pipeline, ids, weights):
         self.pipeline, self.ids = pipeline, ids
-        self.model = pipeline.network(weights)
-        self.columns = [pipeline.all_blocks.index(b) for b in pipeline.blocks]
+        self.runner = pipeline.runner(weights)
 
     def __call__(self, rows: dict) -> dict:
         out: dict[str, list] = {"start": [], "n": [], "failed": [], "scores": []}
         for x, start, n, failed in zip(rows["x"], rows["start"], rows["n"], rows["failed"],
                                        strict=True):
             n, start = int(n), int(start)
-            outputs = [np.asarray(o, dtype=np.float32)[:n]
-                       for o in self.model.predict_on_batch(np.asarray(x))]
-            features = np.concatenate([outputs[c] for c in self.columns], axis=1)
+            outputs = [o[:n] for o in self.runner.predict(np.asarray(x))]
+            features = self.pipeline.representation.assemble(outputs)
             ok = ~np.isin(self.ids[start:start + n], list(json.loads(str(failed))))
             scores = np.full(len(x), np.nan)
             if ok.any():
@@ -252,16 +250,6 @@ class _Score:
         return {k: np.asarray(v) for k, v in out.items()}
 
 
-def check_scorable(pipeline) -> None:
-    """Refuse, in one line, a pipeline the Ray engine cannot score: one whose detector
-    scores block maps, which the actors do not compute."""
-    from kad.detectors.base import uses_maps
-
-    if uses_maps(pipeline.detector):
-        raise KadError(f"{type(pipeline.detector).__name__} scores block maps, which the Ray "
-                       "engine does not compute; drop --engine ray")
-
-
 def score_with_ray(pipeline, source, ids=None, *, address: str | None = None,
                    actors: int | None = None, gpus_per_actor: float | None = None,
                    num_cpus: int | None = None, weights: str | None = None,
@@ -271,7 +259,6 @@ def score_with_ray(pipeline, source, ids=None, *, address: str | None = None,
     one network per actor. Returns :class:`kad.screening.pipeline.Scores`."""
     from kad.features.extraction import Scores
 
-    check_scorable(pipeline)
     ray = import_ray()
     ids = np.asarray([str(i) for i in (ids if ids is not None else range(len(source)))])
     n, batch_size, plan = len(source), pipeline.batch_size, pipeline._plan()

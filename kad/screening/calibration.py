@@ -12,7 +12,7 @@ p-value is at most ``alpha``.
 
 The guarantee is on average over the draw of the calibration set. For the one set drawn,
 the false-positive rate is itself random: it follows ``Beta(n + 1 - k, k)`` (no ties), and
-:func:`conformal_threshold` records its 95% upper bound too.
+:func:`kad.screening.thresholds.conformal_threshold` records its 95% upper bound too.
 
 :func:`plan_fit_split` divides a dataset's patients into disjoint parts: training normals,
 calibration normals, and (with labelled anomalies) a *selection* part that picks the block
@@ -29,18 +29,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kad.errors import KadError
-
-DEFAULT_FPR = 0.05
-
-@dataclass
-class Threshold:
-    """The flagging threshold (flag when score > value) and how it was chosen:
-    ``"conformal"`` (a false-positive rate on calibration normals), ``"sensitivity"`` (on
-    labelled anomalies) or ``"contamination"`` (the detector's own)."""
-
-    value: float
-    method: str
-    details: dict = field(default_factory=dict)
 
 DEFAULT_CALIBRATION = 0.2
 DEFAULT_VALIDATION = 0.25
@@ -78,40 +66,6 @@ def _calibration_scores(scores) -> np.ndarray:
     return values
 
 
-def conformal_threshold(calibration_scores, alpha: float):
-    """The split-conformal threshold at false-positive rate ``alpha`` (flag when
-    score > value), as a :class:`~kad.screening.pipeline.Threshold` with method ``"conformal"``.
-
-    Its details hold ``alpha``, ``n_calibration``, the ``rank`` used, the guaranteed bound
-    ``1 - rank / (n + 1)`` (at most ``alpha``), the 95% upper bound on the false-positive
-    rate for this calibration set, and ``guarantee``, a sentence saying what holds.
-    """
-    from scipy.stats import beta
-
-
-    alpha = _check_alpha(alpha)
-    cal = _calibration_scores(calibration_scores)
-    n = len(cal)
-    k = conformal_rank(n, alpha)
-    if k > n:
-        raise KadError(
-            f"a false-positive rate of {alpha:g} needs at least {min_calibration_size(alpha)} "
-            f"calibration images, but there are {n}; raise --calibration, add normal images "
-            f"or ask for --fpr {max(1.0 / (n + 1), 1e-4):.3g} or more"
-        )
-    bound = 1.0 - k / (n + 1)
-    upper = float(beta.ppf(0.95, n + 1 - k, k))
-    return Threshold(float(cal[k - 1]), "conformal", {
-        "alpha": alpha, "n_calibration": n, "rank": k, "fpr_bound": bound,
-        "fpr_upper95_this_calibration": upper,
-        "guarantee": (
-            f"a healthy image like the {n} calibration normals is flagged with probability "
-            f"at most {bound:.3g} (asked {alpha:g}); for this calibration set the "
-            f"false-positive rate is below {upper:.3g} with 95% confidence"
-        ),
-    })
-
-
 def conformal_p_values(calibration_scores, scores) -> np.ndarray:
     """``(1 + #{calibration scores >= s}) / (n + 1)`` for every score ``s`` (NaN stays NaN).
     Small means unlike the calibration normals; flagged at level alpha iff <= alpha."""
@@ -122,17 +76,6 @@ def conformal_p_values(calibration_scores, scores) -> np.ndarray:
     at_least = len(cal) - np.searchsorted(cal, scores, side="left")
     values = (1.0 + at_least) / (len(cal) + 1.0)
     return np.where(np.isnan(scores), np.nan, values)
-
-
-def threshold_at_fpr(pipeline, alpha: float):
-    """A new conformal threshold for a fitted pipeline from its stored calibration scores
-    (no refitting). Returns the :class:`~kad.screening.pipeline.Threshold`; assign it to
-    ``pipeline.threshold`` to use it."""
-    calibration = getattr(pipeline, "calibration", None)
-    if not calibration or not calibration.get("scores"):
-        raise KadError("this model has no calibration set; refit it with kad fit "
-                       "--calibration 0.2 to set a threshold by --fpr")
-    return conformal_threshold(calibration["scores"], alpha)
 
 
 # -- splitting a dataset for fitting -----------------------------------------------------

@@ -65,7 +65,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kad.detectors.base import BaseDetector, uses_maps
+from kad.detectors.base import BaseDetector
 from kad.errors import ImageReadError, KadError
 
 __all__ = [
@@ -94,8 +94,9 @@ DEFAULT_STEPS = 16
 OCCLUSION_FILL = 0.5
 
 ProgressCallback = Callable[[int, int], None]
-# The map and pooled models made from a pipeline's network, per tuple of blocks.
-_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# The spatial model (pooled vectors and maps) made from a pipeline's network, per tuple of
+# blocks: Keras traces each model once.
+_SPATIAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -193,9 +194,6 @@ def choose_method(detector: BaseDetector, method: str = "auto") -> str:
     differentiable = reference is not None and (
         detector.score_gradient(np.asarray(reference, dtype=np.float32)[None]) is not None)
     name = type(detector).__name__
-    if uses_maps(detector) and method in ("gradient", "occlusion"):
-        raise KadError(f"{name} scores block maps and draws its own heatmap; use "
-                       "--heatmap-method auto")
     if method == "detector" and not own:
         raise KadError(f"{name} provides no heatmap of its own; use --heatmap-method auto")
     if method == "gradient" and not differentiable:
@@ -244,17 +242,22 @@ def _cells_to_map(values: np.ndarray, size: int, grid: int) -> np.ndarray:
 
 
 class _Explainer:
-    """The network pieces and settings shared by every batch."""
+    """The network pieces and settings shared by every batch.
+
+    Every image is scored as :meth:`Pipeline.score` scores it: the representation's
+    network on the pipeline's runtime, its outputs assembled into the detector's input
+    (:mod:`kad.features.representation`). Occlusion rescoring goes the same way. The
+    gradient method alone needs the maps under the pooled vectors, and runs the spatial
+    model that gives both."""
 
     def __init__(self, pipeline, method: str, grid: int, steps: int, weights: str | None,
-                 batch_size: int | None):
+                 batch_size: int | None, runtime: str | None = None):
         from kad.data.preprocessing import get_preprocessing
         from kad.features.backbones import get_backbone, spatial_extractor
-        from kad.utils.deps import import_keras
 
-        keras = import_keras()
         self.pipeline = pipeline
         self.detector = pipeline.detector
+        self.representation = pipeline.representation
         self.method = choose_method(self.detector, method)
         if steps < 1:
             raise KadError(f"integration steps must be at least 1, got {steps}")
@@ -265,20 +268,14 @@ class _Explainer:
         self.batch_size = int(batch_size or pipeline.batch_size)
         self.backbone = get_backbone(pipeline.backbone)
         self.preprocessing = get_preprocessing(pipeline.preprocessing)
-        model = pipeline.network(weights)
+        self.runner = pipeline.runner(weights, runtime)
         self.blocks = list(pipeline.blocks)
-        self.on_maps = uses_maps(self.detector)
-        if self.on_maps:  # the very model Pipeline.score runs
-            self.maps_model, self.pooled_model = pipeline.map_network(weights), None
-        else:
-            built = _MODELS.setdefault(model, {})
-            key = tuple(self.blocks)
-            if key not in built:  # built once per network: Keras traces each model once
-                built[key] = (spatial_extractor(model, self.blocks), keras.Model(
-                    model.inputs,
-                    [model.get_layer(f"kad_gap_{b}").output for b in self.blocks]))
-            self.maps_model, self.pooled_model = built[key]
         if self.method == "gradient":
+            model = pipeline.network(weights)
+            built = _SPATIAL.setdefault(model, {})
+            if tuple(self.blocks) not in built:
+                built[tuple(self.blocks)] = spatial_extractor(model, self.blocks)
+            self.spatial = built[tuple(self.blocks)]
             self.reference = np.asarray(self.detector.reference_, dtype=np.float64)
             self.reference_score = float(self.detector.anomaly_score(
                 self.reference.astype(np.float32)[None])[0])
@@ -287,9 +284,12 @@ class _Explainer:
     def passes_per_image(self) -> int:
         return 1 + (self.grid ** 2 if self.method == "occlusion" else 0)
 
-    def _run(self, model, images: np.ndarray) -> list[np.ndarray]:
-        """``model`` on ``images`` in [0, 1], in batches of exactly ``batch_size`` (the last
-        one padded), as the pipeline runs it."""
+    def _run(self, network, images: np.ndarray) -> list[np.ndarray]:
+        """``network`` (a runtime or a Keras model) on ``images`` in [0, 1], in batches of
+        exactly ``batch_size`` (the last one padded), as the pipeline runs it."""
+        from kad.features.runtime import as_runtime
+
+        runner = as_runtime(network)
         outs: list[list[np.ndarray]] = []
         bs = self.batch_size
         for start in range(0, len(images), bs):
@@ -298,33 +298,28 @@ class _Explainer:
             if n < bs:
                 batch = np.concatenate([batch, np.zeros((bs - n, *batch.shape[1:]),
                                                         dtype=batch.dtype)])
-            result = model.predict_on_batch(self.backbone.preprocess(batch))
-            if not isinstance(result, (list, tuple)):
-                result = [result]
-            outs.append([np.asarray(o, dtype=np.float32)[:n] for o in result])
+            outs.append([o[:n] for o in runner.predict(self.backbone.preprocess(batch))])
         return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
+
+    def _inputs(self, images: np.ndarray) -> np.ndarray:
+        """The detector's inputs for ``images``, as the pipeline makes them."""
+        return self.representation.assemble(self._run(self.runner, images))
 
     def batch(self, seen: np.ndarray) -> list[tuple[float, np.ndarray, float | None,
                                                     dict[str, np.ndarray]]]:
         """``(score, map, reference score, block maps)`` for a batch of preprocessed images
         (at most ``batch_size``)."""
-        from kad.screening.pipeline import stack_maps
-
-        outputs = self._run(self.maps_model, seen)
-        if self.on_maps:
-            maps = outputs
-            scores = self.detector.anomaly_score(stack_maps(maps))
-        else:
-            pooled = [outputs[2 * k] for k in range(len(self.blocks))]
-            maps = [outputs[2 * k + 1] for k in range(len(self.blocks))]
-            scores = self.detector.anomaly_score(np.concatenate(pooled, axis=1))
         if self.method == "gradient":
-            return self._gradient(scores, maps)
+            outputs = self._run(self.spatial, seen)
+            pooled = np.concatenate(outputs[0::2], axis=1)
+            return self._gradient(self.detector.anomaly_score(pooled), outputs[1::2])
+        inputs = self._inputs(seen)
+        scores = self.detector.anomaly_score(inputs)
         if self.method == "occlusion":
             return self._occlusion(scores, seen)
         results = []
         for i, score in enumerate(scores):
-            own = self.detector.explain_maps([m[i] for m in maps])
+            own = self.detector.explain_maps(inputs[i])
             if own is None:
                 raise KadError(f"{type(self.detector).__name__}.explain_maps returned None")
             results.append((float(score), _resized(own, self.size), None, {}))
@@ -363,8 +358,7 @@ class _Explainer:
             occluded = np.repeat(image[None], len(cells), axis=0)
             for k, (rows, cols) in enumerate(cells):
                 occluded[k, rows, cols] = OCCLUSION_FILL
-            pooled = self._run(self.pooled_model, occluded)
-            dropped = self.detector.anomaly_score(np.concatenate(pooled, axis=1))
+            dropped = self.detector.anomaly_score(self._inputs(occluded))
             values = float(scores[i]) - dropped
             results.append((float(scores[i]),
                             _cells_to_map(values, self.size, self.grid).astype(np.float32),

@@ -23,8 +23,8 @@ import numpy as np
 from kad.errors import ImageReadError
 from kad.screening.pipeline import Pipeline
 
-if TYPE_CHECKING:  # the rows kad.screening.workflow ranks; screening imports this module to write
-    from kad.screening.workflow import ScoredImage
+if TYPE_CHECKING:
+    from kad.screening.results import ScoredImage
 
 THUMB = 160
 

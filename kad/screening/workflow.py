@@ -8,152 +8,33 @@ record the command line renders. Every input is accounted for: each file handed 
 
 from __future__ import annotations
 
-import csv
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from kad.errors import KadError
-from kad.features.extraction import Scores
 from kad.screening.pipeline import Pipeline
+from kad.screening.results import (
+    SCORED,
+    SKIPPED,
+    UNREADABLE,
+    NotScored,
+    ScoredImage,
+    collect_images,
+    match_labels,
+    rank,
+    read_labels,
+    write_scores_csv,
+)
+from kad.screening.thresholds import ThresholdRule
+from kad.utils.progress import Progress
 
-NORMAL_LABELS = {"0", "normal", "negative", "no", "false"}
-ANOMALY_LABELS = {"1", "abnormal", "anomaly", "anomalous", "positive", "yes", "true"}
-
-ProgressCallback = Callable[[int, int], None]
-
-SCORED, UNREADABLE, SKIPPED = "scored", "unreadable", "skipped"
-
-
-@dataclass
-class ScoredImage:
-    file: str
-    score: float
-    percentile: float
-    flagged: bool
-    label: int | None = None
-    # conformal p-value against the calibration normals; None for a model fitted without
-    # a calibration set
-    p_value: float | None = None
-
-
-@dataclass
-class NotScored:
-    """An input that was not scored: ``status`` is ``unreadable`` (it could not be decoded
-    or is not usable) or ``skipped`` (not an image kad reads, a broken link, missing)."""
-
-    file: str
-    status: str
-    reason: str
-
-
-def collect_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[NotScored]]:
-    """Image files named directly or found under folders (recursively, sorted), and every
-    other input with the reason it is not one. Nothing is decoded."""
-    from kad.data.datasets.base import list_image_files, skip_reason
-
-    files: list[Path] = []
-    others: list[NotScored] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            images, skipped = list_image_files(path)
-            files += images
-            others += [NotScored(f, SKIPPED, why) for f, why in skipped]
-        elif path.is_file():
-            files.append(path)  # named explicitly: try it, a failure is reported per file
-        else:
-            why = skip_reason(path) if path.is_symlink() else None
-            others.append(NotScored(str(path), SKIPPED,
-                                    why or "no such file or folder; check the path"))
-    return files, others
-
-
-def read_labels(path: Path) -> dict[str, int]:
-    """``image,label`` rows (label normal/abnormal or 0/1) as {key: 0|1}. Keys are the paths
-    as written; :func:`match_labels` relates them to files. Read with the same reader as
-    every labels CSV of kad (:func:`kad.data.datasets.base.read_table`)."""
-    from kad.data.datasets.base import read_table
-    from kad.errors import DatasetError
-
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"labels file {path} does not exist")
-    labels = {}
-    for line, row in read_table(path, ("image", "label")):
-        value = row["label"].lower()
-        if value in NORMAL_LABELS:
-            labels[row["image"]] = 0
-        elif value in ANOMALY_LABELS:
-            labels[row["image"]] = 1
-        else:
-            raise DatasetError(
-                f"{path}, line {line}: unknown label {row['label']!r}; use normal/abnormal "
-                "or 0/1")
-    return labels
-
-
-def match_labels(files: list[Path], labels: dict[str, int]) -> np.ndarray:
-    """Label per file (-1 where none): matched by relative path suffix, then by file name or
-    stem."""
-    by_key: dict[str, int] = {}
-    for key, value in labels.items():
-        norm = key.replace("\\", "/").strip("/")
-        for variant in (norm, Path(norm).name, Path(norm).stem):
-            by_key.setdefault(variant, value)
-    out = np.full(len(files), -1)
-    for i, file in enumerate(files):
-        posix = file.as_posix()
-        for key in (posix, file.name, file.stem):
-            if key in by_key:
-                out[i] = by_key[key]
-                break
-        else:
-            for key, value in labels.items():
-                if posix.endswith("/" + key.replace("\\", "/").strip("/")):
-                    out[i] = value
-                    break
-    return out
-
-
-def rank(pipeline: Pipeline, files: list[Path], result: Scores,
-         labels: np.ndarray | None = None) -> list[ScoredImage]:
-    """Readable images, most suspicious first."""
-    ok = np.isfinite(result.scores)
-    percentiles = pipeline.percentile(np.where(ok, result.scores, 0.0))
-    flagged = pipeline.flag(np.where(ok, result.scores, -np.inf))
-    p_values = pipeline.p_values(np.where(ok, result.scores, 0.0))
-    rows = [
-        ScoredImage(str(files[i]), float(result.scores[i]), float(percentiles[i]),
-                    bool(flagged[i]),
-                    None if labels is None or labels[i] < 0 else int(labels[i]),
-                    None if p_values is None else float(p_values[i]))
-        for i in np.flatnonzero(ok)
-    ]
-    return sorted(rows, key=lambda r: -r.score)
-
-
-def write_scores_csv(path: Path, rows: list[ScoredImage], not_scored: list[NotScored]) -> Path:
-    """One row per input: the scored images, most suspicious first, then every input that
-    was not scored, with its status and the reason. The p-value is the conformal one
-    (blank for a model without a calibration set)."""
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        labelled = any(r.label is not None for r in rows)
-        writer.writerow(["file", "status", "score", "p_value", "flagged",
-                         *(["label"] if labelled else []), "reason"])
-        for r in rows:
-            p_value = "" if r.p_value is None else f"{r.p_value:.6g}"
-            writer.writerow([r.file, SCORED, f"{r.score:.6g}", p_value,
-                             "yes" if r.flagged else "no",
-                             *([("" if r.label is None else r.label)] if labelled else []), ""])
-        for other in not_scored:
-            writer.writerow([other.file, other.status, "", "", "",
-                             *([""] if labelled else []), other.reason])
-    return path
-
+__all__ = [
+    "SCORED", "SKIPPED", "UNREADABLE", "FitRun", "NotScored", "ScoredImage", "ScreeningRun",
+    "ThresholdRun", "fit_model", "screen", "set_threshold",
+]
 
 # -- kad fit -------------------------------------------------------------------------------
 
@@ -181,118 +62,147 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
               fpr: float | None = None, calibration: float | None = None,
               validation: float | None = None, seed: int = 0, batch_size: int = 64,
               cache_dir: str | Path | None = None, keep_all_blocks: bool = False,
-              runtime: str = "auto", progress: ProgressCallback | None = None,
+              runtime: str = "auto", progress: Progress | None = None,
               on_event=None) -> FitRun:
     """Fit the whole pipeline on the normal images of ``dataset`` and save it to
     ``out_path``. The dataset is divided by patient
-    (:func:`kad.screening.calibration.plan_fit_split`)
-    into images that fit the detector, normals that calibrate the conformal threshold
-    (``fpr``), and, with labelled anomalies, images that pick the block and set a
-    ``sensitivity`` threshold and images held out to measure the result. ``out_path`` and
-    the cache folder are checked for writability before any work; the training images'
-    cache entry then keeps only the blocks the model uses unless ``keep_all_blocks``.
+    (:func:`kad.screening.calibration.plan_fit_split`) into images that fit the detector,
+    normals that calibrate the conformal threshold (``fpr``), and, with labelled
+    anomalies, images that pick the block and set a ``sensitivity`` threshold and images
+    held out to measure the result (:mod:`kad.screening.thresholds` says which rule
+    applies). ``out_path`` and the cache folder are checked for writability before any
+    work; the training images' cache entry then keeps only the blocks the model uses
+    unless ``keep_all_blocks``.
 
     With labelled anomalies, several ``image_size`` values (``"224,448"``) and several
     ``detector`` specs (``"iforest,knn"``), the (input size, block or concatenation,
     detector) with the best AUROC on the selection images is picked first
-    (:func:`kad.screening.selection.select`, a grid at each size), then fitted and calibrated as
-    one."""
-    from kad.detectors.base import uses_maps
+    (:func:`kad.screening.selection.select`, a grid at each size), then fitted and
+    calibrated as one."""
     from kad.features.cache import cache_root, check_writable
     from kad.features.extract import extract_features
-    from kad.screening.calibration import (
-        DEFAULT_CALIBRATION,
-        DEFAULT_FPR,
-        DEFAULT_VALIDATION,
-        min_calibration_size,
-        plan_fit_split,
-    )
-    from kad.screening.pipeline import fit_pipeline
-    from kad.screening.selection import (
-        MultiSizeFeatures,
-        candidate_grid,
-        default_image_size,
-        fresh_detector,
-        parse_sizes,
-        select,
-    )
-    from kad.utils.specs import split_specs
+    from kad.screening.calibration import plan_fit_split
+    from kad.screening.fitting import fit_pipeline
+    from kad.screening.selection import MultiSizeFeatures
 
-    if dataset.anomaly is None:
-        raise KadError(f"{dataset.name} has no normal/abnormal labels; fit on a folder, dr or "
-                       "rop dataset")
-    if fpr is not None and sensitivity is not None:
-        raise KadError("give --fpr or --sensitivity, not both: one threshold is set")
-    labelled = bool(np.any(dataset.anomaly))
-    if sensitivity is not None and not labelled:
-        raise KadError("a sensitivity needs labelled anomalies (an abnormal/ folder); use "
-                       "--fpr for a threshold set on normal images alone")
-    if labelled:
-        representation = representation or "picked"
-        if fpr is None and sensitivity is None:
-            sensitivity = 0.95
-    sizes = parse_sizes(default_image_size(dataset, image_size)) or [None]
-    specs = split_specs(detector) if isinstance(detector, str) else list(detector)
-    choosing = len(sizes) > 1 or len(specs) > 1
-    if choosing:
-        from kad.registry import DETECTORS, load
-        from kad.utils.specs import parse_spec
-
-        on_maps = [s for s in specs if uses_maps(load(DETECTORS, parse_spec(s, "detector")
-                                                      .name))]
-        if on_maps:
-            raise KadError(f"{', '.join(on_maps)} scores block maps and cannot be chosen "
-                           "among detectors of pooled features; fit it on its own, at one "
-                           "image size")
-    if choosing and not (labelled and representation == "picked"):
-        raise KadError(f"{len(sizes)} image sizes and {len(specs)} detectors but nothing to "
-                       "choose with: add labelled anomalies (abnormal/), or give one of each")
-    image_size = sizes[0]
-    calibration = DEFAULT_CALIBRATION if calibration is None else calibration
-    validation = DEFAULT_VALIDATION if validation is None else validation
-    alpha = fpr if fpr is not None else (DEFAULT_FPR if sensitivity is None else None)
-    if alpha is not None:  # before any work: is the calibration share large enough?
-        n_cal = len(plan_fit_split(dataset, calibration, validation, seed).calibration)
-        if n_cal < min_calibration_size(alpha):
-            raise KadError(
-                f"a false-positive rate of {alpha:g} needs at least "
-                f"{min_calibration_size(alpha)} calibration images, but --calibration "
-                f"{calibration:g} of {dataset.name} gives {n_cal}; raise --calibration, add "
-                f"normal images, or ask for --fpr {1 / (n_cal + 1):.3g} or more")
+    request = _FitRequest.of(dataset, image_size, detector, representation, fpr,
+                             sensitivity, calibration, validation)
+    request.check_calibration_size(dataset, seed)  # before any work
     check_writable(out_path, is_file=True, what="--out file")
     check_writable(Path(cache_dir) if cache_dir else cache_root(), what="feature cache folder")
     by_size = {size: extract_features(dataset, backbone, weights, size, preprocessing,
                                       batch_size=batch_size, cache_dir=cache_dir,
                                       progress=progress, on_event=on_event, runtime=runtime)
-               for size in sizes}
+               for size in request.sizes}
     multi = MultiSizeFeatures({f.meta["inputs"]["image_size"]: f for f in by_size.values()})
-    split = plan_fit_split(dataset, calibration, validation, seed, valid=multi.valid)
-    chosen = None
-    if choosing:  # on the selection images only; calibration and assessment stay untouched
-        chosen = select(multi, candidate_grid(multi, specs, across_sizes=False), split.train,
-                        split.selection, split.selection_labels, seed=seed,
-                        make_detector=fresh_detector)
-        image_size, detector = chosen.picked.sizes[0], chosen.picked.detector
-        representation = chosen.picked.block
-    else:
-        image_size, detector = multi.sizes[0], specs[0]
-    features = multi.by_size[image_size]
+    split = plan_fit_split(dataset, request.calibration, request.validation, seed,
+                           valid=multi.valid)
+    chosen = request.choose(multi, split, seed)
+    size, spec, named = (chosen.picked.sizes[0], chosen.picked.detector, chosen.picked.block
+                         ) if chosen else (multi.sizes[0], request.specs[0],
+                                           request.representation)
     pipeline = fit_pipeline(
-        dataset, backbone=backbone, weights=weights, image_size=image_size,
-        preprocessing=preprocessing, representation=representation or "concat",
-        detector=detector, split=split, sensitivity=sensitivity, fpr=fpr,
-        batch_size=batch_size, cache_dir=cache_dir, features=features,
-        keep_all_blocks=keep_all_blocks, runtime=runtime)
+        dataset, backbone=backbone, weights=weights, image_size=size,
+        preprocessing=preprocessing, representation=named, detector=spec, split=split,
+        sensitivity=request.rule.sensitivity, fpr=request.rule.fpr, batch_size=batch_size,
+        cache_dir=cache_dir, features=multi.by_size[size], keep_all_blocks=keep_all_blocks,
+        runtime=runtime, progress=progress)
     if chosen is not None:
         pipeline.training["selection"].update(
             picked_candidate=chosen.picked.to_json(),
             picked_validation_auroc=chosen.validation_auroc,
             candidates=[c.to_json() for c in chosen.scores], failed=chosen.failed)
     path = pipeline.save(out_path)
-    ids = dataset.ids
-    left_out = {str(ids[i]): features.failed.get(str(ids[i]), why)
-                for i, why in split.left_out.items()}
+    failed, ids = multi.by_size[size].failed, dataset.ids
+    left_out = {str(ids[i]): failed.get(str(ids[i]), why) for i, why in split.left_out.items()}
     return FitRun(pipeline, Path(path), split, left_out)
+
+
+@dataclass
+class _FitRequest:
+    """What ``kad fit`` was asked, checked before any work: the sizes and detectors to
+    choose among, the representation, the threshold rule and the split's shares."""
+
+    sizes: list
+    specs: list[str]
+    representation: str
+    rule: ThresholdRule
+    calibration: float
+    validation: float
+    labelled: bool
+
+    @classmethod
+    def of(cls, dataset, image_size, detector, representation, fpr, sensitivity,
+           calibration, validation) -> _FitRequest:
+        from kad.screening.calibration import DEFAULT_CALIBRATION, DEFAULT_VALIDATION
+        from kad.screening.selection import default_image_size, parse_sizes
+        from kad.utils.specs import split_specs
+
+        if dataset.anomaly is None:
+            raise KadError(f"{dataset.name} has no normal/abnormal labels; fit on a folder, "
+                           "dr or rop dataset")
+        labelled = bool(np.any(dataset.anomaly))
+        calibration = DEFAULT_CALIBRATION if calibration is None else calibration
+        rule = ThresholdRule(fpr=fpr, sensitivity=sensitivity).resolve(
+            labelled=labelled, calibrated=calibration > 0)
+        request = cls(parse_sizes(default_image_size(dataset, image_size)) or [None],
+                      split_specs(detector) if isinstance(detector, str) else list(detector),
+                      representation or ("picked" if labelled else "concat"), rule,
+                      calibration, DEFAULT_VALIDATION if validation is None else validation,
+                      labelled)
+        request.check_choice()
+        return request
+
+    @property
+    def choosing(self) -> bool:
+        return len(self.sizes) > 1 or len(self.specs) > 1
+
+    def check_choice(self) -> None:
+        """Several sizes or detectors are chosen among on labelled anomalies, as
+        candidates of one representation: pooled vectors."""
+        from kad.features.representation import PooledVectors, representation_class
+        from kad.registry import DETECTORS, load
+        from kad.utils.specs import parse_spec
+
+        if not self.choosing:
+            return
+        other = [s for s in self.specs if representation_class(
+            load(DETECTORS, parse_spec(s, "detector").name)) is not PooledVectors]
+        if other:
+            raise KadError(f"{', '.join(other)} does not score pooled features and cannot be "
+                           "chosen among detectors that do; fit it on its own, at one image "
+                           "size")
+        if not (self.labelled and self.representation == "picked"):
+            raise KadError(f"{len(self.sizes)} image sizes and {len(self.specs)} detectors "
+                           "but nothing to choose with: add labelled anomalies (abnormal/), "
+                           "or give one of each")
+
+    def check_calibration_size(self, dataset, seed: int) -> None:
+        """Is the calibration share large enough for the false-positive rate asked?"""
+        from kad.screening.calibration import min_calibration_size, plan_fit_split
+
+        alpha = self.rule.fpr
+        if alpha is None:
+            return
+        n_cal = len(plan_fit_split(dataset, self.calibration, self.validation, seed)
+                    .calibration)
+        if n_cal < min_calibration_size(alpha):
+            raise KadError(
+                f"a false-positive rate of {alpha:g} needs at least "
+                f"{min_calibration_size(alpha)} calibration images, but --calibration "
+                f"{self.calibration:g} of {dataset.name} gives {n_cal}; raise --calibration, "
+                f"add normal images, or ask for --fpr {1 / (n_cal + 1):.3g} or more")
+
+    def choose(self, multi, split, seed: int):
+        """On the selection images only (calibration and assessment stay untouched): the
+        best candidate of the grid, or None when there is nothing to choose."""
+        from kad.screening.selection import candidate_grid, fresh_detector, select
+
+        if not self.choosing:
+            return None
+        return select(multi, candidate_grid(multi, self.specs, across_sizes=False),
+                      split.train, split.selection, split.selection_labels, seed=seed,
+                      make_detector=fresh_detector)
 
 
 # -- kad score -----------------------------------------------------------------------------
@@ -325,7 +235,7 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
            engine: str = "local", ray_address: str | None = None,
            heatmaps: bool = False, heatmap_method: str = "auto", grid: int = 8,
            steps: int = 16, runtime: str | None = None,
-           progress: ProgressCallback | None = None) -> ScreeningRun:
+           progress: Progress | None = None) -> ScreeningRun:
     """Score every image under ``inputs`` with the model file ``model`` and write
     ``scores.csv`` and ``report.html`` to ``out_dir`` (checked for writability first).
     ``engine="ray"`` scores on a Ray cluster (:func:`kad.features.ray_engine.score_with_ray`).
@@ -342,10 +252,6 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
         raise KadError("heatmaps are drawn by the local engine; drop --engine ray or "
                        "--heatmaps")
     pipeline = load_pipeline(model)
-    if engine == "ray":  # before any work
-        from kad.features.ray_engine import check_scorable
-
-        check_scorable(pipeline)
     out_dir = check_writable(Path(out_dir), what="--out folder")
     files, not_scored = collect_images(inputs)
     if not files:
@@ -399,27 +305,28 @@ class ThresholdRun:
 def set_threshold(model: str | Path, labels: str | Path | None = None, *,
                   sensitivity: float | None = None, fpr: float | None = None,
                   out_path: str | Path | None = None, weights: str | None = None,
-                  progress: ProgressCallback | None = None) -> ThresholdRun:
+                  progress: Progress | None = None) -> ThresholdRun:
     """Move the threshold of ``model`` without refitting, and save it: to a false-positive
     rate ``fpr`` on its calibration normals (conformal), or to ``sensitivity`` on a labelled
     validation CSV (``image,label``; paths relative to the CSV's folder or absolute; 0.95
     when only ``labels`` is given)."""
     from kad.data.datasets import FileSource
     from kad.features.cache import check_writable
-    from kad.screening.calibration import threshold_at_fpr
-    from kad.screening.pipeline import load_pipeline, threshold_at_sensitivity
+    from kad.screening.pipeline import load_pipeline
+    from kad.screening.thresholds import threshold_at_fpr
 
-    if labels is not None and fpr is None and sensitivity is None:
-        sensitivity = 0.95
-    if (fpr is None) == (sensitivity is None):
+    if fpr is None and labels is None:
         raise KadError("give --fpr ALPHA (no labels needed) or --labels CSV (with "
-                       "--sensitivity, 0.95 by default), not both")
+                       "--sensitivity, 0.95 by default)")
     if sensitivity is not None and labels is None:
         raise KadError("--sensitivity needs --labels, a CSV image,label of labelled images")
+    if fpr is not None and labels is not None:
+        raise KadError("give --fpr ALPHA or --labels CSV, not both: one threshold is set")
+    rule = ThresholdRule(fpr=fpr, sensitivity=sensitivity).resolve(labelled=labels is not None)
     pipeline = load_pipeline(model)
     check_writable(Path(out_path or model), is_file=True, what="model file to write")
-    if fpr is not None:
-        pipeline.threshold = threshold_at_fpr(pipeline, fpr)
+    if rule.fpr is not None:
+        pipeline.threshold = threshold_at_fpr(pipeline, rule.fpr)
         path = pipeline.save(out_path or model)
         return ThresholdRun(pipeline, Path(path), int(pipeline.calibration["n"]), [])
     labels = Path(labels)
@@ -430,7 +337,7 @@ def set_threshold(model: str | Path, labels: str | Path | None = None, *,
                             weights=weights)
     ok = np.isfinite(result.scores)
     scores = result.scores[ok]
-    chosen = threshold_at_sensitivity(scores[y[ok] == 0], scores[y[ok] == 1], sensitivity)
+    chosen = rule.apply(normal_scores=scores[y[ok] == 0], anomaly_scores=scores[y[ok] == 1])
     chosen.details["labels"] = str(labels)
     pipeline.threshold = chosen
     path = pipeline.save(out_path or model)

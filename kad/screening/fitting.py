@@ -1,0 +1,349 @@
+"""Fitting a pipeline, as a sequence of short steps.
+
+:func:`fit_pipeline` reads as what it does::
+
+    parts = split_rows(...)        # which images serve which purpose, readable, disjoint
+    inputs = prepare_inputs(...)   # the network, the representation, the detector's inputs
+    picked = pick_and_fit(...)     # the block (on labelled images) or the named ones; fit
+    threshold = calibrate(...)     # the threshold rule (kad.screening.thresholds)
+    assessment = assess_held_out(...)  # honest numbers on images used for nothing else
+
+Each step is a function with a small result record, usable on its own. The fitted record
+itself and scoring are :mod:`kad.screening.pipeline`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kad.errors import KadError
+from kad.features.representation import Representation
+from kad.screening.pipeline import Pipeline, weights_fingerprint
+from kad.screening.thresholds import Threshold, ThresholdRule
+from kad.utils.progress import Progress, task
+
+__all__ = [
+    "DetectorInputs",
+    "Parts",
+    "Picked",
+    "assess_held_out",
+    "calibrate",
+    "fit_pipeline",
+    "pick_and_fit",
+    "prepare_inputs",
+    "recorded_weights",
+    "split_rows",
+]
+
+
+# ---------------------------------------------------------------------------- 1. split
+@dataclass
+class Parts:
+    """Rows of the dataset per purpose, each readable and used for nothing else.
+
+    ``train`` fits the detector; ``calibration`` (normals) sets a conformal threshold and
+    the p-values; ``selection`` (labelled, ``selection_labels`` 1 = anomaly) picks the
+    block and sets a sensitivity threshold; ``assessment`` measures the result.
+    ``unreadable`` counts, per part, the rows left out because their image could not be
+    read."""
+
+    train: np.ndarray
+    calibration: np.ndarray
+    selection: np.ndarray
+    selection_labels: np.ndarray
+    assessment: np.ndarray
+    assessment_labels: np.ndarray
+    unreadable: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def labelled(self) -> bool:
+        return len(self.selection) > 0
+
+    def counts(self) -> dict[str, int]:
+        return {"train": len(self.train), "selection": len(self.selection),
+                "calibration": len(self.calibration), "assessment": len(self.assessment)}
+
+
+def split_rows(dataset, usable: np.ndarray, split=None,
+               train_rows: np.ndarray | None = None) -> Parts:
+    """The :class:`Parts` of a :class:`~kad.screening.calibration.FitSplit` (or, without
+    one, ``train_rows``, by default every normal image), readable rows only. Refuses
+    fewer than 2 training images, labelled images of one class and parts that overlap."""
+    none = np.zeros(0, dtype=int)
+    if split is None:
+        if train_rows is None:
+            normal = (np.ones(len(usable), bool) if dataset.anomaly is None
+                      else ~np.asarray(dataset.anomaly, dtype=bool))
+            train_rows = np.flatnonzero(normal)
+        wanted = {"train": (train_rows, None), "calibration": (none, None),
+                  "selection": (none, none), "assessment": (none, none)}
+    else:
+        wanted = {"train": (split.train, None), "calibration": (split.calibration, None),
+                  "selection": (split.selection, split.selection_labels),
+                  "assessment": (split.assessment, split.assessment_labels)}
+    kept: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    unreadable: dict[str, int] = {}
+    for name, (rows, labels) in wanted.items():
+        rows = np.asarray(rows, dtype=int)
+        ok = usable[rows]
+        if not ok.all():
+            unreadable[name] = int((~ok).sum())
+        kept[name] = (rows[ok], None if labels is None else np.asarray(labels, int)[ok])
+    parts = Parts(kept["train"][0], kept["calibration"][0], *kept["selection"],
+                  *kept["assessment"], unreadable)
+    _check_parts(parts)
+    return parts
+
+
+def _check_parts(parts: Parts) -> None:
+    if len(parts.train) < 2:
+        raise KadError(f"fitting needs at least 2 readable normal images, got "
+                       f"{len(parts.train)}")
+    if parts.labelled and set(np.unique(parts.selection_labels)) != {0, 1}:
+        raise KadError("labelled images must include both normal (0) and anomalous (1) ones")
+    rows = {"train": parts.train, "selection": parts.selection,
+            "calibration": parts.calibration, "assessment": parts.assessment}
+    names = list(rows)
+    for a, first in enumerate(names):
+        for second in names[a + 1:]:
+            if np.intersect1d(rows[first], rows[second]).size:
+                raise KadError(f"the {first} and {second} images overlap; every image may "
+                               "serve one purpose only (use "
+                               "kad.screening.calibration.plan_fit_split)")
+
+
+# ------------------------------------------------------------------- 2. the inputs
+@dataclass
+class DetectorInputs:
+    """The network and how rows of the dataset become a detector's inputs for one
+    representation: from the feature cache where it holds them, else through the
+    network (:meth:`Representation.network`)."""
+
+    model: object
+    network_blocks: list[str]
+    features: object
+    dataset: object
+    plan: object
+    batch_size: int
+    progress: Progress | None = None
+
+    def read(self, representation: Representation, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=int)
+        found = representation.cached(self.features, rows)
+        if found is not None:
+            return found
+        from kad.features.extraction import stream_features
+
+        network = representation.network(self.model, self.network_blocks)
+        ids = np.asarray(self.dataset.ids, dtype=str)[rows]
+        parts = []
+        with task(self.progress, f"{representation.describe()}: network pass",
+                  len(rows)) as update:
+            for start, outputs, _ in stream_features(network, self.dataset.source.take(rows),
+                                                     ids, self.plan, self.batch_size):
+                parts.append(representation.assemble(outputs))
+                update(start + len(parts[-1]))
+        if not parts:
+            raise KadError("no rows to read")
+        return np.concatenate(parts)
+
+    def reader(self, representation: Representation) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda rows: self.read(representation, rows)
+
+
+def prepare_inputs(dataset, features, plan, weights, batch_size: int,
+                   progress: Progress | None = None) -> DetectorInputs:
+    """Build the network the features came from (its weights are fingerprinted into the
+    pipeline) and the reader of detector inputs."""
+    model, network_blocks = plan.backbone.build_extractor(plan.input_size, weights)
+    return DetectorInputs(model, list(network_blocks), features, dataset, plan, batch_size,
+                          progress)
+
+
+# ---------------------------------------------------------------------- 3. pick, fit
+@dataclass
+class Picked:
+    """The representation, the fitted detector, and how the blocks were chosen."""
+
+    representation: Representation
+    detector: object
+    selection: dict
+
+
+def pick_and_fit(prototype, named: str, inputs: DetectorInputs, parts: Parts) -> Picked:
+    """Fit ``prototype`` (cloned) on the training rows. With ``named == "picked"`` and a
+    representation that can pick (:attr:`Representation.can_pick`), the block whose
+    detector ranks the labelled selection rows best is chosen first (the paper's Table 2,
+    :func:`kad.screening.selection.pick_block`); otherwise the named blocks, or the
+    representation's default ones."""
+    from sklearn.base import clone
+
+    from kad.features.representation import build, representation_class
+    from kad.screening.selection import pick_block
+
+    cls = representation_class(prototype)
+    backbone = str(inputs.plan.backbone.spec)
+    selection: dict = {"representation": named}
+    if named == "picked" and cls.can_pick:
+        if not parts.labelled:
+            raise KadError("representation 'picked' needs labelled anomalies to pick a "
+                           "block with")
+        choice = pick_block(inputs.features, parts.train, parts.selection,
+                            parts.selection_labels, prototype)
+        representation = build(cls, inputs.model, inputs.network_blocks, [choice.block],
+                               inputs.plan.input_size, backbone)
+        selection.update(picked=choice.block, validation_auroc=choice.validation_auroc,
+                         blocks=representation.names)
+        return Picked(representation, choice.detectors[choice.block], selection)
+    representation = build(cls, inputs.model, inputs.network_blocks, named,
+                           inputs.plan.input_size, backbone)
+    selection["blocks"] = representation.names
+    detector = clone(prototype.for_representation(representation))
+    detector.fit(inputs.read(representation, parts.train))
+    return Picked(representation, detector, selection)
+
+
+# ------------------------------------------------------------------- 4. calibrate
+def calibrate(rule: ThresholdRule, picked: Picked, inputs: DetectorInputs,
+              parts: Parts) -> tuple[Threshold, np.ndarray | None]:
+    """The threshold ``rule`` (resolved for the parts at hand) gives the fitted detector,
+    with, on the labelled selection rows, the metrics at that threshold; returns it and
+    the sorted calibration scores (None without calibration rows)."""
+    from kad.utils.metrics import evaluate
+
+    detector, representation = picked.detector, picked.representation
+    rule = rule.resolve(labelled=parts.labelled, calibrated=len(parts.calibration) > 0)
+    calibration = (np.sort(detector.anomaly_score(inputs.read(representation,
+                                                              parts.calibration)))
+                   if len(parts.calibration) else None)
+    selected = (detector.anomaly_score(inputs.read(representation, parts.selection))
+                if parts.labelled else None)
+    labels = parts.selection_labels
+    threshold = rule.apply(
+        calibration_scores=calibration, detector=detector,
+        normal_scores=None if selected is None else selected[labels == 0],
+        anomaly_scores=None if selected is None else selected[labels == 1])
+    if selected is not None:
+        threshold.details["validation"] = evaluate(labels, selected, selected > threshold.value)
+    return threshold, calibration
+
+
+# ----------------------------------------------------------------------- 5. assess
+def assess_held_out(picked: Picked, inputs: DetectorInputs, parts: Parts,
+                    who: Callable[[np.ndarray], str]) -> dict | None:
+    """Scores of the assessment rows, kept with their labels to measure sensitivity and
+    specificity on images used for nothing else (:meth:`Pipeline.assessed`)."""
+    if not len(parts.assessment):
+        return None
+    labels = np.asarray(parts.assessment_labels, dtype=int)
+    scores = picked.detector.anomaly_score(inputs.read(picked.representation,
+                                                       parts.assessment))
+    return {"scores": scores.tolist(), "labels": labels.tolist(),
+            "measured_on": (f"{who(parts.assessment)} ({int((labels == 0).sum())} normal, "
+                            f"{int(labels.sum())} abnormal) held out of fitting, "
+                            "calibration, block picking and threshold setting")}
+
+
+# --------------------------------------------------------------------- the sequence
+def recorded_weights(weights) -> str:
+    """How a pipeline records ``weights``: ``"imagenet"``, ``"none"`` or the absolute path
+    of a weights file, so that the model file works from any folder."""
+    from kad.features.backbones import resolve_weights
+
+    kind, value = resolve_weights(weights)
+    return str(value) if kind == "path" else kind
+
+
+def _counter(dataset) -> Callable[[np.ndarray], str]:
+    patients = (np.asarray(dataset.patient, dtype=str) if dataset.patient is not None
+                else None)
+
+    def who(rows: np.ndarray) -> str:
+        if patients is None:
+            return f"{len(rows)} images"
+        return f"{len(rows)} images of {len(np.unique(patients[rows]))} patients"
+
+    return who
+
+
+def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str = "imagenet",
+                 image_size: int | None = None, preprocessing: str | None = None,
+                 representation: str = "concat", detector="knn", split=None,
+                 train_rows: np.ndarray | None = None, fpr: float | None = None,
+                 sensitivity: float | None = None, batch_size: int = 64,
+                 cache_dir: str | Path | None = None, features=None,
+                 keep_all_blocks: bool = True, out: str | Path | None = None,
+                 runtime: str = "auto", progress: Progress | None = None) -> Pipeline:
+    """Fit a pipeline on the normal images of ``dataset``; see the module docstring.
+
+    The defaults are the best without labels in ``benchmarks/evidence.py``: kNN on the
+    concatenation of every block, and ``image_size=None`` means 448 px for fundus
+    photographs and the backbone's native size otherwise. ``split`` (a
+    :class:`~kad.screening.calibration.FitSplit`) says which images fit, calibrate, pick
+    and assess; without one, ``train_rows`` (by default every normal image) fit and the
+    threshold is the detector's contamination. ``fpr`` / ``sensitivity`` choose the
+    threshold rule (:class:`~kad.screening.thresholds.ThresholdRule`). ``features`` are
+    the cached features of ``dataset`` when already at hand; ``out`` and the cache folder
+    are checked for writability before any work. With ``keep_all_blocks=False`` the cache
+    entry then keeps only the pipeline's blocks (:func:`kad.features.cache.prune_entry`).
+    """
+    from kad.features.cache import check_writable
+    from kad.features.extract import extract_features, plan_extraction
+    from kad.registry import get_detector
+    from kad.screening.selection import default_image_size
+
+    rule = ThresholdRule(fpr=fpr, sensitivity=sensitivity)
+    image_size = default_image_size(dataset, image_size)
+    plan = plan_extraction(dataset, backbone, weights, image_size, preprocessing, cache_dir,
+                           runtime)
+    if out is not None:
+        check_writable(out, is_file=True, what="--out file")
+    if features is None:
+        check_writable(plan.path.parent, what="feature cache folder")
+        features = extract_features(dataset, plan.backbone, weights, image_size, preprocessing,
+                                    batch_size=batch_size, cache_dir=cache_dir,
+                                    progress=progress, runtime=runtime)
+    parts = split_rows(dataset, features.valid, split, train_rows)
+    prototype = get_detector(detector) if isinstance(detector, str) else detector
+    inputs = prepare_inputs(dataset, features, plan, weights, batch_size, progress)
+    picked = pick_and_fit(prototype, representation, inputs, parts)
+    threshold, calibration_scores = calibrate(rule, picked, inputs, parts)
+    who = _counter(dataset)
+    pipeline = Pipeline(
+        backbone=str(plan.backbone.spec), weights=recorded_weights(weights),
+        weights_fingerprint=weights_fingerprint(inputs.model), image_size=plan.input_size,
+        preprocessing=plan.preprocessing.key, representation=picked.representation,
+        all_blocks=inputs.network_blocks, detector=picked.detector, threshold=threshold,
+        training=_training_record(dataset, features, picked, parts, split),
+        batch_size=batch_size,
+        calibration=None if calibration_scores is None else {
+            "scores": calibration_scores.tolist(), "n": int(len(calibration_scores)),
+            "measured_on": f"{who(parts.calibration)}: normal images kept aside, used "
+                           "neither to fit nor to pick the block"},
+        assessment=assess_held_out(picked, inputs, parts, who),
+        runtime=features.meta["inputs"].get("runtime", "keras"),
+    )
+    pipeline._model = inputs.model  # scoring right away needs no second build
+    if not keep_all_blocks:
+        from kad.features.cache import prune_entry
+
+        pruned = prune_entry(features.path, picked.representation.names)
+        pipeline.training["pruned"] = {"removed_blocks": len(pruned.removed),
+                                       "freed_bytes": pruned.freed_bytes}
+    return pipeline
+
+
+def _training_record(dataset, features, picked: Picked, parts: Parts, split) -> dict:
+    training = {"dataset": dataset.name, "fingerprint": dataset.fingerprint,
+                "n_images": int(len(parts.train)), "feature_cache": features.key,
+                "scores": np.sort(picked.detector.anomaly_scores_).tolist(),
+                "selection": picked.selection, "rows": parts.counts()}
+    if parts.unreadable:
+        training["unreadable_left_out"] = parts.unreadable
+    if split is not None:
+        training["split"] = split.describe()
+    return training

@@ -1,0 +1,151 @@
+"""What a screening run produces: a row per input, scored or not, and the scores file.
+
+Every input is accounted for: each file handed to :func:`kad.screening.workflow.screen`
+ends up either as a :class:`ScoredImage` or as a :class:`NotScored` with the reason, and
+:func:`write_scores_csv` writes them all.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kad.features.extraction import Scores
+from kad.screening.pipeline import Pipeline
+
+NORMAL_LABELS = {"0", "normal", "negative", "no", "false"}
+ANOMALY_LABELS = {"1", "abnormal", "anomaly", "anomalous", "positive", "yes", "true"}
+
+SCORED, UNREADABLE, SKIPPED = "scored", "unreadable", "skipped"
+
+
+@dataclass
+class ScoredImage:
+    file: str
+    score: float
+    percentile: float
+    flagged: bool
+    label: int | None = None
+    # conformal p-value against the calibration normals; None for a model fitted without
+    # a calibration set
+    p_value: float | None = None
+
+
+@dataclass
+class NotScored:
+    """An input that was not scored: ``status`` is ``unreadable`` (it could not be decoded
+    or is not usable) or ``skipped`` (not an image kad reads, a broken link, missing)."""
+
+    file: str
+    status: str
+    reason: str
+
+
+def collect_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[NotScored]]:
+    """Image files named directly or found under folders (recursively, sorted), and every
+    other input with the reason it is not one. Nothing is decoded."""
+    from kad.data.datasets.base import list_image_files, skip_reason
+
+    files: list[Path] = []
+    others: list[NotScored] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            images, skipped = list_image_files(path)
+            files += images
+            others += [NotScored(f, SKIPPED, why) for f, why in skipped]
+        elif path.is_file():
+            files.append(path)  # named explicitly: try it, a failure is reported per file
+        else:
+            why = skip_reason(path) if path.is_symlink() else None
+            others.append(NotScored(str(path), SKIPPED,
+                                    why or "no such file or folder; check the path"))
+    return files, others
+
+
+def read_labels(path: Path) -> dict[str, int]:
+    """``image,label`` rows (label normal/abnormal or 0/1) as {key: 0|1}. Keys are the paths
+    as written; :func:`match_labels` relates them to files. Read with the same reader as
+    every labels CSV of kad (:func:`kad.data.datasets.base.read_table`)."""
+    from kad.data.datasets.base import read_table
+    from kad.errors import DatasetError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"labels file {path} does not exist")
+    labels = {}
+    for line, row in read_table(path, ("image", "label")):
+        value = row["label"].lower()
+        if value in NORMAL_LABELS:
+            labels[row["image"]] = 0
+        elif value in ANOMALY_LABELS:
+            labels[row["image"]] = 1
+        else:
+            raise DatasetError(
+                f"{path}, line {line}: unknown label {row['label']!r}; use normal/abnormal "
+                "or 0/1")
+    return labels
+
+
+def match_labels(files: list[Path], labels: dict[str, int]) -> np.ndarray:
+    """Label per file (-1 where none): matched by relative path suffix, then by file name or
+    stem."""
+    by_key: dict[str, int] = {}
+    for key, value in labels.items():
+        norm = key.replace("\\", "/").strip("/")
+        for variant in (norm, Path(norm).name, Path(norm).stem):
+            by_key.setdefault(variant, value)
+    out = np.full(len(files), -1)
+    for i, file in enumerate(files):
+        posix = file.as_posix()
+        for key in (posix, file.name, file.stem):
+            if key in by_key:
+                out[i] = by_key[key]
+                break
+        else:
+            for key, value in labels.items():
+                if posix.endswith("/" + key.replace("\\", "/").strip("/")):
+                    out[i] = value
+                    break
+    return out
+
+
+def rank(pipeline: Pipeline, files: list[Path], result: Scores,
+         labels: np.ndarray | None = None) -> list[ScoredImage]:
+    """Readable images, most suspicious first."""
+    ok = np.isfinite(result.scores)
+    percentiles = pipeline.percentile(np.where(ok, result.scores, 0.0))
+    flagged = pipeline.flag(np.where(ok, result.scores, -np.inf))
+    p_values = pipeline.p_values(np.where(ok, result.scores, 0.0))
+    rows = [
+        ScoredImage(str(files[i]), float(result.scores[i]), float(percentiles[i]),
+                    bool(flagged[i]),
+                    None if labels is None or labels[i] < 0 else int(labels[i]),
+                    None if p_values is None else float(p_values[i]))
+        for i in np.flatnonzero(ok)
+    ]
+    return sorted(rows, key=lambda r: -r.score)
+
+
+def write_scores_csv(path: Path, rows: list[ScoredImage], not_scored: list[NotScored]) -> Path:
+    """One row per input: the scored images, most suspicious first, then every input that
+    was not scored, with its status and the reason. The p-value is the conformal one
+    (blank for a model without a calibration set)."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        labelled = any(r.label is not None for r in rows)
+        writer.writerow(["file", "status", "score", "p_value", "flagged",
+                         *(["label"] if labelled else []), "reason"])
+        for r in rows:
+            p_value = "" if r.p_value is None else f"{r.p_value:.6g}"
+            writer.writerow([r.file, SCORED, f"{r.score:.6g}", p_value,
+                             "yes" if r.flagged else "no",
+                             *([("" if r.label is None else r.label)] if labelled else []), ""])
+        for other in not_scored:
+            writer.writerow([other.file, other.status, "", "", "",
+                             *([""] if labelled else []), other.reason])
+    return path
