@@ -18,7 +18,7 @@ command line's ``--weights PATH``) overrides it when the file has moved.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +28,7 @@ from kad.errors import ArtifactError, KadError, WeightsError
 from kad.features.extraction import Scores
 from kad.screening.calibration import Threshold
 from kad.utils.artifact import Encoder, library_versions, open_artifact, write_artifact
-
-ProgressCallback = Callable[[int, int], None]
+from kad.utils.progress import Progress, task
 
 
 def weights_fingerprint(model) -> str:
@@ -236,10 +235,10 @@ class Pipeline:
         return self._maps[1]
 
     def score(self, source, ids: Sequence[str] | None = None,
-              progress: ProgressCallback | None = None, weights: str | None = None,
+              progress: Progress | None = None, weights: str | None = None,
               runtime: str | None = None) -> Scores:
         """Scores of every image of an :class:`~kad.data.datasets.ImageSource`, streamed, on the
-        pipeline's runtime (or ``runtime``)."""
+        pipeline's runtime (or ``runtime``); ``progress`` gets the task ``scoring``."""
         from kad.features.extraction import stream_features
 
         ids = np.asarray([str(i) for i in (ids if ids is not None else range(len(source)))])
@@ -254,15 +253,15 @@ class Pipeline:
                        for start, outputs, bad in stream_features(
                            self.engine(weights, runtime), source, ids, self._plan(),
                            self.batch_size))
-        for start, features, bad in batches:
-            ok = ~np.isin(ids[start:start + len(features)], list(bad))
-            if ok.any():
-                batch = np.full(len(features), np.nan)
-                batch[ok] = self.detector.anomaly_score(features[ok])
-                scores[start:start + len(features)] = batch
-            failed.update(bad)
-            if progress:
-                progress(start + len(features), len(source))
+        with task(progress, "scoring", len(source)) as update:
+            for start, features, bad in batches:
+                ok = ~np.isin(ids[start:start + len(features)], list(bad))
+                if ok.any():
+                    batch = np.full(len(features), np.nan)
+                    batch[ok] = self.detector.anomaly_score(features[ok])
+                    scores[start:start + len(features)] = batch
+                failed.update(bad)
+                update(start + len(features))
         return Scores(list(ids), scores, failed)
 
     def flag(self, scores: np.ndarray) -> np.ndarray:
@@ -382,7 +381,7 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
                  train_rows: np.ndarray | None = None, labelled_rows: np.ndarray | None = None,
                  labels: np.ndarray | None = None, sensitivity: float | None = None,
                  batch_size: int = 64, cache_dir: str | Path | None = None,
-                 progress: ProgressCallback | None = None, features=None,
+                 progress: Progress | None = None, features=None,
                  split=None, calibration_rows: np.ndarray | None = None,
                  assessment_rows: np.ndarray | None = None,
                  assessment_labels: np.ndarray | None = None,
@@ -515,17 +514,17 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
             rows = np.asarray(rows, dtype=int)
             ids = np.asarray(dataset.ids, dtype=str)[rows]
             parts = []
-            for start, maps, _ in stream_maps(network, dataset.source.take(rows), ids, plan,
-                                              batch_size):
-                parts.append(maps)
-                if progress:  # the maps pass counts again from 0, over these rows
-                    progress(start + len(maps), len(rows))
+            with task(progress, "block maps", len(rows)) as update:
+                for start, maps, _ in stream_maps(network, dataset.source.take(rows), ids,
+                                                  plan, batch_size):
+                    parts.append(maps)
+                    update(start + len(maps))
             return np.concatenate(parts) if parts else np.zeros((0, 1, 1, 1), np.float32)
 
         representation = ",".join(map_blocks)
 
     def fitted_on(blocks):
-        return clone(prototype).fit(matrix(blocks, train_rows))
+        return clone(prototype).fit(matrix(blocks, train_rows), progress=progress)
 
     selection: dict = {"representation": representation}
     if labelled and representation == "picked":
@@ -539,8 +538,9 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
         blocks = features.resolve(representation)
         det = fitted_on(blocks)
     train_scores = det.anomaly_scores_
-    val_scores = det.anomaly_score(matrix(blocks, labelled_rows)) if labelled else None
-    cal_scores = (np.sort(det.anomaly_score(matrix(blocks, calibration_rows)))
+    val_scores = (det.anomaly_score(matrix(blocks, labelled_rows), progress=progress)
+                  if labelled else None)
+    cal_scores = (np.sort(det.anomaly_score(matrix(blocks, calibration_rows), progress=progress))
                   if has_calibration else None)
     if fpr is not None:
         if not has_calibration:
@@ -575,7 +575,8 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
     if assessing:
         assessment_labels = np.asarray(assessment_labels, dtype=int)
         assessment = {
-            "scores": det.anomaly_score(matrix(blocks, assessment_rows)).tolist(),
+            "scores": det.anomaly_score(matrix(blocks, assessment_rows),
+                                        progress=progress).tolist(),
             "labels": assessment_labels.tolist(),
             "measured_on": (f"{who(assessment_rows)} ({int((assessment_labels == 0).sum())} "
                             f"normal, {int(assessment_labels.sum())} abnormal) held out of "

@@ -9,7 +9,7 @@ record the command line renders. Every input is accounted for: each file handed 
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +18,11 @@ import numpy as np
 from kad.errors import KadError
 from kad.features.extraction import Scores
 from kad.screening.pipeline import Pipeline
+from kad.utils.progress import Progress
 
 NORMAL_LABELS = {"0", "normal", "negative", "no", "false"}
 ANOMALY_LABELS = {"1", "abnormal", "anomaly", "anomalous", "positive", "yes", "true"}
 
-ProgressCallback = Callable[[int, int], None]
 
 SCORED, UNREADABLE, SKIPPED = "scored", "unreadable", "skipped"
 
@@ -181,7 +181,7 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
               fpr: float | None = None, calibration: float | None = None,
               validation: float | None = None, seed: int = 0, batch_size: int = 64,
               cache_dir: str | Path | None = None, keep_all_blocks: bool = False,
-              runtime: str = "auto", progress: ProgressCallback | None = None,
+              runtime: str = "auto", progress: Progress | None = None,
               on_event=None) -> FitRun:
     """Fit the whole pipeline on the normal images of ``dataset`` and save it to
     ``out_path``. The dataset is divided by patient
@@ -271,7 +271,7 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
     if choosing:  # on the selection images only; calibration and assessment stay untouched
         chosen = select(multi, candidate_grid(multi, specs, across_sizes=False), split.train,
                         split.selection, split.selection_labels, seed=seed,
-                        make_detector=fresh_detector)
+                        make_detector=fresh_detector, progress=progress)
         image_size, detector = chosen.picked.sizes[0], chosen.picked.detector
         representation = chosen.picked.block
     else:
@@ -282,7 +282,7 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
         preprocessing=preprocessing, representation=representation or "concat",
         detector=detector, split=split, sensitivity=sensitivity, fpr=fpr,
         batch_size=batch_size, cache_dir=cache_dir, features=features,
-        keep_all_blocks=keep_all_blocks, runtime=runtime)
+        keep_all_blocks=keep_all_blocks, runtime=runtime, progress=progress)
     if chosen is not None:
         pipeline.training["selection"].update(
             picked_candidate=chosen.picked.to_json(),
@@ -325,7 +325,7 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
            engine: str = "local", ray_address: str | None = None,
            heatmaps: bool = False, heatmap_method: str = "auto", grid: int = 8,
            steps: int = 16, runtime: str | None = None,
-           progress: ProgressCallback | None = None) -> ScreeningRun:
+           progress: Progress | None = None) -> ScreeningRun:
     """Score every image under ``inputs`` with the model file ``model`` and write
     ``scores.csv`` and ``report.html`` to ``out_dir`` (checked for writability first).
     ``engine="ray"`` scores on a Ray cluster (:func:`kad.features.ray_engine.score_with_ray`).
@@ -399,7 +399,7 @@ class ThresholdRun:
 def set_threshold(model: str | Path, labels: str | Path | None = None, *,
                   sensitivity: float | None = None, fpr: float | None = None,
                   out_path: str | Path | None = None, weights: str | None = None,
-                  progress: ProgressCallback | None = None) -> ThresholdRun:
+                  progress: Progress | None = None) -> ThresholdRun:
     """Move the threshold of ``model`` without refitting, and save it: to a false-positive
     rate ``fpr`` on its calibration normals (conformal), or to ``sensitivity`` on a labelled
     validation CSV (``image,label``; paths relative to the CSV's folder or absolute; 0.95
