@@ -103,15 +103,19 @@ def run_dataset(name, dataset, sizes, detectors, folds, seeds, cache_dir, batch_
     todo = splits(dataset, seeds, folds, valid)
     n_val = max(1, int(round(0.03 * int(valid.sum()))))
     grid = candidate_grid(features, detectors)
-    last = [0.0]
+    from kad.utils.progress import Progress
 
-    def show(done, total):
-        if progress and time.perf_counter() - last[0] > 30:
-            last[0] = time.perf_counter()
-            print(f"  {name}: {done}/{total} fits, {time.perf_counter() - started:.0f} s",
-                  flush=True)
+    class Show(Progress):  # a line every 30 s: how many splits are done
+        last = 0.0
 
-    results = nested_selection(features, todo, grid, n_val, progress=show)
+        def on_task_update(self, task, done, total):
+            if task == "splits" and time.perf_counter() - self.last > 30:
+                self.last = time.perf_counter()
+                print(f"  {name}: {done}/{total} splits, "
+                      f"{time.perf_counter() - started:.0f} s", flush=True)
+
+    results = nested_selection(features, todo, grid, n_val,
+                               progress=Show() if progress else None)
     rows = []
     for size in features.sizes:
         for det in detectors:

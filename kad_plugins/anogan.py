@@ -151,7 +151,7 @@ class AnoGANDetector(DeepDetector):
     ``filters`` (base width of both networks), ``epochs``, ``batch_size``,
     ``learning_rate``, ``beta_1`` (GAN training), ``n_search_steps``,
     ``search_learning_rate``, ``discrimination_weight`` (λ), ``search_batch_size``,
-    ``random_state``, ``verbose``. ``validation_fraction`` and ``patience`` are accepted for
+    ``random_state``. ``validation_fraction`` and ``patience`` are accepted for
     a uniform interface; there is no early stopping for the GAN.
     """
 
@@ -159,13 +159,13 @@ class AnoGANDetector(DeepDetector):
     _display_name = "AnoGAN"
     quick_params = {
         "image_size": 16, "latent_dim": 16, "filters": 8, "epochs": 5, "batch_size": 32,
-        "learning_rate": 1e-3, "n_search_steps": 10, "verbose": 0,
+        "learning_rate": 1e-3, "n_search_steps": 10,
     }
 
     def __init__(self, image_size=32, latent_dim=100, filters=32, epochs=20, batch_size=64,
                  learning_rate=2e-4, beta_1=0.5, n_search_steps=100, search_learning_rate=0.05,
                  discrimination_weight=0.1, search_batch_size=256, validation_fraction=0.0,
-                 patience=None, random_state=0, verbose=1, contamination=0.1):
+                 patience=None, random_state=0, contamination=0.1):
         self.image_size = image_size
         self.latent_dim = latent_dim
         self.filters = filters
@@ -180,7 +180,6 @@ class AnoGANDetector(DeepDetector):
         self.validation_fraction = validation_fraction
         self.patience = patience
         self.random_state = random_state
-        self.verbose = verbose
         self.contamination = contamination
 
     def _prepare(self, X, fit=False):

@@ -296,15 +296,15 @@ class DAGMMDetector(DeepDetector):
     ``filters`` (conv autoencoder for images), ``est_hidden``, ``dropout``,
     ``lambda_energy`` (λ1), ``lambda_cov`` (λ2), ``cov_eps``, ``distances``,
     ``image_size``, ``epochs``, ``batch_size``,
-    ``learning_rate``, ``validation_fraction``, ``patience``, ``random_state``,
-    ``verbose``. See the module docstring.
+    ``learning_rate``, ``validation_fraction``, ``patience``, ``random_state``. See the
+    module docstring.
     """
 
     input_kind = "both"
     _display_name = "DAGMM"
     quick_params = {
         "epochs": 4, "batch_size": 32, "learning_rate": 1e-3, "image_size": 16,
-        "hidden": (16, 8), "filters": (8, 16), "verbose": 0,
+        "hidden": (16, 8), "filters": (8, 16),
     }
 
     def __init__(self, n_components=4, latent_dim=None, hidden=(60, 30, 10),
@@ -312,7 +312,7 @@ class DAGMMDetector(DeepDetector):
                  lambda_cov=0.005, cov_eps=1e-6, activation="tanh",
                  distances=None, image_size=32, epochs=50,
                  batch_size=128, learning_rate=1e-4, validation_fraction=0.1, patience=10,
-                 random_state=0, verbose=1, contamination=0.1):
+                 random_state=0, contamination=0.1):
         self.n_components = n_components
         self.latent_dim = latent_dim
         self.hidden = hidden
@@ -331,7 +331,6 @@ class DAGMMDetector(DeepDetector):
         self.validation_fraction = validation_fraction
         self.patience = patience
         self.random_state = random_state
-        self.verbose = verbose
         self.contamination = contamination
 
     def _fit(self, X, y):

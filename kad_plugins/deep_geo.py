@@ -236,18 +236,17 @@ class DeepGeoDetector(DeepDetector):
     Parameters: ``score_type`` ("dirichlet" or "simple"), ``arch`` ("cnn" or "wrn"), ``width``
     (CNN), ``depth`` / ``widen`` (WRN), ``translation`` (pixels; None: image_size // 4),
     ``image_size``, ``epochs`` (passes over the 72-fold data), ``batch_size``,
-    ``learning_rate``, ``validation_fraction``, ``patience``, ``random_state``,
-    ``verbose``.
+    ``learning_rate``, ``validation_fraction``, ``patience``, ``random_state``.
     """
 
     input_kind = "images"
     _display_name = "DeepGEO"
-    quick_params = {"image_size": 16, "width": 8, "epochs": 1, "batch_size": 128, "verbose": 0}
+    quick_params = {"image_size": 16, "width": 8, "epochs": 1, "batch_size": 128}
 
     def __init__(self, score_type="dirichlet", arch="cnn", width=16, depth=10, widen=4,
                  translation=None, image_size=32, epochs=2, batch_size=128,
                  learning_rate=1e-3, validation_fraction=0.1, patience=2, random_state=0,
-                 verbose=1, contamination=0.1):
+                 contamination=0.1):
         self.score_type = score_type
         self.arch = arch
         self.width = width
@@ -261,7 +260,6 @@ class DeepGeoDetector(DeepDetector):
         self.validation_fraction = validation_fraction
         self.patience = patience
         self.random_state = random_state
-        self.verbose = verbose
         self.contamination = contamination
 
     def _transformations(self) -> Transformations:

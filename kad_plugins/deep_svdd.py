@@ -151,7 +151,7 @@ class DeepSVDDDetector(DeepDetector):
     of 8), ``pretrain`` / ``pretrain_epochs`` (autoencoder pretraining), ``epochs``,
     ``batch_size``, ``learning_rate``, ``weight_decay``, ``eps`` (centre fix),
     ``validation_fraction`` / ``patience`` (early stopping), ``use_bias`` (only to
-    reproduce collapse), ``collapse_tol``, ``random_state``, ``verbose``. See the module
+    reproduce collapse), ``collapse_tol``, ``random_state``. See the module
     docstring for the architectures and the original settings.
     """
 
@@ -159,14 +159,13 @@ class DeepSVDDDetector(DeepDetector):
     _display_name = "Deep SVDD"
     quick_params = {
         "epochs": 3, "pretrain_epochs": 2, "batch_size": 64, "learning_rate": 1e-3,
-        "image_size": 16, "rep_dim": 32, "hidden": (32,), "verbose": 0,
+        "image_size": 16, "rep_dim": 32, "hidden": (32,),
     }
 
     def __init__(self, rep_dim=None, hidden=(128, 64), image_size=32, pretrain=True,
                  pretrain_epochs=10, epochs=25, batch_size=200, learning_rate=1e-4,
                  weight_decay=1e-6, eps=0.1, validation_fraction=0.1, patience=10,
-                 use_bias=False, collapse_tol=1e-6, random_state=0, verbose=1,
-                 contamination=0.1):
+                 use_bias=False, collapse_tol=1e-6, random_state=0, contamination=0.1):
         self.rep_dim = rep_dim
         self.hidden = hidden
         self.image_size = image_size
@@ -182,7 +181,6 @@ class DeepSVDDDetector(DeepDetector):
         self.use_bias = use_bias
         self.collapse_tol = collapse_tol
         self.random_state = random_state
-        self.verbose = verbose
         self.contamination = contamination
 
     def _optimizer(self):

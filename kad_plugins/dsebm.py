@@ -147,20 +147,19 @@ class DSEBMDetector(DeepDetector):
     Parameters: ``score_type`` ("energy" or "reconstruction"), ``noise_std`` (σ), ``hidden``
     (MLP for feature vectors), ``filters`` (conv layer for images), ``units`` (top layer),
     ``image_size``, ``epochs``, ``batch_size``, ``learning_rate``,
-    ``validation_fraction``, ``patience``, ``random_state``, ``verbose``.
+    ``validation_fraction``, ``patience``, ``random_state``.
     """
 
     input_kind = "both"
     _display_name = "DSEBM"
     quick_params = {
         "epochs": 5, "batch_size": 32, "image_size": 16, "filters": 16, "units": 32,
-        "hidden": (32,), "verbose": 0,
+        "hidden": (32,),
     }
 
     def __init__(self, score_type="energy", noise_std=0.5, hidden=(128,), filters=64, units=None,
                  image_size=32, epochs=50, batch_size=64, learning_rate=1e-3,
-                 validation_fraction=0.1, patience=10, random_state=0, verbose=1,
-                 contamination=0.1):
+                 validation_fraction=0.1, patience=10, random_state=0, contamination=0.1):
         self.score_type = score_type
         self.noise_std = noise_std
         self.hidden = hidden
@@ -173,7 +172,6 @@ class DSEBMDetector(DeepDetector):
         self.validation_fraction = validation_fraction
         self.patience = patience
         self.random_state = random_state
-        self.verbose = verbose
         self.contamination = contamination
 
     def _fit(self, X, y):

@@ -46,19 +46,23 @@ class PatchKNNDetector(BaseDetector):
     ``threshold_`` rest on distances comparable with new images'. Each image is scored on
     its own, so its score never depends on the images that come with it. The cost per
     image is one distance matrix of ``h·w`` by ``bank_size`` in ``c`` dimensions.
+
+    The pass over the training images in ``fit`` and the scoring of images report, image
+    by image, to the ``progress`` given to ``fit`` and ``anomaly_score``.
     """
 
     input_kind = "maps"
-    quick_params = {"bank_size": 2000, "verbose": 0}
+    quick_params = {"bank_size": 2000}
+    #: ``verbose`` drew a bar; fitting reports to ``fit``'s ``progress`` instead
+    retired_params = ("verbose",)
 
     def __init__(self, n_neighbors=1, bank_size=50000, block_channels=None, max_dims=128,
-                 random_state=0, verbose=1, contamination=0.1):
+                 random_state=0, contamination=0.1):
         self.n_neighbors = n_neighbors
         self.bank_size = bank_size
         self.block_channels = block_channels
         self.max_dims = max_dims
         self.random_state = random_state
-        self.verbose = verbose
         self.contamination = contamination
 
     @staticmethod
@@ -114,14 +118,12 @@ class PatchKNNDetector(BaseDetector):
                 f"[1, {others}] (the bank vectors of the other images), got n_samples={n}, "
                 f"n_neighbors={self.n_neighbors!r}")
         # every training image against the others' bank vectors, block by block: the
-        # longest part of fitting, so it shows a progress bar (on stderr) unless verbose=0
-        from rich.console import Console
-        from rich.progress import track
-
-        rows = track(range(n), description="patch kNN: training images against the bank",
-                     console=Console(stderr=True), transient=True, disable=not self.verbose)
-        distances = np.stack([self._distances(X[i], exclude=self.bank_image_ == i)
-                              for i in rows])  # (n, blocks, h, w)
+        # longest part of fitting, reported to fit's progress
+        distances = np.empty((n, len(self.dims_), h, w))
+        with self._task("patch kNN: training images against the bank", n) as update:
+            for i in range(n):
+                distances[i] = self._distances(X[i], exclude=self.bank_image_ == i)
+                update(i + 1)
         per_block = distances.transpose(1, 0, 2, 3).reshape(distances.shape[1], -1)
         self.centre_ = np.median(per_block, axis=1)
         spread = np.median(np.abs(per_block - self.centre_[:, None]), axis=1)
@@ -173,7 +175,12 @@ class PatchKNNDetector(BaseDetector):
         return self._anomaly(self.distances(maps))
 
     def _score(self, X):
-        return np.array([self.location_scores(x).max() for x in X])
+        scores = np.empty(len(X))
+        with self._task("patch kNN: scoring images", len(X)) as update:
+            for i, x in enumerate(X):
+                scores[i] = self.location_scores(x).max()
+                update(i + 1)
+        return scores
 
     def _training_scores(self, X):
         training, self._training = self._training, None  # computed by _fit, without

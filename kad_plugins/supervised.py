@@ -87,7 +87,7 @@ class SupervisedDetector(DeepDetector):
     weights file), ``image_size`` (None: the backbone's default), ``fine_tune`` ("all",
     "head" or the number of trainable backbone layers), ``dropout``, ``class_weight``
     ("balanced" or None), ``epochs``, ``batch_size``, ``learning_rate``,
-    ``validation_fraction``, ``patience``, ``random_state``, ``verbose``.
+    ``validation_fraction``, ``patience``, ``random_state``.
     """
 
     input_kind = "images"
@@ -97,13 +97,13 @@ class SupervisedDetector(DeepDetector):
     # MobileNetV2 alone takes tens of seconds on a CPU.
     quick_params = {
         "backbone": "mobilenet_v2:alpha=0.35", "weights": None, "image_size": 32,
-        "fine_tune": "head", "epochs": 5, "learning_rate": 1e-2, "verbose": 0,
+        "fine_tune": "head", "epochs": 5, "learning_rate": 1e-2,
     }
 
     def __init__(self, backbone="inception_resnet_v2", weights="imagenet", image_size=None,
                  fine_tune="all", dropout=0.5, class_weight="balanced", epochs=10,
                  batch_size=32, learning_rate=1e-4, validation_fraction=0.1, patience=3,
-                 random_state=0, verbose=1, contamination=0.1):
+                 random_state=0, contamination=0.1):
         self.backbone = backbone
         self.weights = weights
         self.image_size = image_size
@@ -116,7 +116,6 @@ class SupervisedDetector(DeepDetector):
         self.validation_fraction = validation_fraction
         self.patience = patience
         self.random_state = random_state
-        self.verbose = verbose
         self.contamination = contamination
 
     @staticmethod

@@ -23,7 +23,7 @@ from kad.cli.options import (
     RuntimeOpt,
     WeightsOpt,
 )
-from kad.cli.render import handle_errors, note, progress_bar, say, skipped, stdout, table
+from kad.cli.render import RichProgress, handle_errors, note, say, skipped, stdout, table
 from kad.utils.metrics import percent
 
 from .common import RecipeOptions, default_out, plot_rocs, write_results
@@ -67,11 +67,11 @@ def _options(**kw) -> RecipeOptions:
     return RecipeOptions(**kw)
 
 
-def _bench(options: RecipeOptions):
+def _bench(options: RecipeOptions, progress: RichProgress):
     """The recipe's data, with its summary and every image it could not use on stderr."""
     from .common import Workbench
 
-    return Workbench(options, log=note, progress=progress_bar, report_skipped=skipped)
+    return Workbench(options, log=note, progress=progress, report_skipped=skipped)
 
 
 def _finish(result, options: RecipeOptions, started: float, title: str) -> Path:
@@ -123,8 +123,8 @@ def table1(
                        inputs=inputs, representation=representation, seeds=seeds, folds=folds,
                        limit=limit, classes=classes, pixel_size=pixel_size,
                        batch_size=batch_size, cache_dir=cache_dir, out=out_dir, runtime=runtime)
-    with progress_bar("table1 runs") as update:
-        result = run_table1(options, progress=update, bench=_bench(options))
+    progress = RichProgress()
+    result = run_table1(options, progress=progress, bench=_bench(options, progress))
     _finish(result, options, started, f"Table 1 — {result.bench.dataset.name}")
     name = result.bench.dataset.name
     stdout.print(_table("Table 1 — novelty detection, AUROC %", "dataset", {
@@ -166,8 +166,8 @@ def table2(
                        inputs="features", seeds=seeds, folds=folds, limit=limit,
                        classes=classes, batch_size=batch_size, cache_dir=cache_dir,
                        out=out_dir, runtime=runtime)
-    with progress_bar("table2 block fits") as update:
-        result = run_table2(options, n_anomalies, progress=update, bench=_bench(options))
+    progress = RichProgress()
+    result = run_table2(options, n_anomalies, progress=progress, bench=_bench(options, progress))
     folder = _finish(result, options, started, "")
     plot_blocks(folder / "blocks.png", result.extra["blocks"],
                 f"{options.detectors[0]} per block — {result.bench.dataset.name}")
@@ -221,8 +221,8 @@ def table3(
                        inputs=inputs, representation=representation, seeds=seeds, folds=folds,
                        limit=limit, classes=classes, pixel_size=pixel_size,
                        batch_size=batch_size, cache_dir=cache_dir, out=out_dir, runtime=runtime)
-    with progress_bar("table3 runs") as update:
-        result = run_table3(options, ratio_list, progress=update, bench=_bench(options))
+    progress = RichProgress()
+    result = run_table3(options, ratio_list, progress=progress, bench=_bench(options, progress))
     _finish(result, options, started, f"Table 3 — {result.bench.dataset.name}")
     rows: dict[str, dict[str, str]] = {}
     for row in result.summary:

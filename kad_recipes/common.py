@@ -13,6 +13,7 @@ import numpy as np
 
 from kad.errors import KadError
 from kad.utils.metrics import evaluate, mean_std
+from kad.utils.progress import Progress
 
 PIXELS, FEATURES = "pixels", "features"
 
@@ -79,13 +80,14 @@ class Run:
 class Workbench:
     """The dataset of a recipe run with its features and pixels, loaded on first use.
 
-    ``log(text)`` receives diagnostics (the dataset's summary first); ``progress(text)``,
-    when given, is a context manager yielding an ``update(done, total)`` callback for long
-    work (feature extraction); ``report_skipped(items, what)`` receives the images that
-    could not be used, with the reason.
+    ``log(text)`` receives diagnostics (the dataset's summary first); ``progress`` (a
+    :class:`~kad.utils.progress.Progress`) receives the feature extractions' tasks;
+    ``report_skipped(items, what)`` receives the images that could not be used, with the
+    reason.
     """
 
-    def __init__(self, options: RecipeOptions, log=print, progress=None, report_skipped=None):
+    def __init__(self, options: RecipeOptions, log=print, progress: Progress | None = None,
+                 report_skipped=None):
         from kad.data.datasets import load_dataset
         from kad.data.protocols import check_protocol, subsample
         from kad.features.cache import cache_root, check_writable
@@ -96,7 +98,7 @@ class Workbench:
                        what="feature cache folder")
         self.options = options
         self.log = log
-        self._progress = progress
+        self.progress = progress
         self._report_skipped = report_skipped
         dataset = load_dataset(options.dataset, options.data_dir)
         log(dataset.summary())
@@ -122,20 +124,15 @@ class Workbench:
         """Features at every ``image_size`` (:class:`kad.screening.selection.MultiSizeFeatures`),
         each size extracted once into its own cache entry."""
         if self._multi is None:
-            from contextlib import nullcontext
-
             from kad.features.extract import extract_features
             from kad.screening.selection import extract_sizes
 
             o = self.options
 
             def extract(dataset, backbone, weights, size, preprocessing):
-                bar = (self._progress(f"features of {dataset.name} at {size} px")
-                       if self._progress else nullcontext(None))
-                with bar as update:
-                    return extract_features(dataset, backbone, weights, size, preprocessing,
-                                            batch_size=o.batch_size, cache_dir=o.cache_dir,
-                                            progress=update, runtime=o.runtime)
+                return extract_features(dataset, backbone, weights, size, preprocessing,
+                                        batch_size=o.batch_size, cache_dir=o.cache_dir,
+                                        progress=self.progress, runtime=o.runtime)
 
             self._multi = extract_sizes(self.dataset, o.backbone, o.weights, o.image_size,
                                         o.preprocessing, extract=extract)
@@ -245,13 +242,14 @@ def make_detector(spec: str, seed: int, defaults: dict | None = None):
 
 
 def fit_and_score(spec: str, seed: int, x_train, x_test, y_test, y_train=None,
-                  defaults: dict | None = None):
-    """Fit a fresh detector and score the test set: ``(metrics, scores, detector)``."""
+                  defaults: dict | None = None, progress: Progress | None = None):
+    """Fit a fresh detector and score the test set: ``(metrics, scores, detector)``; the
+    detector reports its long work (epochs, passes) to ``progress``."""
     detector = make_detector(spec, seed, defaults)
     start = time.perf_counter()
-    detector.fit(x_train, y_train if detector.supervised else None)
+    detector.fit(x_train, y_train if detector.supervised else None, progress=progress)
     fitted = time.perf_counter()
-    scores = detector.anomaly_score(x_test)
+    scores = detector.anomaly_score(x_test, progress=progress)
     scored = time.perf_counter()
     metrics = evaluate(y_test, scores, scores > detector.threshold_)
     metrics.update(fit_seconds=fitted - start, score_seconds=scored - fitted)

@@ -13,6 +13,7 @@ import numpy as np
 
 from kad.data.protocols import splits
 from kad.utils.metrics import roc
+from kad.utils.progress import Progress, task
 
 from .common import FEATURES, RecipeOptions, Run, Workbench, fit_and_score, plan_columns, summarise
 
@@ -38,7 +39,7 @@ def training_rows(split, supervised: bool) -> tuple[np.ndarray, np.ndarray]:
 
 def evaluate_column(bench: Workbench, split, spec: str, kind: str, representation: str,
                     train_rows: np.ndarray, train_y: np.ndarray, ratio: float | None = None,
-                    n_train_anomalies: int = 0):
+                    n_train_anomalies: int = 0, progress: Progress | None = None):
     from kad.registry import get_detector
 
     supervised = get_detector(spec).supervised
@@ -46,7 +47,7 @@ def evaluate_column(bench: Workbench, split, spec: str, kind: str, representatio
     x_train = bench.inputs(kind, rep, train_rows)
     x_test = bench.inputs(kind, rep, split.test)
     metrics, scores, _ = fit_and_score(spec, split.seed, x_train, x_test, split.test_y,
-                                       train_y, bench.detector_defaults)
+                                       train_y, bench.detector_defaults, progress)
     run = Run(
         detector=spec, input=kind, representation=rep, split=split.name, seed=split.seed,
         fold=split.fold, normal_class=split.normal_class, auroc=metrics["auroc"],
@@ -59,25 +60,25 @@ def evaluate_column(bench: Workbench, split, spec: str, kind: str, representatio
     return run, roc(split.test_y, scores)
 
 
-def run_table1(options: RecipeOptions, progress=None,
+def run_table1(options: RecipeOptions, progress: Progress | None = None,
                bench: Workbench | None = None) -> RecipeResult:
+    """Every detector column on every split; ``progress`` gets the task ``table1 runs``
+    (one per split and column) and, within it, each detector's own tasks."""
     from kad.registry import get_detector
 
-    bench = bench or Workbench(options)
+    bench = bench or Workbench(options, progress=progress)
     columns = plan_columns(options.detectors, options.inputs)
     valid = bench.valid({kind for _, kind in columns})
     todo = splits(bench.dataset, bench.seeds, options.folds, valid, options.classes)
     runs, curves = [], {}
-    total, done = len(todo) * len(columns), 0
-    for split in todo:
-        for spec, kind in columns:
-            rows, y = training_rows(split, get_detector(spec).supervised)
-            run, curve = evaluate_column(bench, split, spec, kind, options.representation,
-                                         rows, y)
-            runs.append(run)
-            curves.setdefault(run.label, []).append(curve)
-            done += 1
-            if progress:
-                progress(done, total)
+    with task(progress, "table1 runs", len(todo) * len(columns)) as update:
+        for split in todo:
+            for spec, kind in columns:
+                rows, y = training_rows(split, get_detector(spec).supervised)
+                run, curve = evaluate_column(bench, split, spec, kind, options.representation,
+                                             rows, y, progress=progress)
+                runs.append(run)
+                curves.setdefault(run.label, []).append(curve)
+                update(len(runs))
     summary = summarise(runs, ("detector", "input", "representation"))
     return RecipeResult("table1", bench, runs, summary, curves)

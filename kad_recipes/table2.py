@@ -20,6 +20,7 @@ from kad.data.protocols import splits
 from kad.errors import KadError
 from kad.screening.selection import Candidate
 from kad.utils.metrics import mean_std
+from kad.utils.progress import Progress
 
 from .common import (
     FEATURES,
@@ -46,7 +47,8 @@ def n_validation_anomalies(n_anomalies: float | None, n_images: int) -> int:
 
 
 def run_table2(options: RecipeOptions, n_anomalies: float | None = None,
-               progress=None, bench: Workbench | None = None) -> RecipeResult:
+               progress: Progress | None = None,
+               bench: Workbench | None = None) -> RecipeResult:
     """The paper's Table 2 and kad's evidence-driven pick, from one grid of fits.
 
     Every split fits each candidate of :func:`kad.screening.selection.candidate_grid` (each block
@@ -59,6 +61,9 @@ def run_table2(options: RecipeOptions, n_anomalies: float | None = None,
       With one size and one detector this is exactly the paper's Table 2.
     * ``picked``: the best (size, block or concatenation, detector) triple per split and
       its test metrics; ``candidates``: every candidate's validation and test AUROC.
+
+    ``progress`` gets the tasks of :func:`~kad.screening.selection.nested_selection`
+    (``splits``, and ``candidates`` within each).
     """
     from kad.registry import DETECTORS, load
     from kad.screening.selection import (
@@ -69,7 +74,7 @@ def run_table2(options: RecipeOptions, n_anomalies: float | None = None,
     )
     from kad.utils.specs import parse_spec
 
-    bench = bench or Workbench(options)
+    bench = bench or Workbench(options, progress=progress)
     detectors = [d for d in options.detectors
                  if compatible(load(DETECTORS, parse_spec(d, "detector").name), FEATURES)]
     if not detectors:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from kad.utils.progress import Recorder
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
@@ -45,3 +47,16 @@ def need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is not available")
     return path
+
+
+class StopAt(Recorder):
+    """Records progress and interrupts the work once ``at`` steps are done."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        self.at = at
+
+    def on_task_update(self, name, done, total):
+        super().on_task_update(name, done, total)
+        if done >= self.at:
+            raise KeyboardInterrupt

@@ -59,7 +59,7 @@ def trained_vs_untrained(cls, params, task, untrained=None):
     train, test, labels = task
     aurocs = []
     for extra in (untrained or {"epochs": 0}, {}):
-        det = cls(**{**params, **extra, "verbose": 0}).fit(train)
+        det = cls(**{**params, **extra}).fit(train)
         aurocs.append(roc_auc_score(labels, det.anomaly_score(test)))
     return tuple(aurocs)
 
@@ -287,14 +287,39 @@ def test_supervised_needs_both_classes():
 
 
 # -- shared machinery ----------------------------------------------------------------
-def test_progress_is_shown_only_when_verbose(capsys):
+def test_training_reports_one_update_per_epoch_and_prints_nothing(capsys):
+    from sklearn.base import clone
+
+    from kad.utils.progress import Recorder
     from kad_plugins.dsebm import DSEBMDetector
 
     x = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
-    DSEBMDetector(**{**DSEBMDetector.quick_params, "epochs": 2}).fit(x)
-    assert capsys.readouterr().err == ""
-    DSEBMDetector(**{**DSEBMDetector.quick_params, "epochs": 2, "verbose": 1}).fit(x)
-    assert "DSEBM epoch 2/2" in capsys.readouterr().err
+    det = DSEBMDetector(**{**DSEBMDetector.quick_params, "epochs": 3, "patience": None})
+    recorder = Recorder()
+    det.fit(x, progress=recorder)
+    assert recorder.events == [("begin", "DSEBM epochs", None, 3),
+                               *(("update", "DSEBM epochs", e, 3) for e in (1, 2, 3)),
+                               ("end", "DSEBM epochs", None, None)]
+    assert "_progress" not in vars(det), "the progress is not kept on the detector"
+    assert "progress" not in det.get_params() and clone(det).get_params() == det.get_params()
+    clone(det).fit(x)  # progress=None: silent
+    assert capsys.readouterr() == ("", "")
+
+
+def test_a_file_saved_with_the_retired_verbose_parameter_still_loads(tmp_path, monkeypatch):
+    from kad.detectors.base import load_detector
+    from kad_plugins.dsebm import DSEBMDetector
+
+    x = np.random.default_rng(0).normal(size=(32, 8)).astype(np.float32)
+    det = DSEBMDetector(**{**DSEBMDetector.quick_params, "epochs": 1}).fit(x)
+    params = DSEBMDetector.get_params
+    with monkeypatch.context() as m:  # as a detector of before saved itself
+        m.setattr(DSEBMDetector, "get_params",
+                  lambda self, deep=True: {**params(self, deep), "verbose": 1})
+        path = det.save(tmp_path / "old.kad")
+    loaded = load_detector(path)
+    assert "verbose" not in loaded.get_params()
+    np.testing.assert_allclose(loaded.anomaly_score(x), det.anomaly_score(x), rtol=1e-5)
 
 
 def test_validation_split_is_disjoint_and_seeded():

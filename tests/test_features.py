@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 
 import kad.features.runtime
-from conftest import CIFAR10_TAR, KAGGLE_DR, MOBILENET_WEIGHTS, need
+from conftest import CIFAR10_TAR, KAGGLE_DR, MOBILENET_WEIGHTS, StopAt, need
 from kad.data.datasets import load_dataset
 from kad.errors import KadError
 from kad.features.backbones import Backbone
 from kad.features.cache import DamagedEntryError
 from kad.features.extract import cached_features, extract_features, plan_extraction
+from kad.utils.progress import Recorder
 
 pytestmark = pytest.mark.tf
 MNV2 = "mobilenet_v2:alpha=0.35"
@@ -80,12 +81,8 @@ def test_an_interrupted_extraction_resumes_without_recomputing(folder, monkeypat
     reference = extract_features(folder, MNV2, "none", 32, batch_size=4,
                                  cache_dir=tmp_path / "reference")
 
-    def interrupt(done, total):
-        if done >= 8:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        extract_features(folder, MNV2, "none", 32, batch_size=4, progress=interrupt)
+        extract_features(folder, MNV2, "none", 32, batch_size=4, progress=StopAt(8))
     plan = plan_extraction(folder, MNV2, "none", 32)
     assert not plan.path.exists(), "an incomplete entry must never look complete"
     assert plan.path.with_name(plan.path.name + ".partial").is_dir()
@@ -187,16 +184,22 @@ def test_fit_can_keep_only_the_blocks_the_pipeline_uses(folder):
     np.testing.assert_array_equal(full.block("out_relu"), kept.block("out_relu"))
 
 def test_progress_is_reported_from_before_the_network_is_built(folder, monkeypatch):
-    calls = []
+    recorder = Recorder()
     seen_at_build = []
     original = kad.features.runtime.build_runtime
 
     def building(*args, **kwargs):
-        seen_at_build.extend(calls)
+        seen_at_build.extend(recorder.events)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(kad.features.runtime, "build_runtime", building)
-    extract_features(folder, MNV2, "none", 32, batch_size=8,
-                     progress=lambda done, total: calls.append((done, total)))
-    assert seen_at_build == [(0, 19)]  # the bar is up while the model is built/converted
-    assert calls[-1] == (19, 19) and [d for d, _ in calls] == sorted(d for d, _ in calls)
+    extract_features(folder, MNV2, "none", 32, batch_size=8, progress=recorder)
+    name = f"features of {folder.name}"
+    # the bar is up while the model is built/converted
+    assert seen_at_build == [("begin", name, None, 19), ("update", name, 0, 19)]
+    updates = [(d, t) for hook, _, d, t in recorder.events if hook == "update"]
+    assert [d for d, _ in updates] == [0, 0, 8, 16, 19]  # every batch, up to the total
+    assert {t for _, t in updates} == {19} and recorder.events[-1] == ("end", name, None, None)
+    again = Recorder()
+    extract_features(folder, MNV2, "none", 32, batch_size=8, progress=again)
+    assert again.events == [], "a cached entry reports nothing"

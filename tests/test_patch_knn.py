@@ -8,6 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from kad.detectors.base import load_detector
 from kad.errors import KadError
+from kad.utils.progress import Recorder
 from kad_plugins.patch_knn import PatchKNNDetector
 from kad_plugins.shallow import KNNDetector
 
@@ -157,13 +158,23 @@ def test_a_pipeline_scores_block_maps_and_its_heatmap_is_the_detectors_own(folde
     from kad.screening.pipeline import load_pipeline
 
     dataset, train, files = folder
-    pipeline = fit_pipeline(dataset, train_rows=train, detector="patchknn", **FAST)
+    fitting = Recorder()
+    pipeline = fit_pipeline(dataset, train_rows=train, detector="patchknn", progress=fitting,
+                            **FAST)
+    # the maps of the training images, then the detector's pass over them, one by one
+    assert fitting.tasks()[-2:] == ["block maps", "patch kNN: training images against the bank"]
+    assert fitting.last("block maps") == (20, 20)
+    assert fitting.last("patch kNN: training images against the bank") == (20, 20)
     # the deepest blocks of stride 8 and 16: block_5_add's 4x4 map and block_12_add's 2x2
     assert pipeline.blocks == ["block_5_add", "block_12_add"]
     assert pipeline.detector.block_channels == (16, 32) and pipeline.runtime == "keras"
     source = FileSource(files[-6:])
-    scores = pipeline.score(source).scores
-    found = explain(pipeline, source)
+    scoring = Recorder()
+    scores = pipeline.score(source, progress=scoring).scores
+    assert scoring.tasks() == ["scoring"] and scoring.last("scoring") == (6, 6)
+    drawing = Recorder()
+    found = explain(pipeline, source, progress=drawing)
+    assert drawing.tasks() == ["heatmaps"] and drawing.last("heatmaps") == (6, 6)
     assert {f.method for f in found} == {"detector"}
     np.testing.assert_array_equal([f.score for f in found], scores)
     reloaded = load_pipeline(pipeline.save(tmp_path / "patch.kad"))
@@ -194,6 +205,25 @@ def test_kad_fit_refuses_patchknn_among_pooled_detectors_before_any_work_and_sco
                       cache_dir=tmp_path / "cache", **FAST).path
     run = screen(model, [files[-1], files[0]], tmp_path / "out", heatmaps=True)
     assert run.heatmaps.method == "detector" and len(run.rows) == 2
+
+
+def test_fitting_and_scoring_report_their_passes_over_images(capsys):
+    rng = np.random.default_rng(3)
+    det = PatchKNNDetector(bank_size=500)
+    fitting = Recorder()
+    det.fit(_maps(6, rng), progress=fitting)
+    name = "patch kNN: training images against the bank"
+    assert fitting.tasks() == [name]
+    assert [e[2:] for e in fitting.events if e[0] == "update"] == [(i, 6) for i in range(1, 7)]
+    assert fitting.events[-1] == ("end", name, None, None)
+    scoring = Recorder()
+    scores = det.anomaly_score(_maps(3, rng), progress=scoring)
+    assert scoring.tasks() == ["patch kNN: scoring images"]
+    assert scoring.last("patch kNN: scoring images") == (3, 3) and len(scores) == 3
+    assert "_progress" not in vars(det)
+    PatchKNNDetector(bank_size=500).fit(_maps(6, rng)).anomaly_score(_maps(2, rng))
+    assert capsys.readouterr() == ("", ""), "without a progress nothing is reported or drawn"
+    assert "verbose" not in det.get_params()
 
 
 def test_block_maps_are_stacked_on_the_finest_grid():

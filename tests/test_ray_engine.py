@@ -7,8 +7,10 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import StopAt
 from kad.errors import MissingDependencyError
 from kad.features.extract import extract_features
+from kad.utils.progress import Recorder
 
 MNV2 = "mobilenet_v2:alpha=0.35"
 
@@ -58,16 +60,13 @@ def test_ray_gives_the_local_features_resumes_and_adds_no_rows(images, local_ray
                              cache_dir=tmp_path / "local", runtime="keras")
     cache = tmp_path / "ray"
 
-    def interrupt(done, total):
-        if done >= 32:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
         extract_features(images, MNV2, "none", 32, batch_size=16, cache_dir=cache,
-                         engine="ray", progress=interrupt)
-    seen = []
+                         engine="ray", progress=StopAt(32))
+    recorder = Recorder()
     ray_run = extract_features(images, MNV2, "none", 32, batch_size=16, cache_dir=cache,
-                               engine="ray", progress=lambda done, n: seen.append(done))
+                               engine="ray", progress=recorder)
+    seen = [done for hook, _, done, _ in recorder.events if hook == "update"]
     assert seen[0] >= 32, "the rerun starts from the batches that arrived before"
     assert len(ray_run) == 100 and list(ray_run.ids) == list(local.ids)
     assert ray_run.failed == local.failed == {"normal/042.png": ray_run.failed[

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import StopAt
 from kad.errors import KadError
 from kad.features.extract import extract_features, plan_extraction
 from kad.features.shards import find_shards, merge_shards, parse_shard, shard_range
+from kad.utils.progress import Recorder
 
 MNV2 = "mobilenet_v2:alpha=0.35"
 
@@ -76,22 +78,18 @@ def test_two_shards_merged_equal_one_run_bit_for_bit(folder, single, tmp_path):
 def test_an_interrupted_shard_resumes(folder, single, tmp_path):
     cache = tmp_path / "cache"
 
-    def interrupt(done, total):
-        if done >= 4:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
         extract_features(folder, MNV2, "none", 32, batch_size=4, cache_dir=cache,
-                         shard=(1, 2), progress=interrupt)
+                         shard=(1, 2), progress=StopAt(4))
     entry = plan_extraction(folder, MNV2, "none", 32, cache_dir=cache).path
     (partial,) = find_shards(entry)
     assert not partial.complete and partial.index == 1
 
-    seen = []
-    totals = []
+    recorder = Recorder()
     extract_features(folder, MNV2, "none", 32, batch_size=4, cache_dir=cache, shard=(1, 2),
-                     progress=lambda done, total: seen.append(done) or totals.append(total))
-    assert seen[0] == 4 and totals[0] == 11, "the shard resumes after its first batch"
+                     progress=recorder)
+    first = next(e for e in recorder.events if e[0] == "update")
+    assert first[2:] == (4, 11), "the shard resumes after its first batch"
     whole = extract_features(folder, MNV2, "none", 32, batch_size=4, cache_dir=cache,
                              shard=(0, 2))
     for block in single.blocks:

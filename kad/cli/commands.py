@@ -20,7 +20,7 @@ from kad.cli.options import (
     RuntimeOpt,
     WeightsOpt,
 )
-from kad.cli.render import handle_errors, note, progress_bar, say, skipped, stdout, table
+from kad.cli.render import RichProgress, handle_errors, note, say, skipped, stdout, table
 
 
 def load_dataset(dataset: str, data_dir: Path | None):
@@ -58,12 +58,11 @@ def extract(
         choice = resolve_runtime(runtime)
         note(f"runtime: {choice.name} ({choice.reason})")
     part = parse_shard(shard) if shard else None
-    with progress_bar(f"features of {ds.name}") as update:
-        features = extract_features(ds, backbone, weights, image_size, preprocessing,
-                                    batch_size=batch_size, cache_dir=cache_dir,
-                                    progress=update, on_event=lambda e: note(e.message),
-                                    shard=part, engine=engine, ray_address=ray_address,
-                                    runtime=runtime)
+    features = extract_features(ds, backbone, weights, image_size, preprocessing,
+                                batch_size=batch_size, cache_dir=cache_dir,
+                                progress=RichProgress(), on_event=lambda e: note(e.message),
+                                shard=part, engine=engine, ray_address=ray_address,
+                                runtime=runtime)
     skipped(features.failed.items(), "image(s) could not be used")
     if "shard" in features.meta:
         entry = features.path.parent / features.path.name.split(".shard-")[0]

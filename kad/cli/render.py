@@ -8,14 +8,14 @@ markup.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from kad.errors import KadError
+from kad.utils.progress import Progress
 
 stdout = Console()
 stderr = Console(stderr=True)
@@ -80,38 +80,66 @@ def skipped(items: Iterable[tuple[str, str]], what: str) -> None:
         note(f"  … and {len(items) - SHOWN} more")
 
 
-@contextmanager
-def progress_bar(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar on stderr driven by ``update(done, total)`` calls, with an
-    estimate of the time left. It appears at the first update, so work that finds its
-    result cached draws nothing."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+class RichProgress(Progress):
+    """Draws the library's progress (:mod:`kad.utils.progress`) on stderr: one rich bar per
+    task, with the time elapsed and an estimate of the time left; nested tasks (the epochs
+    of a detector within a recipe's runs) are shown together, one line each.
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    bar: Progress | None = None
-    task = None
+    A task appears at its first update, so work that finds its result cached draws
+    nothing; the tasks it is nested in appear with it (work inside them is being done).
+    When a task ends, its bar is removed while other tasks are still drawn; the last one
+    to end stays on screen as a record."""
 
-    def update(done: int, total: int) -> None:
-        nonlocal bar, task
-        if bar is None:
-            bar = Progress(*columns, console=stderr)
-            bar.start()
-            task = bar.add_task(escape(description), total=total)
-        bar.update(task, completed=done, total=total)
+    def __init__(self, console: Console | None = None):
+        self.console = console or stderr
+        self._live = None  # a rich.progress.Progress while bars are drawn
+        self._tasks: dict[str, dict] = {}  # open tasks: total and, once drawn, rich's id
 
-    try:
-        yield update
-    finally:
-        if bar is not None:
-            bar.stop()
+    def on_task_begin(self, name: str, total: int | None) -> None:
+        self._tasks[name] = {"total": total, "id": None}
+
+    def on_task_update(self, name: str, done: int, total: int | None) -> None:
+        entry = self._tasks.setdefault(name, {"total": total, "id": None})
+        if self._live is None:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import Progress as Bars
+
+            self._live = Bars(TextColumn("{task.description}"), BarColumn(),
+                              MofNCompleteColumn(), TimeElapsedColumn(),
+                              TimeRemainingColumn(), console=self.console)
+            self._live.start()
+        entry["total"] = total
+        for outer, other in self._tasks.items():  # open before it: drawn above it
+            if other["id"] is None:
+                other["id"] = self._live.add_task(escape(outer), total=other["total"],
+                                                  completed=other.get("done", 0))
+            if outer == name:
+                break
+        entry["done"] = done
+        self._live.update(entry["id"], completed=done, total=total)
+
+    def on_task_end(self, name: str) -> None:
+        entry = self._tasks.pop(name, None)
+        if entry is None or entry["id"] is None or self._live is None:
+            return
+        if any(other["id"] is not None for other in self._tasks.values()):
+            self._live.remove_task(entry["id"])
+        else:
+            self.close()
+
+    def close(self) -> None:
+        """Stop drawing (the bars shown stay on screen)."""
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+        for entry in self._tasks.values():
+            entry["id"] = None
 
 
 def table(title: str, columns: list[str], rows: Iterable[Iterable[object]], *,

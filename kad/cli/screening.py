@@ -26,7 +26,7 @@ from kad.cli.options import (
     SeedOpt,
     WeightsOpt,
 )
-from kad.cli.render import NOTHING_KEPT, handle_errors, note, progress_bar, say, skipped
+from kad.cli.render import NOTHING_KEPT, RichProgress, handle_errors, note, say, skipped
 
 HeatmapMethodOpt = Annotated[str, typer.Option(
     "--heatmap-method", help="auto (gradient through the pooling where the detector has one, "
@@ -85,12 +85,11 @@ def fit(
     from kad.screening.workflow import fit_model
 
     ds = load_dataset(dataset, data_dir)
-    with progress_bar(f"features of {ds.name}") as update:
-        run = fit_model(ds, out_path, backbone=backbone, weights=weights,
-                        image_size=image_size, preprocessing=preprocessing, detector=detector,
-                        representation=representation, fpr=fpr, sensitivity=sensitivity,
-                        calibration=calibration, validation=validation, seed=seed,
-                        batch_size=batch_size, cache_dir=cache_dir, progress=update)
+    run = fit_model(ds, out_path, backbone=backbone, weights=weights,
+                    image_size=image_size, preprocessing=preprocessing, detector=detector,
+                    representation=representation, fpr=fpr, sensitivity=sensitivity,
+                    calibration=calibration, validation=validation, seed=seed,
+                    batch_size=batch_size, cache_dir=cache_dir, progress=RichProgress())
     skipped(run.left_out.items(), "image(s) were used for nothing")
     parts = run.split.describe()
     line = (f"fitted on {run.n_fitted} normal images; {parts['calibration']} normal images "
@@ -145,11 +144,9 @@ def score(
     """Score images, most suspicious first: scores.csv and report.html."""
     from kad.screening.workflow import SCORED, SKIPPED, UNREADABLE, screen
 
-    with progress_bar("scoring") as update:
-        run = screen(model, images, out_dir, labels=labels, weights=weights, engine=engine,
-                     ray_address=ray_address, heatmaps=heatmaps,
-                     heatmap_method=heatmap_method, grid=grid, steps=steps, runtime=runtime,
-                     progress=update)
+    run = screen(model, images, out_dir, labels=labels, weights=weights, engine=engine,
+                 ray_address=ray_address, heatmaps=heatmaps, heatmap_method=heatmap_method,
+                 grid=grid, steps=steps, runtime=runtime, progress=RichProgress())
     flagged = sum(r.flagged for r in run.rows)
     say(f"{run.n_inputs} files: {run.count(SCORED)} scored ({flagged} flagged), "
         f"{run.count(UNREADABLE)} unreadable, {run.count(SKIPPED)} skipped")
@@ -188,9 +185,8 @@ def threshold(
     from kad.screening.calibration import fit_summary
     from kad.screening.workflow import set_threshold
 
-    with progress_bar("scoring labelled images") as update:
-        run = set_threshold(model, labels, sensitivity=sensitivity, fpr=fpr,
-                            out_path=out_path, weights=weights, progress=update)
+    run = set_threshold(model, labels, sensitivity=sensitivity, fpr=fpr, out_path=out_path,
+                        weights=weights, progress=RichProgress())
     skipped(((o.file, o.reason) for o in run.not_used), "labelled image(s) could not be read")
     for text in fit_summary(run.pipeline).lines():
         say(text)

@@ -23,6 +23,14 @@ recorded). Subclasses implement ``_fit`` and ``_score``. ``tests/test_sklearn_ch
 runs scikit-learn's estimator checks on every registered detector and lists each deviation
 with its reason.
 
+Progress: long work reports to a :class:`kad.utils.progress.Progress` passed as a keyword
+to the call it belongs to, ``fit(X, y=None, *, progress=None)`` and
+``anomaly_score(X, *, progress=None)``, never through ``__init__`` (parameters stay plain
+values, for ``clone`` and for saving). For the length of that call it is reachable as
+``self._progress`` (a cache attribute, never saved, gone afterwards); a subclass reports
+with ``with self._task("<name>", total) as update: ... update(done)``, which does nothing
+without a progress. A detector never prints or draws.
+
 Saving (:meth:`BaseDetector.save`, :func:`load_detector`) never pickles. A saved detector
 is its registry name (the ``kad.detectors`` entry point), its ``get_params()`` and its
 fitted state: :meth:`BaseDetector.get_fitted_state`, by default every attribute whose name
@@ -39,6 +47,8 @@ Loading takes the class from the registry by the recorded name, never from the f
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -51,10 +61,13 @@ from kad.errors import ArtifactError, PluginError, UnstorableError
 
 if TYPE_CHECKING:
     from kad.utils.artifact import Artifact, Encoder
+    from kad.utils.progress import Progress
 
 InputKind = Literal["features", "images", "both", "maps"]
 
 __all__ = ["BaseDetector", "NotFittedError", "load_detector", "InputKind"]
+
+_ABSENT = object()
 
 
 class BaseDetector(OutlierMixin, BaseEstimator):
@@ -85,6 +98,9 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     #: (:func:`kad.utils.artifact.sklearn_trusted_types`); they are trusted when a file of this
     #: detector is loaded, the class being taken from the registry.
     trusted_types: ClassVar[tuple[str, ...]] = ()
+    #: Parameters the detector had once and no longer takes: a saved file that records
+    #: them still loads, without them (:func:`decode_detector` drops them).
+    retired_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, contamination: float = 0.1):
         self.contamination = contamination
@@ -138,9 +154,37 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         tags.target_tags.required = bool(self.supervised)
         return tags
 
+    # -- progress ----------------------------------------------------------------------
+    @contextmanager
+    def _reporting(self, progress: Progress | None) -> Iterator[None]:
+        """``progress`` as ``self._progress`` for the length of one call; the attribute is
+        gone afterwards, so the detector's state is what it was."""
+        outer = self.__dict__.get("_progress", _ABSENT)
+        self._progress = progress if progress is not None else (
+            None if outer is _ABSENT else outer)
+        try:
+            yield
+        finally:
+            if outer is _ABSENT:
+                self.__dict__.pop("_progress", None)
+            else:
+                self._progress = outer
+
+    def _task(self, name: str, total: int | None = None):
+        """:func:`kad.utils.progress.task` on the progress of the current call (nothing
+        is reported outside ``fit``/``anomaly_score`` or without a progress)."""
+        from kad.utils.progress import task
+
+        return task(self.__dict__.get("_progress"), name, total)
+
     # -- the public contract ---------------------------------------------------------
-    def fit(self, X, y=None) -> BaseDetector:
-        """Fit on ``X`` (mostly normal data). ``y`` is ignored by unsupervised detectors."""
+    def fit(self, X, y=None, *, progress: Progress | None = None) -> BaseDetector:
+        """Fit on ``X`` (mostly normal data). ``y`` is ignored by unsupervised detectors.
+        Long fits report to ``progress`` (see the module docstring)."""
+        with self._reporting(progress):
+            return self._fit_reporting(X, y)
+
+    def _fit_reporting(self, X, y) -> BaseDetector:
         self._check_contamination()
         if self.supervised and y is None:
             raise ValueError(
@@ -157,11 +201,13 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         self.threshold_ = float(np.quantile(scores, 1.0 - self.contamination))
         return self
 
-    def anomaly_score(self, X) -> np.ndarray:
-        """One score per input; **higher means more anomalous**."""
+    def anomaly_score(self, X, *, progress: Progress | None = None) -> np.ndarray:
+        """One score per input; **higher means more anomalous**. Long scoring reports to
+        ``progress`` (see the module docstring)."""
         check_is_fitted(self, "threshold_")
         X = self._validate(X, reset=False)
-        return np.asarray(self._score(X), dtype=np.float64)
+        with self._reporting(progress):
+            return np.asarray(self._score(X), dtype=np.float64)
 
     def score_gradient(self, X) -> np.ndarray | None:
         """``(n, d)`` gradient of :meth:`anomaly_score` with respect to each feature vector
@@ -333,6 +379,7 @@ def decode_detector(artifact: Artifact, record: Any, where: str) -> BaseDetector
     state = artifact.decode(record.get("state"), f"{where}.state", trusted=cls.trusted_types)
     if not isinstance(params, dict) or not isinstance(state, dict):
         raise artifact.fail(f"{where} has malformed parameters or state")
+    params = {k: v for k, v in params.items() if k not in cls.retired_params}
     try:
         detector = cls(**params)
         detector.set_fitted_state(state)

@@ -8,8 +8,8 @@ used, never by ``import kad``. It provides
 * :func:`resize_images` -- images of any size to a network's square working size;
 * :func:`split_validation` -- a held-out part of the (normal) training data for early
   stopping, disjoint from the part that is trained on;
-* :class:`RichProgress` -- a rich progress bar as a Keras callback (nothing is printed
-  when ``verbose=0``);
+* :class:`EpochProgress` -- a Keras callback reporting each finished epoch to a
+  :class:`kad.utils.progress.Progress` (the ``progress`` of ``fit``; nothing is printed);
 * :class:`DeepDetector` -- the intermediate base class: input preparation (resize images,
   standardise feature vectors), ``fit`` with early stopping and batched prediction; its
   Keras models are saved in Keras' own format and loaded in safe mode
@@ -40,7 +40,7 @@ import tensorflow as tf  # noqa: E402  (after import_keras, which quiets TensorF
 __all__ = [
     "CollapseWarning",
     "DeepDetector",
-    "RichProgress",
+    "EpochProgress",
     "check_collapse",
     "inference_copy",
     "keras",
@@ -113,72 +113,17 @@ def split_validation(n: int, fraction: float, random_state: int | None,
     return train_idx, val_idx
 
 
-class RichProgress(keras.callbacks.Callback):
-    """A rich progress bar over all training steps, with the last epoch's metrics.
+class EpochProgress(keras.callbacks.Callback):
+    """Calls ``update(epochs done)`` at the end of every epoch: the task of a training,
+    opened by :meth:`DeepDetector._fit_model` with a total of its epochs (early stopping
+    ends it sooner)."""
 
-    Written to standard error; transient bars are not used, so the final line stays as a
-    record of the training.
-    """
-
-    def __init__(self, description: str = "training"):
+    def __init__(self, update):
         super().__init__()
-        self.description = description
-        self._progress = None
-        self._task = None
-
-    def _metrics_text(self, logs) -> str:
-        logs = logs or {}
-        return " ".join(f"{k}={float(v):.4g}" for k, v in logs.items()
-                        if np.ndim(v) == 0 and k != "learning_rate")
-
-    def on_train_begin(self, logs=None):
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        epochs = self.params.get("epochs") or 1
-        steps = self.params.get("steps") or 0
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[metrics]}"),
-            console=Console(stderr=True),
-        )
-        self._progress.start()
-        self._task = self._progress.add_task(
-            self.description, total=epochs * steps if steps else epochs, metrics=""
-        )
-        self._per_step = bool(steps)
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self._progress is not None and self._per_step:
-            self._progress.advance(self._task)
+        self.update = update
 
     def on_epoch_end(self, epoch, logs=None):
-        if self._progress is None:
-            return
-        epochs = self.params.get("epochs") or 1
-        desc = f"{self.description} epoch {epoch + 1}/{epochs}"
-        update = {"description": desc, "metrics": self._metrics_text(logs)}
-        if self._per_step:
-            update["completed"] = (epoch + 1) * self.params["steps"]
-        else:
-            update["completed"] = epoch + 1
-        self._progress.update(self._task, **update)
-
-    def on_train_end(self, logs=None):
-        if self._progress is not None:
-            self._progress.stop()
-            self._progress = None
+        self.update(epoch + 1)
 
 
 def inference_copy(model):
@@ -216,9 +161,14 @@ class DeepDetector(BaseDetector):
     """Intermediate base class of the Keras detectors.
 
     Subclasses set ``input_kind`` and implement ``_fit``/``_score``; they are expected to
-    have the parameters ``epochs``, ``batch_size``, ``validation_fraction``, ``patience``,
-    ``random_state`` and ``verbose``, and, when they take images, ``image_size`` (the
-    network's working size; images of any size are resized to it).
+    have the parameters ``epochs``, ``batch_size``, ``validation_fraction``, ``patience``
+    and ``random_state``, and, when they take images, ``image_size`` (the network's working
+    size; images of any size are resized to it). Each training reports its epochs to the
+    ``progress`` given to ``fit``, as the task ``<description> epochs`` (total: the
+    epochs asked for).
+
+    ``verbose``, which once drew a bar, is a retired parameter: files saved with it load
+    without it.
 
     Learned attributes (names ending in ``_``) are saved as arrays, plain values and Keras
     models (``.keras``, loaded with ``safe_mode=True``): a subclassed network must be
@@ -228,6 +178,7 @@ class DeepDetector(BaseDetector):
     """
 
     _display_name = "deep detector"
+    retired_params = ("verbose",)
 
     # -- inputs ----------------------------------------------------------------------
     def _prepare(self, X: np.ndarray, fit: bool = False) -> np.ndarray:
@@ -248,22 +199,21 @@ class DeepDetector(BaseDetector):
                                 labels=labels)
 
     # -- training --------------------------------------------------------------------
-    def _callbacks(self, has_validation: bool, description: str | None = None,
-                   monitor: str = "val_loss", early_stopping: bool = True) -> list:
+    def _callbacks(self, has_validation: bool, monitor: str = "val_loss",
+                   early_stopping: bool = True) -> list:
         callbacks = []
         if early_stopping and has_validation and self.patience is not None:
             callbacks.append(keras.callbacks.EarlyStopping(
                 monitor=monitor, patience=int(self.patience), restore_best_weights=True,
             ))
-        if self.verbose:
-            callbacks.append(RichProgress(description or self._display_name))
         return callbacks
 
     def _fit_model(self, model, x, y=None, validation_data=None, epochs=None,
                    description: str | None = None, early_stopping: bool = True,
                    shuffle: bool = True):
-        """``model.fit`` with early stopping on ``validation_data`` and a progress bar;
-        nothing happens for 0 epochs (an untrained baseline). Returns the history dict."""
+        """``model.fit`` with early stopping on ``validation_data``, reporting the task
+        ``<description> epochs``; nothing happens for 0 epochs (an untrained baseline).
+        Returns the history dict."""
         epochs = int(self.epochs if epochs is None else epochs)
         if epochs < 0:
             raise ValueError(f"epochs must be >= 0, got {epochs}")
@@ -274,11 +224,12 @@ class DeepDetector(BaseDetector):
         if not isinstance(x, keras.utils.PyDataset):
             kwargs["batch_size"] = int(self.batch_size)
             kwargs["shuffle"] = shuffle
-        history = model.fit(
-            x, y, epochs=epochs, validation_data=validation_data, verbose=0,
-            callbacks=self._callbacks(has_val, description, early_stopping=early_stopping),
-            **kwargs,
-        )
+        with self._task(f"{description or self._display_name} epochs", epochs) as update:
+            callbacks = self._callbacks(has_val, early_stopping=early_stopping)
+            history = model.fit(
+                x, y, epochs=epochs, validation_data=validation_data, verbose=0,
+                callbacks=[*callbacks, EpochProgress(update)], **kwargs,
+            )
         return {k: [float(v) for v in vals] for k, vals in history.history.items()}
 
     def _predict(self, model, x, batch_size: int | None = None):

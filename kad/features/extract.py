@@ -15,7 +15,6 @@ from pathlib import Path
 from kad.features.cache import EventCallback, FeatureSet, check_writable, entry_lock
 from kad.features.extraction import (
     ExtractionPlan,
-    ProgressCallback,
     _extract,
     _usable,
     cached_features,
@@ -25,6 +24,7 @@ from kad.features.extraction import (
     plan_extraction,
     stream_features,
 )
+from kad.utils.progress import Progress
 
 __all__ = [
     "ExtractionPlan",
@@ -42,7 +42,7 @@ def extract_features(dataset, backbone="inception_resnet_v2", weights="imagenet"
                      image_size: int | None = None, preprocessing=None, *,
                      batch_size: int = 64, workers: int | None = None,
                      cache_dir: str | Path | None = None,
-                     progress: ProgressCallback | None = None,
+                     progress: Progress | None = None,
                      on_event: EventCallback | None = None,
                      shard: tuple[int, int] | None = None,
                      engine: str = "local", ray_address: str | None = None,
@@ -50,7 +50,9 @@ def extract_features(dataset, backbone="inception_resnet_v2", weights="imagenet"
                      runtime: str = "auto") -> FeatureSet:
     """Features of every block for every image of ``dataset``; see the module docstring.
 
-    ``progress(done, total)`` is called after every batch (the CLI draws a rich bar);
+    ``progress`` (a :class:`~kad.utils.progress.Progress`) gets the task ``features of
+    <dataset>``, updated after every batch (the CLI draws a rich bar; a cached entry
+    reports nothing);
     ``on_event`` receives :class:`~kad.features.cache.CacheEvent` lines to show (waiting for another
     process's lock, a damaged entry extracted again, shards merged). A cached entry is
     verified against its checksums before it is returned; a damaged one is extracted again.

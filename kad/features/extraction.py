@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +36,7 @@ from kad.features.cache import (
     emit,
     entry_path,
 )
-
-ProgressCallback = Callable[[int, int], None]
+from kad.utils.progress import Progress, task
 
 
 @dataclass
@@ -161,14 +160,22 @@ SYNC_SECONDS = 10.0  # how often finished batches are made durable during extrac
 
 
 def _extract(dataset, plan: ExtractionPlan, batch_size: int, workers: int | None,
-             progress: ProgressCallback | None, extra_meta: dict | None = None) -> FeatureSet:
+             progress: Progress | None, extra_meta: dict | None = None) -> FeatureSet:
+    """Extract ``plan``'s entry here, reporting the task ``features of <dataset>`` (images
+    done of all) to ``progress``, from before the network is built."""
+    n = len(dataset)
+    with task(progress, f"features of {dataset.name}", n) as update:
+        return _extract_reporting(dataset, plan, batch_size, workers, update, extra_meta)
+
+
+def _extract_reporting(dataset, plan: ExtractionPlan, batch_size: int, workers: int | None,
+                       update, extra_meta: dict | None) -> FeatureSet:
     from kad.features.cache import EntryWriter
     from kad.features.runtime import build_runtime
 
     n = len(dataset)
-    if progress:  # the bar shows while the network is built (or converted)
-        recorded = EntryWriter.recorded(plan.path) or {}
-        progress(min(int(recorded.get("done", 0)), n), n)
+    recorded = EntryWriter.recorded(plan.path) or {}  # shown while the network is built
+    update(min(int(recorded.get("done", 0)), n))
     engine = build_runtime(plan.backbone, plan.input_size, plan.weights, plan.runtime,
                            batch_size, plan.path.parent)
     names, dims = engine.names, engine.dims
@@ -177,8 +184,7 @@ def _extract(dataset, plan: ExtractionPlan, batch_size: int, workers: int | None
         "ids": [str(i) for i in dataset.ids], "kad": __version__, **(extra_meta or {}),
     }
     writer = EntryWriter(plan.path, names, dims, n, meta)
-    if progress:
-        progress(writer.done, n)
+    update(writer.done)
     # Writing batch k overlaps inference on batch k+1; durability is paid every few seconds.
     pending: Future | None = None
     last_sync = time.monotonic()
@@ -194,8 +200,7 @@ def _extract(dataset, plan: ExtractionPlan, batch_size: int, workers: int | None
                 pending = saver.submit(_save, writer, start, outputs, failed, sync)
                 if sync:
                     last_sync = time.monotonic()
-                if progress:
-                    progress(stop, n)
+                update(stop)
             if pending is not None:
                 pending.result()
     except BaseException:

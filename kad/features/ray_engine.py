@@ -34,6 +34,7 @@ from kad.features.cache import (
     entry_lock,
     missing_rows,
 )
+from kad.utils.progress import Progress, task
 
 SYNC_SECONDS = 10.0
 _RAY_HINT = "install it with: pip install 'kad[ray]'"
@@ -125,13 +126,14 @@ def _resources(ray, actors: int | None, gpus_per_actor: float | None):
 
 def extract_with_ray(dataset, plan, *, batch_size: int = 64, address: str | None = None,
                      actors: int | None = None, gpus_per_actor: float | None = None,
-                     num_cpus: int | None = None, progress=None,
+                     num_cpus: int | None = None, progress: Progress | None = None,
                      on_event: EventCallback | None = None) -> FeatureSet:
     """The entry of ``plan`` computed on Ray Data; see the module docstring.
 
     ``actors`` is the size of the inference pool (default: one per GPU, else one per 4
-    CPUs); ``num_cpus`` limits a local Ray started here. ``progress(done, total)`` is
-    called as batches arrive.
+    CPUs); ``num_cpus`` limits a local Ray started here. ``progress`` (a
+    :class:`~kad.utils.progress.Progress`) gets the task ``features of <dataset>``, updated
+    as batches arrive.
     """
     from kad import __version__
     from kad.features.extraction import _usable
@@ -157,14 +159,14 @@ def extract_with_ray(dataset, plan, *, batch_size: int = 64, address: str | None
                 # the network; rows a resumed run already has are known from the record.
                 recorded = EntryWriter.recorded(plan.path)
                 missing = missing_rows(recorded, n)
-                if progress:
-                    progress(n - sum(b - a for a, b in missing), n)
-                for _ in range(2):  # twice if the record was for another layout
-                    if not missing:
-                        break
-                    _run(ray, dataset, plan, ids, meta, state, missing, batch_size, actors,
-                         gpus_per_actor, progress)
-                    missing = state["writer"].missing()
+                with task(progress, f"features of {dataset.name}", n) as update:
+                    update(n - sum(b - a for a, b in missing))
+                    for _ in range(2):  # twice if the record was for another layout
+                        if not missing:
+                            break
+                        _run(ray, dataset, plan, ids, meta, state, missing, batch_size,
+                             actors, gpus_per_actor, update)
+                        missing = state["writer"].missing()
                 if state["writer"] is None:  # every row was there: only the commit was left
                     state["writer"] = EntryWriter(plan.path, recorded["blocks"],
                                                   recorded["dims"], n, meta)
@@ -182,9 +184,9 @@ def extract_with_ray(dataset, plan, *, batch_size: int = 64, address: str | None
 
 
 def _run(ray, dataset, plan, ids, meta: dict, state: dict,
-         missing: list[tuple[int, int]], batch_size: int, actors, gpus, progress) -> None:
+         missing: list[tuple[int, int]], batch_size: int, actors, gpus, update) -> None:
     """Compute the batches that overlap ``missing`` into ``state["writer"]`` (created from
-    the first batch's layout if None)."""
+    the first batch's layout if None), calling ``update(done)`` as batches arrive."""
     n = len(ids)
     todo = [start for start in range(0, n, batch_size)
             if any(a < min(start + batch_size, n) and start < b for a, b in missing)]
@@ -219,8 +221,7 @@ def _run(ray, dataset, plan, ids, meta: dict, state: dict,
         if time.monotonic() - last_sync > SYNC_SECONDS:
             writer.sync()
             last_sync = time.monotonic()
-        if progress:
-            progress(done, n)
+        update(done)
     state["writer"].sync()
 
 
@@ -253,10 +254,11 @@ class _Score:
 def score_with_ray(pipeline, source, ids=None, *, address: str | None = None,
                    actors: int | None = None, gpus_per_actor: float | None = None,
                    num_cpus: int | None = None, weights: str | None = None,
-                   progress=None):
+                   progress: Progress | None = None):
     """:meth:`kad.screening.pipeline.Pipeline.score` on Ray Data (``kad score --engine ray``): the
     same batches and the same scores, decoded in Ray tasks and scored in an actor pool,
-    one network per actor. Returns :class:`kad.screening.pipeline.Scores`."""
+    one network per actor, reporting the task ``scoring`` to ``progress``. Returns
+    :class:`kad.screening.pipeline.Scores`."""
     from kad.features.extraction import Scores
 
     ray = import_ray()
@@ -280,14 +282,14 @@ def score_with_ray(pipeline, source, ids=None, *, address: str | None = None,
         scores = np.full(n, np.nan)
         failed: dict[str, str] = {}
         done = 0
-        for batch in scored.iter_batches(batch_size=1, batch_format="numpy"):
-            for row, start in enumerate(batch["start"]):
-                count = int(batch["n"][row])
-                scores[int(start):int(start) + count] = batch["scores"][row][:count]
-                failed.update(json.loads(str(batch["failed"][row])))
-                done += count
-            if progress:
-                progress(done, n)
+        with task(progress, "scoring", n) as update:
+            for batch in scored.iter_batches(batch_size=1, batch_format="numpy"):
+                for row, start in enumerate(batch["start"]):
+                    count = int(batch["n"][row])
+                    scores[int(start):int(start) + count] = batch["scores"][row][:count]
+                    failed.update(json.loads(str(batch["failed"][row])))
+                    done += count
+                update(done)
     finally:
         if started_here:
             ray.shutdown()

@@ -41,6 +41,7 @@ from kad.features.cache import (
     finish_entry,
     read_meta,
 )
+from kad.utils.progress import Progress
 
 _SHARD = re.compile(r"^(?P<entry>.+)\.shard-(?P<index>\d+)-of-(?P<count>\d+)$")
 _COPY_ROWS_BYTES = 64 << 20
@@ -125,7 +126,7 @@ class _Share:
 
 
 def extract_shard(dataset, plan, shard: tuple[int, int], *, batch_size: int = 64,
-                  workers: int | None = None, progress=None,
+                  workers: int | None = None, progress: Progress | None = None,
                   on_event: EventCallback | None = None) -> FeatureSet:
     """Compute one shard (see the module docstring). Returns the whole entry when this
     shard completed the set (it is merged then), else this shard's own entry, whose
@@ -148,8 +149,6 @@ def extract_shard(dataset, plan, shard: tuple[int, int], *, batch_size: int = 64
                               "n": n, "batch_size": batch_size}}
             done = _extract(_Share(dataset, start, stop), shard_plan, batch_size, workers,
                             progress, extra_meta=meta)
-        elif progress:
-            progress(len(done), len(done))
     present = {s.index for s in find_shards(plan.path) if s.count == count and s.complete}
     if present == set(range(count)):
         return merge_shards(plan.path, count=count, on_event=on_event)

@@ -203,7 +203,7 @@ def pick_and_fit(prototype, named: str, inputs: DetectorInputs, parts: Parts) ->
                            inputs.plan.input_size, backbone)
     selection["blocks"] = representation.names
     detector = clone(prototype.for_representation(representation))
-    detector.fit(inputs.read(representation, parts.train))
+    detector.fit(inputs.read(representation, parts.train), progress=inputs.progress)
     return Picked(representation, detector, selection)
 
 
@@ -217,11 +217,12 @@ def calibrate(rule: ThresholdRule, picked: Picked, inputs: DetectorInputs,
 
     detector, representation = picked.detector, picked.representation
     rule = rule.resolve(labelled=parts.labelled, calibrated=len(parts.calibration) > 0)
-    calibration = (np.sort(detector.anomaly_score(inputs.read(representation,
-                                                              parts.calibration)))
-                   if len(parts.calibration) else None)
-    selected = (detector.anomaly_score(inputs.read(representation, parts.selection))
-                if parts.labelled else None)
+    def scores(rows):
+        return detector.anomaly_score(inputs.read(representation, rows),
+                                      progress=inputs.progress)
+
+    calibration = np.sort(scores(parts.calibration)) if len(parts.calibration) else None
+    selected = scores(parts.selection) if parts.labelled else None
     labels = parts.selection_labels
     threshold = rule.apply(
         calibration_scores=calibration, detector=detector,
@@ -241,7 +242,8 @@ def assess_held_out(picked: Picked, inputs: DetectorInputs, parts: Parts,
         return None
     labels = np.asarray(parts.assessment_labels, dtype=int)
     scores = picked.detector.anomaly_score(inputs.read(picked.representation,
-                                                       parts.assessment))
+                                                       parts.assessment),
+                                           progress=inputs.progress)
     return {"scores": scores.tolist(), "labels": labels.tolist(),
             "measured_on": (f"{who(parts.assessment)} ({int((labels == 0).sum())} normal, "
                             f"{int(labels.sum())} abnormal) held out of fitting, "

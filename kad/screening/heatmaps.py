@@ -59,7 +59,7 @@ from __future__ import annotations
 import hashlib
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +67,7 @@ import numpy as np
 
 from kad.detectors.base import BaseDetector
 from kad.errors import ImageReadError, KadError
+from kad.utils.progress import Progress, task
 
 __all__ = [
     "METHODS",
@@ -93,7 +94,6 @@ DEFAULT_GRID = 8
 DEFAULT_STEPS = 16
 OCCLUSION_FILL = 0.5
 
-ProgressCallback = Callable[[int, int], None]
 # The spatial model (pooled vectors and maps) made from a pipeline's network, per tuple of
 # blocks: Keras traces each model once.
 _SPATIAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -379,17 +379,23 @@ def iter_heatmaps(pipeline, source, ids: Sequence[str] | None = None, *,
                   method: str = "auto", grid: int = DEFAULT_GRID, steps: int = DEFAULT_STEPS,
                   weights: str | None = None, batch_size: int | None = None,
                   keep_images: bool = True,
-                  progress: ProgressCallback | None = None) -> Iterator[Heatmap]:
+                  progress: Progress | None = None) -> Iterator[Heatmap]:
     """One :class:`Heatmap` per image of ``source`` (an :class:`~kad.data.datasets.ImageSource`),
     in order, streamed batch by batch; unreadable images give a heatmap with ``map`` None
-    and ``error`` set. See the module docstring for ``method``, ``grid`` and ``steps``."""
-    from kad.data.images import resize
-
+    and ``error`` set. See the module docstring for ``method``, ``grid`` and ``steps``;
+    ``progress`` gets the task ``heatmaps`` (images done of all)."""
     explainer = _Explainer(pipeline, method, grid, steps, weights, batch_size)
     ids = [str(i) for i in (ids if ids is not None else range(len(source)))]
     if len(ids) != len(source):
         raise KadError(f"{len(ids)} ids for {len(source)} images")
     size, bs = explainer.size, explainer.batch_size
+    with task(progress, "heatmaps", len(source)) as update:
+        yield from _heatmaps(explainer, source, ids, size, bs, keep_images, update)
+
+
+def _heatmaps(explainer, source, ids, size, bs, keep_images, update) -> Iterator[Heatmap]:
+    from kad.data.images import resize
+
     for start in range(0, len(source), bs):
         stop = min(start + bs, len(source))
         loaded: list[tuple[int, np.ndarray, np.ndarray, tuple]] = []
@@ -416,8 +422,7 @@ def iter_heatmaps(pipeline, source, ids: Sequence[str] | None = None, *,
                           box=tuple(int(v) for v in box), original_shape=rgb.shape[:2],
                           seen=seen if keep_images else None,
                           original=rgb if keep_images else None)
-        if progress:
-            progress(stop, len(source))
+        update(stop)
 
 
 def explain(pipeline, source, ids: Sequence[str] | None = None, **options) -> list[Heatmap]:
@@ -501,7 +506,7 @@ def save_overlays(heatmap: Heatmap, out_dir: str | Path, stem: str | None = None
 def write_heatmaps(pipeline, source, ids: Sequence[str] | None, out_dir: str | Path, *,
                    method: str = "auto", grid: int = DEFAULT_GRID,
                    steps: int = DEFAULT_STEPS, weights: str | None = None,
-                   progress: ProgressCallback | None = None) -> HeatmapRun:
+                   progress: Progress | None = None) -> HeatmapRun:
     """Score every image of ``source`` and write its two overlays into ``out_dir``,
     streaming (images are not kept). The scores are those :meth:`Pipeline.score` gives."""
     from kad.features.extraction import Scores

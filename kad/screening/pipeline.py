@@ -180,8 +180,8 @@ class Pipeline:
     def score(self, source, ids: Sequence[str] | None = None,
               progress: Progress | None = None, weights: str | None = None,
               runtime: str | None = None) -> Scores:
-        """Scores of every image of an :class:`~kad.data.datasets.ImageSource`, streamed, on
-        the pipeline's runtime (or ``runtime``)."""
+        """Scores of every image of an :class:`~kad.data.datasets.ImageSource`, streamed, on the
+        pipeline's runtime (or ``runtime``); ``progress`` gets the task ``scoring``."""
         from kad.features.extraction import stream_features
 
         ids = np.asarray([str(i) for i in (ids if ids is not None else range(len(source)))])

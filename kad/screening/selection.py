@@ -33,6 +33,7 @@ import numpy as np
 
 from kad.data.preprocessing import preprocessing_at
 from kad.errors import KadError
+from kad.utils.progress import Progress, task
 
 __all__ = [
     "UNSUPERVISED_DEFAULT",
@@ -179,14 +180,15 @@ def extract_sizes(dataset, backbone="inception_resnet_v2", weights="imagenet",
                   sizes: int | str | Sequence[int] | None = None,
                   preprocessing: str | Mapping[int, str] | None = None, *,
                   batch_size: int = 64, cache_dir: str | Path | None = None,
-                  progress: Callable[[int, int], None] | None = None,
+                  progress: Progress | None = None,
                   extract: Callable | None = None) -> MultiSizeFeatures:
     """Features at every size of ``sizes``, one cache entry each: a size already cached is
     read, not extracted again. ``preprocessing`` is one spec for every size or a mapping
     ``{size: spec}``; ``size=input`` in a spec follows each size (:func:`preprocessing_at`:
     ``fundus:size=input`` preprocesses fundus photographs at the network's resolution
     instead of 256 px). ``extract`` defaults to
-    :func:`kad.features.extract.extract_features` (the CLI passes its progress-bar wrapper)."""
+    :func:`kad.features.extract.extract_features`, reporting each extraction to
+    ``progress``."""
     from kad.features.backbones import get_backbone
 
     bb = get_backbone(backbone) if isinstance(backbone, str) else backbone
@@ -337,7 +339,7 @@ def select(features: MultiSizeFeatures, candidates: Sequence[Candidate],
            train_rows: np.ndarray, val_rows: np.ndarray, val_y: np.ndarray, *,
            seed: int = 0, make_detector: Callable[[str, int], object] | None = None,
            inspect: Callable[[Candidate, object], None] | None = None,
-           progress: Callable[[int, int], None] | None = None) -> Selection:
+           progress: Progress | None = None) -> Selection:
     """Fit every candidate on the normal ``train_rows`` and pick the one with the best AUROC
     on ``val_rows`` (labels ``val_y``, 1 = anomaly). Only these rows are read.
 
@@ -346,6 +348,7 @@ def select(features: MultiSizeFeatures, candidates: Sequence[Candidate],
     evaluate the fitted detector elsewhere (the recipes score their test set there) without
     this function ever seeing those rows. A candidate whose detector cannot be fitted on
     these rows (e.g. too few of them) is recorded in ``failed`` and skipped.
+    ``progress`` gets the task ``candidates`` (candidates done of all).
     """
     from kad.utils.metrics import evaluate
 
@@ -364,27 +367,26 @@ def select(features: MultiSizeFeatures, candidates: Sequence[Candidate],
     scores: list[CandidateScore] = []
     failed: dict[str, str] = {}
     matrices: dict[tuple[str, str], np.ndarray] = {}
-    for done, candidate in enumerate(candidates, 1):
-        rep = candidate.representation
-        if not matrices or next(iter(matrices))[0] != rep:  # the grid groups detectors
-            matrices = {(rep, "train"): features.matrix(rep, train_rows),
-                        (rep, "val"): features.matrix(rep, val_rows)}
-        detector = make(candidate.detector, seed)
-        start = time.perf_counter()
-        try:
-            detector.fit(matrices[(rep, "train")])
-        except ValueError as exc:
-            failed[candidate.label] = str(exc)
-            if progress:
-                progress(done, len(candidates))
-            continue
-        fit_seconds = time.perf_counter() - start
-        auroc = evaluate(val_y, detector.anomaly_score(matrices[(rep, "val")]))["auroc"]
-        scores.append(CandidateScore(candidate, float(auroc), fit_seconds))
-        if inspect is not None:
-            inspect(candidate, detector)
-        if progress:
-            progress(done, len(candidates))
+    with task(progress, "candidates", len(candidates)) as update:
+        for done, candidate in enumerate(candidates, 1):
+            rep = candidate.representation
+            if not matrices or next(iter(matrices))[0] != rep:  # the grid groups detectors
+                matrices = {(rep, "train"): features.matrix(rep, train_rows),
+                            (rep, "val"): features.matrix(rep, val_rows)}
+            detector = make(candidate.detector, seed)
+            start = time.perf_counter()
+            try:
+                detector.fit(matrices[(rep, "train")])
+            except ValueError as exc:
+                failed[candidate.label] = str(exc)
+                update(done)
+                continue
+            fit_seconds = time.perf_counter() - start
+            auroc = evaluate(val_y, detector.anomaly_score(matrices[(rep, "val")]))["auroc"]
+            scores.append(CandidateScore(candidate, float(auroc), fit_seconds))
+            if inspect is not None:
+                inspect(candidate, detector)
+            update(done)
     if not scores:
         raise KadError("no candidate could be fitted: " + "; ".join(
             f"{k}: {v}" for k, v in list(failed.items())[:3]))
@@ -434,45 +436,50 @@ def validation_set(split, n_anomalies: int) -> tuple[np.ndarray, np.ndarray]:
 
 def nested_selection(features: MultiSizeFeatures, splits: Sequence, candidates: Sequence[Candidate],
                      n_anomalies: int, *, make_detector: Callable | None = None,
-                     progress: Callable[[int, int], None] | None = None,
+                     progress: Progress | None = None,
                      ) -> list[SplitSelection]:
     """For every split (a :class:`kad.data.protocols.Split`): pick a candidate with
     :func:`select` on the split's training normals and validation set only, then score the
     split's test rows with every fitted candidate. The test rows are read after each fit,
-    outside :func:`select`, and never change which candidate is picked."""
+    outside :func:`select`, and never change which candidate is picked. ``progress`` gets
+    the task ``splits`` and, within each, :func:`select`'s ``candidates``."""
+    results = []
+    with task(progress, "splits", len(splits)) as update:
+        for index, split in enumerate(splits, 1):
+            results.append(_select_in_split(features, split, candidates, n_anomalies,
+                                            make_detector, progress))
+            update(index)
+    return results
+
+
+def _select_in_split(features: MultiSizeFeatures, split, candidates: Sequence[Candidate],
+                     n_anomalies: int, make_detector: Callable | None,
+                     progress: Progress | None) -> SplitSelection:
+    """One split of :func:`nested_selection`."""
     from kad.utils.metrics import evaluate
 
-    results = []
-    total = len(splits) * len(candidates)
-    for index, split in enumerate(splits):
-        val_rows, val_y = validation_set(split, n_anomalies)
-        test_y = np.asarray(split.test_y, dtype=int)
-        test_scores: dict[Candidate, tuple[np.ndarray, float, float]] = {}
-        cache: dict[str, np.ndarray] = {}
+    val_rows, val_y = validation_set(split, n_anomalies)
+    test_y = np.asarray(split.test_y, dtype=int)
+    test_scores: dict[Candidate, tuple[np.ndarray, float, float]] = {}
+    cache: dict[str, np.ndarray] = {}
 
-        def score_test(candidate, detector, _cache=cache, _scores=test_scores, _split=split):
-            rep = candidate.representation
-            if rep not in _cache:
-                _cache.clear()
-                _cache[rep] = features.matrix(rep, _split.test)
-            start = time.perf_counter()
-            scores = detector.anomaly_score(_cache[rep])
-            _scores[candidate] = (scores, detector.threshold_, time.perf_counter() - start)
+    def score_test(candidate, detector):
+        rep = candidate.representation
+        if rep not in cache:
+            cache.clear()
+            cache[rep] = features.matrix(rep, split.test)
+        start = time.perf_counter()
+        scores = detector.anomaly_score(cache[rep])
+        test_scores[candidate] = (scores, detector.threshold_, time.perf_counter() - start)
 
-        def step(done, _total, _base=index * len(candidates)):
-            if progress:
-                progress(_base + done, total)
-
-        selection = select(features, candidates, split.train, val_rows, val_y, seed=split.seed,
-                           make_detector=make_detector, inspect=score_test, progress=step)
-        for score in selection.scores:
-            scores, threshold, seconds = test_scores[score.candidate]
-            score.test = {**evaluate(test_y, scores, scores > threshold),
-                          "score_seconds": seconds}
-        results.append(SplitSelection(
-            split.name, split.seed, split.fold, split.normal_class, selection,
-            selection.score_of(selection.picked).test, len(split.test), int(test_y.sum())))
-    return results
+    selection = select(features, candidates, split.train, val_rows, val_y, seed=split.seed,
+                       make_detector=make_detector, inspect=score_test, progress=progress)
+    for score in selection.scores:
+        scores, threshold, seconds = test_scores[score.candidate]
+        score.test = {**evaluate(test_y, scores, scores > threshold), "score_seconds": seconds}
+    return SplitSelection(
+        split.name, split.seed, split.fold, split.normal_class, selection,
+        selection.score_of(selection.picked).test, len(split.test), int(test_y.sum()))
 
 
 def summarise_candidates(results: Sequence[SplitSelection]) -> list[dict]:
@@ -510,14 +517,16 @@ class BlockChoice:
 
 
 def pick_block(features, train_rows, rows, labels, prototype,
-               blocks: list[str] | None = None, fit=None, progress=None) -> BlockChoice:
+               blocks: list[str] | None = None, fit=None,
+               progress: Progress | None = None) -> BlockChoice:
     """The paper's Table 2 pick: the single block of ``features`` (a
     :class:`~kad.features.cache.FeatureSet`) whose detector, fitted on ``train_rows``, ranks the
     labelled ``rows`` best (AUROC against ``labels``, 1 = anomaly). It is :func:`select`
     over one candidate per block, so every pick in kad is made by one loop.
 
     ``prototype`` is an unfitted detector, cloned per block, unless ``fit(block, x_train)``
-    builds and fits one. ``progress(done, total)`` is called after each block.
+    builds and fits one. ``progress`` gets :func:`select`'s task ``candidates``, one per
+    block.
     """
     from sklearn.base import clone
 

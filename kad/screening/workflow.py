@@ -97,7 +97,7 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
     multi = MultiSizeFeatures({f.meta["inputs"]["image_size"]: f for f in by_size.values()})
     split = plan_fit_split(dataset, request.calibration, request.validation, seed,
                            valid=multi.valid)
-    chosen = request.choose(multi, split, seed)
+    chosen = request.choose(multi, split, seed, progress)
     size, spec, named = (chosen.picked.sizes[0], chosen.picked.detector, chosen.picked.block
                          ) if chosen else (multi.sizes[0], request.specs[0],
                                            request.representation)
@@ -193,7 +193,7 @@ class _FitRequest:
                 f"{self.calibration:g} of {dataset.name} gives {n_cal}; raise --calibration, "
                 f"add normal images, or ask for --fpr {1 / (n_cal + 1):.3g} or more")
 
-    def choose(self, multi, split, seed: int):
+    def choose(self, multi, split, seed: int, progress: Progress | None = None):
         """On the selection images only (calibration and assessment stay untouched): the
         best candidate of the grid, or None when there is nothing to choose."""
         from kad.screening.selection import candidate_grid, fresh_detector, select
@@ -202,7 +202,7 @@ class _FitRequest:
             return None
         return select(multi, candidate_grid(multi, self.specs, across_sizes=False),
                       split.train, split.selection, split.selection_labels, seed=seed,
-                      make_detector=fresh_detector)
+                      make_detector=fresh_detector, progress=progress)
 
 
 # -- kad score -----------------------------------------------------------------------------
