@@ -162,8 +162,9 @@ def test_a_pipeline_scores_block_maps_and_its_heatmap_is_the_detectors_own(folde
     pipeline = fit_pipeline(dataset, train_rows=train, detector="patchknn", progress=fitting,
                             **FAST)
     # the maps of the training images, then the detector's pass over them, one by one
-    assert fitting.tasks()[-2:] == ["block maps", "patch kNN: training images against the bank"]
-    assert fitting.last("block maps") == (20, 20)
+    assert fitting.tasks()[-2:] == ["detector inputs",
+                                    "patch kNN: training images against the bank"]
+    assert fitting.last("detector inputs") == (20, 20)
     assert fitting.last("patch kNN: training images against the bank") == (20, 20)
     # the deepest blocks of stride 8 and 16: block_5_add's 4x4 map and block_12_add's 2x2
     assert pipeline.blocks == ["block_5_add", "block_12_add"]

@@ -141,8 +141,7 @@ class DetectorInputs:
         network = representation.network(self.model, self.network_blocks)
         ids = np.asarray(self.dataset.ids, dtype=str)[rows]
         parts = []
-        with task(self.progress, f"{representation.describe()}: network pass",
-                  len(rows)) as update:
+        with task(self.progress, "detector inputs", len(rows)) as update:
             for start, outputs, _ in stream_features(network, self.dataset.source.take(rows),
                                                      ids, self.plan, self.batch_size):
                 parts.append(representation.assemble(outputs))
