@@ -367,7 +367,7 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
         from kad.features.ray_engine import score_with_ray
 
         result = score_with_ray(pipeline, FileSource(files), ids, address=ray_address,
-                                weights=weights, progress=progress)
+                                weights=weights, runtime=runtime, progress=progress)
     else:
         result = pipeline.score(FileSource(files), ids=ids, progress=progress, weights=weights,
                                 runtime=runtime)
