@@ -52,6 +52,13 @@ kept) and the blocks are added, so maps of different resolutions make one map.
 The score of every image is computed from the same pooled outputs, in batches of the same
 size, as :meth:`kad.screening.pipeline.Pipeline.score`: a heatmap's :attr:`Heatmap.score` is that
 score, and a saved and reloaded pipeline gives identical maps.
+
+The network runs on the pipeline's runtime (the one its features were computed with), or
+the one ``runtime`` names (:mod:`kad.features.runtime`): on OpenVINO the models that give
+the maps are converted once and cached like the extractor. On Keras the scores are
+bit-identical to :meth:`~kad.screening.pipeline.Pipeline.score`'s; on OpenVINO, whose
+conversion of a model with maps is another graph than the extractor's, they agree to
+float32 rounding.
 """
 
 from __future__ import annotations
@@ -247,9 +254,10 @@ class _Explainer:
     """The network pieces and settings shared by every batch."""
 
     def __init__(self, pipeline, method: str, grid: int, steps: int, weights: str | None,
-                 batch_size: int | None):
+                 batch_size: int | None, runtime: str | None = None):
         from kad.data.preprocessing import get_preprocessing
         from kad.features.backbones import get_backbone, spatial_extractor
+        from kad.features.runtime import model_runtime, resolve_runtime
         from kad.utils.deps import import_keras
 
         keras = import_keras()
@@ -268,8 +276,11 @@ class _Explainer:
         model = pipeline.network(weights)
         self.blocks = list(pipeline.blocks)
         self.on_maps = uses_maps(self.detector)
-        if self.on_maps:  # the very model Pipeline.score runs
-            self.maps_model, self.pooled_model = pipeline.map_network(weights), None
+        #: Where the network runs: the pipeline's runtime unless ``runtime`` names another.
+        self.runtime = resolve_runtime(runtime or pipeline.runtime).name
+        if self.on_maps:  # the very network Pipeline.score runs
+            self.maps_model, self.pooled_model = pipeline.map_network(
+                weights, self.runtime), None
         else:
             built = _MODELS.setdefault(model, {})
             key = tuple(self.blocks)
@@ -277,7 +288,19 @@ class _Explainer:
                 built[key] = (spatial_extractor(model, self.blocks), keras.Model(
                     model.inputs,
                     [model.get_layer(f"kad_gap_{b}").output for b in self.blocks]))
-            self.maps_model, self.pooled_model = built[key]
+
+            def on_runtime(which: int):
+                # each model on the runtime, built (or converted) once per network
+                found = (*key, which, self.runtime, self.batch_size)
+                if found not in built:
+                    built[found] = model_runtime(
+                        built[key][which], pipeline.backbone, self.size,
+                        weights or pipeline.weights, self.runtime, self.batch_size,
+                        extractor=model)
+                return built[found]
+
+            self.maps_model = on_runtime(0)
+            self.pooled_model = on_runtime(1) if self.method == "occlusion" else None
         if self.method == "gradient":
             self.reference = np.asarray(self.detector.reference_, dtype=np.float64)
             self.reference_score = float(self.detector.anomaly_score(
@@ -288,8 +311,8 @@ class _Explainer:
         return 1 + (self.grid ** 2 if self.method == "occlusion" else 0)
 
     def _run(self, model, images: np.ndarray) -> list[np.ndarray]:
-        """``model`` on ``images`` in [0, 1], in batches of exactly ``batch_size`` (the last
-        one padded), as the pipeline runs it."""
+        """``model`` (a runtime) on ``images`` in [0, 1], in batches of exactly
+        ``batch_size`` (the last one padded), as the pipeline runs it."""
         outs: list[list[np.ndarray]] = []
         bs = self.batch_size
         for start in range(0, len(images), bs):
@@ -298,9 +321,7 @@ class _Explainer:
             if n < bs:
                 batch = np.concatenate([batch, np.zeros((bs - n, *batch.shape[1:]),
                                                         dtype=batch.dtype)])
-            result = model.predict_on_batch(self.backbone.preprocess(batch))
-            if not isinstance(result, (list, tuple)):
-                result = [result]
+            result = model.predict(self.backbone.preprocess(batch))
             outs.append([np.asarray(o, dtype=np.float32)[:n] for o in result])
         return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
 
@@ -384,14 +405,15 @@ def _resized(own: np.ndarray, size: int) -> np.ndarray:
 def iter_heatmaps(pipeline, source, ids: Sequence[str] | None = None, *,
                   method: str = "auto", grid: int = DEFAULT_GRID, steps: int = DEFAULT_STEPS,
                   weights: str | None = None, batch_size: int | None = None,
-                  keep_images: bool = True,
+                  keep_images: bool = True, runtime: str | None = None,
                   progress: ProgressCallback | None = None) -> Iterator[Heatmap]:
     """One :class:`Heatmap` per image of ``source`` (an :class:`~kad.data.datasets.ImageSource`),
     in order, streamed batch by batch; unreadable images give a heatmap with ``map`` None
-    and ``error`` set. See the module docstring for ``method``, ``grid`` and ``steps``."""
+    and ``error`` set. See the module docstring for ``method``, ``grid``, ``steps`` and
+    ``runtime`` (default: the pipeline's)."""
     from kad.data.images import resize
 
-    explainer = _Explainer(pipeline, method, grid, steps, weights, batch_size)
+    explainer = _Explainer(pipeline, method, grid, steps, weights, batch_size, runtime)
     ids = [str(i) for i in (ids if ids is not None else range(len(source)))]
     if len(ids) != len(source):
         raise KadError(f"{len(ids)} ids for {len(source)} images")
@@ -507,6 +529,7 @@ def save_overlays(heatmap: Heatmap, out_dir: str | Path, stem: str | None = None
 def write_heatmaps(pipeline, source, ids: Sequence[str] | None, out_dir: str | Path, *,
                    method: str = "auto", grid: int = DEFAULT_GRID,
                    steps: int = DEFAULT_STEPS, weights: str | None = None,
+                   runtime: str | None = None,
                    progress: ProgressCallback | None = None) -> HeatmapRun:
     """Score every image of ``source`` and write its two overlays into ``out_dir``,
     streaming (images are not kept). The scores are those :meth:`Pipeline.score` gives."""
@@ -521,7 +544,7 @@ def write_heatmaps(pipeline, source, ids: Sequence[str] | None, out_dir: str | P
     began = time.perf_counter()
     for row, heat in enumerate(iter_heatmaps(pipeline, source, ids, method=method, grid=grid,
                                              steps=steps, weights=weights,
-                                             progress=progress)):
+                                             runtime=runtime, progress=progress)):
         used = heat.method
         passes += heat.forward_passes
         if heat.map is None:
@@ -555,14 +578,14 @@ class Explained:
 def explain_file(pipeline, image: str | Path, out: str | Path, *,
                  original: str | Path | None = None, method: str = "auto",
                  grid: int = DEFAULT_GRID, steps: int = DEFAULT_STEPS,
-                 weights: str | None = None) -> Explained:
+                 weights: str | None = None, runtime: str | None = None) -> Explained:
     """Explain one image file: the overlay on the image as the model saw it goes to
     ``out``, and, with ``original``, the overlay on the photograph goes there. An
     unreadable image raises :class:`~kad.errors.ImageReadError`."""
     from kad.data.datasets import FileSource
 
     found = explain(pipeline, FileSource([Path(image)]), [str(image)], method=method,
-                    grid=grid, steps=steps, weights=weights)[0]
+                    grid=grid, steps=steps, weights=weights, runtime=runtime)[0]
     if found.map is None:
         raise ImageReadError(image, found.error or "unreadable")
     seen = write_overlay(found, out, "seen")

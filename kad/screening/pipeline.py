@@ -90,7 +90,8 @@ def default_map_blocks(model, blocks: list[str], image_size: int) -> list[str]:
 def stream_maps(network, source, ids, plan, batch_size: int):
     """``(start, stacked maps, failed)`` batch by batch, as
     :func:`kad.features.extraction.stream_features` gives pooled features; ``network`` is a
-    :func:`kad.features.backbones.map_extractor` model."""
+    :func:`kad.features.backbones.map_extractor` model or its runtime
+    (:func:`kad.features.runtime.model_runtime`)."""
     from kad.features.extraction import stream_features
 
     for start, outputs, failed in stream_features(network, source, ids, plan, batch_size):
@@ -223,16 +224,20 @@ class Pipeline:
         return cached
 
     def map_network(self, weights: str | None = None, runtime: str | None = None):
-        """The Keras model that gives the unpooled maps of the pipeline's blocks, for a
-        detector that scores locations (:func:`uses_maps`); such pipelines run on Keras."""
+        """The runtime that gives the unpooled maps of the pipeline's blocks, for a detector
+        that scores locations (:func:`uses_maps`): the pipeline's runtime unless ``runtime``
+        names another, as :meth:`engine`."""
         from kad.features.backbones import map_extractor
+        from kad.features.runtime import model_runtime, resolve_runtime
 
-        if runtime not in (None, "auto", "keras"):
-            raise KadError(f"{type(self.detector).__name__} scores block maps, which kad "
-                           f"computes with Keras only; drop --runtime {runtime}")
+        choice = resolve_runtime(runtime or self.runtime).name
         model = self.network(weights)
-        if getattr(self, "_maps", (None, None))[0] is not model:
-            self._maps = (model, map_extractor(model, self.blocks))
+        cached = getattr(self, "_maps", None)
+        if cached is None or cached[0] is not model or cached[1].name != choice:
+            network = model_runtime(map_extractor(model, self.blocks), self.backbone,
+                                    self.image_size, weights or self.weights, choice,
+                                    self.batch_size, extractor=model)
+            self._maps = (model, network)
         return self._maps[1]
 
     def score(self, source, ids: Sequence[str] | None = None,
@@ -493,6 +498,7 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
         # A detector that scores locations gets the blocks' unpooled maps, computed here
         # for the rows it needs (the feature cache holds pooled vectors only).
         from kad.features.backbones import map_extractor, map_shapes
+        from kad.features.runtime import model_runtime
 
         # Its default block (rather than one picked on labelled images, which would take a
         # pass over them per block) unless blocks are named.
@@ -505,7 +511,9 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
                 raise KadError(f"no block {', '.join(unknown) or repr(representation)} in "
                                f"{plan.backbone.spec}; its blocks are "
                                f"{', '.join(network_blocks)}")
-        network = map_extractor(model, map_blocks)
+        network = model_runtime(map_extractor(model, map_blocks), plan.backbone,
+                                plan.input_size, weights, plan.runtime, batch_size,
+                                cache_dir, extractor=model)
         if "block_channels" in prototype.get_params():  # where each block's channels are
             shapes = map_shapes(model, map_blocks)
             prototype = clone(prototype).set_params(
@@ -595,10 +603,11 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
         preprocessing=plan.preprocessing.key, blocks=blocks, all_blocks=features.blocks,
         detector=det, threshold=threshold, training=training, batch_size=batch_size,
         calibration=calibration, assessment=assessment,
-        runtime=("keras" if uses_maps(det)
-                 else features.meta["inputs"].get("runtime", "keras")),
+        runtime=features.meta["inputs"].get("runtime", "keras"),
     )
     pipeline._model = model  # scoring right away needs no second build
+    if uses_maps(det):
+        pipeline._maps = (model, network)
     if not keep_all_blocks:
         from kad.features.cache import prune_entry
 

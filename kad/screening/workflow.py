@@ -361,7 +361,7 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
 
         drawn = write_heatmaps(pipeline, FileSource(files), ids, out_dir / "heatmaps",
                                method=heatmap_method, grid=grid, steps=steps, weights=weights,
-                               progress=progress)
+                               runtime=runtime, progress=progress)
         result = drawn.scores
     elif engine == "ray":
         from kad.features.ray_engine import score_with_ray
