@@ -56,13 +56,19 @@ def _split(text: str | None) -> list[str] | None:
     return split_specs(text) if text else None
 
 
-def _options(**kw) -> RecipeOptions:
-    kw["detectors"] = _split(kw["detectors"])
-    kw["inputs"] = _split(kw["inputs"])
-    kw["classes"] = _split(kw["classes"])
+def _options(given: dict, **fixed) -> RecipeOptions:
+    """The :class:`RecipeOptions` of a command from its parameters (``locals()`` at its
+    start, where every parameter named like a field is that field) and ``fixed`` values:
+    one place where options become settings, so none is dropped on the way."""
+    from dataclasses import fields
+
     from kad.screening.selection import parse_sizes
 
-    sizes = parse_sizes(kw["image_size"])
+    kw = {f.name: given[f.name] for f in fields(RecipeOptions) if f.name in given}
+    kw.update(fixed)
+    for name in ("detectors", "inputs", "classes"):
+        kw[name] = _split(kw.get(name))
+    sizes = parse_sizes(kw.get("image_size"))
     kw["image_size"] = sizes[0] if sizes and len(sizes) == 1 else sizes
     return RecipeOptions(**kw)
 
@@ -110,19 +116,15 @@ def table1(
     representation: RepresentationOpt = "concat", seeds: SeedsOpt = None,
     folds: FoldsOpt = 5, limit: LimitOpt = None, classes: ClassesOpt = None,
     pixel_size: PixelSizeOpt = None, batch_size: BatchSizeOpt = 64,
-    cache_dir: CacheDirOpt = None, out_dir: OutOpt = None,
+    cache_dir: CacheDirOpt = None, out: OutOpt = None,
     runtime: RuntimeOpt = "auto",
     per_split: Annotated[bool, typer.Option("--per-split", help="Also show every split.")] = False,
 ) -> None:
     """Table 1: novelty detection (AUROC % mean ± std), detectors as columns."""
     from .table1 import run_table1
 
+    options = _options(locals())
     started = time.perf_counter()
-    options = _options(dataset=dataset, data_dir=data_dir, backbone=backbone, weights=weights,
-                       image_size=image_size, preprocessing=preprocessing, detectors=detectors,
-                       inputs=inputs, representation=representation, seeds=seeds, folds=folds,
-                       limit=limit, classes=classes, pixel_size=pixel_size,
-                       batch_size=batch_size, cache_dir=cache_dir, out=out_dir, runtime=runtime)
     progress = RichProgress()
     result = run_table1(options, progress=progress, bench=_bench(options, progress))
     _finish(result, options, started, f"Table 1 — {result.bench.dataset.name}")
@@ -151,7 +153,7 @@ def table2(
     image_size: ImageSizesOpt = None, preprocessing: PreprocessingOpt = None,
     detectors: DetectorsOpt = "iforest", seeds: SeedsOpt = None, folds: FoldsOpt = 5,
     limit: LimitOpt = None, classes: ClassesOpt = None, batch_size: BatchSizeOpt = 64,
-    cache_dir: CacheDirOpt = None, out_dir: OutOpt = None,
+    cache_dir: CacheDirOpt = None, out: OutOpt = None,
     runtime: RuntimeOpt = "auto",
     n_anomalies: Annotated[float | None, typer.Option(
         "--n-anomalies", help="Labelled validation anomalies: a count, or a fraction of the "
@@ -160,12 +162,8 @@ def table2(
     """Table 2: pick the best block with a few labelled anomalies."""
     from .table2 import plot_blocks, plot_candidates, run_table2
 
+    options = _options(locals(), inputs="features")
     started = time.perf_counter()
-    options = _options(dataset=dataset, data_dir=data_dir, backbone=backbone, weights=weights,
-                       image_size=image_size, preprocessing=preprocessing, detectors=detectors,
-                       inputs="features", seeds=seeds, folds=folds, limit=limit,
-                       classes=classes, batch_size=batch_size, cache_dir=cache_dir,
-                       out=out_dir, runtime=runtime)
     progress = RichProgress()
     result = run_table2(options, n_anomalies, progress=progress, bench=_bench(options, progress))
     folder = _finish(result, options, started, "")
@@ -205,7 +203,7 @@ def table3(
     representation: RepresentationOpt = "concat", seeds: SeedsOpt = None,
     folds: FoldsOpt = 5, limit: LimitOpt = None, classes: ClassesOpt = None,
     pixel_size: PixelSizeOpt = None, batch_size: BatchSizeOpt = 64,
-    cache_dir: CacheDirOpt = None, out_dir: OutOpt = None,
+    cache_dir: CacheDirOpt = None, out: OutOpt = None,
     runtime: RuntimeOpt = "auto",
     ratios: Annotated[str | None, typer.Option(
         "--ratios", help="Anomaly ratios in training, e.g. 0.01,0.02,0.03 (default: the "
@@ -214,13 +212,9 @@ def table3(
     """Table 3: anomalies mixed into training at ratios ρ."""
     from .table3 import run_table3
 
+    options = _options(locals())
     started = time.perf_counter()
     ratio_list = [float(r) for r in _split(ratios)] if ratios else None
-    options = _options(dataset=dataset, data_dir=data_dir, backbone=backbone, weights=weights,
-                       image_size=image_size, preprocessing=preprocessing, detectors=detectors,
-                       inputs=inputs, representation=representation, seeds=seeds, folds=folds,
-                       limit=limit, classes=classes, pixel_size=pixel_size,
-                       batch_size=batch_size, cache_dir=cache_dir, out=out_dir, runtime=runtime)
     progress = RichProgress()
     result = run_table3(options, ratio_list, progress=progress, bench=_bench(options, progress))
     _finish(result, options, started, f"Table 3 — {result.bench.dataset.name}")

@@ -317,3 +317,29 @@ def test_one_overlay_goes_to_the_path_asked_for(tmp_path):
     with pytest.raises(KadError, match="no heatmap"):
         write_overlay(Heatmap("x", float("nan"), "gradient", None, error="truncated"),
                       tmp_path / "d.png")
+
+
+@pytest.mark.tf
+def test_heatmaps_run_on_the_runtime_asked_for_and_agree_across_runtimes(data, monkeypatch):
+    pytest.importorskip("openvino")
+    from kad.data.datasets import FileSource
+    from kad.features import runtime
+    from kad.screening.heatmaps import explain
+
+    used = []
+    for kind in (runtime.KerasRuntime, runtime.OpenVINORuntime):
+        monkeypatch.setattr(kind, "predict", lambda self, batch, _p=kind.predict: (
+            used.append(self.name), _p(self, batch))[1])
+    files = FileSource(data[2][-3:])
+    for detector, method in (("knn", "gradient"), ("iforest", "occlusion")):
+        pipeline = _fit(data, detector, TWO_BLOCKS)
+        used.clear()
+        on_keras = explain(pipeline, files, grid=4)  # the pipeline's runtime: Keras
+        assert set(used) == {"keras"}
+        used.clear()
+        on_openvino = explain(pipeline, files, grid=4, runtime="openvino")
+        assert set(used) == {"openvino"}
+        for a, b in zip(on_keras, on_openvino, strict=True):
+            assert a.method == b.method == method
+            assert b.score == pytest.approx(a.score, rel=1e-4, abs=1e-4)
+            np.testing.assert_allclose(b.map, a.map, atol=1e-4 * np.abs(a.map).max())

@@ -182,8 +182,14 @@ def test_a_pipeline_scores_block_maps_and_its_heatmap_is_the_detectors_own(folde
     np.testing.assert_array_equal(reloaded.score(source).scores, scores)
     for a, b in zip(found, explain(reloaded, source), strict=True):
         np.testing.assert_array_equal(a.map, b.map)
-    with pytest.raises(KadError, match="Keras only"):
-        pipeline.score(source, runtime="openvino")
+    # the maps run on OpenVINO too (float32 rounding apart), heatmaps included
+    on_openvino = pipeline.score(source, runtime="openvino").scores
+    np.testing.assert_allclose(on_openvino, scores, rtol=1e-4, atol=1e-4 * np.abs(scores).max())
+    assert pipeline.runner().name == "keras"  # the recorded runtime stays the default
+    drawn = explain(pipeline, source, runtime="openvino")
+    np.testing.assert_allclose([f.score for f in drawn], on_openvino, rtol=1e-5)
+    for a, b in zip(found, drawn, strict=True):
+        np.testing.assert_allclose(b.map, a.map, atol=1e-4 * np.abs(a.map).max())
     # occlusion rescoring goes through the same representation as scoring
     occluded = explain(pipeline, source, method="occlusion", grid=2)
     np.testing.assert_array_equal([f.score for f in occluded], scores)
@@ -254,3 +260,24 @@ def test_named_blocks_are_used_and_unknown_ones_named(folder):
     with pytest.raises(KadError, match="no block block_99 in"):
         fit_pipeline(dataset, train_rows=train, representation="block_5_add,block_99",
                      detector="patchknn", **FAST)
+
+
+@pytest.mark.tf
+def test_a_pipeline_of_block_maps_is_fitted_and_scored_on_openvino(folder, tmp_path):
+    from kad.data.datasets import FileSource
+    from kad.features.runtime import OpenVINORuntime
+    from kad.screening.pipeline import fit_pipeline, load_pipeline
+
+    dataset, train, files = folder
+    fast = {**FAST, "runtime": "openvino", "cache_dir": tmp_path / "cache"}
+    pipeline = fit_pipeline(dataset, train_rows=train, detector="patchknn", **fast)
+    assert pipeline.runtime == "openvino"
+    assert isinstance(pipeline.runner(), OpenVINORuntime)
+    source = FileSource(files[-6:])
+    scores = pipeline.score(source).scores
+    reloaded = load_pipeline(pipeline.save(tmp_path / "patch.kad"))
+    assert reloaded.runtime == "openvino"
+    assert isinstance(reloaded.runner(), OpenVINORuntime)
+    np.testing.assert_array_equal(reloaded.score(source).scores, scores)
+    on_keras = reloaded.score(source, runtime="keras").scores
+    np.testing.assert_allclose(on_keras, scores, rtol=1e-4, atol=1e-4 * np.abs(scores).max())

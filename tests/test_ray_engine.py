@@ -55,17 +55,17 @@ def images(tmp_path_factory):
 @pytest.mark.tf
 @pytest.mark.slow
 def test_ray_gives_the_local_features_resumes_and_adds_no_rows(images, local_ray, tmp_path):
-    # Ray's actors run the Keras network: the local run it must equal runs it too
+    # the actors build the runtime asked for; on the same one, the bytes are the same
     local = extract_features(images, MNV2, "none", 32, batch_size=16,
                              cache_dir=tmp_path / "local", runtime="keras")
     cache = tmp_path / "ray"
 
     with pytest.raises(KeyboardInterrupt):
         extract_features(images, MNV2, "none", 32, batch_size=16, cache_dir=cache,
-                         engine="ray", progress=StopAt(32))
+                         engine="ray", progress=StopAt(32), runtime="keras")
     recorder = Recorder()
     ray_run = extract_features(images, MNV2, "none", 32, batch_size=16, cache_dir=cache,
-                               engine="ray", progress=recorder)
+                               engine="ray", progress=recorder, runtime="keras")
     seen = [done for hook, _, done, _ in recorder.events if hook == "update"]
     assert seen[0] >= 32, "the rerun starts from the batches that arrived before"
     assert len(ray_run) == 100 and list(ray_run.ids) == list(local.ids)
@@ -75,7 +75,7 @@ def test_ray_gives_the_local_features_resumes_and_adds_no_rows(images, local_ray
         assert ray_run.block_file(block).read_bytes() == local.block_file(block).read_bytes()
     mtimes = [ray_run.block_file(b).stat().st_mtime_ns for b in ray_run.blocks]
     again = extract_features(images, MNV2, "none", 32, batch_size=16, cache_dir=cache,
-                             engine="ray")
+                             engine="ray", runtime="keras")
     assert again.path == ray_run.path
     assert [again.block_file(b).stat().st_mtime_ns for b in again.blocks] == mtimes
 
@@ -92,3 +92,47 @@ def test_ray_gives_the_local_features_resumes_and_adds_no_rows(images, local_ray
     there = score_with_ray(pipeline, source, ids)
     np.testing.assert_array_equal(there.scores, here.scores)
     assert there.failed == here.failed and list(there.failed) == ["normal/042.png"]
+
+
+@pytest.mark.parametrize("runtime", ["auto", "keras"])
+def test_every_engine_plans_the_entry_a_local_run_plans(monkeypatch, tmp_path, runtime):
+    import kad.features.ray_engine as ray_engine
+    import kad.features.shards as shards
+    from kad.data.datasets import load_dataset
+    from kad.features.extract import plan_extraction
+
+    digits = load_dataset("digits")
+    planned = []
+
+    def capture(dataset, plan, *args, **kwargs):
+        planned.append(plan)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray_engine, "extract_with_ray", capture)
+    monkeypatch.setattr(shards, "extract_shard", capture)
+    for how in ({"engine": "ray"}, {"shard": (0, 2)}):
+        with pytest.raises(KeyboardInterrupt):
+            extract_features(digits, MNV2, "none", 32, cache_dir=tmp_path, runtime=runtime,
+                             **how)
+    local = plan_extraction(digits, MNV2, "none", 32, cache_dir=tmp_path, runtime=runtime)
+    assert [(p.key, p.path, p.runtime) for p in planned] == [
+        (local.key, local.path, local.runtime)] * 2
+
+
+@pytest.mark.tf
+@pytest.mark.slow
+def test_a_ray_entry_on_auto_is_found_by_a_local_run(images, local_ray, tmp_path, monkeypatch):
+    import kad.features.extract as extract
+    from kad.features.runtime import resolve_runtime
+
+    small = images.subset(np.arange(24))
+    ray_run = extract_features(small, MNV2, "none", 32, batch_size=8, cache_dir=tmp_path,
+                               engine="ray")
+    assert ray_run.meta["inputs"]["runtime"] == resolve_runtime("auto").name
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("the local run extracted again what Ray had cached")
+
+    monkeypatch.setattr(extract, "_extract", no_extraction)
+    local = extract_features(small, MNV2, "none", 32, batch_size=8, cache_dir=tmp_path)
+    assert local.path == ray_run.path and local.key == ray_run.key

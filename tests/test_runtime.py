@@ -164,3 +164,43 @@ def test_a_keras_model_with_one_output_gives_one_array_per_batch():
     engine = runtime.as_runtime(map_extractor(model, ["block_5_add"]))
     outputs = engine.predict(np.zeros((3, 32, 32, 3), np.float32))
     assert [o.shape for o in outputs] == [(3, 4, 4, 16)]
+
+
+@pytest.mark.tf
+@openvino_needed
+def test_models_of_maps_run_on_openvino_as_on_keras_each_converted_once(tmp_path, monkeypatch):
+    from kad.features.backbones import extractor_outputs, map_extractor, spatial_extractor
+
+    bb = get_backbone(MNV2)
+    model, names = bb.build_extractor(32, "none")
+    blocks = ["block_2_add", "block_5_add"]
+    models = {"maps": map_extractor(model, blocks), "spatial": spatial_extractor(model, blocks)}
+    assert extractor_outputs(models["maps"], model) == ["map:block_2_add", "map:block_5_add"]
+    assert extractor_outputs(models["spatial"]) == [
+        "pooled:block_2_add", "map:block_2_add", "pooled:block_5_add", "map:block_5_add"]
+    x = np.random.default_rng(3).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+    folders = {runtime.openvino_model_dir(bb, 32, "none", tmp_path)}  # the pooled model's
+    converted = {}
+    for kind, made in models.items():
+        keras_run = runtime.model_runtime(made, MNV2, 32, "none", "keras", 4, tmp_path,
+                                          extractor=model)
+        ov_run = runtime.model_runtime(made, MNV2, 32, "none", "openvino", 4, tmp_path,
+                                       extractor=model)
+        assert (keras_run.name, ov_run.name) == ("keras", "openvino")
+        assert ov_run.names == keras_run.names and ov_run.model_dir not in folders
+        folders.add(ov_run.model_dir)
+        converted[kind] = ov_run.predict(x)
+        for a, b in zip(keras_run.predict(x), converted[kind], strict=True):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(b, a, atol=1e-4 * np.abs(a).max())
+    runtime._CONVERTED.clear()  # as in a new process: the conversions are read back
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("a model was converted again although its conversion was cached")
+
+    monkeypatch.setattr(runtime, "_convert", no_conversion)
+    for kind, made in models.items():
+        again = runtime.model_runtime(made, MNV2, 32, "none", "openvino", 4, tmp_path,
+                                      extractor=model)
+        for a, b in zip(converted[kind], again.predict(x), strict=True):
+            np.testing.assert_array_equal(a, b)

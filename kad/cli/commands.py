@@ -54,9 +54,8 @@ def extract(
     from kad.features.shards import find_shards, parse_shard
 
     ds = load_dataset(dataset, data_dir)
-    if engine == "local":
-        choice = resolve_runtime(runtime)
-        note(f"runtime: {choice.name} ({choice.reason})")
+    choice = resolve_runtime(runtime)  # on this machine, for every engine and shard
+    note(f"runtime: {choice.name} ({choice.reason})")
     part = parse_shard(shard) if shard else None
     features = extract_features(ds, backbone, weights, image_size, preprocessing,
                                 batch_size=batch_size, cache_dir=cache_dir,

@@ -43,6 +43,9 @@ MODEL_FILE = ("A model file written by kad fit holds only JSON settings, NumPy a
 WeightsOverrideOpt = Annotated[str | None, typer.Option(
     "--weights", help="A weights file to use instead of the one whose path is recorded in "
                       "the model file (when it has moved); it must hold the same tensors.")]
+ModelRuntimeOpt = Annotated[str | None, typer.Option(
+    "--runtime", help="Where the network runs, heatmaps included: auto, keras or openvino "
+                      "(default: the runtime the model was fitted with).")]
 
 
 FprOpt = Annotated[float | None, typer.Option(
@@ -89,7 +92,8 @@ def fit(
                     image_size=image_size, preprocessing=preprocessing, detector=detector,
                     representation=representation, fpr=fpr, sensitivity=sensitivity,
                     calibration=calibration, validation=validation, seed=seed,
-                    batch_size=batch_size, cache_dir=cache_dir, progress=RichProgress())
+                    batch_size=batch_size, cache_dir=cache_dir,
+                    keep_all_blocks=keep_all_blocks, runtime=runtime, progress=RichProgress())
     skipped(run.left_out.items(), "image(s) were used for nothing")
     parts = run.split.describe()
     line = (f"fitted on {run.n_fitted} normal images; {parts['calibration']} normal images "
@@ -137,9 +141,7 @@ def score(
     heatmap_method: HeatmapMethodOpt = "auto",
     grid: GridOpt = 8,
     steps: StepsOpt = 16,
-    runtime: Annotated[str | None, typer.Option(
-        "--runtime", help="auto, keras or openvino (default: the runtime the model was "
-                          "fitted with).")] = None,
+    runtime: ModelRuntimeOpt = None,
 ) -> None:
     """Score images, most suspicious first: scores.csv and report.html."""
     from kad.screening.workflow import SCORED, SKIPPED, UNREADABLE, screen
@@ -205,6 +207,7 @@ def explain(
     grid: GridOpt = 8,
     steps: StepsOpt = 16,
     weights: WeightsOverrideOpt = None,
+    runtime: ModelRuntimeOpt = None,
 ) -> None:
     """Show where one image's score comes from: a heatmap of how much each region raises it."""
     from kad.screening.heatmaps import explain_file
@@ -212,7 +215,7 @@ def explain(
 
     pipeline = load_pipeline(model)
     e = explain_file(pipeline, image, out_path, original=original, method=heatmap_method,
-                     grid=grid, steps=steps, weights=weights)
+                     grid=grid, steps=steps, weights=weights, runtime=runtime)
     p_values = pipeline.p_values([e.score])
     where = (f"p-value {p_values[0]:.3g}" if p_values is not None
              else f"{e.percentile:.0f}th percentile of the training scores")

@@ -197,6 +197,24 @@ def map_extractor(model, blocks: list[str]):
                        name=f"{model.name}_block_maps")
 
 
+def extractor_outputs(model, extractor=None) -> list[str]:
+    """What each output of ``model``, made from ``extractor`` (a :meth:`Backbone.build_extractor`
+    model; default ``model`` itself, enough unless ``model`` has no pooled output), is:
+    ``pooled:BLOCK`` (the block's spatial average) or ``map:BLOCK`` (its unpooled map), in
+    output order. Raises :class:`~kad.errors.KadError` for an output that is neither."""
+    known: dict[int, str] = {}
+    for layer in (extractor if extractor is not None else model).layers:
+        if layer.name.startswith("kad_gap_"):
+            block = layer.name[len("kad_gap_"):]
+            known[id(layer.output)] = f"pooled:{block}"
+            known[id(layer.input)] = f"map:{block}"
+    missing = [t.name for t in model.outputs if id(t) not in known]
+    if missing:
+        raise KadError(f"model {model.name} has outputs {missing} that are no block's map or "
+                       "spatial average")
+    return [known[id(t)] for t in model.outputs]
+
+
 def map_shapes(model, blocks: list[str]) -> dict[str, tuple[int, int, int]]:
     """The shape ``(h, w, c)`` of each block's map in a model of
     :meth:`Backbone.build_extractor`."""

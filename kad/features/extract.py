@@ -67,8 +67,9 @@ def extract_features(dataset, backbone="inception_resnet_v2", weights="imagenet"
 
     ``runtime``: ``auto``, ``keras`` or ``openvino`` (:mod:`kad.features.runtime`).
     """
-    if engine == "ray":  # Ray's actors run the Keras network: the key must say so
-        runtime = "keras"
+    # The runtime is resolved once, here on the driver (auto: by what this machine has), and
+    # recorded in the plan: a shard or a Ray actor builds the plan's runtime, so every
+    # engine writes, and finds, the same entry.
     plan = plan_extraction(dataset, backbone, weights, image_size, preprocessing, cache_dir,
                            runtime)
     if shard is not None or engine != "local":

@@ -6,7 +6,9 @@ The same entry as a local extraction, computed by a Ray Data pipeline:
   is computed in the same batch, with the same padding);
 * decoding and preprocessing run as Ray tasks, spread over the cluster's CPUs;
 * inference runs in an actor pool, one network per actor: one GPU per actor where Ray sees
-  GPUs, else a fraction of a CPU, so that decoding tasks are not starved;
+  GPUs, else a fraction of a CPU, so that decoding tasks are not starved. Each actor builds
+  the runtime of the plan (:mod:`kad.features.runtime`), resolved once on the driver, so the
+  entry is the one a local run would write and find;
 * the driver writes each batch's rows into the cache entry as they arrive, at their own
   place (:meth:`kad.features.cache.EntryWriter.write_at`), and records them as done every few
   seconds. An interrupted run resumes with the batches that are missing; a rerun never
@@ -64,11 +66,28 @@ def _load(row: dict, source, ids, plan, batch_size: int) -> dict:
     return {"start": start, "n": stop - start, "x": batch, "failed": json.dumps(failed)}
 
 
-class _Infer:
-    """Ray actor: one network, built once, run on whole batches."""
+def _model_cache(plan) -> str | None:
+    """Where an actor keeps converted models: the plan's cache folder where this node sees
+    it, else a folder of the node's own (the cache need only be reachable from the driver)."""
+    import tempfile
+    from pathlib import Path
 
-    def __init__(self, plan, ids):
-        self.model, self.names = plan.backbone.build_extractor(plan.input_size, plan.weights)
+    folder = Path(plan.path).parent
+    if folder.is_dir() and os.access(folder, os.W_OK):
+        return str(folder)
+    return tempfile.mkdtemp(prefix="kad-models-")
+
+
+class _Infer:
+    """Ray actor: one network, built once on the plan's runtime (resolved on the driver),
+    run on whole batches."""
+
+    def __init__(self, plan, ids, batch_size: int):
+        from kad.features.runtime import build_runtime
+
+        self.engine = build_runtime(plan.backbone, plan.input_size, plan.weights, plan.runtime,
+                                    batch_size, _model_cache(plan))
+        self.names = self.engine.names
         self.ids = ids
 
     def __call__(self, rows: dict) -> dict:
@@ -77,8 +96,7 @@ class _Infer:
         for x, start, n, failed in zip(rows["x"], rows["start"], rows["n"], rows["failed"],
                                        strict=True):
             n, start = int(n), int(start)
-            outputs = [np.asarray(o, dtype=np.float32)[:n]
-                       for o in self.model.predict_on_batch(np.asarray(x))]
+            outputs = [o[:n] for o in self.engine.predict(np.asarray(x))]
             bad = json.loads(str(failed))
             for row, ident in enumerate(self.ids[start:start + n]):
                 if str(ident) in bad:
@@ -203,7 +221,7 @@ def _run(ray, dataset, plan, ids, meta: dict, state: dict,
                                         "batch_size": batch_size},
                       num_cpus=1, memory=3 * pixels + (256 << 20))
     features = loaded.map_batches(
-        _Infer, fn_constructor_args=(plan, ids), batch_size=1, batch_format="numpy",
+        _Infer, fn_constructor_args=(plan, ids, batch_size), batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor,
         num_cpus=cpus_per_actor)
     last_sync = time.monotonic()
@@ -229,9 +247,9 @@ class _Score:
     """Ray actor: one fitted pipeline's network and detector, scoring whole batches as
     :meth:`kad.screening.pipeline.Pipeline.score` does."""
 
-    def __init__(self, pipeline, ids, weights):
+    def __init__(self, pipeline, ids, weights, runtime):
         self.pipeline, self.ids = pipeline, ids
-        self.runner = pipeline.runner(weights)
+        self.runner = pipeline.runner(weights, runtime)
 
     def __call__(self, rows: dict) -> dict:
         out: dict[str, list] = {"start": [], "n": [], "failed": [], "scores": []}
@@ -254,13 +272,16 @@ class _Score:
 def score_with_ray(pipeline, source, ids=None, *, address: str | None = None,
                    actors: int | None = None, gpus_per_actor: float | None = None,
                    num_cpus: int | None = None, weights: str | None = None,
-                   progress: Progress | None = None):
+                   runtime: str | None = None, progress: Progress | None = None):
     """:meth:`kad.screening.pipeline.Pipeline.score` on Ray Data (``kad score --engine ray``): the
     same batches and the same scores, decoded in Ray tasks and scored in an actor pool,
-    one network per actor, reporting the task ``scoring`` to ``progress``. Returns
+    one network per actor, on the pipeline's runtime unless ``runtime`` names another
+    (resolved here, on the driver), reporting the task ``scoring`` to ``progress``. Returns
     :class:`kad.screening.pipeline.Scores`."""
     from kad.features.extraction import Scores
+    from kad.features.runtime import resolve_runtime
 
+    runtime = resolve_runtime(runtime or pipeline.runtime).name
     ray = import_ray()
     ids = np.asarray([str(i) for i in (ids if ids is not None else range(len(source)))])
     n, batch_size, plan = len(source), pipeline.batch_size, pipeline._plan()
@@ -276,7 +297,7 @@ def score_with_ray(pipeline, source, ids=None, *, address: str | None = None,
                                             "batch_size": batch_size},
                           num_cpus=1, memory=3 * pixels + (256 << 20))
         scored = loaded.map_batches(
-            _Score, fn_constructor_args=(pipeline, ids, weights), batch_size=1,
+            _Score, fn_constructor_args=(pipeline, ids, weights, runtime), batch_size=1,
             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=gpus_per_actor, num_cpus=cpus_per_actor)
         scores = np.full(n, np.nan)

@@ -29,6 +29,14 @@ are saved uncompressed (float32), never as float16.
 
 Both runtimes are objects with ``names`` (the block names, in network order) and
 ``predict(batch) -> list[np.ndarray]`` (one float32 ``(n, dim)`` array per block).
+
+Any other Keras model built from the extractor (:func:`kad.features.backbones.map_extractor`,
+:func:`~kad.features.backbones.spatial_extractor`, the pooled outputs of a few blocks) runs
+on either runtime through :func:`model_runtime`: its outputs are named by what they are
+(``pooled:BLOCK`` or ``map:BLOCK``, :func:`kad.features.backbones.extractor_outputs`), and its
+conversion is cached and checked as the extractor's is, under a key that also holds those
+names, so a model of maps never takes the place of the pooled one. Its ``predict`` gives one
+float32 array per output, ``(n, h, w, c)`` for a map.
 """
 
 from __future__ import annotations
@@ -57,6 +65,7 @@ __all__ = [
     "as_runtime",
     "build_runtime",
     "gpu_visible",
+    "model_runtime",
     "openvino_available",
     "openvino_model_dir",
     "resolve_runtime",
@@ -210,9 +219,11 @@ def _output_name(block: str) -> str:
 
 
 def openvino_model_dir(backbone, input_size: int, weights, cache_dir: str | Path | None = None,
-                       ) -> Path:
+                       outputs: list[str] | None = None) -> Path:
     """Where the OpenVINO conversion of ``backbone`` at ``input_size`` with ``weights`` is
-    cached (see the module docstring for what the key holds)."""
+    cached (see the module docstring for what the key holds): of the extractor itself, or,
+    with ``outputs`` (:func:`kad.features.backbones.extractor_outputs`), of the model made from
+    it that has those outputs."""
     from importlib.metadata import PackageNotFoundError, version
 
     from kad import __version__
@@ -230,6 +241,8 @@ def openvino_model_dir(backbone, input_size: int, weights, cache_dir: str | Path
         "weights": weights_identity(weights), "input_size": int(input_size),
         "openvino": installed("openvino"), "keras": installed("keras"), "kad": __version__,
     }
+    if outputs is not None:
+        inputs["outputs"] = [str(o) for o in outputs]
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
     root = Path(cache_dir) if cache_dir else cache_root()
     return root / "openvino" / f"{_safe(backbone.name)}-{key}"
@@ -296,19 +309,21 @@ def _replace(partial: Path, folder: Path) -> None:
 
 
 def _convert(backbone, input_size: int, weights, folder: Path, core, keras_model=None):
-    """Build the Keras model, convert it, name its outputs after the blocks, save it."""
+    """Build the Keras model (unless ``keras_model``, ``(model, output names)``, is given),
+    convert it, name its outputs, save it."""
     import openvino as ov
 
     model, names = keras_model or backbone.build_extractor(input_size, weights)
     converted = ov.convert_model(model)
     by_tensor = {tensor.name: block for tensor, block in zip(model.outputs, names, strict=True)}
     for output in converted.outputs:
-        found = [by_tensor[n] for n in output.get_names() if n in by_tensor]
+        found = {by_tensor[n] for n in output.get_names() if n in by_tensor}
         if len(found) != 1:
             raise KadError(
                 f"OpenVINO's conversion of backbone {backbone.spec} has an output "
                 f"{sorted(output.get_names())} that matches no block; use --runtime keras"
             )
+        found = sorted(found)
         output.get_tensor().set_names({_output_name(found[0])})
     folder.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -345,13 +360,45 @@ def build_runtime(backbone, input_size: int, weights, runtime: str = "auto",
     if choice.name == "keras":
         model, names = keras_model or bb.build_extractor(input_size, weights)
         return KerasRuntime(model, names)
+    folder = openvino_model_dir(bb, input_size, weights, cache_dir)
+    return _openvino_runtime(bb, input_size, weights, folder, keras_model, batch_size,
+                             log_line, choice)
+
+
+def model_runtime(model, backbone, input_size: int, weights, runtime: str = "auto",
+                  batch_size: int = 64, cache_dir: str | Path | None = None,
+                  log_line: Callable[[str], None] | None = None, extractor=None):
+    """``model``, a Keras model made from the extractor of ``backbone`` at ``input_size``
+    with ``weights`` (a :func:`~kad.features.backbones.map_extractor`, a
+    :func:`~kad.features.backbones.spatial_extractor`, the pooled outputs of some blocks, or
+    the extractor itself), on ``runtime``: a :class:`KerasRuntime` or an
+    :class:`OpenVINORuntime` whose ``names`` are the outputs of
+    :func:`~kad.features.backbones.extractor_outputs`. OpenVINO converts ``model`` once and
+    keeps the conversion under a key that holds those names (see the module docstring);
+    the weights are those of ``model``, already built and checked by the caller.
+    ``extractor``: the extractor ``model`` was made from, where ``model`` has only maps."""
+    from kad.features.backbones import Backbone, extractor_outputs, get_backbone
+
+    bb = backbone if isinstance(backbone, Backbone) else get_backbone(backbone)
+    names = extractor_outputs(model, extractor)
+    choice = resolve_runtime(runtime)
+    if choice.name == "keras":
+        return KerasRuntime(model, names)
+    folder = openvino_model_dir(bb, input_size, weights, cache_dir, outputs=names)
+    return _openvino_runtime(bb, input_size, weights, folder, (model, names), batch_size,
+                             log_line, choice)
+
+
+def _openvino_runtime(bb, input_size: int, weights, folder: Path, keras_model,
+                      batch_size: int, log_line, choice: RuntimeChoice) -> OpenVINORuntime:
+    """The conversion cached in ``folder`` (made from ``keras_model``, or from the
+    extractor, when missing or damaged), compiled for the CPU."""
     try:
         import openvino as ov
     except ImportError as exc:
         raise MissingDependencyError(f"runtime 'openvino' could not import OpenVINO ({exc}); "
                                      f"{_OV_HINT}") from exc
     core = ov.Core()
-    folder = openvino_model_dir(bb, input_size, weights, cache_dir)
     found = _read_cached(folder, core) or _copy_converted(folder, core)
     if found is None:
         if log_line:

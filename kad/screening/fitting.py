@@ -128,8 +128,15 @@ class DetectorInputs:
     features: object
     dataset: object
     plan: object
+    weights: object
     batch_size: int
     progress: Progress | None = None
+
+    @property
+    def runtime(self) -> str:
+        """The runtime the features came from: rows read through the network use it too,
+        as the fitted pipeline will when it scores."""
+        return self.features.meta["inputs"].get("runtime", "keras")
 
     def read(self, representation: Representation, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, dtype=int)
@@ -137,8 +144,11 @@ class DetectorInputs:
         if found is not None:
             return found
         from kad.features.extraction import stream_features
+        from kad.features.runtime import model_runtime
 
-        network = representation.network(self.model, self.network_blocks)
+        network = model_runtime(representation.network(self.model, self.network_blocks),
+                                self.plan.backbone, self.plan.input_size, self.weights,
+                                self.runtime, self.batch_size, extractor=self.model)
         ids = np.asarray(self.dataset.ids, dtype=str)[rows]
         parts = []
         with task(self.progress, "detector inputs", len(rows)) as update:
@@ -159,8 +169,8 @@ def prepare_inputs(dataset, features, plan, weights, batch_size: int,
     """Build the network the features came from (its weights are fingerprinted into the
     pipeline) and the reader of detector inputs."""
     model, network_blocks = plan.backbone.build_extractor(plan.input_size, weights)
-    return DetectorInputs(model, list(network_blocks), features, dataset, plan, batch_size,
-                          progress)
+    return DetectorInputs(model, list(network_blocks), features, dataset, plan, weights,
+                          batch_size, progress)
 
 
 # ---------------------------------------------------------------------- 3. pick, fit
@@ -326,7 +336,7 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
             "measured_on": f"{who(parts.calibration)}: normal images kept aside, used "
                            "neither to fit nor to pick the block"},
         assessment=assess_held_out(picked, inputs, parts, who),
-        runtime=features.meta["inputs"].get("runtime", "keras"),
+        runtime=inputs.runtime,
     )
     pipeline._model = inputs.model  # scoring right away needs no second build
     if not keep_all_blocks:

@@ -52,6 +52,13 @@ kept) and the blocks are added, so maps of different resolutions make one map.
 The score of every image is computed from the same pooled outputs, in batches of the same
 size, as :meth:`kad.screening.pipeline.Pipeline.score`: a heatmap's :attr:`Heatmap.score` is that
 score, and a saved and reloaded pipeline gives identical maps.
+
+The network runs on the pipeline's runtime (the one its features were computed with), or
+the one ``runtime`` names (:mod:`kad.features.runtime`): on OpenVINO the models that give
+the maps are converted once and cached like the extractor. On Keras the scores are
+bit-identical to :meth:`~kad.screening.pipeline.Pipeline.score`'s; on OpenVINO, whose
+conversion of a model with maps is another graph than the extractor's, they agree to
+float32 rounding.
 """
 
 from __future__ import annotations
@@ -254,6 +261,7 @@ class _Explainer:
                  batch_size: int | None, runtime: str | None = None):
         from kad.data.preprocessing import get_preprocessing
         from kad.features.backbones import get_backbone, spatial_extractor
+        from kad.features.runtime import model_runtime
 
         self.pipeline = pipeline
         self.detector = pipeline.detector
@@ -273,9 +281,13 @@ class _Explainer:
         if self.method == "gradient":
             model = pipeline.network(weights)
             built = _SPATIAL.setdefault(model, {})
-            if tuple(self.blocks) not in built:
-                built[tuple(self.blocks)] = spatial_extractor(model, self.blocks)
-            self.spatial = built[tuple(self.blocks)]
+            key = (*self.blocks, self.runner.name, self.batch_size)
+            if key not in built:  # the maps under the pooled vectors, on the same runtime
+                built[key] = model_runtime(
+                    spatial_extractor(model, self.blocks), pipeline.backbone, self.size,
+                    weights or pipeline.weights, self.runner.name, self.batch_size,
+                    extractor=model)
+            self.spatial = built[key]
             self.reference = np.asarray(self.detector.reference_, dtype=np.float64)
             self.reference_score = float(self.detector.anomaly_score(
                 self.reference.astype(np.float32)[None])[0])
@@ -378,13 +390,14 @@ def _resized(own: np.ndarray, size: int) -> np.ndarray:
 def iter_heatmaps(pipeline, source, ids: Sequence[str] | None = None, *,
                   method: str = "auto", grid: int = DEFAULT_GRID, steps: int = DEFAULT_STEPS,
                   weights: str | None = None, batch_size: int | None = None,
-                  keep_images: bool = True,
+                  keep_images: bool = True, runtime: str | None = None,
                   progress: Progress | None = None) -> Iterator[Heatmap]:
     """One :class:`Heatmap` per image of ``source`` (an :class:`~kad.data.datasets.ImageSource`),
     in order, streamed batch by batch; unreadable images give a heatmap with ``map`` None
     and ``error`` set. See the module docstring for ``method``, ``grid`` and ``steps``;
-    ``progress`` gets the task ``heatmaps`` (images done of all)."""
-    explainer = _Explainer(pipeline, method, grid, steps, weights, batch_size)
+    ``runtime`` (default: the pipeline's); ``progress`` gets the task ``heatmaps``
+    (images done of all)."""
+    explainer = _Explainer(pipeline, method, grid, steps, weights, batch_size, runtime)
     ids = [str(i) for i in (ids if ids is not None else range(len(source)))]
     if len(ids) != len(source):
         raise KadError(f"{len(ids)} ids for {len(source)} images")
@@ -506,6 +519,7 @@ def save_overlays(heatmap: Heatmap, out_dir: str | Path, stem: str | None = None
 def write_heatmaps(pipeline, source, ids: Sequence[str] | None, out_dir: str | Path, *,
                    method: str = "auto", grid: int = DEFAULT_GRID,
                    steps: int = DEFAULT_STEPS, weights: str | None = None,
+                   runtime: str | None = None,
                    progress: Progress | None = None) -> HeatmapRun:
     """Score every image of ``source`` and write its two overlays into ``out_dir``,
     streaming (images are not kept). The scores are those :meth:`Pipeline.score` gives."""
@@ -520,7 +534,7 @@ def write_heatmaps(pipeline, source, ids: Sequence[str] | None, out_dir: str | P
     began = time.perf_counter()
     for row, heat in enumerate(iter_heatmaps(pipeline, source, ids, method=method, grid=grid,
                                              steps=steps, weights=weights,
-                                             progress=progress)):
+                                             runtime=runtime, progress=progress)):
         used = heat.method
         passes += heat.forward_passes
         if heat.map is None:
@@ -554,14 +568,14 @@ class Explained:
 def explain_file(pipeline, image: str | Path, out: str | Path, *,
                  original: str | Path | None = None, method: str = "auto",
                  grid: int = DEFAULT_GRID, steps: int = DEFAULT_STEPS,
-                 weights: str | None = None) -> Explained:
+                 weights: str | None = None, runtime: str | None = None) -> Explained:
     """Explain one image file: the overlay on the image as the model saw it goes to
     ``out``, and, with ``original``, the overlay on the photograph goes there. An
     unreadable image raises :class:`~kad.errors.ImageReadError`."""
     from kad.data.datasets import FileSource
 
     found = explain(pipeline, FileSource([Path(image)]), [str(image)], method=method,
-                    grid=grid, steps=steps, weights=weights)[0]
+                    grid=grid, steps=steps, weights=weights, runtime=runtime)[0]
     if found.map is None:
         raise ImageReadError(image, found.error or "unreadable")
     seen = write_overlay(found, out, "seen")

@@ -157,24 +157,16 @@ class Pipeline:
         """The representation's network on a runtime: the one the pipeline was fitted with
         unless ``runtime`` names another (``auto``, ``keras``, ``openvino``). The Keras
         network is built and its weights checked first; OpenVINO converts that checked
-        network (or reuses its cached conversion)."""
-        from kad.features.runtime import KerasRuntime, build_runtime, resolve_runtime
+        network (or reuses its cached conversion, :func:`kad.features.runtime.model_runtime`)."""
+        from kad.features.runtime import model_runtime, resolve_runtime
 
         choice = resolve_runtime(runtime or self.runtime).name
         if weights is not None or choice not in self._runners:
             model = self.network(weights)
-            network = self.representation.network(model, self.all_blocks)
-            if choice == "keras":
-                found = KerasRuntime(network, [f"output_{i}" for i in
-                                               range(len(network.outputs))])
-            elif network is not model:
-                raise KadError(f"{type(self.detector).__name__} scores block maps, which kad "
-                               f"computes with Keras only; drop --runtime {runtime}")
-            else:
-                found = build_runtime(self.backbone, self.image_size, weights or self.weights,
-                                      choice, self.batch_size,
-                                      keras_model=(model, self.all_blocks))
-            self._runners[choice] = found
+            self._runners[choice] = model_runtime(
+                self.representation.network(model, self.all_blocks), self.backbone,
+                self.image_size, weights or self.weights, choice, self.batch_size,
+                extractor=model)
         return self._runners[choice]
 
     def score(self, source, ids: Sequence[str] | None = None,

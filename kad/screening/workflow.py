@@ -267,13 +267,13 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
 
         drawn = write_heatmaps(pipeline, FileSource(files), ids, out_dir / "heatmaps",
                                method=heatmap_method, grid=grid, steps=steps, weights=weights,
-                               progress=progress)
+                               runtime=runtime, progress=progress)
         result = drawn.scores
     elif engine == "ray":
         from kad.features.ray_engine import score_with_ray
 
         result = score_with_ray(pipeline, FileSource(files), ids, address=ray_address,
-                                weights=weights, progress=progress)
+                                weights=weights, runtime=runtime, progress=progress)
     else:
         result = pipeline.score(FileSource(files), ids=ids, progress=progress, weights=weights,
                                 runtime=runtime)
