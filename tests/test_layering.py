@@ -128,3 +128,41 @@ def test_importing_the_library_pulls_in_neither_the_command_line_nor_the_recipes
                           cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "{}"
+
+
+#: kad's floors, bottom first: a module may import from its own floor and those below.
+FLOORS = ("kad.errors", "kad.utils", "kad.registry", "kad.data", "kad.features",
+          "kad.detectors", "kad.screening", "kad.cli")
+
+
+def _floor(module: str) -> int | None:
+    for level in range(len(FLOORS) - 1, -1, -1):
+        if module == FLOORS[level] or module.startswith(FLOORS[level] + "."):
+            return level
+    return None
+
+
+def _upward(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    return sorted((name, dep) for name, deps in graph.items() for dep in deps
+                  if _floor(name) is not None and _floor(dep) is not None
+                  and _floor(dep) > _floor(name))
+
+
+def test_each_floor_imports_only_from_its_own_and_the_floors_below():
+    assert _upward(_graph()) == []
+
+
+def test_the_floor_check_finds_a_planted_arrow_up():
+    graph = _graph()
+    graph["kad.features.cache"] = graph["kad.features.cache"] | {"kad.screening.pipeline"}
+    assert ("kad.features.cache", "kad.screening.pipeline") in _upward(graph)
+
+
+def test_every_public_name_resolves_without_importing_tensorflow():
+    code = ("import sys, kad\n"
+            "missing = [n for n in kad.__all__ if not hasattr(kad, n)]\n"
+            "print(missing, 'tensorflow' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[] False"

@@ -266,7 +266,8 @@ def test_named_blocks_are_used_and_unknown_ones_named(folder):
 def test_a_pipeline_of_block_maps_is_fitted_and_scored_on_openvino(folder, tmp_path):
     from kad.data.datasets import FileSource
     from kad.features.runtime import OpenVINORuntime
-    from kad.screening.pipeline import fit_pipeline, load_pipeline
+    from kad.screening.fitting import fit_pipeline
+    from kad.screening.pipeline import load_pipeline
 
     dataset, train, files = folder
     fast = {**FAST, "runtime": "openvino", "cache_dir": tmp_path / "cache"}

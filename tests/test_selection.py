@@ -205,8 +205,24 @@ class _Fake:
 def test_fundus_photographs_default_to_448_px_and_other_images_to_the_native_size():
     from types import SimpleNamespace
 
-    from kad.screening.selection import default_image_size
+    from kad.features.backbones import get_backbone
+    from kad.features.extraction import default_input_size
 
-    assert default_image_size(SimpleNamespace(kind="fundus")) == 448
-    assert default_image_size(SimpleNamespace(kind="natural")) is None
-    assert default_image_size(SimpleNamespace(kind="fundus"), 299) == 299
+    irv2 = get_backbone("inception_resnet_v2")
+    assert default_input_size(SimpleNamespace(kind="fundus"), irv2) == 448
+    assert default_input_size(SimpleNamespace(kind="natural"), irv2) == 299
+
+
+def test_the_recipes_grid_asks_the_same_rule_for_the_input_size():
+    """Table 1 on the 8x8 digits runs at 80 px, as every other command does, not at the
+    backbone's native 299 px (14 times the network work)."""
+    from types import SimpleNamespace
+
+    from kad.features.backbones import get_backbone
+    from kad.screening.selection import extract_sizes
+
+    digits = SimpleNamespace(kind="natural", source=SimpleNamespace(array=np.zeros((3, 8, 8))))
+    asked = []
+    extract_sizes(digits, get_backbone("inception_resnet_v2"), "none", None,
+                  extract=lambda ds, bb, w, size, prep: asked.append(size) or _Fake())
+    assert asked == [80]

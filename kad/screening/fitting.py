@@ -292,8 +292,8 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
     """Fit a pipeline on the normal images of ``dataset``; see the module docstring.
 
     The defaults are the best without labels in ``benchmarks/evidence.py``: kNN on the
-    concatenation of every block, and ``image_size=None`` means 448 px for fundus
-    photographs and the backbone's native size otherwise. ``split`` (a
+    concatenation of every block, and ``image_size=None`` the network input size of
+    :func:`kad.features.extraction.default_input_size` (448 px for fundus photographs). ``split`` (a
     :class:`~kad.screening.calibration.FitSplit`) says which images fit, calibrate, pick
     and assess; without one, ``train_rows`` (by default every normal image) fit and the
     threshold is the detector's contamination. ``fpr`` / ``sensitivity`` choose the
@@ -305,10 +305,8 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
     from kad.features.cache import check_writable
     from kad.features.extract import extract_features, plan_extraction
     from kad.registry import get_detector
-    from kad.screening.selection import default_image_size
 
     rule = ThresholdRule(fpr=fpr, sensitivity=sensitivity)
-    image_size = default_image_size(dataset, image_size)
     plan = plan_extraction(dataset, backbone, weights, image_size, preprocessing, cache_dir,
                            runtime)
     if out is not None:

@@ -33,6 +33,7 @@ import numpy as np
 
 from kad.data.preprocessing import preprocessing_at
 from kad.errors import KadError
+from kad.features.extraction import FUNDUS_INPUT_SIZE
 from kad.utils.progress import Progress, task
 
 __all__ = [
@@ -43,7 +44,6 @@ __all__ = [
     "Selection",
     "SplitSelection",
     "candidate_grid",
-    "default_image_size",
     "extract_sizes",
     "fresh_detector",
     "nested_selection",
@@ -64,15 +64,7 @@ CONCAT = "concat"
 #: 448 px over 224 px (kNN), natural images lose 5.7. See the README's "The paper's
 #: experiments".
 UNSUPERVISED_DEFAULT = {"detector": "knn", "representation": CONCAT,
-                        "image_size": {"fundus": 448}}
-
-
-def default_image_size(dataset, image_size=None):
-    """``image_size`` when given; otherwise 448 px for fundus photographs (the evidence
-    above) and ``None`` (the backbone's native size) for anything else."""
-    if image_size is not None:
-        return image_size
-    return UNSUPERVISED_DEFAULT["image_size"].get(getattr(dataset, "kind", "natural"))
+                        "image_size": {"fundus": FUNDUS_INPUT_SIZE}}
 
 
 def parse_sizes(value: int | str | Sequence[int] | None) -> list[int] | None:
@@ -190,9 +182,10 @@ def extract_sizes(dataset, backbone="inception_resnet_v2", weights="imagenet",
     :func:`kad.features.extract.extract_features`, reporting each extraction to
     ``progress``."""
     from kad.features.backbones import get_backbone
+    from kad.features.extraction import default_input_size
 
     bb = get_backbone(backbone) if isinstance(backbone, str) else backbone
-    wanted = parse_sizes(sizes) or [bb.input_size(None)]
+    wanted = parse_sizes(sizes) or [bb.input_size(default_input_size(dataset, bb))]
     if extract is None:
         from kad.features.extract import extract_features
 

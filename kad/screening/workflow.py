@@ -135,7 +135,7 @@ class _FitRequest:
     def of(cls, dataset, image_size, detector, representation, fpr, sensitivity,
            calibration, validation) -> _FitRequest:
         from kad.screening.calibration import DEFAULT_CALIBRATION, DEFAULT_VALIDATION
-        from kad.screening.selection import default_image_size, parse_sizes
+        from kad.screening.selection import parse_sizes
         from kad.utils.specs import split_specs
 
         if dataset.anomaly is None:
@@ -145,7 +145,7 @@ class _FitRequest:
         calibration = DEFAULT_CALIBRATION if calibration is None else calibration
         rule = ThresholdRule(fpr=fpr, sensitivity=sensitivity).resolve(
             labelled=labelled, calibrated=calibration > 0)
-        request = cls(parse_sizes(default_image_size(dataset, image_size)) or [None],
+        request = cls(parse_sizes(image_size) or [None],
                       split_specs(detector) if isinstance(detector, str) else list(detector),
                       representation or ("picked" if labelled else "concat"), rule,
                       calibration, DEFAULT_VALIDATION if validation is None else validation,
