@@ -450,8 +450,7 @@ def test_a_keras_member_with_code_is_refused_in_safe_mode(tmp_path, no_pickle):
 
     keras = import_keras()
     marker = tmp_path / "pwned"
-    det = get_detector("deep_svdd", epochs=0, pretrain=False, hidden=(8,), rep_dim=4,
-                       verbose=0).fit(X)
+    det = get_detector("deep_svdd", epochs=0, pretrain=False, hidden=(8,), rep_dim=4).fit(X)
     path = det.save(tmp_path / "svdd.kad")
     np.testing.assert_array_equal(load_detector(path).anomaly_score(X), det.anomaly_score(X))
 
