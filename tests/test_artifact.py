@@ -311,7 +311,7 @@ class OpaqueDetector(BaseDetector):
     def __init__(self, contamination=0.1):
         self.contamination = contamination
 
-    def _fit(self, X, y):
+    def _fit(self, X, y):  # noqa: ARG002 - y: BaseDetector's hook; unsupervised
         self.centre_ = Centre(X.mean(axis=0))
 
     def _score(self, X):
@@ -339,7 +339,7 @@ class CallableDetector(BaseDetector):
     def __init__(self, contamination=0.1):
         self.contamination = contamination
 
-    def _fit(self, X, y):
+    def _fit(self, X, y):  # noqa: ARG002 - y: BaseDetector's hook; unsupervised
         self.transform_ = FunctionTransformer(func=square).fit(X)
 
     def _score(self, X):
@@ -408,7 +408,7 @@ class UnregisteredDetector(BaseDetector):
     def __init__(self, contamination=0.1):
         self.contamination = contamination
 
-    def _fit(self, X, y):
+    def _fit(self, X, y):  # noqa: ARG002 - y: BaseDetector's hook; unsupervised
         self.mean_ = X.mean(axis=0)
 
     def _score(self, X):

@@ -90,7 +90,8 @@ def fit(
                         image_size=image_size, preprocessing=preprocessing, detector=detector,
                         representation=representation, fpr=fpr, sensitivity=sensitivity,
                         calibration=calibration, validation=validation, seed=seed,
-                        batch_size=batch_size, cache_dir=cache_dir, progress=update)
+                        batch_size=batch_size, cache_dir=cache_dir, runtime=runtime,
+                        keep_all_blocks=keep_all_blocks, progress=update)
     skipped(run.left_out.items(), "image(s) were used for nothing")
     parts = run.split.describe()
     line = (f"fitted on {run.n_fitted} normal images; {parts['calibration']} normal images "

@@ -131,7 +131,7 @@ class RichProgress(keras.callbacks.Callback):
         return " ".join(f"{k}={float(v):.4g}" for k, v in logs.items()
                         if np.ndim(v) == 0 and k != "learning_rate")
 
-    def on_train_begin(self, logs=None):
+    def on_train_begin(self, logs=None):  # noqa: ARG002 - Keras's callback signature
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -159,7 +159,7 @@ class RichProgress(keras.callbacks.Callback):
         )
         self._per_step = bool(steps)
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_train_batch_end(self, batch, logs=None):  # noqa: ARG002 - Keras's callback signature
         if self._progress is not None and self._per_step:
             self._progress.advance(self._task)
 
@@ -175,7 +175,7 @@ class RichProgress(keras.callbacks.Callback):
             update["completed"] = epoch + 1
         self._progress.update(self._task, **update)
 
-    def on_train_end(self, logs=None):
+    def on_train_end(self, logs=None):  # noqa: ARG002 - Keras's callback signature
         if self._progress is not None:
             self._progress.stop()
             self._progress = None

@@ -511,7 +511,8 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
             prototype = clone(prototype).set_params(
                 block_channels=tuple(shapes[b][2] for b in map_blocks))
 
-        def matrix(blocks, rows):
+        # the selection's matrix(blocks, rows); maps hold every block
+        def matrix(blocks, rows):  # noqa: ARG001
             rows = np.asarray(rows, dtype=int)
             ids = np.asarray(dataset.ids, dtype=str)[rows]
             parts = []
