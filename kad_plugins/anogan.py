@@ -185,7 +185,7 @@ class AnoGANDetector(DeepDetector):
     def _prepare(self, X, fit=False):
         return super()._prepare(X, fit) * 2.0 - 1.0  # [0, 1] -> [-1, 1], the tanh range
 
-    def _fit(self, X, y):
+    def _fit(self, X, y):  # noqa: ARG002 - y: BaseDetector's hook; unsupervised
         if not 0.0 <= float(self.discrimination_weight) <= 1.0:
             raise ValueError(
                 f"discrimination_weight must be in [0, 1], got {self.discrimination_weight!r}")

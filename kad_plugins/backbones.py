@@ -36,7 +36,7 @@ class InceptionResNetV2Backbone(Backbone):
     def preprocess_input(self, x):
         return _tf_mode(x)
 
-    def imagenet_file(self, input_size):
+    def imagenet_file(self, input_size):  # noqa: ARG002 - the Backbone hook's signature
         return ("inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
                 "inception_resnet_v2")
 
@@ -68,7 +68,7 @@ class InceptionV3Backbone(Backbone):
     def preprocess_input(self, x):
         return _tf_mode(x)
 
-    def imagenet_file(self, input_size):
+    def imagenet_file(self, input_size):  # noqa: ARG002 - the Backbone hook's signature
         return ("inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5", "inception_v3")
 
     def block_outputs(self, model):
@@ -101,7 +101,7 @@ class MobileNetV2Backbone(Backbone):
     def preprocess_input(self, x):
         return _tf_mode(x)
 
-    def imagenet_file(self, input_size):
+    def imagenet_file(self, input_size):  # noqa: ARG002 - the Backbone hook's signature
         rows = input_size if input_size in (96, 128, 160, 192, 224) else 224
         alpha = self.config["alpha"]
         alpha_text = {1.0: "1.0", 0.35: "0.35", 0.5: "0.5", 0.75: "0.75", 1.3: "1.3",
@@ -158,7 +158,7 @@ class KerasApplicationBackbone(Backbone):
             raise KadError(f"no preprocess_input found for keras application {module!r}")
         return np.asarray(preprocess(x.copy()), dtype=np.float32)
 
-    def imagenet_file(self, input_size):
+    def imagenet_file(self, input_size):  # noqa: ARG002 - the Backbone hook's signature
         return (f"the ImageNet weights of keras.applications.{self.config['model']}", None)
 
     def block_outputs(self, model):

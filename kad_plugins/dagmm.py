@@ -223,7 +223,7 @@ class DAGMMNet(keras.Model):
             "activation": self.activation, "distances": list(self.distances),
         }
 
-    def build(self, input_shape=None):
+    def build(self, input_shape=None):  # noqa: ARG002 - Keras's build signature
         # Every sub-network is a functional model, built when it was created.
         self.built = True
 
@@ -333,7 +333,7 @@ class DAGMMDetector(DeepDetector):
         self.random_state = random_state
         self.contamination = contamination
 
-    def _fit(self, X, y):
+    def _fit(self, X, y):  # noqa: ARG002 - y: BaseDetector's hook; unsupervised
         seed_everything(self.random_state)
         train_idx, val_idx = self._split(len(X))
         x_train = self._prepare(X[train_idx], fit=True)

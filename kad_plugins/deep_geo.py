@@ -269,7 +269,7 @@ class DeepGeoDetector(DeepDetector):
             raise ValueError(f"translation must be in [0, {size}), got {self.translation!r}")
         return Transformations(size, t)
 
-    def _fit(self, X, y):
+    def _fit(self, X, y):  # noqa: ARG002 - y: BaseDetector's hook; unsupervised
         if self.score_type not in _SCORES:
             raise ValueError(f"score_type must be one of {_SCORES}, got {self.score_type!r}")
         if self.arch not in _ARCHS:

@@ -202,7 +202,7 @@ class DeepSVDDDetector(DeepDetector):
         return (mlp_encoder(dim, self.hidden, rep, use_bias=bias),
                 mlp_decoder(dim, self.hidden, rep, use_bias=bias))
 
-    def _fit(self, X, y):
+    def _fit(self, X, y):  # noqa: ARG002 - y: BaseDetector's hook; unsupervised
         seed_everything(self.random_state)
         train_idx, val_idx = self._split(len(X))
         x_train = self._prepare(X[train_idx], fit=True)

@@ -83,7 +83,7 @@ class DSEBMNet(keras.Model):
                 "hidden": list(self.hidden), "filters": self.filters, "units": self.units,
                 "noise_std": self.noise_std}
 
-    def build(self, input_shape=None):
+    def build(self, input_shape=None):  # noqa: ARG002 - Keras's build signature
         self.built = True
 
     @property
@@ -174,7 +174,7 @@ class DSEBMDetector(DeepDetector):
         self.random_state = random_state
         self.contamination = contamination
 
-    def _fit(self, X, y):
+    def _fit(self, X, y):  # noqa: ARG002 - y: BaseDetector's hook; unsupervised
         if self.score_type not in _SCORES:
             raise ValueError(f"score_type must be one of {_SCORES}, got {self.score_type!r}")
         seed_everything(self.random_state)

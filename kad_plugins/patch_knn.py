@@ -80,7 +80,7 @@ class PatchKNNDetector(BaseDetector):
             parts.append(part if projection is None else part @ projection.T)
         return np.concatenate(parts, axis=-1).astype(np.float32)
 
-    def _fit(self, X, y):
+    def _fit(self, X, y):  # noqa: ARG002 - y: BaseDetector's hook; unsupervised
         from sklearn.random_projection import GaussianRandomProjection
 
         n, h, w, c = X.shape
@@ -182,7 +182,7 @@ class PatchKNNDetector(BaseDetector):
                 update(i + 1)
         return scores
 
-    def _training_scores(self, X):
+    def _training_scores(self, X):  # noqa: ARG002 - the hook's signature; computed by _fit
         training, self._training = self._training, None  # computed by _fit, without
         return np.array([self._anomaly(d).max() for d in training])  # own-image matches
 

@@ -38,7 +38,7 @@ class IsolationForestDetector(BaseDetector):
         self.n_jobs = n_jobs
         self.contamination = contamination
 
-    def _fit(self, X, y):
+    def _fit(self, X, y):  # noqa: ARG002 - y: BaseDetector's hook; unsupervised
         self.forest_ = IsolationForest(
             n_estimators=self.n_estimators, max_samples=self.max_samples,
             max_features=self.max_features, random_state=self.random_state,
@@ -64,10 +64,23 @@ class OneClassSVMDetector(BaseDetector):
         self.nu = nu
         self.contamination = contamination
 
-    def _fit(self, X, y):
+    def _fit(self, X, y):  # noqa: ARG002 - y: BaseDetector's hook; unsupervised
         self.scaler_ = StandardScaler().fit(X)
-        self.svm_ = OneClassSVM(kernel=self.kernel, gamma=self.gamma, nu=self.nu)
-        self.svm_.fit(self.scaler_.transform(X))
+        z = self.scaler_.transform(X)
+        self.gamma_ = self._resolve_gamma(z)
+        # the resolved value, so that the SVM and the gradient use the same one
+        self.svm_ = OneClassSVM(kernel=self.kernel, gamma=self.gamma_, nu=self.nu).fit(z)
+
+    def _resolve_gamma(self, z) -> float:
+        """The value ``gamma`` stands for on the standardised training data ``z``, as
+        scikit-learn resolves it: ``"scale"`` is 1 / (n_features · variance) (1 where the
+        variance is 0), ``"auto"`` 1 / n_features."""
+        if self.gamma == "scale":
+            variance = np.asarray(z, dtype=np.float64).var()
+            return 1.0 / (z.shape[1] * variance) if variance != 0 else 1.0
+        if self.gamma == "auto":
+            return 1.0 / z.shape[1]
+        return float(self.gamma)
 
     def _score(self, X):
         return -self.svm_.decision_function(self.scaler_.transform(X))
@@ -84,7 +97,7 @@ class OneClassSVMDetector(BaseDetector):
             return np.broadcast_to(-(alpha @ sv) / scale, z.shape).copy()
         if self.svm_.kernel != "rbf":
             return None
-        gamma = float(self.svm_._gamma)  # the value "scale"/"auto" resolved to at fit
+        gamma = float(self.gamma_)
         sq = (z * z).sum(1)[:, None] - 2.0 * z @ sv.T + (sv * sv).sum(1)[None, :]
         weights = alpha[None, :] * np.exp(-gamma * np.maximum(sq, 0.0))  # (n, n_sv)
         grad_z = 2.0 * gamma * (weights.sum(1)[:, None] * z - weights @ sv)
@@ -108,7 +121,7 @@ class KNNDetector(BaseDetector):
         self.metric = metric
         self.contamination = contamination
 
-    def _fit(self, X, y):
+    def _fit(self, X, y):  # noqa: ARG002 - y: BaseDetector's hook; unsupervised
         if self.method not in ("mean", "kth"):
             raise ValueError(f"method must be 'mean' or 'kth', got {self.method!r}")
         if len(X) < 2:
@@ -121,6 +134,9 @@ class KNNDetector(BaseDetector):
                 f"n_neighbors must be an integer in [1, {len(X) - 1}] for {len(X)} training "
                 f"vectors, got {self.n_neighbors!r}"
             )
+        # kad keeps the training vectors itself (the index shares the array): the exact
+        # distances and the gradient read them
+        self.train_ = X
         self.nn_ = NearestNeighbors(n_neighbors=self.n_neighbors, metric=self.metric).fit(X)
 
     def _reduce(self, dist):
@@ -134,7 +150,7 @@ class KNNDetector(BaseDetector):
         row."""
         if self.metric not in ("euclidean", "l2"):
             return self.nn_.kneighbors(X, n_neighbors=n)[0]
-        train = self.nn_._fit_X
+        train = self.train_
         m = min(len(train), n + self.RERANK)
         index = self.nn_.kneighbors(X, n_neighbors=m, return_distance=False)
         out = np.empty((len(X), n))
@@ -156,7 +172,7 @@ class KNNDetector(BaseDetector):
             return None
         X = X.astype(np.float64)
         dist, idx = self.nn_.kneighbors(X)
-        train = self.nn_._fit_X  # the training vectors the index holds
+        train = self.train_
         if self.method == "kth":
             dist, idx = dist[:, -1:], idx[:, -1:]
         diff = X[:, None, :] - train[idx].astype(np.float64)  # (n, k, d)
@@ -183,7 +199,7 @@ class MahalanobisDetector(BaseDetector):
     def __init__(self, contamination=0.1):
         self.contamination = contamination
 
-    def _fit(self, X, y):
+    def _fit(self, X, y):  # noqa: ARG002 - y: BaseDetector's hook; unsupervised
         self.gaussian_ = LedoitWolf().fit(X.astype(np.float64))
 
     def _score(self, X):

@@ -203,8 +203,22 @@ class Workbench:
 
 
 def compatible(detector_cls, kind: str) -> bool:
+    """Whether a detector takes the recipes' ``kind`` of input: pixels (images, which
+    feature detectors flatten) or the network's features. A detector of block maps
+    (``input_kind == "maps"``) works on the network's features, never on pixels."""
     accepts = detector_cls.input_kind
-    return kind == PIXELS or accepts in ("features", "both")
+    if kind == PIXELS:
+        return accepts != "maps"
+    return accepts in ("features", "both", "maps")
+
+
+def refuse_maps(detector_cls, name: str) -> None:
+    """The recipes pool every block into feature vectors; a detector of unpooled block maps
+    is refused before any work, with where to use it."""
+    if detector_cls.input_kind == "maps":
+        raise KadError(f"{name} scores unpooled block maps, and the recipes pool every block "
+                       f"into feature vectors; screen with it through kad fit --detector "
+                       f"{name}")
 
 
 def plan_columns(detectors: list[str], inputs: list[str]) -> list[tuple[str, str]]:
@@ -214,7 +228,9 @@ def plan_columns(detectors: list[str], inputs: list[str]) -> list[tuple[str, str
 
     columns = []
     for spec in detectors:
-        cls = load(DETECTORS, parse_spec(spec, "detector").name)
+        name = parse_spec(spec, "detector").name
+        cls = load(DETECTORS, name)
+        refuse_maps(cls, name)
         for kind in inputs:
             if kind not in (PIXELS, FEATURES):
                 raise KadError(f"unknown input {kind!r}: use {PIXELS!r} or {FEATURES!r}")

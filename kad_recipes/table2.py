@@ -29,6 +29,7 @@ from .common import (
     Workbench,
     compatible,
     make_detector,
+    refuse_maps,
     summarise,
 )
 from .table1 import RecipeResult
@@ -75,6 +76,9 @@ def run_table2(options: RecipeOptions, n_anomalies: float | None = None,
     from kad.utils.specs import parse_spec
 
     bench = bench or Workbench(options, progress=progress)
+    for d in options.detectors:
+        name = parse_spec(d, "detector").name
+        refuse_maps(load(DETECTORS, name), name)
     detectors = [d for d in options.detectors
                  if compatible(load(DETECTORS, parse_spec(d, "detector").name), FEATURES)]
     if not detectors:

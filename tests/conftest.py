@@ -1,4 +1,5 @@
-"""Shared fixtures: where ../shared is, and markers that skip cleanly without it."""
+"""Shared fixtures and settings: where ../shared is, markers that skip cleanly without it,
+the fast network every test that builds one uses, and detectors at their quick settings."""
 
 from __future__ import annotations
 
@@ -18,6 +19,15 @@ MOBILENET_WEIGHTS = (
 )
 KAGGLE_DR = SHARED / "data" / "kaggle-dr-256"
 CIFAR10_TAR = SHARED / "data" / "cifar10-jpeg.tar"
+
+#: The fast network: MobileNetV2 at width 0.35 with random weights (no download), 32 px
+#: inputs, natural preprocessing, small batches. Keyword arguments of fit_pipeline,
+#: fit_model and extract_features.
+MNV2 = "mobilenet_v2:alpha=0.35"
+FAST = {"backbone": MNV2, "weights": "none", "image_size": 32, "preprocessing": "natural",
+        "batch_size": 8}
+#: The same as options of the ``kad`` command line.
+FAST_CLI = [f"--{key.replace('_', '-')}={value}" for key, value in FAST.items()]
 
 
 def _has_keras() -> bool:
@@ -41,6 +51,22 @@ def pytest_collection_modifyitems(config, items):
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test writes its feature cache under its own temporary folder."""
     monkeypatch.setenv("KAD_CACHE_DIR", str(tmp_path_factory.mktemp("kad-cache")))
+
+
+def quick_detector(name: str):
+    """The registered detector ``name`` at its ``quick_params``; skipped when it needs
+    TensorFlow and that is not installed."""
+    from kad.errors import PluginError
+    from kad.registry import DETECTORS, load
+    from kad.utils.deps import has_keras
+
+    try:
+        cls = load(DETECTORS, name)
+    except PluginError as exc:
+        if isinstance(exc.__cause__, ImportError) and not has_keras():
+            pytest.skip(f"{name} needs TensorFlow/Keras, which is not installed")
+        raise
+    return cls(**cls.quick_params)
 
 
 def need(path: Path) -> Path:

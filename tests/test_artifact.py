@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import FAST
 from kad import __version__
 from kad.detectors.base import BaseDetector, load_detector
 from kad.errors import ArtifactError, PluginError, UnstorableError
@@ -103,14 +104,13 @@ def _tree(path: Path) -> dict:
 def _pipeline() -> Pipeline:
     """A real pipeline (no network is built until it scores images)."""
     det = get_detector("iforest", n_estimators=10).fit(X)
-    return Pipeline(backbone="mobilenet_v2:alpha=0.35", weights="none",
-                    weights_fingerprint="0" * 64, image_size=32, preprocessing="natural",
+    return Pipeline(**FAST, weights_fingerprint="0" * 64,
                     representation=PooledVectors((Block("b1", X.shape[1], (1, 1)),),
                                                  ("b1",)),
                     all_blocks=["b1"], detector=det,
                     threshold=Threshold(det.threshold_, "contamination",
                                         {"contamination": 0.1}),
-                    training={"scores": np.sort(det.anomaly_scores_).tolist()}, batch_size=8)
+                    training={"scores": np.sort(det.anomaly_scores_).tolist()})
 
 
 @pytest.fixture
@@ -176,21 +176,6 @@ def test_kad_score_and_threshold_refuse_a_pickle_payload(tmp_path, returns_pipel
         assert result.exit_code == 1, result.output
         assert "could run code" in result.output and "Traceback" not in result.output
     assert not marker.exists(), "the payload ran"
-
-
-@pytest.mark.parametrize("name", ["knn", "iforest", "ocsvm", "mahalanobis"])
-def test_a_saved_detector_has_no_pickle_and_scores_identically(tmp_path, name, no_pickle):
-    det = get_detector(name).fit(X)
-    path = det.save(tmp_path / "det.kad")
-    with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
-        assert not [n for n in names if n.endswith((".pkl", ".pickle"))]
-        for name in names:  # a pickle starts with its PROTO opcode, 0x80
-            assert zf.read(name)[:1] != b"\x80", f"{name} is a pickle"
-    again = load_detector(path)
-    np.testing.assert_array_equal(again.anomaly_score(X), det.anomaly_score(X))
-    assert again.get_params() == det.get_params()
-    assert again.input_shape_ == (5,) and isinstance(again.input_shape_, tuple)
 
 
 def test_a_new_process_scores_a_saved_detector_bit_identically(tmp_path):
@@ -315,7 +300,7 @@ class OpaqueDetector(BaseDetector):
     def __init__(self, contamination=0.1):
         self.contamination = contamination
 
-    def _fit(self, X, y):
+    def _fit(self, X, y):  # noqa: ARG002 - y: BaseDetector's hook; unsupervised
         self.centre_ = Centre(X.mean(axis=0))
 
     def _score(self, X):
@@ -343,7 +328,7 @@ class CallableDetector(BaseDetector):
     def __init__(self, contamination=0.1):
         self.contamination = contamination
 
-    def _fit(self, X, y):
+    def _fit(self, X, y):  # noqa: ARG002 - y: BaseDetector's hook; unsupervised
         self.transform_ = FunctionTransformer(func=square).fit(X)
 
     def _score(self, X):
@@ -398,12 +383,11 @@ def test_the_example_plugin_saves_its_learned_arrays(tmp_path, monkeypatch):
     install_example(site)
     activate(site, monkeypatch)
     try:
+        # (that it scores identically after loading: tests/test_detector_contract.py)
         det = get_detector("zscore").fit(X)
         with zipfile.ZipFile(det.save(tmp_path / "z.kad")) as zf:
             assert {"arrays/detector.state.mean_.npy",
                     "arrays/detector.state.scale_.npy"} <= set(zf.namelist())
-        again = load_detector(tmp_path / "z.kad")
-        np.testing.assert_array_equal(again.anomaly_score(X), det.anomaly_score(X))
     finally:
         clear_cache()
 
@@ -412,7 +396,7 @@ class UnregisteredDetector(BaseDetector):
     def __init__(self, contamination=0.1):
         self.contamination = contamination
 
-    def _fit(self, X, y):
+    def _fit(self, X, y):  # noqa: ARG002 - y: BaseDetector's hook; unsupervised
         self.mean_ = X.mean(axis=0)
 
     def _score(self, X):

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from conftest import MNV2
 from kad.errors import KadError
 from kad.features.cache import (
     DamagedEntryError,
@@ -254,10 +255,10 @@ def test_fit_checks_out_and_the_cache_before_any_work(tmp_path, monkeypatch):
     digits = load_dataset("digits")
     with pytest.raises(KadError, match=f"cannot use {blocker} as the --out file: {blocker} "
                                        f"is a file, not a folder"):
-        fit_pipeline(digits, backbone="mobilenet_v2:alpha=0.35", weights="none",
+        fit_pipeline(digits, backbone=MNV2, weights="none",
                      image_size=32, out=blocker / "model.kad")
     with pytest.raises(KadError, match="as the feature cache folder"):
-        fit_pipeline(digits, backbone="mobilenet_v2:alpha=0.35", weights="none",
+        fit_pipeline(digits, backbone=MNV2, weights="none",
                      image_size=32, cache_dir=blocker / "cache")
 
 

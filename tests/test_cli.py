@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 import kad
+from conftest import FAST_CLI
 from kad.cli import app
 
 runner = CliRunner()
@@ -44,8 +45,7 @@ def test_backbones_lists_the_builtins():
 
 @pytest.mark.tf
 def test_extract_caches_every_block(tmp_path):
-    args = ["extract", "--dataset", "digits", "--backbone", "mobilenet_v2:alpha=0.35",
-            "--weights", "none", "--image-size", "32", "--cache-dir", str(tmp_path)]
+    args = ["extract", "--dataset", "digits", *FAST_CLI, "--cache-dir", str(tmp_path)]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "1797 images" in result.output and "out_relu" in result.output
@@ -106,8 +106,7 @@ def test_interrupting_score_does_not_promise_a_resume(monkeypatch, tmp_path):
 
 @pytest.mark.tf
 def test_the_cache_commands_find_a_damaged_entry_and_extraction_replaces_it(tmp_path):
-    args = ["extract", "--dataset", "digits", "--backbone", "mobilenet_v2:alpha=0.35",
-            "--weights", "none", "--image-size", "32", "--cache-dir", str(tmp_path)]
+    args = ["extract", "--dataset", "digits", *FAST_CLI, "--cache-dir", str(tmp_path)]
     assert runner.invoke(app, args).exit_code == 0
     listed = runner.invoke(app, ["cache", "list", "--cache-dir", str(tmp_path)])
     assert listed.exit_code == 0 and "digits" in listed.output and "complete" in listed.output
@@ -129,8 +128,7 @@ def test_the_cache_commands_find_a_damaged_entry_and_extraction_replaces_it(tmp_
 
 @pytest.mark.tf
 def test_two_shards_from_the_command_line_join_into_one_entry(tmp_path):
-    args = ["extract", "--dataset", "digits", "--backbone", "mobilenet_v2:alpha=0.35",
-            "--weights", "none", "--image-size", "32", "--cache-dir", str(tmp_path)]
+    args = ["extract", "--dataset", "digits", *FAST_CLI, "--cache-dir", str(tmp_path)]
     first = runner.invoke(app, [*args, "--shard", "1/2"])
     assert first.exit_code == 0 and "waiting for shard(s) 0" in first.output, first.output
     second = runner.invoke(app, [*args, "--shard", "0/2"])

@@ -205,17 +205,6 @@ def test_anogan_learns():
     assert_learns(untrained, trained)
 
 
-def test_anogan_latent_search_depends_on_the_image_only():
-    from kad_plugins.anogan import AnoGANDetector
-
-    train, test, _ = orientation_task(bands, n_train=64, n_test=8)
-    det = AnoGANDetector(**AnoGANDetector.quick_params).fit(train)
-    together = det.anomaly_score(test)
-    alone = np.array([det.anomaly_score(test[i:i + 1])[0] for i in range(len(test))])
-    np.testing.assert_allclose(alone, together, rtol=1e-5)
-    np.testing.assert_array_equal(det.anomaly_score(test), together)
-
-
 # -- DeepGEO -------------------------------------------------------------------------
 def test_deep_geo_learns():
     from kad_plugins.deep_geo import DeepGeoDetector

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import kad.features.runtime
-from conftest import CIFAR10_TAR, KAGGLE_DR, MOBILENET_WEIGHTS, StopAt, need
+from conftest import CIFAR10_TAR, KAGGLE_DR, MNV2, MOBILENET_WEIGHTS, StopAt, need
 from kad.data.datasets import load_dataset
 from kad.errors import KadError
 from kad.features.backbones import Backbone
@@ -18,7 +18,6 @@ from kad.features.extract import cached_features, extract_features, plan_extract
 from kad.utils.progress import Recorder
 
 pytestmark = pytest.mark.tf
-MNV2 = "mobilenet_v2:alpha=0.35"
 
 
 @pytest.fixture

@@ -21,12 +21,11 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import KAGGLE_DR, MOBILENET_WEIGHTS, need
+from conftest import KAGGLE_DR, MNV2, MOBILENET_WEIGHTS, need
 from kad.data.images import read_image, resize
 from kad.data.preprocessing import Fundus, _disc, crop_fundus
 
 pytestmark = [pytest.mark.tf, pytest.mark.shared]
-MNV2 = "mobilenet_v2:alpha=0.35"
 SIZE = 224
 
 

@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import FAST
 from kad.data.preprocessing import Fundus, Natural, crop_fundus
 from kad.detectors.base import BaseDetector
 from kad.errors import KadError
@@ -25,8 +26,7 @@ from kad_plugins.shallow import (
 )
 
 # Maps come from the Keras network: a pipeline on the same runtime scores bit-identically.
-FAST = {"backbone": "mobilenet_v2:alpha=0.35", "weights": "none", "image_size": 32,
-        "preprocessing": "natural", "batch_size": 8, "runtime": "keras"}
+KERAS = {**FAST, "runtime": "keras"}
 TWO_BLOCKS = "block_2_add,block_5_add"  # 8x8 and 4x4 maps at 32 px
 
 
@@ -151,7 +151,7 @@ def _fit(data, detector, representation):
 
     dataset, train, _ = data
     return fit_pipeline(dataset, train_rows=train, detector=detector,
-                        representation=representation, **FAST)
+                        representation=representation, **KERAS)
 
 
 @pytest.mark.tf
@@ -221,7 +221,7 @@ def test_a_detector_may_draw_its_own_map(data):
     class Own(BaseDetector):  # a detector of block maps: its input is the stacked maps
         input_kind = "maps"
 
-        def _fit(self, X, y):
+        def _fit(self, X, y):  # noqa: ARG002 - unsupervised
             self.mean_ = X.mean(axis=(0, 1, 2))
 
         def _score(self, X):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import kad
+from conftest import FAST, MNV2
 from kad.data.datasets import FileSource, load_dataset
 from kad.errors import ArtifactError, WeightsError
 from kad.screening.fitting import fit_pipeline
@@ -22,8 +23,6 @@ from kad.utils.artifact import read_manifest
 from synthetic import screening_folder
 
 pytestmark = pytest.mark.tf
-FAST = {"backbone": "mobilenet_v2:alpha=0.35", "weights": "none", "image_size": 32,
-        "preprocessing": "natural"}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +30,7 @@ def fitted(tmp_path_factory):
     root = screening_folder(tmp_path_factory.mktemp("data"), n_normal=30, n_abnormal=10)
     dataset = load_dataset("folder", root, kind="natural")
     normal = np.flatnonzero(~dataset.anomaly)
-    pipeline = fit_pipeline(dataset, train_rows=normal[:20], batch_size=8, **FAST)
+    pipeline = fit_pipeline(dataset, train_rows=normal[:20], **FAST)
     files = [root / i for i in dataset.ids]
     return pipeline, files, dataset
 
@@ -40,7 +39,7 @@ def test_saved_pipeline_describes_itself(fitted, tmp_path):
     pipeline, _, dataset = fitted
     path = pipeline.save(tmp_path / "model.kad")
     info = read_manifest(path)["info"]
-    assert info["backbone"] == "mobilenet_v2:alpha=0.35" and info["image_size"] == 32
+    assert info["backbone"] == MNV2 and info["image_size"] == 32
     assert info["training"]["fingerprint"] == dataset.fingerprint
     assert info["threshold"]["method"] == "contamination"
     assert info["versions"]["kad"] and len(info["blocks"]) == 18
@@ -74,10 +73,10 @@ def test_scoring_runs_on_the_runtime_of_the_training_features(tmp_path):
 
     root = screening_folder(tmp_path / "data", n_normal=12, n_abnormal=4)
     dataset = load_dataset("folder", root, kind="natural")
-    pipeline = fit_pipeline(dataset, detector="knn", batch_size=8, **FAST)
+    pipeline = fit_pipeline(dataset, detector="knn", **FAST)
     assert pipeline.runtime == resolve_runtime("auto").name
     assert pipeline.describe()["runtime"] == pipeline.runtime
-    features = extract_features(dataset, batch_size=8, **FAST)  # the cached entry
+    features = extract_features(dataset, **FAST)  # the cached entry
     expected = pipeline.detector.anomaly_score(features.matrix(pipeline.blocks))
     got = pipeline.score(FileSource([root / i for i in dataset.ids])).scores
     np.testing.assert_array_equal(got, expected)
@@ -128,7 +127,7 @@ def test_other_weights_are_refused(fitted, tmp_path):
     from kad.features.backbones import get_backbone
 
     pipeline, files, _ = fitted
-    base = get_backbone("mobilenet_v2:alpha=0.35").build_base(32, "none")
+    base = get_backbone(MNV2).build_base(32, "none")
     base.set_weights([w * 1.01 for w in base.get_weights()])
     other = tmp_path / "other.weights.h5"
     base.save_weights(other)
@@ -143,13 +142,13 @@ def test_a_weights_file_is_recorded_by_absolute_path_and_can_be_overridden(tmp_p
 
     folder = tmp_path / "weights"
     folder.mkdir()
-    get_backbone("mobilenet_v2:alpha=0.35").build_base(32, "none").save_weights(
+    get_backbone(MNV2).build_base(32, "none").save_weights(
         folder / "mobilenet.weights.h5")
     root = screening_folder(tmp_path / "data", n_normal=12, n_abnormal=2)
     dataset = load_dataset("folder", root, kind="natural")
     files = [root / i for i in dataset.ids[:4]]
     monkeypatch.chdir(folder)
-    pipeline = fit_pipeline(dataset, train_rows=np.flatnonzero(~dataset.anomaly), batch_size=8,
+    pipeline = fit_pipeline(dataset, train_rows=np.flatnonzero(~dataset.anomaly),
                             **{**FAST, "weights": "mobilenet.weights.h5"})
     assert pipeline.weights == str((folder / "mobilenet.weights.h5").resolve())
     model = pipeline.save(tmp_path / "model.kad")

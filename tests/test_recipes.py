@@ -8,14 +8,12 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from conftest import FAST_CLI
 from kad.cli import app
 from synthetic import screening_folder
 
 pytestmark = pytest.mark.tf
 runner = CliRunner()
-FAST = ["--backbone", "mobilenet_v2:alpha=0.35", "--weights", "none", "--image-size", "32"]
-
-
 def _run(*args):
     result = runner.invoke(app, ["recipe", *args])
     assert result.exit_code == 0, result.output
@@ -33,7 +31,7 @@ def screening(tmp_path_factory):
 
 def test_table1_on_digits_reports_every_column(tmp_path):
     out = tmp_path / "t1"
-    _run("table1", "--dataset", "digits", *FAST, "--detectors", "iforest,knn",
+    _run("table1", "--dataset", "digits", *FAST_CLI, "--detectors", "iforest,knn",
          "--limit", "40", "--classes", "0,1,2", "--out", str(out))
     doc = _results(out)
     columns = {(r["detector"], r["input"]) for r in doc["summary"]}
@@ -50,7 +48,7 @@ def test_table1_on_digits_reports_every_column(tmp_path):
 
 
 def test_the_same_seed_gives_the_same_numbers(tmp_path):
-    args = ["table1", "--dataset", "digits", *FAST, "--limit", "30", "--classes", "3"]
+    args = ["table1", "--dataset", "digits", *FAST_CLI, "--limit", "30", "--classes", "3"]
     _run(*args, "--out", str(tmp_path / "a"))
     _run(*args, "--out", str(tmp_path / "b"))
     a, b = _results(tmp_path / "a"), _results(tmp_path / "b")
@@ -59,7 +57,7 @@ def test_the_same_seed_gives_the_same_numbers(tmp_path):
 
 def test_table1_medical_protocol_is_folds_times_seeds(screening, tmp_path):
     out = tmp_path / "m1"
-    _run("table1", "--dataset", "folder:kind=natural", "--data-dir", str(screening), *FAST,
+    _run("table1", "--dataset", "folder:kind=natural", "--data-dir", str(screening), *FAST_CLI,
          "--inputs", "pixels", "--folds", "3", "--seeds", "2", "--out", str(out))
     doc = _results(out)
     assert len(doc["runs"]) == 6 and {r["seed"] for r in doc["runs"]} == {0, 1}
@@ -68,7 +66,7 @@ def test_table1_medical_protocol_is_folds_times_seeds(screening, tmp_path):
 
 def test_table2_scores_every_block_and_picks_one(tmp_path):
     out = tmp_path / "t2"
-    _run("table2", "--dataset", "digits", *FAST, "--limit", "40", "--classes", "0,7",
+    _run("table2", "--dataset", "digits", *FAST_CLI, "--limit", "40", "--classes", "0,7",
          "--n-anomalies", "10", "--out", str(out))
     doc = _results(out)
     assert doc["n_validation_anomalies"] == 10
@@ -88,7 +86,7 @@ def test_table2_scores_every_block_and_picks_one(tmp_path):
 
 def test_table3_mixes_each_ratio(screening, tmp_path):
     out = tmp_path / "t3"
-    _run("table3", "--dataset", "folder:kind=natural", "--data-dir", str(screening), *FAST,
+    _run("table3", "--dataset", "folder:kind=natural", "--data-dir", str(screening), *FAST_CLI,
          "--ratios", "0.05,0.1", "--folds", "2", "--seeds", "1", "--out", str(out))
     doc = _results(out)
     assert sorted({r["ratio"] for r in doc["summary"]}) == [0.05, 0.1]
@@ -116,7 +114,7 @@ def test_missing_weights_stop_the_main_job_with_one_clear_line(tmp_path, monkeyp
 def test_bad_options_are_one_clear_line():
     result = runner.invoke(app, ["recipe", "table1", "--dataset", "nope"])
     assert result.exit_code == 1 and "nope" in result.output
-    result = runner.invoke(app, ["recipe", "table1", "--detectors", "iforrest", *FAST])
+    result = runner.invoke(app, ["recipe", "table1", "--detectors", "iforrest", *FAST_CLI])
     assert result.exit_code == 1 and "Did you mean 'iforest'" in result.output
 
 
@@ -179,3 +177,17 @@ def test_table2_picks_a_size_block_detector_triple_and_caches_each_size_once(tmp
                 for s in doc["picked"]["per_split"]]
 
     assert picks(again.extra) == picks(extra)
+
+
+def test_a_detector_of_block_maps_belongs_with_features_never_pixels():
+    from kad.errors import KadError
+    from kad_plugins.patch_knn import PatchKNNDetector
+    from kad_plugins.shallow import KNNDetector
+    from kad_recipes.common import FEATURES, PIXELS, compatible, plan_columns
+
+    assert not compatible(PatchKNNDetector, PIXELS) and compatible(PatchKNNDetector, FEATURES)
+    assert compatible(KNNDetector, PIXELS) and compatible(KNNDetector, FEATURES)
+    # the recipes pool every block, so it has no column: refused before any work
+    with pytest.raises(KadError, match="patchknn scores unpooled block maps.*kad fit"):
+        plan_columns(["knn", "patchknn"], [PIXELS, FEATURES])
+    assert plan_columns(["knn"], [PIXELS, FEATURES]) == [("knn", PIXELS), ("knn", FEATURES)]

@@ -8,12 +8,9 @@ import numpy as np
 import pytest
 
 import kad.features.runtime as runtime
-from conftest import KAGGLE_DR, MOBILENET_WEIGHTS, need
+from conftest import KAGGLE_DR, MNV2, MOBILENET_WEIGHTS, need
 from kad.errors import KadError, MissingDependencyError
 from kad.features.backbones import Backbone, get_backbone
-
-MNV2 = "mobilenet_v2:alpha=0.35"
-
 
 # ------------------------------------------------------------------ choosing a runtime
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import StopAt
+from conftest import MNV2, StopAt
 from kad.errors import KadError
 from kad.features.extract import extract_features, plan_extraction
 from kad.features.shards import find_shards, merge_shards, parse_shard, shard_range
 from kad.utils.progress import Recorder
-
-MNV2 = "mobilenet_v2:alpha=0.35"
 
 
 def test_shares_are_whole_batches_that_tile_the_dataset():

@@ -31,10 +31,9 @@ import sklearn.utils.estimator_checks as sk_checks
 from sklearn.exceptions import SkipTestWarning
 from sklearn.utils.estimator_checks import estimator_checks_generator
 
+from conftest import quick_detector
 from kad.detectors.base import BaseDetector
-from kad.errors import PluginError
-from kad.registry import DETECTORS, discover, load
-from kad.utils.deps import has_keras
+from kad.registry import DETECTORS, discover
 
 NAMES = list(discover(DETECTORS))
 #: kad's built-ins that are Keras networks (checked against their classes below).
@@ -104,16 +103,6 @@ def _check_id(check) -> str:
     return check.__name__
 
 
-def _detector(name) -> BaseDetector:
-    try:
-        cls = load(DETECTORS, name)
-    except PluginError as exc:
-        if isinstance(exc.__cause__, ImportError) and not has_keras():
-            pytest.skip(f"{name} needs TensorFlow/Keras, which is not installed")
-        raise
-    return cls(**cls.quick_params)
-
-
 def _is_deep(det: BaseDetector) -> bool:
     deep = sys.modules.get("kad.detectors.deep")
     return deep is not None and isinstance(det, deep.DeepDetector)
@@ -162,7 +151,7 @@ def _marks(name):
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in NAMES])
 def test_scikit_learn_checks(name):
-    det = _detector(name)
+    det = quick_detector(name)
     deep = _is_deep(det)
     passed, failed = _run(det, lambda c: not deep or c in DEEP_DEFAULT_CHECKS)
     _assert_only_deviations(name, passed, failed)
@@ -171,7 +160,7 @@ def test_scikit_learn_checks(name):
 @pytest.mark.exhaustive
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in NAMES])
 def test_scikit_learn_checks_of_deep_detectors_in_full(name):
-    det = _detector(name)
+    det = quick_detector(name)
     if det.input_kind in ("images", "maps"):
         pytest.skip(f"{name}: {IMAGE_ONLY_REASON}")
     if not _is_deep(det):
@@ -182,7 +171,7 @@ def test_scikit_learn_checks_of_deep_detectors_in_full(name):
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in NAMES])
 def test_tags_say_what_the_detector_takes(name):
-    det = _detector(name)
+    det = quick_detector(name)
     tags = det.__sklearn_tags__()
     assert tags.estimator_type == "outlier_detector"
     assert tags.input_tags.two_d_array == (det.input_kind not in ("images", "maps"))
@@ -198,5 +187,5 @@ SCIKIT_LEARN_METHODS = {"fit", "predict", "fit_predict", "score", "score_samples
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=_marks(n)) for n in NAMES])
 def test_no_parameter_takes_a_scikit_learn_method_name(name):
-    det = _detector(name)
+    det = quick_detector(name)
     assert not set(det.get_params(deep=False)) & SCIKIT_LEARN_METHODS

@@ -45,7 +45,7 @@ class Preprocessing:
     #: feature caches record it next to :attr:`key`, so old entries are not reused.
     revision: ClassVar[int] = 1
 
-    def source_side(self, input_size: int) -> int | None:
+    def source_side(self, input_size: int) -> int | None:  # noqa: ARG002 - a hook
         """The shorter side an image needs for this preprocessing to give the same result
         at ``input_size`` (the network input); a large JPEG is decoded at a reduced size
         that keeps at least this much. None: the full image is needed."""
@@ -144,7 +144,7 @@ class Fundus(Preprocessing):
         for field_name, value in (("blur", blur), ("alpha", alpha), ("mask", mask)):
             object.__setattr__(self, field_name, value)
 
-    def source_side(self, input_size: int) -> int | None:
+    def source_side(self, input_size: int) -> int | None:  # noqa: ARG002 - a hook
         # The fundus is at least half the photograph's shorter side in every camera kad
         # knows; decoding at twice the output size keeps its diameter >= size.
         return 2 * self.size

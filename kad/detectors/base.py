@@ -113,7 +113,8 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         """Anomaly scores of ``X``, higher meaning more anomalous."""
         raise NotImplementedError
 
-    def _score_gradient(self, X: np.ndarray) -> np.ndarray | None:
+    # the default of a hook
+    def _score_gradient(self, X: np.ndarray) -> np.ndarray | None:  # noqa: ARG002
         """Gradient of the anomaly score with respect to each row of ``X`` (feature
         vectors), or None (the default) where the score is not a differentiable function of
         them; heatmaps then fall back to occlusion. See :meth:`score_gradient`."""

@@ -122,7 +122,7 @@ class EpochProgress(keras.callbacks.Callback):
         super().__init__()
         self.update = update
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch, logs=None):  # noqa: ARG002 - Keras's callback signature
         self.update(epoch + 1)
 
 

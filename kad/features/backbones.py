@@ -73,7 +73,8 @@ class Backbone:
         """``(name, tensor)`` for every block, in network order."""
         raise NotImplementedError
 
-    def imagenet_file(self, input_size: int) -> tuple[str, str | None] | None:
+    # the Backbone hook's signature
+    def imagenet_file(self, input_size: int) -> tuple[str, str | None] | None:  # noqa: ARG002
         """``(file name, download sub-folder or None)`` of the standard ImageNet weights, or
         None where the network has none."""
         return None
@@ -242,7 +243,8 @@ def resolve_weights(weights: str | Path | None) -> tuple[str, str | Path | None]
 
 
 @lru_cache(maxsize=32)
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+# size and mtime key the cache
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:  # noqa: ARG001
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

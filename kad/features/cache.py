@@ -302,7 +302,7 @@ class EntryWriter:
         self.blocks, self.dims, self.n, self.meta = blocks, dims, n, meta
         progress = _read_progress(self.partial / _PROGRESS)
         fresh = progress is None or progress.get("blocks") != blocks or progress.get("n") != n
-        if not fresh and not self._files_fit(progress):
+        if not fresh and not self._files_fit():
             fresh = True  # a block file lost or cut short: nothing in it is trusted
         if fresh:
             shutil.rmtree(self.partial, ignore_errors=True)
@@ -324,7 +324,7 @@ class EntryWriter:
     def _file(self, name: str) -> Path:
         return self.partial / "blocks" / f"{_safe(name)}.npy"
 
-    def _files_fit(self, progress: dict) -> bool:
+    def _files_fit(self) -> bool:
         for name, dim in zip(self.blocks, self.dims, strict=True):
             try:
                 array = np.load(self._file(name), mmap_mode="r", allow_pickle=False)

@@ -121,10 +121,11 @@ class Representation:
         """The detector's input for a batch, from the outputs of :meth:`network`."""
         raise NotImplementedError
 
-    def cached(self, features, rows: np.ndarray) -> np.ndarray | None:
+    def cached(self, features, rows: np.ndarray) -> np.ndarray | None:  # noqa: ARG002
         """The detector's input for ``rows`` read from a feature cache entry
         (:class:`~kad.features.cache.FeatureSet`), or None where the cache does not hold
-        this representation (the rows then go through the network)."""
+        this representation (the rows then go through the network); the default of a
+        hook."""
         return None
 
     @classmethod
@@ -170,7 +171,7 @@ class PooledVectors(Representation):
 
     @classmethod
     def default_blocks(cls, shapes: dict[str, tuple[int, int, int]],
-                       input_size: int) -> list[str]:
+                       input_size: int) -> list[str]:  # noqa: ARG003 - the hook's signature
         return list(shapes)
 
     def to_record(self) -> dict:

@@ -105,13 +105,13 @@ class FitSplit:
 
     def describe(self) -> dict:
         """Counts per part (JSON-able), as stored in the model and printed by ``kad fit``."""
-        def labelled(rows, labels):
+        def labelled(labels):
             return {"normal": int((labels == 0).sum()), "anomalous": int((labels == 1).sum())}
 
         return {
             "train": int(len(self.train)), "calibration": int(len(self.calibration)),
-            "selection": labelled(self.selection, self.selection_labels),
-            "assessment": labelled(self.assessment, self.assessment_labels),
+            "selection": labelled(self.selection_labels),
+            "assessment": labelled(self.assessment_labels),
             "left_out": len(self.left_out), "by_patient": self.by_patient,
             "notes": list(self.notes),
         }

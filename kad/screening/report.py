@@ -106,7 +106,7 @@ def _distribution(pipeline: Pipeline, rows: list[ScoredImage]) -> str:
     return uri
 
 
-def _roc(rows: list[ScoredImage], metrics: dict, threshold: float) -> str:
+def _roc(rows: list[ScoredImage], metrics: dict) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -308,7 +308,7 @@ def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
     k = min(n_thumbnails, len(rows))
     plots = f'<img src="{_distribution(pipeline, rows)}" alt="score distribution">'
     if metrics:
-        plots += f'<img src="{_roc(rows, metrics, pipeline.threshold.value)}" alt="ROC curve">'
+        plots += f'<img src="{_roc(rows, metrics)}" alt="ROC curve">'
     problems = ""
     if failed or skipped:
         items = [f"<tr><td>{html.escape(f)}</td><td>{html.escape(why)}</td></tr>"

@@ -548,7 +548,8 @@ def pick_block(features, train_rows, rows, labels, prototype,
 
     try:
         found = select(multi, candidates, train_rows, rows, labels,
-                       make_detector=lambda block, seed: _Fit(block), inspect=keep,
+                       # select's make_detector(block, seed)
+                       make_detector=lambda block, seed: _Fit(block), inspect=keep,  # noqa: ARG005
                        progress=progress)
     except KadError as exc:
         raise KadError(f"picking a block: {exc}") from exc

@@ -17,7 +17,7 @@ class MaxZScoreDetector(BaseDetector):
     def __init__(self, contamination=0.1):
         self.contamination = contamination
 
-    def _fit(self, X, y):
+    def _fit(self, X, y):  # noqa: ARG002 - y: BaseDetector's hook; unsupervised
         self.mean_ = X.mean(axis=0)
         self.scale_ = X.std(axis=0) + 1e-6
 
