@@ -204,18 +204,23 @@ class Workbench:
 
 def compatible(detector_cls, kind: str) -> bool:
     """Whether a detector takes the recipes' ``kind`` of input: pixels (images, which
-    feature detectors flatten) or the network's features. A detector of block maps
-    (``input_kind == "maps"``) works on the network's features, never on pixels."""
+    detectors of vectors take flattened) or the network's pooled features
+    (:class:`kad.features.representation.PooledVectors`). A detector of block maps takes
+    neither."""
+    from kad.features.representation import BlockMaps, PooledVectors
+
     accepts = detector_cls.input_kind
     if kind == PIXELS:
-        return accepts != "maps"
-    return accepts in ("features", "both", "maps")
+        return accepts not in BlockMaps.serves
+    return accepts in PooledVectors.serves
 
 
 def refuse_maps(detector_cls, name: str) -> None:
     """The recipes pool every block into feature vectors; a detector of unpooled block maps
     is refused before any work, with where to use it."""
-    if detector_cls.input_kind == "maps":
+    from kad.features.representation import BlockMaps
+
+    if detector_cls.input_kind in BlockMaps.serves:
         raise KadError(f"{name} scores unpooled block maps, and the recipes pool every block "
                        f"into feature vectors; screen with it through kad fit --detector "
                        f"{name}")

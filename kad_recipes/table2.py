@@ -66,23 +66,15 @@ def run_table2(options: RecipeOptions, n_anomalies: float | None = None,
     ``progress`` gets the tasks of :func:`~kad.screening.selection.nested_selection`
     (``splits``, and ``candidates`` within each).
     """
-    from kad.registry import DETECTORS, load
     from kad.screening.selection import (
         CONCAT,
         candidate_grid,
         nested_selection,
         summarise_candidates,
     )
-    from kad.utils.specs import parse_spec
 
     bench = bench or Workbench(options, progress=progress)
-    for d in options.detectors:
-        name = parse_spec(d, "detector").name
-        refuse_maps(load(DETECTORS, name), name)
-    detectors = [d for d in options.detectors
-                 if compatible(load(DETECTORS, parse_spec(d, "detector").name), FEATURES)]
-    if not detectors:
-        raise KadError(f"no detector among {options.detectors} works on features")
+    detectors = _feature_detectors(options.detectors)
     spec = detectors[0]
     valid = bench.valid({FEATURES})
     features = bench.multi
@@ -115,27 +107,53 @@ def run_table2(options: RecipeOptions, n_anomalies: float | None = None,
     triple_runs = [_run(r.picked.detector, PICKED_TRIPLE, split, r.selection.score_of(r.picked))
                    for split, r in zip(todo, results, strict=True)]
     candidates = summarise_candidates(results)
+    extra = {
+        "n_validation_anomalies": wanted, "picked_blocks": picked,
+        "blocks": _blocks_table(candidates, blocks, size, spec),
+        "image_sizes": features.sizes, "detectors": detectors,
+        "grid": {"sizes": features.sizes, "detectors": detectors, "n_candidates": len(grid),
+                 "representations": list(dict.fromkeys(c.representation for c in grid))},
+        "picked": _picked_record(results), "candidates": candidates,
+    }
+    return RecipeResult("table2", bench, runs + triple_runs, summary, {}, extra)
+
+
+def _feature_detectors(specs: list[str]) -> list[str]:
+    """The detectors of ``specs`` that work on pooled features; a detector of block maps is
+    refused before any work, and none at all is an error."""
+    from kad.registry import DETECTORS, load
+    from kad.utils.specs import parse_spec
+
+    found = []
+    for spec in specs:
+        name = parse_spec(spec, "detector").name
+        cls = load(DETECTORS, name)
+        refuse_maps(cls, name)
+        if compatible(cls, FEATURES):
+            found.append(spec)
+    if not found:
+        raise KadError(f"no detector among {specs} works on features")
+    return found
+
+
+def _blocks_table(candidates: list[dict], blocks: list[str], size: int, spec: str) -> list:
+    """Each block's validation and test AUROC for the paper's detector, in network order."""
     by_rep = {(c["representation"], c["detector"]): c for c in candidates}
-    blocks_table = []
-    for depth, block in enumerate(blocks):
-        row = by_rep[(f"{block}@{size}", spec)]
-        blocks_table.append({"depth": depth, "block": block, **{
-            k: row[k] for k in ("val_auroc", "val_auroc_std", "test_auroc", "test_auroc_std",
-                                "val_auroc_per_split", "test_auroc_per_split")}})
+    keys = ("val_auroc", "val_auroc_std", "test_auroc", "test_auroc_std",
+            "val_auroc_per_split", "test_auroc_per_split")
+    return [{"depth": depth, "block": block,
+             **{k: by_rep[(f"{block}@{size}", spec)][k] for k in keys}}
+            for depth, block in enumerate(blocks)]
+
+
+def _picked_record(results) -> dict:
+    """The picked triples: their test AUROC over splits and how often each was picked."""
     auroc, auroc_std = mean_std(r.test["auroc"] for r in results)
     counts: dict[str, int] = {}
     for r in results:
         counts[r.picked.label] = counts.get(r.picked.label, 0) + 1
-    extra = {
-        "n_validation_anomalies": wanted, "picked_blocks": picked, "blocks": blocks_table,
-        "image_sizes": features.sizes, "detectors": detectors,
-        "grid": {"sizes": features.sizes, "detectors": detectors, "n_candidates": len(grid),
-                 "representations": list(dict.fromkeys(c.representation for c in grid))},
-        "picked": {"auroc": auroc, "auroc_std": auroc_std, "counts": counts,
-                   "per_split": [r.to_json() for r in results]},
-        "candidates": candidates,
-    }
-    return RecipeResult("table2", bench, runs + triple_runs, summary, {}, extra)
+    return {"auroc": auroc, "auroc_std": auroc_std, "counts": counts,
+            "per_split": [r.to_json() for r in results]}
 
 
 def _run(spec, representation, split, score) -> Run:

@@ -76,6 +76,36 @@ def test_a_third_party_detector_runs_in_a_recipe(site, monkeypatch, tmp_path):
     assert summary[0]["detector"] == "zscore" and summary[0]["auroc"] > 0.5
 
 
+@pytest.mark.tf
+def test_a_third_party_detector_of_block_maps_gets_them_from_a_pipeline(site, monkeypatch,
+                                                                        tmp_path):
+    """The public seam for detectors of maps: ``input_kind = "maps"`` and
+    ``for_representation``; the pipeline builds the BlockMaps, fits, scores, saves and
+    draws the detector's own heatmap, as for patch kNN."""
+    from conftest import FAST
+    from kad.data.datasets import FileSource, load_dataset
+    from kad.screening.heatmaps import explain
+    from synthetic import screening_folder
+
+    install_example(site)
+    activate(site, monkeypatch)
+    root = screening_folder(tmp_path / "data", n_normal=12, n_abnormal=2, size=32)
+    dataset = load_dataset("folder", root, kind="natural")
+    pipeline = kad.fit_pipeline(dataset, detector="zmap",
+                                representation="block_2_add,block_5_add",
+                                cache_dir=tmp_path / "cache", **FAST)
+    assert isinstance(pipeline.representation, kad.BlockMaps)
+    # the layout reached the detector: the two blocks' channels, in order
+    assert pipeline.detector.block_channels == pipeline.representation.channels == (8, 16)
+    source = FileSource([root / i for i in dataset.ids[:3]])
+    scores = pipeline.score(source).scores
+    again = kad.load_pipeline(pipeline.save(tmp_path / "zmap.kad"))
+    np.testing.assert_array_equal(again.score(source).scores, scores)
+    drawn = explain(again, source)
+    assert {d.method for d in drawn} == {"detector"}
+    np.testing.assert_array_equal([d.score for d in drawn], scores)
+
+
 def test_a_broken_plugin_is_reported_and_does_not_break_listing(site, monkeypatch):
     install(site, "kad-broken", "0.3.0", {DETECTORS: {"dagmm2": "kad_broken_mod:Detector"}},
             {"kad_broken_mod": "import not_a_real_module_xyz\n"})

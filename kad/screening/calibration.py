@@ -98,10 +98,20 @@ class FitSplit:
     left_out: dict[int, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     by_patient: bool = False
+    #: Rows left out of each part, by part, because their image could not be read
+    #: (:func:`kad.screening.fitting.split_rows`).
+    unreadable: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def labelled(self) -> bool:
+        return len(self.selection) > 0
 
     def parts(self) -> dict[str, np.ndarray]:
         return {"train": self.train, "calibration": self.calibration,
                 "selection": self.selection, "assessment": self.assessment}
+
+    def counts(self) -> dict[str, int]:
+        return {name: int(len(rows)) for name, rows in self.parts().items()}
 
     def describe(self) -> dict:
         """Counts per part (JSON-able), as stored in the model and printed by ``kad fit``."""

@@ -15,20 +15,20 @@ itself and scoring are :mod:`kad.screening.pipeline`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from kad.errors import KadError
 from kad.features.representation import Representation
+from kad.screening.calibration import FitSplit
 from kad.screening.pipeline import Pipeline, weights_fingerprint
 from kad.screening.thresholds import Threshold, ThresholdRule
 from kad.utils.progress import Progress, task
 
 __all__ = [
     "DetectorInputs",
-    "Parts",
     "Picked",
     "assess_held_out",
     "calibrate",
@@ -41,65 +41,39 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------- 1. split
-@dataclass
-class Parts:
-    """Rows of the dataset per purpose, each readable and used for nothing else.
-
-    ``train`` fits the detector; ``calibration`` (normals) sets a conformal threshold and
-    the p-values; ``selection`` (labelled, ``selection_labels`` 1 = anomaly) picks the
-    block and sets a sensitivity threshold; ``assessment`` measures the result.
-    ``unreadable`` counts, per part, the rows left out because their image could not be
-    read."""
-
-    train: np.ndarray
-    calibration: np.ndarray
-    selection: np.ndarray
-    selection_labels: np.ndarray
-    assessment: np.ndarray
-    assessment_labels: np.ndarray
-    unreadable: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def labelled(self) -> bool:
-        return len(self.selection) > 0
-
-    def counts(self) -> dict[str, int]:
-        return {"train": len(self.train), "selection": len(self.selection),
-                "calibration": len(self.calibration), "assessment": len(self.assessment)}
-
-
-def split_rows(dataset, usable: np.ndarray, split=None,
-               train_rows: np.ndarray | None = None) -> Parts:
-    """The :class:`Parts` of a :class:`~kad.screening.calibration.FitSplit` (or, without
-    one, ``train_rows``, by default every normal image), readable rows only. Refuses
-    fewer than 2 training images, labelled images of one class and parts that overlap."""
-    none = np.zeros(0, dtype=int)
+def split_rows(dataset, usable: np.ndarray, split: FitSplit | None = None,
+               train_rows: np.ndarray | None = None) -> FitSplit:
+    """``split`` (or, without one, a split whose only part is ``train_rows``, by default
+    every normal image) with the rows of unreadable images left out of every part, counted
+    per part in ``unreadable``. Refuses fewer than 2 training images, labelled images of
+    one class and parts that overlap."""
     if split is None:
+        none = np.zeros(0, dtype=int)
         if train_rows is None:
             normal = (np.ones(len(usable), bool) if dataset.anomaly is None
                       else ~np.asarray(dataset.anomaly, dtype=bool))
             train_rows = np.flatnonzero(normal)
-        wanted = {"train": (train_rows, None), "calibration": (none, None),
-                  "selection": (none, none), "assessment": (none, none)}
-    else:
-        wanted = {"train": (split.train, None), "calibration": (split.calibration, None),
-                  "selection": (split.selection, split.selection_labels),
-                  "assessment": (split.assessment, split.assessment_labels)}
-    kept: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-    unreadable: dict[str, int] = {}
-    for name, (rows, labels) in wanted.items():
+        split = FitSplit(np.asarray(train_rows, dtype=int), none, none, none, none, none)
+    kept, unreadable = {}, {}
+    for name, rows in split.parts().items():
         rows = np.asarray(rows, dtype=int)
         ok = usable[rows]
         if not ok.all():
             unreadable[name] = int((~ok).sum())
-        kept[name] = (rows[ok], None if labels is None else np.asarray(labels, int)[ok])
-    parts = Parts(kept["train"][0], kept["calibration"][0], *kept["selection"],
-                  *kept["assessment"], unreadable)
-    _check_parts(parts)
-    return parts
+        kept[name] = ok
+    readable = replace(
+        split, train=split.train[kept["train"]],
+        calibration=split.calibration[kept["calibration"]],
+        selection=split.selection[kept["selection"]],
+        selection_labels=np.asarray(split.selection_labels, int)[kept["selection"]],
+        assessment=split.assessment[kept["assessment"]],
+        assessment_labels=np.asarray(split.assessment_labels, int)[kept["assessment"]],
+        unreadable=unreadable)
+    _check_parts(readable)
+    return readable
 
 
-def _check_parts(parts: Parts) -> None:
+def _check_parts(parts: FitSplit) -> None:
     if len(parts.train) < 2:
         raise KadError(f"fitting needs at least 2 readable normal images, got "
                        f"{len(parts.train)}")
@@ -183,7 +157,7 @@ class Picked:
     selection: dict
 
 
-def pick_and_fit(prototype, named: str, inputs: DetectorInputs, parts: Parts) -> Picked:
+def pick_and_fit(prototype, named: str, inputs: DetectorInputs, parts: FitSplit) -> Picked:
     """Fit ``prototype`` (cloned) on the training rows. With ``named == "picked"`` and a
     representation that can pick (:attr:`Representation.can_pick`), the block whose
     detector ranks the labelled selection rows best is chosen first (the paper's Table 2,
@@ -218,7 +192,7 @@ def pick_and_fit(prototype, named: str, inputs: DetectorInputs, parts: Parts) ->
 
 # ------------------------------------------------------------------- 4. calibrate
 def calibrate(rule: ThresholdRule, picked: Picked, inputs: DetectorInputs,
-              parts: Parts) -> tuple[Threshold, np.ndarray | None]:
+              parts: FitSplit) -> tuple[Threshold, np.ndarray | None]:
     """The threshold ``rule`` (resolved for the parts at hand) gives the fitted detector,
     with, on the labelled selection rows, the metrics at that threshold; returns it and
     the sorted calibration scores (None without calibration rows)."""
@@ -243,7 +217,7 @@ def calibrate(rule: ThresholdRule, picked: Picked, inputs: DetectorInputs,
 
 
 # ----------------------------------------------------------------------- 5. assess
-def assess_held_out(picked: Picked, inputs: DetectorInputs, parts: Parts,
+def assess_held_out(picked: Picked, inputs: DetectorInputs, parts: FitSplit,
                     who: Callable[[np.ndarray], str]) -> dict | None:
     """Scores of the assessment rows, kept with their labels to measure sensitivity and
     specificity on images used for nothing else (:meth:`Pipeline.assessed`)."""
@@ -346,7 +320,7 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
     return pipeline
 
 
-def _training_record(dataset, features, picked: Picked, parts: Parts, split) -> dict:
+def _training_record(dataset, features, picked: Picked, parts: FitSplit, split) -> dict:
     training = {"dataset": dataset.name, "fingerprint": dataset.fingerprint,
                 "n_images": int(len(parts.train)), "feature_cache": features.key,
                 "scores": np.sort(picked.detector.anomaly_scores_).tolist(),
