@@ -137,6 +137,9 @@ class _Whole:
     def load(self, i: int) -> np.ndarray:
         return self.source.load(i)
 
+    def describe(self, i: int) -> str:
+        return self.source.describe(i)
+
 
 if __name__ == "__main__":
     sys.exit(main())

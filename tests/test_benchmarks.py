@@ -1,0 +1,29 @@
+"""The benchmarks run, in a few images, so that none of them rots: each is started as a
+user starts it, with the smallest sizes it takes, and must finish and print its table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import KAGGLE_DR, need
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_the_preprocessing_benchmark_runs_on_a_few_photographs():
+    need(KAGGLE_DR)
+    out = _run("preprocess.py", "--n", "4", "--full-size", "2", "--repeat", "1")
+    assert "fundus full-size" in out and "full decode" in out
