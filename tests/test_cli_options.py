@@ -20,6 +20,21 @@ import typer
 from typer.testing import CliRunner
 
 
+def _import_all(*packages: str) -> None:
+    import pkgutil
+
+    for name in packages:
+        package = importlib.import_module(name)
+        for info in pkgutil.walk_packages(package.__path__, f"{name}."):
+            importlib.import_module(info.name)
+
+
+# Every module a command reaches is imported before any test patches a name: a module first
+# imported under a patch would keep the recorder for good if it binds the name at import
+# time (``from .common import Workbench``), and later tests would run against it.
+_import_all("kad.cli", "kad.screening", "kad_recipes")
+
+
 class Captured(Exception):
     """Raised by the recorder of a command's last library call: the command stops there."""
 
