@@ -319,3 +319,20 @@ def test_a_recipe_stops_before_any_work_while_another_writes_its_out(tmp_path, m
     assert f"{out} is being written by another kad run (process {os.getpid()}" in \
         result.output.replace("\n", "")
     assert list(out.iterdir()) == []
+
+
+def test_a_second_kad_fit_to_the_same_file_stops_before_any_work(tmp_path):
+    from kad.cli import app
+    from kad.utils.files import file_lock_path
+    from synthetic import screening_folder
+
+    model = tmp_path / "model.kad"
+    screening_folder(tmp_path / "data", n_normal=30, n_abnormal=4, seed=0)
+    with output_lock(file_lock_path(model), model):
+        result = runner.invoke(app, ["fit", "--dataset", "folder", "--data-dir",
+                                     str(tmp_path / "data"), "--out", str(model),
+                                     "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 1, result.output
+    assert f"{model} is being written by another kad run (process {os.getpid()}" in \
+        result.output.replace("\n", "")
+    assert not model.exists() and not list((tmp_path / "cache").glob("*-*"))
