@@ -7,6 +7,7 @@ like the paper's, and writes ``results.json``, ``results.csv`` and plots to ``--
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -80,8 +81,24 @@ def _bench(options: RecipeOptions, progress: RichProgress):
     return Workbench(options, log=note, progress=progress, report_skipped=skipped)
 
 
-def _finish(result, options: RecipeOptions, started: float, title: str) -> Path:
-    folder = options.out or default_out(result.recipe)
+@contextmanager
+def _results_folder(options: RecipeOptions, recipe: str):
+    """The results folder (``--out``, or a new one under kad-results/), locked for the whole
+    run before any work (a second run with the same --out stops, naming the holder), with
+    a staging folder inside it: the results appear together when the run completes, and
+    an interrupted or failed run leaves the folder as it was."""
+    from kad.features.cache import check_writable
+    from kad.utils.files import staged_output
+
+    options.out = check_writable(options.out or default_out(recipe), what="--out folder")
+    with staged_output(options.out) as stage:
+        yield stage
+
+
+def _finish(result, stage, started: float, title: str, more=None) -> Path:
+    """Write the results into the staging folder (``more(folder)`` adds files) and put
+    them into place together."""
+    folder = stage.path
     write_results(folder, result.recipe, result.bench, result.runs, result.summary,
                   {**result.extra, "seconds": time.perf_counter() - started})
     if result.curves:
@@ -90,11 +107,16 @@ def _finish(result, options: RecipeOptions, started: float, title: str) -> Path:
         aurocs = {label: mean_std(r.auroc for r in result.runs if r.label == label)[0]
                   for label in result.curves}
         plot_rocs(folder / "roc.png", result.curves, aurocs, title)
+    if more is not None:
+        more(folder)
+    replaced = stage.publish()
     if any(r.supervised for r in result.runs):
         note("columns marked [supervised] were trained with labelled anomalies: an upper "
              "bound, not an unsupervised result", label="note:")
-    note(f"results in {folder} ({time.perf_counter() - started:.1f} s)")
-    return folder
+    if replaced:
+        note(f"replaced the earlier {', '.join(p.name for p in replaced)} in {stage.out}")
+    note(f"results in {stage.out} ({time.perf_counter() - started:.1f} s)")
+    return stage.out
 
 
 def _table(title: str, row_label: str, rows: dict[str, dict[str, str]]):
@@ -126,8 +148,9 @@ def table1(
     options = _options(locals())
     started = time.perf_counter()
     progress = RichProgress()
-    result = run_table1(options, progress=progress, bench=_bench(options, progress))
-    _finish(result, options, started, f"Table 1 — {result.bench.dataset.name}")
+    with _results_folder(options, "table1") as stage:
+        result = run_table1(options, progress=progress, bench=_bench(options, progress))
+        _finish(result, stage, started, f"Table 1 — {result.bench.dataset.name}")
     name = result.bench.dataset.name
     stdout.print(_table("Table 1 — novelty detection, AUROC %", "dataset", {
         name: {row["column"]: percent(row["auroc"], row["auroc_std"]) for row in result.summary}}))
@@ -165,10 +188,17 @@ def table2(
     options = _options(locals(), inputs="features")
     started = time.perf_counter()
     progress = RichProgress()
-    result = run_table2(options, n_anomalies, progress=progress, bench=_bench(options, progress))
-    folder = _finish(result, options, started, "")
-    plot_blocks(folder / "blocks.png", result.extra["blocks"],
-                f"{options.detectors[0]} per block — {result.bench.dataset.name}")
+
+    def plots(folder: Path) -> None:
+        plot_blocks(folder / "blocks.png", result.extra["blocks"],
+                    f"{options.detectors[0]} per block — {result.bench.dataset.name}")
+        plot_candidates(folder / "candidates.png", result.extra["candidates"],
+                        f"{result.bench.dataset.name}: test AUROC per block")
+
+    with _results_folder(options, "table2") as stage:
+        result = run_table2(options, n_anomalies, progress=progress,
+                            bench=_bench(options, progress))
+        _finish(result, stage, started, "", more=plots)
     cells = {("Concatenation" if row["representation"] == "concat"
               else "Best (picked) representation"): percent(row["auroc"], row["auroc_std"])
              for row in result.summary}
@@ -181,8 +211,6 @@ def table2(
     picked = result.extra["picked_blocks"]
     say("picked: " + ", ".join(f"{b} ×{picked.count(b)}" for b in dict.fromkeys(picked)))
     picked = result.extra["picked"]
-    plot_candidates(folder / "candidates.png", result.extra["candidates"],
-                    f"{result.bench.dataset.name}: test AUROC per block")
     stdout.print(_table("picked (input size, block, detector) per split, by validation "
                         "AUROC inside the training folds", "split", {
         row["split"]: {"picked": row["picked"]["label"],
@@ -216,8 +244,10 @@ def table3(
     started = time.perf_counter()
     ratio_list = [float(r) for r in _split(ratios)] if ratios else None
     progress = RichProgress()
-    result = run_table3(options, ratio_list, progress=progress, bench=_bench(options, progress))
-    _finish(result, options, started, f"Table 3 — {result.bench.dataset.name}")
+    with _results_folder(options, "table3") as stage:
+        result = run_table3(options, ratio_list, progress=progress,
+                            bench=_bench(options, progress))
+        _finish(result, stage, started, f"Table 3 — {result.bench.dataset.name}")
     rows: dict[str, dict[str, str]] = {}
     for row in result.summary:
         rows.setdefault(row["column"], {})[f"ρ={row['ratio']:.0%}"] = percent(

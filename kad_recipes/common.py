@@ -301,10 +301,13 @@ def default_out(recipe: str) -> Path:
 
 def write_results(out: Path, recipe: str, bench: Workbench, runs: list[Run],
                   summary: list[dict], extra: dict | None = None) -> Path:
-    """``results.json`` (everything), ``results.csv`` (one line per run)."""
+    """``results.json`` (everything), ``results.csv`` (one line per run), each written
+    aside and renamed when complete; a text cell a spreadsheet would read as a formula is
+    escaped with a leading ``'`` (:func:`kad.utils.files.csv_cell`)."""
     import csv
 
     from kad.utils.artifact import library_versions
+    from kad.utils.files import atomic_write, csv_cell, write_text
 
     out.mkdir(parents=True, exist_ok=True)
     document = {
@@ -321,12 +324,21 @@ def write_results(out: Path, recipe: str, bench: Workbench, runs: list[Run],
         "runs": [asdict(r) for r in runs],
         **(extra or {}),
     }
-    (out / "results.json").write_text(json.dumps(document, indent=2, default=_json_default))
-    with open(out / "results.csv", "w", newline="") as fh:
+    write_text(out / "results.json", json.dumps(document, indent=2, default=_json_default))
+    with atomic_write(out / "results.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(asdict(runs[0])))
         writer.writeheader()
-        writer.writerows(asdict(r) for r in runs)
+        writer.writerows({k: csv_cell(v) for k, v in asdict(r).items()} for r in runs)
     return out
+
+
+def save_figure(fig, path: Path) -> Path:
+    """A matplotlib figure as a PNG, written aside and renamed when complete."""
+    from kad.utils.files import atomic_write
+
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format="png", dpi=110)
+    return path
 
 
 def _json_default(value):
@@ -362,6 +374,8 @@ def plot_rocs(path: Path, curves: dict[str, list[tuple[np.ndarray, np.ndarray]]]
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
     return path

@@ -30,6 +30,7 @@ from .common import (
     compatible,
     make_detector,
     refuse_maps,
+    save_figure,
     summarise,
 )
 from .table1 import RecipeResult
@@ -189,8 +190,10 @@ def plot_blocks(path, blocks_table: list[dict], title: str):
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -230,6 +233,8 @@ def plot_candidates(path, candidates: list[dict], title: str):
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
     return path

@@ -293,3 +293,57 @@ def test_a_disk_that_fills_up_during_extraction_gives_one_line(tmp_path, monkeyp
         f"there or choose another folder; the 1 rows already recorded in "
         f"{tmp_path / 'e.partial'} are kept and the next run resumes after them")
     writer.close()
+
+
+def test_remove_takes_only_entries_of_the_cache_folder(tmp_path, monkeypatch):
+    """`kad cache remove results` once deleted ./results, a folder outside the cache that
+    held a meta.json; `kad cache remove ""` removed an entry."""
+    from typer.testing import CliRunner
+
+    from kad.cli import app
+
+    root = tmp_path / "cache"
+    entry, _ = make_entry(root, "digits-mobilenet_v2-abc")
+    make_entry(root, "digits-mobilenet_v2-abd")
+    outside = tmp_path / "results"
+    outside.mkdir()
+    (outside / "meta.json").write_text(entry.path.joinpath("meta.json").read_text())
+    (outside / "mine.txt").write_text("the user's")
+    monkeypatch.chdir(tmp_path)
+    for name, message in [
+        ("results", "no cache entry 'results'"),
+        (str(outside), "is not in the feature cache"),
+        ("./results", "is not in the feature cache"),
+        (str(root / ".." / "results"), "is not in the feature cache"),
+        ("", "an empty cache entry name names nothing"),
+        ("  ", "an empty cache entry name names nothing"),
+        ("d", "too short to name a cache entry"),
+        ("digits-mobilenet_v2-ab", "names 2 cache entries"),
+        (str(root), "is not in the feature cache"),
+    ]:
+        with pytest.raises(KadError, match=message):
+            remove_entries([name], root)
+        result = CliRunner().invoke(app, ["cache", "remove", name, "--cache-dir", str(root)])
+        assert result.exit_code == 1 and message.split("'")[0] in result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    assert (outside / "mine.txt").exists() and entry.path.exists()
+    assert len(list_entries(root)) == 2
+
+
+def test_remove_refuses_a_non_entry_and_a_symlink_out_of_the_cache(tmp_path):
+    root = tmp_path / "cache"
+    make_entry(root, "digits-mobilenet_v2-abc")
+    (root / "notes").mkdir()
+    (root / "notes" / "keep.txt").write_text("x")
+    with pytest.raises(KadError, match="not a kad feature cache entry"):
+        remove_entries([str(root / "notes")], root)
+    elsewhere, _ = make_entry(tmp_path / "other", "digits-mobilenet_v2-zzz")
+    (root / "digits-mobilenet_v2-lnk").symlink_to(elsewhere.path, target_is_directory=True)
+    for name in ("digits-mobilenet_v2-lnk", str(root / "digits-mobilenet_v2-lnk")):
+        with pytest.raises(KadError):
+            remove_entries([name], root)
+    removed = remove_entries(root=root, all_entries=True)
+    assert [r.path.name for r in removed] == ["digits-mobilenet_v2-abc"]
+    assert elsewhere.path.is_dir() and (root / "notes" / "keep.txt").exists()
+    (removed_by_name,) = remove_entries(["digits-mobilenet_v2-zz"], tmp_path / "other")
+    assert not removed_by_name.path.exists()

@@ -423,3 +423,15 @@ def test_fit_picks_size_block_and_detector_on_the_selection_images_only(tmp_path
     assert f"picked {picked['label']}" in result.output
     assessed = pipeline.assessed()  # measured on images the pick never saw
     assert assessed is not None and assessed.honest
+
+
+def test_threshold_rewrites_the_model_only_with_in_place(work, tmp_path):
+    model = tmp_path / "model.kad"
+    shutil.copy(work / "model.kad", model)
+    before = model.read_bytes()
+    refused = runner.invoke(app, ["threshold", str(model), "--fpr", "0.3"])
+    assert refused.exit_code == 1 and "--in-place" in refused.output
+    assert model.read_bytes() == before
+    _kad("threshold", model, "--fpr", "0.3", "--in-place")
+    assert load_pipeline(model).threshold.method == "conformal"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.kad"]  # no lock, no temp

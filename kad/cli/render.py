@@ -46,6 +46,12 @@ def fail(message: str) -> typer.Exit:
 RESUMES = ("finished batches of features are kept in the cache; the same command resumes "
            "after them")
 NOTHING_KEPT = "nothing was written; run the command again to start over"
+#: ``kad score``: its files appear in --out only once the run completes.
+SCORES_NOT_WRITTEN = ("nothing was written: kad score puts scores.csv and report.html into "
+                      "--out only when the run completes, and --out is as it was; run the "
+                      "command again")
+#: ``kad fit``: the model file appears only once complete.
+MODEL_NOT_WRITTEN = f"no model file was written; {RESUMES}"
 
 
 def handle_errors(func: Callable | None = None, *, interrupted: str = RESUMES) -> Callable:

@@ -26,7 +26,16 @@ from kad.cli.options import (
     SeedOpt,
     WeightsOpt,
 )
-from kad.cli.render import NOTHING_KEPT, RichProgress, handle_errors, note, say, skipped
+from kad.cli.render import (
+    MODEL_NOT_WRITTEN,
+    NOTHING_KEPT,
+    SCORES_NOT_WRITTEN,
+    RichProgress,
+    handle_errors,
+    note,
+    say,
+    skipped,
+)
 
 HeatmapMethodOpt = Annotated[str, typer.Option(
     "--heatmap-method", help="auto (gradient through the pooling where the detector has one, "
@@ -48,6 +57,8 @@ ModelRuntimeOpt = Annotated[str | None, typer.Option(
                       "(default: the runtime the model was fitted with).")]
 
 
+OverwriteOpt = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace the --out file if it exists (refused otherwise).")]
 FprOpt = Annotated[float | None, typer.Option(
     "--fpr", min=0.0, max=1.0,
     help="Set the threshold so that a healthy image is flagged with probability at most "
@@ -55,7 +66,8 @@ FprOpt = Annotated[float | None, typer.Option(
 
 
 def fit(
-    out_path: Annotated[Path, typer.Option("--out", "-o", help="Model file to write.")],
+    out_path: Annotated[Path, typer.Option(
+        "--out", "-o", help="Model file to write (an existing one only with --overwrite).")],
     dataset: DatasetOpt = "folder", data_dir: DataDirOpt = None,
     backbone: BackboneOpt = "inception_resnet_v2", weights: WeightsOpt = "imagenet",
     image_size: ImageSizesOpt = None, preprocessing: PreprocessingOpt = None,
@@ -82,6 +94,7 @@ def fit(
     keep_all_blocks: Annotated[bool, typer.Option(
         "--keep-all-blocks", help="Keep every block of the training images in the feature "
                                   "cache (by default only the blocks the model uses).")] = False,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Fit the whole pipeline on normal images and save it as one file."""
     from kad.screening.calibration import fit_summary
@@ -93,7 +106,8 @@ def fit(
                     representation=representation, fpr=fpr, sensitivity=sensitivity,
                     calibration=calibration, validation=validation, seed=seed,
                     batch_size=batch_size, cache_dir=cache_dir,
-                    keep_all_blocks=keep_all_blocks, runtime=runtime, progress=RichProgress())
+                    keep_all_blocks=keep_all_blocks, runtime=runtime, progress=RichProgress(),
+                    overwrite=overwrite)
     skipped(run.left_out.items(), "image(s) were used for nothing")
     parts = run.split.describe()
     line = (f"fitted on {run.n_fitted} normal images; {parts['calibration']} normal images "
@@ -116,8 +130,8 @@ def fit(
     pipeline = run.pipeline
     note(f"runtime: {pipeline.runtime}")
     blocks = ", ".join(pipeline.blocks) if len(pipeline.blocks) < 6 else "concat"
-    say(f"wrote {run.path}: {pipeline.backbone}, blocks {blocks}, threshold "
-        f"{pipeline.threshold.value:.4g} ({pipeline.threshold.method})")
+    say(f"{'replaced' if run.replaced else 'wrote'} {run.path}: {pipeline.backbone}, "
+        f"blocks {blocks}, threshold {pipeline.threshold.value:.4g} ({pipeline.threshold.method})")
     pruned = pipeline.training.get("pruned")
     if pruned and pruned["removed_blocks"]:
         note(f"the feature cache keeps only the model's blocks: {pruned['removed_blocks']} "
@@ -128,8 +142,10 @@ def fit(
 def score(
     model: ModelArg,
     images: Annotated[list[Path], typer.Argument(help="Image files or folders.")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for scores.csv and "
-                                          "report.html.")] = Path("kad-scores"),
+    out_dir: Annotated[Path, typer.Option(
+        "--out", "-o", help="Folder for scores.csv and report.html (an earlier run's are "
+                            "replaced, all together at the end; one run at a time).")] = Path(
+        "kad-scores"),
     labels: Annotated[Path | None, typer.Option(
         "--labels", help="CSV image,label (normal/abnormal) for AUROC and the ROC curve.")] = None,
     weights: WeightsOverrideOpt = None,
@@ -164,6 +180,8 @@ def score(
             f"{1000 * drawn.seconds / max(len(run.rows), 1):.0f} ms per image, in "
             f"{out_dir / 'heatmaps'}")
     say(f"wrote {run.scores_csv} and {run.report}")
+    if run.replaced:
+        note(f"replaced the earlier {', '.join(p.name for p in run.replaced)} in {out_dir}")
 
 
 score.__doc__ = f"{score.__doc__}\n\n{MODEL_FILE}"
@@ -179,16 +197,22 @@ def threshold(
         "--labels", help="CSV image,label for --sensitivity; image paths relative to the "
                          "CSV's folder or absolute.")] = None,
     out_path: Annotated[Path | None, typer.Option(
-        "--out", "-o", help="Write the updated model here instead of over MODEL.")] = None,
+        "--out", "-o", help="Write the updated model to this new file (or use --in-place).")
+    ] = None,
+    in_place: Annotated[bool, typer.Option(
+        "--in-place", help="Rewrite MODEL itself with the new threshold.")] = False,
+    overwrite: OverwriteOpt = False,
     weights: WeightsOverrideOpt = None,
 ) -> None:
     """Move the flagging threshold without refitting: to a false-positive rate (--fpr) or to
-    a sensitivity on a labelled validation set (--sensitivity with --labels)."""
+    a sensitivity on a labelled validation set (--sensitivity with --labels). The updated
+    model goes to --out NEW.kad, or over MODEL with --in-place; never over MODEL unasked."""
     from kad.screening.calibration import fit_summary
     from kad.screening.workflow import set_threshold
 
     run = set_threshold(model, labels, sensitivity=sensitivity, fpr=fpr, out_path=out_path,
-                        weights=weights, progress=RichProgress())
+                        weights=weights, progress=RichProgress(), in_place=in_place,
+                        overwrite=overwrite)
     skipped(((o.file, o.reason) for o in run.not_used), "labelled image(s) could not be read")
     for text in fit_summary(run.pipeline).lines():
         say(text)
@@ -230,7 +254,7 @@ def explain(
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(handle_errors(fit))
-    app.command()(handle_errors(score, interrupted=NOTHING_KEPT))
+    app.command()(handle_errors(fit, interrupted=MODEL_NOT_WRITTEN))
+    app.command()(handle_errors(score, interrupted=SCORES_NOT_WRITTEN))
     app.command()(handle_errors(threshold, interrupted=NOTHING_KEPT))
     app.command()(handle_errors(explain, interrupted=NOTHING_KEPT))

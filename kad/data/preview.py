@@ -71,8 +71,9 @@ def save_preview(
     if not ok:  # pragma: no cover - PNG encoding of uint8 RGB does not fail
         raise RuntimeError("OpenCV could not encode the preview as PNG")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(encoded.tobytes())  # not cv2.imwrite: works for non-ASCII paths too
-    return out
+    from kad.utils.files import write_bytes
+
+    return write_bytes(out, encoded.tobytes())  # not cv2.imwrite: non-ASCII paths work too
 
 
 def _letterbox(rgb: np.ndarray, size: int) -> np.ndarray:

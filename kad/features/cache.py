@@ -673,22 +673,52 @@ def verify_entry(path: str | Path) -> VerifyResult:
                         time.perf_counter() - started)
 
 
+#: A unique beginning of an entry's name must be at least this long to name it.
+MIN_PREFIX = 6
+
+
+def _inside(path: Path, base: Path) -> bool:
+    """Whether ``path``, symlinks resolved, is a folder directly in ``base`` (resolved)."""
+    try:
+        return path.resolve().parent == base.resolve()
+    except OSError:
+        return False
+
+
 def resolve_entry(name: str | Path, root: str | Path | None = None) -> Path:
-    """An entry folder from its path, its folder name or a unique beginning of the name."""
+    """An entry folder of the cache ``root`` from its folder name, a unique beginning of
+    the name (at least :data:`MIN_PREFIX` characters) or its path. Only entries directly
+    in the cache folder, symlinks resolved, are named: an empty name, a path elsewhere,
+    an ambiguous or too short beginning, or a folder that is not a cache entry raises
+    :class:`~kad.errors.KadError`."""
     base = Path(root) if root else cache_root()
-    candidate = Path(name)
-    if candidate.is_dir() and _is_entry_folder(candidate):
+    text = str(name).strip()
+    if not text:
+        raise KadError("an empty cache entry name names nothing; give an entry's name "
+                       "(see kad cache list)")
+    if "/" in text or os.sep in text or (os.altsep and os.altsep in text) \
+            or text in (".", "..") or Path(text).is_absolute():
+        candidate = Path(text).expanduser()
+        if not _inside(candidate, base):
+            raise KadError(f"{candidate} is not in the feature cache {base}: kad cache "
+                           "removes and checks only its own entries")
+        if candidate.is_symlink() or not _is_entry_folder(candidate):
+            raise KadError(f"{candidate} is not a kad feature cache entry; see kad cache list")
         return candidate
-    matches = [p for p in (base.iterdir() if base.is_dir() else [])
-               if _is_entry_folder(p) and p.name.startswith(str(name))]
-    exact = [p for p in matches if p.name == str(name)]
+    entries = [p for p in (base.iterdir() if base.is_dir() else [])
+               if _is_entry_folder(p) and not p.is_symlink() and _inside(p, base)]
+    exact = [p for p in entries if p.name == text]
     if exact:
         return exact[0]
+    matches = [p for p in entries if p.name.startswith(text)]
+    if not matches:
+        raise KadError(f"no cache entry {text!r} in {base}; see kad cache list")
+    if len(text) < MIN_PREFIX:
+        raise KadError(f"{text!r} is too short to name a cache entry: give its full name or "
+                       f"at least {MIN_PREFIX} characters of it (see kad cache list)")
     if len(matches) == 1:
         return matches[0]
-    if not matches:
-        raise KadError(f"no cache entry {str(name)!r} in {base}; see kad cache list")
-    raise KadError(f"{str(name)!r} names {len(matches)} cache entries in {base} "
+    raise KadError(f"{text!r} names {len(matches)} cache entries in {base} "
                    f"({', '.join(p.name for p in matches[:4])}, ...): give more of the name")
 
 
@@ -704,7 +734,8 @@ def remove_entries(names: Sequence[str | Path] = (), root: str | Path | None = N
     ``all_entries``. An entry being written by a running extraction is refused."""
     base = Path(root) if root else cache_root()
     if all_entries:
-        paths = [info.path for info in list_entries(base)]
+        paths = [info.path for info in list_entries(base)
+                 if not info.path.is_symlink() and _inside(info.path, base)]
     else:
         if not names:
             raise KadError("name the cache entries to remove, or ask for all of them")

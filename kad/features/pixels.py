@@ -45,8 +45,9 @@ def load_pixels(dataset, size: int, preprocessing, cache_dir: str | Path | None 
     with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 2)) as pool:
         list(pool.map(work, range(len(dataset))))
     root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, images=images, failed_ids=np.asarray(list(failed), dtype=str),
-             failed_why=np.asarray(list(failed.values()), dtype=str))
-    os.replace(tmp, path)
+    from kad.utils.files import atomic_write
+
+    with atomic_write(path, "wb") as fh:
+        np.savez(fh, images=images, failed_ids=np.asarray(list(failed), dtype=str),
+                 failed_why=np.asarray(list(failed.values()), dtype=str))
     return images, failed

@@ -480,8 +480,9 @@ def _write_png(path: Path, rgb: np.ndarray) -> Path:
     ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise KadError(f"could not encode {path} as PNG")
-    path.write_bytes(buf.tobytes())
-    return path
+    from kad.utils.files import write_bytes
+
+    return write_bytes(path, buf.tobytes())
 
 
 def write_overlay(heatmap: Heatmap, path: str | Path, on: str = "seen") -> Path:

@@ -337,5 +337,7 @@ false-positive rate α exactly when its p-value is at most α.</p>
 {problems}
 </body></html>
 """
-    path.write_text(page, encoding="utf-8")
+    from kad.utils.files import write_text
+
+    write_text(path, page)
     return path, metrics

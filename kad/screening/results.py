@@ -134,18 +134,22 @@ def rank(pipeline: Pipeline, files: list[Path], result: Scores,
 def write_scores_csv(path: Path, rows: list[ScoredImage], not_scored: list[NotScored]) -> Path:
     """One row per input: the scored images, most suspicious first, then every input that
     was not scored, with its status and the reason. The p-value is the conformal one
-    (blank for a model without a calibration set)."""
-    with open(path, "w", newline="") as fh:
+    (blank for a model without a calibration set). Written aside and renamed when complete
+    (:func:`kad.utils.files.atomic_write`); a file name or reason a spreadsheet would read
+    as a formula is escaped with a leading ``'`` (:func:`kad.utils.files.csv_cell`)."""
+    from kad.utils.files import atomic_write, csv_cell
+
+    with atomic_write(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         labelled = any(r.label is not None for r in rows)
         writer.writerow(["file", "status", "score", "p_value", "flagged",
                          *(["label"] if labelled else []), "reason"])
         for r in rows:
             p_value = "" if r.p_value is None else f"{r.p_value:.6g}"
-            writer.writerow([r.file, SCORED, f"{r.score:.6g}", p_value,
+            writer.writerow([csv_cell(r.file), SCORED, f"{r.score:.6g}", p_value,
                              "yes" if r.flagged else "no",
                              *([("" if r.label is None else r.label)] if labelled else []), ""])
         for other in not_scored:
-            writer.writerow([other.file, other.status, "", "", "",
-                             *([""] if labelled else []), other.reason])
+            writer.writerow([csv_cell(str(other.file)), other.status, "", "", "",
+                             *([""] if labelled else []), csv_cell(other.reason)])
     return path

@@ -9,7 +9,7 @@ record the command line renders. Every input is accounted for: each file handed 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,7 @@ class FitRun:
     path: Path
     split: object
     left_out: dict[str, str]
+    replaced: bool = False  # an earlier file at path was replaced
 
     @property
     def n_fitted(self) -> int:
@@ -63,7 +64,7 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
               validation: float | None = None, seed: int = 0, batch_size: int = 64,
               cache_dir: str | Path | None = None, keep_all_blocks: bool = False,
               runtime: str = "auto", progress: Progress | None = None,
-              on_event=None) -> FitRun:
+              on_event=None, overwrite: bool = False) -> FitRun:
     """Fit the whole pipeline on the normal images of ``dataset`` and save it to
     ``out_path``. The dataset is divided by patient
     (:func:`kad.screening.calibration.plan_fit_split`) into images that fit the detector,
@@ -72,7 +73,9 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
     held out to measure the result (:mod:`kad.screening.thresholds` says which rule
     applies). ``out_path`` and the cache folder are checked for writability before any
     work; the training images' cache entry then keeps only the blocks the model uses
-    unless ``keep_all_blocks``.
+    unless ``keep_all_blocks``. An existing ``out_path`` is refused unless ``overwrite``
+    (then :attr:`FitRun.replaced` is True); it is locked for the run, so a second fit to
+    the same file stops at once, and the file is written aside and renamed when complete.
 
     With labelled anomalies, several ``image_size`` values (``"224,448"``) and several
     ``detector`` specs (``"iforest,knn"``), the (input size, block or concatenation,
@@ -80,16 +83,53 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
     (:func:`kad.screening.selection.select`, a grid at each size), then fitted and
     calibrated as one."""
     from kad.features.cache import cache_root, check_writable
-    from kad.features.extract import extract_features
-    from kad.screening.calibration import plan_fit_split
-    from kad.screening.fitting import fit_pipeline
-    from kad.screening.selection import MultiSizeFeatures
 
     request = _FitRequest.of(dataset, image_size, detector, representation, fpr,
                              sensitivity, calibration, validation)
     request.check_calibration_size(dataset, seed)  # before any work
     check_writable(out_path, is_file=True, what="--out file")
     check_writable(Path(cache_dir) if cache_dir else cache_root(), what="feature cache folder")
+    with model_output(out_path, overwrite=overwrite, flag="--overwrite") as replaced:
+        run = _fit(dataset, out_path, request, backbone=backbone, weights=weights,
+                   preprocessing=preprocessing, seed=seed, batch_size=batch_size,
+                   cache_dir=cache_dir, keep_all_blocks=keep_all_blocks, runtime=runtime,
+                   progress=progress, on_event=on_event)
+    run.replaced = replaced
+    return run
+
+
+def model_output(path: str | Path, *, overwrite: bool, flag: str, same_as: Path | None = None):
+    """Lock the model file ``path`` about to be written (a lock file beside it; a second
+    run stops, naming the holder) and refuse it if it exists, unless ``overwrite`` or it is
+    ``same_as`` (the model being updated in place). A context manager yielding whether an
+    existing file will be replaced."""
+    from contextlib import contextmanager
+
+    from kad.utils.files import file_lock_path, output_lock
+
+    path = Path(path)
+    exists = path.exists()
+    in_place = same_as is not None and exists and path.resolve() == Path(same_as).resolve()
+    if exists and not (overwrite or in_place):
+        raise KadError(f"{path} exists; kad does not replace it without being asked: pass "
+                       f"{flag} to replace it, or choose another --out")
+
+    @contextmanager
+    def held():
+        with output_lock(file_lock_path(path), path):
+            yield exists
+
+    return held()
+
+
+def _fit(dataset, out_path, request, *, backbone, weights, preprocessing, seed, batch_size,
+         cache_dir, keep_all_blocks, runtime, progress, on_event) -> FitRun:
+    """:func:`fit_model`'s work once its inputs are checked and ``out_path`` is locked."""
+    from kad.features.extract import extract_features
+    from kad.screening.calibration import plan_fit_split
+    from kad.screening.fitting import fit_pipeline
+    from kad.screening.selection import MultiSizeFeatures
+
     by_size = {size: extract_features(dataset, backbone, weights, size, preprocessing,
                                       batch_size=batch_size, cache_dir=cache_dir,
                                       progress=progress, on_event=on_event, runtime=runtime)
@@ -219,6 +259,7 @@ class ScreeningRun:
     report: Path
     metrics: dict | None
     heatmaps: object = None  # kad.screening.heatmaps.HeatmapRun, with heatmaps
+    replaced: list[Path] = field(default_factory=list)  # earlier files now replaced
 
     @property
     def n_inputs(self) -> int:
@@ -240,11 +281,16 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
     ``scores.csv`` and ``report.html`` to ``out_dir`` (checked for writability first).
     ``engine="ray"`` scores on a Ray cluster (:func:`kad.features.ray_engine.score_with_ray`).
     With ``heatmaps``, every scored image's heatmap overlays go to ``out_dir/heatmaps``
-    and the report shows them (:func:`kad.screening.heatmaps.write_heatmaps`)."""
-    from kad.data.datasets import FileSource
+    and the report shows them (:func:`kad.screening.heatmaps.write_heatmaps`).
+
+    ``out_dir`` is locked for the run (:func:`kad.utils.files.staged_output`): a second run
+    with the same ``out_dir`` stops at once, naming the process that holds it. The files
+    are written into a staging folder inside ``out_dir`` and renamed into place together
+    at the end, so an interrupted or failed run leaves ``out_dir`` as it was;
+    :attr:`ScreeningRun.replaced` lists the earlier files the run replaced."""
     from kad.features.cache import check_writable
     from kad.screening.pipeline import load_pipeline
-    from kad.screening.report import write_report
+    from kad.utils.files import staged_output
 
     if engine not in ("local", "ray"):
         raise KadError(f"unknown engine {engine!r}: use local or ray")
@@ -253,6 +299,29 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
                        "--heatmaps")
     pipeline = load_pipeline(model)
     out_dir = check_writable(Path(out_dir), what="--out folder")
+    with staged_output(out_dir) as stage:
+        run = _screen(pipeline, model, inputs, stage.path, labels=labels, weights=weights,
+                      engine=engine, ray_address=ray_address, heatmaps=heatmaps,
+                      heatmap_method=heatmap_method, grid=grid, steps=steps, runtime=runtime,
+                      progress=progress)
+        run.replaced = stage.publish()
+    run.scores_csv, run.report = stage.final(run.scores_csv), stage.final(run.report)
+    if run.heatmaps is not None:
+        from dataclasses import replace
+
+        run.heatmaps.files = {
+            key: replace(f, seen=stage.final(f.seen),
+                         original=None if f.original is None else stage.final(f.original))
+            for key, f in run.heatmaps.files.items()}
+    return run
+
+
+def _screen(pipeline, model, inputs, out_dir: Path, *, labels, weights, engine, ray_address,
+            heatmaps, heatmap_method, grid, steps, runtime, progress) -> ScreeningRun:
+    """:func:`screen`'s work, writing into ``out_dir`` (the staging folder)."""
+    from kad.data.datasets import FileSource
+    from kad.screening.report import write_report
+
     files, not_scored = collect_images(inputs)
     if not files:
         from kad.data.datasets.base import first_few
@@ -305,15 +374,18 @@ class ThresholdRun:
 def set_threshold(model: str | Path, labels: str | Path | None = None, *,
                   sensitivity: float | None = None, fpr: float | None = None,
                   out_path: str | Path | None = None, weights: str | None = None,
-                  progress: Progress | None = None) -> ThresholdRun:
+                  progress: Progress | None = None, in_place: bool = False,
+                  overwrite: bool = False) -> ThresholdRun:
     """Move the threshold of ``model`` without refitting, and save it: to a false-positive
     rate ``fpr`` on its calibration normals (conformal), or to ``sensitivity`` on a labelled
     validation CSV (``image,label``; paths relative to the CSV's folder or absolute; 0.95
-    when only ``labels`` is given)."""
-    from kad.data.datasets import FileSource
+    when only ``labels`` is given).
+
+    The updated model goes to ``out_path`` (refused if it exists, unless ``overwrite``),
+    or over ``model`` only with ``in_place``: the model file is never rewritten unasked.
+    The file written is locked for the run and written aside, then renamed."""
     from kad.features.cache import check_writable
     from kad.screening.pipeline import load_pipeline
-    from kad.screening.thresholds import threshold_at_fpr
 
     if fpr is None and labels is None:
         raise KadError("give --fpr ALPHA (no labels needed) or --labels CSV (with "
@@ -322,12 +394,28 @@ def set_threshold(model: str | Path, labels: str | Path | None = None, *,
         raise KadError("--sensitivity needs --labels, a CSV image,label of labelled images")
     if fpr is not None and labels is not None:
         raise KadError("give --fpr ALPHA or --labels CSV, not both: one threshold is set")
+    if out_path is not None and in_place:
+        raise KadError("give --out NEW.kad or --in-place, not both")
     rule = ThresholdRule(fpr=fpr, sensitivity=sensitivity).resolve(labelled=labels is not None)
     pipeline = load_pipeline(model)
-    check_writable(Path(out_path or model), is_file=True, what="model file to write")
+    if out_path is None and not in_place:
+        raise KadError(f"kad threshold does not rewrite {model} unasked: write the updated "
+                       f"model to a new file with --out NEW.kad, or pass --in-place to "
+                       f"replace {model}")
+    target = Path(model) if in_place else Path(out_path)
+    check_writable(target, is_file=True, what="model file to write")
+    with model_output(target, overwrite=overwrite, flag="--overwrite",
+                      same_as=Path(model) if in_place else None):
+        return _move_threshold(pipeline, target, rule, labels, weights, progress)
+
+
+def _move_threshold(pipeline, target: Path, rule, labels, weights, progress) -> ThresholdRun:
+    from kad.data.datasets import FileSource
+    from kad.screening.thresholds import threshold_at_fpr
+
     if rule.fpr is not None:
         pipeline.threshold = threshold_at_fpr(pipeline, rule.fpr)
-        path = pipeline.save(out_path or model)
+        path = pipeline.save(target)
         return ThresholdRun(pipeline, Path(path), int(pipeline.calibration["n"]), [])
     labels = Path(labels)
     table = read_labels(labels)
@@ -340,6 +428,6 @@ def set_threshold(model: str | Path, labels: str | Path | None = None, *,
     chosen = rule.apply(normal_scores=scores[y[ok] == 0], anomaly_scores=scores[y[ok] == 1])
     chosen.details["labels"] = str(labels)
     pipeline.threshold = chosen
-    path = pipeline.save(out_path or model)
+    path = pipeline.save(target)
     not_used = [NotScored(f, UNREADABLE, why) for f, why in result.failed.items()]
     return ThresholdRun(pipeline, Path(path), int(ok.sum()), not_used)

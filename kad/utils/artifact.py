@@ -31,7 +31,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import platform
 import re
 import sys
@@ -212,19 +211,15 @@ def write_artifact(path: str | Path, kind: str, tree: Any, members: dict[str, by
         "members": {name: hashlib.sha256(data).hexdigest() for name, data in content.items()},
         "info": info or {},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED) as zf:
-            zf.writestr(MANIFEST, json.dumps(manifest, indent=2, default=_summary))
-            for name, data in content.items():
-                # Floating-point arrays barely deflate (7% for features) at a cost of about
-                # a second per 10 MB: binary members are stored as they are.
-                zf.writestr(name, data, zipfile.ZIP_DEFLATED if name == OBJECT
-                            else zipfile.ZIP_STORED)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from kad.utils.files import atomic_write
+
+    with atomic_write(path, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(MANIFEST, json.dumps(manifest, indent=2, default=_summary))
+        for name, data in content.items():
+            # Floating-point arrays barely deflate (7% for features) at a cost of about
+            # a second per 10 MB: binary members are stored as they are.
+            zf.writestr(name, data, zipfile.ZIP_DEFLATED if name == OBJECT
+                        else zipfile.ZIP_STORED)
     return path
 
 
