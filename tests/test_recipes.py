@@ -179,13 +179,15 @@ def test_table2_picks_a_size_block_detector_triple_and_caches_each_size_once(tmp
     assert picks(again.extra) == picks(extra)
 
 
-def test_a_detector_of_block_maps_belongs_with_features_never_pixels():
+def test_a_detector_of_block_maps_is_never_a_pixels_column_and_is_refused_before_any_work():
     from kad.errors import KadError
     from kad_plugins.patch_knn import PatchKNNDetector
     from kad_plugins.shallow import KNNDetector
     from kad_recipes.common import FEATURES, PIXELS, compatible, plan_columns
 
-    assert not compatible(PatchKNNDetector, PIXELS) and compatible(PatchKNNDetector, FEATURES)
+    # the recipes' features are pooled vectors; a detector of block maps takes neither
+    assert not compatible(PatchKNNDetector, PIXELS)
+    assert not compatible(PatchKNNDetector, FEATURES)
     assert compatible(KNNDetector, PIXELS) and compatible(KNNDetector, FEATURES)
     # the recipes pool every block, so it has no column: refused before any work
     with pytest.raises(KadError, match="patchknn scores unpooled block maps.*kad fit"):
