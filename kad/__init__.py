@@ -52,6 +52,7 @@ _LAZY = {
     # detectors
     "BaseDetector": "kad.detectors.base",
     "NotFittedError": "kad.detectors.base",
+    "DamagedStateError": "kad.detectors.base",
     "load_detector": "kad.detectors.base",
     # screening
     "fit_pipeline": "kad.screening.fitting",

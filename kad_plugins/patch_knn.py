@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kad.detectors.base import BaseDetector
+from kad.detectors.base import BaseDetector, DamagedStateError, check_array_state
 
 _ROWS = 1024  # query locations per distance matrix
 
@@ -185,6 +185,43 @@ class PatchKNNDetector(BaseDetector):
     def _training_scores(self, X):  # noqa: ARG002 - the hook's signature; computed by _fit
         training, self._training = self._training, None  # computed by _fit, without
         return np.array([self._anomaly(d).max() for d in training])  # own-image matches
+
+    def validate_fitted_state(self):
+        """The blocks' widths add up to the maps' channels, each projection maps its block
+        to ``dims_``, the bank is finite and as wide as the projected blocks, with at least
+        ``n_neighbors`` rows, and there is a finite centre and a positive spread per
+        block."""
+        super().validate_fitted_state()
+        if len(self.input_shape_) != 3:
+            raise DamagedStateError(f"input_shape_ is {self.input_shape_!r}, not (h, w, c)")
+        channels = self.input_shape_[2]
+        widths, dims = self.input_widths_, self.dims_
+        if (not isinstance(widths, tuple) or not isinstance(dims, tuple) or not widths
+                or len(dims) != len(widths)
+                or not all(isinstance(v, (int, np.integer)) and v >= 1 for v in (*widths, *dims))
+                or sum(widths) != channels):
+            raise DamagedStateError(f"input_widths_ {widths!r} and dims_ {dims!r} do not "
+                                    f"split the maps' {channels} channels")
+        if not isinstance(self.projections_, list) or len(self.projections_) != len(widths):
+            raise DamagedStateError("projections_ is not one projection per block")
+        for b, (width, dim, projection) in enumerate(zip(widths, dims, self.projections_,
+                                                         strict=True)):
+            if projection is None:
+                if dim != width:
+                    raise DamagedStateError(f"block {b} is not projected but dims_ says {dim} "
+                                            f"of {width} channels")
+            else:
+                check_array_state(f"projections_[{b}]", projection, shape=(dim, width),
+                                  kinds="f")
+        bank = check_array_state("bank_", self.bank_, shape=(None, sum(dims)), kinds="f")
+        k = self.n_neighbors
+        if not (isinstance(k, (int, np.integer)) and 1 <= k <= len(bank)):
+            raise DamagedStateError(f"n_neighbors is {k!r} for a bank of {len(bank)} vectors")
+        check_array_state("bank_image_", self.bank_image_, shape=(len(bank),), kinds="iu")
+        check_array_state("centre_", self.centre_, shape=(len(dims),), kinds="f")
+        spread = check_array_state("spread_", self.spread_, shape=(len(dims),), kinds="f")
+        if (spread <= 0).any():
+            raise DamagedStateError("spread_ has non-positive spreads")
 
     def for_representation(self, representation):
         """A clone whose ``block_channels`` are the representation's, in order."""

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from kad.utils.settings import MAX_BATCH_SIZE, MAX_IMAGE_SIZE, MIN_BATCH_SIZE, MIN_IMAGE_SIZE
+
 DatasetOpt = Annotated[str, typer.Option(
     "--dataset", "-d",
     help="A kad.data.datasets plugin, NAME[:key=value,...]: digits, cifar10, cifar100, svhn, dr, "
@@ -19,7 +21,8 @@ BackboneOpt = Annotated[str, typer.Option(
 WeightsOpt = Annotated[str, typer.Option(
     "--weights", "-w", help="imagenet (Keras download and cache), none, or a weights file.")]
 ImageSizeOpt = Annotated[int | None, typer.Option(
-    "--image-size", help="Network input size in px (default: the backbone's native size).")]
+    "--image-size", min=MIN_IMAGE_SIZE, max=MAX_IMAGE_SIZE,
+    help="Network input size in px (default: the backbone's native size).")]
 ImageSizesOpt = Annotated[str | None, typer.Option(
     "--image-size", help="Network input size(s) in px, e.g. 224 or 224,448: features are "
                          "extracted and cached per size (default: the backbone's native "
@@ -27,7 +30,8 @@ ImageSizesOpt = Annotated[str | None, typer.Option(
 PreprocessingOpt = Annotated[str | None, typer.Option(
     "--preprocessing", help="natural or fundus[:key=value,...] (default: by dataset); "
                             "fundus:size=input preprocesses at the network's input size.")]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=MIN_BATCH_SIZE,
+                                           max=MAX_BATCH_SIZE, help="Images per batch.")]
 CacheDirOpt = Annotated[Path | None, typer.Option(
     "--cache-dir", help="Feature cache folder (default $KAD_CACHE_DIR or ~/.cache/kad).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice.")]

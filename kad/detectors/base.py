@@ -43,6 +43,18 @@ must be rebuilt on first use. A third-party detector whose learned state is some
 return it as arrays and plain values and :meth:`~BaseDetector.set_fitted_state` to rebuild
 it; a value that cannot be stored is refused by ``save``, naming the attribute and its type.
 Loading takes the class from the registry by the recorded name, never from the file.
+
+A loaded state is checked before its first use: :func:`load_detector` and
+:func:`kad.screening.pipeline.load_pipeline` call :meth:`~BaseDetector.validate_fitted_state`
+right after :meth:`~BaseDetector.set_fitted_state`. A file made only of allowed types can
+still hold values no fit produces (a tree whose child indices point outside it, a training
+matrix of the wrong width), which compiled code would read out of bounds. The default checks
+what every detector has (``threshold_`` finite, ``n_features_in_`` and ``input_shape_``
+consistent, ``anomaly_scores_`` and every floating-point array of the state finite); a
+detector extends it (calling ``super()``) with what its own state must satisfy, and raises
+:class:`DamagedStateError` (a :class:`ValueError`) saying what is wrong, with the values. A
+third-party detector gets the same call: whatever it raises refuses the file in one line,
+``PATH is damaged: <what>; refit the model``.
 """
 
 from __future__ import annotations
@@ -65,9 +77,54 @@ if TYPE_CHECKING:
 
 InputKind = Literal["features", "images", "both", "maps"]
 
-__all__ = ["BaseDetector", "NotFittedError", "load_detector", "InputKind"]
+__all__ = ["BaseDetector", "DamagedStateError", "NotFittedError", "load_detector",
+           "InputKind"]
 
 _ABSENT = object()
+
+
+class DamagedStateError(ValueError):
+    """A loaded detector's state is not one its fit could have produced; raised by
+    :meth:`BaseDetector.validate_fitted_state`, saying what is wrong with the values."""
+
+
+def check_array_state(name: str, value: Any, *, ndim: int | None = None,
+                      shape: tuple | None = None, finite: bool = True,
+                      kinds: str = "biuf") -> np.ndarray:
+    """``value`` as an array, after checking that it is a NumPy array of one of ``kinds``
+    (bool, signed and unsigned ints, floats), of ``ndim`` dimensions and of ``shape``
+    (None in it: any length), with finite values; raises :class:`DamagedStateError`
+    naming ``name``. A helper for :meth:`BaseDetector.validate_fitted_state`."""
+    if not isinstance(value, np.ndarray):
+        raise DamagedStateError(f"{name} is a {type(value).__name__}, not an array")
+    if value.dtype.kind not in kinds:
+        raise DamagedStateError(f"{name} is an array of {value.dtype}, not of numbers")
+    if ndim is not None and value.ndim != ndim:
+        raise DamagedStateError(f"{name} has {value.ndim} dimensions, not {ndim} "
+                                f"(shape {value.shape})")
+    if shape is not None and (value.ndim != len(shape) or any(
+            want is not None and got != want for got, want in zip(value.shape, shape,
+                                                                   strict=True))):
+        expected = "(" + ", ".join("any" if w is None else str(w) for w in shape) + ")"
+        raise DamagedStateError(f"{name} has shape {value.shape}, not {expected}")
+    if finite and value.dtype.kind == "f" and not np.isfinite(value).all():
+        raise DamagedStateError(f"{name} holds {int((~np.isfinite(value)).sum())} "
+                                "non-finite values")
+    return value
+
+
+def _finite_arrays(value: Any, where: str) -> None:
+    """Every floating-point array in ``value`` (arrays, lists, tuples, dicts) is finite."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "fc" and not np.isfinite(value).all():
+            raise DamagedStateError(f"{where} holds {int((~np.isfinite(value)).sum())} "
+                                    "non-finite values")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _finite_arrays(item, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _finite_arrays(item, f"{where}.{key}")
 
 
 class BaseDetector(OutlierMixin, BaseEstimator):
@@ -266,6 +323,38 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         for name, value in state.items():
             setattr(self, name, value)
 
+    def validate_fitted_state(self) -> None:
+        """Check a loaded state before its first use (see the module docstring); raise
+        :class:`DamagedStateError` saying what is wrong. The default checks ``threshold_``
+        (a finite number), ``anomaly_scores_`` (finite, one dimension),
+        ``n_features_in_`` (a positive int), ``input_shape_`` (positive ints whose product
+        is ``n_features_in_``), ``reference_`` and ``feature_names_in_`` (one per feature)
+        and that every floating-point array of :meth:`get_fitted_state` is finite. Extend it
+        with what the detector's own state must satisfy, calling ``super()`` first."""
+        threshold = getattr(self, "threshold_", None)
+        if (isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number))
+                or not np.isfinite(threshold)):
+            raise DamagedStateError(f"threshold_ is {threshold!r}, not a finite number")
+        check_array_state("anomaly_scores_", getattr(self, "anomaly_scores_", None), ndim=1,
+                          kinds="f")
+        n = getattr(self, "n_features_in_", None)
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise DamagedStateError(f"n_features_in_ is {n!r}, not a positive integer")
+        shape = getattr(self, "input_shape_", None)
+        if (not isinstance(shape, tuple) or not shape or len(shape) > 3
+                or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                           and v >= 1 for v in shape)
+                or int(np.prod(shape, dtype=object)) != int(n)):
+            raise DamagedStateError(f"input_shape_ is {shape!r}, which does not hold the "
+                                    f"{n} features of n_features_in_")
+        if hasattr(self, "reference_"):
+            check_array_state("reference_", self.reference_, shape=(int(n),), kinds="f")
+        if hasattr(self, "feature_names_in_"):
+            names = self.feature_names_in_
+            if not isinstance(names, np.ndarray) or names.shape != (int(n),):
+                raise DamagedStateError(f"feature_names_in_ does not name the {n} features")
+        _finite_arrays(self.get_fitted_state(), "the fitted state")
+
     def save(self, path: str | Path) -> Path:
         """Write the fitted detector to one file; :func:`load_detector` reads it back.
 
@@ -387,6 +476,17 @@ def decode_detector(artifact: Artifact, record: Any, where: str) -> BaseDetector
     except Exception as exc:  # the plugin's own code: whatever it raises, name the file
         raise artifact.fail(f"the detector {name!r} could not be rebuilt from the file "
                             f"({type(exc).__name__}: {exc})") from exc
+    if not hasattr(detector, "threshold_"):
+        raise ArtifactError(f"{artifact.path} is corrupt: its detector has no fitted "
+                            "threshold_")
+    try:
+        detector.validate_fitted_state()
+    except Exception as exc:  # the plugin's own check: whatever it raises, refuse the file
+        detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        what = detail if isinstance(exc, DamagedStateError) else (
+            f"its state fails the detector's check ({type(exc).__name__}: {detail})")
+        raise ArtifactError(f"{artifact.path} is damaged: the {name!r} detector's {what}; "
+                            "refit the model") from exc
     return detector
 
 

@@ -30,6 +30,7 @@ from kad.features.representation import Representation, from_record
 from kad.screening.thresholds import Threshold
 from kad.utils.artifact import Encoder, library_versions, open_artifact, write_artifact
 from kad.utils.progress import Progress, task
+from kad.utils.settings import SettingError, check_pipeline_record
 
 
 def weights_fingerprint(model) -> str:
@@ -255,6 +256,11 @@ def load_pipeline(path: str | Path) -> Pipeline:
     if not isinstance(fields, dict) or set(fields) != set(_FIELDS):
         raise ArtifactError(f"{path} is corrupt: its pipeline record does not have the fields "
                             f"{', '.join(_FIELDS)}")
+    try:
+        check_pipeline_record(fields)
+    except SettingError as exc:
+        raise ArtifactError(f"{path} is damaged: its setting {exc}; refit the model, or "
+                            "set a new threshold with kad threshold") from exc
     try:
         threshold = Threshold(**fields.pop("threshold"))
         versions = fields.pop("versions")

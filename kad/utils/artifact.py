@@ -23,6 +23,20 @@ of an older format (format 1 held a pickle, which is refused unread), of another
 member whose checksum does not match, a missing member or one the manifest does not list
 is refused with one line naming the file and what to do. A value that cannot be stored
 this way is refused when saving, naming where it is and its type.
+
+Opening a file costs memory and time in proportion to what it declares, and what it may
+declare is bounded (:class:`Limits`): before anything is inflated, the zip's central
+directory is checked for its size, the number of members, each member's declared size,
+their total, and the compression ratio of large members (kad stores arrays uncompressed, so
+a member that inflates more than :data:`MAX_RATIO` times is a bomb, not a model); the
+manifest and ``object.json`` have their own small limits. Each member is then read through
+a stream that stops at its declared size: one that inflates to more, or to less, is refused.
+The zips inside members (``.skops`` and ``.keras`` files) are checked the same way before
+scikit-learn or Keras open them. A kNN detector's training matrix can reach hundreds of MB:
+the defaults allow members of :data:`MAX_MEMBER_BYTES` and files of :data:`MAX_TOTAL_BYTES`;
+``KAD_MODEL_MAX_BYTES`` (bytes, e.g. ``32e9``) raises both for larger models, and
+:func:`open_artifact` takes explicit ``limits``. Every refusal is one line naming the file,
+the member and the limit.
 """
 
 from __future__ import annotations
@@ -33,9 +47,11 @@ import json
 import math
 import platform
 import re
+import struct
 import sys
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -52,10 +68,181 @@ FORMAT = 2
 MANIFEST = "manifest.json"
 OBJECT = "object.json"
 
+#: The manifest is a small summary; ``object.json`` holds settings and score lists.
+MAX_MANIFEST_BYTES = 4 * 2**20
+MAX_OBJECT_BYTES = 64 * 2**20
+#: Members of a file (kad writes one per array, scikit-learn object or network).
+MAX_MEMBERS = 4096
+#: The central directory lists the members: about 100 bytes each.
+MAX_DIRECTORY_BYTES = 2 * 2**20
+#: One member (a kNN training matrix: 100,000 images of 1,536 float32 features is 600 MB)
+#: and all of them together; ``KAD_MODEL_MAX_BYTES`` raises both.
+MAX_MEMBER_BYTES = 4 * 2**30
+MAX_TOTAL_BYTES = 8 * 2**30
+#: The most a member larger than :data:`RATIO_FLOOR` may inflate (kad deflates only JSON,
+#: about 3 to 1; arrays are stored as they are).
+MAX_RATIO = 50
+RATIO_FLOOR = 2**20
+#: Nesting of ``object.json`` (kad writes a few levels).
+MAX_JSON_DEPTH = 64
+LIMIT_ENV = "KAD_MODEL_MAX_BYTES"
+_CHUNK = 2**20
+
 #: Tags of ``object.json`` nodes that are not plain JSON values.
 _TUPLE, _ARRAY, _SCALAR, _SKLEARN, _KERAS = "$tuple", "$array", "$scalar", "$sklearn", "$keras"
 _TAGS = (_TUPLE, _ARRAY, _SCALAR, _SKLEARN, _KERAS)
 _DTYPE_KINDS = "biufcSUM"  # bool, ints, floats, complex, bytes, str, datetime; never object
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a model file may declare before anything in it is inflated (see the module
+    docstring); :meth:`from_env` reads ``KAD_MODEL_MAX_BYTES``."""
+
+    manifest_bytes: int = MAX_MANIFEST_BYTES
+    object_bytes: int = MAX_OBJECT_BYTES
+    members: int = MAX_MEMBERS
+    directory_bytes: int = MAX_DIRECTORY_BYTES
+    member_bytes: int = MAX_MEMBER_BYTES
+    total_bytes: int = MAX_TOTAL_BYTES
+    ratio: float = MAX_RATIO
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        raw = os.environ.get(LIMIT_ENV)
+        if not raw:
+            return cls()
+        try:
+            value = int(float(raw))
+        except (ValueError, OverflowError):
+            value = 0
+        if value < 1:
+            raise ArtifactError(f"{LIMIT_ENV}={raw!r} is not a size in bytes (a positive "
+                                "number, e.g. 32e9)")
+        return cls(member_bytes=value, total_bytes=max(value, MAX_TOTAL_BYTES))
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{int(n)} bytes"
+
+
+def _check_directory(fh, label: str, limits: Limits) -> None:
+    """Refuse a zip whose central directory is too large or lists too many members, before
+    :mod:`zipfile` parses it (``fh``: the open file, ``label``: how to name it)."""
+    try:
+        end = zipfile._EndRecData(fh)
+    except (OSError, ValueError, struct.error):
+        end = None
+    if end is None:  # not a zip: zipfile names the problem
+        return
+    entries, size = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]
+    if entries > limits.members:
+        raise ArtifactError(f"{label} lists {entries} members, more than the {limits.members} "
+                            "a kad model file may hold; the file is refused")
+    if size > limits.directory_bytes:
+        raise ArtifactError(f"{label} has a central directory of {_mib(size)}, more than the "
+                            f"{_mib(limits.directory_bytes)} allowed; the file is refused")
+    fh.seek(0)
+
+
+def _check_members(zf: zipfile.ZipFile, label: str, limits: Limits,
+                   small: dict[str, int] | None = None) -> dict[str, zipfile.ZipInfo]:
+    """The members of ``zf`` by name, after checking from the central directory alone their
+    number, names, methods, declared sizes, total and compression ratios; ``small`` gives
+    lower size limits to some members."""
+    infos = zf.infolist()
+    if len(infos) > limits.members:
+        raise ArtifactError(f"{label} holds {len(infos)} members, more than the "
+                            f"{limits.members} a kad model file may hold; the file is refused")
+    found: dict[str, zipfile.ZipInfo] = {}
+    total = 0
+    for info in infos:
+        name = info.filename
+        if name in found:
+            raise ArtifactError(f"{label} holds the member {name} twice; the file is refused")
+        if info.flag_bits & 0x1:
+            raise ArtifactError(f"{label}: the member {name} is encrypted; the file is refused")
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise ArtifactError(f"{label}: the member {name} is compressed with method "
+                                f"{info.compress_type}, which kad does not read (it writes "
+                                "stored and deflated members); the file is refused")
+        limit = (small or {}).get(name, limits.member_bytes)
+        if info.file_size > limit:
+            raise ArtifactError(
+                f"{label}: the member {name} declares {_mib(info.file_size)}, more than the "
+                f"{_mib(limit)} allowed; the file is refused (set {LIMIT_ENV} for larger "
+                "models)")
+        if (info.file_size > RATIO_FLOOR
+                and info.file_size > limits.ratio * max(info.compress_size, 1)):
+            ratio = info.file_size / max(info.compress_size, 1)
+            raise ArtifactError(
+                f"{label}: the member {name} would inflate {ratio:.0f} "
+                f"times ({_mib(info.compress_size)} to {_mib(info.file_size)}), more than the "
+                f"{limits.ratio:g} times allowed; the file is refused")
+        total += info.file_size
+        if total > limits.total_bytes:
+            raise ArtifactError(
+                f"{label}: its members declare more than {_mib(limits.total_bytes)} in all; "
+                f"the file is refused (set {LIMIT_ENV} for larger models)")
+        found[name] = info
+    return found
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, label: str) -> bytes:
+    """The member's bytes, read through a stream that stops at its declared size; a member
+    that inflates to more or less than it declares is refused."""
+    out = bytearray(info.file_size)
+    view = memoryview(out)
+    done = 0
+    with zf.open(info) as fh:
+        while True:
+            chunk = fh.read(min(_CHUNK, info.file_size - done + 1))
+            if not chunk:
+                break
+            if done + len(chunk) > info.file_size:
+                raise ArtifactError(f"{label}: the member {info.filename} inflates to more than "
+                                    f"the {info.file_size} bytes it declares; the file is "
+                                    "refused")
+            view[done:done + len(chunk)] = chunk
+            done += len(chunk)
+    if done != info.file_size:
+        raise ArtifactError(f"{label}: the member {info.filename} holds {done} bytes, not the "
+                            f"{info.file_size} it declares; the file is refused")
+    return bytes(out)
+
+
+def check_inner_zip(data: bytes, label: str, limits: Limits | None = None) -> None:
+    """Refuse a zip held in a member (a ``.skops`` or ``.keras`` file) that is too large
+    for the bytes it is made of, before the library that reads it inflates anything."""
+    limits = limits or Limits.from_env()
+    inner = Limits(members=limits.members, directory_bytes=limits.directory_bytes,
+                   member_bytes=min(limits.member_bytes,
+                                    int(limits.ratio * len(data)) + RATIO_FLOOR),
+                   total_bytes=min(limits.total_bytes,
+                                   int(limits.ratio * len(data)) + RATIO_FLOOR),
+                   ratio=limits.ratio)
+    buffer = io.BytesIO(data)
+    try:
+        _check_directory(buffer, label, inner)
+        with zipfile.ZipFile(buffer) as zf:
+            _check_members(zf, label, inner)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise ArtifactError(f"{label} is not a readable zip ({type(exc).__name__}: {exc}); "
+                            "the file is refused") from exc
+
+
+def _json_depth_ok(node: Any, limit: int) -> bool:
+    """True when ``node`` nests no deeper than ``limit`` (checked without recursion)."""
+    stack = [(node, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return False
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    return True
 
 
 def library_versions() -> dict[str, str]:
@@ -230,21 +417,60 @@ def _summary(value: Any) -> Any:
     raise TypeError(f"the model file's summary cannot hold a {type(value).__name__}")
 
 
-def read_manifest(path: str | Path) -> dict:
-    path = Path(path)
+def _open_zip(path: Path, limits: Limits):
+    """The open zip of ``path`` and its checked members, or a one-line refusal."""
     if not path.is_file():
         raise ArtifactError(f"no saved kad model at {path}: the file does not exist")
     try:
-        with zipfile.ZipFile(path) as zf:
-            manifest = json.loads(zf.read(MANIFEST))
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, UnicodeDecodeError,
-            OSError) as exc:
+        fh = open(path, "rb")  # noqa: SIM115 (closed with the zip)
+    except OSError as exc:
+        raise ArtifactError(f"{path} cannot be read ({type(exc).__name__}: {exc})") from exc
+    try:
+        _check_directory(fh, str(path), limits)
+        zf = zipfile.ZipFile(fh)
+    except ArtifactError:
+        fh.close()
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error) as exc:
+        fh.close()
+        raise ArtifactError(
+            f"{path} is not a kad model file or is corrupt ({type(exc).__name__}: {exc})"
+        ) from exc
+    try:
+        infos = _check_members(zf, str(path), limits, {MANIFEST: limits.manifest_bytes,
+                                                        OBJECT: limits.object_bytes})
+    except BaseException:
+        zf.close()
+        fh.close()
+        raise
+    return fh, zf, infos
+
+
+def _manifest(path: Path, zf: zipfile.ZipFile, infos: dict) -> dict:
+    if MANIFEST not in infos:
+        raise ArtifactError(f"{path} is not a kad model file or is corrupt: it has no "
+                            f"{MANIFEST}")
+    try:
+        manifest = json.loads(_read_member(zf, infos[MANIFEST], str(path)))
+    except (zipfile.BadZipFile, ValueError, UnicodeDecodeError, RecursionError, OSError,
+            EOFError, zlib.error) as exc:
         raise ArtifactError(
             f"{path} is not a kad model file or is corrupt ({type(exc).__name__}: {exc})"
         ) from exc
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{path} is not a kad model file: its manifest is not an object")
+    if not _json_depth_ok(manifest, MAX_JSON_DEPTH):
+        raise ArtifactError(f"{path} is corrupt: its manifest nests deeper than "
+                            f"{MAX_JSON_DEPTH} levels")
     return manifest
+
+
+def read_manifest(path: str | Path, limits: Limits | None = None) -> dict:
+    """The manifest of the model file at ``path``, read within ``limits``."""
+    path = Path(path)
+    fh, zf, infos = _open_zip(path, limits or Limits.from_env())
+    with fh, zf:
+        return _manifest(path, zf, infos)
 
 
 @dataclass
@@ -256,6 +482,7 @@ class Artifact:
     manifest: dict
     tree: Any
     members: dict[str, bytes]
+    limits: Limits = field(default_factory=Limits)
 
     def fail(self, message: str) -> ArtifactError:
         return ArtifactError(f"{self.path}: {message}")
@@ -299,6 +526,7 @@ class Artifact:
         return self.members[name]
 
     def _array(self, data: bytes, name: str) -> np.ndarray:
+        self._check_npy_header(data, name)
         try:
             array = np.load(io.BytesIO(data), allow_pickle=False)
         except ValueError as exc:  # object arrays need pickle: refused
@@ -310,8 +538,38 @@ class Artifact:
             raise self.fail(f"{name} is not a numeric or string NumPy array")
         return array
 
+    def _check_npy_header(self, data: bytes, name: str) -> None:
+        """Refuse an ``.npy`` member whose header declares a dtype kad does not store, or a
+        shape whose data is not exactly the bytes that follow, before NumPy allocates it."""
+        from numpy.lib import format as npy
+
+        buffer = io.BytesIO(data)
+        try:
+            version = npy.read_magic(buffer)
+            if version == (1, 0):
+                shape, fortran, dtype = npy.read_array_header_1_0(buffer)
+            elif version == (2, 0):
+                shape, fortran, dtype = npy.read_array_header_2_0(buffer)
+            else:
+                raise ValueError(f"NumPy format version {version} is not one kad writes")
+        except (ValueError, TypeError, SyntaxError, OverflowError, MemoryError) as exc:
+            raise self.fail(f"{name} is not a NumPy array ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
+        if dtype.hasobject:
+            raise self.fail(f"{name} cannot be read without unpickling (an object array); "
+                            "the file is refused")
+        if dtype.kind not in _DTYPE_KINDS or len(shape) > 32:
+            raise self.fail(f"{name} is not a numeric or string NumPy array")
+        count = math.prod(int(v) for v in shape)
+        if count * dtype.itemsize != len(data) - buffer.tell():
+            raise self.fail(f"{name} is damaged: its header declares {shape} of {dtype} "
+                            f"({count * dtype.itemsize} bytes) but it holds "
+                            f"{len(data) - buffer.tell()} bytes of data; the file is refused")
+
     def _sklearn(self, data: bytes, name: str, trusted: tuple[str, ...]) -> Any:
         import skops.io as sio
+
+        check_inner_zip(data, f"{self.path}: {name}", self.limits)
         from skops.io.exceptions import UntrustedTypesFoundException
 
         allowed = [*sklearn_trusted_types(), *trusted]
@@ -327,6 +585,7 @@ class Artifact:
     def _keras(self, data: bytes, name: str) -> Any:
         from kad.utils.deps import import_keras
 
+        check_inner_zip(data, f"{self.path}: {name}", self.limits)
         keras = import_keras()
         with tempfile.TemporaryDirectory() as folder:
             file = Path(folder) / "model.keras"
@@ -363,41 +622,49 @@ def _checked(path: Path, manifest: dict, kind: str) -> None:
         )
 
 
-def open_artifact(path: str | Path, kind: str) -> Artifact:
-    """Read and check the artefact at ``path`` (see the module docstring); nothing in it is
-    decoded yet."""
+def open_artifact(path: str | Path, kind: str, limits: Limits | None = None) -> Artifact:
+    """Read and check the artefact at ``path`` within ``limits`` (by default
+    :meth:`Limits.from_env`; see the module docstring); nothing in it is decoded yet."""
     path = Path(path)
-    manifest = read_manifest(path)
-    _checked(path, manifest, kind)
-    listed = manifest.get("members")
-    if not isinstance(listed, dict) or OBJECT not in listed:
-        raise ArtifactError(f"{path} is corrupt: its manifest does not list its members")
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = [n for n in zf.namelist() if n != MANIFEST]
-            unexpected = sorted(set(names) - set(listed))
-            if unexpected:
-                raise ArtifactError(
-                    f"{path} holds members its manifest does not list "
-                    f"({', '.join(unexpected)}); the file is refused"
-                )
-            members = {name: zf.read(name) for name in listed}
-    except (zipfile.BadZipFile, KeyError, OSError) as exc:
-        raise ArtifactError(f"{path} is corrupt ({type(exc).__name__}: {exc})") from exc
+    limits = limits or Limits.from_env()
+    fh, zf, infos = _open_zip(path, limits)
+    with fh, zf:
+        manifest = _manifest(path, zf, infos)
+        _checked(path, manifest, kind)
+        listed = manifest.get("members")
+        if (not isinstance(listed, dict) or OBJECT not in listed
+                or not all(isinstance(v, str) for v in listed.values())):
+            raise ArtifactError(f"{path} is corrupt: its manifest does not list its members")
+        unexpected = sorted(set(infos) - set(listed) - {MANIFEST})
+        if unexpected:
+            raise ArtifactError(
+                f"{path} holds members its manifest does not list "
+                f"({', '.join(unexpected[:10])}); the file is refused"
+            )
+        missing = sorted(set(listed) - set(infos))
+        if missing:
+            raise ArtifactError(f"{path} is corrupt: its member {missing[0]} is missing")
+        try:
+            members = {name: _read_member(zf, infos[name], str(path)) for name in listed}
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error, ValueError) as exc:
+            raise ArtifactError(f"{path} is corrupt ({type(exc).__name__}: {exc})") from exc
     for name, data in members.items():
         if hashlib.sha256(data).hexdigest() != listed[name]:
             raise ArtifactError(f"{path} is corrupt: its member {name} does not match its "
                                 "checksum")
     try:
         tree = json.loads(members.pop(OBJECT), parse_constant=_constant)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise ArtifactError(f"{path} is corrupt: {OBJECT} is not JSON that kad reads "
                             f"({type(exc).__name__}: {exc})") from exc
+    if not _json_depth_ok(tree, MAX_JSON_DEPTH):
+        raise ArtifactError(f"{path} is corrupt: {OBJECT} nests deeper than {MAX_JSON_DEPTH} "
+                            "levels")
     unused = sorted(set(members) - set(_references(tree)))
     if unused:
         raise ArtifactError(f"{path} holds members that nothing in it refers to "
-                            f"({', '.join(unused)}); the file is refused")
-    return Artifact(path, manifest, tree, members)
+                            f"({', '.join(unused[:10])}); the file is refused")
+    return Artifact(path, manifest, tree, members, limits)
 
 
 def _references(node: Any) -> Iterable[str]:

@@ -1,0 +1,138 @@
+"""The settings a fitted pipeline records, with each one's type and range: one schema for
+the model file and the command line.
+
+:func:`kad.screening.pipeline.load_pipeline` checks every setting of a loaded record here,
+and the command line's options take their bounds from the same constants, so that a value
+the command line refuses (a batch size of -5, a NaN threshold) is refused in a model file
+too, in one line naming the file, the setting, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from kad.errors import KadError
+
+#: Images per batch.
+MIN_BATCH_SIZE, MAX_BATCH_SIZE = 1, 4096
+#: Network input side in px (a backbone has its own minimum, checked when it is built).
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 4096
+#: Scores kept in a record (training, calibration, assessment).
+MAX_SCORES = 10_000_000
+RUNTIMES = ("auto", "keras", "openvino")
+THRESHOLD_METHODS = ("conformal", "sensitivity", "contamination")
+_SPEC = re.compile(r"^[A-Za-z0-9_.\-]+(:.{0,500})?$")
+_TEXT = 4096
+
+
+class SettingError(KadError, ValueError):
+    """A setting outside its type or range."""
+
+
+def _fail(name: str, value: Any, allowed: str) -> SettingError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return SettingError(f"{name} is {shown}; it must be {allowed}")
+
+
+def integer(name: str, value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _fail(name, value, f"an integer in [{low}, {high}]")
+    return value
+
+
+def number(name: str, value: Any, low: float = -math.inf, high: float = math.inf,
+           open_low: bool = False, open_high: bool = False) -> float:
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+          and math.isfinite(value)
+          and (value > low if open_low else value >= low)
+          and (value < high if open_high else value <= high))
+    if not ok:
+        bounds = (f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+                  if math.isfinite(low) or math.isfinite(high) else "")
+        raise _fail(name, value, f"a finite number{' in ' + bounds if bounds else ''}")
+    return float(value)
+
+
+def text(name: str, value: Any, pattern: re.Pattern | None = None,
+         allowed: str = "a string") -> str:
+    if not isinstance(value, str) or not value or len(value) > _TEXT or (
+            pattern is not None and not pattern.match(value)):
+        raise _fail(name, value, allowed)
+    return value
+
+
+def choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise _fail(name, value, f"one of {', '.join(choices)}")
+    return value
+
+
+def scores(name: str, value: Any, *, empty: bool = False) -> list:
+    if (not isinstance(value, list) or len(value) > MAX_SCORES
+            or (not value and not empty)):
+        raise _fail(name, value, f"a list of up to {MAX_SCORES} finite numbers")
+    for i, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise _fail(f"{name}[{i}]", v, "a finite number")
+    return value
+
+
+def batch_size(value: Any) -> int:
+    return integer("batch_size", value, MIN_BATCH_SIZE, MAX_BATCH_SIZE)
+
+
+def image_size(value: Any) -> int:
+    return integer("image_size", value, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+
+
+def check_pipeline_record(fields: dict) -> None:
+    """Check the settings of a pipeline record (see :mod:`kad.screening.pipeline`); raise
+    :class:`SettingError` for the first one out of range."""
+    text("backbone", fields["backbone"], _SPEC, "a backbone spec NAME[:key=value,...]")
+    text("weights", fields["weights"])
+    text("weights_fingerprint", fields["weights_fingerprint"], re.compile(r"^[0-9a-f]{64}$"),
+         "64 hexadecimal digits")
+    image_size(fields["image_size"])
+    text("preprocessing", fields["preprocessing"], _SPEC,
+         "a preprocessing spec NAME[:key=value,...]")
+    blocks = fields["all_blocks"]
+    if not isinstance(blocks, list) or not 1 <= len(blocks) <= 1000 or not all(
+            isinstance(b, str) and b for b in blocks):
+        raise _fail("all_blocks", blocks, "a list of 1 to 1000 block names")
+    batch_size(fields["batch_size"])
+    choice("runtime", fields["runtime"], RUNTIMES)
+    threshold = fields["threshold"]
+    if not isinstance(threshold, dict) or set(threshold) != {"value", "method", "details"}:
+        raise _fail("threshold", threshold, "a record of value, method and details")
+    number("threshold.value", threshold["value"])
+    choice("threshold.method", threshold["method"], THRESHOLD_METHODS)
+    if not isinstance(threshold["details"], dict):
+        raise _fail("threshold.details", threshold["details"], "a dict")
+    training = fields["training"]
+    if not isinstance(training, dict) or "scores" not in training:
+        raise _fail("training", training, "a record with the training scores")
+    scores("training.scores", training["scores"])
+    calibration = fields["calibration"]
+    if calibration is not None:
+        if not isinstance(calibration, dict):
+            raise _fail("calibration", calibration, "None or a record")
+        if "scores" in calibration:
+            scores("calibration.scores", calibration["scores"], empty=True)
+        if "n" in calibration:
+            integer("calibration.n", calibration["n"], 0, MAX_SCORES)
+    assessment = fields["assessment"]
+    if assessment is not None:
+        if not isinstance(assessment, dict) or not {"scores", "labels", "measured_on"} <= set(
+                assessment):
+            raise _fail("assessment", assessment,
+                        "None or a record of scores, labels and measured_on")
+        held = scores("assessment.scores", assessment["scores"])
+        labels = assessment["labels"]
+        if not isinstance(labels, list) or len(labels) != len(held) or not all(
+                v in (0, 1) and not isinstance(v, float) for v in labels):
+            raise _fail("assessment.labels", labels,
+                        f"a list of {len(held)} labels, each 0 or 1")
+        text("assessment.measured_on", assessment["measured_on"])
