@@ -158,7 +158,7 @@ class _Picky(BaseDetector):
     def __init__(self, contamination=0.1):
         self.contamination = contamination
 
-    def _fit(self, X, y):
+    def _fit(self, X, y):  # noqa: ARG002 - unsupervised
         self.mean_ = X.mean(axis=0)
 
     def _score(self, X):

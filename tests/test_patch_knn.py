@@ -35,7 +35,7 @@ def test_a_single_unusual_location_is_found_where_pooled_features_miss_it():
     train, normal = _maps(30, rng), _maps(20, rng)
     abnormal, where = _with_lesion(_maps(20, rng), rng)
     y = np.r_[np.zeros(20), np.ones(20)]
-    patch = PatchKNNDetector(bank_size=1500, verbose=0).fit(train)
+    patch = PatchKNNDetector(bank_size=1500).fit(train)
     test = np.concatenate([normal, abnormal])
     assert roc_auc_score(y, patch.anomaly_score(test)) > 0.95
     # the same images, pooled, then scored by kNN: one location in 144 is averaged away
@@ -72,8 +72,8 @@ def test_each_block_counts_in_its_own_spread():
         m[r, c, 8:] += 4.0 * np.sign(rng.normal(size=8))
     y = np.r_[np.zeros(20), np.ones(20)]
     test = np.concatenate([normal, abnormal])
-    apart = PatchKNNDetector(bank_size=1500, block_channels=(8, 8), verbose=0).fit(train)
-    together = PatchKNNDetector(bank_size=1500, verbose=0).fit(train)
+    apart = PatchKNNDetector(bank_size=1500, block_channels=(8, 8)).fit(train)
+    together = PatchKNNDetector(bank_size=1500).fit(train)
     assert roc_auc_score(y, apart.anomaly_score(test)) > 0.9
     assert roc_auc_score(y, together.anomaly_score(test)) < 0.75
     with pytest.raises(ValueError, match="add up to the maps' 16 channels"):

@@ -45,6 +45,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import platform
 import re
 import struct
