@@ -9,12 +9,16 @@ and scores each location of a new image by its distance to the nearest of them.
 
 from __future__ import annotations
 
+import os
+import threading
+
 import numpy as np
 
 from kad.detectors.base import BaseDetector
 
-#: float32 entries of one tile of the distance matrix (32 MiB): the query locations of a
-#: tile, of one image or of several, are compared with the whole bank in one product
+#: float32 entries of one tile of the distance matrix (32 MiB, one per thread): the query
+#: locations of a tile, of one image or of several, are compared with the whole bank in
+#: one product
 _TILE = 1 << 23
 _MIN_ROWS, _MAX_ROWS = 64, 4096
 #: query locations projected and searched at a time when scoring many images
@@ -23,6 +27,14 @@ _BATCH_ROWS = 1 << 16
 #: while building it and while searching it
 _HNSW_M, _HNSW_EF_CONSTRUCTION, _HNSW_EF = 16, 100, 64
 INDEXES = ("exact", "hnsw")
+#: threads searching tiles at once, at most
+_MAX_WORKERS = 8
+
+
+def _workers() -> int:
+    """The cores this process may run on, at most ``_MAX_WORKERS``."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(_MAX_WORKERS, cores or 1))
 
 
 def _product(queries: np.ndarray, augmented: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -210,19 +222,26 @@ class PatchKNNDetector(BaseDetector):
             for image in range(1, len(queries) // per_image + 1):
                 update(image)
             return out
+        from concurrent.futures import ThreadPoolExecutor
+
+        from threadpoolctl import threadpool_limits
+
         k = int(self.n_neighbors)
         blocks = self._slices(self.dims_)
         augmented = self._augmented()
         rows = self._tile_rows()
-        tile_buffer = np.empty((min(rows, len(queries)), len(self.bank_)), dtype=np.float32)
         if own_images:  # where each image's run of bank vectors starts and ends
             edges = np.searchsorted(self.bank_image_,
                                     np.arange(len(queries) // per_image + 1), side="left")
         out = np.empty((len(blocks), len(queries)))
-        reported = 0
-        for start in range(0, len(queries), rows):
+        buffers = threading.local()  # each thread's tile, reused
+
+        def search_tile(start: int) -> int:
             stop = min(start + rows, len(queries))
-            tile = tile_buffer[:stop - start]
+            if getattr(buffers, "tile", None) is None:
+                buffers.tile = np.empty((min(rows, len(queries)), len(self.bank_)),
+                                        dtype=np.float32)
+            tile = buffers.tile[:stop - start]
             for b, channels in enumerate(blocks):
                 x = np.ascontiguousarray(queries[start:stop, channels], dtype=np.float32)
                 ones = np.empty((len(x), x.shape[1] + 1), dtype=np.float32)
@@ -236,11 +255,18 @@ class PatchKNNDetector(BaseDetector):
                 near = (tile.argmin(axis=1)[:, None] if k == 1
                         else np.argpartition(tile, k - 1, axis=1)[:, :k])
                 out[b, start:stop] = self._exact(x, near, channels)
-            done = stop // per_image
-            if done > reported:
+            return stop
+
+        # tiles in parallel, each on one BLAS thread: cheaper than threaded products of
+        # a small inner dimension, and the same result for a location on any tile
+        starts = range(0, len(queries), rows)
+        reported = 0
+        with threadpool_limits(1), ThreadPoolExecutor(min(_workers(), len(starts))) as pool:
+            for stop in pool.map(search_tile, starts):
+                done = stop // per_image
                 for image in range(reported + 1, done + 1):  # image by image
                     update(image)
-                reported = done
+                reported = max(reported, done)
         return out
 
     def _exact(self, x: np.ndarray, near: np.ndarray, channels: slice) -> np.ndarray:
