@@ -266,3 +266,150 @@ def test_a_pipeline_of_block_maps_is_fitted_and_scored_on_openvino(folder, tmp_p
     np.testing.assert_array_equal(reloaded.score(source).scores, scores)
     on_keras = reloaded.score(source, runtime="keras").scores
     np.testing.assert_allclose(on_keras, scores, rtol=1e-4, atol=1e-4 * np.abs(scores).max())
+
+
+# -- the search: exact, batched, linear in the number of images -------------------------
+
+
+def _reference(queries, bank, k):
+    """Brute force in float64: each query's mean distance to its k nearest bank rows."""
+    d = np.sqrt(((queries[:, None, :].astype(np.float64) - bank[None].astype(np.float64))
+                 ** 2).sum(axis=-1))
+    return np.sort(d, axis=1)[:, :k].mean(axis=1)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_distances_are_those_of_a_brute_force_search(k):
+    """The bank is ranked in float32 and the chosen neighbours' distances recomputed in
+    float64. Where float32 cannot tell two bank vectors apart the other may be chosen:
+    the squared distance is then off by at most the float32 rounding of the ranking keys,
+    ``|b|²/2 - x·b``, a few ulps of ``|x|² + |b|²``; elsewhere the distances are the
+    reference's to float64 rounding."""
+    rng = np.random.default_rng(8)
+    train = rng.normal(size=(10, 6, 6, 12)).astype(np.float32)
+    det = PatchKNNDetector(bank_size=300, block_channels=(4, 8), n_neighbors=k).fit(train)
+    # near-ties: some bank vectors, a hair away, as queries
+    test = rng.normal(size=(3, 6, 6, 12)).astype(np.float32)
+    test[0, :3].reshape(-1, 12)[:] = det.bank_[:18] + 1e-6
+    bound = 16 * np.finfo(np.float32).eps
+    for m in test:
+        ours = det.distances(m)
+        for b, channels in enumerate(det._slices(det.dims_)):
+            x, bank = m.reshape(-1, 12)[:, channels], det.bank_[:, channels]
+            ref = _reference(x, bank, k)
+            scale = (x.astype(np.float64) ** 2).sum(1) + (bank.astype(np.float64) ** 2
+                                                          ).sum(1).max()
+            got = ours[b].ravel()
+            assert np.all(got >= ref * (1 - 1e-12))
+            assert np.all(got ** 2 - ref ** 2 <= bound * scale)
+            clear = got ** 2 - ref ** 2 <= 1e-12 * scale  # the same neighbours: rounding
+            np.testing.assert_allclose(got[clear], ref[clear], rtol=1e-12)
+            assert clear.mean() > 0.9
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_training_distances_leave_each_image_out_as_a_brute_force_search(k):
+    rng = np.random.default_rng(9)
+    train = _maps(8, rng, side=6, channels=6)
+    det = PatchKNNDetector(bank_size=150, block_channels=(2, 4), n_neighbors=k).fit(train)
+    n, h, w, c = train.shape
+    ref = np.empty((n, 2, h * w))
+    for i in range(n):
+        others = det.bank_image_ != i
+        for b, channels in enumerate(det._slices(det.dims_)):
+            ref[i, b] = _reference(train[i].reshape(-1, c)[:, channels],
+                                   det.bank_[others][:, channels], k)
+    per_block = ref.transpose(1, 0, 2).reshape(2, -1)
+    centre = np.median(per_block, axis=1)
+    spread = np.median(np.abs(per_block - centre[:, None]), axis=1)
+    np.testing.assert_allclose(det.centre_, centre, rtol=1e-12)
+    np.testing.assert_allclose(det.spread_, spread, rtol=1e-12)
+    scores = (((ref - centre[None, :, None]) / spread[None, :, None]).sum(axis=1)).max(axis=1)
+    np.testing.assert_allclose(det.anomaly_scores_, scores, rtol=1e-12)
+
+
+def test_a_score_is_the_same_bit_for_bit_whatever_images_come_with_it(monkeypatch):
+    """Images are searched many at once, in tiles that cut across them; every location is
+    ranked on its own row, so a score, and the training distances, do not depend on the
+    tiling or on the other images."""
+    from kad_plugins import patch_knn
+
+    rng = np.random.default_rng(10)
+    train, test = _maps(12, rng), _maps(7, rng)
+    det = PatchKNNDetector(bank_size=700, block_channels=(3, 5), n_neighbors=2).fit(train)
+    scores = det.anomaly_score(test)
+    alone = [det.anomaly_score(test[i:i + 1])[0] for i in range(len(test))]
+    np.testing.assert_array_equal(alone, scores)
+    np.testing.assert_array_equal(det.anomaly_score(test[::-1]), scores[::-1])
+    # tiles of 100 locations (images have 144) and 2 images per batch
+    monkeypatch.setattr(patch_knn, "_MIN_ROWS", 100)
+    monkeypatch.setattr(patch_knn, "_TILE", 100 * 700)
+    monkeypatch.setattr(patch_knn, "_BATCH_ROWS", 300)
+    assert det._tile_rows() == 100
+    np.testing.assert_array_equal(det.anomaly_score(test), scores)
+    again = PatchKNNDetector(bank_size=700, block_channels=(3, 5), n_neighbors=2).fit(train)
+    np.testing.assert_array_equal(again.anomaly_scores_, det.anomaly_scores_)
+    np.testing.assert_array_equal(again.centre_, det.centre_)
+
+
+def test_fitting_does_one_pass_of_the_training_locations_over_the_bank(monkeypatch):
+    """Fitting's work is counted, not timed: every product ranks a tile of query
+    locations against the whole bank, and fitting ranks each training location once per
+    block. With the bank full, twice the images is twice the work, never four times."""
+    from kad_plugins import patch_knn
+
+    products = []
+
+    def counted(queries, augmented, out):
+        products.append((len(queries), augmented.shape[1]))
+        return np.matmul(queries, augmented, out=out)
+
+    monkeypatch.setattr(patch_knn, "_product", counted)
+    rng = np.random.default_rng(11)
+    work = {}
+    for n in (10, 20):
+        products.clear()
+        det = PatchKNNDetector(bank_size=1000, block_channels=(3, 5)).fit(_maps(n, rng))
+        rows = np.array(products)
+        assert set(rows[:, 1]) == {1000}  # the whole bank, own image's vectors included
+        assert rows[:, 0].sum() == 2 * n * 144  # each location once per block
+        assert rows[:, 0].max() * 1000 * 4 <= 256 * 2 ** 20  # distance tiles stay small
+        work[n] = int((rows[:, 0] * rows[:, 1]).sum())
+        products.clear()
+        det.anomaly_score(_maps(3, rng))
+        assert np.array(products)[:, 0].sum() == 2 * 3 * 144
+    assert work[20] == 2 * work[10]
+
+
+def test_the_approximate_index_is_close_to_the_exact_search_and_rebuilt_after_loading(
+        tmp_path):
+    pytest.importorskip("hnswlib")
+    from kad.detectors.base import load_detector
+
+    rng = np.random.default_rng(12)
+    train, test = _maps(20, rng), _maps(6, rng)
+    exact = PatchKNNDetector(bank_size=2000).fit(train)
+    approx = PatchKNNDetector(bank_size=2000, index="hnsw").fit(train)
+    # the training pass is exact either way
+    np.testing.assert_array_equal(approx.anomaly_scores_, exact.anomaly_scores_)
+    found = np.mean([np.isclose(approx.distances(m), exact.distances(m), rtol=1e-9)
+                     for m in test])
+    assert found > 0.95  # recall@1
+    scores = approx.anomaly_score(test)
+    np.testing.assert_allclose(scores, exact.anomaly_score(test), rtol=0.05)
+    assert "_hnsw" in vars(approx)
+    loaded = load_detector(approx.save(tmp_path / "hnsw.kad"))
+    assert "_hnsw" not in vars(loaded)
+    np.testing.assert_array_equal(loaded.anomaly_score(test), scores)
+
+
+def test_the_approximate_index_names_its_package_when_it_is_missing(monkeypatch):
+    import sys
+
+    from kad.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "hnswlib", None)
+    with pytest.raises(MissingDependencyError, match="pip install hnswlib"):
+        PatchKNNDetector(index="hnsw").fit(_maps(4, np.random.default_rng(13)))
+    with pytest.raises(ValueError, match="index must be one of"):
+        PatchKNNDetector(index="faiss").fit(_maps(4, np.random.default_rng(13)))
