@@ -187,7 +187,7 @@ def test_fit_says_how_many_images_it_fitted_on_and_names_those_left_out(tmp_path
     model = tmp_path / "model.kad"
     args = ["fit", "--dataset", "folder:kind=natural", "--data-dir", tmp_path / "fit", *FAST,
             "--out", model]
-    small = runner.invoke(app, [str(a) for a in args])  # 0.2 of 14 images calibrate 0.05
+    small = runner.invoke(app, [str(a) for a in args] + ["--fpr", "0.05"])  # 0.2 of 14
     assert small.exit_code == 1 and "needs at least 19 calibration images" in small.output
     assert "features of" not in small.output, "refused before any work"
     result = _kad(*args, "--calibration", "0.5", "--fpr", "0.2")
@@ -199,6 +199,30 @@ def test_fit_says_how_many_images_it_fitted_on_and_names_those_left_out(tmp_path
     for name in ("tiny.png", "broken.png", "gone.png"):
         assert name in result.output
     assert "1x1 px" in result.output and "broken symbolic link" in result.output
+
+@pytest.mark.parametrize("n_normal", [40, 89])
+def test_a_few_dozen_normals_get_a_model_and_the_guarantee_it_actually_gives(tmp_path,
+                                                                            n_normal):
+    from kad.screening.calibration import fpr_text
+
+    root = screening_folder(tmp_path / "fit", n_normal=n_normal, n_abnormal=0, seed=4)
+    model = tmp_path / "model.kad"
+    base = ["fit", "--dataset", "folder:kind=natural", "--data-dir", root, *FAST]
+    result = _kad(*base, "--out", model)  # the defaults: --fpr 0.05 cannot be guaranteed
+    details = load_pipeline(model).threshold.details
+    n_cal = details["n_calibration"]
+    assert n_cal < 19 and details["alpha"] == pytest.approx(1 / (n_cal + 1))
+    given = fpr_text(details["fpr_bound"])
+    assert f"the default false-positive rate 0.05 needs 19 calibration images and there " \
+           f"are {n_cal}: the threshold guarantees {given} instead" in result.output
+    assert f"flagged with probability at most {given}" in " ".join(result.output.split())
+    # the rate asked for is refused, and the rate the refusal suggests works as typed
+    refused = runner.invoke(app, [str(a) for a in [*base, "--out", model, "--fpr", "0.05"]])
+    assert refused.exit_code == 1, refused.output
+    suggested = re.search(r"--fpr (\S+) or more", " ".join(refused.output.split())).group(1)
+    _kad(*base, "--out", model, "--fpr", suggested)
+    assert load_pipeline(model).threshold.details["rank"] == n_cal
+
 
 # -- calibrated fitting, through the library ------------------------------------------------
 LIB_FAST = {"backbone": "mobilenet_v2:alpha=0.35", "weights": "none", "image_size": 32,

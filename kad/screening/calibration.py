@@ -59,6 +59,28 @@ def min_calibration_size(alpha: float) -> int:
     return max(1, int(math.ceil(1.0 / alpha - 1.0 - _EPS)))
 
 
+def min_fpr(n: int) -> float:
+    """The smallest false-positive rate ``n`` calibration images can guarantee:
+    ``1 / (n + 1)`` (the threshold is then the largest calibration score)."""
+    return 1.0 / (int(n) + 1)
+
+
+def fpr_text(alpha: float, n: int | None = None) -> str:
+    """``alpha`` written with at most 3 significant digits, rounded *up*, so that the value
+    typed as shown is never below ``alpha``: a minimum rate a message suggests is one that
+    works. With ``n``, the value shown is checked to be guaranteeable with ``n`` images."""
+    alpha = float(alpha)
+    digits = 3 - int(math.floor(math.log10(alpha))) - 1
+    while True:
+        scale = 10.0 ** digits
+        text = f"{math.ceil(alpha * scale - _EPS) / scale:.{max(digits, 0)}f}".rstrip("0")
+        text = text.rstrip(".")
+        value = float(text)
+        if value >= alpha and (n is None or conformal_rank(n, value) <= n):
+            return text
+        alpha = value + 1.0 / scale  # rounding error: one step up
+
+
 def _calibration_scores(scores) -> np.ndarray:
     values = np.sort(np.asarray(scores, dtype=np.float64).ravel())
     if not np.isfinite(values).all():
@@ -351,6 +373,8 @@ def fit_summary(pipeline) -> FitSummary:
             f"{details['n_normal']} labelled normals; these images set the threshold, so "
             "the figures are optimistic")
     notes = list(pipeline.training.get("split", {}).get("notes", []))
+    if details.get("fallback"):
+        notes.insert(0, details["fallback"])
     if not calibration:
         notes.append("no calibration set: no p-values and no guaranteed false-positive rate")
     return FitSummary(
