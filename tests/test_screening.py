@@ -224,6 +224,52 @@ def test_a_few_dozen_normals_get_a_model_and_the_guarantee_it_actually_gives(tmp
     assert load_pipeline(model).threshold.details["rank"] == n_cal
 
 
+def test_the_guarantee_is_withheld_when_a_patient_has_several_photographs(tmp_path):
+    from kad.data.datasets import FileSource
+    from synthetic import multi_photo_folder
+
+    multi_photo_folder(tmp_path / "fit", n_patients=40, photos=4, seed=1)
+    multi_photo_folder(tmp_path / "new", n_patients=100, photos=1, seed=2, first=500)
+    new = FileSource(sorted((tmp_path / "new" / "normal").glob("*.png")))
+    base = ["fit", "--dataset", "folder:kind=natural", "--data-dir", tmp_path / "fit", *FAST,
+            "--fpr", "0.1"]
+
+    def fit(*extra):
+        result = _kad(*base, "--out", tmp_path / "model.kad", *extra)
+        pipeline = load_pipeline(tmp_path / "model.kad")
+        rate = float((pipeline.score(new).scores > pipeline.threshold.value).mean())
+        return " ".join(result.output.split()), pipeline.threshold.details, rate
+
+    # photographs split one by one: calibration images have near-copies in training
+    output, details, ungrouped = fit()
+    assert details["guarantee_withheld"] and details["near_copies"]["share"] > 0.1
+    assert "guarantee: withheld:" in output and "flagged with probability" not in output
+    assert "--patient-pattern" in details["guarantee_withheld"]
+    assert ungrouped > 0.3  # new patients are flagged far more often than 0.1
+    # grouped by patient from the file names: the promise is given, and holds
+    output, details, grouped = fit("--patient-pattern", r"^(\d+)_")
+    assert "--patient-pattern found 40 patients in 160 images: 4 to 4 images per " \
+           "patient" in output
+    assert "guarantee_withheld" not in details and details["near_copies"]["n"] == 0
+    assert "flagged with probability at most 0.091 (asked 0.1)" in output
+    assert grouped <= 0.2  # 0.1 promised; 100 new patients
+
+
+def test_a_patient_pattern_that_misses_a_name_or_is_invalid_is_one_clear_line(tmp_path):
+    from kad.data.datasets import load_dataset
+    from kad.errors import KadError
+    from synthetic import multi_photo_folder
+
+    root = multi_photo_folder(tmp_path / "fit", n_patients=3, photos=2)
+    (root / "normal" / "odd.png").write_bytes((root / "normal" / "000_0.png").read_bytes())
+    with pytest.raises(KadError, match=r"finds no patient id in 1 file name\(s\): odd.png"):
+        load_dataset("folder", root, kind="natural", patient_pattern=r"^(\d+)_")
+    with pytest.raises(KadError, match="not a valid regular expression"):
+        load_dataset("folder", root, kind="natural", patient_pattern="(")
+    whole = load_dataset("folder", root, kind="natural", patient_pattern=r"^\d+|odd")
+    assert sorted(set(whole.patient)) == ["000", "001", "002", "odd"]
+
+
 # -- calibrated fitting, through the library ------------------------------------------------
 LIB_FAST = {"backbone": "mobilenet_v2:alpha=0.35", "weights": "none", "image_size": 32,
             "preprocessing": "natural", "batch_size": 16}

@@ -100,6 +100,69 @@ def conformal_p_values(calibration_scores, scores) -> np.ndarray:
     return np.where(np.isnan(scores), np.nan, values)
 
 
+# -- near-copies: calibration images that are not new patients ---------------------------
+#: A calibration image whose nearest training image is closer than this fraction of the
+#: median distance between two training images is taken for a near-copy of it (another
+#: photograph of the same eye, a duplicate). A tenth: distinct eyes were never that close
+#: in the feature spaces tried, several photographs of one eye mostly were.
+NEAR_COPY_RATIO = 0.1
+#: Above this share of near-copies among the calibration images, the conformal guarantee
+#: is withheld: the calibration images are not like new patients.
+NEAR_COPY_SHARE = 0.1
+
+
+@dataclass
+class NearCopies:
+    """How many calibration images have a near-copy among the training images."""
+
+    n: int
+    n_calibration: int
+    ratio: float
+    median_training_distance: float
+
+    @property
+    def share(self) -> float:
+        return self.n / self.n_calibration if self.n_calibration else 0.0
+
+    @property
+    def withholds(self) -> bool:
+        return self.share > NEAR_COPY_SHARE
+
+    def reason(self, by_patient: bool) -> str:
+        fix = ("check that patients.csv gives every photograph of a patient the same id"
+               if by_patient else "add patients.csv (image,patient) or --patient-pattern "
+               "REGEX so that each patient's photographs stay together, and refit")
+        return (f"withheld: {self.n} of {self.n_calibration} calibration images "
+                f"({self.share:.0%}) have a near-copy among the training images (closer "
+                f"than {self.ratio:g} of the median distance between training images), so "
+                "they are not like new patients and the false-positive rate on new patients "
+                f"may be far higher than asked; {fix}")
+
+    def as_dict(self) -> dict:
+        return {"n": self.n, "n_calibration": self.n_calibration, "share": self.share,
+                "ratio": self.ratio, "max_share": NEAR_COPY_SHARE,
+                "median_training_distance": self.median_training_distance}
+
+
+def near_copies(train, calibration, ratio: float = NEAR_COPY_RATIO, seed: int = 0,
+                sample: int = 500) -> NearCopies:
+    """Count the calibration images (rows of ``calibration``, the detector's inputs) whose
+    nearest training image is closer than ``ratio`` times the median Euclidean distance
+    between two training images (measured on at most ``sample`` of them)."""
+    from sklearn.metrics import pairwise_distances
+    from sklearn.neighbors import NearestNeighbors
+
+    train = np.asarray(train, dtype=np.float32).reshape(len(train), -1)
+    cal = np.asarray(calibration, dtype=np.float32).reshape(len(calibration), -1)
+    rng = np.random.default_rng(seed)
+    picked = train if len(train) <= sample else train[rng.choice(len(train), sample, False)]
+    pairs = pairwise_distances(picked)
+    median = float(np.median(pairs[np.triu_indices(len(picked), 1)])) if len(picked) > 1 \
+        else 0.0
+    nearest = NearestNeighbors(n_neighbors=1).fit(train).kneighbors(cal)[0][:, 0]
+    return NearCopies(int((nearest < ratio * median).sum()), len(cal), ratio, median)
+
+
 # -- splitting a dataset for fitting -----------------------------------------------------
 @dataclass
 class FitSplit:

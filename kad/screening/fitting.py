@@ -218,10 +218,12 @@ def pick_and_fit(prototype, named: str, inputs: DetectorInputs, parts: Parts) ->
 
 # ------------------------------------------------------------------- 4. calibrate
 def calibrate(rule: ThresholdRule, picked: Picked, inputs: DetectorInputs,
-              parts: Parts) -> tuple[Threshold, np.ndarray | None]:
+              parts: Parts, by_patient: bool = False) -> tuple[Threshold, np.ndarray | None]:
     """The threshold ``rule`` (resolved for the parts at hand) gives the fitted detector,
     with, on the labelled selection rows, the metrics at that threshold; returns it and
-    the sorted calibration scores (None without calibration rows)."""
+    the sorted calibration scores (None without calibration rows). A conformal guarantee
+    is withheld when the calibration images have near-copies among the training images
+    (``by_patient``: whether the split kept each patient's images together)."""
     from kad.utils.metrics import evaluate
 
     detector, representation = picked.detector, picked.representation
@@ -239,7 +241,24 @@ def calibrate(rule: ThresholdRule, picked: Picked, inputs: DetectorInputs,
         anomaly_scores=None if selected is None else selected[labels == 1])
     if selected is not None:
         threshold.details["validation"] = evaluate(labels, selected, selected > threshold.value)
+    if threshold.method == "conformal" and len(parts.train) > 1:
+        _check_near_copies(threshold, inputs.read(representation, parts.train),
+                           inputs.read(representation, parts.calibration), by_patient)
     return threshold, calibration
+
+
+def _check_near_copies(threshold: Threshold, train, calibration, by_patient: bool) -> None:
+    """Withhold the conformal guarantee when calibration images have near-copies among the
+    training images (:func:`kad.screening.calibration.near_copies`): the threshold is
+    kept, its record says no guarantee holds and why."""
+    from kad.screening.calibration import near_copies
+
+    found = near_copies(train, calibration)
+    threshold.details["near_copies"] = found.as_dict()
+    if found.withholds:
+        reason = found.reason(by_patient)
+        threshold.details["guarantee_withheld"] = reason
+        threshold.details["guarantee"] = reason
 
 
 # ----------------------------------------------------------------------- 5. assess
@@ -320,7 +339,8 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
     prototype = get_detector(detector) if isinstance(detector, str) else detector
     inputs = prepare_inputs(dataset, features, plan, weights, batch_size, progress)
     picked = pick_and_fit(prototype, representation, inputs, parts)
-    threshold, calibration_scores = calibrate(rule, picked, inputs, parts)
+    threshold, calibration_scores = calibrate(rule, picked, inputs, parts,
+                                              by_patient=dataset.patient is not None)
     who = _counter(dataset)
     pipeline = Pipeline(
         backbone=str(plan.backbone.spec), weights=recorded_weights(weights),
@@ -332,7 +352,9 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
         calibration=None if calibration_scores is None else {
             "scores": calibration_scores.tolist(), "n": int(len(calibration_scores)),
             "measured_on": f"{who(parts.calibration)}: normal images kept aside, used "
-                           "neither to fit nor to pick the block"},
+                           "neither to fit nor to pick the block",
+            **{k: threshold.details[k] for k in ("near_copies", "guarantee_withheld")
+               if k in threshold.details}},
         assessment=assess_held_out(picked, inputs, parts, who),
         runtime=inputs.runtime,
     )

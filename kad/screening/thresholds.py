@@ -186,7 +186,11 @@ def threshold_at_fpr(pipeline, alpha: float) -> Threshold:
     if not calibration or not calibration.get("scores"):
         raise KadError("this model has no calibration set; refit it with kad fit "
                        "--calibration 0.2 to set a threshold by --fpr")
-    return conformal_threshold(calibration["scores"], alpha)
+    threshold = conformal_threshold(calibration["scores"], alpha)
+    if calibration.get("guarantee_withheld"):  # near-copies of training images: see fit
+        threshold.details["guarantee"] = calibration["guarantee_withheld"]
+        threshold.details["guarantee_withheld"] = calibration["guarantee_withheld"]
+    return threshold
 
 
 def threshold_at_sensitivity(normal_scores, anomaly_scores, sensitivity: float) -> Threshold:
