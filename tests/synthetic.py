@@ -27,3 +27,20 @@ def screening_folder(root: Path, n_normal: int = 60, n_abnormal: int = 20,
             rows.append(f"{name},p{i // 2}{sub[0]}")
     (root / "patients.csv").write_text("\n".join(rows) + "\n")
     return root
+
+
+def multi_photo_folder(root: Path, n_patients: int = 40, photos: int = 4, size: int = 32,
+                       seed: int = 0, first: int = 0) -> Path:
+    """``normal/PPP_K.png``: ``photos`` near-identical photographs (a little noise and
+    brightness apart) of each of ``n_patients`` patients, whose images differ; no
+    patients.csv. Patients are numbered from ``first``."""
+    rng = np.random.default_rng(seed)
+    (root / "normal").mkdir(parents=True, exist_ok=True)
+    for p in range(first, first + n_patients):
+        coarse = rng.uniform(40, 200, (4, 4, 3)).astype(np.float32)
+        base = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
+        for k in range(photos):
+            image = base + rng.normal(0, 2, base.shape) + rng.normal(0, 2)
+            cv2.imwrite(str(root / "normal" / f"{p:03d}_{k}.png"),
+                        np.clip(image, 0, 255).astype(np.uint8))
+    return root

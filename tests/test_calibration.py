@@ -274,3 +274,49 @@ def test_pick_block_keeps_the_block_that_separates_the_validation_anomalies():
     with pytest.raises(KadError, match="must not be among the training"):
         pick_block(features, train, np.r_[rows, 0], np.r_[anomaly[rows], 0].astype(int),
                    KNN(n_neighbors=5))
+
+
+# -- advice that works ------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 10, 18, 33, 98, 150, 997])
+def test_the_rate_a_refusal_suggests_works_typed_as_shown(n):
+    import re
+
+    with pytest.raises(KadError) as refused:
+        conformal_threshold(np.arange(float(n)), 0.5 / (n + 1))
+    suggested = re.search(r"--fpr (\S+) or more", str(refused.value)).group(1)
+    threshold = conformal_threshold(np.arange(float(n)), float(suggested))  # no refusal
+    assert threshold.details["rank"] == n
+
+
+def test_no_calibration_image_does_not_suggest_a_rate_that_cannot_be_asked():
+    from kad.screening.thresholds import too_few_calibration_images
+
+    text = too_few_calibration_images(0.05, 0, "raise --calibration")
+    assert "--fpr" not in text and "raise --calibration" in text
+    with pytest.raises(KadError) as refused:
+        conformal_threshold(np.array([]), 0.05)
+    assert "--fpr 1" not in str(refused.value)
+
+
+def test_the_default_rate_falls_back_to_what_the_calibration_images_can_guarantee():
+    from kad.screening.thresholds import DEFAULT_FPR, ThresholdRule
+
+    rule = ThresholdRule().resolve(labelled=False)
+    assert rule.fpr == DEFAULT_FPR and rule.asked_fpr is None
+    threshold = rule.apply(calibration_scores=np.arange(8.0))
+    details = threshold.details
+    assert details["alpha"] == pytest.approx(1 / 9) and details["rank"] == 8
+    assert threshold.value == 7.0
+    assert "at most 0.112" in details["guarantee"]
+    assert "needs 19 calibration images and there are 8" in details["fallback"]
+    assert "guarantees 0.112 instead" in details["fallback"]
+    # enough images: the default itself; a rate asked for is never changed
+    assert "fallback" not in rule.apply(calibration_scores=np.arange(19.0)).details
+    with pytest.raises(KadError, match="needs at least 19"):
+        ThresholdRule(fpr=0.05).resolve(labelled=False).apply(
+            calibration_scores=np.arange(8.0))
+
+
+def test_a_guaranteed_rate_is_never_shown_below_its_value():
+    details = conformal_threshold(np.arange(10.0), 1 / 11).details  # bound 0.090909...
+    assert "at most 0.0910" in details["guarantee"] or "at most 0.091 " in details["guarantee"]

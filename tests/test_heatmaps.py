@@ -319,6 +319,49 @@ def test_one_overlay_goes_to_the_path_asked_for(tmp_path):
                       tmp_path / "d.png")
 
 
+def test_the_overlay_on_a_huge_photograph_is_bounded(tmp_path):
+    from kad.screening.heatmaps import OVERLAY_MAX_SIDE, write_overlay
+
+    heat = np.zeros((16, 16), np.float32)
+    heat[4:8, 4:8] = 1.0
+    photo = np.zeros((2400, 3000, 3), np.uint8)
+    found = Heatmap("eye.png", 1.0, "gradient", heat, box=(300, 0, 2400, 2400),
+                    original_shape=(2400, 3000), seen=np.full((16, 16, 3), 0.5, np.float32),
+                    original=photo)
+    written = write_overlay(found, tmp_path / "b.png", on="original")
+    assert OVERLAY_MAX_SIDE == 2048
+    assert cv2.imread(str(written)).shape == (1638, 2048, 3)
+    # mapped onto a smaller copy of the photograph, the map keeps its sum
+    full, small = found.on_original(), found.on_original((1638, 2048))
+    assert small.shape == (1638, 2048)
+    assert float(small.sum()) == pytest.approx(float(full.sum()), rel=1e-3)
+    assert float(full.sum()) == pytest.approx(16.0, rel=1e-3)
+
+
+@pytest.mark.tf
+def test_heatmaps_decode_as_scoring_does_and_keep_a_bounded_copy(data, tmp_path,
+                                                                  monkeypatch):
+    from kad.data.datasets import FileSource
+    from kad.screening import heatmaps
+    from kad.screening.heatmaps import iter_heatmaps
+
+    rng = np.random.default_rng(0)
+    big = tmp_path / "big.jpg"
+    photo = cv2.resize(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8), (800, 600))
+    cv2.imwrite(str(big), photo)
+    pipeline = _fit(data, "knn", "block_5_add")
+    monkeypatch.setattr(heatmaps, "OVERLAY_MAX_SIDE", 40)
+    files = [big, data[2][0]]
+    maps = list(iter_heatmaps(pipeline, FileSource(files)))
+    # a 800x600 JPEG is decoded at 1/8, as Pipeline.score decodes it, with the same score
+    assert maps[0].original_shape == (75, 100)
+    np.testing.assert_array_equal([m.score for m in maps],
+                                  pipeline.score(FileSource(files)).scores)
+    assert maps[0].original.shape == (30, 40, 3)  # only a bounded copy is kept
+    assert maps[1].original.shape == (32, 32, 3)
+    assert maps[0].on_original().shape == (75, 100)
+
+
 @pytest.mark.tf
 def test_heatmaps_run_on_the_runtime_asked_for_and_agree_across_runtimes(data, monkeypatch):
     pytest.importorskip("openvino")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import cv2
 import numpy as np
 import pytest
@@ -369,4 +371,47 @@ def test_a_very_large_image_header_does_not_warn_or_fail(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 2400 pixels: Pillow warns
     assert read_image(tmp_path / "big.jpg").shape == (60, 40, 3)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # over twice the limit: it raises
-    assert read_image(tmp_path / "big.jpg").shape == (40, 60, 3)  # header unread: as stored
+    assert read_image(tmp_path / "big.jpg").shape == (60, 40, 3)  # the header is still read
+    assert Image.MAX_IMAGE_PIXELS == 1000  # and Pillow's own limit is left as it was
+
+
+# -- bounded decoding ---------------------------------------------------------------------
+def test_an_image_over_the_pixel_limit_is_refused_naming_its_size_and_the_limit(
+        tmp_path, monkeypatch):
+    write(tmp_path / "big.png", colourful(100, 200))
+    monkeypatch.setenv("KAD_MAX_IMAGE_PIXELS", "10000")
+    with pytest.raises(ImageReadError) as refused:
+        read_image(tmp_path / "big.png", min_side=20)  # a PNG cannot be decoded reduced
+    text = str(refused.value)
+    assert "200x100 px" in text and "limit of 0.01 megapixels" in text
+    setting = re.search(r"KAD_MAX_IMAGE_PIXELS=(\d+)", text).group(1)
+    monkeypatch.setenv("KAD_MAX_IMAGE_PIXELS", setting)  # the value suggested works
+    assert read_image(tmp_path / "big.png").shape == (100, 200, 3)
+
+
+def test_a_large_jpeg_counts_at_the_size_it_is_decoded_at(tmp_path, monkeypatch):
+    write(tmp_path / "big.jpg", colourful(400, 480))
+    monkeypatch.setenv("KAD_MAX_IMAGE_PIXELS", "10000")
+    assert read_image(tmp_path / "big.jpg", min_side=50).shape == (50, 60, 3)  # 1/8
+    with pytest.raises(ImageReadError, match="480x400 px"):
+        read_image(tmp_path / "big.jpg")
+
+
+def test_the_limit_is_checked_on_the_header_before_any_pixel_is_decoded(tmp_path):
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+
+    # a 40,000 x 40,000 PNG header (1.6 gigapixels, over Pillow's and OpenCV's limits)
+    # with a few bytes of pixel data: refused in kad's words, from the header alone
+    ihdr = struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0)
+    data = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr)
+            + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
+    (tmp_path / "bomb.png").write_bytes(data)
+    with pytest.raises(ImageReadError) as refused:
+        read_image(tmp_path / "bomb.png")
+    assert "40000x40000 px (1600.0 megapixels)" in str(refused.value)
+    assert "limit of 64 megapixels" in str(refused.value)

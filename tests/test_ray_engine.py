@@ -136,3 +136,73 @@ def test_a_ray_entry_on_auto_is_found_by_a_local_run(images, local_ray, tmp_path
     monkeypatch.setattr(extract, "_extract", no_extraction)
     local = extract_features(small, MNV2, "none", 32, batch_size=8, cache_dir=tmp_path)
     assert local.path == ray_run.path and local.key == ray_run.key
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _NoInit:
+    """A ray module whose init must not be reached."""
+
+    def is_initialized(self):
+        return False
+
+    def init(self, **kwargs):
+        raise AssertionError(f"ray.init was called with {kwargs}: it waits for minutes")
+
+
+@pytest.mark.parametrize("form", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}"])
+def test_an_unreachable_ray_address_fails_at_once_saying_how_to_start_a_cluster(form):
+    import time
+
+    from kad.errors import KadError
+    from kad.features.ray_engine import _connect
+
+    port = _free_loopback_port()  # nothing listens there
+    address = form.format(port=port)
+    began = time.monotonic()
+    with pytest.raises(KadError) as refused:
+        _connect(_NoInit(), address, None)
+    assert time.monotonic() - began < 30
+    text = str(refused.value)
+    assert address in text and f"ray start --head --port={port}" in text
+    assert "--ray-address" in text
+
+
+def test_an_unreachable_ray_address_from_the_environment_says_where_it_came_from(monkeypatch):
+    from kad.errors import KadError
+    from kad.features.ray_engine import _connect
+
+    port = _free_loopback_port()
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    with pytest.raises(KadError, match=r"from \$RAY_ADDRESS"):
+        _connect(_NoInit(), None, None)
+    with pytest.raises(KadError, match="no valid port"):
+        _connect(_NoInit(), "127.0.0.1:http", None)
+
+
+@pytest.mark.tf
+def test_an_unreachable_cluster_stops_the_run_within_seconds(tmp_path):
+    import os
+    import subprocess
+    import time
+
+    pytest.importorskip("ray")
+    # in a fresh process: a Ray already initialised here (the fixtures') would be used as is
+    address = f"127.0.0.1:{_free_loopback_port()}"
+    code = ("from kad.data.datasets import load_dataset\n"
+            "from kad.features.extract import extract_features\n"
+            f"extract_features(load_dataset('digits'), {MNV2!r}, 'none', 32, engine='ray', "
+            f"ray_address={address!r}, cache_dir={str(tmp_path)!r})\n")
+    began = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              p for p in sys.path if p)})
+    assert time.monotonic() - began < 60  # the interpreter and TensorFlow start included
+    assert done.returncode != 0
+    assert f"cannot reach a Ray cluster at {address}" in done.stderr

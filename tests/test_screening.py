@@ -192,7 +192,7 @@ def test_fit_says_how_many_images_it_fitted_on_and_names_those_left_out(tmp_path
     model = tmp_path / "model.kad"
     args = ["fit", "--dataset", "folder:kind=natural", "--data-dir", tmp_path / "fit", *FAST_CLI,
             "--out", model]
-    small = runner.invoke(app, [str(a) for a in args])  # 0.2 of 14 images calibrate 0.05
+    small = runner.invoke(app, [str(a) for a in args] + ["--fpr", "0.05"])  # 0.2 of 14
     assert small.exit_code == 1 and "needs at least 19 calibration images" in small.output
     assert "features of" not in small.output, "refused before any work"
     result = _kad(*args, "--calibration", "0.5", "--fpr", "0.2")
@@ -204,6 +204,76 @@ def test_fit_says_how_many_images_it_fitted_on_and_names_those_left_out(tmp_path
     for name in ("tiny.png", "broken.png", "gone.png"):
         assert name in result.output
     assert "1x1 px" in result.output and "broken symbolic link" in result.output
+
+@pytest.mark.parametrize("n_normal", [40, 89])
+def test_a_few_dozen_normals_get_a_model_and_the_guarantee_it_actually_gives(tmp_path,
+                                                                            n_normal):
+    from kad.screening.calibration import fpr_text
+
+    root = screening_folder(tmp_path / "fit", n_normal=n_normal, n_abnormal=0, seed=4)
+    model = tmp_path / "model.kad"
+    base = ["fit", "--dataset", "folder:kind=natural", "--data-dir", root, *FAST]
+    result = _kad(*base, "--out", model)  # the defaults: --fpr 0.05 cannot be guaranteed
+    details = load_pipeline(model).threshold.details
+    n_cal = details["n_calibration"]
+    assert n_cal < 19 and details["alpha"] == pytest.approx(1 / (n_cal + 1))
+    given = fpr_text(details["fpr_bound"])
+    assert f"the default false-positive rate 0.05 needs 19 calibration images and there " \
+           f"are {n_cal}: the threshold guarantees {given} instead" in result.output
+    assert f"flagged with probability at most {given}" in " ".join(result.output.split())
+    # the rate asked for is refused, and the rate the refusal suggests works as typed
+    refused = runner.invoke(app, [str(a) for a in [*base, "--out", model, "--fpr", "0.05"]])
+    assert refused.exit_code == 1, refused.output
+    suggested = re.search(r"--fpr (\S+) or more", " ".join(refused.output.split())).group(1)
+    _kad(*base, "--out", model, "--fpr", suggested)
+    assert load_pipeline(model).threshold.details["rank"] == n_cal
+
+
+def test_the_guarantee_is_withheld_when_a_patient_has_several_photographs(tmp_path):
+    from kad.data.datasets import FileSource
+    from synthetic import multi_photo_folder
+
+    multi_photo_folder(tmp_path / "fit", n_patients=40, photos=4, seed=1)
+    multi_photo_folder(tmp_path / "new", n_patients=100, photos=1, seed=2, first=500)
+    new = FileSource(sorted((tmp_path / "new" / "normal").glob("*.png")))
+    base = ["fit", "--dataset", "folder:kind=natural", "--data-dir", tmp_path / "fit", *FAST,
+            "--fpr", "0.1"]
+
+    def fit(*extra):
+        result = _kad(*base, "--out", tmp_path / "model.kad", *extra)
+        pipeline = load_pipeline(tmp_path / "model.kad")
+        rate = float((pipeline.score(new).scores > pipeline.threshold.value).mean())
+        return " ".join(result.output.split()), pipeline.threshold.details, rate
+
+    # photographs split one by one: calibration images have near-copies in training
+    output, details, ungrouped = fit()
+    assert details["guarantee_withheld"] and details["near_copies"]["share"] > 0.1
+    assert "guarantee: withheld:" in output and "flagged with probability" not in output
+    assert "--patient-pattern" in details["guarantee_withheld"]
+    assert ungrouped > 0.3  # new patients are flagged far more often than 0.1
+    # grouped by patient from the file names: the promise is given, and holds
+    output, details, grouped = fit("--patient-pattern", r"^(\d+)_")
+    assert "--patient-pattern found 40 patients in 160 images: 4 to 4 images per " \
+           "patient" in output
+    assert "guarantee_withheld" not in details and details["near_copies"]["n"] == 0
+    assert "flagged with probability at most 0.091 (asked 0.1)" in output
+    assert grouped <= 0.2  # 0.1 promised; 100 new patients
+
+
+def test_a_patient_pattern_that_misses_a_name_or_is_invalid_is_one_clear_line(tmp_path):
+    from kad.data.datasets import load_dataset
+    from kad.errors import KadError
+    from synthetic import multi_photo_folder
+
+    root = multi_photo_folder(tmp_path / "fit", n_patients=3, photos=2)
+    (root / "normal" / "odd.png").write_bytes((root / "normal" / "000_0.png").read_bytes())
+    with pytest.raises(KadError, match=r"finds no patient id in 1 file name\(s\): odd.png"):
+        load_dataset("folder", root, kind="natural", patient_pattern=r"^(\d+)_")
+    with pytest.raises(KadError, match="not a valid regular expression"):
+        load_dataset("folder", root, kind="natural", patient_pattern="(")
+    whole = load_dataset("folder", root, kind="natural", patient_pattern=r"^\d+|odd")
+    assert sorted(set(whole.patient)) == ["000", "001", "002", "odd"]
+
 
 # -- calibrated fitting, through the library ------------------------------------------------
 

@@ -23,12 +23,22 @@ from kad.cli.options import (
 from kad.cli.render import RichProgress, handle_errors, note, say, skipped, stdout, table
 
 
-def load_dataset(dataset: str, data_dir: Path | None):
-    """The dataset an option names, with its summary (and what it skipped) on stderr."""
+def load_dataset(dataset: str, data_dir: Path | None, patient_pattern: str | None = None):
+    """The dataset an option names, with its summary (and what it skipped) on stderr; with
+    ``patient_pattern`` (a folder dataset's patients from file names), how many patients
+    and images per patient it found."""
     from kad.data.datasets import load_dataset as load
 
-    ds = load(dataset, data_dir)
+    options = {} if patient_pattern is None else {"patient_pattern": patient_pattern}
+    ds = load(dataset, data_dir, **options)
     note(ds.summary())
+    if patient_pattern is not None:
+        import numpy as np
+
+        counts = np.unique(np.asarray(ds.patient, dtype=str), return_counts=True)[1]
+        say(f"--patient-pattern found {len(counts)} patients in {len(ds)} images: "
+            f"{counts.min()} to {counts.max()} images per patient "
+            f"({counts.mean():.1f} on average)")
     return ds
 
 

@@ -91,6 +91,11 @@ def fit(
     seed: SeedOpt = 0,
     batch_size: BatchSizeOpt = 64, cache_dir: CacheDirOpt = None,
     runtime: RuntimeOpt = "auto",
+    patient_pattern: Annotated[str | None, typer.Option(
+        "--patient-pattern", metavar="REGEX",
+        help="Patient ids from the file names of a folder dataset, instead of "
+             "patients.csv: the first group of this regular expression, else its whole "
+             "match (e.g. '^(\\d+)_' for the digits before the first underscore).")] = None,
     keep_all_blocks: Annotated[bool, typer.Option(
         "--keep-all-blocks", help="Keep every block of the training images in the feature "
                                   "cache (by default only the blocks the model uses).")] = False,
@@ -100,7 +105,7 @@ def fit(
     from kad.screening.calibration import fit_summary
     from kad.screening.workflow import fit_model
 
-    ds = load_dataset(dataset, data_dir)
+    ds = load_dataset(dataset, data_dir, patient_pattern)
     run = fit_model(ds, out_path, backbone=backbone, weights=weights,
                     image_size=image_size, preprocessing=preprocessing, detector=detector,
                     representation=representation, fpr=fpr, sensitivity=sensitivity,

@@ -17,12 +17,20 @@ OpenCV's own handling is switched off so that it is applied once, for every form
 A large JPEG can be decoded at 1/2, 1/4 or 1/8 of its size (libjpeg scales in the DCT
 domain, which costs a fraction of a full decode) when the caller says how many pixels it
 needs (``min_side``); see :func:`read_image`.
+
+Decoding is bounded: the size is read from the file's header (Pillow, without decoding)
+and an image that would decode to more than :func:`max_image_pixels` pixels (64
+megapixels by default, about 200 MB as RGB; ``$KAD_MAX_IMAGE_PIXELS`` changes it) is
+refused before any pixel is decoded, with the reason naming its size and the limit. A JPEG
+counts at the size it is decoded at, so a 10,000 x 10,000 photograph read with ``min_side``
+is decoded at 1/8 and accepted; other formats cannot be decoded reduced.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -33,10 +41,12 @@ from kad.errors import ImageReadError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
     "MIN_IMAGE_SIDE",
     "check_usable",
     "apply_orientation",
     "is_image_file",
+    "max_image_pixels",
     "read_image",
     "resize",
     "to_rgb_uint8",
@@ -45,6 +55,22 @@ __all__ = [
 #: Images with a side shorter than this many pixels are not screened: there is nothing to
 #: see in them (8 px keeps scikit-learn's 8x8 digits).
 MIN_IMAGE_SIDE = 8
+
+#: The most pixels an image may decode to, by default (64 megapixels: 192 MB as RGB
+#: ``uint8``; fundus cameras take 5 to 36). ``$KAD_MAX_IMAGE_PIXELS`` sets another.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def max_image_pixels() -> int:
+    """The pixel limit of :func:`read_image`: ``$KAD_MAX_IMAGE_PIXELS`` when set to a
+    positive integer, else :data:`MAX_IMAGE_PIXELS`."""
+    text = os.environ.get("KAD_MAX_IMAGE_PIXELS", "").strip().replace("_", "")
+    try:
+        value = int(text) if text else MAX_IMAGE_PIXELS
+    except ValueError:
+        return MAX_IMAGE_PIXELS
+    return value if value > 0 else MAX_IMAGE_PIXELS
+
 
 #: Lower-case file extensions that every OpenCV build kad supports (>= 4.8) decodes.
 #: GIF and AVIF are left out (only some builds read them), and so is OpenEXR (disabled
@@ -93,14 +119,17 @@ def read_image(path: str | os.PathLike, *, min_side: int | None = None) -> np.nd
     cheaper than a full decode followed by a resize. Other formats are decoded whole.
 
     Raises :class:`~kad.errors.ImageReadError` when the file is missing, empty, not an
-    image, truncated, or has a channel layout that is not grey, grey+alpha, colour or
-    colour+alpha.
+    image, truncated, would decode to more than :func:`max_image_pixels` pixels (checked
+    on the header, before decoding), or has a channel layout that is not grey,
+    grey+alpha, colour or colour+alpha.
     """
     data = _read_bytes(path)
     _check_complete(path, data)
     size, orientation = _header(data)
     flags = cv2.IMREAD_UNCHANGED
     factor = _reduction(size, min_side) if data.startswith(_JPEG_SOI) else 1
+    if size is not None:
+        _check_pixels(path, size, factor)
     if factor > 1:
         flags = _REDUCED_FLAGS[factor] | cv2.IMREAD_IGNORE_ORIENTATION
     try:
@@ -114,11 +143,28 @@ def read_image(path: str | os.PathLike, *, min_side: int | None = None) -> np.nd
             f"bytes (they start with {data[:12]!r}); check that the file really is an image "
             f"and that its format is one of {_extensions_text()}",
         )
+    if size is None:  # no header Pillow knows: checked once decoded (OpenCV's own limit
+        _check_pixels(path, decoded.shape[1::-1], 1)  # bounds the decoding itself)
     try:
         rgb = _convert(decoded, bgr=True)
     except ValueError as exc:
         raise ImageReadError(path, str(exc)) from exc
     return apply_orientation(rgb, orientation)
+
+
+def _check_pixels(path, size: tuple[int, int], factor: int) -> None:
+    """Raise when an image of ``size`` (width, height), decoded at 1/``factor``, exceeds
+    the pixel limit."""
+    width, height = (int(v) for v in size)
+    decoded = -(-width // factor) * -(-height // factor)
+    limit = max_image_pixels()
+    if decoded > limit:
+        at = f" even decoded at 1/{factor}" if factor > 1 else ""
+        raise ImageReadError(
+            path,
+            f"the image is {width}x{height} px ({width * height / 1e6:.1f} megapixels), more "
+            f"than the limit of {limit / 1e6:g} megapixels{at}; downscale it (or, to accept "
+            f"it, set KAD_MAX_IMAGE_PIXELS={decoded})")
 
 
 #: EXIF orientation (1-8) to the OpenCV operations that make the image upright, in order:
@@ -283,13 +329,17 @@ def _header(data: bytes) -> tuple[tuple[int, int] | None, int]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with warnings.catch_warnings():
-            # Pillow's guard against decompression bombs concerns decoding, which OpenCV
-            # does (with its own limits); reading the header is safe.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                orientation = image.getexif().get(0x0112, 1)
-                size = image.size
+        try:
+            size, orientation = _pillow_header(data)
+        except Image.DecompressionBombError:
+            # Pillow refuses to even open an image of more than twice its own limit; its
+            # size is needed to say so in kad's terms, and reading the header is safe.
+            with _PILLOW_LIMIT:
+                saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+                try:
+                    size, orientation = _pillow_header(data)
+                finally:
+                    Image.MAX_IMAGE_PIXELS = saved
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
             SyntaxError):
         return None, 1
@@ -298,6 +348,24 @@ def _header(data: bytes) -> tuple[tuple[int, int] | None, int]:
     except (TypeError, ValueError):
         orientation = 1
     return size, orientation if orientation in _ORIENTATIONS else 1
+
+
+_PILLOW_LIMIT = threading.Lock()
+
+
+def _pillow_header(data: bytes) -> tuple[tuple[int, int], object]:
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        # Pillow's guard against decompression bombs concerns decoding, which OpenCV
+        # does (kad's pixel limit is checked first); reading the header is safe.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format == "PNG" and "exif" not in image.info:
+                # Pillow would decode the whole PNG looking for an eXIf chunk after the
+                # pixels; the specification puts it before them, where info has it.
+                return image.size, 1
+            return image.size, image.getexif().get(0x0112, 1)
 
 
 def _reduction(size: tuple[int, int] | None, min_side: int | None) -> int:

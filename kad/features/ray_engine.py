@@ -14,6 +14,9 @@ The same entry as a local extraction, computed by a Ray Data pipeline:
   seconds. An interrupted run resumes with the batches that are missing; a rerun never
   writes a row twice, and a complete entry is returned as is.
 
+A cluster named by ``address`` (or ``$RAY_ADDRESS``) must accept a TCP connection within
+:data:`PROBE_SECONDS` (:func:`probe_address`), else the run stops at once with one line
+saying how to start one; Ray's own connection attempts would wait for minutes.
 Without ``address`` (or ``$RAY_ADDRESS``) a local Ray is started on this machine and shut
 down at the end; a Ray that is already initialised in this process is used as it is. The
 cache folder must be reachable from the driver only: workers send their rows back to it.
@@ -27,7 +30,7 @@ import time
 
 import numpy as np
 
-from kad.errors import MissingDependencyError
+from kad.errors import KadError, MissingDependencyError
 from kad.features.cache import (
     EntryWriter,
     EventCallback,
@@ -39,6 +42,9 @@ from kad.features.cache import (
 from kad.utils.progress import Progress, task
 
 SYNC_SECONDS = 10.0
+#: How long the head node of a cluster named by address may take to accept a connection
+#: before kad gives up (Ray itself retries for minutes).
+PROBE_SECONDS = 5.0
 _RAY_HINT = "install it with: pip install 'kad[ray]'"
 
 
@@ -119,13 +125,70 @@ def _connect(ray, address: str | None, num_cpus: int | None) -> bool:
     True if this call started or connected it (and should shut it down)."""
     if ray.is_initialized():
         return False
+    named = "--ray-address" if address else "$RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
+        probe_address(address, named)
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
                  log_to_driver=False)
     return True
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` a Ray address is reached at: ``HOST[:PORT]`` (the head node's
+    GCS, port 6379 by default) or ``ray://HOST[:PORT]`` (Ray Client, 10001); None for
+    ``auto`` and ``local``, which name no host."""
+    text = address.strip()
+    if text.lower() in ("auto", "local"):
+        return None
+    default = 6379
+    if "://" in text:
+        scheme, text = text.split("://", 1)
+        default = 10001 if scheme.lower() == "ray" else default
+    text = text.split("/", 1)[0]
+    host, port = text, default
+    if text.startswith("["):  # [IPv6]:port
+        host, _, rest = text[1:].partition("]")
+        if rest.startswith(":") and rest[1:]:
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        port = int(port)
+    except ValueError as exc:
+        raise KadError(f"the Ray address {address!r} has no valid port ({port!r}); give "
+                       "HOST:PORT, e.g. 127.0.0.1:6379") from exc
+    if not host or not 0 < port < 65536:
+        raise KadError(f"the Ray address {address!r} names no host or port; give "
+                       "HOST:PORT, e.g. 127.0.0.1:6379")
+    return host, port
+
+
+def probe_address(address: str, named: str = "--ray-address",
+                  timeout: float = PROBE_SECONDS) -> None:
+    """Raise one clear :class:`~kad.errors.KadError` when nothing accepts a TCP connection at
+    the Ray ``address`` within ``timeout`` seconds, before ``ray.init`` would wait for
+    minutes: it names the address, where it came from (``named``) and how to start a
+    cluster."""
+    import socket
+
+    found = _host_port(address)
+    if found is None:
+        return
+    host, port = found
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        why = "no answer" if isinstance(exc, TimeoutError) else (
+            exc.strerror or type(exc).__name__).lower()
+        raise KadError(
+            f"cannot reach a Ray cluster at {address} (from {named}): {why} on "
+            f"{host}:{port} within {timeout:g} s. Start one there with `ray start --head "
+            f"--port={port}` (other nodes: ray start --address={host}:{port}), or leave out "
+            "--ray-address and $RAY_ADDRESS to run a local Ray on this machine") from exc
 
 
 def _resources(ray, actors: int | None, gpus_per_actor: float | None):
@@ -318,4 +381,4 @@ def score_with_ray(pipeline, source, ids=None, *, address: str | None = None,
     return Scores(list(ids), scores, dict(sorted(failed.items(), key=lambda kv: order[kv[0]])))
 
 
-__all__ = ["extract_with_ray", "import_ray", "score_with_ray"]
+__all__ = ["extract_with_ray", "import_ray", "probe_address", "score_with_ray"]

@@ -59,6 +59,28 @@ def min_calibration_size(alpha: float) -> int:
     return max(1, int(math.ceil(1.0 / alpha - 1.0 - _EPS)))
 
 
+def min_fpr(n: int) -> float:
+    """The smallest false-positive rate ``n`` calibration images can guarantee:
+    ``1 / (n + 1)`` (the threshold is then the largest calibration score)."""
+    return 1.0 / (int(n) + 1)
+
+
+def fpr_text(alpha: float, n: int | None = None) -> str:
+    """``alpha`` written with at most 3 significant digits, rounded *up*, so that the value
+    typed as shown is never below ``alpha``: a minimum rate a message suggests is one that
+    works. With ``n``, the value shown is checked to be guaranteeable with ``n`` images."""
+    alpha = float(alpha)
+    digits = 3 - int(math.floor(math.log10(alpha))) - 1
+    while True:
+        scale = 10.0 ** digits
+        text = f"{math.ceil(alpha * scale - _EPS) / scale:.{max(digits, 0)}f}".rstrip("0")
+        text = text.rstrip(".")
+        value = float(text)
+        if value >= alpha and (n is None or conformal_rank(n, value) <= n):
+            return text
+        alpha = value + 1.0 / scale  # rounding error: one step up
+
+
 def _calibration_scores(scores) -> np.ndarray:
     values = np.sort(np.asarray(scores, dtype=np.float64).ravel())
     if not np.isfinite(values).all():
@@ -76,6 +98,69 @@ def conformal_p_values(calibration_scores, scores) -> np.ndarray:
     at_least = len(cal) - np.searchsorted(cal, scores, side="left")
     values = (1.0 + at_least) / (len(cal) + 1.0)
     return np.where(np.isnan(scores), np.nan, values)
+
+
+# -- near-copies: calibration images that are not new patients ---------------------------
+#: A calibration image whose nearest training image is closer than this fraction of the
+#: median distance between two training images is taken for a near-copy of it (another
+#: photograph of the same eye, a duplicate). A tenth: distinct eyes were never that close
+#: in the feature spaces tried, several photographs of one eye mostly were.
+NEAR_COPY_RATIO = 0.1
+#: Above this share of near-copies among the calibration images, the conformal guarantee
+#: is withheld: the calibration images are not like new patients.
+NEAR_COPY_SHARE = 0.1
+
+
+@dataclass
+class NearCopies:
+    """How many calibration images have a near-copy among the training images."""
+
+    n: int
+    n_calibration: int
+    ratio: float
+    median_training_distance: float
+
+    @property
+    def share(self) -> float:
+        return self.n / self.n_calibration if self.n_calibration else 0.0
+
+    @property
+    def withholds(self) -> bool:
+        return self.share > NEAR_COPY_SHARE
+
+    def reason(self, by_patient: bool) -> str:
+        fix = ("check that patients.csv gives every photograph of a patient the same id"
+               if by_patient else "add patients.csv (image,patient) or --patient-pattern "
+               "REGEX so that each patient's photographs stay together, and refit")
+        return (f"withheld: {self.n} of {self.n_calibration} calibration images "
+                f"({self.share:.0%}) have a near-copy among the training images (closer "
+                f"than {self.ratio:g} of the median distance between training images), so "
+                "they are not like new patients and the false-positive rate on new patients "
+                f"may be far higher than asked; {fix}")
+
+    def as_dict(self) -> dict:
+        return {"n": self.n, "n_calibration": self.n_calibration, "share": self.share,
+                "ratio": self.ratio, "max_share": NEAR_COPY_SHARE,
+                "median_training_distance": self.median_training_distance}
+
+
+def near_copies(train, calibration, ratio: float = NEAR_COPY_RATIO, seed: int = 0,
+                sample: int = 500) -> NearCopies:
+    """Count the calibration images (rows of ``calibration``, the detector's inputs) whose
+    nearest training image is closer than ``ratio`` times the median Euclidean distance
+    between two training images (measured on at most ``sample`` of them)."""
+    from sklearn.metrics import pairwise_distances
+    from sklearn.neighbors import NearestNeighbors
+
+    train = np.asarray(train, dtype=np.float32).reshape(len(train), -1)
+    cal = np.asarray(calibration, dtype=np.float32).reshape(len(calibration), -1)
+    rng = np.random.default_rng(seed)
+    picked = train if len(train) <= sample else train[rng.choice(len(train), sample, False)]
+    pairs = pairwise_distances(picked)
+    median = float(np.median(pairs[np.triu_indices(len(picked), 1)])) if len(picked) > 1 \
+        else 0.0
+    nearest = NearestNeighbors(n_neighbors=1).fit(train).kneighbors(cal)[0][:, 0]
+    return NearCopies(int((nearest < ratio * median).sum()), len(cal), ratio, median)
 
 
 # -- splitting a dataset for fitting -----------------------------------------------------
@@ -361,6 +446,8 @@ def fit_summary(pipeline) -> FitSummary:
             f"{details['n_normal']} labelled normals; these images set the threshold, so "
             "the figures are optimistic")
     notes = list(pipeline.training.get("split", {}).get("notes", []))
+    if details.get("fallback"):
+        notes.insert(0, details["fallback"])
     if not calibration:
         notes.append("no calibration set: no p-values and no guaranteed false-positive rate")
     return FitSummary(

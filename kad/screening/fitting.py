@@ -195,11 +195,14 @@ def calibrate(rule: ThresholdRule, picked: Picked, inputs: DetectorInputs,
               parts: FitSplit) -> tuple[Threshold, np.ndarray | None]:
     """The threshold ``rule`` (resolved for the parts at hand) gives the fitted detector,
     with, on the labelled selection rows, the metrics at that threshold; returns it and
-    the sorted calibration scores (None without calibration rows)."""
+    the sorted calibration scores (None without calibration rows). A conformal guarantee
+    is withheld when the calibration images have near-copies among the training images,
+    measured on the pooled features of the representation's blocks (from the cache)."""
     from kad.utils.metrics import evaluate
 
     detector, representation = picked.detector, picked.representation
     rule = rule.resolve(labelled=parts.labelled, calibrated=len(parts.calibration) > 0)
+
     def scores(rows):
         return detector.anomaly_score(inputs.read(representation, rows),
                                       progress=inputs.progress)
@@ -213,7 +216,25 @@ def calibrate(rule: ThresholdRule, picked: Picked, inputs: DetectorInputs,
         anomaly_scores=None if selected is None else selected[labels == 1])
     if selected is not None:
         threshold.details["validation"] = evaluate(labels, selected, selected > threshold.value)
+    if threshold.method == "conformal" and len(parts.train) > 1:
+        pooled = inputs.features.matrix
+        _check_near_copies(threshold, pooled(representation.names, parts.train),
+                           pooled(representation.names, parts.calibration), parts.by_patient)
     return threshold, calibration
+
+
+def _check_near_copies(threshold: Threshold, train, calibration, by_patient: bool) -> None:
+    """Withhold the conformal guarantee when calibration images have near-copies among the
+    training images (:func:`kad.screening.calibration.near_copies`): the threshold is
+    kept, its record says no guarantee holds and why."""
+    from kad.screening.calibration import near_copies
+
+    found = near_copies(train, calibration)
+    threshold.details["near_copies"] = found.as_dict()
+    if found.withholds:
+        reason = found.reason(by_patient)
+        threshold.details["guarantee_withheld"] = reason
+        threshold.details["guarantee"] = reason
 
 
 # ----------------------------------------------------------------------- 5. assess
@@ -306,7 +327,9 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
         calibration=None if calibration_scores is None else {
             "scores": calibration_scores.tolist(), "n": int(len(calibration_scores)),
             "measured_on": f"{who(parts.calibration)}: normal images kept aside, used "
-                           "neither to fit nor to pick the block"},
+                           "neither to fit nor to pick the block",
+            **{k: threshold.details[k] for k in ("near_copies", "guarantee_withheld")
+               if k in threshold.details}},
         assessment=assess_held_out(picked, inputs, parts, who),
         runtime=inputs.runtime,
     )

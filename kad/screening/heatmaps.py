@@ -78,12 +78,14 @@ from kad.utils.progress import Progress, task
 
 __all__ = [
     "METHODS",
+    "OVERLAY_MAX_SIDE",
     "Explained",
     "Heatmap",
     "HeatmapRun",
     "OverlayFiles",
     "choose_method",
     "explain",
+    "bounded",
     "explain_file",
     "iter_heatmaps",
     "occlusion_cells",
@@ -97,6 +99,9 @@ __all__ = [
 ]
 
 METHODS = ("auto", "gradient", "occlusion", "detector")
+#: Overlays on the photograph are drawn, and photographs kept for them, with their longest
+#: side at most this many pixels: a 10,000 px photograph gives a 2048 px overlay.
+OVERLAY_MAX_SIDE = 2048
 DEFAULT_GRID = 8
 DEFAULT_STEPS = 16
 OCCLUSION_FILL = 0.5
@@ -115,8 +120,11 @@ class Heatmap:
     ``error`` saying why. ``block_maps`` holds, for the gradient method, every block's
     per-location shares at the block's own resolution. ``box`` is the region
     ``(left, top, width, height)`` of the original photograph (``original_shape``
-    ``(height, width)``) that the model saw. ``seen`` and ``original`` are the images
-    themselves where kept (for drawing overlays).
+    ``(height, width)``, as decoded: a large JPEG is decoded reduced, see
+    :func:`kad.data.images.read_image`) that the model saw. ``seen`` and ``original`` are
+    the images themselves where kept (for drawing overlays); ``original`` is kept with its
+    longest side at most :data:`OVERLAY_MAX_SIDE`, so it may be smaller than
+    ``original_shape``.
     """
 
     id: str
@@ -146,16 +154,23 @@ class Heatmap:
         return tuple(int(v) for v in np.unravel_index(int(np.argmax(self.map)),
                                                       self.map.shape))
 
-    def on_original(self) -> np.ndarray:
+    def on_original(self, shape: tuple[int, int] | None = None) -> np.ndarray:
         """The map on the original photograph, ``original_shape``, score units per pixel:
         the inverse of the preprocessing's crop and resize. Outside the crop it is 0; the
-        sum over the part of the crop inside the photograph is kept."""
+        sum over the part of the crop inside the photograph is kept. ``shape``: the
+        photograph scaled to ``(height, width)`` instead (e.g. a downscaled copy), the
+        sum still kept."""
         from kad.data.images import resize
 
         if self.map is None or self.box is None or self.original_shape is None:
             raise KadError(f"{self.id} has no heatmap to map back: {self.error or 'no box'}")
         left, top, width, height = self.box
         rows, cols = self.original_shape
+        if shape is not None and tuple(shape) != (rows, cols):
+            sy, sx = shape[0] / rows, shape[1] / cols
+            left, top = int(round(left * sx)), int(round(top * sy))
+            width, height = max(1, int(round(width * sx))), max(1, int(round(height * sy)))
+            rows, cols = int(shape[0]), int(shape[1])
         size = self.map.shape[0]
         scaled = resize(self.map.astype(np.float32), (height, width))
         scaled *= np.float32(size * size / (width * height))  # density per original pixel
@@ -165,6 +180,20 @@ class Heatmap:
         if x1 > x0 and y1 > y0:
             canvas[y0:y1, x0:x1] = scaled[y0 - top:y1 - top, x0 - left:x1 - left]
         return canvas
+
+
+def bounded(image: np.ndarray, max_side: int | None = None) -> np.ndarray:
+    """``image`` itself when its longest side is at most ``max_side`` (default
+    :data:`OVERLAY_MAX_SIDE`), else a copy shrunk (area interpolation, aspect ratio kept)
+    to that longest side."""
+    from kad.data.images import resize
+
+    max_side = OVERLAY_MAX_SIDE if max_side is None else int(max_side)
+    height, width = image.shape[:2]
+    if max(height, width) <= max_side:
+        return image
+    scale = max_side / max(height, width)
+    return resize(image, (max(1, round(height * scale)), max(1, round(width * scale))))
 
 
 @dataclass
@@ -406,35 +435,47 @@ def iter_heatmaps(pipeline, source, ids: Sequence[str] | None = None, *,
         yield from _heatmaps(explainer, source, ids, size, bs, keep_images, update)
 
 
-def _heatmaps(explainer, source, ids, size, bs, keep_images, update) -> Iterator[Heatmap]:
-    from kad.data.images import resize
+def _load(explainer, source, index: int, size: int):
+    """``(seen, box, decoded shape, photograph kept for overlays)`` of one image, loaded
+    as :meth:`Pipeline.score` loads it (a large JPEG decoded reduced, images with nothing
+    to screen refused); only a copy of the photograph bounded by
+    :data:`OVERLAY_MAX_SIDE` outlives this call."""
+    from kad.data.images import check_usable, resize
 
+    side = explainer.preprocessing.source_side(size)
+    load_scaled = getattr(source, "load_scaled", None)
+    rgb = source.load(index) if load_scaled is None or side is None else load_scaled(
+        index, side)
+    rgb = check_usable(rgb, source.describe(index))
+    seen = np.asarray(resize(explainer.preprocessing(rgb), size), dtype=np.float32)
+    box = explainer.preprocessing.crop_box(rgb)
+    return seen, box, rgb.shape[:2], bounded(rgb)
+
+
+def _heatmaps(explainer, source, ids, size, bs, keep_images, update) -> Iterator[Heatmap]:
     for start in range(0, len(source), bs):
         stop = min(start + bs, len(source))
-        loaded: list[tuple[int, np.ndarray, np.ndarray, tuple]] = []
+        loaded: list[tuple[int, np.ndarray, tuple, tuple, np.ndarray | None]] = []
         failed: dict[int, str] = {}
         for index in range(start, stop):
             try:
-                rgb = source.load(index)
-                seen = resize(explainer.preprocessing(rgb), size)
-                box = explainer.preprocessing.crop_box(rgb)
+                seen, box, shape, kept = _load(explainer, source, index, size)
             except ImageReadError as exc:
                 failed[index] = exc.reason
                 continue
-            loaded.append((index, rgb, np.asarray(seen, dtype=np.float32), box))
-        results = explainer.batch(np.stack([x[2] for x in loaded])) if loaded else []
+            loaded.append((index, seen, box, shape, kept if keep_images else None))
+        results = explainer.batch(np.stack([x[1] for x in loaded])) if loaded else []
         made = {x[0]: (x, r) for x, r in zip(loaded, results, strict=True)}
         for index in range(start, stop):
             if index in failed:
                 yield Heatmap(ids[index], float("nan"), explainer.method, None,
                               forward_passes=0, error=failed[index])
                 continue
-            (_, rgb, seen, box), (score, heat, ref, blocks) = made[index]
+            (_, seen, box, shape, kept), (score, heat, ref, blocks) = made.pop(index)
             yield Heatmap(ids[index], score, explainer.method, heat, reference_score=ref,
                           forward_passes=explainer.passes_per_image, block_maps=blocks,
-                          box=tuple(int(v) for v in box), original_shape=rgb.shape[:2],
-                          seen=seen if keep_images else None,
-                          original=rgb if keep_images else None)
+                          box=tuple(int(v) for v in box), original_shape=tuple(shape),
+                          seen=seen if keep_images else None, original=kept)
         update(stop)
 
 
@@ -487,7 +528,8 @@ def _write_png(path: Path, rgb: np.ndarray) -> Path:
 
 def write_overlay(heatmap: Heatmap, path: str | Path, on: str = "seen") -> Path:
     """Write one overlay PNG to ``path``: over the image as the model saw it (``on="seen"``)
-    or mapped back over the original photograph (``on="original"``)."""
+    or mapped back over the original photograph (``on="original"``), drawn with its
+    longest side at most :data:`OVERLAY_MAX_SIDE` pixels."""
     if heatmap.map is None:
         raise KadError(f"{heatmap.id} has no heatmap: {heatmap.error}")
     if on not in ("seen", "original"):
@@ -499,7 +541,8 @@ def write_overlay(heatmap: Heatmap, path: str | Path, on: str = "seen") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if on == "seen":
         return _write_png(path, overlay(image, heatmap.map))
-    back = heatmap.on_original()
+    image = bounded(image)  # at most OVERLAY_MAX_SIDE a side, whatever the photograph
+    back = heatmap.on_original(image.shape[:2])
     return _write_png(path, overlay(image, back, vmax=float(back.max())))
 
 

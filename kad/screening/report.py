@@ -66,8 +66,9 @@ def _thumbnails(pipeline: Pipeline, file: str) -> tuple[str, str] | None:
     from kad.data.preprocessing import get_preprocessing
 
     try:
-        taken = read_image(file)
-        seen = get_preprocessing(pipeline.preprocessing)(taken)
+        prep = get_preprocessing(pipeline.preprocessing)  # a large JPEG decoded reduced
+        taken = read_image(file, min_side=prep.source_side(pipeline.image_size))
+        seen = prep(taken)
     except ImageReadError:
         return None
     height, width = taken.shape[:2]

@@ -30,7 +30,9 @@ from kad.screening.calibration import (
     _calibration_scores,
     _check_alpha,
     conformal_rank,
+    fpr_text,
     min_calibration_size,
+    min_fpr,
 )
 
 __all__ = [
@@ -66,6 +68,10 @@ class ThresholdRule:
 
     fpr: float | None = None
     sensitivity: float | None = None
+    #: The rate is :data:`DEFAULT_FPR`, filled in by :meth:`resolve` because nothing was
+    #: asked: with too few calibration images for it, :meth:`apply` sets the smallest rate
+    #: they can guarantee instead, and says so.
+    fpr_by_default: bool = False
 
     def __post_init__(self) -> None:
         if self.fpr is not None and self.sensitivity is not None:
@@ -91,7 +97,12 @@ class ThresholdRule:
             return self
         if labelled:
             return ThresholdRule(sensitivity=DEFAULT_SENSITIVITY)
-        return ThresholdRule(fpr=DEFAULT_FPR) if calibrated else self
+        return ThresholdRule(fpr=DEFAULT_FPR, fpr_by_default=True) if calibrated else self
+
+    @property
+    def asked_fpr(self) -> float | None:
+        """The false-positive rate the user asked for (None when it is the default)."""
+        return None if self.fpr_by_default else self.fpr
 
     @property
     def method(self) -> str:
@@ -104,19 +115,38 @@ class ThresholdRule:
         (conformal), from labelled ``normal_scores`` and ``anomaly_scores``
         (sensitivity), or from the fitted ``detector`` (contamination)."""
         if self.fpr is not None:
+            n = 0 if calibration_scores is None else len(np.ravel(calibration_scores))
+            if self.fpr_by_default and 0 < n < min_calibration_size(self.fpr):
+                return conformal_threshold(calibration_scores, min_fpr(n),
+                                           default_fallback=self.fpr)
             return conformal_threshold(calibration_scores, self.fpr)
         if self.sensitivity is not None:
             return threshold_at_sensitivity(normal_scores, anomaly_scores, self.sensitivity)
         return contamination_threshold(detector)
 
 
-def conformal_threshold(calibration_scores, alpha: float) -> Threshold:
+def too_few_calibration_images(alpha: float, n: int, raise_share: str) -> str:
+    """The one line refusing rate ``alpha`` with ``n`` calibration images; the rate it
+    suggests instead is rounded up, so that it works typed as shown. ``raise_share`` names
+    how to get more calibration images."""
+    needs = (f"a false-positive rate of {alpha:g} needs at least "
+             f"{min_calibration_size(alpha)} calibration images, but there are {n}")
+    if n == 0:
+        return f"{needs}; {raise_share} or add normal images"
+    return (f"{needs}; {raise_share}, add normal images, or ask for --fpr "
+            f"{fpr_text(min_fpr(n), n)} or more")
+
+
+def conformal_threshold(calibration_scores, alpha: float,
+                        default_fallback: float | None = None) -> Threshold:
     """The split-conformal threshold at false-positive rate ``alpha`` (flag when
     score > value), with method ``"conformal"``.
 
     Its details hold ``alpha``, ``n_calibration``, the ``rank`` used, the guaranteed bound
     ``1 - rank / (n + 1)`` (at most ``alpha``), the 95% upper bound on the false-positive
     rate for this calibration set, and ``guarantee``, a sentence saying what holds.
+    ``default_fallback``: the default rate that could not be guaranteed, ``alpha`` being
+    the smallest the calibration images can; ``fallback`` then says so in one line.
     """
     from scipy.stats import beta
 
@@ -125,22 +155,28 @@ def conformal_threshold(calibration_scores, alpha: float) -> Threshold:
     n = len(cal)
     k = conformal_rank(n, alpha)
     if k > n:
-        raise KadError(
-            f"a false-positive rate of {alpha:g} needs at least {min_calibration_size(alpha)} "
-            f"calibration images, but there are {n}; raise --calibration, add normal images "
-            f"or ask for --fpr {max(1.0 / (n + 1), 1e-4):.3g} or more"
-        )
+        raise KadError(too_few_calibration_images(alpha, n, "raise --calibration"))
     bound = 1.0 - k / (n + 1)
     upper = float(beta.ppf(0.95, n + 1 - k, k))
-    return Threshold(float(cal[k - 1]), "conformal", {
+    asked = (f"the smallest {n} calibration images can guarantee" if default_fallback
+             else f"asked {alpha:g}")
+    details = {
         "alpha": alpha, "n_calibration": n, "rank": k, "fpr_bound": bound,
         "fpr_upper95_this_calibration": upper,
         "guarantee": (
             f"a healthy image like the {n} calibration normals is flagged with probability "
-            f"at most {bound:.3g} (asked {alpha:g}); for this calibration set the "
-            f"false-positive rate is below {upper:.3g} with 95% confidence"
+            f"at most {fpr_text(bound)} ({asked}); for this calibration set the "
+            f"false-positive rate is below {fpr_text(upper)} with 95% confidence"
         ),
-    })
+    }
+    if default_fallback:
+        details["default_fpr"] = default_fallback
+        details["fallback"] = (
+            f"the default false-positive rate {default_fallback:g} needs "
+            f"{min_calibration_size(default_fallback)} calibration images and there are "
+            f"{n}: the threshold guarantees {fpr_text(bound)} instead (add normal images "
+            f"or raise --calibration for a lower rate)")
+    return Threshold(float(cal[k - 1]), "conformal", details)
 
 
 def threshold_at_fpr(pipeline, alpha: float) -> Threshold:
@@ -150,7 +186,11 @@ def threshold_at_fpr(pipeline, alpha: float) -> Threshold:
     if not calibration or not calibration.get("scores"):
         raise KadError("this model has no calibration set; refit it with kad fit "
                        "--calibration 0.2 to set a threshold by --fpr")
-    return conformal_threshold(calibration["scores"], alpha)
+    threshold = conformal_threshold(calibration["scores"], alpha)
+    if calibration.get("guarantee_withheld"):  # near-copies of training images: see fit
+        threshold.details["guarantee"] = calibration["guarantee_withheld"]
+        threshold.details["guarantee_withheld"] = calibration["guarantee_withheld"]
+    return threshold
 
 
 def threshold_at_sensitivity(normal_scores, anomaly_scores, sensitivity: float) -> Threshold:

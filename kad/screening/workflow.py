@@ -144,7 +144,8 @@ def _fit(dataset, out_path, request, *, backbone, weights, preprocessing, seed, 
     pipeline = fit_pipeline(
         dataset, backbone=backbone, weights=weights, image_size=size,
         preprocessing=preprocessing, representation=named, detector=spec, split=split,
-        sensitivity=request.rule.sensitivity, fpr=request.rule.fpr, batch_size=batch_size,
+        sensitivity=request.rule.sensitivity, fpr=request.rule.asked_fpr,
+        batch_size=batch_size,
         cache_dir=cache_dir, features=multi.by_size[size], keep_all_blocks=keep_all_blocks,
         runtime=runtime, progress=progress)
     if chosen is not None:
@@ -220,18 +221,17 @@ class _FitRequest:
     def check_calibration_size(self, dataset, seed: int) -> None:
         """Is the calibration share large enough for the false-positive rate asked?"""
         from kad.screening.calibration import min_calibration_size, plan_fit_split
+        from kad.screening.thresholds import too_few_calibration_images
 
-        alpha = self.rule.fpr
+        alpha = self.rule.asked_fpr  # the default rate falls back to what can be guaranteed
         if alpha is None:
             return
         n_cal = len(plan_fit_split(dataset, self.calibration, self.validation, seed)
                     .calibration)
         if n_cal < min_calibration_size(alpha):
-            raise KadError(
-                f"a false-positive rate of {alpha:g} needs at least "
-                f"{min_calibration_size(alpha)} calibration images, but --calibration "
-                f"{self.calibration:g} of {dataset.name} gives {n_cal}; raise --calibration, "
-                f"add normal images, or ask for --fpr {1 / (n_cal + 1):.3g} or more")
+            raise KadError(too_few_calibration_images(
+                alpha, n_cal, f"raise --calibration (now {self.calibration:g} of "
+                              f"{dataset.name})"))
 
     def choose(self, multi, split, seed: int, progress: Progress | None = None):
         """On the selection images only (calibration and assessment stay untouched): the

@@ -359,10 +359,36 @@ def _patients(csv_path: Path, ids: list[str], class_dirs: dict[str, str]) -> lis
     return [p for p in patient if p is not None]
 
 
-def load_folder(data_dir: str | os.PathLike | None = None, kind: str = "fundus") -> Dataset:
+def patients_from_names(ids, pattern: str) -> list[str]:
+    """The patient of every image from its file name: the first capture group of the
+    regular expression ``pattern`` (searched in the name, e.g. ``^(\\d+)_`` for the digits
+    before the first underscore), or its whole match when it has no group. A name it does
+    not match is an error naming a few of them."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise DatasetOptionError(f"--patient-pattern {pattern!r} is not a valid regular "
+                                 f"expression: {exc}") from exc
+    patients, unmatched = [], []
+    for ident in ids:
+        name = PurePosixPath(str(ident)).name
+        found = regex.search(name)
+        value = (found.group(1) if regex.groups else found.group(0)) if found else None
+        if not value:
+            unmatched.append(name)
+        patients.append(value)
+    if unmatched:
+        raise DatasetError(f"--patient-pattern {pattern!r} finds no patient id in "
+                           f"{len(unmatched)} file name(s): {first_few(unmatched)}")
+    return patients
+
+
+def load_folder(data_dir: str | os.PathLike | None = None, kind: str = "fundus",
+                patient_pattern: str | None = None) -> Dataset:
     """Images in ``normal/`` and ``abnormal/`` (or ``anomaly/``, ``anomalous/``), searched
     recursively; ``abnormal/`` may be absent (a normal-only set to fit a screening model).
-    An optional ``patients.csv`` (``image,patient``) gives patient ids."""
+    An optional ``patients.csv`` (``image,patient``) gives patient ids, or
+    ``patient_pattern`` derives them from the file names (:func:`patients_from_names`)."""
     if kind not in ("fundus", "natural"):
         raise DatasetOptionError(f"folder dataset kind must be 'fundus' or 'natural', got {kind!r}")
     root = check_data_dir(data_dir, "folder", "a folder with normal/ and abnormal/ subfolders")
@@ -398,6 +424,9 @@ def load_folder(data_dir: str | os.PathLike | None = None, kind: str = "fundus")
         skipped.append((str(entry), reason))
     ids = relative_ids(paths, root)
     patients_csv = next((p for p in root.iterdir() if p.name.lower() == "patients.csv"), None)
+    if patients_csv and patient_pattern:
+        raise DatasetOptionError(f"{root} has a patients.csv and --patient-pattern was given: "
+                                 "give the patients one way")
     names = {t: f"{d.name}/" for t, d in class_dirs.items()}
     return Dataset(
         name="folder",
@@ -405,7 +434,8 @@ def load_folder(data_dir: str | os.PathLike | None = None, kind: str = "fundus")
         ids=ids,
         target=targets,
         anomaly=[t == "abnormal" for t in targets],
-        patient=_patients(patients_csv, ids, names) if patients_csv else None,
+        patient=(patients_from_names(ids, patient_pattern) if patient_pattern
+                 else _patients(patients_csv, ids, names) if patients_csv else None),
         kind=kind,
         skipped=skipped,
         class_order=("normal", "abnormal"),
