@@ -212,7 +212,7 @@ def test_a_few_dozen_normals_get_a_model_and_the_guarantee_it_actually_gives(tmp
 
     root = screening_folder(tmp_path / "fit", n_normal=n_normal, n_abnormal=0, seed=4)
     model = tmp_path / "model.kad"
-    base = ["fit", "--dataset", "folder:kind=natural", "--data-dir", root, *FAST]
+    base = ["fit", "--dataset", "folder:kind=natural", "--data-dir", root, *FAST_CLI]
     result = _kad(*base, "--out", model)  # the defaults: --fpr 0.05 cannot be guaranteed
     details = load_pipeline(model).threshold.details
     n_cal = details["n_calibration"]
@@ -225,7 +225,7 @@ def test_a_few_dozen_normals_get_a_model_and_the_guarantee_it_actually_gives(tmp
     refused = runner.invoke(app, [str(a) for a in [*base, "--out", model, "--fpr", "0.05"]])
     assert refused.exit_code == 1, refused.output
     suggested = re.search(r"--fpr (\S+) or more", " ".join(refused.output.split())).group(1)
-    _kad(*base, "--out", model, "--fpr", suggested)
+    _kad(*base, "--out", model, "--fpr", suggested, "--overwrite")
     assert load_pipeline(model).threshold.details["rank"] == n_cal
 
 
@@ -236,11 +236,11 @@ def test_the_guarantee_is_withheld_when_a_patient_has_several_photographs(tmp_pa
     multi_photo_folder(tmp_path / "fit", n_patients=40, photos=4, seed=1)
     multi_photo_folder(tmp_path / "new", n_patients=100, photos=1, seed=2, first=500)
     new = FileSource(sorted((tmp_path / "new" / "normal").glob("*.png")))
-    base = ["fit", "--dataset", "folder:kind=natural", "--data-dir", tmp_path / "fit", *FAST,
+    base = ["fit", "--dataset", "folder:kind=natural", "--data-dir", tmp_path / "fit", *FAST_CLI,
             "--fpr", "0.1"]
 
     def fit(*extra):
-        result = _kad(*base, "--out", tmp_path / "model.kad", *extra)
+        result = _kad(*base, "--out", tmp_path / "model.kad", "--overwrite", *extra)
         pipeline = load_pipeline(tmp_path / "model.kad")
         rate = float((pipeline.score(new).scores > pipeline.threshold.value).mean())
         return " ".join(result.output.split()), pipeline.threshold.details, rate
