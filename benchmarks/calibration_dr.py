@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--outside", type=float, default=0.35,
                         help="share of patients kept fully outside fitting")
     parser.add_argument("--calibration", type=float, default=0.2)
-    parser.add_argument("--validation", type=float, default=0.25)
+    parser.add_argument("--selection", type=float, default=0.25)
     parser.add_argument("--fpr", type=float, default=0.1)
     parser.add_argument("--sensitivity", type=float, default=0.95)
     parser.add_argument("--repeats", type=int, default=10)
@@ -129,7 +129,7 @@ def main() -> None:
         out_rows = outside_rows(dataset, args.outside, run)
         out_rows = out_rows[features.valid[out_rows]]
         out_y = labels[out_rows]
-        split = plan_fit_split(dataset, args.calibration, args.validation, seed=run,
+        split = plan_fit_split(dataset, args.calibration, args.selection, seed=run,
                                valid=features.valid,
                                rows=np.setdiff1d(np.arange(len(dataset)), out_rows))
         record = {"run": run, "split": split.describe(),

@@ -149,7 +149,7 @@ def test_no_image_is_used_twice_and_patients_stay_together():
     data = _toy()
     valid = np.ones(len(data), bool)
     valid[[5, 77]] = False
-    split = plan_fit_split(data, calibration=0.2, validation=0.25, seed=1, valid=valid)
+    split = plan_fit_split(data, calibration=0.2, selection=0.25, seed=1, valid=valid)
     parts = split.parts()
     every = np.concatenate(list(parts.values()))
     assert len(every) == len(np.unique(every)), "an image is in two parts"
@@ -202,7 +202,7 @@ def test_too_few_anomalies_are_all_used_to_select_and_the_split_says_so():
 
 def test_a_single_validation_patient_goes_to_selection():
     data = _toy(n_patients=17, sick=12)
-    split = plan_fit_split(data, calibration=0.2, validation=0.25, seed=0)
+    split = plan_fit_split(data, calibration=0.2, selection=0.25, seed=0)
     healthy = set(data.patient[12 * 2:])  # the first 12 patients are sick
     assert len(healthy & set(data.patient[split.selection])) == 1
     assert not healthy & set(data.patient[split.assessment])

@@ -287,7 +287,7 @@ def calibrated(tmp_path_factory):
     root = screening_folder(tmp_path_factory.mktemp("calibrated"), n_normal=60, n_abnormal=24,
                             seed=5)
     dataset = load_dataset("folder", root, kind="natural")
-    split = plan_fit_split(dataset, calibration=0.3, validation=0.3, seed=0)
+    split = plan_fit_split(dataset, calibration=0.3, selection=0.3, seed=0)
     pipeline = fit_pipeline(dataset, split=split, representation="picked", fpr=0.1,
                             cache_dir=root / "cache", **FAST)
     return pipeline, split, dataset, root
@@ -488,7 +488,7 @@ def test_fit_picks_size_block_and_detector_on_the_selection_images_only(tmp_path
     assert {c["size"] for c in candidates} == {"32", "48"}
     assert {c["detector"] for c in candidates} == {"iforest:n_estimators=20", "knn"}
     best = max(c["validation_auroc"] for c in candidates)
-    assert selection["picked_validation_auroc"] == best
+    assert selection["picked_selection_auroc"] == best
     assert pipeline.image_size == picked["sizes"][0]
     assert f"picked {picked['label']}" in result.output
     assessed = pipeline.assessed()  # measured on images the pick never saw

@@ -84,8 +84,8 @@ def fit(
         "--calibration", min=0.0, max=0.9,
         help="Share of normal patients kept aside to calibrate the threshold and the "
              "p-values; never used to fit or pick a block.")] = 0.2,
-    validation: Annotated[float, typer.Option(
-        "--validation", min=0.0, max=0.9,
+    selection: Annotated[float, typer.Option(
+        "--selection", min=0.0, max=0.9,
         help="Share of normal patients held out, with the labelled anomalies, to pick the "
              "block, set a sensitivity threshold and measure the result.")] = 0.25,
     seed: SeedOpt = 0,
@@ -109,7 +109,7 @@ def fit(
     run = fit_model(ds, out_path, backbone=backbone, weights=weights,
                     image_size=image_size, preprocessing=preprocessing, detector=detector,
                     representation=representation, fpr=fpr, sensitivity=sensitivity,
-                    calibration=calibration, validation=validation, seed=seed,
+                    calibration=calibration, selection=selection, seed=seed,
                     batch_size=batch_size, cache_dir=cache_dir,
                     keep_all_blocks=keep_all_blocks, runtime=runtime, progress=RichProgress(),
                     overwrite=overwrite)
@@ -125,8 +125,8 @@ def fit(
     say(line)
     picked = run.pipeline.training["selection"].get("picked_candidate")
     if picked:
-        say(f"picked {picked['label']} (validation AUROC "
-            f"{run.pipeline.training['selection']['picked_validation_auroc']:.3f} on the "
+        say(f"picked {picked['label']} (AUROC "
+            f"{run.pipeline.training['selection']['picked_selection_auroc']:.3f} on the "
             "selection images)")
     for text in parts["notes"]:
         note(text, label="note:")

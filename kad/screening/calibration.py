@@ -31,7 +31,7 @@ import numpy as np
 from kad.errors import KadError
 
 DEFAULT_CALIBRATION = 0.2
-DEFAULT_VALIDATION = 0.25
+DEFAULT_SELECTION = 0.25
 # Fewer labelled anomalies than this and none are held out for assessment: each half would
 # be too small to pick a block with, or to say anything about sensitivity.
 MIN_ANOMALIES_TO_ASSESS = 10
@@ -223,7 +223,7 @@ def _share(items: np.ndarray, fraction: float, rng) -> tuple[np.ndarray, np.ndar
 
 
 def plan_fit_split(dataset, calibration: float = DEFAULT_CALIBRATION,
-                   validation: float = DEFAULT_VALIDATION, seed: int = 0,
+                   selection: float = DEFAULT_SELECTION, seed: int = 0,
                    valid: np.ndarray | None = None,
                    min_anomalies: int = MIN_ANOMALIES_TO_ASSESS,
                    rows: np.ndarray | None = None) -> FitSplit:
@@ -231,7 +231,7 @@ def plan_fit_split(dataset, calibration: float = DEFAULT_CALIBRATION,
 
     Patients (``dataset.patient``, else each image on its own) with a labelled anomaly go
     wholly to the labelled parts. Of the patients with normal images only, a ``calibration``
-    share goes to calibration and, when there are labelled anomalies, a ``validation`` share
+    share goes to calibration and, when there are labelled anomalies, a ``selection`` share
     to the labelled parts; the rest train. The labelled patients are then halved, anomalous
     and normal ones separately, into selection and assessment, unless there are fewer than
     ``min_anomalies`` anomalies: then every anomaly goes to selection, the assessment keeps
@@ -240,7 +240,8 @@ def plan_fit_split(dataset, calibration: float = DEFAULT_CALIBRATION,
     split to some images, e.g. to keep other patients for a later test; both are listed in
     ``left_out`` with the reason.
     """
-    for name, value in (("calibration", calibration), ("validation", validation)):
+    share = selection  # the share of normal patients; ``selection`` below is their rows
+    for name, value in (("calibration", calibration), ("selection", share)):
         if not 0.0 <= value < 1.0:
             raise KadError(f"the {name} share must be in [0, 1), got {value}")
     n = len(dataset)
@@ -264,7 +265,7 @@ def plan_fit_split(dataset, calibration: float = DEFAULT_CALIBRATION,
     has_anomalies = len(sick) > 0
     cal_groups, rest = _share(healthy, calibration, rng)
     if has_anomalies:
-        val_groups, train_groups = _share(rest, validation / max(1.0 - calibration, 1e-9), rng)
+        val_groups, train_groups = _share(rest, share / max(1.0 - calibration, 1e-9), rng)
     else:
         val_groups, train_groups = np.array([], dtype=str), rest
     notes: list[str] = []
@@ -288,7 +289,7 @@ def plan_fit_split(dataset, calibration: float = DEFAULT_CALIBRATION,
     assessment = rows_of(np.r_[ass_sick, ass_healthy])
     if len(train) < 2:
         raise KadError(f"{dataset.name}: only {len(train)} normal images are left to train on "
-                       f"after calibration {calibration:g} and validation {validation:g}; "
+                       f"after calibration {calibration:g} and selection {share:g}; "
                        "lower the shares or add normal images")
     if not by_patient:
         notes.append("no patient ids: images are split one by one (add patients.csv so that "

@@ -179,7 +179,7 @@ def pick_and_fit(prototype, named: str, inputs: DetectorInputs, parts: FitSplit)
                             parts.selection_labels, prototype)
         representation = build(cls, inputs.model, inputs.network_blocks, [choice.block],
                                inputs.plan.input_size, backbone)
-        selection.update(picked=choice.block, validation_auroc=choice.validation_auroc,
+        selection.update(picked=choice.block, selection_auroc=choice.validation_auroc,
                          blocks=representation.names)
         return Picked(representation, choice.detectors[choice.block], selection)
     representation = build(cls, inputs.model, inputs.network_blocks, named,
@@ -215,7 +215,7 @@ def calibrate(rule: ThresholdRule, picked: Picked, inputs: DetectorInputs,
         normal_scores=None if selected is None else selected[labels == 0],
         anomaly_scores=None if selected is None else selected[labels == 1])
     if selected is not None:
-        threshold.details["validation"] = evaluate(labels, selected, selected > threshold.value)
+        threshold.details["selection"] = evaluate(labels, selected, selected > threshold.value)
     if threshold.method == "conformal" and len(parts.train) > 1:
         pooled = inputs.features.matrix
         _check_near_copies(threshold, pooled(representation.names, parts.train),

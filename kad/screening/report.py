@@ -234,8 +234,8 @@ def fit_section(pipeline: Pipeline) -> str:
                                   "guarantee on the false-positive rate"))
     picked = training.get("selection", {}).get("picked")
     if picked:
-        rows.append(("block", f"{picked}, best validation AUROC "
-                              f"{training['selection']['validation_auroc'][picked]:.3f} on "
+        rows.append(("block", f"{picked}, best AUROC "
+                              f"{training['selection']['selection_auroc'][picked]:.3f} on "
                               "the selection set"))
     assessment = pipeline.assessed()
     if assessment:

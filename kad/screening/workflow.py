@@ -61,7 +61,7 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
               preprocessing: str | None = None, detector: str | Sequence[str] = "knn",
               representation: str | None = None, sensitivity: float | None = None,
               fpr: float | None = None, calibration: float | None = None,
-              validation: float | None = None, seed: int = 0, batch_size: int = 64,
+              selection: float | None = None, seed: int = 0, batch_size: int = 64,
               cache_dir: str | Path | None = None, keep_all_blocks: bool = False,
               runtime: str = "auto", progress: Progress | None = None,
               on_event=None, overwrite: bool = False) -> FitRun:
@@ -85,7 +85,7 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
     from kad.features.cache import cache_root, check_writable
 
     request = _FitRequest.of(dataset, image_size, detector, representation, fpr,
-                             sensitivity, calibration, validation)
+                             sensitivity, calibration, selection)
     request.check_calibration_size(dataset, seed)  # before any work
     check_writable(out_path, is_file=True, what="--out file")
     check_writable(Path(cache_dir) if cache_dir else cache_root(), what="feature cache folder")
@@ -135,7 +135,7 @@ def _fit(dataset, out_path, request, *, backbone, weights, preprocessing, seed, 
                                       progress=progress, on_event=on_event, runtime=runtime)
                for size in request.sizes}
     multi = MultiSizeFeatures({f.meta["inputs"]["image_size"]: f for f in by_size.values()})
-    split = plan_fit_split(dataset, request.calibration, request.validation, seed,
+    split = plan_fit_split(dataset, request.calibration, request.selection, seed,
                            valid=multi.valid)
     chosen = request.choose(multi, split, seed, progress)
     size, spec, named = (chosen.picked.sizes[0], chosen.picked.detector, chosen.picked.block
@@ -151,7 +151,7 @@ def _fit(dataset, out_path, request, *, backbone, weights, preprocessing, seed, 
     if chosen is not None:
         pipeline.training["selection"].update(
             picked_candidate=chosen.picked.to_json(),
-            picked_validation_auroc=chosen.validation_auroc,
+            picked_selection_auroc=chosen.validation_auroc,
             candidates=[c.to_json() for c in chosen.scores], failed=chosen.failed)
     path = pipeline.save(out_path)
     failed, ids = multi.by_size[size].failed, dataset.ids
@@ -169,13 +169,13 @@ class _FitRequest:
     representation: str
     rule: ThresholdRule
     calibration: float
-    validation: float
+    selection: float
     labelled: bool
 
     @classmethod
     def of(cls, dataset, image_size, detector, representation, fpr, sensitivity,
-           calibration, validation) -> _FitRequest:
-        from kad.screening.calibration import DEFAULT_CALIBRATION, DEFAULT_VALIDATION
+           calibration, selection) -> _FitRequest:
+        from kad.screening.calibration import DEFAULT_CALIBRATION, DEFAULT_SELECTION
         from kad.screening.selection import parse_sizes
         from kad.utils.specs import split_specs
 
@@ -189,7 +189,7 @@ class _FitRequest:
         request = cls(parse_sizes(image_size) or [None],
                       split_specs(detector) if isinstance(detector, str) else list(detector),
                       representation or ("picked" if labelled else "concat"), rule,
-                      calibration, DEFAULT_VALIDATION if validation is None else validation,
+                      calibration, DEFAULT_SELECTION if selection is None else selection,
                       labelled)
         request.check_choice()
         return request
@@ -226,7 +226,7 @@ class _FitRequest:
         alpha = self.rule.asked_fpr  # the default rate falls back to what can be guaranteed
         if alpha is None:
             return
-        n_cal = len(plan_fit_split(dataset, self.calibration, self.validation, seed)
+        n_cal = len(plan_fit_split(dataset, self.calibration, self.selection, seed)
                     .calibration)
         if n_cal < min_calibration_size(alpha):
             raise KadError(too_few_calibration_images(
