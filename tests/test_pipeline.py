@@ -156,11 +156,16 @@ def test_a_weights_file_is_recorded_by_absolute_path_and_can_be_overridden(tmp_p
     monkeypatch.chdir(tmp_path)
     moved = (folder / "mobilenet.weights.h5").rename(tmp_path / "elsewhere.weights.h5")
     with pytest.raises(WeightsError, match=r"weights file .*mobilenet.weights.h5, whose path came "
-                                           r"from the model file .*model.kad, cannot be found; "
+                                           r"from the model file .*model.kad, cannot be found nor "
+                                           r"beside it .*; "
                                            r"pass --weights PATH"):
         load_pipeline(model).score(FileSource(files))
     again = load_pipeline(model).score(FileSource(files), weights=str(moved)).scores
     np.testing.assert_array_equal(again, in_memory)
+    # a model shipped with its weights file beside it finds it there, checked by fingerprint
+    moved.rename(tmp_path / "mobilenet.weights.h5")
+    shipped = load_pipeline(model).score(FileSource(files)).scores
+    np.testing.assert_array_equal(shipped, in_memory)
 
 
 def test_threshold_at_a_sensitivity():

@@ -314,7 +314,7 @@ class _Explainer:
             if key not in built:  # the maps under the pooled vectors, on the same runtime
                 built[key] = model_runtime(
                     spatial_extractor(model, self.blocks), pipeline.backbone, self.size,
-                    weights or pipeline.weights, self.runner.name, self.batch_size,
+                    pipeline.weights_used, self.runner.name, self.batch_size,
                     extractor=model)
             self.spatial = built[key]
             self.reference = np.asarray(self.detector.reference_, dtype=np.float64)

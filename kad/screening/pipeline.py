@@ -78,6 +78,7 @@ class Pipeline:
         self.source: Path | None = None  # the file it was loaded from
         self._model = None
         self._runners: dict = {}
+        self.weights_used = weights
 
     def __getstate__(self):  # Ray ships pipelines to its actors: without the network
         state = dict(self.__dict__)
@@ -125,7 +126,7 @@ class Pipeline:
             from kad.features.backbones import get_backbone
 
             if weights is None:
-                self._check_recorded_weights()
+                weights = self._recorded_weights()
 
             model, names = get_backbone(self.backbone).build_extractor(
                 self.image_size, weights or self.weights)
@@ -142,17 +143,29 @@ class Pipeline:
                 )
             self._model = model
             self._runners = {}
+            #: The weights the network was built from: the recorded ones, or where they are.
+            self.weights_used = weights or self.weights
         return self._model
 
-    def _check_recorded_weights(self) -> None:
+    def _recorded_weights(self) -> str | None:
+        """The recorded weights file where it is, or the file of the same name beside the
+        model file (a model shipped with its weights); None for ``imagenet`` and ``none``.
+        Either way the tensors are checked against the fingerprint before use."""
         if str(self.weights).lower() in ("imagenet", "none", "random"):
-            return
-        if not Path(self.weights).is_file():
-            where = f"the model file {self.source}" if self.source else "the model"
-            raise WeightsError(
-                f"the weights file {self.weights}, whose path came from {where}, cannot be "
-                "found; pass --weights PATH (weights=PATH) to use the file where it is now"
-            )
+            return None
+        recorded = Path(self.weights)
+        if recorded.is_file():
+            return None
+        beside = self.source.parent / recorded.name if self.source else None
+        if beside is not None and beside.is_file():
+            return str(beside)
+        where = f"the model file {self.source}" if self.source else "the model"
+        looked = f" nor beside it ({beside})" if beside is not None else ""
+        raise WeightsError(
+            f"the weights file {self.weights}, whose path came from {where}, cannot be "
+            f"found{looked}; pass --weights PATH (weights=PATH) to use the file where it is "
+            "now, or put it beside the model file"
+        )
 
     def runner(self, weights: str | None = None, runtime: str | None = None):
         """The representation's network on a runtime: the one the pipeline was fitted with
@@ -166,7 +179,7 @@ class Pipeline:
             model = self.network(weights)
             self._runners[choice] = model_runtime(
                 self.representation.network(model, self.all_blocks), self.backbone,
-                self.image_size, weights or self.weights, choice, self.batch_size,
+                self.image_size, self.weights_used, choice, self.batch_size,
                 extractor=model)
         return self._runners[choice]
 
