@@ -27,3 +27,8 @@ def test_the_preprocessing_benchmark_runs_on_a_few_photographs():
     need(KAGGLE_DR)
     out = _run("preprocess.py", "--n", "4", "--full-size", "2", "--repeat", "1")
     assert "fundus full-size" in out and "full decode" in out
+
+
+def test_the_patch_knn_benchmark_runs_in_smoke_mode():
+    out = _run("patch_knn.py", "--smoke")
+    assert "patch kNN (exact)" in out and "fitting, exact" in out
