@@ -166,3 +166,14 @@ def test_every_public_name_resolves_without_importing_tensorflow():
                           cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "[] False"
+
+
+def test_no_module_needs_a_posix_only_import():
+    """kad runs where Python runs: no module imports ``fcntl`` (POSIX only); locks go
+    through ``filelock`` or exclusive creation."""
+    posix_only = {"fcntl", "termios", "pwd", "grp", "resource"}
+    found = sorted((name, dep) for name, path in
+                   ((_module_name(p), p) for folder in ("kad", "kad_plugins", "kad_recipes")
+                    for p in (ROOT / folder).rglob("*.py"))
+                   for dep in _imports(path, name) if dep.split(".")[0] in posix_only)
+    assert found == []

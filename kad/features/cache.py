@@ -27,7 +27,6 @@ shows and does; :func:`check_writable` checks a folder before any work is starte
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -502,35 +501,40 @@ def entry_lock(final: Path, on_event: EventCallback | None = None) -> Iterator[N
     """Exclusive lock on an entry while it is being written (blocks other writers).
 
     If another process holds it, a ``"waiting"`` :class:`CacheEvent` is emitted first, so
-    the user sees why nothing moves.
+    the user sees why nothing moves. The lock is the operating system's (``filelock``:
+    ``flock`` on POSIX, ``msvcrt`` on Windows), released when its process ends however it
+    ends.
     """
+    from filelock import FileLock, Timeout
+
     final.parent.mkdir(parents=True, exist_ok=True)
-    lock = lock_path(final)
-    with open(lock, "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            emit(on_event, CacheEvent(
-                "waiting", final, f"waiting for another kad process extracting {final.name} "
-                                  f"(lock {lock})", lock))
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    lock = FileLock(lock_path(final))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        emit(on_event, CacheEvent(
+            "waiting", final, f"waiting for another kad process extracting {final.name} "
+                              f"(lock {lock_path(final)})", lock_path(final)))
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def is_locked(final: Path) -> bool:
     """Whether another process holds the entry's lock right now."""
-    lock = lock_path(final)
-    if not lock.is_file():
+    from filelock import FileLock, Timeout
+
+    path = lock_path(final)
+    if not path.is_file():
         return False
-    with open(lock) as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(fh, fcntl.LOCK_UN)
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
     return False
 
 
