@@ -336,3 +336,24 @@ def test_a_second_kad_fit_to_the_same_file_stops_before_any_work(tmp_path):
     assert f"{model} is being written by another kad run (process {os.getpid()}" in \
         result.output.replace("\n", "")
     assert not model.exists() and not list((tmp_path / "cache").glob("*-*"))
+
+
+def test_a_full_disk_at_any_stage_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    """Whatever writes when the disk fills (a library below kad's own writers, say), the
+    command ends with one line naming the file and what to do, not a traceback."""
+    from kad.cli import app
+
+    model = tmp_path / "model.kad"
+    model.write_bytes(b"")
+    where = tmp_path / "deep" / "inside.npy"
+
+    def fills(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(where))
+
+    monkeypatch.setattr("kad.screening.workflow.screen", fills)
+    result = runner.invoke(app, ["score", str(model), str(tmp_path), "--out",
+                                 str(tmp_path / "out")])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert lines == [f"error: cannot write {where}: the disk is full: free space there or "
+                     "choose another folder"]

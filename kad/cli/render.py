@@ -65,6 +65,12 @@ def handle_errors(func: Callable | None = None, *, interrupted: str = RESUMES) -
                 return command(*args, **kwargs)
             except (KadError, ValueError, FileNotFoundError) as exc:
                 raise fail(str(exc)) from None
+            except OSError as exc:  # a full disk or read-only folder at any stage
+                from kad.utils.files import WRITE_ADVICE, write_error
+
+                if exc.errno not in WRITE_ADVICE:
+                    raise
+                raise fail(str(write_error(exc.filename or "a file", exc))) from None
             except KeyboardInterrupt:
                 note(f"interrupted: {interrupted}", label="stopped")
                 raise typer.Exit(code=130) from None
