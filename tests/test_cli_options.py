@@ -39,6 +39,13 @@ class Captured(Exception):
     """Raised by the recorder of a command's last library call: the command stops there."""
 
 
+@pytest.fixture(autouse=True)
+def _in_a_scratch_folder(tmp_path, monkeypatch):
+    """Commands run at their defaults make their default output folders (kad-results/…):
+    in a scratch folder, never in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 class Stand:
     """What a recorder that lets the command go on returns: equal to any other stand-in."""
 
