@@ -4,36 +4,20 @@ no fit produces, is refused in one line instead of crashing the process that sco
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from test_artifact import _rewrite
 
 from kad.detectors.base import BaseDetector, DamagedStateError, load_detector
 from kad.errors import ArtifactError
 from kad.registry import get_detector
 
 X = np.random.default_rng(0).normal(size=(60, 5)).astype(np.float32)
-
-
-def _replace(src: Path, dst: Path, replace: dict[str, bytes]) -> Path:
-    """A copy of ``src`` with members replaced and the checksums recomputed."""
-    with zipfile.ZipFile(src) as zf:
-        manifest = json.loads(zf.read("manifest.json"))
-        members = {n: zf.read(n) for n in zf.namelist() if n != "manifest.json"}
-    members.update(replace)
-    manifest["members"] = {n: hashlib.sha256(d).hexdigest() for n, d in members.items()}
-    with zipfile.ZipFile(dst, "w") as zf:
-        zf.writestr("manifest.json", json.dumps(manifest))
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return dst
 
 
 def _array(value) -> bytes:
@@ -53,7 +37,7 @@ def _crafted_forest(tmp_path: Path) -> Path:
     nodes["left_child"][0] = 50_000_000
     tree.__setstate__({**state, "nodes": nodes})
     path = get_detector("iforest", n_estimators=5).fit(X).save(tmp_path / "ok.kad")
-    return _replace(path, tmp_path / "crafted.kad",
+    return _rewrite(path, tmp_path / "crafted.kad",
                     {"sklearn/detector.state.forest_.skops": sio.dumps(det.forest_)})
 
 
@@ -88,7 +72,7 @@ def test_generic_state_is_checked(tmp_path, name, member, value, message):
         det.threshold_ = value
         crafted = det.save(tmp_path / "crafted.kad")
     else:
-        crafted = _replace(path, tmp_path / "crafted.kad", {member: _array(value)})
+        crafted = _rewrite(path, tmp_path / "crafted.kad", {member: _array(value)})
     with pytest.raises(ArtifactError, match=rf"crafted.kad is damaged: the '{name}' "
                                             rf"detector's {message}; refit the model"):
         load_detector(crafted)
@@ -101,7 +85,7 @@ def test_a_knn_matrix_of_the_wrong_width_is_refused(tmp_path):
     det = get_detector("knn").fit(X)
     path = det.save(tmp_path / "d.kad")
     other = NearestNeighbors(n_neighbors=2).fit(np.zeros((60, 3)) + np.arange(60)[:, None])
-    crafted = _replace(path, tmp_path / "crafted.kad",
+    crafted = _rewrite(path, tmp_path / "crafted.kad",
                        {"sklearn/detector.state.nn_.skops": sio.dumps(other)})
     with pytest.raises(ArtifactError, match=r"damaged: the 'knn' detector's nn_'s training "
                                             r"matrix has shape \(60, 3\), not \(any, 5\)"):
@@ -117,7 +101,7 @@ def test_a_knn_tree_that_does_not_match_its_rows_is_refused(tmp_path):
     state[1] = state[1][::-1].copy()  # the index permutation, reversed
     det.nn_._tree.__setstate__(tuple(state))
     path = get_detector("knn").fit(X).save(tmp_path / "d.kad")
-    crafted = _replace(path, tmp_path / "crafted.kad",
+    crafted = _rewrite(path, tmp_path / "crafted.kad",
                        {"sklearn/detector.state.nn_.skops": sio.dumps(det.nn_)})
     with pytest.raises(ArtifactError, match="nn_'s kd_tree index does not match its training"):
         load_detector(crafted)
@@ -129,14 +113,14 @@ def test_svm_and_mahalanobis_shapes_are_checked(tmp_path):
 
     det = get_detector("mahalanobis").fit(X)
     det.gaussian_.precision_ = det.gaussian_.precision_[:4, :4]
-    crafted = _replace(path, tmp_path / "m2.kad",
+    crafted = _rewrite(path, tmp_path / "m2.kad",
                        {"sklearn/detector.state.gaussian_.skops": sio.dumps(det.gaussian_)})
     with pytest.raises(ArtifactError, match=r"gaussian_.precision_ has shape \(4, 4\)"):
         load_detector(crafted)
     svm = get_detector("ocsvm").fit(X)
     path = svm.save(tmp_path / "s.kad")
     svm.svm_.dual_coef_ = svm.svm_._dual_coef_ = svm.svm_._dual_coef_[:, :-1]
-    crafted = _replace(path, tmp_path / "s2.kad",
+    crafted = _rewrite(path, tmp_path / "s2.kad",
                        {"sklearn/detector.state.svm_.skops": sio.dumps(svm.svm_)})
     with pytest.raises(ArtifactError, match=r"svm_.dual_coef_ has shape \(1, \d+\), not"):
         load_detector(crafted)
@@ -147,7 +131,7 @@ def test_a_patch_bank_of_the_wrong_width_is_refused(tmp_path):
     det = get_detector("patchknn", bank_size=50, max_dims=4, block_channels=(3, 5)).fit(maps)
     path = det.save(tmp_path / "p.kad")
     assert load_detector(path).threshold_ == det.threshold_
-    crafted = _replace(path, tmp_path / "crafted.kad",
+    crafted = _rewrite(path, tmp_path / "crafted.kad",
                        {"arrays/detector.state.bank_.npy": _array(det.bank_[:, :5])})
     with pytest.raises(ArtifactError, match=r"'patchknn' detector's bank_ has shape \(50, 5\), "
                                             r"not \(any, 7\)"):

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import zipfile
 from pathlib import Path
 
 import pytest
-from test_artifact import _pipeline
+from test_artifact import _pipeline, _rewrite
 
 from kad.errors import ArtifactError
 from kad.screening.pipeline import load_pipeline
@@ -18,18 +17,11 @@ from kad.utils import settings
 
 
 def _edit(src: Path, dst: Path, edit) -> Path:
+    """A copy of the model file ``src`` whose pipeline record ``edit`` changed in place."""
     with zipfile.ZipFile(src) as zf:
-        manifest = json.loads(zf.read("manifest.json"))
-        members = {n: zf.read(n) for n in zf.namelist() if n != "manifest.json"}
-    tree = json.loads(members["object.json"])
+        tree = json.loads(zf.read("object.json"))
     edit(tree["pipeline"])
-    members["object.json"] = json.dumps(tree).encode()
-    manifest["members"] = {n: hashlib.sha256(d).hexdigest() for n, d in members.items()}
-    with zipfile.ZipFile(dst, "w") as zf:
-        zf.writestr("manifest.json", json.dumps(manifest))
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return dst
+    return _rewrite(src, dst, tree=tree)
 
 
 def _set(key, value):
