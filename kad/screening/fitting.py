@@ -15,7 +15,7 @@ itself and scoring are :mod:`kad.screening.pipeline`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +105,7 @@ class DetectorInputs:
     weights: object
     batch_size: int
     progress: Progress | None = None
+    _networks: dict = field(default_factory=dict, repr=False)
 
     @property
     def runtime(self) -> str:
@@ -112,17 +113,26 @@ class DetectorInputs:
         as the fitted pipeline will when it scores."""
         return self.features.meta["inputs"].get("runtime", "keras")
 
+    def network(self, representation: Representation):
+        """The representation's network on the features' runtime, built (and converted)
+        once for every read of the fit."""
+        from kad.features.runtime import model_runtime
+
+        if representation not in self._networks:
+            self._networks[representation] = model_runtime(
+                representation.network(self.model, self.network_blocks), self.plan.backbone,
+                self.plan.input_size, self.weights, self.runtime, self.batch_size,
+                extractor=self.model)
+        return self._networks[representation]
+
     def read(self, representation: Representation, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, dtype=int)
         found = representation.cached(self.features, rows)
         if found is not None:
             return found
         from kad.features.extraction import stream_features
-        from kad.features.runtime import model_runtime
 
-        network = model_runtime(representation.network(self.model, self.network_blocks),
-                                self.plan.backbone, self.plan.input_size, self.weights,
-                                self.runtime, self.batch_size, extractor=self.model)
+        network = self.network(representation)
         ids = np.asarray(self.dataset.ids, dtype=str)[rows]
         parts = []
         with task(self.progress, "detector inputs", len(rows)) as update:
@@ -133,9 +143,6 @@ class DetectorInputs:
         if not parts:
             raise KadError("no rows to read")
         return np.concatenate(parts)
-
-    def reader(self, representation: Representation) -> Callable[[np.ndarray], np.ndarray]:
-        return lambda rows: self.read(representation, rows)
 
 
 def prepare_inputs(dataset, features, plan, weights, batch_size: int,
