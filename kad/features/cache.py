@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from kad.errors import KadError
+from kad.utils.files import WRITE_ADVICE
 
 CACHE_FORMAT = 2  # 2: block checksums in meta.json; images with nothing to screen marked failed
 _META = "meta.json"
@@ -809,22 +810,13 @@ def prune_entry(path: str | Path, keep: Sequence[str],
 
 # -- writability -----------------------------------------------------------------------------
 
-_WRITE_ERRORS = {
-    errno.ENOSPC: "the disk is full: free space there or choose another folder",
-    errno.EDQUOT: "the disk quota is exceeded: free space there or choose another folder",
-    errno.EROFS: "it is on a read-only file system: choose a writable folder",
-    errno.EACCES: "permission denied: choose a folder you can write to or fix its permissions",
-    errno.EPERM: "permission denied: choose a folder you can write to or fix its permissions",
-}
-
-
 def _write_error(path: Path, exc: OSError, what: str) -> KadError:
     if exc.errno in (errno.ENOTDIR, errno.EEXIST):
         blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()),
                        path)
         return KadError(f"cannot use {path} as the {what}: {blocker} is a file, not a folder; "
                         f"choose another path or move that file away")
-    advice = _WRITE_ERRORS.get(exc.errno, f"{exc.strerror or exc}: choose another folder")
+    advice = WRITE_ADVICE.get(exc.errno, f"{exc.strerror or exc}: choose another folder")
     return KadError(f"cannot write to the {what} {path}: {advice}")
 
 
