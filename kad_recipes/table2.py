@@ -27,9 +27,8 @@ from .common import (
     RecipeOptions,
     Run,
     Workbench,
-    compatible,
     make_detector,
-    refuse_maps,
+    plan_columns,
     save_figure,
     summarise,
 )
@@ -75,7 +74,7 @@ def run_table2(options: RecipeOptions, n_anomalies: float | None = None,
     )
 
     bench = bench or Workbench(options, progress=progress)
-    detectors = _feature_detectors(options.detectors)
+    detectors = [spec for spec, _ in plan_columns(options.detectors, [FEATURES])]
     spec = detectors[0]
     valid = bench.valid({FEATURES})
     features = bench.multi
@@ -117,24 +116,6 @@ def run_table2(options: RecipeOptions, n_anomalies: float | None = None,
         "picked": _picked_record(results), "candidates": candidates,
     }
     return RecipeResult("table2", bench, runs + triple_runs, summary, {}, extra)
-
-
-def _feature_detectors(specs: list[str]) -> list[str]:
-    """The detectors of ``specs`` that work on pooled features; a detector of block maps is
-    refused before any work, and none at all is an error."""
-    from kad.registry import DETECTORS, load
-    from kad.utils.specs import parse_spec
-
-    found = []
-    for spec in specs:
-        name = parse_spec(spec, "detector").name
-        cls = load(DETECTORS, name)
-        refuse_maps(cls, name)
-        if compatible(cls, FEATURES):
-            found.append(spec)
-    if not found:
-        raise KadError(f"no detector among {specs} works on features")
-    return found
 
 
 def _blocks_table(candidates: list[dict], blocks: list[str], size: int, spec: str) -> list:
