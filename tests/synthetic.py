@@ -44,3 +44,20 @@ def multi_photo_folder(root: Path, n_patients: int = 40, photos: int = 4, size: 
             cv2.imwrite(str(root / "normal" / f"{p:03d}_{k}.png"),
                         np.clip(image, 0, 255).astype(np.uint8))
     return root
+
+
+def pattern_images(root: Path, n: int = 6, size: int = 48) -> list[Path]:
+    """``n`` PNG images computed from arithmetic alone (no random numbers, so the same
+    pixels with any NumPy): smooth gradients like :func:`screening_folder`'s normals, every
+    other one with a regular speckle of bright dots like its abnormal images."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows, cols = np.mgrid[0:size, 0:size]
+    files = []
+    for i in range(n):
+        ramp = 60 + (100 + 4 * i) * cols / (size - 1)
+        image = np.stack([ramp + 3 * np.sin(rows * (i + 1) / 5 + c) for c in range(3)], -1)
+        if i % 2:
+            image += 120 * (((rows * 7 + cols * 3 + i) % (5 + i)) == 0)[..., None]
+        files.append(root / f"pattern{i}.png")
+        cv2.imwrite(str(files[-1]), np.clip(np.round(image), 0, 255).astype(np.uint8))
+    return files

@@ -1,10 +1,9 @@
 """A fitted pipeline saved to one file scores exactly as in memory, in a new process too;
-other versions, corrupt files and other weights are refused."""
+corrupt files and other weights are refused."""
 
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import zipfile
@@ -12,7 +11,6 @@ import zipfile
 import numpy as np
 import pytest
 
-import kad
 from conftest import FAST, MNV2
 from kad.data.datasets import FileSource, load_dataset
 from kad.errors import ArtifactError, WeightsError
@@ -100,14 +98,9 @@ def test_unreadable_images_are_listed_and_the_rest_scored(fitted, tmp_path):
     assert np.isfinite(result.scores[[0, 2]]).all()
 
 
-def test_another_version_or_a_corrupt_file_is_refused(fitted, tmp_path, monkeypatch):
+def test_a_corrupt_file_is_refused(fitted, tmp_path):
     pipeline, _, _ = fitted
     path = pipeline.save(tmp_path / "model.kad")
-    monkeypatch.setattr("kad.utils.artifact.__version__", "9.9.9")
-    message = f"saved by kad {kad.__version__} and this is kad 9.9.9"
-    with pytest.raises(ArtifactError, match=re.escape(message)):
-        load_pipeline(path)
-    monkeypatch.undo()
     with zipfile.ZipFile(path) as zf:
         members = {name: bytearray(zf.read(name)) for name in zf.namelist()}
     member = [n for n in members if n.startswith(("sklearn/", "arrays/"))][0]

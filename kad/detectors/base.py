@@ -44,6 +44,13 @@ return it as arrays and plain values and :meth:`~BaseDetector.set_fitted_state` 
 it; a value that cannot be stored is refused by ``save``, naming the attribute and its type.
 Loading takes the class from the registry by the recorded name, never from the file.
 
+A saved state records :attr:`BaseDetector.state_version` (1 unless the class says
+otherwise). A file loads in any kad, and with any version of the plugin, whose detector
+reads that state version; the kad and plugin versions that wrote it are recorded, not
+compared. A detector whose learned state changes raises its ``state_version``, and may
+convert files of the older one in :meth:`BaseDetector.upgrade_fitted_state`; any other
+file is refused in one line naming the versions and what to do.
+
 A loaded state is checked before its first use: :func:`load_detector` and
 :func:`kad.screening.pipeline.load_pipeline` call :meth:`~BaseDetector.validate_fitted_state`
 right after :meth:`~BaseDetector.set_fitted_state`. A file made only of allowed types can
@@ -158,6 +165,12 @@ class BaseDetector(OutlierMixin, BaseEstimator):
     #: Parameters the detector had once and no longer takes: a saved file that records
     #: them still loads, without them (:func:`decode_detector` drops them).
     retired_params: ClassVar[tuple[str, ...]] = ()
+    #: The version of what :meth:`get_fitted_state` returns, stored in every model file of
+    #: the detector. A file loads in any kad whose detector has the same state version,
+    #: whatever kad or plugin version wrote it. Raise it when the learned state changes
+    #: (an attribute renamed, an array laid out differently); to keep reading files of an
+    #: older version, convert them in :meth:`upgrade_fitted_state`.
+    state_version: ClassVar[int] = 1
 
     def __init__(self, contamination: float = 0.1):
         self.contamination = contamination
@@ -323,6 +336,16 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         for name, value in state.items():
             setattr(self, name, value)
 
+    @classmethod
+    def upgrade_fitted_state(cls, state: dict[str, Any], version: int) -> dict[str, Any] | None:
+        """The fitted ``state`` of a file written at an older state ``version`` (below
+        :attr:`state_version`), converted to what :meth:`set_fitted_state` takes now; None
+        (the default) where the detector cannot read that version, and the file is refused
+        with a line saying to refit it. The result is checked like any loaded state
+        (:meth:`validate_fitted_state`)."""
+        del state, version  # the default reads no older version
+        return None
+
     def validate_fitted_state(self) -> None:
         """Check a loaded state before its first use (see the module docstring); raise
         :class:`DamagedStateError` saying what is wrong. The default checks ``threshold_``
@@ -438,13 +461,60 @@ def encode_detector(detector: BaseDetector, encoder: Encoder, where: str) -> dic
     return {
         "name": info.name, "entry_point": info.value,
         "distribution": info.distribution, "version": info.version,
+        "state_version": int(type(detector).state_version),
         "params": params, "state": encoder.encode(state, f"{where}.state"),
     }
 
 
+def _state_version(artifact: Artifact, record: dict, where: str) -> int:
+    """The state version a detector record was written with; files written before state
+    versions were recorded hold version 1 of every detector."""
+    version = record.get("state_version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise artifact.fail(f"{where}.state_version is {version!r}, not a positive integer; "
+                            "the file is corrupt")
+    return version
+
+
+def _readable_state(artifact: Artifact, cls: type[BaseDetector], record: dict, state: dict,
+                    saved: int) -> dict:
+    """``state`` as ``cls`` reads it now: as it is at the same state version, upgraded by
+    :meth:`BaseDetector.upgrade_fitted_state` from an older one; refused otherwise, in one
+    line naming the versions and what to do."""
+    current = int(cls.state_version)
+    if saved == current:
+        return state
+    upgraded = None
+    if saved < current:
+        try:
+            upgraded = cls.upgrade_fitted_state(state, saved)
+        except Exception as exc:  # the plugin's own code: name the file
+            raise artifact.fail(
+                f"the detector {record['name']!r} could not upgrade its state from version "
+                f"{saved} to {current} ({type(exc).__name__}: {exc}); refit the model with "
+                "`kad fit`") from exc
+    if upgraded is not None:
+        if not isinstance(upgraded, dict):
+            raise artifact.fail(f"the detector {record['name']!r} upgraded its state to a "
+                                f"{type(upgraded).__name__}, not a dict")
+        return upgraded
+    from kad import __version__
+    from kad.utils.artifact import written_by
+
+    kad_saved = written_by(artifact.manifest)
+    plugin = "" if record.get("distribution") == "kad" else (
+        f", or install {record.get('distribution')}=={record.get('version')}")
+    raise artifact.fail(
+        f"the detector {record['name']!r} holds its learned state in version {saved} "
+        f"(written by kad {kad_saved}), and this kad {__version__} reads version {current} "
+        f"of it: refit the model with `kad fit`, or load it with kad {kad_saved}{plugin}")
+
+
 def decode_detector(artifact: Artifact, record: Any, where: str) -> BaseDetector:
     """The detector of an :func:`encode_detector` record, its class taken from the registry
-    by the recorded name; the plugin must be the one it was saved with."""
+    by the recorded name. The plugin must come from the distribution it was saved from, and
+    read the recorded state version (:attr:`BaseDetector.state_version`); the plugin's and
+    kad's own versions are recorded but do not decide."""
     from kad.registry import DETECTORS, discover, load
 
     if not isinstance(record, dict) or not isinstance(record.get("name"), str):
@@ -455,12 +525,13 @@ def decode_detector(artifact: Artifact, record: Any, where: str) -> BaseDetector
         raise artifact.fail(
             f"the detector plugin {name!r} ({record.get('distribution')} "
             f"{record.get('version')}) is not installed here; install it to load this file")
-    saved = (record.get("entry_point"), record.get("distribution"), record.get("version"))
-    if saved != (info.value, info.distribution, info.version):
+    saved_version = _state_version(artifact, record, where)
+    if record.get("distribution") != info.distribution:
         raise artifact.fail(
-            f"the detector {name!r} was saved from {saved[0]} ({saved[1]} {saved[2]}), but "
-            f"here it is {info.value} ({info.distribution} {info.version}); scores could "
-            f"differ, so it is refused: install {saved[1]}=={saved[2]} or refit")
+            f"the detector {name!r} was saved from {record.get('entry_point')} "
+            f"({record.get('distribution')} {record.get('version')}), but here {name!r} is "
+            f"{info.value} ({info.distribution} {info.version}), another plugin: install "
+            f"{record.get('distribution')}=={record.get('version')} or refit the model")
     try:
         cls = load(DETECTORS, name)
     except PluginError as exc:
@@ -469,6 +540,7 @@ def decode_detector(artifact: Artifact, record: Any, where: str) -> BaseDetector
     state = artifact.decode(record.get("state"), f"{where}.state", trusted=cls.trusted_types)
     if not isinstance(params, dict) or not isinstance(state, dict):
         raise artifact.fail(f"{where} has malformed parameters or state")
+    state = _readable_state(artifact, cls, record, state, saved_version)
     params = {k: v for k, v in params.items() if k not in cls.retired_params}
     try:
         detector = cls(**params)

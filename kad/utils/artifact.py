@@ -18,10 +18,20 @@ An artefact is a zip file of plain data:
     no arbitrary code; kad's custom networks are registered with
     ``keras.saving.register_keras_serializable``).
 
-Nothing is unpickled. Loading checks the manifest first: a file from another kad version,
-of an older format (format 1 held a pickle, which is refused unread), of another kind, a
-member whose checksum does not match, a missing member or one the manifest does not list
-is refused with one line naming the file and what to do. A value that cannot be stored
+Nothing is unpickled. Loading checks the manifest first: a file of another format (format
+1 held a pickle, which is refused unread), of another kind, a member whose checksum does
+not match, a missing member or one the manifest does not list is refused with one line
+naming the file and what to do.
+
+**Versions.** A file loads in any kad that reads its ``format`` (:data:`FORMAT`, the layout
+described here) and the state version of its detector
+(:attr:`kad.BaseDetector.state_version`, recorded in the detector's record). The kad version
+that wrote the file is recorded in ``versions`` and shown, but does not decide: a patch or
+minor release that changes neither reads the files of the one before. A release that
+changes the layout raises :data:`FORMAT`; a detector whose learned state changes raises
+its ``state_version`` (and may read the older one,
+:meth:`kad.BaseDetector.upgrade_fitted_state`). Anything else is refused in one line naming
+the file, the versions found and expected, and what to do. A value that cannot be stored
 this way is refused when saving, naming where it is and its type.
 
 Opening a file costs memory and time in proportion to what it declares, and what it may
@@ -65,6 +75,8 @@ import numpy as np
 from kad import __version__
 from kad.errors import ArtifactError, UnstorableError
 
+#: The layout of a model file. Raised only when the layout changes; a file loads in any kad
+#: that reads its format (and its detector's state version), whatever kad version wrote it.
 FORMAT = 2
 MANIFEST = "manifest.json"
 OBJECT = "object.json"
@@ -601,26 +613,34 @@ class Artifact:
                 ) from exc
 
 
+def written_by(manifest: dict) -> str:
+    """The kad version recorded in a manifest as the one that wrote the file (shown in
+    messages and reports; it does not decide whether the file loads), or ``"?"``."""
+    versions = manifest.get("versions")
+    saved = versions.get("kad") if isinstance(versions, dict) else None
+    return saved if isinstance(saved, str) and saved else "?"
+
+
 def _checked(path: Path, manifest: dict, kind: str) -> None:
+    """Refuse a file of another format or kind. Whether a file loads is decided by its
+    format (:data:`FORMAT`) and by the state version of its detectors
+    (:attr:`kad.BaseDetector.state_version`), never by the kad version that wrote it."""
     fmt = manifest.get("format")
     if fmt != FORMAT:
+        saved = written_by(manifest)
         if fmt == 1:
             raise ArtifactError(
                 f"{path} is a model file of format 1, which held a pickle: kad no longer reads "
-                "those, since loading one could run code; refit the model with this version "
-                f"of kad (format {FORMAT})"
+                "those, since loading one could run code; refit the model with `kad fit` "
+                f"(this kad {__version__} writes format {FORMAT})"
             )
-        raise ArtifactError(f"{path} is a kad model file of format {fmt!r}; this kad reads "
-                            f"format {FORMAT}: refit the model with this version")
+        other = f"kad {saved}" if saved != "?" else "the kad version that wrote it"
+        raise ArtifactError(
+            f"{path} is a kad model file of format {fmt!r}, written by kad {saved}; this kad "
+            f"{__version__} reads format {FORMAT}: refit the model with `kad fit`, or load it "
+            f"with {other}")
     if manifest.get("kind") != kind:
         raise ArtifactError(f"{path} holds a {manifest.get('kind')!r}, not a {kind!r}")
-    saved = manifest.get("versions", {}).get("kad") if isinstance(
-        manifest.get("versions"), dict) else None
-    if saved != __version__:
-        raise ArtifactError(
-            f"{path} was saved by kad {saved} and this is kad {__version__}; scores could "
-            f"differ, so it is refused: refit it with this version, or install kad=={saved}"
-        )
 
 
 def open_artifact(path: str | Path, kind: str, limits: Limits | None = None) -> Artifact:

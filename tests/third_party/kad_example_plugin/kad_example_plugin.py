@@ -4,7 +4,12 @@ a detector of block maps).
 
 Their learned attributes (``mean_``, ``scale_``: NumPy arrays) are saved by ``save`` as they
 are; a detector that learns other kinds of values overrides ``get_fitted_state`` and
-``set_fitted_state`` (see ``kad.detectors.base``)."""
+``set_fitted_state`` (see ``kad.detectors.base``).
+
+A saved file records the detector's ``state_version`` (1, inherited): it loads with any
+later release of this package or of kad as long as the class keeps that state version.
+A release that changes what ``fit`` learns raises it, and may convert older files in
+``upgrade_fitted_state``."""
 
 import numpy as np
 

@@ -1,0 +1,149 @@
+"""Model files survive upgrades: a file loads in any kad that reads its format and its
+detector's state version, whatever kad version wrote it, and is refused in one line naming
+the versions otherwise. ``tests/fixtures/`` keeps files written by earlier releases; each
+must keep loading and scoring to the numbers stored beside it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_artifact import _rewrite, _tree
+
+import kad
+from kad.detectors.base import load_detector
+from kad.errors import ArtifactError
+from kad.registry import discover, get_detector
+from kad.utils.artifact import FORMAT
+from synthetic import pattern_images
+
+FIXTURES = Path(__file__).parent / "fixtures"
+X = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
+
+
+def _next_release(monkeypatch, version: str = "0.2.0") -> None:
+    """kad as the next release would be: another package version, read both where kad
+    records it and from the installed metadata of its plugins."""
+    monkeypatch.setattr(kad, "__version__", version)
+    monkeypatch.setattr("kad.utils.artifact.__version__", version)
+
+    def bumped(group):
+        return {name: dataclasses.replace(info, version=version) if info.builtin else info
+                for name, info in discover(group).items()}
+
+    monkeypatch.setattr("kad.registry.discover", bumped)
+
+
+def _with_manifest(src: Path, dst: Path, **changes) -> Path:
+    with zipfile.ZipFile(src) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    manifest = json.loads(members["manifest.json"])
+    manifest.update(changes)
+    members["manifest.json"] = json.dumps(manifest).encode()
+    with zipfile.ZipFile(dst, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return dst
+
+
+def test_a_file_of_another_kad_version_loads_and_scores_the_same(tmp_path, monkeypatch):
+    det = get_detector("knn").fit(X)
+    path = det.save(tmp_path / "d.kad")
+    _next_release(monkeypatch)
+    again = load_detector(path)
+    np.testing.assert_array_equal(again.anomaly_score(X), det.anomaly_score(X))
+    # and the other way round: an older kad reads what the newer one writes
+    newer = again.save(tmp_path / "newer.kad")
+    monkeypatch.undo()
+    np.testing.assert_array_equal(load_detector(newer).anomaly_score(X), det.anomaly_score(X))
+
+
+def test_another_format_is_refused_naming_the_versions_and_what_to_do(tmp_path):
+    path = get_detector("knn").fit(X).save(tmp_path / "d.kad")
+    other = _with_manifest(path, tmp_path / "f.kad", format=FORMAT + 1,
+                           versions={"kad": "0.7.1"})
+    message = (f"{other} is a kad model file of format {FORMAT + 1}, written by kad 0.7.1; "
+               f"this kad {kad.__version__} reads format {FORMAT}: refit the model with "
+               "`kad fit`, or load it with kad 0.7.1")
+    with pytest.raises(ArtifactError) as caught:
+        load_detector(other)
+    assert str(caught.value) == message
+
+
+def test_another_state_version_is_refused_unless_the_detector_upgrades_it(tmp_path,
+                                                                         monkeypatch):
+    det = get_detector("knn").fit(X)
+    path = det.save(tmp_path / "d.kad")
+    assert _tree(path)["detector"]["state_version"] == 1
+    cls = type(det)
+    monkeypatch.setattr(cls, "state_version", 2)
+    with pytest.raises(ArtifactError) as caught:
+        load_detector(path)
+    assert str(caught.value) == (
+        f"{path}: the detector 'knn' holds its learned state in version 1 (written by kad "
+        f"{kad.__version__}), and this kad {kad.__version__} reads version 2 of it: refit the "
+        f"model with `kad fit`, or load it with kad {kad.__version__}")
+    seen = []
+
+    def upgrade(klass, state, version):
+        seen.append(version)
+        return state
+
+    monkeypatch.setattr(cls, "upgrade_fitted_state", classmethod(upgrade))
+    np.testing.assert_array_equal(load_detector(path).anomaly_score(X), det.anomaly_score(X))
+    assert seen == [1]
+    # a file of a newer state version than this kad's is never "upgraded"
+    monkeypatch.setattr(cls, "state_version", 1)
+    tree = _tree(path)
+    tree["detector"]["state_version"] = 3
+    with pytest.raises(ArtifactError, match="state in version 3 .* reads version 1 of it"):
+        load_detector(_rewrite(path, tmp_path / "newer.kad", tree=tree))
+    assert seen == [1]
+
+
+@pytest.mark.parametrize("value", [0, -1, "1", 1.0, True, None, [1]])
+def test_a_malformed_state_version_is_refused(tmp_path, value):
+    path = get_detector("knn").fit(X).save(tmp_path / "d.kad")
+    tree = _tree(path)
+    tree["detector"]["state_version"] = value
+    with pytest.raises(ArtifactError, match="state_version is .*, not a positive integer"):
+        load_detector(_rewrite(path, tmp_path / "bad.kad", tree=tree))
+
+
+def test_a_record_without_a_state_version_is_version_1(tmp_path):
+    det = get_detector("knn").fit(X)
+    path = det.save(tmp_path / "d.kad")
+    tree = _tree(path)
+    del tree["detector"]["state_version"]
+    old = load_detector(_rewrite(path, tmp_path / "old.kad", tree=tree))
+    np.testing.assert_array_equal(old.anomaly_score(X), det.anomaly_score(X))
+
+
+@pytest.mark.tf
+@pytest.mark.parametrize("fixture", sorted(FIXTURES.glob("model-*.kad")), ids=lambda p: p.stem)
+def test_a_model_file_of_an_earlier_release_scores_the_same(fixture, tmp_path, monkeypatch):
+    expected = json.loads(fixture.with_suffix(".json").read_text())
+    _next_release(monkeypatch, "99.0.0")
+    pipeline = kad.load_pipeline(fixture)
+    assert pipeline.versions["kad"] == expected["kad"]
+    files = pattern_images(tmp_path / "patterns")
+    assert [f.name for f in files] == expected["ids"]
+    scores = pipeline.score(kad.FileSource(files)).scores
+    # The file's numbers are exact; the network's float32 arithmetic may move in the last
+    # digits with another TensorFlow or oneDNN release.
+    np.testing.assert_allclose(scores, expected["scores"], rtol=1e-4)
+    assert pipeline.threshold.value == expected["threshold"]
+    np.testing.assert_array_equal(pipeline.p_values(np.asarray(expected["scores"])),
+                                  expected["p_values"])
+
+
+def test_fixtures_are_kept_small():
+    """Each is a file users may hold, kept for good: a few hundred KB at most."""
+    fixtures = sorted(FIXTURES.glob("model-*.kad"))
+    assert fixtures, f"no model file in {FIXTURES}: run tests/fixtures/make_fixtures.py"
+    assert all(f.stat().st_size < 400_000 and f.with_suffix(".json").is_file()
+               for f in fixtures)
