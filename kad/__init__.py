@@ -62,8 +62,11 @@ _LAZY = {
     "ThresholdRule": "kad.screening.thresholds",
     "fit_model": "kad.screening.workflow",
     "screen": "kad.screening.workflow",
+    "score_images": "kad.screening.workflow",
+    "ScoredImages": "kad.screening.workflow",
     "set_threshold": "kad.screening.workflow",
     "explain": "kad.screening.heatmaps",
+    "explain_file": "kad.screening.heatmaps",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -32,8 +32,8 @@ from kad.screening.thresholds import ThresholdRule
 from kad.utils.progress import Progress
 
 __all__ = [
-    "SCORED", "SKIPPED", "UNREADABLE", "FitRun", "NotScored", "ScoredImage", "ScreeningRun",
-    "ThresholdRun", "fit_model", "screen", "set_threshold",
+    "SCORED", "SKIPPED", "UNREADABLE", "FitRun", "NotScored", "ScoredImage", "ScoredImages",
+    "ScreeningRun", "ThresholdRun", "fit_model", "score_images", "screen", "set_threshold",
 ]
 
 # -- kad fit -------------------------------------------------------------------------------
@@ -292,11 +292,7 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
     from kad.screening.pipeline import load_pipeline
     from kad.utils.files import staged_output
 
-    if engine not in ("local", "ray"):
-        raise KadError(f"unknown engine {engine!r}: use local or ray")
-    if heatmaps and engine != "local":
-        raise KadError("heatmaps are drawn by the local engine; drop --engine ray or "
-                       "--heatmaps")
+    _check_engine(engine, heatmaps)
     pipeline = load_pipeline(model)
     out_dir = check_writable(Path(out_dir), what="--out folder")
     with staged_output(out_dir) as stage:
@@ -316,12 +312,77 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
     return run
 
 
-def _screen(pipeline, model, inputs, out_dir: Path, *, labels, weights, engine, ray_address,
-            heatmaps, heatmap_method, grid, steps, runtime, progress) -> ScreeningRun:
-    """:func:`screen`'s work, writing into ``out_dir`` (the staging folder)."""
-    from kad.data.datasets import FileSource
-    from kad.screening.report import write_report
+@dataclass
+class ScoredImages:
+    """What :func:`score_images` found: ``rows``, the scored images, most suspicious first;
+    ``not_scored``, every other input with its status and reason; together, every input.
+    ``heatmaps`` is the :class:`kad.screening.heatmaps.HeatmapRun` when heatmaps were drawn."""
 
+    rows: list[ScoredImage]
+    not_scored: list[NotScored]
+    heatmaps: object = None
+
+    @property
+    def n_inputs(self) -> int:
+        return len(self.rows) + len(self.not_scored)
+
+    def records(self) -> list[dict]:
+        """Every input as a plain dict, in the order of ``scores.csv``: ``file``,
+        ``status`` (scored, unreadable or skipped), ``score``, ``p_value``, ``percentile``,
+        ``flagged``, ``label`` and ``reason`` (None where they do not apply)."""
+        out = [{"file": r.file, "status": SCORED, "score": r.score, "p_value": r.p_value,
+                "percentile": r.percentile, "flagged": r.flagged, "label": r.label,
+                "reason": None} for r in self.rows]
+        out += [{"file": str(o.file), "status": o.status, "score": None, "p_value": None,
+                 "percentile": None, "flagged": None, "label": None, "reason": o.reason}
+                for o in self.not_scored]
+        return out
+
+    def to_dataframe(self):
+        """:meth:`records` as a pandas DataFrame (pandas is not a dependency of kad)."""
+        try:
+            import pandas as pd
+        except ImportError as exc:
+            raise KadError("a DataFrame of the scores needs pandas, which kad does not "
+                           "install: pip install pandas, or use records()") from exc
+        return pd.DataFrame.from_records(self.records(), columns=list(_RECORD_COLUMNS))
+
+
+_RECORD_COLUMNS = ("file", "status", "score", "p_value", "percentile", "flagged", "label",
+                   "reason")
+
+
+def _check_engine(engine: str, heatmaps: bool) -> None:
+    if engine not in ("local", "ray"):
+        raise KadError(f"unknown engine {engine!r}: use local or ray")
+    if heatmaps and engine != "local":
+        raise KadError("heatmaps are drawn by the local engine; drop --engine ray or "
+                       "--heatmaps")
+
+
+def score_images(model: str | Path | Pipeline, inputs: Sequence[str | Path], *,
+                 labels: str | Path | None = None, weights: str | None = None,
+                 engine: str = "local", ray_address: str | None = None,
+                 heatmaps_dir: str | Path | None = None, heatmap_method: str = "auto",
+                 grid: int = 8, steps: int = 16, runtime: str | None = None,
+                 progress: Progress | None = None) -> ScoredImages:
+    """Score every image under ``inputs`` (files, or folders searched recursively) with a
+    fitted pipeline or the model file ``model``, writing nothing: the rows of
+    ``scores.csv`` as records (:meth:`ScoredImages.records`). :func:`screen` (``kad
+    score``) is this plus the files it writes.
+
+    ``labels`` (a CSV ``image,label``) adds each image's label; ``engine="ray"`` scores on a
+    Ray cluster (:func:`kad.features.ray_engine.score_with_ray`); with ``heatmaps_dir``
+    every scored image's heatmap overlays are written there
+    (:func:`kad.screening.heatmaps.write_heatmaps`)."""
+    from kad.data.datasets import FileSource
+
+    _check_engine(engine, heatmaps_dir is not None)
+    if not isinstance(model, Pipeline):
+        from kad.screening.pipeline import load_pipeline
+
+        model = load_pipeline(model)
+    pipeline = model
     files, not_scored = collect_images(inputs)
     if not files:
         from kad.data.datasets.base import first_few
@@ -331,10 +392,10 @@ def _screen(pipeline, model, inputs, out_dir: Path, *, labels, weights, engine, 
     truth = match_labels(files, read_labels(Path(labels))) if labels else None
     ids = [str(f) for f in files]
     drawn = None
-    if heatmaps:
+    if heatmaps_dir is not None:
         from kad.screening.heatmaps import write_heatmaps
 
-        drawn = write_heatmaps(pipeline, FileSource(files), ids, out_dir / "heatmaps",
+        drawn = write_heatmaps(pipeline, FileSource(files), ids, Path(heatmaps_dir),
                                method=heatmap_method, grid=grid, steps=steps, weights=weights,
                                runtime=runtime, progress=progress)
         result = drawn.scores
@@ -348,6 +409,20 @@ def _screen(pipeline, model, inputs, out_dir: Path, *, labels, weights, engine, 
                                 runtime=runtime)
     rows = rank(pipeline, files, result, truth)
     not_scored = [NotScored(f, UNREADABLE, why) for f, why in result.failed.items()] + not_scored
+    return ScoredImages(rows, not_scored, drawn)
+
+
+def _screen(pipeline, model, inputs, out_dir: Path, *, labels, weights, engine, ray_address,
+            heatmaps, heatmap_method, grid, steps, runtime, progress) -> ScreeningRun:
+    """:func:`screen`'s work, writing into ``out_dir`` (the staging folder)."""
+    from kad.screening.report import write_report
+
+    found = score_images(pipeline, inputs, labels=labels, weights=weights, engine=engine,
+                         ray_address=ray_address,
+                         heatmaps_dir=out_dir / "heatmaps" if heatmaps else None,
+                         heatmap_method=heatmap_method, grid=grid, steps=steps,
+                         runtime=runtime, progress=progress)
+    rows, not_scored, drawn = found.rows, found.not_scored, found.heatmaps
     csv_path = write_scores_csv(out_dir / "scores.csv", rows, not_scored)
     report, metrics = write_report(out_dir / "report.html", pipeline, rows,
                                    {o.file: o.reason for o in not_scored if o.status == UNREADABLE},
