@@ -32,8 +32,8 @@ class WeightsError(KadError):
 
 
 class ArtifactError(KadError):
-    """A saved detector or pipeline is corrupt, unsafe, or was written by another kad
-    version."""
+    """A saved detector or pipeline is corrupt, unsafe, or of a file format or detector
+    state version this kad does not read."""
 
 
 class UnstorableError(ArtifactError, TypeError):
