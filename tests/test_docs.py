@@ -25,7 +25,9 @@ def test_the_documentation_builds_strictly_and_covers_the_public_api(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     api = (site / "api" / "index.html").read_text()
-    missing = [name for name in kad.__all__ if name != "__version__" and name not in api]
+    # each public name has its entry (another library's name, re-exported, is named)
+    missing = [name for name, module in kad._LAZY.items()
+               if f'id="{module}.{name}"' not in api and f"<code>{name}</code>" not in api]
     assert not missing
     example = html.unescape(re.sub(r"<[^>]+>", "", (site / "python-api" / "index.html")
                                    .read_text()))
