@@ -175,17 +175,19 @@ def test_without_the_extra_dicom_files_are_skipped_naming_it(tmp_path, monkeypat
     folder.mkdir()
     shutil.copy(shipped("SC_rgb_rle.dcm"), folder / "eye.dcm")
     cv2.imwrite(str(folder / "eye.png"), np.full((16, 16, 3), 90, np.uint8))
+    (folder / "._eye.dcm").write_bytes(bytes(300))  # macOS metadata, not an image
     images, skipped = list_image_files(folder)
     assert images == [folder / "eye.png"]
-    assert skipped == [(str(folder / "eye.dcm"), skip_reason(folder / "eye.dcm"))]
-    assert 'pip install "kad[dicom]"' in skipped[0][1]
+    assert skipped[1] == (str(folder / "eye.dcm"), skip_reason(folder / "eye.dcm"))
+    assert "not an image file" in skipped[0][1]
+    assert 'pip install "kad[dicom]"' in skipped[1][1]
     with pytest.raises(ImageReadError, match=r'kad\[dicom\]'):  # named explicitly
         read_image(folder / "eye.dcm")
     files, not_scored = collect_images([folder])  # kad score's inputs, and its scores.csv
-    assert files == [folder / "eye.png"] and [n.status for n in not_scored] == ["skipped"]
+    assert files == [folder / "eye.png"] and [n.status for n in not_scored] == ["skipped"] * 2
     write_scores_csv(tmp_path / "scores.csv", [], not_scored)
     with open(tmp_path / "scores.csv", newline="") as fh:
-        (row,) = csv.DictReader(fh)
+        row = list(csv.DictReader(fh))[1]
     assert row["file"] == str(folder / "eye.dcm") and row["status"] == "skipped"
     assert 'pip install "kad[dicom]"' in row["reason"]
 

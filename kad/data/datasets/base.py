@@ -227,10 +227,8 @@ def skip_reason(path: str | os.PathLike) -> str | None:
     broken = broken_link(path)
     if broken:
         return broken
-    if is_dicom(path):
-        return missing_reason()
     if is_image_file(path):
-        return None
+        return missing_reason() if is_dicom(path) else None
     suffix = Path(path).suffix.lower()
     if suffix in _OTHER_IMAGE_FORMATS:
         return (f"unsupported image format {suffix}: kad reads JPEG, PNG, TIFF, BMP, WebP, "
