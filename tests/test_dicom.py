@@ -144,6 +144,23 @@ def test_the_pixel_limit_is_checked_on_the_header_before_decoding(monkeypatch):
         read_image(shipped("examples_ybr_color.dcm"))
 
 
+def test_a_compressed_image_larger_than_its_header_says_is_not_decoded(monkeypatch):
+    """A JPEG of 1200x900 px inside a DICOM header of 100x100 px is refused from the JPEG's
+    own header, before libjpeg would allocate its full size."""
+    import io
+
+    from pydicom.encaps import encapsulate
+
+    ds = pydicom.dcmread(shipped("SC_rgb_jpeg_dcmtk.dcm"))
+    ok, jpeg = cv2.imencode(".jpg", np.full((900, 1200, 3), 90, np.uint8))
+    ds.PixelData = encapsulate([jpeg.tobytes()])
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    monkeypatch.setattr(dicom, "_decode_pixels", lambda *a: pytest.fail("decoded"))
+    with pytest.raises(ImageReadError, match="1200x900 px, not the 100x100 px"):
+        dicom.decode_dicom(buffer.getvalue(), "forged", LIMIT)
+
+
 def test_truncated_and_corrupted_files_never_crash():
     """Cuts every 251 bytes and 60 seeded byte corruptions of a JPEG and a native file:
     each decodes to an RGB image or raises ImageReadError, nothing else."""

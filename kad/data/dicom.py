@@ -158,11 +158,36 @@ def _decode(data: bytes, where, max_pixels: int) -> np.ndarray:
     if "PixelData" not in dataset:
         raise ImageReadError(where, "the DICOM file holds no pixel data (PixelData); it is "
                                     "not an image (a report, a structure set?)")
+    _check_codestream(dataset, where, rows, columns)
     pixels = _decode_pixels(dataset, where)
     if pixels.shape[:2] != (rows, columns):
         raise ImageReadError(where, f"the decoded image is {pixels.shape[1]}x{pixels.shape[0]}"
                                     f" px, not the {columns}x{rows} px of its header")
     return _to_rgb_uint8(pixels, dataset)
+
+
+def _check_codestream(dataset, where, rows: int, columns: int) -> None:
+    """Refuse compressed pixel data whose own header (JPEG, JPEG 2000, read by Pillow
+    without decoding) gives another size than the DICOM header: it would be decoded at that
+    size, whatever the pixel limit said."""
+    if not getattr(dataset.file_meta.TransferSyntaxUID, "is_compressed", False):
+        return
+    from PIL import Image, UnidentifiedImageError
+    from pydicom.encaps import generate_frames
+
+    try:
+        frame = next(generate_frames(dataset.PixelData, number_of_frames=1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(frame)) as image:
+                size = image.size
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
+            SyntaxError, StopIteration):
+        return  # a codestream Pillow does not know (RLE, JPEG-LS): checked once decoded
+    if tuple(size) != (columns, rows):
+        raise ImageReadError(where, f"its compressed image is {size[0]}x{size[1]} px, not "
+                                    f"the {columns}x{rows} px of its DICOM header; the file "
+                                    "is damaged or forged")
 
 
 def _short(exc: Exception, limit: int = 300) -> str:
