@@ -1,5 +1,6 @@
-"""DICOM files in, RGB ``uint8`` arrays out (the ``dicom`` extra: pydicom and the pylibjpeg
-decoders of JPEG, JPEG-LS and JPEG 2000 pixel data).
+"""DICOM files in, RGB ``uint8`` arrays out (the ``dicom`` extra: pydicom, with Pillow,
+pyjpegls and pylibjpeg-openjpeg decoding JPEG Baseline, JPEG-LS and JPEG 2000 pixel data;
+12-bit Extended and Lossless JPEG need pylibjpeg-libjpeg, GPLv3, installed by the user).
 
 :func:`kad.data.images.read_image` hands a file here when its name ends in ``.dcm`` or
 ``.dicom`` or its bytes carry the ``DICM`` marker at offset 128 (the DICOM preamble);
@@ -271,11 +272,15 @@ def _decode_pixels(dataset, where) -> np.ndarray:
         syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", None) or str(syntax or "unknown")
         text = str(exc)
+        if "JPEG" in name and ("Lossless" in name or "Extended" in name) and (
+                "missing dependencies" in text or "does not support" in text):
+            raise ImageReadError(
+                where, f"its pixel data ({name}) needs pylibjpeg-libjpeg: "
+                       "pip install pylibjpeg-libjpeg (GPLv3, not part of kad's extra)") from exc
         if "missing dependencies" in text or "no decoding plugin" in text.lower():
             raise ImageReadError(
                 where, f"its pixel data ({name}) needs a decoder that is not installed: "
-                       f"{INSTALL_HINT} brings pylibjpeg and its JPEG, JPEG-LS and JPEG 2000 "
-                       "plugins") from exc
+                       f"{INSTALL_HINT} brings the JPEG-LS and JPEG 2000 decoders") from exc
         raise ImageReadError(where, f"damaged DICOM pixel data ({name}): {_short(exc)}; "
                                     "replace it with a complete copy") from exc
 
