@@ -237,3 +237,19 @@ def test_beyond_this_machine_it_refuses_to_start_without_a_token(tmp_path, monke
     assert result.exit_code == 1 and "fewer than 16" in result.output
     assert is_loopback("::1") and is_loopback("127.0.0.2") and not is_loopback("10.0.0.1")
     check_exposure(replace(ServeSettings(host="0.0.0.0"), token=TOKEN))
+
+
+def test_an_upload_decodes_as_its_file_does(served, tmp_path):
+    from kad.data.images import decode_image, read_image
+    from kad.errors import ImageReadError
+
+    big = tmp_path / "big.jpg"
+    cv2.imwrite(str(big), cv2.resize(cv2.imread(str(
+        served[2] / "new" / "abnormal" / "abnormal0.png")), (640, 480)))
+    data = big.read_bytes()
+    assert np.array_equal(decode_image(data, "big.jpg", min_side=100),
+                          read_image(big, min_side=100))  # reduced at 1/4 both ways
+    with pytest.raises(ImageReadError, match="truncated JPEG"):
+        decode_image(data[:len(data) // 2], "cut.jpg")
+    with pytest.raises(ImageReadError, match="empty"):
+        decode_image(b"", "none.jpg")

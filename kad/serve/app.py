@@ -167,7 +167,7 @@ def create_app(scorer: BatchScorer, settings: ServeSettings, name: str) -> FastA
             body = await asyncio.wait_for(read_body(
                 request.stream(), request.headers.get("content-length"),
                 settings.max_upload_bytes), settings.timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
             return _too_slow(settings, "while the request was being received")
         uploads = await run_in_threadpool(split_images, body, request.headers.get(
             "content-type"), settings.max_images)
@@ -176,7 +176,7 @@ def create_app(scorer: BatchScorer, settings: ServeSettings, name: str) -> FastA
         try:
             records = await asyncio.wait_for(asyncio.wrap_future(future),
                                              max(deadline - time.monotonic(), 0.0))
-        except TimeoutError:
+        except asyncio.TimeoutError:  # TimeoutError itself from Python 3.11 on
             future.cancel()
             return _too_slow(settings, "while the images were being scored")
         return {"model": name, "threshold": info["threshold"]["value"], "images": records}
@@ -198,7 +198,7 @@ def _logged(request: Request, began: float, response):
     client = request.client.host if request.client else "-"
     images = getattr(request.state, "images", None)
     log.info("%s %s %s %d%s %.0f ms", client, request.method, request.url.path,
-             response.status_code, f" {images} images" if images is not None else "",
+             response.status_code, f" {images} image(s)" if images is not None else "",
              1000 * (time.monotonic() - began))
     return response
 
