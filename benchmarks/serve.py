@@ -9,7 +9,7 @@ What it does, from the repository root:
    ``--weights none``, without them) at ``--image-size`` px, ``--batch-size`` images a
    batch. The next ``--n-images`` photographs are the images sent.
 2. Measures ``kad score``'s throughput on those images: :meth:`Pipeline.score` over them,
-   repeated to as many images as the load phase sends, in a child process (the model
+   repeated to ``--score-images`` (256) images, in a child process (the model
    loaded and its network run once before timing, as a running service has). It runs
    before and after the service phases and the median is kept, so that the two share the
    machine's load alike.
@@ -55,6 +55,10 @@ WEIGHTS = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_
 def _env() -> dict:
     return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
             "TF_CPP_MIN_LOG_LEVEL": "3"}
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def _kad(*args: str) -> None:
@@ -126,18 +130,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, port: int, args) -> subprocess.Popen:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "kad", "serve", str(model), "--port", str(port),
-         "--max-wait-ms", str(args.max_wait_ms), "--max-upload-mb", "4",
-         "--max-concurrent", str(4 * args.clients)],
-        env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start_server(model: Path, port: int, args, log: Path) -> subprocess.Popen:
+    """``kad serve`` in a child process, its log (one line per request) in ``log``."""
+    with open(log, "w") as sink:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "kad", "serve", str(model), "--port", str(port),
+             "--max-wait-ms", str(args.max_wait_ms), "--max-upload-mb", "4",
+             "--max-concurrent", str(4 * args.clients)],
+            env=_env(), stdout=subprocess.DEVNULL, stderr=sink)
     import httpx2
 
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise SystemExit(f"kad serve stopped: {server.stderr.read()[-2000:]}")
+            raise SystemExit(f"kad serve stopped: {log.read_text()[-2000:]}")
         try:
             if httpx2.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return server
@@ -221,6 +227,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--score-images", type=int, default=256,
+                        help="images kad score's throughput is measured on (the sent ones, "
+                             "repeated)")
     parser.add_argument("--smoke", action="store_true", help="2 clients x 4 requests, 32 px")
     parser.add_argument("--score-child", help=argparse.SUPPRESS)
     parser.add_argument("--total", type=int, help=argparse.SUPPRESS)
@@ -245,19 +254,23 @@ def main() -> None:
         print(f"model: MobileNetV2-0.35, weights {Path(weights).name}, {args.image_size} px, "
               f"batch {args.batch_size}, fitted on {args.n_fit} images; sending {len(files)} "
               f"{where}; {os.cpu_count()} CPUs, shared with other jobs")
-        before = kad_score(model, files, total)
+        score_total = min(total, args.score_images)
+        before = kad_score(model, files, score_total)
         port = free_port()
-        server = start_server(model, port, args)
+        say(f"kad score: {before['images'] / before['seconds']:.1f} img/s; starting kad serve")
+        server = start_server(model, port, args, work / "serve.log")
         try:
             good, _, seconds = asyncio.run(load(port, files, before["scores"], args.clients,
                                                 args.requests))
+            say(f"load phase: {len(good)} requests in {seconds:.0f} s; now with malformed "
+                "uploads")
             mixed_good, mixed_bad, mixed_seconds = asyncio.run(load(
                 port, files, before["scores"], args.clients, max(1, args.requests // 4),
                 bad_clients=args.clients))
         finally:
             server.terminate()
             server.wait(30)
-        after = kad_score(model, files, total)
+        after = kad_score(model, files, score_total)
     score_rate = statistics.median([before["images"] / before["seconds"],
                                     after["images"] / after["seconds"]])
     plain, mixed = summary(good, seconds), summary(mixed_good, mixed_seconds)

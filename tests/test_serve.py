@@ -77,7 +77,7 @@ def test_scores_are_those_of_kad_score_in_the_order_sent(served):
             "scored", row.p_value, row.flagged)
     assert images[0]["score"] > images[1]["score"]  # the speckled one is more anomalous
     assert images[2]["status"] == "unreadable" and "PNG" in images[2]["reason"]
-    assert "score" not in images[2]
+    assert images[2]["score"] is None and images[0]["reason"] is None
 
 
 def test_the_pixel_limit_applies_to_uploads_as_to_files(served, monkeypatch):

@@ -44,7 +44,9 @@ log = logging.getLogger("kad.serve")
 
 
 class ImageScore(BaseModel):
-    """One image's ``scores.csv`` fields (score and p-value blank unless scored)."""
+    """One image's ``scores.csv`` fields: null where its cell is blank (score, p-value and
+    flagged unless scored, the p-value of a model without calibration images, the reason
+    of a scored image); the heatmap only when asked for."""
 
     file: str
     status: str
@@ -155,7 +157,7 @@ def create_app(scorer: BatchScorer, settings: ServeSettings, name: str) -> FastA
         """The model: backbone, blocks, detector, threshold and its guarantee."""
         return info
 
-    @app.post("/score", response_model=ScoreAnswer, response_model_exclude_none=True,
+    @app.post("/score", response_model=ScoreAnswer, response_model_exclude_unset=True,
               responses=_REFUSALS, openapi_extra=_BODY)
     async def score(request: Request, heatmap: bool = False):
         """Score one or several images, one form part named ``image`` each: for each, in
