@@ -173,6 +173,7 @@ MALFORMED = ("not multipart", "truncated JPEG", "over the size limit", "unexpect
 
 
 async def bad_client(http, url: str, sample: bytes, n: int, offset: int, out: list) -> None:
+    over = sample * (5 * 2**20 // len(sample) + 1)  # just over the service's 4 MiB
     for k in range(n):
         kind = MALFORMED[(offset + k) % len(MALFORMED)]
         if kind == "not multipart":
@@ -182,7 +183,7 @@ async def bad_client(http, url: str, sample: bytes, n: int, offset: int, out: li
             answer = await http.post(url, files=[("image", ("cut.jpg", sample[:len(sample) // 2],
                                                             "image/jpeg"))])
         elif kind == "over the size limit":
-            answer = await http.post(url, files=[("image", ("big.jpg", sample * 4096,
+            answer = await http.post(url, files=[("image", ("big.jpg", over,
                                                             "image/jpeg"))])
         else:
             answer = await http.post(url, files=[("photo", ("a.jpg", sample, "image/jpeg"))])
