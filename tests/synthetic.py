@@ -44,3 +44,29 @@ def multi_photo_folder(root: Path, n_patients: int = 40, photos: int = 4, size: 
             cv2.imwrite(str(root / "normal" / f"{p:03d}_{k}.png"),
                         np.clip(image, 0, 255).astype(np.uint8))
     return root
+
+
+def dicom_photograph(path: Path, rgb: np.ndarray, patient: str | None = None, *,
+                     photometric: str = "RGB") -> Path:
+    """Write the ``(H, W, 3)`` ``uint8`` RGB array ``rgb`` (or an ``(H, W)`` grey one, with
+    ``photometric`` MONOCHROME1/2) as an uncompressed DICOM ophthalmic photograph, with
+    ``patient`` as its PatientID (needs pydicom: the ``dicom`` extra)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    photography = "1.2.840.10008.5.1.4.1.1.77.1.5.1"  # Ophthalmic Photography 8 Bit Image
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = photography
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = photography
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "OP"
+    if patient is not None:
+        ds.PatientID = patient
+    ds.set_pixel_data(np.ascontiguousarray(rgb), photometric_interpretation=photometric,
+                      bits_stored=8 * np.dtype(rgb.dtype).itemsize)
+    ds.save_as(path, enforce_file_format=True)
+    return path

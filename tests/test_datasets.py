@@ -512,11 +512,11 @@ def test_real_cifar10_tar_subset(tmp_path: Path):
 
 def test_a_broken_symlink_in_a_folder_is_a_named_skip(folder_dir: Path):
     (folder_dir / "normal" / "gone.png").symlink_to(folder_dir / "nowhere.png")
-    (folder_dir / "normal" / "scan.dcm").write_bytes(bytes(64))
+    (folder_dir / "normal" / "scan.heic").write_bytes(bytes(64))
     ds = load_dataset("folder:kind=natural", folder_dir)
     skipped = dict(ds.skipped)
     assert "broken symbolic link" in skipped[str(folder_dir / "normal" / "gone.png")]
-    assert "unsupported image format .dcm" in skipped[str(folder_dir / "normal" / "scan.dcm")]
+    assert "unsupported image format .heic" in skipped[str(folder_dir / "normal" / "scan.heic")]
     assert len(ds) == 5
     summary = ds.summary()
     assert "gone.png" in summary and "skipped 3 file(s)" in summary and ".skipped" not in summary

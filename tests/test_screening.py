@@ -118,7 +118,7 @@ def test_score_accounts_for_every_file_it_is_given(work, tmp_path):
     for path in good:
         shutil.copy(path, folder / path.name)
     (folder / "scan.gif").write_bytes(b"GIF89a" + bytes(40))
-    (folder / "scan.dcm").write_bytes(bytes(200))
+    (folder / "scan.heic").write_bytes(bytes(200))
     (folder / "notes.txt").write_text("hello")
     (folder / ".DS_Store").write_bytes(bytes(8))
     (folder / "gone.png").symlink_to(tmp_path / "nowhere.png")
@@ -128,14 +128,14 @@ def test_score_accounts_for_every_file_it_is_given(work, tmp_path):
     out = tmp_path / "out"
     result = _kad("score", work / "model.kad", folder, extra, "--out", out)
     rows = {r["file"].rsplit("/", 1)[-1]: r for r in _read_scores(out / "scores.csv")}
-    assert set(rows) == {p.name for p in good} | {"scan.gif", "scan.dcm", "notes.txt",
+    assert set(rows) == {p.name for p in good} | {"scan.gif", "scan.heic", "notes.txt",
                                                    ".DS_Store", "gone.png", "tiny.png",
                                                    "flat.png", "missing.jpg"}
     assert {rows[p.name]["status"] for p in good} == {"scored"}
     assert rows["gone.png"]["status"] == "skipped" and "broken symbolic link" in rows[
         "gone.png"]["reason"]
     assert "unsupported image format .gif" in rows["scan.gif"]["reason"]
-    assert "unsupported image format .dcm" in rows["scan.dcm"]["reason"]
+    assert "unsupported image format .heic" in rows["scan.heic"]["reason"]
     assert rows["tiny.png"]["status"] == "unreadable" and "1x1" in rows["tiny.png"]["reason"]
     assert rows["flat.png"]["status"] == "unreadable" and "one flat colour" in rows[
         "flat.png"]["reason"]
@@ -505,3 +505,29 @@ def test_threshold_rewrites_the_model_only_with_in_place(work, tmp_path):
     _kad("threshold", model, "--fpr", "0.3", "--in-place")
     assert load_pipeline(model).threshold.method == "conformal"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.kad"]  # no lock, no temp
+
+
+def test_dicom_photographs_are_scored_as_their_png_twins(work, tmp_path):
+    """The same pixels as DICOM files (RGB, with a PatientID) and as PNG files get the same
+    scores from one model, in one run."""
+    pytest.importorskip("pydicom")
+    import cv2
+
+    from synthetic import dicom_photograph
+
+    picked = [p for sub in ("normal", "abnormal")
+              for p in sorted((work / "new" / sub).glob(f"{sub}*.png"))[:3]]
+    for path in picked:
+        (tmp_path / "png").mkdir(exist_ok=True)
+        (tmp_path / "dicom").mkdir(exist_ok=True)
+        shutil.copy(path, tmp_path / "png" / path.name)
+        rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        dicom_photograph((tmp_path / "dicom" / path.name).with_suffix(".dcm"), rgb, "P1")
+    out = tmp_path / "out"
+    _kad("score", work / "model.kad", tmp_path / "png", tmp_path / "dicom", "--out", out)
+    scores = {}
+    for row in _read_scores(out / "scores.csv"):
+        name = row["file"].replace("\\", "/").rsplit("/", 1)[-1]
+        scores.setdefault(name.rsplit(".", 1)[0], {})[name.rsplit(".", 1)[1]] = row["score"]
+    assert len(scores) == 6
+    assert all(pair["dcm"] == pair["png"] != "" for pair in scores.values()), scores

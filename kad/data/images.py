@@ -38,6 +38,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from kad.data import dicom
 from kad.errors import ImageReadError
 
 __all__ = [
@@ -99,13 +100,16 @@ _TRAILING_PADDING = b"\x00 \t\r\n"
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` has an extension in :data:`IMAGE_EXTENSIONS` (case-insensitive).
+    """Whether ``path`` has an extension in :data:`IMAGE_EXTENSIONS` or
+    :data:`kad.data.dicom.DICOM_EXTENSIONS` (case-insensitive).
 
     Only the name is looked at, never the content. macOS "AppleDouble" companions
     (``._photo.jpg``), which are metadata and not images, are not image files.
     """
     name = Path(path).name
-    return not name.startswith("._") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+    suffix = Path(name).suffix.lower()
+    return not name.startswith("._") and (suffix in IMAGE_EXTENSIONS
+                                          or suffix in dicom.DICOM_EXTENSIONS)
 
 
 def read_image(path: str | os.PathLike, *, min_side: int | None = None) -> np.ndarray:
@@ -113,7 +117,8 @@ def read_image(path: str | os.PathLike, *, min_side: int | None = None) -> np.nd
 
     Grey images become three equal channels, an alpha channel is composited on black,
     16-bit images are scaled to 8 bits, floating-point images are clipped to [0, 1] and
-    scaled to 255. The EXIF orientation (tag 274), where there is one, is applied.
+    scaled to 255. The EXIF orientation (tag 274), where there is one, is applied. A DICOM
+    file is decoded by :func:`kad.data.dicom.decode_dicom`.
 
     ``min_side``: the caller needs an image whose shorter side is at least this many
     pixels. A JPEG whose shorter side is at least 2, 4 or 8 times that is then decoded at
@@ -131,11 +136,14 @@ def read_image(path: str | os.PathLike, *, min_side: int | None = None) -> np.nd
 def decode_image(data: bytes, path: str | os.PathLike, *,
                  min_side: int | None = None) -> np.ndarray:
     """Decode an image file's bytes, already in memory (an upload), exactly as
-    :func:`read_image` decodes the file: same checks, limits, conversions and orientation.
-    ``path`` only names the image in messages; nothing is read from it or written to it.
-    An empty ``data`` raises :class:`~kad.errors.ImageReadError` too."""
+    :func:`read_image` decodes the file: same checks, limits, conversions and orientation,
+    DICOM included (known by its ``DICM`` marker or a ``.dcm`` name). ``path`` only names
+    the image in messages; nothing is read from it or written to it. An empty ``data``
+    raises :class:`~kad.errors.ImageReadError` too."""
     if not data:
         raise ImageReadError(path, "it is empty (0 bytes)")
+    if dicom.is_dicom(path, data):
+        return dicom.decode_dicom(data, path, max_image_pixels())
     _check_complete(path, data)
     size, orientation = _header(data)
     flags = cv2.IMREAD_UNCHANGED

@@ -210,7 +210,7 @@ def list_image_files(folder: Path) -> tuple[list[Path], list[tuple[str, str]]]:
 
 #: Image formats that kad does not decode, named as such rather than as "not an image".
 _OTHER_IMAGE_FORMATS = frozenset({
-    ".gif", ".dcm", ".dicom", ".heic", ".heif", ".avif", ".exr", ".svg", ".ico", ".psd",
+    ".gif", ".heic", ".heif", ".avif", ".exr", ".svg", ".ico", ".psd",
     ".raw", ".dng", ".nef", ".cr2", ".cr3", ".arw", ".orf", ".jxl", ".emf", ".wmf",
 })
 
@@ -219,18 +219,21 @@ def skip_reason(path: str | os.PathLike) -> str | None:
     """Why the file ``path`` is not an image kad can read, or None when it may be one.
 
     Only the name and the link are looked at, never the content: a broken symbolic link,
-    or a name whose extension is not among :data:`kad.data.images.IMAGE_EXTENSIONS`."""
+    a name whose extension is not among :data:`kad.data.images.IMAGE_EXTENSIONS`, or a
+    DICOM file (``.dcm``, ``.dicom``) where the ``dicom`` extra is not installed."""
+    from kad.data.dicom import is_dicom, missing_reason
     from kad.data.images import broken_link, is_image_file
 
     broken = broken_link(path)
     if broken:
         return broken
     if is_image_file(path):
-        return None
+        return missing_reason() if is_dicom(path) else None
     suffix = Path(path).suffix.lower()
     if suffix in _OTHER_IMAGE_FORMATS:
         return (f"unsupported image format {suffix}: kad reads JPEG, PNG, TIFF, BMP, WebP, "
-                "JPEG 2000 and PNM files; convert it to PNG or JPEG")
+                "JPEG 2000, PNM and (with the dicom extra) DICOM files; convert it to PNG "
+                "or JPEG")
     return f"not an image file ({suffix or 'no extension'})"
 
 

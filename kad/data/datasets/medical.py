@@ -7,7 +7,8 @@
   an anomaly.
 * ``folder``: ``normal/`` and ``abnormal/`` subfolders, optionally ``patients.csv``.
 
-Only file names and sizes are looked at here; images are decoded later.
+Only file names and sizes are looked at here (and the PatientID in DICOM headers); images
+are decoded later.
 """
 
 from __future__ import annotations
@@ -383,12 +384,25 @@ def patients_from_names(ids, pattern: str) -> list[str]:
     return patients
 
 
+def dicom_patients(paths: list[Path], ids: list[str]) -> list[str] | None:
+    """The patient of every image from the PatientID of its DICOM header, or None when no
+    image is a DICOM file with a PatientID. An image without one (not DICOM, or a blank
+    PatientID) is a patient of its own, named by its id (as when no image has one)."""
+    from kad.data.dicom import is_dicom, patient_id
+
+    found = [patient_id(path) if is_dicom(path) else None for path in paths]
+    if not any(found):
+        return None
+    return [value or ident for value, ident in zip(found, ids, strict=True)]
+
+
 def load_folder(data_dir: str | os.PathLike | None = None, kind: str = "fundus",
                 patient_pattern: str | None = None) -> Dataset:
     """Images in ``normal/`` and ``abnormal/`` (or ``anomaly/``, ``anomalous/``), searched
     recursively; ``abnormal/`` may be absent (a normal-only set to fit a screening model).
     An optional ``patients.csv`` (``image,patient``) gives patient ids, or
-    ``patient_pattern`` derives them from the file names (:func:`patients_from_names`)."""
+    ``patient_pattern`` derives them from the file names (:func:`patients_from_names`);
+    without either, DICOM files give theirs from their PatientID (:func:`dicom_patients`)."""
     if kind not in ("fundus", "natural"):
         raise DatasetOptionError(f"folder dataset kind must be 'fundus' or 'natural', got {kind!r}")
     root = check_data_dir(data_dir, "folder", "a folder with normal/ and abnormal/ subfolders")
@@ -435,7 +449,8 @@ def load_folder(data_dir: str | os.PathLike | None = None, kind: str = "fundus",
         target=targets,
         anomaly=[t == "abnormal" for t in targets],
         patient=(patients_from_names(ids, patient_pattern) if patient_pattern
-                 else _patients(patients_csv, ids, names) if patients_csv else None),
+                 else _patients(patients_csv, ids, names) if patients_csv
+                 else dicom_patients(paths, ids)),
         kind=kind,
         skipped=skipped,
         class_order=("normal", "abnormal"),
