@@ -253,3 +253,17 @@ def test_an_upload_decodes_as_its_file_does(served, tmp_path):
         decode_image(data[:len(data) // 2], "cut.jpg")
     with pytest.raises(ImageReadError, match="empty"):
         decode_image(b"", "none.jpg")
+
+
+def test_a_dicom_photograph_is_scored_as_kad_score_scores_its_file(served):
+    from pathlib import Path
+
+    from kad.data.datasets import FileSource
+
+    pydicom = pytest.importorskip("pydicom")
+    shipped = Path(pydicom.__file__).parent / "data" / "test_files" / "SC_rgb_rle.dcm"
+    answer = _client(served).post("/score", files=[
+        ("image", ("photo", shipped.read_bytes(), "application/dicom"))])  # known by DICM
+    image = answer.json()["images"][0]
+    assert image["status"] == "scored", image
+    assert image["score"] == served[0].score(FileSource([shipped])).scores[0]
