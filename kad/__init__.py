@@ -16,6 +16,7 @@ The package is laid out by floor, each importing only from the floors below it:
 ``kad.detectors``   the detector contract and the base class of deep detectors
 ``kad.screening``   fitting, the fitted pipeline, thresholds, calibration, selection,
                     heatmaps, the report and the screening workflow
+``kad.serve``       one fitted model as an HTTP service (``kad serve``; the ``serve`` extra)
 ``kad.cli``         the command line: parses, calls one function above, renders
 ==================  =====================================================================
 

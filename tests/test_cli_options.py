@@ -32,7 +32,7 @@ def _import_all(*packages: str) -> None:
 # Every module a command reaches is imported before any test patches a name: a module first
 # imported under a patch would keep the recorder for good if it binds the name at import
 # time (``from .common import Workbench``), and later tests would run against it.
-_import_all("kad.cli", "kad.screening", "kad_recipes")
+_import_all("kad.cli", "kad.screening", "kad.serve", "kad_recipes")
 
 
 class Captured(Exception):
@@ -72,6 +72,7 @@ CALLS: dict[tuple[str, ...], list[str]] = {
     ("score",): ["kad.screening.workflow:screen"],
     ("threshold",): ["kad.screening.workflow:set_threshold"],
     ("explain",): ["kad.screening.pipeline:load_pipeline", "kad.screening.heatmaps:explain_file"],
+    ("serve",): ["kad.serve.app:serve"],
     ("cache", "list"): ["kad.features.cache:list_entries"],
     ("cache", "verify"): ["kad.features.cache:resolve_entry!", "kad.features.cache:list_entries"],
     ("cache", "remove"): ["kad.features.cache:remove_entries"],

@@ -132,7 +132,7 @@ def test_importing_the_library_pulls_in_neither_the_command_line_nor_the_recipes
 
 #: kad's floors, bottom first: a module may import from its own floor and those below.
 FLOORS = ("kad.errors", "kad.utils", "kad.registry", "kad.data", "kad.features",
-          "kad.detectors", "kad.screening", "kad.cli")
+          "kad.detectors", "kad.screening", "kad.serve", "kad.cli")
 
 
 def _floor(module: str) -> int | None:

@@ -1,6 +1,7 @@
 """Image files in, RGB ``uint8`` arrays out.
 
-Every image kad touches passes through :func:`read_image` (files) or :func:`to_rgb_uint8`
+Every image kad touches passes through :func:`read_image` (files; :func:`decode_image` for
+a file's bytes already in memory, such as an upload) or :func:`to_rgb_uint8`
 (arrays already in memory), so the rest of the library sees one thing only: an array of
 shape ``(height, width, 3)``, dtype ``uint8``, channels in **RGB** order.
 
@@ -46,6 +47,7 @@ __all__ = [
     "MIN_IMAGE_SIDE",
     "check_usable",
     "apply_orientation",
+    "decode_image",
     "is_image_file",
     "max_image_pixels",
     "read_image",
@@ -128,7 +130,18 @@ def read_image(path: str | os.PathLike, *, min_side: int | None = None) -> np.nd
     on the header, before decoding), or has a channel layout that is not grey,
     grey+alpha, colour or colour+alpha.
     """
-    data = _read_bytes(path)
+    return decode_image(_read_bytes(path), path, min_side=min_side)
+
+
+def decode_image(data: bytes, path: str | os.PathLike, *,
+                 min_side: int | None = None) -> np.ndarray:
+    """Decode an image file's bytes, already in memory (an upload), exactly as
+    :func:`read_image` decodes the file: same checks, limits, conversions and orientation,
+    DICOM included (known by its ``DICM`` marker or a ``.dcm`` name). ``path`` only names
+    the image in messages; nothing is read from it or written to it. An empty ``data``
+    raises :class:`~kad.errors.ImageReadError` too."""
+    if not data:
+        raise ImageReadError(path, "it is empty (0 bytes)")
     if dicom.is_dicom(path, data):
         return dicom.decode_dicom(data, path, max_image_pixels())
     _check_complete(path, data)

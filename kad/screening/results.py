@@ -131,25 +131,48 @@ def rank(pipeline: Pipeline, files: list[Path], result: Scores,
     return sorted(rows, key=lambda r: -r.score)
 
 
+#: The columns of ``scores.csv``, in order; ``label`` only when some image has one.
+SCORES_COLUMNS = ("file", "status", "score", "p_value", "flagged", "label", "reason")
+
+
+def score_record(row: ScoredImage | NotScored) -> dict:
+    """The fields of ``row``'s line in ``scores.csv`` (:data:`SCORES_COLUMNS`) as plain
+    values: numbers, booleans, strings, and None where the cell is blank. ``scores.csv``
+    is written from these, and ``kad serve`` answers with them."""
+    if isinstance(row, NotScored):
+        return {"file": str(row.file), "status": row.status, "score": None, "p_value": None,
+                "flagged": None, "label": None, "reason": row.reason}
+    return {"file": row.file, "status": SCORED, "score": row.score, "p_value": row.p_value,
+            "flagged": row.flagged, "label": row.label, "reason": None}
+
+
+def _csv_value(value) -> str:
+    from kad.utils.files import csv_cell
+
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return csv_cell(str(value)) if isinstance(value, str) else str(value)
+
+
 def write_scores_csv(path: Path, rows: list[ScoredImage], not_scored: list[NotScored]) -> Path:
     """One row per input: the scored images, most suspicious first, then every input that
-    was not scored, with its status and the reason. The p-value is the conformal one
-    (blank for a model without a calibration set). Written aside and renamed when complete
-    (:func:`kad.utils.files.atomic_write`); a file name or reason a spreadsheet would read
-    as a formula is escaped with a leading ``'`` (:func:`kad.utils.files.csv_cell`)."""
-    from kad.utils.files import atomic_write, csv_cell
+    was not scored, with its status and the reason (:func:`score_record`). The p-value is
+    the conformal one (blank for a model without a calibration set). Written aside and
+    renamed when complete (:func:`kad.utils.files.atomic_write`); a file name or reason a
+    spreadsheet would read as a formula is escaped with a leading ``'``
+    (:func:`kad.utils.files.csv_cell`)."""
+    from kad.utils.files import atomic_write
 
     with atomic_write(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         labelled = any(r.label is not None for r in rows)
-        writer.writerow(["file", "status", "score", "p_value", "flagged",
-                         *(["label"] if labelled else []), "reason"])
-        for r in rows:
-            p_value = "" if r.p_value is None else f"{r.p_value:.6g}"
-            writer.writerow([csv_cell(r.file), SCORED, f"{r.score:.6g}", p_value,
-                             "yes" if r.flagged else "no",
-                             *([("" if r.label is None else r.label)] if labelled else []), ""])
-        for other in not_scored:
-            writer.writerow([csv_cell(str(other.file)), other.status, "", "", "",
-                             *([""] if labelled else []), csv_cell(other.reason)])
+        columns = [c for c in SCORES_COLUMNS if c != "label" or labelled]
+        writer.writerow(columns)
+        for row in [*rows, *not_scored]:
+            record = score_record(row)
+            writer.writerow([_csv_value(record[c]) for c in columns])
     return path
