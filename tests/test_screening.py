@@ -464,12 +464,19 @@ def test_score_with_heatmaps_and_explain_draw_where_the_score_comes_from(work, t
     assert len(drawn) == 2 * len(new), drawn  # over the model input and over the photograph
     assert "heatmaps by gradient" in result.output  # kNN, the default, has a gradient
     assert "network passes" in result.output
+    arrays = sorted((out / "heatmaps").glob("*_map.npy"))
+    assert len(arrays) == len(new)  # the maps themselves, as arrays beside the overlays
+    for array in arrays:
+        heat = np.load(array, allow_pickle=False)
+        assert heat.dtype == np.float32 and heat.ndim == 2
+        assert array.with_suffix(".json").is_file()
     page = (out / "report.html").read_text()
     assert page.count('alt="heatmap as the model saw it"') == len(new)
     picture = tmp_path / "one.png"
     result = _kad("explain", work / "model.kad", new[0], "--out", picture, "--grid", "4",
                   "--original", tmp_path / "taken.png", "--heatmap-method", "occlusion")
     assert "map by occlusion, 17 network passes" in result.output
+    assert np.load(tmp_path / "one.npy").shape == cv2.imread(str(picture)).shape[:2]
     assert cv2.imread(str(picture)) is not None and cv2.imread(str(tmp_path / "taken.png")) \
         is not None
 
