@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import typer
 
-from kad.cli import cache, commands, screening
+from kad.cli import cache, commands, lesions, screening
 from kad.cli.render import note
 
 app = typer.Typer(
@@ -24,6 +24,7 @@ app = typer.Typer(
 )
 commands.register(app)
 screening.register(app)
+lesions.register(app)
 app.add_typer(cache.app, name="cache")
 
 
