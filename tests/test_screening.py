@@ -512,3 +512,37 @@ def test_threshold_rewrites_the_model_only_with_in_place(work, tmp_path):
     _kad("threshold", model, "--fpr", "0.3", "--in-place")
     assert load_pipeline(model).threshold.method == "conformal"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.kad"]  # no lock, no temp
+
+
+def test_lesions_measures_maps_on_masks_and_accounts_for_every_photograph(work, tmp_path):
+    import json
+    from pathlib import Path
+
+    import cv2
+
+    photos = sorted((work / "new" / "abnormal").glob("*.png"))[:3]
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for path in photos[:2]:  # the third has no mask
+        rows, cols = cv2.imread(str(path)).shape[:2]
+        for kind, (top, left) in (("EX", (8, 8)), ("OD", (30, 30))):
+            mask = np.zeros((rows, cols), np.uint8)
+            mask[top:top + 10, left:left + 10] = 255
+            cv2.imwrite(str(masks / f"{path.stem}_{kind}.png"), mask)
+    out = tmp_path / "out"
+    result = _kad("lesions", work / "model.kad", *photos, "--masks", masks,
+                  "--normals", work / "new" / "normal", "--out", out, "--runtime", "keras")
+    rows = _read_scores(out / "lesions.csv")
+    mine = {Path(r["image"]).name: r for r in rows}
+    assert [mine[p.name]["status"] for p in photos] == ["measured", "measured", "no mask"]
+    normal = [r for r in rows if Path(r["image"]).parent.name == "normal"]
+    assert sorted({r["status"] for r in normal}) == ["normal", "unreadable"]  # broken.png
+    assert len(rows) == 3 + len(list((work / "new" / "normal").iterdir()))
+    record = json.loads((out / "summary.json").read_text())
+    summary = record["summary"]
+    assert summary["n"] == 2 and 0 <= summary["image_auroc"] <= 1
+    assert summary["hits"] == sum(mine[p.name]["hit"] == "yes" for p in photos)
+    assert summary["misses"] == 2 - summary["hits"] == summary["misses_with_disc"]
+    assert record["photographs"]["by_status"] == {"measured": 2, "no mask": 1,
+                                                  "normal": len(normal) - 1, "unreadable": 1}
+    assert "strict pointing" in result.output and "not measured" in result.output
