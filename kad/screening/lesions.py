@@ -292,7 +292,7 @@ def measure_map(ident: str, heat: np.ndarray, truth: LesionTruth, *,
     lesion = _down(truth.lesion.astype(np.uint8), grid) > 0
     region = _down(fundus.astype(np.float32), grid) > 0.5
     labels = lesion[region]
-    result.lesion_share = float(labels.mean())
+    result.lesion_share = float(truth.lesion[fundus].mean())  # at the masks' resolution
     if labels.any() and not labels.all():
         from sklearn.metrics import roc_auc_score
 
