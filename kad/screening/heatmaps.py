@@ -49,12 +49,13 @@ Several blocks concatenated: each block's share is brought to the image's resolu
 (bilinear interpolation of its per-pixel density, corrected by a constant so its sum is
 kept) and the blocks are added, so maps of different resolutions make one map.
 
-The score of every image is computed from the same pooled outputs, in batches of the same
-size, as :meth:`kad.screening.pipeline.Pipeline.score`: a heatmap's :attr:`Heatmap.score` is that
+The score of every image is computed from the same pooled outputs as
+:meth:`kad.screening.pipeline.Pipeline.score`: a heatmap's :attr:`Heatmap.score` is that
 score, and a saved and reloaded pipeline gives identical maps.
 
 Images are explained in batches of at most the pipeline's batch size, none padded (Keras
-gives an image the same outputs whatever the batch; OpenVINO pads its own fixed slices),
+gives an image the same outputs whatever the batch, as the tests check; OpenVINO pads its
+own fixed slices),
 and a batch is closed early once the images it keeps for drawing reach
 :data:`HEATMAP_BATCH_BYTES`, so memory stays bounded whatever the photographs' size.
 
