@@ -156,7 +156,8 @@ def fit_and_map(spec: str, fit_files, scored_files, args, cache: str):
     began, cpu = time.perf_counter(), time.process_time()
     pipeline = fit_pipeline(dataset, backbone=args.backbone, weights=args.weights,
                             image_size=args.image_size, detector=spec,
-                            batch_size=args.batch_size, cache_dir=cache)
+                            representation=args.representation, batch_size=args.batch_size,
+                            cache_dir=cache, runtime=args.runtime)
     fit_s, fit_cpu = time.perf_counter() - began, time.process_time() - cpu
     # build and trace the networks before timing (the first photograph again after)
     list(iter_heatmaps(pipeline, FileSource(scored_files[:1]), keep_images=False))
@@ -183,6 +184,9 @@ def main(argv=None) -> None:
     parser.add_argument("--backbone", default="mobilenet_v2:alpha=0.35")
     parser.add_argument("--image-size", type=int, default=None,
                         help="network input size (default: kad's for fundus photographs)")
+    parser.add_argument("--representation", default="concat",
+                        help="blocks, as kad fit --representation (default: the detector's)")
+    parser.add_argument("--runtime", default="auto", help="auto, keras or openvino")
     parser.add_argument("--detector", action="append", default=None, metavar="SPEC",
                         help="NAME[:key=value,...], repeatable (default: knn, patchknn and "
                              "every registered detector that draws its own map)")
@@ -197,11 +201,12 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true",
                         help="3 lesion photographs, fit on 3 normals, 1 held out; kNN only, "
-                             "at 64 px")
+                             "at 64 px, on Keras")
     args = parser.parse_args(argv)
     if args.smoke:
         args.n_fit, args.n_lesion, args.eval_side = 3, 3, 128
         args.image_size = args.image_size or 64
+        args.runtime = "keras"  # no conversion to OpenVINO
         args.detector = args.detector or ["knn"]
 
     from kad.data.images import read_image
