@@ -20,7 +20,7 @@ Maps:
 * ``contrast``: no model, the local contrast of the green channel, the green channel minus
   its median blur (kernel ``kernel`` x the fundus diameter) on the photograph decoded at
   about ``side`` px wide, smoothed with a Gaussian of ``sigma`` px; bright spots rank
-  highest;
+  highest (``contrast:abs=1``: dark ones as high, by the absolute value);
 * every ``--detector NAME[:key=value,...]`` (repeatable; default: kNN, which draws its
   map by the gradient through the pooling, patch kNN, and every other registered detector
   that draws its own map), fitted with ``kad``'s defaults for fundus photographs
@@ -96,6 +96,8 @@ def baseline_map(name: str, rgb: np.ndarray, shape: tuple[int, int], rng, **opti
         green = small[..., 1]
         kernel = max(3, int(options.get("kernel", 1 / 20) * side * scale) | 1)
         contrast = green.astype(np.float32) - cv2.medianBlur(green, min(kernel, 255))
+        if options.get("abs", 0):  # dark spots (haemorrhages) as high as bright ones
+            contrast = np.abs(contrast)
         sigma = options.get("sigma", 2.0)
         if sigma > 0:
             contrast = cv2.GaussianBlur(contrast, (0, 0), sigma)
