@@ -481,39 +481,6 @@ def test_score_with_heatmaps_and_explain_draw_where_the_score_comes_from(work, t
         is not None
 
 
-def test_fit_picks_size_block_and_detector_on_the_selection_images_only(tmp_path):
-    screening_folder(tmp_path / "fit", n_normal=40, n_abnormal=16, seed=4)
-    model = tmp_path / "model.kad"
-    result = _kad("fit", "--dataset", "folder:kind=natural", "--data-dir", tmp_path / "fit",
-                  "--backbone", "mobilenet_v2:alpha=0.35", "--weights", "none",
-                  "--preprocessing", "natural", "--image-size", "32,48",
-                  "--detector", "iforest:n_estimators=20,knn", "--out", model)
-    pipeline = load_pipeline(model)
-    selection = pipeline.training["selection"]
-    picked = selection["picked_candidate"]
-    candidates = selection["candidates"]
-    assert {c["size"] for c in candidates} == {"32", "48"}
-    assert {c["detector"] for c in candidates} == {"iforest:n_estimators=20", "knn"}
-    best = max(c["validation_auroc"] for c in candidates)
-    assert selection["picked_selection_auroc"] == best
-    assert pipeline.image_size == picked["sizes"][0]
-    assert f"picked {picked['label']}" in result.output
-    assessed = pipeline.assessed()  # measured on images the pick never saw
-    assert assessed is not None and assessed.honest
-
-
-def test_threshold_rewrites_the_model_only_with_in_place(work, tmp_path):
-    model = tmp_path / "model.kad"
-    shutil.copy(work / "model.kad", model)
-    before = model.read_bytes()
-    refused = runner.invoke(app, ["threshold", str(model), "--fpr", "0.3"])
-    assert refused.exit_code == 1 and "--in-place" in refused.output
-    assert model.read_bytes() == before
-    _kad("threshold", model, "--fpr", "0.3", "--in-place")
-    assert load_pipeline(model).threshold.method == "conformal"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.kad"]  # no lock, no temp
-
-
 def test_lesions_measures_maps_on_masks_and_accounts_for_every_photograph(work, tmp_path):
     import json
     from pathlib import Path
@@ -546,3 +513,36 @@ def test_lesions_measures_maps_on_masks_and_accounts_for_every_photograph(work, 
     assert record["photographs"]["by_status"] == {"measured": 2, "no mask": 1,
                                                   "normal": len(normal) - 1, "unreadable": 1}
     assert "strict pointing" in result.output and "not measured" in result.output
+
+
+def test_fit_picks_size_block_and_detector_on_the_selection_images_only(tmp_path):
+    screening_folder(tmp_path / "fit", n_normal=40, n_abnormal=16, seed=4)
+    model = tmp_path / "model.kad"
+    result = _kad("fit", "--dataset", "folder:kind=natural", "--data-dir", tmp_path / "fit",
+                  "--backbone", "mobilenet_v2:alpha=0.35", "--weights", "none",
+                  "--preprocessing", "natural", "--image-size", "32,48",
+                  "--detector", "iforest:n_estimators=20,knn", "--out", model)
+    pipeline = load_pipeline(model)
+    selection = pipeline.training["selection"]
+    picked = selection["picked_candidate"]
+    candidates = selection["candidates"]
+    assert {c["size"] for c in candidates} == {"32", "48"}
+    assert {c["detector"] for c in candidates} == {"iforest:n_estimators=20", "knn"}
+    best = max(c["validation_auroc"] for c in candidates)
+    assert selection["picked_selection_auroc"] == best
+    assert pipeline.image_size == picked["sizes"][0]
+    assert f"picked {picked['label']}" in result.output
+    assessed = pipeline.assessed()  # measured on images the pick never saw
+    assert assessed is not None and assessed.honest
+
+
+def test_threshold_rewrites_the_model_only_with_in_place(work, tmp_path):
+    model = tmp_path / "model.kad"
+    shutil.copy(work / "model.kad", model)
+    before = model.read_bytes()
+    refused = runner.invoke(app, ["threshold", str(model), "--fpr", "0.3"])
+    assert refused.exit_code == 1 and "--in-place" in refused.output
+    assert model.read_bytes() == before
+    _kad("threshold", model, "--fpr", "0.3", "--in-place")
+    assert load_pipeline(model).threshold.method == "conformal"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.kad"]  # no lock, no temp
