@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KAGGLE_DR, need
+from conftest import KAGGLE_DR, MOBILENET_WEIGHTS, SHARED, need
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,3 +32,15 @@ def test_the_preprocessing_benchmark_runs_on_a_few_photographs():
 def test_the_patch_knn_benchmark_runs_in_smoke_mode():
     out = _run("patch_knn.py", "--smoke")
     assert "patch kNN (exact)" in out and "fitting, exact" in out
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_the_lesion_benchmark_runs_in_smoke_mode():
+    data = need(SHARED / "data" / "idrid-lesions")
+    out = _run("lesions.py", "--smoke", "--data-dir", str(data),
+               "--weights", str(need(MOBILENET_WEIGHTS)))
+    table = out[out.index("heatmap from"):]
+    for row in ("chance", "centre", "contrast", "knn (gradient"):
+        assert f"\n{row}" in table, out
+    assert "strict pointing" in table and "AUPRO" in table

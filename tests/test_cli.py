@@ -146,3 +146,27 @@ def test_an_unwritable_out_folder_stops_score_before_any_work(tmp_path):
     result = runner.invoke(app, ["score", str(tmp_path / "model.kad"), str(tmp_path),
                                  "--out", str(blocker / "sub")])
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+
+
+def test_the_image_size_help_states_the_size_kad_picks(tmp_path):
+    from kad.data.datasets import load_dataset
+    from kad.features.backbones import get_backbone
+    from kad.features.extraction import default_input_size
+    from synthetic import screening_folder
+
+    root = screening_folder(tmp_path, n_normal=2, n_abnormal=1, size=32)
+    backbone = get_backbone("mobilenet_v2:alpha=0.35")
+    fundus = default_input_size(load_dataset("folder", root), backbone)
+    native = default_input_size(load_dataset("folder:kind=natural", root), backbone)
+    assert (fundus, native) != (native, native)  # folders of fundus photographs differ
+    commands = typer_commands()
+    for name in ("fit", "extract"):
+        helps = [p.help for p in commands[name].params if p.name == "image_size"]
+        assert f"{fundus} for fundus photographs" in helps[0], helps
+        assert "folder:kind=natural" in helps[0] and "native size" in helps[0]
+
+
+def typer_commands():
+    import typer
+
+    return typer.main.get_command(app).commands

@@ -73,6 +73,7 @@ CALLS: dict[tuple[str, ...], list[str]] = {
     ("threshold",): ["kad.screening.workflow:set_threshold"],
     ("explain",): ["kad.screening.pipeline:load_pipeline", "kad.screening.heatmaps:explain_file"],
     ("serve",): ["kad.serve.app:serve"],
+    ("lesions",): ["kad.screening.lesions:measure_lesions"],
     ("cache", "list"): ["kad.features.cache:list_entries"],
     ("cache", "verify"): ["kad.features.cache:resolve_entry!", "kad.features.cache:list_entries"],
     ("cache", "remove"): ["kad.features.cache:remove_entries"],

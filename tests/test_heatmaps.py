@@ -386,3 +386,62 @@ def test_heatmaps_run_on_the_runtime_asked_for_and_agree_across_runtimes(data, m
             assert a.method == b.method == method
             assert b.score == pytest.approx(a.score, rel=1e-4, abs=1e-4)
             np.testing.assert_allclose(b.map, a.map, atol=1e-4 * np.abs(a.map).max())
+
+
+def test_the_map_is_written_as_an_array_with_its_place_on_the_photograph(tmp_path):
+    import json
+
+    from kad.screening.heatmaps import save_overlays, write_map
+
+    heat = np.random.default_rng(0).normal(size=(16, 16)).astype(np.float32)
+    found = Heatmap("a/eye.jpeg", 2.5, "gradient", heat, box=(10, -4, 24, 24),
+                    original_shape=(20, 40), seen=np.full((16, 16, 3), 0.5, np.float32),
+                    original=np.zeros((20, 40, 3), np.uint8))
+    path = write_map(found, tmp_path / "eye.npy")
+    loaded = np.load(path, allow_pickle=False)
+    assert loaded.dtype == np.float32
+    np.testing.assert_array_equal(loaded, heat)
+    sidecar = json.loads(path.with_suffix(".json").read_text())
+    assert sidecar["box"] == {"left": 10, "top": -4, "width": 24, "height": 24}
+    assert sidecar["box_fraction"]["left"] == pytest.approx(0.25)
+    assert sidecar["decoded_shape"] == [20, 40] and sidecar["score"] == 2.5
+    # the sidecar's box and the array give back the map on the photograph
+    again = Heatmap("x", 0.0, "gradient", loaded,
+                    box=tuple(sidecar["box"][k] for k in ("left", "top", "width", "height")),
+                    original_shape=tuple(sidecar["decoded_shape"]))
+    np.testing.assert_array_equal(again.on_original(), found.on_original())
+    # two photographs of one name in different folders never share a file
+    other = Heatmap("b/eye.jpeg", 1.0, "gradient", heat * 2, box=found.box,
+                    original_shape=found.original_shape, seen=found.seen)
+    first = save_overlays(found, tmp_path / "out")
+    second = save_overlays(other, tmp_path / "out")
+    assert first.map != second.map and first.map.name.startswith("eye")
+    np.testing.assert_array_equal(np.load(second.map), heat * 2)
+    with pytest.raises(KadError, match=".npy"):
+        write_map(found, tmp_path / "eye.png")
+
+
+@pytest.mark.tf
+def test_heatmap_batches_are_not_padded_and_bounded_in_memory(data, monkeypatch):
+    from kad.data.datasets import FileSource
+    from kad.features import runtime
+    from kad.screening import heatmaps
+    from kad.screening.heatmaps import explain
+
+    sizes = []
+    monkeypatch.setattr(runtime.KerasRuntime, "predict", lambda self, batch, _p=(
+        runtime.KerasRuntime.predict): (sizes.append(len(batch)), _p(self, batch))[1])
+    pipeline = _fit(data, "knn", "block_5_add")  # batch size 8
+    files = FileSource(data[2][:3])
+    sizes.clear()
+    whole = explain(pipeline, files)
+    assert sizes == [3]  # the network runs on the 3 images, not on 8 with 5 blank
+    # a batch closes once the images it keeps reach the budget: here one image each
+    monkeypatch.setattr(heatmaps, "HEATMAP_BATCH_BYTES", 1)
+    sizes.clear()
+    alone = explain(pipeline, files)
+    assert sizes == [1, 1, 1]
+    for a, b in zip(whole, alone, strict=True):
+        assert a.score == b.score
+        np.testing.assert_array_equal(a.map, b.map)
+    np.testing.assert_array_equal([m.score for m in whole], pipeline.score(files).scores)

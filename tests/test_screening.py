@@ -464,14 +464,55 @@ def test_score_with_heatmaps_and_explain_draw_where_the_score_comes_from(work, t
     assert len(drawn) == 2 * len(new), drawn  # over the model input and over the photograph
     assert "heatmaps by gradient" in result.output  # kNN, the default, has a gradient
     assert "network passes" in result.output
+    arrays = sorted((out / "heatmaps").glob("*_map.npy"))
+    assert len(arrays) == len(new)  # the maps themselves, as arrays beside the overlays
+    for array in arrays:
+        heat = np.load(array, allow_pickle=False)
+        assert heat.dtype == np.float32 and heat.ndim == 2
+        assert array.with_suffix(".json").is_file()
     page = (out / "report.html").read_text()
     assert page.count('alt="heatmap as the model saw it"') == len(new)
     picture = tmp_path / "one.png"
     result = _kad("explain", work / "model.kad", new[0], "--out", picture, "--grid", "4",
                   "--original", tmp_path / "taken.png", "--heatmap-method", "occlusion")
     assert "map by occlusion, 17 network passes" in result.output
+    assert np.load(tmp_path / "one.npy").shape == cv2.imread(str(picture)).shape[:2]
     assert cv2.imread(str(picture)) is not None and cv2.imread(str(tmp_path / "taken.png")) \
         is not None
+
+
+def test_lesions_measures_maps_on_masks_and_accounts_for_every_photograph(work, tmp_path):
+    import json
+    from pathlib import Path
+
+    import cv2
+
+    photos = sorted((work / "new" / "abnormal").glob("*.png"))[:3]
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for path in photos[:2]:  # the third has no mask
+        rows, cols = cv2.imread(str(path)).shape[:2]
+        for kind, (top, left) in (("EX", (8, 8)), ("OD", (30, 30))):
+            mask = np.zeros((rows, cols), np.uint8)
+            mask[top:top + 10, left:left + 10] = 255
+            cv2.imwrite(str(masks / f"{path.stem}_{kind}.png"), mask)
+    out = tmp_path / "out"
+    result = _kad("lesions", work / "model.kad", *photos, "--masks", masks,
+                  "--normals", work / "new" / "normal", "--out", out, "--runtime", "keras")
+    rows = _read_scores(out / "lesions.csv")
+    mine = {Path(r["image"]).name: r for r in rows}
+    assert [mine[p.name]["status"] for p in photos] == ["measured", "measured", "no mask"]
+    normal = [r for r in rows if Path(r["image"]).parent.name == "normal"]
+    assert sorted({r["status"] for r in normal}) == ["normal", "unreadable"]  # broken.png
+    assert len(rows) == 3 + len(list((work / "new" / "normal").iterdir()))
+    record = json.loads((out / "summary.json").read_text())
+    summary = record["summary"]
+    assert summary["n"] == 2 and 0 <= summary["image_auroc"] <= 1
+    assert summary["hits"] == sum(mine[p.name]["hit"] == "yes" for p in photos)
+    assert summary["misses"] == 2 - summary["hits"] == summary["misses_with_disc"]
+    assert record["photographs"]["by_status"] == {"measured": 2, "no mask": 1,
+                                                  "normal": len(normal) - 1, "unreadable": 1}
+    assert "strict pointing" in result.output and "not measured" in result.output
 
 
 def test_fit_picks_size_block_and_detector_on_the_selection_images_only(tmp_path):

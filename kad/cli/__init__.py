@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import typer
 
-from kad.cli import cache, commands, screening, serve
+from kad.cli import cache, commands, lesions, screening, serve
 from kad.cli.render import note
 
 app = typer.Typer(
@@ -25,6 +25,7 @@ app = typer.Typer(
 commands.register(app)
 screening.register(app)
 serve.register(app)
+lesions.register(app)
 app.add_typer(cache.app, name="cache")
 
 

@@ -8,7 +8,13 @@ from typing import Annotated
 
 import typer
 
-from kad.utils.settings import MAX_BATCH_SIZE, MAX_IMAGE_SIZE, MIN_BATCH_SIZE, MIN_IMAGE_SIZE
+from kad.utils.settings import (
+    FUNDUS_INPUT_SIZE,
+    MAX_BATCH_SIZE,
+    MAX_IMAGE_SIZE,
+    MIN_BATCH_SIZE,
+    MIN_IMAGE_SIZE,
+)
 
 DatasetOpt = Annotated[str, typer.Option(
     "--dataset", "-d",
@@ -20,13 +26,16 @@ BackboneOpt = Annotated[str, typer.Option(
     "--backbone", "-b", help="NAME[:key=value,...], e.g. mobilenet_v2:alpha=0.35.")]
 WeightsOpt = Annotated[str, typer.Option(
     "--weights", "-w", help="imagenet (Keras download and cache), none, or a weights file.")]
+#: What --image-size defaults to: kad.features.extraction.default_input_size.
+_SIZE_DEFAULT = (f"{FUNDUS_INPUT_SIZE} for fundus photographs (dr, rop and folder datasets, "
+                 "unless folder:kind=natural), else the backbone's native size")
 ImageSizeOpt = Annotated[int | None, typer.Option(
     "--image-size", min=MIN_IMAGE_SIZE, max=MAX_IMAGE_SIZE,
-    help="Network input size in px (default: the backbone's native size).")]
+    help=f"Network input size in px (default: {_SIZE_DEFAULT}).")]
 ImageSizesOpt = Annotated[str | None, typer.Option(
     "--image-size", help="Network input size(s) in px, e.g. 224 or 224,448: features are "
-                         "extracted and cached per size (default: the backbone's native "
-                         "size).")]
+                         "extracted and cached per size (default: "
+                         f"{_SIZE_DEFAULT}).")]
 PreprocessingOpt = Annotated[str | None, typer.Option(
     "--preprocessing", help="natural or fundus[:key=value,...] (default: by dataset); "
                             "fundus:size=input preprocesses at the network's input size.")]

@@ -158,7 +158,9 @@ def score(
     ray_address: RayAddressOpt = None,
     heatmaps: Annotated[bool, typer.Option(
         "--heatmaps", help="Also draw, for every scored image, where the score comes from: "
-                           "overlays in OUT/heatmaps/ and in the report.")] = False,
+                           "overlays in OUT/heatmaps/ and in the report, and each "
+                           "map itself as a float32 .npy array with a .json sidecar "
+                           "saying where it lies on the photograph.")] = False,
     heatmap_method: HeatmapMethodOpt = "auto",
     grid: GridOpt = 8,
     steps: StepsOpt = 16,
@@ -228,7 +230,8 @@ def explain(
     model: ModelArg,
     image: Annotated[Path, typer.Argument(help="The image file to explain.")],
     out_path: Annotated[Path, typer.Option(
-        "--out", "-o", help="PNG of the heatmap over the image as the model saw it.")] = Path(
+        "--out", "-o", help="PNG of the heatmap over the image as the model saw it; the "
+                            "map itself goes beside it (.npy, float32, and .json).")] = Path(
         "explain.png"),
     original: Annotated[Path | None, typer.Option(
         "--original", help="Also write the heatmap over the photograph as taken here.")] = None,
@@ -255,7 +258,9 @@ def explain(
     if e.explained is not None:
         line += f"; the map sums to {e.attributed:.4g} of {e.explained:.4g} explained"
     say(line)
-    say(f"wrote {e.seen_png}" + (f" and {e.original_png}" if e.original_png else ""))
+    say(f"wrote {e.seen_png}" + (f", {e.original_png}" if e.original_png else "")
+        + (f" and the map itself, {e.map_npy} (with {e.map_npy.with_suffix('.json').name})"
+           if e.map_npy else ""))
 
 
 def register(app: typer.Typer) -> None:

@@ -37,6 +37,7 @@ from kad.features.cache import (
     entry_path,
 )
 from kad.utils.progress import Progress, task
+from kad.utils.settings import FUNDUS_INPUT_SIZE
 
 
 @dataclass
@@ -71,10 +72,6 @@ def default_preprocessing(dataset) -> str:
 MAX_UPSCALE = 10
 
 
-#: Fundus photographs go through the network at this size by default: the best without
-#: labels in ``benchmarks/evidence.py`` (MobileNetV2-0.35, ImageNet, Kaggle DR grade 0 vs
-#: 4): kNN gains 4.3 AUROC points at 448 px over 224 px.
-FUNDUS_INPUT_SIZE = 448
 
 
 def default_input_size(dataset, backbone: Backbone) -> int:

@@ -49,9 +49,18 @@ Several blocks concatenated: each block's share is brought to the image's resolu
 (bilinear interpolation of its per-pixel density, corrected by a constant so its sum is
 kept) and the blocks are added, so maps of different resolutions make one map.
 
-The score of every image is computed from the same pooled outputs, in batches of the same
-size, as :meth:`kad.screening.pipeline.Pipeline.score`: a heatmap's :attr:`Heatmap.score` is that
+The score of every image is computed from the same pooled outputs as
+:meth:`kad.screening.pipeline.Pipeline.score`: a heatmap's :attr:`Heatmap.score` is that
 score, and a saved and reloaded pipeline gives identical maps.
+
+Images are explained in batches of at most the pipeline's batch size, none padded (Keras
+gives an image the same outputs whatever the batch, as the tests check; OpenVINO pads its
+own fixed slices),
+and a batch is closed early once the images it keeps for drawing reach
+:data:`HEATMAP_BATCH_BYTES`, so memory stays bounded whatever the photographs' size.
+
+Every map can be written as an array (:func:`write_map`): ``.npy`` float32 over the image
+as the model saw it, with a JSON sidecar stating where that square lies on the photograph.
 
 The network runs on the pipeline's runtime (the one its features were computed with), or
 the one ``runtime`` names (:mod:`kad.features.runtime`): on OpenVINO the models that give
@@ -81,6 +90,7 @@ __all__ = [
     "OVERLAY_MAX_SIDE",
     "Explained",
     "Heatmap",
+    "HEATMAP_BATCH_BYTES",
     "HeatmapRun",
     "OverlayFiles",
     "choose_method",
@@ -95,6 +105,7 @@ __all__ = [
     "save_overlays",
     "to_image_resolution",
     "write_heatmaps",
+    "write_map",
     "write_overlay",
 ]
 
@@ -102,6 +113,9 @@ METHODS = ("auto", "gradient", "occlusion", "detector")
 #: Overlays on the photograph are drawn, and photographs kept for them, with their longest
 #: side at most this many pixels: a 10,000 px photograph gives a 2048 px overlay.
 OVERLAY_MAX_SIDE = 2048
+#: A batch of heatmaps is closed once the images it keeps (as the model saw them, and the
+#: photographs bounded by OVERLAY_MAX_SIDE for drawing) reach this many bytes.
+HEATMAP_BATCH_BYTES = 256 * 2**20
 DEFAULT_GRID = 8
 DEFAULT_STEPS = 16
 OCCLUSION_FILL = 0.5
@@ -198,11 +212,13 @@ def bounded(image: np.ndarray, max_side: int | None = None) -> np.ndarray:
 
 @dataclass
 class OverlayFiles:
-    """PNG files of one heatmap: over the image as the model saw it, and over the original
-    photograph."""
+    """Files of one heatmap: PNG overlays over the image as the model saw it and over the
+    original photograph, and the map itself (:func:`write_map`: ``.npy`` and its ``.json``
+    sidecar)."""
 
     seen: Path
     original: Path | None
+    map: Path | None = None
 
 
 @dataclass
@@ -327,7 +343,8 @@ class _Explainer:
 
     def _run(self, network, images: np.ndarray) -> list[np.ndarray]:
         """``network`` (a runtime or a Keras model) on ``images`` in [0, 1], in batches of
-        exactly ``batch_size`` (the last one padded), as the pipeline runs it."""
+        at most ``batch_size``, none padded: the network runs only on images that are
+        there."""
         from kad.features.runtime import as_runtime
 
         runner = as_runtime(network)
@@ -335,11 +352,7 @@ class _Explainer:
         bs = self.batch_size
         for start in range(0, len(images), bs):
             batch = images[start:start + bs]
-            n = len(batch)
-            if n < bs:
-                batch = np.concatenate([batch, np.zeros((bs - n, *batch.shape[1:]),
-                                                        dtype=batch.dtype)])
-            outs.append([o[:n] for o in runner.predict(self.backbone.preprocess(batch))])
+            outs.append(list(runner.predict(self.backbone.preprocess(batch))))
         return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
 
     def _inputs(self, images: np.ndarray) -> np.ndarray:
@@ -452,20 +465,34 @@ def _load(explainer, source, index: int, size: int):
     return seen, box, rgb.shape[:2], bounded(rgb)
 
 
-def _heatmaps(explainer, source, ids, size, bs, keep_images, update) -> Iterator[Heatmap]:
-    for start in range(0, len(source), bs):
-        stop = min(start + bs, len(source))
+def _batches(explainer, source, size, bs, keep_images):
+    """``(start, stop, loaded, failed)``: consecutive images loaded, at most ``bs`` of them
+    and, once the images kept reach :data:`HEATMAP_BATCH_BYTES`, no more."""
+    start = 0
+    while start < len(source):
         loaded: list[tuple[int, np.ndarray, tuple, tuple, np.ndarray | None]] = []
         failed: dict[int, str] = {}
-        for index in range(start, stop):
+        held = 0
+        index = start
+        while index < len(source) and index - start < bs and held < HEATMAP_BATCH_BYTES:
             try:
                 seen, box, shape, kept = _load(explainer, source, index, size)
             except ImageReadError as exc:
                 failed[index] = exc.reason
-                continue
-            loaded.append((index, seen, box, shape, kept if keep_images else None))
+            else:
+                kept = kept if keep_images else None
+                held += seen.nbytes + (0 if kept is None else kept.nbytes)
+                loaded.append((index, seen, box, shape, kept))
+            index += 1
+        yield start, index, loaded, failed
+        start = index
+
+
+def _heatmaps(explainer, source, ids, size, bs, keep_images, update) -> Iterator[Heatmap]:
+    for start, stop, loaded, failed in _batches(explainer, source, size, bs, keep_images):
         results = explainer.batch(np.stack([x[1] for x in loaded])) if loaded else []
         made = {x[0]: (x, r) for x, r in zip(loaded, results, strict=True)}
+        loaded.clear()  # each image is held by ``made`` alone, until it is handed out
         for index in range(start, stop):
             if index in failed:
                 yield Heatmap(ids[index], float("nan"), explainer.method, None,
@@ -546,18 +573,66 @@ def write_overlay(heatmap: Heatmap, path: str | Path, on: str = "seen") -> Path:
     return _write_png(path, overlay(image, back, vmax=float(back.max())))
 
 
+def write_map(heatmap: Heatmap, path: str | Path) -> Path:
+    """Write the map itself to ``path`` (``.npy``, float32, ``(size, size)`` over the image
+    as the model saw it, score units per pixel of the map) and, beside it with the suffix
+    ``.json``, where that square lies on the photograph: ``box`` ``(left, top, width,
+    height)`` in the pixels of the photograph as decoded (``decoded_shape``, height and
+    width: a large JPEG is decoded reduced) and ``box_fraction``, the same box in
+    fractions of the photograph's width and height, which hold at any resolution. Map
+    pixel ``(i, j)`` covers ``x`` from ``left + j * width / size`` to ``left + (j + 1) *
+    width / size`` and ``y`` likewise with ``top``, ``height`` and ``i``
+    (:meth:`Heatmap.on_original` applies it). Both files are written aside and renamed
+    when complete; returns the ``.npy`` path."""
+    import io
+    import json
+
+    from kad.utils.files import write_bytes, write_text
+
+    if heatmap.map is None:
+        raise KadError(f"{heatmap.id} has no heatmap: {heatmap.error}")
+    path = Path(path)
+    if path.suffix != ".npy":
+        raise KadError(f"a map is written as .npy, got {path.name!r}")
+    heat = np.ascontiguousarray(heatmap.map, dtype=np.float32)
+    sidecar = {"image": heatmap.id, "score": float(heatmap.score), "method": heatmap.method,
+               "map_shape": list(heat.shape), "dtype": "float32",
+               "units": "score per pixel of the map (positive raises the score)"}
+    if heatmap.explained is not None:
+        sidecar["explained"] = float(heatmap.explained)
+    if heatmap.box is not None and heatmap.original_shape is not None:
+        left, top, width, height = (int(v) for v in heatmap.box)
+        rows, cols = (int(v) for v in heatmap.original_shape)
+        sidecar.update(
+            decoded_shape=[rows, cols],
+            box={"left": left, "top": top, "width": width, "height": height},
+            box_fraction={"left": left / cols, "top": top / rows, "width": width / cols,
+                          "height": height / rows},
+            transform="map pixel (i, j) covers x in [left + j*width/W, left + (j+1)*width/W) "
+                      "and y in [top + i*height/H, top + (i+1)*height/H) of the photograph, "
+                      "W, H the map's width and height; outside the box the map is 0")
+    buffer = io.BytesIO()
+    np.save(buffer, heat, allow_pickle=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes(path, buffer.getvalue())
+    write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=1) + "\n")
+    return path
+
+
 def save_overlays(heatmap: Heatmap, out_dir: str | Path, stem: str | None = None,
                   ) -> OverlayFiles:
-    """Write ``STEM_seen.png`` (the map over the image as the model saw it) and
-    ``STEM_original.png`` (mapped back over the original photograph) into ``out_dir``.
-    ``stem`` defaults to the image's name and a hash of its id (unique per id)."""
+    """Write ``STEM_seen.png`` (the map over the image as the model saw it),
+    ``STEM_original.png`` (mapped back over the original photograph) and the map itself,
+    ``STEM_map.npy`` with ``STEM_map.json`` (:func:`write_map`), into ``out_dir``.
+    ``stem`` defaults to the image's name and a hash of its id (unique per id: two
+    ``eye.jpeg`` of different folders never share a file)."""
     out = Path(out_dir)
     stem = stem or _stem(heatmap.id)
     seen = write_overlay(heatmap, out / f"{stem}_seen.png", "seen")
     original = None
     if heatmap.original is not None and heatmap.box is not None:
         original = write_overlay(heatmap, out / f"{stem}_original.png", "original")
-    return OverlayFiles(seen, original)
+    return OverlayFiles(seen, original, write_map(heatmap, out / f"{stem}_map.npy"))
 
 
 def write_heatmaps(pipeline, source, ids: Sequence[str] | None, out_dir: str | Path, *,
@@ -607,6 +682,7 @@ class Explained:
     attributed: float  # the map's sum
     seen_png: Path
     original_png: Path | None
+    map_npy: Path | None = None  # the map itself, beside seen_png (write_map)
 
 
 def explain_file(pipeline, image: str | Path, out: str | Path, *,
@@ -614,8 +690,9 @@ def explain_file(pipeline, image: str | Path, out: str | Path, *,
                  grid: int = DEFAULT_GRID, steps: int = DEFAULT_STEPS,
                  weights: str | None = None, runtime: str | None = None) -> Explained:
     """Explain one image file: the overlay on the image as the model saw it goes to
-    ``out``, and, with ``original``, the overlay on the photograph goes there. An
-    unreadable image raises :class:`~kad.errors.ImageReadError`."""
+    ``out``, the map itself beside it (``out`` with the suffix ``.npy``, and its ``.json``
+    sidecar: :func:`write_map`), and, with ``original``, the overlay on the photograph
+    goes there. An unreadable image raises :class:`~kad.errors.ImageReadError`."""
     from kad.data.datasets import FileSource
 
     found = explain(pipeline, FileSource([Path(image)]), [str(image)], method=method,
@@ -624,11 +701,12 @@ def explain_file(pipeline, image: str | Path, out: str | Path, *,
         raise ImageReadError(image, found.error or "unreadable")
     seen = write_overlay(found, out, "seen")
     back = write_overlay(found, original, "original") if original is not None else None
+    array = write_map(found, Path(out).with_suffix(".npy"))
     return Explained(
         str(image), found.score, bool(pipeline.flag(np.array([found.score]))[0]),
         float(pipeline.threshold.value), float(pipeline.percentile(np.array([found.score]))[0]),
         found.method, found.forward_passes, found.peak, int(found.map.shape[0]),
-        found.explained, float(found.map.astype(np.float64).sum()), seen, back)
+        found.explained, float(found.map.astype(np.float64).sum()), seen, back, array)
 
 
 # ----------------------------------------------------------------------- evaluation

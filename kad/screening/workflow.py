@@ -307,7 +307,8 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
 
         run.heatmaps.files = {
             key: replace(f, seen=stage.final(f.seen),
-                         original=None if f.original is None else stage.final(f.original))
+                         original=None if f.original is None else stage.final(f.original),
+                         map=None if f.map is None else stage.final(f.map))
             for key, f in run.heatmaps.files.items()}
     return run
 
