@@ -58,7 +58,7 @@ class PatchKNNDetector(BaseDetector):
     block's number of channels, in order (:meth:`for_representation`; None: all channels
     are one block). The detector keeps a memory
     bank of at most ``bank_size`` location vectors, drawn uniformly at random with
-    ``random_state`` (PatchCore draws a greedy coreset instead; uniform draws keep fitting
+    ``random_state`` (``sampling="random"``, the default: uniform draws keep fitting
     linear in the number of images). A block of more than ``max_dims`` channels is first
     projected onto ``max_dims`` random Gaussian directions (distances kept within a few
     percent, by the Johnson-Lindenstrauss lemma, as PatchCore projects for its coreset).
@@ -70,6 +70,18 @@ class PatchKNNDetector(BaseDetector):
     anomaly is how many typical spreads above an ordinary location it lies, at every
     scale together, so that a block with wider features does not drown the others. An
     image's score is its largest location anomaly.
+
+    Three options shape what "normal" means for small lesions on photographs of one kind
+    (fundus photographs cropped around the fundus): ``sampling="coreset"`` draws the bank
+    by greedy k-centre instead (PatchCore's coreset: each next vector is the training
+    location farthest from those kept, so rare normal locations, such as the optic disc,
+    stay in a small bank; chosen among at most 200,000 locations, on 32 random
+    directions); ``aggregate`` (odd, 1 by default) replaces each location's features by
+    the mean of its ``aggregate`` x ``aggregate`` neighbourhood on the stacked grid, as
+    PatchCore aggregates; ``position`` (0 by default) appends the location's two
+    coordinates relative to the grid's centre, weighted so that crossing half the grid
+    costs ``position`` typical feature spreads of the block (``position_scale_``): a
+    structure then counts as normal only where normal images have it.
 
     Its heatmap is its own (:meth:`explain_maps`): the location anomalies, whose maximum
     *is* the score; ordinary locations are near or below zero.
