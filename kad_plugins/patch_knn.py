@@ -27,6 +27,12 @@ _BATCH_ROWS = 1 << 16
 #: while building it and while searching it
 _HNSW_M, _HNSW_EF_CONSTRUCTION, _HNSW_EF = 16, 100, 64
 INDEXES = ("exact", "hnsw")
+#: how the bank is drawn from the training locations
+SAMPLINGS = ("random", "coreset")
+#: the greedy coreset is chosen among at most this many training locations (drawn
+#: uniformly first: a kind of location as rare as one in this many is still offered) and
+#: measures distances on at most ``_CORESET_DIMS`` random directions, as PatchCore does
+_CORESET_POOL, _CORESET_DIMS = 200_000, 32
 #: threads searching tiles at once, at most
 _MAX_WORKERS = 8
 
@@ -52,7 +58,7 @@ class PatchKNNDetector(BaseDetector):
     block's number of channels, in order (:meth:`for_representation`; None: all channels
     are one block). The detector keeps a memory
     bank of at most ``bank_size`` location vectors, drawn uniformly at random with
-    ``random_state`` (PatchCore draws a greedy coreset instead; uniform draws keep fitting
+    ``random_state`` (``sampling="random"``, the default: uniform draws keep fitting
     linear in the number of images). A block of more than ``max_dims`` channels is first
     projected onto ``max_dims`` random Gaussian directions (distances kept within a few
     percent, by the Johnson-Lindenstrauss lemma, as PatchCore projects for its coreset).
@@ -64,6 +70,18 @@ class PatchKNNDetector(BaseDetector):
     anomaly is how many typical spreads above an ordinary location it lies, at every
     scale together, so that a block with wider features does not drown the others. An
     image's score is its largest location anomaly.
+
+    Three options shape what "normal" means for small lesions on photographs of one kind
+    (fundus photographs cropped around the fundus): ``sampling="coreset"`` draws the bank
+    by greedy k-centre instead (PatchCore's coreset: each next vector is the training
+    location farthest from those kept, so rare normal locations, such as the optic disc,
+    stay in a small bank; chosen among at most 200,000 locations, on 32 random
+    directions); ``aggregate`` (odd, 1 by default) replaces each location's features by
+    the mean of its ``aggregate`` x ``aggregate`` neighbourhood on the stacked grid, as
+    PatchCore aggregates; ``position`` (0 by default) appends the location's two
+    coordinates relative to the grid's centre, weighted so that crossing half the grid
+    costs ``position`` typical feature spreads of the block (``position_scale_``): a
+    structure then counts as normal only where normal images have it.
 
     Its heatmap is its own (:meth:`explain_maps`): the location anomalies, whose maximum
     *is* the score; ordinary locations are near or below zero.
@@ -94,7 +112,8 @@ class PatchKNNDetector(BaseDetector):
     retired_params = ("verbose",)
 
     def __init__(self, n_neighbors=1, bank_size=50000, block_channels=None, max_dims=128,
-                 random_state=0, contamination=0.1, index="exact"):
+                 random_state=0, contamination=0.1, index="exact", sampling="random",
+                 aggregate=1, position=0.0):
         self.n_neighbors = n_neighbors
         self.bank_size = bank_size
         self.block_channels = block_channels
@@ -102,6 +121,9 @@ class PatchKNNDetector(BaseDetector):
         self.random_state = random_state
         self.contamination = contamination
         self.index = index
+        self.sampling = sampling
+        self.aggregate = aggregate
+        self.position = position
 
     @staticmethod
     def _slices(widths) -> list[slice]:
@@ -109,14 +131,39 @@ class PatchKNNDetector(BaseDetector):
         return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
     def _project(self, maps: np.ndarray) -> np.ndarray:
-        """``maps`` (..., c) with each block of more than ``max_dims`` channels projected
-        onto its ``max_dims`` random Gaussian directions (``projections_``)."""
+        """``maps`` (..., h, w, c) as the bank holds them: each location's features
+        averaged over its ``aggregate`` x ``aggregate`` neighbourhood, each block of more
+        than ``max_dims`` channels projected onto its ``max_dims`` random Gaussian
+        directions (``projections_``), and with ``position`` > 0 the location's two
+        coordinates appended to every block (``position_scale_``)."""
+        maps = _neighbourhood_mean(np.asarray(maps, dtype=np.float32), int(self.aggregate))
+        coordinates = _coordinates(maps.shape[-3:-1]) if self.position else None
         parts = []
-        for channels, projection in zip(self._slices(self.input_widths_), self.projections_,
-                                        strict=True):
+        for b, (channels, projection) in enumerate(zip(
+                self._slices(self.input_widths_), self.projections_, strict=True)):
             part = maps[..., channels]
             parts.append(part if projection is None else part @ projection.T)
+            if coordinates is not None:
+                parts.append(np.broadcast_to(coordinates * self.position_scale_[b],
+                                             (*part.shape[:-1], 2)))
         return np.concatenate(parts, axis=-1).astype(np.float32)
+
+    def _position_scales(self, maps: np.ndarray) -> np.ndarray:
+        """Per block, ``position`` times the spread of the training locations' features
+        (the root of the sum of the channels' variances, after aggregation and
+        projection): a location at the fundus edge is, by its coordinates alone, about
+        ``position`` typical feature differences away from the centre."""
+        sample = maps.reshape(-1, maps.shape[-1])
+        rows = np.random.default_rng(self.random_state).choice(
+            len(sample), min(len(sample), 100_000), replace=False)
+        sample = sample[np.sort(rows)]
+        scales = []
+        for channels, projection in zip(self._slices(self.input_widths_), self.projections_,
+                                        strict=True):
+            part = sample[:, channels]
+            part = part if projection is None else part @ projection.T
+            scales.append(float(self.position) * float(np.sqrt(part.var(axis=0).sum())))
+        return np.asarray(scales)
 
     def _fit(self, X, y):  # noqa: ARG002 - y: BaseDetector's hook; unsupervised
         from sklearn.random_projection import GaussianRandomProjection
@@ -134,6 +181,16 @@ class PatchKNNDetector(BaseDetector):
             raise ValueError(f"index must be one of {INDEXES}, got {self.index!r}")
         if self.index == "hnsw":
             _import_hnswlib()
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if not (isinstance(self.aggregate, (int, np.integer)) and self.aggregate >= 1
+                and self.aggregate % 2 == 1):
+            raise ValueError(f"aggregate must be an odd positive integer (the side of the "
+                             f"neighbourhood averaged, e.g. 3), got {self.aggregate!r}")
+        if not (isinstance(self.position, (int, float, np.number))
+                and not isinstance(self.position, bool) and 0 <= self.position < np.inf):
+            raise ValueError(f"position must be a number >= 0 (the weight of a location's "
+                             f"coordinates, e.g. 1.0), got {self.position!r}")
         # Wide blocks are projected onto max_dims random directions, which keeps distances
         # within a few percent (Johnson-Lindenstrauss) at a fraction of the cost and size.
         self.input_widths_ = tuple(widths)
@@ -143,13 +200,21 @@ class PatchKNNDetector(BaseDetector):
                 random_state=None if self.random_state is None else self.random_state + b,
             ).fit(np.zeros((1, width))).components_.astype(np.float32)
             for b, width in enumerate(widths)]
-        self.dims_ = tuple(min(width, int(self.max_dims)) for width in widths)
+        extra = 2 if self.position else 0
+        self.dims_ = tuple(min(width, int(self.max_dims)) + extra for width in widths)
+        self.position_scale_ = (self._position_scales(
+            _neighbourhood_mean(np.asarray(X, dtype=np.float32), int(self.aggregate)))
+            if self.position else np.zeros(len(widths)))
         X = self._project(X)
         c = X.shape[-1]
         locations = X.reshape(-1, c)
         size = min(int(self.bank_size), len(locations))
-        keep = np.sort(np.random.default_rng(self.random_state).choice(
-            len(locations), size, replace=False))
+        if self.sampling == "coreset" and size < len(locations):
+            with self._task("patch kNN: choosing the coreset", size) as update:
+                keep = _greedy_coreset(locations, size, self.random_state, update)
+        else:
+            keep = np.sort(np.random.default_rng(self.random_state).choice(
+                len(locations), size, replace=False))
         # in image order: each image's vectors are one run of the bank
         self.bank_ = np.ascontiguousarray(locations[keep], dtype=np.float32)
         self.bank_image_ = (keep // (h * w)).astype(np.int64)
@@ -329,6 +394,14 @@ class PatchKNNDetector(BaseDetector):
         training, self._training = self._training, None  # computed by _fit, without
         return np.array([self._anomaly(d).max() for d in training])  # own-image matches
 
+    def set_fitted_state(self, state):
+        """As the base class does; a model saved before positions existed has none
+        (``position_scale_`` zeros)."""
+        state = dict(state)
+        if "position_scale_" not in state and isinstance(state.get("input_widths_"), tuple):
+            state["position_scale_"] = np.zeros(len(state["input_widths_"]))
+        super().set_fitted_state(state)
+
     def validate_fitted_state(self):
         """The blocks' widths add up to the maps' channels, each projection maps its block
         to ``dims_``, the bank is finite and as wide as the projected blocks, with at least
@@ -347,8 +420,17 @@ class PatchKNNDetector(BaseDetector):
                                     f"split the maps' {channels} channels")
         if not isinstance(self.projections_, list) or len(self.projections_) != len(widths):
             raise DamagedStateError("projections_ is not one projection per block")
+        extra = 2 if self.position else 0
+        scales = check_array_state("position_scale_", self.position_scale_,
+                                   shape=(len(widths),), kinds="f")
+        if (scales < 0).any():
+            raise DamagedStateError("position_scale_ has negative scales")
         for b, (width, dim, projection) in enumerate(zip(widths, dims, self.projections_,
                                                          strict=True)):
+            dim -= extra
+            if dim < 1:
+                raise DamagedStateError(f"dims_ {dims!r} leave no channels beside the "
+                                        "coordinates")
             if projection is None:
                 if dim != width:
                     raise DamagedStateError(f"block {b} is not projected but dims_ says {dim} "
@@ -376,6 +458,58 @@ class PatchKNNDetector(BaseDetector):
         """The location anomalies of one image's stacked maps ``x`` (:meth:`location_scores`),
         on their grid: their maximum is the score."""
         return self.location_scores(np.asarray(x, dtype=np.float32)).astype(np.float32)
+
+
+def _neighbourhood_mean(maps: np.ndarray, side: int) -> np.ndarray:
+    """Each location of ``maps`` (..., h, w, c) replaced by the mean of its ``side`` x
+    ``side`` neighbourhood (edges repeated), as PatchCore aggregates a patch's
+    neighbourhood; ``side`` 1 returns ``maps``."""
+    if side == 1:
+        return maps
+    from scipy.ndimage import uniform_filter
+
+    size = (1,) * (maps.ndim - 3) + (side, side, 1)
+    return uniform_filter(maps, size=size, mode="nearest")
+
+
+def _coordinates(side: tuple[int, int]) -> np.ndarray:
+    """``(h, w, 2)``: each location's row and column relative to the grid's centre, in
+    units of half the grid's side (-1 to 1 from edge to edge): for a fundus photograph
+    cropped square around the fundus, the place relative to the fundus centre."""
+    h, w = side
+    rows = (np.arange(h, dtype=np.float32) + 0.5) / h * 2 - 1
+    cols = (np.arange(w, dtype=np.float32) + 0.5) / w * 2 - 1
+    return np.stack(np.meshgrid(rows, cols, indexing="ij"), axis=-1)
+
+
+def _greedy_coreset(locations: np.ndarray, size: int, random_state, update) -> np.ndarray:
+    """Sorted rows of ``locations`` chosen by greedy k-centre (PatchCore's coreset): each
+    next row is the one farthest from those already chosen, so rare locations are kept
+    where a uniform draw drops them. The search runs among at most ``_CORESET_POOL`` rows
+    drawn uniformly, on at most ``_CORESET_DIMS`` random Gaussian directions, starting
+    from a row drawn with ``random_state``; ``update(chosen)`` reports progress."""
+    rng = np.random.default_rng(random_state)
+    pool = (np.arange(len(locations)) if len(locations) <= _CORESET_POOL
+            else np.sort(rng.choice(len(locations), _CORESET_POOL, replace=False)))
+    points = locations[pool]
+    if points.shape[1] > _CORESET_DIMS:
+        points = points @ (rng.normal(size=(points.shape[1], _CORESET_DIMS))
+                           / np.sqrt(_CORESET_DIMS)).astype(np.float32)
+    points = np.ascontiguousarray(points, dtype=np.float32)
+    norms = np.einsum("ij,ij->i", points, points)
+    chosen = np.empty(size, dtype=np.int64)
+    chosen[0] = int(rng.integers(len(points)))
+    nearest = np.full(len(points), np.inf, dtype=np.float32)
+    for i in range(size):
+        if i:
+            chosen[i] = int(np.argmax(nearest))
+        centre = points[chosen[i]]
+        # |x - c|² = |x|² - 2 x·c + |c|², one matrix-vector product per chosen row
+        np.minimum(nearest, norms - 2 * (points @ centre) + norms[chosen[i]], out=nearest)
+        nearest[chosen[i]] = -np.inf  # never chosen twice
+        if (i + 1) % 1000 == 0 or i + 1 == size:
+            update(i + 1)
+    return np.sort(pool[chosen])
 
 
 def _import_hnswlib():

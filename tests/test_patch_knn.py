@@ -413,3 +413,98 @@ def test_the_approximate_index_names_its_package_when_it_is_missing(monkeypatch)
         PatchKNNDetector(index="hnsw").fit(_maps(4, np.random.default_rng(13)))
     with pytest.raises(ValueError, match="index must be one of"):
         PatchKNNDetector(index="faiss").fit(_maps(4, np.random.default_rng(13)))
+
+
+# -- the options for lesions: neighbourhood, coreset, position -------------------------
+
+def _with_patch_lesion(maps, rng, size=3):
+    """Each map with a ``size`` x ``size`` patch pushed off the normal texture; its
+    centre."""
+    out, where = maps.copy(), []
+    for m in out:
+        r, c = (int(v) for v in rng.integers(1, m.shape[0] - size, size=2))
+        m[r:r + size, c:c + size] += 4.0 * np.sign(rng.normal(size=m.shape[-1]))
+        where.append((r + size // 2, c + size // 2))
+    return out, where
+
+
+@pytest.mark.parametrize("options", [{"aggregate": 3}, {"sampling": "coreset"},
+                                     {"position": 1.0},
+                                     {"aggregate": 3, "sampling": "coreset", "position": 0.5}])
+def test_each_lesion_option_finds_planted_lesions(options):
+    rng = np.random.default_rng(20)
+    train, normal = _maps(20, rng), _maps(10, rng)
+    abnormal, where = _with_patch_lesion(_maps(10, rng), rng)
+    det = PatchKNNDetector(bank_size=600, **options).fit(train)
+    y = np.r_[np.zeros(10), np.ones(10)]
+    assert roc_auc_score(y, det.anomaly_score(np.concatenate([normal, abnormal]))) > 0.95
+    peaks = [np.unravel_index(np.argmax(det.explain_maps(m)), m.shape[:2]) for m in abnormal]
+    off = [max(abs(int(p[0]) - r), abs(int(p[1]) - c)) for p, (r, c) in zip(peaks, where,
+                                                                           strict=True)]
+    assert np.mean(np.array(off) <= 1) >= 0.9
+
+
+def test_the_coreset_keeps_rare_normal_locations_that_a_uniform_draw_drops():
+    rng = np.random.default_rng(21)
+    train = _maps(30, rng)
+    rare = 5.0 * np.sign(rng.normal(size=8)).astype(np.float32)
+    for m in train[::10]:  # 3 locations of 4320
+        m[5, 5] = rare
+    test = _maps(8, rng)
+    test[:, 5, 5] = rare
+    uniform = PatchKNNDetector(bank_size=200).fit(train)
+    coreset = PatchKNNDetector(bank_size=200, sampling="coreset").fit(train)
+    assert np.linalg.norm(coreset.bank_ - rare, axis=1).min() < 1.0
+    assert np.linalg.norm(uniform.bank_ - rare, axis=1).min() > 5.0
+    at = np.array([[det.location_scores(m)[5, 5] for m in test] for det in (uniform, coreset)])
+    assert (at[1] < at[0]).all()
+    assert (np.diff(coreset.bank_image_) >= 0).all()  # in image order: own images set aside
+
+
+def test_position_makes_a_normal_structure_out_of_its_place_anomalous():
+    """A bright spot every normal image has at the left (as every fundus has its optic
+    disc) is ordinary there; on the right it is anomalous only when positions count."""
+    rng = np.random.default_rng(22)
+    disc = 4.0 * np.sign(rng.normal(size=8)).astype(np.float32)
+
+    def with_disc(n, col):
+        maps = _maps(n, rng)
+        maps[:, 5:7, col:col + 2] = disc
+        return maps
+
+    train, usual, moved = with_disc(30, 1), with_disc(10, 1), with_disc(10, 9)
+    y = np.r_[np.zeros(10), np.ones(10)]
+    test = np.concatenate([usual, moved])
+    plain = PatchKNNDetector(bank_size=2000).fit(train)
+    placed = PatchKNNDetector(bank_size=2000, position=1.0).fit(train)
+    assert roc_auc_score(y, plain.anomaly_score(test)) < 0.75
+    assert roc_auc_score(y, placed.anomaly_score(test)) > 0.95
+    assert placed.bank_.shape[1] == 8 + 2 and placed.dims_ == (10,)
+
+
+def test_lesion_options_are_deterministic_and_saved_models_score_as_in_memory(tmp_path):
+    from kad.detectors.base import load_detector
+
+    rng = np.random.default_rng(23)
+    train, test = _maps(12, rng), _with_patch_lesion(_maps(4, rng), rng)[0]
+    options = {"bank_size": 300, "aggregate": 3, "sampling": "coreset", "position": 0.5,
+               "block_channels": (3, 5)}
+    det = PatchKNNDetector(**options).fit(train)
+    again = PatchKNNDetector(**options).fit(train)
+    np.testing.assert_array_equal(det.bank_, again.bank_)
+    scores = det.anomaly_score(test)
+    np.testing.assert_array_equal(again.anomaly_score(test), scores)
+    loaded = load_detector(det.save(tmp_path / "lesions.kad"))
+    np.testing.assert_array_equal(loaded.anomaly_score(test), scores)
+    np.testing.assert_array_equal(loaded.explain_maps(test[0]), det.explain_maps(test[0]))
+    other = PatchKNNDetector(**{**options, "random_state": 1}).fit(train)
+    assert not np.array_equal(other.bank_, det.bank_)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"sampling": "kmeans"}, "sampling must be one of"),
+    ({"aggregate": 2}, "aggregate must be an odd positive integer"),
+    ({"position": -1.0}, "position must be a number >= 0")])
+def test_bad_lesion_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        PatchKNNDetector(**options).fit(_maps(4, np.random.default_rng(24)))
