@@ -23,6 +23,7 @@ from kad.screening.results import (
     NotScored,
     ScoredImage,
     collect_images,
+    display_names,
     match_labels,
     rank,
     read_labels,
@@ -260,6 +261,9 @@ class ScreeningRun:
     metrics: dict | None
     heatmaps: object = None  # kad.screening.heatmaps.HeatmapRun, with heatmaps
     replaced: list[Path] = field(default_factory=list)  # earlier files now replaced
+    # the batch against the calibration normals (kad.screening.shift.BatchShift); None
+    # for a model without them
+    shift: object = None
 
     @property
     def n_inputs(self) -> int:
@@ -321,6 +325,7 @@ def _screen(pipeline, model, inputs, out_dir: Path, *, labels, weights, engine, 
     """:func:`screen`'s work, writing into ``out_dir`` (the staging folder)."""
     from kad.data.datasets import FileSource
     from kad.screening.report import write_report
+    from kad.screening.shift import batch_shift
 
     files, not_scored = collect_images(inputs)
     if not files:
@@ -330,13 +335,15 @@ def _screen(pipeline, model, inputs, out_dir: Path, *, labels, weights, engine, 
                        + first_few(f"{Path(o.file).name} ({o.reason})" for o in not_scored))
     truth = match_labels(files, read_labels(Path(labels))) if labels else None
     ids = [str(f) for f in files]
-    drawn = None
+    drawn = sketches = None
     if heatmaps:
         from kad.screening.heatmaps import write_heatmaps
+        from kad.screening.report import HeatmapSketches
 
+        sketches = HeatmapSketches()
         drawn = write_heatmaps(pipeline, FileSource(files), ids, out_dir / "heatmaps",
                                method=heatmap_method, grid=grid, steps=steps, weights=weights,
-                               runtime=runtime, progress=progress)
+                               runtime=runtime, progress=progress, on_heatmap=sketches)
         result = drawn.scores
     elif engine == "ray":
         from kad.features.ray_engine import score_with_ray
@@ -349,12 +356,14 @@ def _screen(pipeline, model, inputs, out_dir: Path, *, labels, weights, engine, 
     rows = rank(pipeline, files, result, truth)
     not_scored = [NotScored(f, UNREADABLE, why) for f, why in result.failed.items()] + not_scored
     csv_path = write_scores_csv(out_dir / "scores.csv", rows, not_scored)
+    shift = batch_shift(pipeline, [r.score for r in rows])
     report, metrics = write_report(out_dir / "report.html", pipeline, rows,
                                    {o.file: o.reason for o in not_scored if o.status == UNREADABLE},
                                    [(o.file, o.reason) for o in not_scored
                                     if o.status != UNREADABLE], str(model),
-                                   heatmaps=drawn.files if drawn else None)
-    return ScreeningRun(rows, not_scored, csv_path, report, metrics, drawn)
+                                   heatmaps=sketches, names=display_names(files, inputs),
+                                   shift=shift, progress=progress)
+    return ScreeningRun(rows, not_scored, csv_path, report, metrics, drawn, shift=shift)
 
 
 # -- kad threshold -------------------------------------------------------------------------
