@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from browser import needs_browser
 from conftest import KAGGLE_DR, need
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,3 +33,10 @@ def test_the_preprocessing_benchmark_runs_on_a_few_photographs():
 def test_the_patch_knn_benchmark_runs_in_smoke_mode():
     out = _run("patch_knn.py", "--smoke")
     assert "patch kNN (exact)" in out and "fitting, exact" in out
+
+
+@needs_browser
+def test_the_report_benchmark_runs_in_smoke_mode():
+    out = _run("report.py", "--smoke")
+    assert "report of 90 images" in out and "load event at" in out
+    assert "command: python benchmarks/report.py" in out

@@ -76,13 +76,21 @@ def test_score_ranks_most_suspicious_first_and_lists_unreadable_files(work):
     auroc = roc_auc_score([int(r["label"]) for r in scored], scores)
     assert auroc > 0.9
     assert f"AUROC {auroc:.3f}" in result.output
+    # the batch against the calibration normals, in the report; on the console if unlike
+    from scipy.stats import ks_2samp
+
+    test = ks_2samp(scores, load_pipeline(work / "model.kad").calibration["scores"])
+    said = [line for line in result.output.splitlines() if line.startswith("batch:")]
+    assert len(said) == (test.pvalue < 0.01)
     page = (out / "report.html").read_text()
+    assert "Kolmogorov-Smirnov test of the scores of the 30 new images" in page
+    assert f"p = {test.pvalue:.2g}" in page
     assert f"{100 * auroc:.1f}%" in page
     assert not re.search(r"""(src|href)=["']?(https?:|//)""", page), "the report must be offline"
     # every picture is a file beside the page, each scored image with its two thumbnails
-    pictures = re.findall(r'src="(report_files/[^"]+)"', page)
-    assert len(pictures) == 2 + 2 * 30 and all((out / p).is_file() for p in pictures)
-    assert page.count('loading="lazy"') == 2 * 30
+    assert page.count('data-pics="tm"') == 30
+    assert all((out / "report_files" / f"{i:05d}{tag}.jpg").is_file()
+               for i in range(30) for tag in "tm")
     assert "broken.png" in page
 
 
@@ -170,6 +178,8 @@ def test_the_report_renders_in_a_headless_browser(work, browser):
                            ".map(i => i.src)")
     plots = page.locator(".plots img").count()  # the histogram, and the ROC with labels
     assert broken == [] and plots >= 1 and page.locator("img").count() == plots + 2 * len(scored)
+    lazy = page.evaluate("Array.from(document.images).filter(i => i.loading == 'lazy').length")
+    assert lazy == 2 * len(scored)
     page.close()
 
 
@@ -346,12 +356,16 @@ def test_the_report_shows_the_photograph_the_fit_and_the_p_values(calibrated, tm
     rows = rank(pipeline, files, result)
     path, _ = write_report(tmp_path / "report.html", pipeline, rows, {}, [], "model.kad")
     page = path.read_text()
-    assert page.count(': as taken"') == page.count(': model input"') == 10
+    assert page.count('data-pics="tm"') == 10  # as taken and model input, of each
     assert "How the threshold was set" in page and "conformal at false-positive rate 0.1" in page
     assert pipeline.threshold.details["guarantee"] in page
     assessed = pipeline.assessed()
     assert f"specificity (held out)</th><td>{assessed.specificity.text()}" in page
     assert f"{rows[0].p_value:.3g}" in page and "Worklist" in page
+    # the histogram shows the normals that set the threshold and the held-out images
+    n_cal = len(pipeline.calibration["scores"])
+    assert f"calibration normals: the {n_cal} normal images kept aside" in page
+    assert "held-out labelled images" in page and "training normals" not in page
     assert not re.search(r"""(src|href)=["']?(https?:|//)""", page)
 
 
@@ -439,7 +453,7 @@ def test_score_with_heatmaps_and_explain_draw_where_the_score_comes_from(work, t
     assert "heatmaps by gradient" in result.output  # kNN, the default, has a gradient
     assert "network passes" in result.output
     page = (out / "report.html").read_text()
-    assert page.count(': heatmap as the model saw it"') == len(new)
+    assert page.count('data-pics="tmhp"') == len(new)  # with both heatmaps
     picture = tmp_path / "one.png"
     result = _kad("explain", work / "model.kad", new[0], "--out", picture, "--grid", "4",
                   "--original", tmp_path / "taken.png", "--heatmap-method", "occlusion")
@@ -602,4 +616,15 @@ def test_the_case_report_names_each_file_by_its_path_and_calls_out_nothing(case_
     page = run.report.read_text()
     assert "sub1/x.jpeg" in page and "sub2/x.jpeg" in page and ">x.jpeg<" not in page
     assert run.shift is not None and "Kolmogorov-Smirnov" in page
-    assert page.count('<article class="card') == 6
+    assert page.count("data-pics=") == 6  # a row per image, a card drawn from each
+
+
+def test_a_batch_of_abnormal_images_is_called_out_in_one_line(case_report, calibrated):
+    _, root = case_report
+    out = root / "abnormal-batch"
+    result = _kad("score", root / "model.kad", calibrated[3] / "abnormal", "--out", out)
+    said = [line for line in result.output.splitlines() if line.startswith("batch:")]
+    assert len(said) == 1 and "does not look like the calibration normals" in said[0]
+    assert "Kolmogorov-Smirnov" in said[0]
+    page = (out / "report.html").read_text()
+    assert 'class="shift"' in page

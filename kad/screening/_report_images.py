@@ -11,6 +11,7 @@ glaring region look different.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,6 +102,7 @@ class HeatScale:
                          for i, (r, g, b) in enumerate(colours))
 
 
+@functools.cache
 def _lut() -> np.ndarray:
     import matplotlib
 
@@ -158,16 +160,28 @@ def thumbnails(pipeline, file: str) -> tuple[np.ndarray, np.ndarray] | None:
             np.clip(seen * 255.0 + 0.5, 0, 255).astype(np.uint8))
 
 
+def write_picture(path: Path, data: bytes) -> Path:
+    """Write one picture into the report's folder. The folder is new and the run's own (in
+    ``kad score``, inside the staging folder renamed into place at the end), so a picture
+    is written straight, not aside and synced one by one: thousands of them would spend
+    seconds in ``fsync``."""
+    from kad.utils.files import write_error
+
+    try:
+        Path(path).write_bytes(data)
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    return Path(path)
+
+
 def write_jpeg(path: Path, rgb: np.ndarray) -> Path:
     import cv2
-
-    from kad.utils.files import write_bytes
 
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
                            [cv2.IMWRITE_JPEG_QUALITY, 88])
     if not ok:
         raise ImageReadError(path, "could not be encoded as JPEG")
-    return write_bytes(path, buf.tobytes())
+    return write_picture(path, buf.tobytes())
 
 
 def histogram(path: Path, pipeline, rows) -> list[str]:
@@ -259,9 +273,7 @@ def _save(fig, path: Path) -> None:
 
     import matplotlib.pyplot as plt
 
-    from kad.utils.files import write_bytes
-
     buf = BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
-    write_bytes(path, buf.getvalue())
+    write_picture(path, buf.getvalue())

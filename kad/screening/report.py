@@ -56,7 +56,9 @@ td,th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:left;vertical-ali
 .plots{display:flex;flex-wrap:wrap;gap:16px}.plots img{max-width:100%;height:auto}
 .controls{display:flex;flex-wrap:wrap;gap:12px;align-items:center;margin:8px 0;font-size:13px}
 .worklist{max-height:60vh;overflow:auto;border:1px solid #ddd;max-width:100%}
-.worklist table{width:100%}.worklist thead th{position:sticky;top:0;background:#f4f4f4}
+.worklist table{width:100%;min-width:560px;table-layout:fixed}
+.worklist col.narrow{width:4.5em}.worklist col.value{width:7em}
+.worklist thead th{position:sticky;top:0;background:#f4f4f4}
 .worklist th button{font:inherit;font-weight:bold;border:0;background:none;padding:0;
  cursor:pointer}
 .worklist th[aria-sort=ascending] button::after{content:" ▲"}
@@ -77,40 +79,71 @@ tr.flag td:first-child{box-shadow:inset 4px 0 #d33}
 .card p{font-size:12px;margin:6px 0 0;overflow-wrap:anywhere}
 .colourbar{display:flex;align-items:center;gap:8px;font-size:12px;flex-wrap:wrap}
 .colourbar .bar{width:240px;max-width:60vw;height:14px;border:1px solid #999}
+#more{margin:12px 0;font:inherit}
 [hidden]{display:none!important}
 """
 
 _SCRIPT = """
 (function(){
  const body=document.querySelector('#worklist tbody'), cards=document.getElementById('cards');
- const rows=Array.from(body.rows), byId=new Map();
- for(const c of cards.children) byId.set(c.dataset.i,c);
- const q=document.getElementById('search'), only=document.getElementById('flagged-only');
- const count=document.getElementById('shown');
- let key='rank', dir=1;
+ const rows=Array.from(body.rows), q=document.getElementById('search');
+ const only=document.getElementById('flagged-only'), count=document.getElementById('shown');
+ const more=document.getElementById('more'), FOLDER=cards.dataset.folder, CHUNK=60;
+ const PICS={t:'as taken',m:'model input',h:'heatmap as the model saw it',
+  p:'heatmap on the photograph'};
+ let key='rank', dir=1, order=rows, drawn=0;
  const value={rank:r=>+r.dataset.rank, score:r=>+r.dataset.score, name:r=>r.dataset.name,
   p:r=>r.dataset.p===''?Infinity:+r.dataset.p};
+ function el(tag, cls){const e=document.createElement(tag); if(cls) e.className=cls; return e;}
+ function card(r){
+  const d=r.dataset, a=el('article','card'+(d.flag==='1'?' flag':'')), tags=d.pics.split('');
+  a.id='img-'+d.i; a.dataset.i=d.i; a.style.setProperty('--panels',Math.max(tags.length,1));
+  const h=el('h3'), link=el('a'); link.href='#row-'+d.i; link.title=d.file;
+  link.textContent=d.name; h.append(link);
+  const panels=el('div','panels');
+  for(const t of tags){
+   const f=el('figure'), img=el('img'), c=el('figcaption');
+   img.loading='lazy'; img.decoding='async'; img.width=img.height=THUMB;
+   img.alt=d.name+': '+PICS[t]; img.src=FOLDER+'/'+d.i.padStart(5,'0')+t+'.jpg';
+   c.textContent=PICS[t]; f.append(img,c); panels.append(f);}
+  if(!tags.length){const p=el('p'); p.textContent='(the file could not be read again)';
+   panels.append(p);}
+  const p=el('p'); p.textContent=d.caption; a.append(h,panels,p); return a;}
+ function draw(upto){
+  const part=document.createDocumentFragment();
+  for(; drawn<Math.min(upto,order.length); drawn++) part.append(card(order[drawn]));
+  cards.append(part); more.hidden=drawn>=order.length;
+  more.textContent='show '+Math.min(CHUNK,order.length-drawn)+' more of '+
+   (order.length-drawn);}
  function apply(){
   const text=q.value.trim().toLowerCase(), flagged=only.checked, get=value[key];
-  const order=rows.slice().sort((a,b)=>{const x=get(a),y=get(b);
+  const sorted=rows.slice().sort((a,b)=>{const x=get(a),y=get(b);
    const c=typeof x==='string'?x.localeCompare(y):x-y;
    return c*dir||(+a.dataset.rank-+b.dataset.rank);});
-  let shown=0;
-  for(const r of order){
+  order=[];
+  for(const r of sorted){
    const keep=(!flagged||r.dataset.flag==='1')
     &&(!text||r.dataset.name.toLowerCase().includes(text));
-   r.hidden=!keep; const c=byId.get(r.dataset.i); c.hidden=!keep;
-   body.appendChild(r); cards.appendChild(c); shown+=keep;}
-  count.textContent=shown+' of '+rows.length+' images shown';
+   r.hidden=!keep; body.appendChild(r); if(keep) order.push(r);}
+  count.textContent=order.length+' of '+rows.length+' images shown';
   for(const th of document.querySelectorAll('#worklist th[data-key]'))
    th.setAttribute('aria-sort',th.dataset.key===key?(dir>0?'ascending':'descending'):'none');
+  cards.replaceChildren(); drawn=0; draw(CHUNK);
  }
  for(const th of document.querySelectorAll('#worklist th[data-key]'))
   th.querySelector('button').addEventListener('click',()=>{
    const k=th.dataset.key; dir=k===key?-dir:(k==='score'?-1:1); key=k; apply();});
  q.addEventListener('input',apply); only.addEventListener('change',apply);
+ more.addEventListener('click',()=>draw(drawn+CHUNK));
+ new IntersectionObserver(e=>{if(e[0].isIntersecting&&drawn<order.length) draw(drawn+CHUNK);},
+  {rootMargin:'800px'}).observe(more);
+ body.addEventListener('click',e=>{
+  const a=e.target.closest('a'); if(!a) return;
+  const r=a.closest('tr'), at=order.indexOf(r); if(at<0) return;
+  e.preventDefault(); if(at>=drawn) draw(at+1); location.hash='img-'+r.dataset.i;});
+ draw(CHUNK);
 })();
-"""
+""".replace("THUMB", str(THUMB))
 
 
 def _where(r: ScoredImage) -> str:
@@ -215,31 +248,27 @@ def _pictures_folder(path: Path) -> Path:
     return folder
 
 
-def _card(i: int, r: ScoredImage, name: str, panels: list[tuple[str, str]], peak: float | None,
-          ) -> str:
+def _caption(r: ScoredImage, peak: float | None) -> str:
     label = "" if r.label is None else (" · labelled abnormal" if r.label else
                                         " · labelled normal")
-    figures = "".join(
-        f'<figure><img src="{html.escape(src)}" loading="lazy" decoding="async" '
-        f'width="{THUMB}" height="{THUMB}" alt="{html.escape(f"{name}: {what}")}">'
-        f"<figcaption>{html.escape(what)}</figcaption></figure>" for src, what in panels)
-    if not panels:
-        figures = "<p>(the file could not be read again to draw it)</p>"
-    heat = "" if peak is None else f" · heatmap max <span class=num>{peak:.3g}</span>"
-    return (f'<article class="card{" flag" if r.flagged else ""}" id="img-{i}" data-i="{i}" '
-            f'style="--panels:{max(len(panels), 1)}">'
-            f'<h3><a href="#row-{i}" title="{html.escape(r.file)}">{html.escape(name)}</a></h3>'
-            f'<div class="panels">{figures}</div>'
-            f'<p><b class="num">{r.score:.4g}</b> · {_where(r)} · '
-            f'{"flagged" if r.flagged else "not flagged"}{label}{heat}</p></article>')
+    heat = "" if peak is None else f" · heatmap max {peak:.3g}"
+    return (f"{r.score:.4g} · {_where(r)} · {'flagged' if r.flagged else 'not flagged'}"
+            f"{label}{heat}")
 
 
-def _row(i: int, r: ScoredImage, name: str, peak: float | None, heat: bool) -> str:
+def _row(i: int, r: ScoredImage, name: str, pictures: str, peak: float | None,
+         heat: bool) -> str:
+    """A worklist row; its data attributes are what the page's script draws the card from
+    (``pictures``: the tags of the files drawn, ``t`` as taken, ``m`` model input, ``h``
+    and ``p`` the heatmaps)."""
     p = "" if r.p_value is None else f"{r.p_value:.6g}"
     label = "" if r.label is None else ("abnormal" if r.label else "normal")
-    return (f'<tr id="row-{i}" class="{"flag" if r.flagged else ""}" data-i="{i}" '
-            f'data-rank="{i + 1}" data-score="{r.score:.9g}" data-p="{p}" '
-            f'data-flag="{int(r.flagged)}" data-name="{html.escape(name)}">'
+    attributes = {"data-i": i, "data-rank": i + 1, "data-score": f"{r.score:.9g}",
+                  "data-p": p, "data-flag": int(r.flagged), "data-name": name,
+                  "data-file": r.file, "data-pics": pictures,
+                  "data-caption": _caption(r, peak)}
+    data = " ".join(f'{k}="{html.escape(str(v))}"' for k, v in attributes.items())
+    return (f'<tr id="row-{i}" class="{"flag" if r.flagged else ""}" {data}>'
             f'<td class="num">{i + 1}</td>'
             f'<td><a href="#img-{i}" title="{html.escape(r.file)}">{html.escape(name)}</a></td>'
             f'<td class="num">{r.score:.4g}</td>'
@@ -249,21 +278,25 @@ def _row(i: int, r: ScoredImage, name: str, peak: float | None, heat: bool) -> s
             + "</tr>")
 
 
-def _worklist(rows, names, sketches, heat: bool) -> str:
+def _worklist(rows, names, pictures: list[str], sketches, heat: bool) -> str:
     head = ('<th data-key="rank" aria-sort="ascending"><button>rank</button></th>'
             '<th data-key="name"><button>file</button></th>'
             '<th data-key="score"><button>score</button></th>'
             '<th data-key="p"><button>p-value</button></th><th>flagged</th><th>label</th>'
             + ('<th title="the largest value of its heatmap, score units per pixel">'
                "heatmap max</th>" if heat else ""))
-    body = "".join(
-        _row(i, r, names[r.file], _peak(sketches, r.file), heat) for i, r in enumerate(rows))
+    body = "".join(_row(i, r, names[r.file], pictures[i], _peak(sketches, r.file), heat)
+                   for i, r in enumerate(rows))
     n_flagged = sum(r.flagged for r in rows)
+    # fixed widths: the browser lays out thousands of rows without measuring each
+    columns = ('<col class="narrow"><col><col class="value"><col class="value">'
+               '<col class="narrow"><col class="value">' + ('<col class="value">' if heat else ""))
     return (f'<div class="controls"><label>find a file <input type="search" id="search" '
             f'placeholder="part of a name"></label><label><input type="checkbox" '
             f'id="flagged-only"> flagged only ({n_flagged})</label>'
             f'<span id="shown" class="meta">{len(rows)} of {len(rows)} images shown</span>'
-            f'</div><div class="worklist"><table id="worklist"><thead><tr>{head}</tr></thead>'
+            f'</div><div class="worklist"><table id="worklist"><colgroup>{columns}</colgroup>'
+            f"<thead><tr>{head}</tr></thead>"
             f"<tbody>{body}</tbody></table></div>")
 
 
@@ -272,8 +305,12 @@ def _peak(sketches: HeatmapSketches | None, file: str) -> float | None:
     return None if sketch is None else sketch.peak
 
 
-def _cards(pipeline, rows, names, folder: Path, sketches: HeatmapSketches | None,
-           progress: Progress | None) -> str:
+def _pictures(pipeline, rows, folder: Path, sketches: HeatmapSketches | None,
+              progress: Progress | None) -> list[str]:
+    """Draw every image's pictures into ``folder`` as ``NNNNNt.jpg`` (as taken),
+    ``NNNNNm.jpg`` (model input), ``NNNNNh.jpg`` and ``NNNNNp.jpg`` (the heatmaps), NNNNN
+    its rank from 0; returns the tags drawn per image."""
+    from kad.data.images import resize
     from kad.screening._report_images import (
         draw_overlay,
         on_photograph,
@@ -283,37 +320,32 @@ def _cards(pipeline, rows, names, folder: Path, sketches: HeatmapSketches | None
     from kad.utils.progress import task
 
     scale = sketches.scale() if sketches else None
-    cards = []
+    tags = []
     with task(progress, "report", len(rows)) as update:
         for i, r in enumerate(rows):
             drawn = thumbnails(pipeline, r.file)
             sketch = sketches.get(r.file) if sketches else None
-            panels: list[tuple[str, str]] = []
+            pictures: list[tuple[np.ndarray, str]] = []
             if drawn is not None:
                 taken, seen = drawn
-                pictures = [(taken, "t", "as taken"), (seen, "m", "model input")]
+                pictures = [(taken, "t"), (seen, "m")]
                 if sketch is not None:
-                    from kad.data.images import resize
-
-                    level = scale.levels(resize(sketch.map, THUMB))
-                    pictures.append((draw_overlay(seen, level), "h",
-                                     "heatmap as the model saw it"))
+                    pictures.append((draw_overlay(seen, scale.levels(resize(sketch.map, THUMB))),
+                                     "h"))
                     back = on_photograph(sketch, taken.shape[:2])
                     if back is not None:
-                        pictures.append((draw_overlay(taken, scale.levels(back)), "p",
-                                         "heatmap on the photograph"))
-                for rgb, tag, what in pictures:
-                    target = write_jpeg(folder / f"{i:05d}{tag}.jpg", rgb)
-                    panels.append((f"{folder.name}/{target.name}", what))
-            cards.append(_card(i, r, names[r.file], panels,
-                               None if sketch is None else sketch.peak))
+                        pictures.append((draw_overlay(taken, scale.levels(back)), "p"))
+            for rgb, tag in pictures:
+                write_jpeg(folder / f"{i:05d}{tag}.jpg", rgb)
+            tags.append("".join(tag for _, tag in pictures))
             if (i + 1) % 50 == 0 or i + 1 == len(rows):
                 update(i + 1)
-    width = 560 if sketches and sketches.sketches else 300  # four panels or two
-    colourbar = ""
-    if scale is not None and sketches.sketches:
-        colourbar = (
-            f'<div class="colourbar"><span>0</span><span class="bar" style="background:'
+    return tags
+
+
+def _colourbar(sketches: HeatmapSketches) -> str:
+    scale = sketches.scale()
+    return (f'<div class="colourbar"><span>0</span><span class="bar" style="background:'
             f'linear-gradient(to right, {scale.gradient_css()})"></span>'
             f'<span class="num">{scale.top:.3g}</span><span>how much a region raises the '
             "score, in score units per pixel of the model's input (heatmaps by "
@@ -321,8 +353,6 @@ def _cards(pipeline, rows, names, folder: Path, sketches: HeatmapSketches | None
             f"</span></div><p class=meta>One colour scale for every heatmap of this report: "
             f"full colour at {scale.top:.3g}, {html.escape(scale.anchored)}. Each card gives "
             "its own heatmap's maximum in numbers.</p>")
-    return (colourbar + f'<div class="cards" id="cards" style="--card:{width}px">'
-            + "".join(cards) + "</div>")
 
 
 def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
@@ -382,16 +412,22 @@ def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
     caption = "".join(f"<li>{html.escape(g)}</li>" for g in groups)
     problems = ""
     if failed or skipped:
-        items = [f"<tr><td>{html.escape(f)}</td><td>{html.escape(why)}</td></tr>"
-                 for f, why in [*failed.items(), *skipped]]
+        items = [f'<tr><td title="{html.escape(str(f))}">{html.escape(names.get(str(f), str(f)))}'
+                 f"</td><td>{html.escape(why)}</td></tr>" for f, why in [*failed.items(), *skipped]]
         problems = ("<h2>Not scored</h2><table><tr><th>file</th><th>reason</th></tr>"
                     + "".join(items) + "</table>")
     callout = (f'<p class="shift" id="shift">{html.escape(shift.line())}</p>'
                if shift is not None and shift.shifted else "")
-    cards = _cards(pipeline, rows, names, folder, heatmaps, progress)
+    pictures = _pictures(pipeline, rows, folder, heatmaps, progress)
+    heat = bool(heatmaps and heatmaps.sketches)
     heat_note = (" Beside each image, its heatmap as the model saw it and on the photograph: "
-                 "the brighter, the more that region raises the score." if heatmaps and
-                 heatmaps.sketches else "")
+                 "the brighter, the more that region raises the score." if heat else "")
+    cards = ((_colourbar(heatmaps) if heat else "")
+             + f'<div class="cards" id="cards" data-folder="{html.escape(folder.name)}" '
+               f'style="--card:{560 if heat else 300}px"></div>'
+               '<button id="more" hidden>show more</button>'
+               "<noscript><p>The cards need JavaScript; the worklist above and scores.csv "
+               "list every image.</p></noscript>")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -409,8 +445,9 @@ def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
 small means unlike the healthy images; an image is flagged by a conformal threshold at
 false-positive rate α exactly when its p-value is at most α. Click a column to sort, a
 name to see its card.</p>
-{_worklist(rows, names, heatmaps, bool(heatmaps and heatmaps.sketches))}
-<h2>Images</h2><p class="meta">In the worklist's order and filter.{heat_note}</p>
+{_worklist(rows, names, pictures, heatmaps, heat)}
+<h2>Images</h2><p class="meta">In the worklist's order and filter, drawn as they come
+into view.{heat_note}</p>
 {cards}
 {problems}
 <script>{_SCRIPT}</script>

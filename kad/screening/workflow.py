@@ -361,7 +361,9 @@ def _screen(pipeline, model, inputs, out_dir: Path, *, labels, weights, engine, 
                                    {o.file: o.reason for o in not_scored if o.status == UNREADABLE},
                                    [(o.file, o.reason) for o in not_scored
                                     if o.status != UNREADABLE], str(model),
-                                   heatmaps=sketches, names=display_names(files, inputs),
+                                   heatmaps=sketches,
+                                   names=display_names([*files, *(Path(o.file) for o in
+                                                                  not_scored)], inputs),
                                    shift=shift, progress=progress)
     return ScreeningRun(rows, not_scored, csv_path, report, metrics, drawn, shift=shift)
 
