@@ -280,7 +280,7 @@ def test_a_folder_gets_overlays_and_unreadable_images_are_named(data, tmp_path):
     page, _ = write_report(tmp_path / "report.html", pipeline, rows, run.scores.failed, [],
                            "model.kad", heatmaps=sketches)
     text = page.read_text()
-    assert text.count('data-pics="tmhp"') == 3  # every readable image, both heatmaps
+    assert text.count('"pics":"tmhp"') == 3  # every readable image, both heatmaps
     # the report keeps each map's maximum, and one colour bar for all of them
     assert set(sketches.sketches) == {str(f) for f in files[:3]}
     for f in files[:3]:

@@ -88,7 +88,7 @@ def test_score_ranks_most_suspicious_first_and_lists_unreadable_files(work):
     assert f"{100 * auroc:.1f}%" in page
     assert not re.search(r"""(src|href)=["']?(https?:|//)""", page), "the report must be offline"
     # every picture is a file beside the page, each scored image with its two thumbnails
-    assert page.count('data-pics="tm"') == 30
+    assert page.count('"pics":"tm"') == 30
     assert all((out / "report_files" / f"{i:05d}{tag}.jpg").is_file()
                for i in range(30) for tag in "tm")
     assert "broken.png" in page
@@ -356,7 +356,7 @@ def test_the_report_shows_the_photograph_the_fit_and_the_p_values(calibrated, tm
     rows = rank(pipeline, files, result)
     path, _ = write_report(tmp_path / "report.html", pipeline, rows, {}, [], "model.kad")
     page = path.read_text()
-    assert page.count('data-pics="tm"') == 10  # as taken and model input, of each
+    assert page.count('"pics":"tm"') == 10  # as taken and model input, of each
     assert "How the threshold was set" in page and "conformal at false-positive rate 0.1" in page
     assert pipeline.threshold.details["guarantee"] in page
     assessed = pipeline.assessed()
@@ -453,7 +453,7 @@ def test_score_with_heatmaps_and_explain_draw_where_the_score_comes_from(work, t
     assert "heatmaps by gradient" in result.output  # kNN, the default, has a gradient
     assert "network passes" in result.output
     page = (out / "report.html").read_text()
-    assert page.count('data-pics="tmhp"') == len(new)  # with both heatmaps
+    assert page.count('"pics":"tmhp"') == len(new)  # with both heatmaps
     picture = tmp_path / "one.png"
     result = _kad("explain", work / "model.kad", new[0], "--out", picture, "--grid", "4",
                   "--original", tmp_path / "taken.png", "--heatmap-method", "occlusion")
@@ -561,6 +561,9 @@ def test_every_card_shows_its_pictures_whole_and_apart(case_report, browser, wid
         assert all(_inside(p, card) for p in parts), "a panel or caption spills out"
         assert not any(_overlap(a, b) for k, a in enumerate(parts) for b in parts[:k])
     assert page.locator(".colourbar").count() == 1 and page.locator(".colourbar").is_visible()
+    spilled = page.evaluate("""Array.from(document.querySelectorAll('#worklist td'))
+        .filter(td => td.scrollWidth > td.clientWidth + 1).map(td => td.textContent)""")
+    assert spilled == [], "worklist cells spill into their neighbours"
     assert page.locator("img[alt^='score histogram']").evaluate("i => i.naturalWidth") > 0
     if width > 1000:
         page.evaluate("window.scrollTo(0, 0)")
@@ -616,7 +619,7 @@ def test_the_case_report_names_each_file_by_its_path_and_calls_out_nothing(case_
     page = run.report.read_text()
     assert "sub1/x.jpeg" in page and "sub2/x.jpeg" in page and ">x.jpeg<" not in page
     assert run.shift is not None and "Kolmogorov-Smirnov" in page
-    assert page.count("data-pics=") == 6  # a row per image, a card drawn from each
+    assert page.count('"pics":') == 6  # a row per image, a card drawn from each
 
 
 def test_a_batch_of_abnormal_images_is_called_out_in_one_line(case_report, calibrated):

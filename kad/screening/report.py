@@ -2,8 +2,11 @@
 or network.
 
 Its pictures are files in a folder beside it (``report_files/`` for ``report.html``),
-loaded lazily, so a report of thousands of images opens at once: a copy of the report
-keeps the folder with it. The page holds:
+loaded lazily; the worklist's rows and the cards are drawn by the page's script from one
+record per image (plain JSON in the page), the first ones at once and the others as they
+scroll into view, so a report of thousands of images opens at once
+(``benchmarks/report.py``). A copy of the report keeps the folder with it. The page
+holds:
 
 - a summary, and a one-line call-out when the batch does not look like the calibration
   normals (:mod:`kad.screening.shift`);
@@ -56,8 +59,8 @@ td,th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:left;vertical-ali
 .plots{display:flex;flex-wrap:wrap;gap:16px}.plots img{max-width:100%;height:auto}
 .controls{display:flex;flex-wrap:wrap;gap:12px;align-items:center;margin:8px 0;font-size:13px}
 .worklist{max-height:60vh;overflow:auto;border:1px solid #ddd;max-width:100%}
-.worklist table{width:100%;min-width:560px;table-layout:fixed}
-.worklist col.narrow{width:4.5em}.worklist col.value{width:7em}
+.worklist table{width:100%;min-width:720px;table-layout:fixed}
+.worklist td{overflow-wrap:anywhere}.worklist col.narrow{width:5.5em}.worklist col.value{width:7em}
 .worklist thead th{position:sticky;top:0;background:#f4f4f4}
 .worklist th button{font:inherit;font-weight:bold;border:0;background:none;padding:0;
  cursor:pointer}
@@ -79,36 +82,51 @@ tr.flag td:first-child{box-shadow:inset 4px 0 #d33}
 .card p{font-size:12px;margin:6px 0 0;overflow-wrap:anywhere}
 .colourbar{display:flex;align-items:center;gap:8px;font-size:12px;flex-wrap:wrap}
 .colourbar .bar{width:240px;max-width:60vw;height:14px;border:1px solid #999}
-#more{margin:12px 0;font:inherit}
+#more{margin:12px 0;font:inherit}#more-rows{margin:6px;font:inherit}
 [hidden]{display:none!important}
 """
 
 _SCRIPT = """
 (function(){
- const body=document.querySelector('#worklist tbody'), cards=document.getElementById('cards');
- const rows=Array.from(body.rows), q=document.getElementById('search');
+ const DATA=JSON.parse(document.getElementById('records').textContent);
+ const table=document.getElementById('worklist'), body=table.tBodies[0];
+ const cards=document.getElementById('cards'), q=document.getElementById('search');
  const only=document.getElementById('flagged-only'), count=document.getElementById('shown');
- const more=document.getElementById('more'), FOLDER=cards.dataset.folder, CHUNK=60;
+ const more=document.getElementById('more'), moreRows=document.getElementById('more-rows');
+ const FOLDER=cards.dataset.folder, HEAT=table.dataset.heat==='1', CHUNK=60, ROWS=200;
  const PICS={t:'as taken',m:'model input',h:'heatmap as the model saw it',
   p:'heatmap on the photograph'};
- let key='rank', dir=1, order=rows, drawn=0;
- const value={rank:r=>+r.dataset.rank, score:r=>+r.dataset.score, name:r=>r.dataset.name,
-  p:r=>r.dataset.p===''?Infinity:+r.dataset.p};
- function el(tag, cls){const e=document.createElement(tag); if(cls) e.className=cls; return e;}
- function card(r){
-  const d=r.dataset, a=el('article','card'+(d.flag==='1'?' flag':'')), tags=d.pics.split('');
+ let key='rank', dir=1, order=DATA, drawn=0, rowsDrawn=0;
+ const value={rank:d=>d.i, score:d=>d.score, name:d=>d.name, p:d=>d.p===null?Infinity:d.p};
+ function el(tag, cls, text){const e=document.createElement(tag); if(cls) e.className=cls;
+  if(text!==undefined) e.textContent=text; return e;}
+ function row(d){
+  const tr=el('tr', d.flag?'flag':''); tr.id='row-'+d.i;
+  Object.assign(tr.dataset,{i:d.i, score:d.score, p:d.p===null?'':d.p, flag:d.flag,
+   name:d.name});
+  const link=el('a','',d.name); link.href='#img-'+d.i; link.title=d.file;
+  const name=el('td'); name.append(link);
+  tr.append(el('td','num',d.i+1), name, el('td','num',d.cells[0]), el('td','num',d.cells[1]),
+   el('td','',d.cells[2]), el('td','',d.cells[3]));
+  if(HEAT) tr.append(el('td','num',d.cells[4]));
+  return tr;}
+ function card(d){
+  const a=el('article','card'+(d.flag?' flag':'')), tags=d.pics.split('');
   a.id='img-'+d.i; a.dataset.i=d.i; a.style.setProperty('--panels',Math.max(tags.length,1));
-  const h=el('h3'), link=el('a'); link.href='#row-'+d.i; link.title=d.file;
-  link.textContent=d.name; h.append(link);
+  const h=el('h3'), link=el('a','',d.name); link.href='#row-'+d.i; link.title=d.file;
+  h.append(link);
   const panels=el('div','panels');
   for(const t of tags){
-   const f=el('figure'), img=el('img'), c=el('figcaption');
+   const f=el('figure'), img=el('img');
    img.loading='lazy'; img.decoding='async'; img.width=img.height=THUMB;
-   img.alt=d.name+': '+PICS[t]; img.src=FOLDER+'/'+d.i.padStart(5,'0')+t+'.jpg';
-   c.textContent=PICS[t]; f.append(img,c); panels.append(f);}
-  if(!tags.length){const p=el('p'); p.textContent='(the file could not be read again)';
-   panels.append(p);}
-  const p=el('p'); p.textContent=d.caption; a.append(h,panels,p); return a;}
+   img.alt=d.name+': '+PICS[t]; img.src=FOLDER+'/'+String(d.i).padStart(5,'0')+t+'.jpg';
+   f.append(img, el('figcaption','',PICS[t])); panels.append(f);}
+  if(!tags.length) panels.append(el('p','','(the file could not be read again)'));
+  a.append(h, panels, el('p','',d.caption)); return a;}
+ function drawRows(upto){
+  const part=document.createDocumentFragment();
+  for(; rowsDrawn<Math.min(upto,order.length); rowsDrawn++) part.append(row(order[rowsDrawn]));
+  body.append(part); moreRows.hidden=rowsDrawn>=order.length;}
  function draw(upto){
   const part=document.createDocumentFragment();
   for(; drawn<Math.min(upto,order.length); drawn++) part.append(card(order[drawn]));
@@ -117,31 +135,35 @@ _SCRIPT = """
    (order.length-drawn);}
  function apply(){
   const text=q.value.trim().toLowerCase(), flagged=only.checked, get=value[key];
-  const sorted=rows.slice().sort((a,b)=>{const x=get(a),y=get(b);
-   const c=typeof x==='string'?x.localeCompare(y):x-y;
-   return c*dir||(+a.dataset.rank-+b.dataset.rank);});
-  order=[];
-  for(const r of sorted){
-   const keep=(!flagged||r.dataset.flag==='1')
-    &&(!text||r.dataset.name.toLowerCase().includes(text));
-   r.hidden=!keep; body.appendChild(r); if(keep) order.push(r);}
-  count.textContent=order.length+' of '+rows.length+' images shown';
-  for(const th of document.querySelectorAll('#worklist th[data-key]'))
+  order=DATA.filter(d=>(!flagged||d.flag)&&(!text||d.name.toLowerCase().includes(text)));
+  order.sort((a,b)=>{const x=get(a),y=get(b);
+   const c=typeof x==='string'?x.localeCompare(y):x-y; return c*dir||a.i-b.i;});
+  count.textContent=order.length+' of '+DATA.length+' images shown';
+  for(const th of table.querySelectorAll('th[data-key]'))
    th.setAttribute('aria-sort',th.dataset.key===key?(dir>0?'ascending':'descending'):'none');
+  body.replaceChildren(); rowsDrawn=0; drawRows(ROWS);
   cards.replaceChildren(); drawn=0; draw(CHUNK);
  }
- for(const th of document.querySelectorAll('#worklist th[data-key]'))
+ function reach(i, rows){
+  const at=order.findIndex(d=>d.i===i); if(at<0) return false;
+  if(rows){if(at>=rowsDrawn) drawRows(at+1);} else if(at>=drawn) draw(at+1);
+  return true;}
+ for(const th of table.querySelectorAll('th[data-key]'))
   th.querySelector('button').addEventListener('click',()=>{
    const k=th.dataset.key; dir=k===key?-dir:(k==='score'?-1:1); key=k; apply();});
  q.addEventListener('input',apply); only.addEventListener('change',apply);
  more.addEventListener('click',()=>draw(drawn+CHUNK));
+ moreRows.addEventListener('click',()=>drawRows(rowsDrawn+ROWS));
  new IntersectionObserver(e=>{if(e[0].isIntersecting&&drawn<order.length) draw(drawn+CHUNK);},
   {rootMargin:'800px'}).observe(more);
- body.addEventListener('click',e=>{
-  const a=e.target.closest('a'); if(!a) return;
-  const r=a.closest('tr'), at=order.indexOf(r); if(at<0) return;
-  e.preventDefault(); if(at>=drawn) draw(at+1); location.hash='img-'+r.dataset.i;});
- draw(CHUNK);
+ new IntersectionObserver(e=>{if(e[0].isIntersecting) drawRows(rowsDrawn+ROWS);},
+  {root:moreRows.parentElement, rootMargin:'400px'}).observe(moreRows);
+ document.addEventListener('click',e=>{
+  const a=e.target.closest('a[href^="#img-"],a[href^="#row-"]'); if(!a) return;
+  const target=a.getAttribute('href').slice(1), i=+target.split('-')[1];
+  if(!reach(i, target.startsWith('row-'))) return;
+  e.preventDefault(); location.hash=target;});
+ drawRows(ROWS); draw(CHUNK);
 })();
 """.replace("THUMB", str(THUMB))
 
@@ -256,48 +278,47 @@ def _caption(r: ScoredImage, peak: float | None) -> str:
             f"{label}{heat}")
 
 
-def _row(i: int, r: ScoredImage, name: str, pictures: str, peak: float | None,
-         heat: bool) -> str:
-    """A worklist row; its data attributes are what the page's script draws the card from
-    (``pictures``: the tags of the files drawn, ``t`` as taken, ``m`` model input, ``h``
-    and ``p`` the heatmaps)."""
-    p = "" if r.p_value is None else f"{r.p_value:.6g}"
-    label = "" if r.label is None else ("abnormal" if r.label else "normal")
-    attributes = {"data-i": i, "data-rank": i + 1, "data-score": f"{r.score:.9g}",
-                  "data-p": p, "data-flag": int(r.flagged), "data-name": name,
-                  "data-file": r.file, "data-pics": pictures,
-                  "data-caption": _caption(r, peak)}
-    data = " ".join(f'{k}="{html.escape(str(v))}"' for k, v in attributes.items())
-    return (f'<tr id="row-{i}" class="{"flag" if r.flagged else ""}" {data}>'
-            f'<td class="num">{i + 1}</td>'
-            f'<td><a href="#img-{i}" title="{html.escape(r.file)}">{html.escape(name)}</a></td>'
-            f'<td class="num">{r.score:.4g}</td>'
-            f'<td class="num">{"" if r.p_value is None else f"{r.p_value:.3g}"}</td>'
-            f"<td>{'yes' if r.flagged else 'no'}</td><td>{label}</td>"
-            + (f'<td class="num">{"" if peak is None else f"{peak:.3g}"}</td>' if heat else "")
-            + "</tr>")
+def _record(i: int, r: ScoredImage, name: str, pictures: str, peak: float | None) -> dict:
+    """What the page's script draws an image's worklist row and card from (``pics``: the
+    tags of its pictures, ``t`` as taken, ``m`` model input, ``h`` and ``p`` the
+    heatmaps)."""
+    return {"i": i, "name": name, "file": r.file, "score": float(r.score),
+            "p": None if r.p_value is None else float(r.p_value), "flag": int(r.flagged),
+            "label": "" if r.label is None else ("abnormal" if r.label else "normal"),
+            "pics": pictures, "caption": _caption(r, peak),
+            "cells": [f"{r.score:.4g}", "" if r.p_value is None else f"{r.p_value:.3g}",
+                      "yes" if r.flagged else "no",
+                      "" if r.label is None else ("abnormal" if r.label else "normal"),
+                      "" if peak is None else f"{peak:.3g}"]}
 
 
 def _worklist(rows, names, pictures: list[str], sketches, heat: bool) -> str:
+    """The worklist's controls and table; its rows are drawn by the page's script from the
+    records in ``<script id="records">``, the first ones at once and the others as the
+    table scrolls, so thousands of images cost the page nothing on opening."""
+    import json
+
     head = ('<th data-key="rank" aria-sort="ascending"><button>rank</button></th>'
             '<th data-key="name"><button>file</button></th>'
             '<th data-key="score"><button>score</button></th>'
             '<th data-key="p"><button>p-value</button></th><th>flagged</th><th>label</th>'
             + ('<th title="the largest value of its heatmap, score units per pixel">'
                "heatmap max</th>" if heat else ""))
-    body = "".join(_row(i, r, names[r.file], pictures[i], _peak(sketches, r.file), heat)
-                   for i, r in enumerate(rows))
+    records = [_record(i, r, names[r.file], pictures[i], _peak(sketches, r.file))
+               for i, r in enumerate(rows)]
+    # "</" never closes the script early; the records are data, never run
+    data = json.dumps(records, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
     n_flagged = sum(r.flagged for r in rows)
-    # fixed widths: the browser lays out thousands of rows without measuring each
     columns = ('<col class="narrow"><col><col class="value"><col class="value">'
                '<col class="narrow"><col class="value">' + ('<col class="value">' if heat else ""))
     return (f'<div class="controls"><label>find a file <input type="search" id="search" '
             f'placeholder="part of a name"></label><label><input type="checkbox" '
             f'id="flagged-only"> flagged only ({n_flagged})</label>'
             f'<span id="shown" class="meta">{len(rows)} of {len(rows)} images shown</span>'
-            f'</div><div class="worklist"><table id="worklist"><colgroup>{columns}</colgroup>'
-            f"<thead><tr>{head}</tr></thead>"
-            f"<tbody>{body}</tbody></table></div>")
+            f'</div><div class="worklist"><table id="worklist" data-heat="{int(heat)}">'
+            f"<colgroup>{columns}</colgroup><thead><tr>{head}</tr></thead><tbody></tbody>"
+            '</table><button id="more-rows" hidden>more rows</button></div>'
+            f'<script type="application/json" id="records">{data}</script>')
 
 
 def _peak(sketches: HeatmapSketches | None, file: str) -> float | None:
