@@ -87,3 +87,21 @@ def pattern_images(root: Path, n: int = 6, size: int = 48) -> list[Path]:
         files.append(root / f"pattern{i}.png")
         cv2.imwrite(str(files[-1]), np.clip(np.round(image), 0, 255).astype(np.uint8))
     return files
+def report_case(root: Path, seed: int = 0) -> Path:
+    """Six photographs to score, as a grader's report shows them: ``sub1/x.jpeg`` (speckled,
+    abnormal) and ``sub2/x.jpeg`` (smooth, normal) share a name; the others are wide,
+    tall and square, normal and abnormal. Returns the folder."""
+    rng = np.random.default_rng(seed)
+    shapes = {"sub1/x.jpeg": (48, 48, True), "sub2/x.jpeg": (48, 48, False),
+              "sub1/wide.png": (40, 72, False), "sub2/tall.png": (72, 40, True),
+              "sub2/deeper/square.png": (48, 48, False), "speckled.png": (56, 56, True)}
+    for name, (height, width, abnormal) in shapes.items():
+        gradient = np.linspace(60, 160, width, dtype=np.float32)[None, :, None]
+        image = np.repeat(np.repeat(gradient, height, axis=0), 3, axis=2)
+        image += rng.normal(0, 3, image.shape)
+        if abnormal:  # a speckled patch: where the heatmap should point
+            patch = image[height // 4: height // 2, width // 4: width // 2]
+            patch += rng.choice([0, 120], size=patch.shape, p=[0.7, 0.3])
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / name), np.clip(image, 0, 255).astype(np.uint8))
+    return root

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from browser import needs_browser
 from conftest import KAGGLE_DR, MOBILENET_WEIGHTS, SHARED, need
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,3 +45,8 @@ def test_the_lesion_benchmark_runs_in_smoke_mode():
     for row in ("chance", "centre", "contrast", "knn (gradient"):
         assert f"\n{row}" in table, out
     assert "strict pointing" in table and "AUPRO" in table
+@needs_browser
+def test_the_report_benchmark_runs_in_smoke_mode():
+    out = _run("report.py", "--smoke")
+    assert "report of 90 images" in out and "load event at" in out
+    assert "command: python benchmarks/report.py" in out

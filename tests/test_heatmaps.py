@@ -242,13 +242,15 @@ def test_a_detector_may_draw_its_own_map(data):
 def test_a_folder_gets_overlays_and_unreadable_images_are_named(data, tmp_path):
     from kad.data.datasets import FileSource
     from kad.screening.heatmaps import write_heatmaps
+    from kad.screening.report import HeatmapSketches
 
     broken = tmp_path / "broken.png"
     broken.write_text("not an image")
     files = [*data[2][:3], broken]
     pipeline = _fit(data, "mahalanobis", "block_5_add")
+    sketches = HeatmapSketches()
     run = write_heatmaps(pipeline, FileSource(files), [str(f) for f in files],
-                         tmp_path / "heatmaps")
+                         tmp_path / "heatmaps", on_heatmap=sketches)
     assert run.method == "gradient" and run.forward_passes == 3
     assert list(run.scores.failed) == [str(broken)]
     np.testing.assert_array_equal(run.scores.scores[:3],
@@ -276,10 +278,14 @@ def test_a_folder_gets_overlays_and_unreadable_images_are_named(data, tmp_path):
 
     rows = rank(pipeline, files, run.scores)
     page, _ = write_report(tmp_path / "report.html", pipeline, rows, run.scores.failed, [],
-                           "model.kad", n_thumbnails=2, heatmaps=run.files)
+                           "model.kad", heatmaps=sketches)
     text = page.read_text()
-    assert text.count('alt="heatmap as the model saw it"') == 2
-    assert text.count('alt="heatmap on the photograph"') == 2
+    assert text.count('"pics":"tmhp"') == 3  # every readable image, both heatmaps
+    # the report keeps each map's maximum, and one colour bar for all of them
+    assert set(sketches.sketches) == {str(f) for f in files[:3]}
+    for f in files[:3]:
+        assert f"{sketches.get(str(f)).peak:.3g}" in text
+    assert text.count('class="colourbar"') == 1
 
 
 @pytest.mark.tf

@@ -181,6 +181,8 @@ def score(
         m = run.metrics
         say(f"AUROC {m['auroc']:.3f}; at the threshold sensitivity {m['sensitivity']:.1%}, "
             f"specificity {m['specificity']:.1%}")
+    if run.shift is not None and run.shift.shifted:
+        note(run.shift.line(), label="batch:")
     if run.heatmaps:
         drawn = run.heatmaps
         say(f"heatmaps by {drawn.method}: {drawn.forward_passes} network passes, "

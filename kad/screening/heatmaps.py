@@ -639,9 +639,11 @@ def write_heatmaps(pipeline, source, ids: Sequence[str] | None, out_dir: str | P
                    method: str = "auto", grid: int = DEFAULT_GRID,
                    steps: int = DEFAULT_STEPS, weights: str | None = None,
                    runtime: str | None = None,
-                   progress: Progress | None = None) -> HeatmapRun:
+                   progress: Progress | None = None, on_heatmap=None) -> HeatmapRun:
     """Score every image of ``source`` and write its two overlays into ``out_dir``,
-    streaming (images are not kept). The scores are those :meth:`Pipeline.score` gives."""
+    streaming (images are not kept). The scores are those :meth:`Pipeline.score` gives.
+    ``on_heatmap``, a callable, receives every :class:`Heatmap` before it is let go (the
+    report keeps a small copy of each map this way)."""
     from kad.features.extraction import Scores
 
     ids = [str(i) for i in (ids if ids is not None else range(len(source)))]
@@ -656,6 +658,8 @@ def write_heatmaps(pipeline, source, ids: Sequence[str] | None, out_dir: str | P
                                              runtime=runtime, progress=progress)):
         used = heat.method
         passes += heat.forward_passes
+        if on_heatmap is not None:
+            on_heatmap(heat)
         if heat.map is None:
             failed[heat.id] = heat.error or "unreadable"
             continue

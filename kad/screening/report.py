@@ -1,135 +1,52 @@
-"""``report.html``: one self-contained page a person can open without a server or network.
+"""``report.html``: the page a grader works from after ``kad score``, opened without a server
+or network.
 
-Every picture is inlined as a base64 PNG: thumbnails of the most and least suspicious
-images, each as the photograph was taken beside what the model saw (after preprocessing),
-with its score and conformal p-value; the score distribution of the training normals
-against the new images; how the threshold was set (calibration size, method and its
-guarantee, and sensitivity and specificity with 95% intervals on held-out patients); and,
-when labels are given, the ROC curve with its AUROC and the operating point of the
-threshold.
+Its pictures are files in a folder beside it (``report_files/`` for ``report.html``),
+loaded lazily; the worklist's rows and the cards are drawn by the page's script from one
+record per image (plain JSON in the page), the first ones at once and the others as they
+scroll into view, so a report of thousands of images opens at once
+(``benchmarks/report.py``). A copy of the report keeps the folder with it. The page
+holds:
+
+- a summary, and a one-line call-out when the batch does not look like the calibration
+  normals (:mod:`kad.screening.shift`);
+- how the threshold was set (calibration size, method and its guarantee, sensitivity and
+  specificity with 95% intervals on held-out patients);
+- the score histogram of the calibration normals (the images that set the threshold)
+  against the new images, with the threshold; with labels, the ROC curve;
+- the worklist: every image, sortable by rank, name, score and p-value, filtered to the
+  flagged images or by file name, each row linked to its card;
+- one card per image, in the worklist's order: the photograph as taken, what the model saw
+  and, with heatmaps, the heatmap as the model saw it and on the photograph, all heatmaps
+  on one colour scale with its colour bar.
+
+Files are named by their path relative to what was given on the command line
+(:func:`kad.screening.results.display_names`), the full path on hover.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kad.errors import ImageReadError
+from kad.errors import KadError
+from kad.screening._report_images import THUMB, HeatmapSketches
+from kad.screening._report_page import CSS, SCRIPT
 from kad.screening.pipeline import Pipeline
 
 if TYPE_CHECKING:
     from kad.screening.results import ScoredImage
+    from kad.screening.shift import BatchShift
+    from kad.utils.progress import Progress
 
-THUMB = 160
+__all__ = ["HeatmapSketches", "fit_section", "labelled_metrics", "write_report"]
 
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222}
-h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px}
-.meta{color:#555;font-size:13px}table{border-collapse:collapse;font-size:13px}
-td,th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:left}
-.grid{display:flex;flex-wrap:wrap;gap:10px}
-figure{margin:0;width:THUMBpx;font-size:11px;overflow-wrap:anywhere}
-figure.heat{width:calc(3 * THUMBpx + 24px)}
-figure img{width:THUMBpx;height:THUMBpx;border:3px solid #ccc;border-radius:4px}
-figure.flag img{border-color:#d33}.num{font-variant-numeric:tabular-nums}
-figure.pair{width:calc(2*THUMBpx + 14px)}.pair .views{display:flex;gap:4px}
-.pair .views div{width:THUMBpx;text-align:center;color:#666}
-.pair img.taken{object-fit:contain;background:#111}
-.note{color:#8a4b00}
-.plots img{max-width:520px;margin-right:16px}
-""".replace("THUMB", str(THUMB))
-
-
-def _png(image_rgb01: np.ndarray) -> str:
-    import cv2
-
-    rgb = np.clip(image_rgb01 * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    return "data:image/png;base64," + base64.b64encode(buf.tobytes()).decode()
-
-
-def _figure_png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _thumbnails(pipeline: Pipeline, file: str) -> tuple[str, str] | None:
-    """The photograph as taken (aspect ratio kept) and what the model saw, as PNG URIs."""
-    from kad.data.images import read_image, resize
-    from kad.data.preprocessing import get_preprocessing
-
-    try:
-        prep = get_preprocessing(pipeline.preprocessing)  # a large JPEG decoded reduced
-        taken = read_image(file, min_side=prep.source_side(pipeline.image_size))
-        seen = prep(taken)
-    except ImageReadError:
-        return None
-    height, width = taken.shape[:2]
-    scale = THUMB / max(height, width)
-    shape = (max(1, round(height * scale)), max(1, round(width * scale)))
-    return (_png(resize(taken.astype(np.float32) / 255.0, shape)),
-            _png(resize(resize(seen, pipeline.image_size), THUMB)))
-
-
-def _distribution(pipeline: Pipeline, rows: list[ScoredImage]) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = np.asarray(pipeline.training["scores"])
-    new = np.array([r.score for r in rows])
-    fig, ax = plt.subplots(figsize=(5.2, 3.2))
-    bins = np.histogram_bin_edges(np.r_[train, new], bins=40)
-    ax.hist(train, bins=bins, density=True, alpha=0.55, label="training normals")
-    labels = np.array([-1 if r.label is None else r.label for r in rows])
-    if (labels >= 0).any():
-        for value, name in ((0, "new: labelled normal"), (1, "new: labelled abnormal")):
-            if (labels == value).any():
-                ax.hist(new[labels == value], bins=bins, density=True, alpha=0.55, label=name)
-        if (labels < 0).any():
-            ax.hist(new[labels < 0], bins=bins, density=True, alpha=0.4, label="new: unlabelled")
-    else:
-        ax.hist(new, bins=bins, density=True, alpha=0.55, label="new images")
-    ax.axvline(pipeline.threshold.value, color="k", ls="--", lw=1, label="threshold")
-    ax.set_xlabel("anomaly score (higher = more suspicious)")
-    ax.set_ylabel("density")
-    ax.legend(fontsize=8)
-    uri = _figure_png(fig)
-    plt.close(fig)
-    return uri
-
-
-def _roc(rows: list[ScoredImage], metrics: dict) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from kad.utils.metrics import roc
-
-    labelled = [r for r in rows if r.label is not None]
-    fpr, tpr = roc([r.label for r in labelled], [r.score for r in labelled])
-    fig, ax = plt.subplots(figsize=(3.6, 3.4))
-    ax.plot(fpr, tpr, lw=1.5, label=f"AUROC {100 * metrics['auroc']:.1f}%")
-    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax.plot(1 - metrics["specificity"], metrics["sensitivity"], "o", color="#d33",
-            label=f"threshold: sens {100 * metrics['sensitivity']:.0f}%, "
-                  f"spec {100 * metrics['specificity']:.0f}%")
-    ax.set_xlabel("1 − specificity")
-    ax.set_ylabel("sensitivity")
-    ax.legend(fontsize=8, loc="lower right")
-    uri = _figure_png(fig)
-    plt.close(fig)
-    return uri
-
+#: Written into the pictures' folder: a later report may replace a folder holding it.
+MARKER = ".kad-report"
 
 def _where(r: ScoredImage) -> str:
     """p = the image's conformal p-value, or its percentile among the training scores for a
@@ -137,47 +54,6 @@ def _where(r: ScoredImage) -> str:
     if r.p_value is not None:
         return f"p = {r.p_value:.3g}"
     return f"{r.percentile:.0f}th pct of training"
-
-
-def _overlay_thumbnail(path) -> str | None:
-    """A heatmap overlay PNG written by :func:`kad.screening.heatmaps.save_overlays`, as a
-    thumbnail."""
-    from kad.data.images import read_image, resize
-
-    if path is None:
-        return None
-    try:
-        return _png(resize(read_image(path), THUMB).astype(np.float32) / 255.0)
-    except ImageReadError:
-        return None
-
-
-def _gallery(pipeline: Pipeline, rows: list[ScoredImage], heatmaps: dict | None = None) -> str:
-    cells = []
-    for r in rows:
-        uris = _thumbnails(pipeline, r.file)
-        label = "" if r.label is None else (" · labelled abnormal" if r.label else
-                                            " · labelled normal")
-        if uris:
-            views = (f'<div><img class="taken" src="{uris[0]}" alt="as taken"><br>as taken'
-                     f'</div><div><img src="{uris[1]}" alt="model input"><br>model input</div>')
-        else:
-            views = "<div>(unreadable)</div>"
-        drawn = (heatmaps or {}).get(r.file)
-        if drawn is not None:
-            for part, what in ((drawn.seen, "as the model saw it"),
-                               (drawn.original, "on the photograph")):
-                heat = _overlay_thumbnail(part)
-                if heat:
-                    views += (f'<div><img src="{heat}" alt="heatmap {what}" '
-                              f'title="heatmap {what}"><br>heatmap {what}</div>')
-        cells.append(
-            f'<figure class="pair{" flag" if r.flagged else ""}{" heat" if drawn else ""}">'
-            f'<div class="views">{views}'
-            f'</div><figcaption><b class="num">{r.score:.4g}</b> · {_where(r)}{label}<br>'
-            f"{html.escape(Path(r.file).name)}</figcaption></figure>"
-        )
-    return '<div class="grid">' + "".join(cells) + "</div>"
 
 
 def labelled_metrics(rows: list[ScoredImage], threshold: float) -> dict | None:
@@ -196,6 +72,7 @@ def labelled_metrics(rows: list[ScoredImage], threshold: float) -> dict | None:
         n_normal=int((y == 0).sum()), n_anomalous=int((y == 1).sum()),
     )
     return metrics
+
 
 def _percent_ci(proportion) -> str:
     if proportion is None:
@@ -257,28 +134,146 @@ def fit_section(pipeline: Pipeline) -> str:
     return f"<table>{table}</table>" + (f"<ul>{items}</ul>" if items else "")
 
 
-def _ranked_table(rows: list[ScoredImage], limit: int = 50) -> str:
-    head = "<tr><th>rank</th><th>file</th><th>score</th><th>p-value</th><th>flagged</th></tr>"
-    body = "".join(
-        f"<tr><td>{i + 1}</td><td>{html.escape(Path(r.file).name)}</td>"
-        f'<td class="num">{r.score:.4g}</td>'
-        f'<td class="num">{"" if r.p_value is None else f"{r.p_value:.3g}"}</td>'
-        f"<td>{'yes' if r.flagged else 'no'}</td></tr>"
-        for i, r in enumerate(rows[:limit]))
-    more = f"<p class=meta>and {len(rows) - limit} more in scores.csv</p>" if (
-        len(rows) > limit) else ""
-    return f"<table>{head}{body}</table>{more}"
+def _pictures_folder(path: Path) -> Path:
+    """The folder of the report's pictures, emptied when an earlier report made it; one
+    kad did not make is refused."""
+    import shutil
+
+    folder = path.parent / f"{path.stem}_files"
+    if folder.exists() or folder.is_symlink():
+        if not (folder.is_dir() and not folder.is_symlink() and (folder / MARKER).is_file()):
+            raise KadError(f"{folder} exists and was not written by a kad report; move it "
+                           "or write the report elsewhere")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    (folder / MARKER).write_text("pictures of the kad report beside this folder\n")
+    return folder
+
+
+def _caption(r: ScoredImage, peak: float | None) -> str:
+    label = "" if r.label is None else (" · labelled abnormal" if r.label else
+                                        " · labelled normal")
+    heat = "" if peak is None else f" · heatmap max {peak:.3g}"
+    return (f"{r.score:.4g} · {_where(r)} · {'flagged' if r.flagged else 'not flagged'}"
+            f"{label}{heat}")
+
+
+def _record(i: int, r: ScoredImage, name: str, pictures: str, peak: float | None) -> dict:
+    """What the page's script draws an image's worklist row and card from (``pics``: the
+    tags of its pictures, ``t`` as taken, ``m`` model input, ``h`` and ``p`` the
+    heatmaps)."""
+    return {"i": i, "name": name, "file": r.file, "score": float(r.score),
+            "p": None if r.p_value is None else float(r.p_value), "flag": int(r.flagged),
+            "label": "" if r.label is None else ("abnormal" if r.label else "normal"),
+            "pics": pictures, "caption": _caption(r, peak),
+            "cells": [f"{r.score:.4g}", "" if r.p_value is None else f"{r.p_value:.3g}",
+                      "yes" if r.flagged else "no",
+                      "" if r.label is None else ("abnormal" if r.label else "normal"),
+                      "" if peak is None else f"{peak:.3g}"]}
+
+
+def _worklist(rows, names, pictures: list[str], sketches, heat: bool) -> str:
+    """The worklist's controls and table; its rows are drawn by the page's script from the
+    records in ``<script id="records">``, the first ones at once and the others as the
+    table scrolls, so thousands of images cost the page nothing on opening."""
+    import json
+
+    head = ('<th data-key="rank" aria-sort="ascending"><button>rank</button></th>'
+            '<th data-key="name"><button>file</button></th>'
+            '<th data-key="score"><button>score</button></th>'
+            '<th data-key="p"><button>p-value</button></th><th>flagged</th><th>label</th>'
+            + ('<th title="the largest value of its heatmap, score units per pixel">'
+               "heatmap max</th>" if heat else ""))
+    records = [_record(i, r, names[r.file], pictures[i], _peak(sketches, r.file))
+               for i, r in enumerate(rows)]
+    # "</" never closes the script early; the records are data, never run
+    data = json.dumps(records, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
+    n_flagged = sum(r.flagged for r in rows)
+    columns = ('<col class="narrow"><col><col class="value"><col class="value">'
+               '<col class="narrow"><col class="value">' + ('<col class="value">' if heat else ""))
+    return (f'<div class="controls"><label>find a file <input type="search" id="search" '
+            f'placeholder="part of a name"></label><label><input type="checkbox" '
+            f'id="flagged-only"> flagged only ({n_flagged})</label>'
+            f'<span id="shown" class="meta">{len(rows)} of {len(rows)} images shown</span>'
+            f'</div><div class="worklist"><table id="worklist" data-heat="{int(heat)}">'
+            f"<colgroup>{columns}</colgroup><thead><tr>{head}</tr></thead><tbody></tbody>"
+            '</table><button id="more-rows" hidden>more rows</button></div>'
+            f'<script type="application/json" id="records">{data}</script>')
+
+
+def _peak(sketches: HeatmapSketches | None, file: str) -> float | None:
+    sketch = sketches.get(file) if sketches else None
+    return None if sketch is None else sketch.peak
+
+
+def _pictures(pipeline, rows, folder: Path, sketches: HeatmapSketches | None,
+              progress: Progress | None) -> list[str]:
+    """Draw every image's pictures into ``folder`` as ``NNNNNt.jpg`` (as taken),
+    ``NNNNNm.jpg`` (model input), ``NNNNNh.jpg`` and ``NNNNNp.jpg`` (the heatmaps), NNNNN
+    its rank from 0; returns the tags drawn per image."""
+    from kad.data.images import resize
+    from kad.screening._report_images import (
+        draw_overlay,
+        on_photograph,
+        thumbnails,
+        write_jpeg,
+    )
+    from kad.utils.progress import task
+
+    scale = sketches.scale() if sketches else None
+    tags = []
+    with task(progress, "report", len(rows)) as update:
+        for i, r in enumerate(rows):
+            drawn = thumbnails(pipeline, r.file)
+            sketch = sketches.get(r.file) if sketches else None
+            pictures: list[tuple[np.ndarray, str]] = []
+            if drawn is not None:
+                taken, seen = drawn
+                pictures = [(taken, "t"), (seen, "m")]
+                if sketch is not None:
+                    pictures.append((draw_overlay(seen, scale.levels(resize(sketch.map, THUMB))),
+                                     "h"))
+                    back = on_photograph(sketch, taken.shape[:2])
+                    if back is not None:
+                        pictures.append((draw_overlay(taken, scale.levels(back)), "p"))
+            for rgb, tag in pictures:
+                write_jpeg(folder / f"{i:05d}{tag}.jpg", rgb)
+            tags.append("".join(tag for _, tag in pictures))
+            if (i + 1) % 50 == 0 or i + 1 == len(rows):
+                update(i + 1)
+    return tags
+
+
+def _colourbar(sketches: HeatmapSketches) -> str:
+    scale = sketches.scale()
+    return (f'<div class="colourbar"><span>0</span><span class="bar" style="background:'
+            f'linear-gradient(to right, {scale.gradient_css()})"></span>'
+            f'<span class="num">{scale.top:.3g}</span><span>how much a region raises the '
+            "score, in score units per pixel of the model's input (heatmaps by "
+            f"{html.escape(str(sketches.method))}); regions at 0 or below are not coloured"
+            f"</span></div><p class=meta>One colour scale for every heatmap of this report: "
+            f"full colour at {scale.top:.3g}, {html.escape(scale.anchored)}. Each card gives "
+            "its own heatmap's maximum in numbers.</p>")
 
 
 def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
                  failed: dict[str, str], skipped: list[tuple[str, str]], model_path: str,
-                 n_thumbnails: int = 12, heatmaps: dict | None = None,
+                 heatmaps: HeatmapSketches | None = None, names: dict[str, str] | None = None,
+                 shift: BatchShift | None = None, progress: Progress | None = None,
                  ) -> tuple[Path, dict | None]:
-    """Write the page; returns its path and the labelled metrics (None without labels).
+    """Write the page and its pictures' folder; returns its path and the labelled metrics
+    (None without labels).
 
-    ``heatmaps`` ({file: :class:`kad.screening.heatmaps.OverlayFiles`}, from
-    :func:`kad.screening.heatmaps.write_heatmaps`) adds, for the most suspicious images, the heatmap
-    over the image as the model saw it and over the photograph."""
+    ``heatmaps``: the maps collected while they were drawn (a :class:`HeatmapSketches`
+    passed as ``on_heatmap`` to :func:`kad.screening.heatmaps.write_heatmaps`); ``names``:
+    ``{file: name to show}`` (default: :func:`kad.screening.results.display_names` of the
+    files); ``shift``: the batch test (:func:`kad.screening.shift.batch_shift`) to show;
+    ``progress`` gets the task ``report`` (images drawn of all)."""
+    from kad.screening._report_images import histogram, roc
+    from kad.screening.results import display_names
+
+    path = Path(path)
+    names = {**display_names([r.file for r in rows]), **(names or {})}
     metrics = labelled_metrics(rows, pipeline.threshold.value)
     flagged = sum(r.flagged for r in rows)
     info = pipeline.describe()
@@ -297,6 +292,8 @@ def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
         ("unreadable", str(len(failed))),
         ("skipped (not images kad reads, broken links, missing)", str(len(skipped))),
     ]
+    if shift is not None:
+        summary.append(("batch against calibration", shift.line()))
     if metrics:
         summary += [
             ("AUROC", f"{100 * metrics['auroc']:.1f}% ({metrics['n_anomalous']} abnormal, "
@@ -306,36 +303,55 @@ def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
         ]
     table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
                     for k, v in summary)
-    k = min(n_thumbnails, len(rows))
-    plots = f'<img src="{_distribution(pipeline, rows)}" alt="score distribution">'
+    folder = _pictures_folder(path)
+    groups = histogram(folder / "scores.png", pipeline, rows)
+    plots = (f'<img src="{folder.name}/scores.png" alt="score histogram: '
+             f'{html.escape("; ".join(groups))}">')
     if metrics:
-        plots += f'<img src="{_roc(rows, metrics)}" alt="ROC curve">'
+        roc(folder / "roc.png", rows, metrics)
+        plots += f'<img src="{folder.name}/roc.png" alt="ROC curve">'
+    caption = "".join(f"<li>{html.escape(g)}</li>" for g in groups)
     problems = ""
     if failed or skipped:
-        items = [f"<tr><td>{html.escape(f)}</td><td>{html.escape(why)}</td></tr>"
-                 for f, why in [*failed.items(), *skipped]]
+        items = [f'<tr><td title="{html.escape(str(f))}">{html.escape(names.get(str(f), str(f)))}'
+                 f"</td><td>{html.escape(why)}</td></tr>" for f, why in [*failed.items(), *skipped]]
         problems = ("<h2>Not scored</h2><table><tr><th>file</th><th>reason</th></tr>"
                     + "".join(items) + "</table>")
-    heat_note = ('<p class="meta">Beside each image, its heatmap as the model saw it and on '
-                 "the photograph: the warmer, the more that region raises the score (colour "
-                 "scale per image).</p>" if heatmaps else "")
+    callout = (f'<p class="shift" id="shift">{html.escape(shift.line())}</p>'
+               if shift is not None and shift.shifted else "")
+    pictures = _pictures(pipeline, rows, folder, heatmaps, progress)
+    heat = bool(heatmaps and heatmaps.sketches)
+    heat_note = (" Beside each image, its heatmap as the model saw it and on the photograph: "
+                 "the brighter, the more that region raises the score." if heat else "")
+    cards = ((_colourbar(heatmaps) if heat else "")
+             + f'<div class="cards" id="cards" data-folder="{html.escape(folder.name)}" '
+               f'style="--card:{560 if heat else 300}px"></div>'
+               '<button id="more" hidden>show more</button>'
+               "<noscript><p>The cards need JavaScript; the worklist above and scores.csv "
+               "list every image.</p></noscript>")
     page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>kad screening report</title>
-<style>{_CSS}</style></head><body>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>kad screening report</title>
+<style>{CSS}</style></head><body>
 <h1>kad screening report</h1>
 <div class="meta">{datetime.now():%Y-%m-%d %H:%M} · kad {html.escape(info['versions']['kad'])}
- · red borders: flagged (score above the threshold)</div>
+ · red: flagged (score above the threshold) · pictures in {html.escape(folder.name)}/</div>
+{callout}
 <h2>Summary</h2><table>{table}</table>
 <h2>How the threshold was set</h2>{fit_section(pipeline)}
-<h2>Scores</h2><div class="plots">{plots}</div>
-<h2>Ranked images and p-values</h2>
+<h2>Scores</h2><div class="plots">{plots}</div><ul class="meta">{caption}</ul>
+<h2>Worklist</h2>
 <p class="meta">The p-value is the share of calibration normals scoring at least as high:
 small means unlike the healthy images; an image is flagged by a conformal threshold at
-false-positive rate α exactly when its p-value is at most α.</p>
-{_ranked_table(rows)}
-<h2>Most suspicious {k}</h2>{heat_note}{_gallery(pipeline, rows[:k], heatmaps)}
-<h2>Least suspicious {k}</h2>{_gallery(pipeline, rows[::-1][:k])}
+false-positive rate α exactly when its p-value is at most α. Click a column to sort, a
+name to see its card.</p>
+{_worklist(rows, names, pictures, heatmaps, heat)}
+<h2>Images</h2><p class="meta">In the worklist's order and filter, drawn as they come
+into view.{heat_note}</p>
+{cards}
 {problems}
+<script>{SCRIPT}</script>
 </body></html>
 """
     from kad.utils.files import write_text

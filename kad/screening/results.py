@@ -176,3 +176,34 @@ def write_scores_csv(path: Path, rows: list[ScoredImage], not_scored: list[NotSc
             record = score_record(row)
             writer.writerow([_csv_value(record[c]) for c in columns])
     return path
+
+
+def display_names(files: Sequence[str | Path],
+                  inputs: Sequence[str | Path] | None = None) -> dict[str, str]:
+    """Each file's name as a person reads it in the report: its path relative to the
+    folder of ``inputs`` (what was given on the command line) that holds it
+    (``sub1/x.jpeg``), or the path as given for a file named directly. Without ``inputs``,
+    relative to the folder all files share. Where two names still coincide (the same
+    relative path under two folders given), both keep the path as given. Keyed by
+    ``str(file)``."""
+    import os
+
+    files = [Path(f) for f in files]
+    if inputs is None:
+        parents = [f.parent.as_posix() for f in files]
+        same_kind = len({p.startswith("/") for p in parents}) == 1  # all absolute or not
+        inputs = [os.path.commonpath(parents)] if parents and same_kind else []
+    folders = [Path(i) for i in inputs]
+    names: dict[str, str] = {}
+    for f in files:
+        name = f.as_posix()
+        for folder in folders:
+            if f != folder and f.is_relative_to(folder):
+                name = f.relative_to(folder).as_posix()
+                break
+        names[str(f)] = name
+    counts: dict[str, int] = {}
+    for name in names.values():
+        counts[name] = counts.get(name, 0) + 1
+    return {key: (Path(key).as_posix() if counts[name] > 1 else name)
+            for key, name in names.items()}

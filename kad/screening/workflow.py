@@ -23,6 +23,7 @@ from kad.screening.results import (
     NotScored,
     ScoredImage,
     collect_images,
+    display_names,
     match_labels,
     rank,
     read_labels,
@@ -260,6 +261,9 @@ class ScreeningRun:
     metrics: dict | None
     heatmaps: object = None  # kad.screening.heatmaps.HeatmapRun, with heatmaps
     replaced: list[Path] = field(default_factory=list)  # earlier files now replaced
+    # the batch against the calibration normals (kad.screening.shift.BatchShift); None
+    # for a model without them
+    shift: object = None
 
     @property
     def n_inputs(self) -> int:
@@ -366,7 +370,7 @@ def score_images(model: str | Path | Pipeline, inputs: Sequence[str | Path], *,
                  engine: str = "local", ray_address: str | None = None,
                  heatmaps_dir: str | Path | None = None, heatmap_method: str = "auto",
                  grid: int = 8, steps: int = 16, runtime: str | None = None,
-                 progress: Progress | None = None) -> ScoredImages:
+                 progress: Progress | None = None, on_heatmap=None) -> ScoredImages:
     """Score every image under ``inputs`` (files, or folders searched recursively) with a
     fitted pipeline or the model file ``model``, writing nothing: the rows of
     ``scores.csv`` as records (:meth:`ScoredImages.records`). :func:`screen` (``kad
@@ -375,7 +379,8 @@ def score_images(model: str | Path | Pipeline, inputs: Sequence[str | Path], *,
     ``labels`` (a CSV ``image,label``) adds each image's label; ``engine="ray"`` scores on a
     Ray cluster (:func:`kad.features.ray_engine.score_with_ray`); with ``heatmaps_dir``
     every scored image's heatmap overlays are written there
-    (:func:`kad.screening.heatmaps.write_heatmaps`)."""
+    (:func:`kad.screening.heatmaps.write_heatmaps`, which hands each heatmap to
+    ``on_heatmap`` when given)."""
     from kad.data.datasets import FileSource
 
     _check_engine(engine, heatmaps_dir is not None)
@@ -398,7 +403,7 @@ def score_images(model: str | Path | Pipeline, inputs: Sequence[str | Path], *,
 
         drawn = write_heatmaps(pipeline, FileSource(files), ids, Path(heatmaps_dir),
                                method=heatmap_method, grid=grid, steps=steps, weights=weights,
-                               runtime=runtime, progress=progress)
+                               runtime=runtime, progress=progress, on_heatmap=on_heatmap)
         result = drawn.scores
     elif engine == "ray":
         from kad.features.ray_engine import score_with_ray
@@ -416,21 +421,28 @@ def score_images(model: str | Path | Pipeline, inputs: Sequence[str | Path], *,
 def _screen(pipeline, model, inputs, out_dir: Path, *, labels, weights, engine, ray_address,
             heatmaps, heatmap_method, grid, steps, runtime, progress) -> ScreeningRun:
     """:func:`screen`'s work, writing into ``out_dir`` (the staging folder)."""
-    from kad.screening.report import write_report
+    from kad.screening.report import HeatmapSketches, write_report
+    from kad.screening.shift import batch_shift
 
+    sketches = HeatmapSketches() if heatmaps else None
     found = score_images(pipeline, inputs, labels=labels, weights=weights, engine=engine,
                          ray_address=ray_address,
                          heatmaps_dir=out_dir / "heatmaps" if heatmaps else None,
                          heatmap_method=heatmap_method, grid=grid, steps=steps,
-                         runtime=runtime, progress=progress)
+                         runtime=runtime, progress=progress, on_heatmap=sketches)
     rows, not_scored, drawn = found.rows, found.not_scored, found.heatmaps
     csv_path = write_scores_csv(out_dir / "scores.csv", rows, not_scored)
+    shift = batch_shift(pipeline, [r.score for r in rows])
     report, metrics = write_report(out_dir / "report.html", pipeline, rows,
                                    {o.file: o.reason for o in not_scored if o.status == UNREADABLE},
                                    [(o.file, o.reason) for o in not_scored
                                     if o.status != UNREADABLE], str(model),
-                                   heatmaps=drawn.files if drawn else None)
-    return ScreeningRun(rows, not_scored, csv_path, report, metrics, drawn)
+                                   heatmaps=sketches,
+                                   names=display_names([*(Path(r.file) for r in rows),
+                                                        *(Path(o.file) for o in not_scored)],
+                                                       inputs),
+                                   shift=shift, progress=progress)
+    return ScreeningRun(rows, not_scored, csv_path, report, metrics, drawn, shift=shift)
 
 
 # -- kad threshold -------------------------------------------------------------------------
