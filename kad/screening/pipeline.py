@@ -111,12 +111,22 @@ class Pipeline:
         }
 
     # -- scoring ------------------------------------------------------------------------
+    #: Whether the Keras network can be built (:meth:`network`); an exported model
+    #: (:mod:`kad.screening.export`) holds its network as OpenVINO IR only.
+    has_network = True
+
+    def input_scaling(self):
+        """What maps images in [0, 1] to the network's input (its ``preprocess``): the
+        backbone plugin."""
+        from kad.features.backbones import get_backbone
+
+        return get_backbone(self.backbone)
+
     def _plan(self):
         from kad.data.preprocessing import get_preprocessing
-        from kad.features.backbones import get_backbone
         from kad.features.extraction import ExtractionPlan
 
-        return ExtractionPlan(get_backbone(self.backbone), self.weights, self.image_size,
+        return ExtractionPlan(self.input_scaling(), self.weights, self.image_size,
                               get_preprocessing(self.preprocessing), "", Path(), {})
 
     def network(self, weights: str | None = None):
@@ -259,7 +269,13 @@ _FIELDS = ("backbone", "weights", "weights_fingerprint", "image_size", "preproce
 def load_pipeline(path: str | Path) -> Pipeline:
     """Read a pipeline written by :meth:`Pipeline.save`; nothing in the file can run code:
     it is JSON, NumPy arrays, scikit-learn objects of allowed types and Keras networks in
-    safe mode (see :mod:`kad.utils.artifact`)."""
+    safe mode (see :mod:`kad.utils.artifact`). A folder written by ``kad export``
+    (:func:`kad.screening.export.export_pipeline`) is read by
+    :func:`kad.screening.export.load_export`: it scores with OpenVINO alone."""
+    if Path(path).is_dir():
+        from kad.screening.export import load_export
+
+        return load_export(path)
     artifact = open_artifact(path, kind="pipeline")
     tree = artifact.tree
     if not isinstance(tree, dict) or set(tree) != {"pipeline", "detector"}:
