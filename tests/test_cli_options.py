@@ -72,6 +72,7 @@ CALLS: dict[tuple[str, ...], list[str]] = {
     ("score",): ["kad.screening.workflow:screen"],
     ("threshold",): ["kad.screening.workflow:set_threshold"],
     ("explain",): ["kad.screening.pipeline:load_pipeline", "kad.screening.heatmaps:explain_file"],
+    ("export",): ["kad.screening.export:export_pipeline"],
     ("cache", "list"): ["kad.features.cache:list_entries"],
     ("cache", "verify"): ["kad.features.cache:resolve_entry!", "kad.features.cache:list_entries"],
     ("cache", "remove"): ["kad.features.cache:remove_entries"],
