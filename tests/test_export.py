@@ -24,12 +24,8 @@ from conftest import FAST
 from kad.cli import app
 from kad.data.datasets import FileSource, load_dataset
 from kad.errors import ArtifactError, KadError
-from kad.screening.export import (
-    MARKER,
-    ExportedPipeline,
-    export_pipeline,
-    input_scaling,
-)
+from kad.features.exported import MARKER, input_scaling
+from kad.screening.export import export_pipeline
 from kad.screening.fitting import fit_pipeline
 from synthetic import screening_folder
 
@@ -77,7 +73,7 @@ def _csv_scores(path: Path) -> dict[str, float]:
 def test_the_export_scores_as_the_model_file(exported):
     pipeline, _, folder, files, expected = exported
     loaded = kad.load_pipeline(folder)
-    assert isinstance(loaded, ExportedPipeline) and not loaded.has_network
+    assert loaded.exported is not None and not loaded.has_network
     got = loaded.score(FileSource(files)).scores
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     assert loaded.threshold.value == pipeline.threshold.value
@@ -181,7 +177,7 @@ def test_an_export_scores_without_tensorflow(exported, tmp_path):
 
 def test_input_scaling_is_measured_for_every_mode_and_refused_when_not_affine():
     from kad.features.backbones import get_backbone
-    from kad.screening.export import ExportedInput
+    from kad.features.exported import ExportedInput
 
     rng = np.random.default_rng(1)
     images = rng.uniform(0, 1, (2, 6, 5, 3)).astype(np.float32)
