@@ -80,7 +80,8 @@ def test_the_export_scores_as_the_model_file(exported):
     np.testing.assert_array_equal(loaded.flag(got), pipeline.flag(expected))
 
 
-def test_heatmaps_of_an_export_use_occlusion_and_refuse_gradients(exported):
+def test_an_export_draws_occlusion_heatmaps_and_refuses_what_needs_keras_or_rewriting(
+        exported):
     from kad.screening.heatmaps import explain
 
     _, _, folder, files, expected = exported
@@ -94,6 +95,10 @@ def test_heatmaps_of_an_export_use_occlusion_and_refuse_gradients(exported):
         loaded.score(FileSource(files[:1]), weights="other.h5")
     with pytest.raises(KadError, match="export it again"):
         loaded.save(folder.parent / "again.kad")
+    refused = CliRunner().invoke(app, ["threshold", str(folder), "--fpr", "0.1", "--out",
+                                       str(folder.parent / "moved.kad")])
+    assert refused.exit_code == 1 and "exported model" in refused.output
+    assert not (folder.parent / "moved.kad").exists()
 
 
 def test_an_existing_folder_is_replaced_only_when_asked_and_only_if_kad_wrote_it(
