@@ -174,4 +174,7 @@ def _publish(part: Path, out: Path, replaced: bool) -> None:
         if replaced:
             for name in (*FILES, MARKER):
                 (old / name).unlink(missing_ok=True)
-        old.rmdir()
+        try:
+            old.rmdir()
+        except OSError:  # something appeared there meanwhile: kept, never deleted
+            pass
