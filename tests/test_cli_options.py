@@ -74,6 +74,7 @@ CALLS: dict[tuple[str, ...], list[str]] = {
     ("explain",): ["kad.screening.pipeline:load_pipeline", "kad.screening.heatmaps:explain_file"],
     ("serve",): ["kad.serve.app:serve"],
     ("lesions",): ["kad.screening.lesions:measure_lesions"],
+    ("export",): ["kad.screening.export:export_pipeline"],
     ("cache", "list"): ["kad.features.cache:list_entries"],
     ("cache", "verify"): ["kad.features.cache:resolve_entry!", "kad.features.cache:list_entries"],
     ("cache", "remove"): ["kad.features.cache:remove_entries"],

@@ -2,7 +2,8 @@
 
 Each command parses its options, calls one library function and renders the record it
 returns; no logic lives here. Results go to stdout, diagnostics and progress to stderr.
-kad's own commands are in :mod:`kad.cli.commands` and :mod:`kad.cli.screening`; more come
+kad's own commands are in :mod:`kad.cli.commands`, :mod:`kad.cli.screening` and
+:mod:`kad.cli.export`; more come
 from the ``kad.commands`` entry points, which is how the paper's recipes are mounted as
 ``kad recipe`` (a third party's command is mounted the same way). Command plugins may use
 :mod:`kad.cli.options` and :mod:`kad.cli.render` for the same spelling and output.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import typer
 
-from kad.cli import cache, commands, lesions, screening, serve
+from kad.cli import cache, commands, export, lesions, screening, serve
 from kad.cli.render import note
 
 app = typer.Typer(
@@ -26,6 +27,7 @@ commands.register(app)
 screening.register(app)
 serve.register(app)
 lesions.register(app)
+export.register(app)
 app.add_typer(cache.app, name="cache")
 
 

@@ -44,7 +44,8 @@ BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=MIN_BATCH_SIZE,
 CacheDirOpt = Annotated[Path | None, typer.Option(
     "--cache-dir", help="Feature cache folder (default $KAD_CACHE_DIR or ~/.cache/kad).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice.")]
-ModelArg = Annotated[Path, typer.Argument(help="A model file written by kad fit.")]
+ModelArg = Annotated[Path, typer.Argument(
+    help="A model file written by kad fit, or a folder written by kad export.")]
 EngineOpt = Annotated[str, typer.Option(
     "--engine", help="local (this process) or ray (Ray Data: a cluster, or a local Ray "
                      "started for the run; pip install 'kad[ray]').")]

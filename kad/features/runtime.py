@@ -64,10 +64,12 @@ __all__ = [
     "RuntimeChoice",
     "as_runtime",
     "build_runtime",
+    "converted_files",
     "gpu_visible",
     "model_runtime",
     "openvino_available",
     "openvino_model_dir",
+    "read_runtime",
     "resolve_runtime",
 ]
 
@@ -405,6 +407,16 @@ def _openvino_runtime(bb, input_size: int, weights, folder: Path, keras_model,
             log_line(f"converting {bb.spec} @{input_size}px to OpenVINO, cached at {folder}")
         found = _convert(bb, input_size, weights, folder, core, keras_model)
     model, names = found
+    result = _compiled(core, model, names, input_size, batch_size, folder)
+    if log_line:
+        log_line(f"runtime: {result.describe()} ({choice.reason})")
+    return result
+
+
+def _compiled(core, model, names: list[str], input_size: int, batch_size: int,
+              folder: Path | None) -> OpenVINORuntime:
+    """``model`` (read by ``core``) compiled for the CPU in float32 with the throughput
+    hint, its batch split into one equal slice per inference request."""
     config = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32"}
     probe = core.compile_model(model, "CPU", config)
     requests = max(1, min(int(probe.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")),
@@ -414,7 +426,42 @@ def _openvino_runtime(bb, input_size: int, weights, folder: Path, keras_model,
     requests = math.ceil(int(batch_size) / slice_size)
     model.reshape({model.inputs[0]: [slice_size, input_size, input_size, 3]})
     compiled = core.compile_model(model, "CPU", config)
-    result = OpenVINORuntime(compiled, names, slice_size, requests, folder)
-    if log_line:
-        log_line(f"runtime: {result.describe()} ({choice.reason})")
-    return result
+    return OpenVINORuntime(compiled, names, slice_size, requests, folder)
+
+
+def converted_files(runtime: OpenVINORuntime) -> dict[str, tuple[Path, str]]:
+    """The files of the conversion ``runtime`` was compiled from, checked against their
+    checksums: ``{"xml": (path, sha256), "bin": (path, sha256)}``. Raises
+    :class:`~kad.errors.KadError` when the runtime has no cached conversion or it no longer
+    matches (removed or changed since)."""
+    folder = runtime.model_dir
+    if folder is None:
+        raise KadError("this OpenVINO runtime was not compiled from a cached conversion")
+    try:
+        expected = json.loads((folder / _MANIFEST).read_text())["sha256"]
+        found = {f: _file_sha256(folder / f) for f in (_XML, _BIN)}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise KadError(f"the OpenVINO conversion in {folder} cannot be read ({exc}); run the "
+                       "command again to convert it again") from exc
+    if found != expected:
+        raise KadError(f"the OpenVINO conversion in {folder} changed while kad used it; run "
+                       "the command again")
+    return {"xml": (folder / _XML, found[_XML]), "bin": (folder / _BIN, found[_BIN])}
+
+
+def read_runtime(xml: str | Path, names: list[str], input_size: int,
+                 batch_size: int = 64) -> OpenVINORuntime:
+    """The OpenVINO model saved at ``xml`` (its weights in the ``.bin`` file of the same
+    name), whose outputs are named for ``names`` as :func:`model_runtime` names them,
+    compiled as every OpenVINO runtime is. Needs OpenVINO alone: no Keras, no TensorFlow.
+    The caller checks the files first (an exported model does,
+    :mod:`kad.screening.export`)."""
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        raise MissingDependencyError(f"an exported model runs on OpenVINO, which could not be "
+                                     f"imported ({exc}); pip install 'kad[openvino]'") from exc
+    core = ov.Core()
+    model = core.read_model(str(xml))
+    return _compiled(core, model, list(names), int(input_size), int(batch_size),
+                     Path(xml).parent)

@@ -305,13 +305,20 @@ class _Explainer:
     def __init__(self, pipeline, method: str, grid: int, steps: int, weights: str | None,
                  batch_size: int | None, runtime: str | None = None):
         from kad.data.preprocessing import get_preprocessing
-        from kad.features.backbones import get_backbone, spatial_extractor
+        from kad.features.backbones import spatial_extractor
         from kad.features.runtime import model_runtime
 
         self.pipeline = pipeline
         self.detector = pipeline.detector
         self.representation = pipeline.representation
         self.method = choose_method(self.detector, method)
+        if self.method == "gradient" and not pipeline.has_network:
+            if method == "gradient":
+                raise KadError(
+                    f"{pipeline.source} is an exported model: its network is OpenVINO IR "
+                    "without the block maps gradient heatmaps need; use --heatmap-method "
+                    "occlusion, or the model file it was exported from")
+            self.method = "occlusion"  # auto: the next best the exported network can do
         if steps < 1:
             raise KadError(f"integration steps must be at least 1, got {steps}")
         self.grid, self.steps = int(grid), int(steps)
@@ -319,7 +326,7 @@ class _Explainer:
         if self.method == "occlusion":
             occlusion_cells(self.size, self.grid)  # checks the grid
         self.batch_size = int(batch_size or pipeline.batch_size)
-        self.backbone = get_backbone(pipeline.backbone)
+        self.backbone = pipeline.input_scaling()
         self.preprocessing = get_preprocessing(pipeline.preprocessing)
         self.runner = pipeline.runner(weights, runtime)
         self.blocks = list(pipeline.blocks)

@@ -80,6 +80,9 @@ class Pipeline:
         self._model = None
         self._runners: dict = {}
         self.weights_used = weights
+        #: The network of an export folder (:mod:`kad.features.exported`) when the pipeline
+        #: was read from one: it then runs on that OpenVINO IR and builds no Keras network.
+        self.exported = None
 
     def __getstate__(self):  # Ray ships pipelines to its actors: without the network
         state = dict(self.__dict__)
@@ -100,6 +103,7 @@ class Pipeline:
             "preprocessing": self.preprocessing, "blocks": self.blocks,
             "representation": self.representation.name,
             "runtime": self.runtime,
+            **({"exported": str(self.exported.folder)} if self.exported is not None else {}),
             "detector": type(self.detector).__name__,
             "detector_params": {k: repr(v) for k, v in self.detector.get_params().items()},
             "threshold": {"value": self.threshold.value, "method": self.threshold.method,
@@ -112,17 +116,35 @@ class Pipeline:
         }
 
     # -- scoring ------------------------------------------------------------------------
+    @property
+    def has_network(self) -> bool:
+        """Whether the Keras network can be built (:meth:`network`); an exported model
+        (:mod:`kad.features.exported`) holds its network as OpenVINO IR only."""
+        return self.exported is None
+
+    def input_scaling(self):
+        """What maps images in [0, 1] to the network's input (its ``preprocess``): the
+        backbone plugin, or an exported model's scaling."""
+        from kad.features.backbones import get_backbone
+
+        if self.exported is not None:
+            return self.exported.scaling
+        return get_backbone(self.backbone)
+
     def _plan(self):
         from kad.data.preprocessing import get_preprocessing
-        from kad.features.backbones import get_backbone
         from kad.features.extraction import ExtractionPlan
 
-        return ExtractionPlan(get_backbone(self.backbone), self.weights, self.image_size,
+        return ExtractionPlan(self.input_scaling(), self.weights, self.image_size,
                               get_preprocessing(self.preprocessing), "", Path(), {})
 
     def network(self, weights: str | None = None):
         """The multi-output network, built once, checked against the fitted weights;
         ``weights`` (a file) replaces the recorded weights file."""
+        if self.exported is not None:
+            raise KadError(f"{self.source} is an exported model: it holds its network as "
+                           "OpenVINO IR, not as a Keras network; use the model file it was "
+                           "exported from (and TensorFlow) for this")
         if self._model is None or weights is not None:
             from kad.features.backbones import get_backbone
 
@@ -175,6 +197,8 @@ class Pipeline:
         network (or reuses its cached conversion, :func:`kad.features.runtime.model_runtime`)."""
         from kad.features.runtime import model_runtime, resolve_runtime
 
+        if self.exported is not None:
+            return self._exported_runner(weights, runtime)
         choice = resolve_runtime(runtime or self.runtime).name
         if weights is not None or choice not in self._runners:
             model = self.network(weights)
@@ -183,6 +207,17 @@ class Pipeline:
                 self.image_size, self.weights_used, choice, self.batch_size,
                 extractor=model)
         return self._runners[choice]
+
+    def _exported_runner(self, weights: str | None, runtime: str | None):
+        if weights is not None:
+            raise KadError(f"{self.source} is an exported model: it holds its network and "
+                           "its weights, so --weights does not apply; drop it")
+        if runtime not in (None, "auto", "openvino"):
+            raise KadError(f"{self.source} is an exported model: it runs on OpenVINO only, "
+                           f"not on runtime {runtime!r}; drop --runtime or use openvino")
+        if "openvino" not in self._runners:
+            self._runners["openvino"] = self.exported.runtime(self.batch_size)
+        return self._runners["openvino"]
 
     def score(self, source, ids: Sequence[str] | None = None,
               progress: Progress | None = None, weights: str | None = None,
@@ -241,6 +276,10 @@ class Pipeline:
         """Write the pipeline to one file of plain data (see :mod:`kad.utils.artifact`); raises
         :class:`~kad.errors.UnstorableError` naming the value when part of it cannot be
         stored that way."""
+        if self.exported is not None:
+            raise KadError(f"{self.source} is an exported model and is not written back: "
+                           "change the model file it was exported from (kad threshold "
+                           f"MODEL ...) and export it again, not {path}")
         encoder = Encoder(trusted=tuple(type(self.detector).trusted_types))
         fields = {name: getattr(self, name) for name in _FIELDS}
         fields["representation"] = self.representation.to_record()
@@ -260,7 +299,11 @@ _FIELDS = ("backbone", "weights", "weights_fingerprint", "image_size", "preproce
 def load_pipeline(path: str | Path) -> Pipeline:
     """Read a pipeline written by :meth:`Pipeline.save`; nothing in the file can run code:
     it is JSON, NumPy arrays, scikit-learn objects of allowed types and Keras networks in
-    safe mode (see :mod:`kad.utils.artifact`)."""
+    safe mode (see :mod:`kad.utils.artifact`). A folder written by ``kad export``
+    (:func:`kad.screening.export.export_pipeline`) is checked file by file
+    (:func:`kad.features.exported.read_export`) and scores with OpenVINO alone."""
+    if Path(path).is_dir():
+        return _load_export(Path(path))
     artifact = open_artifact(path, kind="pipeline")
     tree = artifact.tree
     if not isinstance(tree, dict) or set(tree) != {"pipeline", "detector"}:
@@ -285,4 +328,18 @@ def load_pipeline(path: str | Path) -> Pipeline:
             from exc
     pipeline.versions = versions
     pipeline.source = Path(path)
+    return pipeline
+
+
+def _load_export(folder: Path) -> Pipeline:
+    from kad.features.exported import read_export
+
+    network = read_export(folder)
+    pipeline = load_pipeline(network.pipeline_file)
+    if network.input_size != pipeline.image_size:
+        raise ArtifactError(f"the exported model {folder} is damaged: its network takes "
+                            f"{network.input_size} px but its pipeline scores at "
+                            f"{pipeline.image_size} px; export it again")
+    pipeline.exported = network
+    pipeline.source = folder
     return pipeline

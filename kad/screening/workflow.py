@@ -486,6 +486,10 @@ def set_threshold(model: str | Path, labels: str | Path | None = None, *,
         raise KadError("give --out NEW.kad or --in-place, not both")
     rule = ThresholdRule(fpr=fpr, sensitivity=sensitivity).resolve(labelled=labels is not None)
     pipeline = load_pipeline(model)
+    if not pipeline.has_network:
+        raise KadError(f"{model} is an exported model, which kad does not rewrite: move the "
+                       "threshold of the model file it was exported from and export that "
+                       "again")
     if out_path is None and not in_place:
         raise KadError(f"kad threshold does not rewrite {model} unasked: write the updated "
                        f"model to a new file with --out NEW.kad, or pass --in-place to "
