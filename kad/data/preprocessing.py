@@ -82,7 +82,9 @@ class Natural(Preprocessing):
         return int(input_size)  # the image is resized to input_size x input_size
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
-        return to_rgb_uint8(rgb).astype(np.float32) / np.float32(255.0)
+        image = to_rgb_uint8(rgb).astype(np.float32)
+        image /= np.float32(255.0)  # in place: one copy of the image, not two
+        return image
 
 
 @dataclass(frozen=True)
