@@ -124,7 +124,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.smoke:
         args.n, args.n_fit, args.grid, args.steps, args.occlusion_n = 3, 12, 2, 2, 1
-        args.detectors = args.detectors.split(",")[0]
+        args.detectors, args.blocks = "knn", "block_12_add"
 
     from kad.data.datasets import ArraySource, load_dataset
     from kad.screening.fitting import fit_pipeline

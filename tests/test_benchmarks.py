@@ -47,6 +47,12 @@ def test_the_end_to_end_benchmark_runs_in_smoke_mode():
 
 
 @pytest.mark.tf
+def test_the_main_job_benchmark_runs_in_smoke_mode():
+    out = _run("main_job.py", "--smoke")
+    assert "network input size: 80 px" in out and "wall time" in out
+
+
+@pytest.mark.tf
 def test_the_extraction_benchmark_runs_in_smoke_mode():
     out = _run("extract.py", "--smoke")
     assert "kad:openvino end to end / plain predict" in out
