@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="a few patients, one repeat, 32 px: seconds, not a result")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.healthy_patients, args.repeats = 16, 1
+        args.healthy_patients, args.repeats, args.fpr = 16, 1, 0.25
 
     from kad.data.datasets import FileSource, load_dataset
     from kad.features.extract import extract_features
@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
             pipe = fit_pipeline(dataset, split=split, **common,
                                 **({"fpr": args.fpr} if method == "fpr"
                                    else {"sensitivity": args.sensitivity}))
-            scores = pipe.score_features(features.matrix(pipe.blocks, out_rows))
+            scores = pipe.detector.anomaly_score(
+                pipe.representation.cached(features, out_rows))
             if run == 0 and method == "fpr":  # the streamed path gives the same scores
                 files = [work / "pool" / i for i in np.asarray(dataset.ids)[out_rows[:16]]]
                 streamed = pipe.score(FileSource(files)).scores
