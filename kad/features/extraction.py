@@ -4,10 +4,11 @@ features and which cache entry holds them), and the local extraction loop that
 and the Ray
 engine (:mod:`kad.features.ray_engine`) reuse.
 
-It decodes and preprocesses images in a thread pool (OpenCV releases the GIL) while the
-network runs on the previous batch, writes each batch to the memory-mapped entry, and
-resumes from the last written batch if it was interrupted. Images that cannot be read are
-counted, reported and marked invalid in the entry; they never stop the run.
+It decodes and preprocesses images in a thread pool (OpenCV releases the GIL), starting
+while the network is built and then while it runs on the previous batch (:class:`Loader`),
+writes each batch to the memory-mapped entry, and resumes from the last written batch if
+it was interrupted. Images that cannot be read are counted, reported and marked invalid in
+the entry; they never stop the run.
 """
 
 from __future__ import annotations
