@@ -8,7 +8,7 @@ README states the size and the time this script measured.
 Run from the repository root::
 
     python benchmarks/main_job.py
-    python benchmarks/main_job.py --smoke     # --limit 3, one detector: seconds
+    python benchmarks/main_job.py --smoke     # --limit 10, one detector: seconds
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ COMMAND = ["recipe", "table1", "--dataset", "digits", "--weights", "none"]
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true",
-                        help="3 images per class, one detector, one seed: seconds")
+                        help="10 images per class, one detector, one seed: seconds")
     args = parser.parse_args(argv)
-    command = COMMAND + (["--limit", "3", "--detectors", "iforest", "--seeds", "1",
+    command = COMMAND + (["--limit", "10", "--detectors", "iforest", "--seeds", "1",
                           "--backbone", "mobilenet_v2:alpha=0.35"] if args.smoke else [])
     work = Path(tempfile.mkdtemp(prefix="kad-main-job-"))
     try:
