@@ -47,8 +47,10 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def build_folder(data_dir: Path, root: Path, n_healthy: int, seed: int) -> dict:
-    """A folder dataset of grade-0 and grade-4 images under ``root``; returns the counts."""
+def build_folder(data_dir: Path, root: Path, n_healthy: int, seed: int,
+                 n_sick: int | None = None) -> dict:
+    """A folder dataset of grade-0 and grade-4 images under ``root`` (every patient with a
+    grade-4 eye, or ``n_sick`` of them); returns the counts."""
     grades = {}
     with open(data_dir / "trainLabels.csv") as fh:
         for row in csv.DictReader(fh):
@@ -60,6 +62,8 @@ def build_folder(data_dir: Path, root: Path, n_healthy: int, seed: int) -> dict:
     healthy = sorted(set(patient.values()) - set(sick))
     rng = np.random.default_rng(seed)
     chosen = set(rng.choice(healthy, size=min(n_healthy, len(healthy)), replace=False))
+    if n_sick is not None:
+        sick = sorted(rng.choice(sick, size=min(n_sick, len(sick)), replace=False))
     chosen |= set(sick)
     rows = ["image,patient"]
     counts = {"normal": 0, "abnormal": 0, "patients": len(chosen)}
@@ -87,7 +91,7 @@ def outside_rows(dataset, share: float, seed: int) -> np.ndarray:
     return np.flatnonzero(np.isin(patient, out))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/kaggle-dr-256"))
     parser.add_argument("--weights", default="../shared/weights/mobilenet_v2_weights_tf_dim_"
@@ -104,7 +108,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write every number here")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true",
+                        help="a few patients, one repeat, 32 px: seconds, not a result")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.healthy_patients, args.repeats, args.fpr = 16, 1, 0.25
 
     from kad.data.datasets import FileSource, load_dataset
     from kad.features.extract import extract_features
@@ -112,7 +120,8 @@ def main() -> None:
     from kad.screening.fitting import fit_pipeline
 
     work = args.work or Path(tempfile.mkdtemp(prefix="kad-calibration-"))
-    counts = build_folder(args.data_dir, work / "pool", args.healthy_patients, 0)
+    counts = build_folder(args.data_dir, work / "pool", args.healthy_patients, 0,
+                          8 if args.smoke else None)
     print("images:", json.dumps(counts))
     dataset = load_dataset("folder", work / "pool")
     cache = work / "cache"
@@ -138,7 +147,8 @@ def main() -> None:
             pipe = fit_pipeline(dataset, split=split, **common,
                                 **({"fpr": args.fpr} if method == "fpr"
                                    else {"sensitivity": args.sensitivity}))
-            scores = pipe.score_features(features.matrix(pipe.blocks, out_rows))
+            scores = pipe.detector.anomaly_score(
+                pipe.representation.cached(features, out_rows))
             if run == 0 and method == "fpr":  # the streamed path gives the same scores
                 files = [work / "pool" / i for i in np.asarray(dataset.ids)[out_rows[:16]]]
                 streamed = pipe.score(FileSource(files)).scores

@@ -194,7 +194,12 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--smoke", action="store_true",
+                        help="the fundus set at 32 px, few images: seconds, not a result")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.datasets, args.sizes, args.detectors = "dr", "32", "knn"
+        args.folds, args.time_images, args.time_repeat, args.batch_size = 2, 4, 1, 4
 
     from kad.data.datasets import load_dataset
     from kad.data.protocols import subsample
@@ -210,6 +215,8 @@ def main(argv=None) -> int:
     for name in args.datasets.split(","):
         if name == "dr":
             dataset = load_dataset("dr", args.dr_dir)
+            if args.smoke:
+                dataset = dataset.subset(subsample(dataset, 12))
             extra = "fundus:size=input" if args.fundus_at_input else None
         elif name == "cifar10":
             if args.cifar_dir is None:

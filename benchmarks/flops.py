@@ -43,7 +43,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--networks", nargs="+", default=list(DEFAULT),
                         help="BACKBONE@SIZE (default: %(default)s)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="one small network at 32 px, in seconds")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.networks = ["mobilenet_v2:alpha=0.35@32"]
     from kad.features.backbones import get_backbone
 
     for item in args.networks:

@@ -119,7 +119,12 @@ def main(argv=None) -> None:
                         help="explain only the first this many planted images with occlusion "
                              "(it costs 1 + grid² passes per image); 0: all")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true",
+                        help="a few images, one detector, coarse maps: seconds, not a result")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.n, args.n_fit, args.grid, args.steps, args.occlusion_n = 3, 12, 2, 2, 1
+        args.detectors, args.blocks = "knn", "block_12_add"
 
     from kad.data.datasets import ArraySource, load_dataset
     from kad.screening.fitting import fit_pipeline

@@ -33,13 +33,17 @@ def best_of(repeat: int, func) -> float:
     return min(times)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--detectors", default="iforest,ocsvm,knn,mahalanobis")
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--dim", type=int, default=1536)
     parser.add_argument("--repeat", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true",
+                        help="two detectors on 200 x 16 features, in seconds")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.detectors, args.n, args.dim, args.repeat = "iforest,knn", 200, 16, 1
 
     from kad.detectors.base import load_detector
     from kad.registry import get_detector

@@ -67,7 +67,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--full-size", type=int, default=6, help="full-size photographs")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--smoke", action="store_true", help="a few images, in seconds")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.n, args.full_size, args.repeat = 4, 2, 1
     if not KAGGLE.is_dir():
         raise SystemExit(f"needs the Kaggle images at {KAGGLE}")
 

@@ -33,6 +33,8 @@ class InceptionResNetV2Backbone(Backbone):
             include_top=False, weights=weights, input_shape=input_shape
         )
 
+    input_scaling = (2.0, -1.0)  # _tf_mode on [0, 1] images
+
     def preprocess_input(self, x):
         return _tf_mode(x)
 
@@ -64,6 +66,8 @@ class InceptionV3Backbone(Backbone):
         return keras.applications.InceptionV3(
             include_top=False, weights=weights, input_shape=input_shape
         )
+
+    input_scaling = (2.0, -1.0)  # _tf_mode on [0, 1] images
 
     def preprocess_input(self, x):
         return _tf_mode(x)
@@ -97,6 +101,8 @@ class MobileNetV2Backbone(Backbone):
             include_top=False, weights=weights, input_shape=input_shape,
             alpha=self.config["alpha"],
         )
+
+    input_scaling = (2.0, -1.0)  # _tf_mode on [0, 1] images
 
     def preprocess_input(self, x):
         return _tf_mode(x)

@@ -109,3 +109,19 @@ def test_local_imagenet_weights_load_and_a_misfit_names_both():
     with pytest.raises(WeightsError) as info:
         get_backbone("mobilenet_v2").build_extractor(96, path)
     assert str(path.name) in str(info.value) and "mobilenet_v2" in str(info.value)
+
+
+@pytest.mark.parametrize("spec", ["inception_resnet_v2", "inception_v3", "mobilenet_v2"])
+def test_in_place_input_scaling_is_the_networks_own(spec):
+    # The loader scales each image into the batch in place; the network must get what
+    # its own preprocess_input gives on [0, 255] pixels, within float32 rounding.
+    backbone = get_backbone(spec)
+    x01 = np.random.default_rng(0).random((2, 9, 7, 3), dtype=np.float32)
+    expected = backbone.preprocess_input(x01 * np.float32(255.0))
+    out = np.full_like(x01, np.nan)
+    assert backbone.preprocess_into(x01, out) is out
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(backbone.preprocess(x01), expected, rtol=0, atol=1e-6)
+    same = x01.copy()
+    backbone.preprocess_into(same, same)
+    np.testing.assert_allclose(same, expected, rtol=0, atol=1e-6)

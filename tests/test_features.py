@@ -202,3 +202,28 @@ def test_progress_is_reported_from_before_the_network_is_built(folder, monkeypat
     again = Recorder()
     extract_features(folder, MNV2, "none", 32, batch_size=8, progress=again)
     assert again.events == [], "a cached entry reports nothing"
+
+
+def test_images_load_while_the_network_is_built(folder, monkeypatch):
+    import threading
+
+    import kad.features.extraction as extraction
+
+    loaded = threading.Event()
+    original_load = extraction.load_preprocessed
+
+    def load(*args, **kwargs):
+        loaded.set()
+        return original_load(*args, **kwargs)
+
+    original_build = kad.features.runtime.build_runtime
+
+    def building(*args, **kwargs):
+        # Building a network takes seconds: the first images are read meanwhile.
+        assert loaded.wait(timeout=10), "no image was loaded while the network was built"
+        return original_build(*args, **kwargs)
+
+    monkeypatch.setattr(extraction, "load_preprocessed", load)
+    monkeypatch.setattr(kad.features.runtime, "build_runtime", building)
+    features = extract_features(folder, MNV2, "none", 32, batch_size=8)
+    assert len(features) == 19 and list(features.failed) == ["abnormal/03.jpg"]

@@ -8,7 +8,14 @@ import cv2
 import numpy as np
 import pytest
 
-from kad.data.images import IMAGE_EXTENSIONS, is_image_file, read_image, resize, to_rgb_uint8
+from kad.data.images import (
+    IMAGE_EXTENSIONS,
+    check_usable,
+    is_image_file,
+    read_image,
+    resize,
+    to_rgb_uint8,
+)
 from kad.errors import ImageReadError, KadError
 
 
@@ -415,3 +422,15 @@ def test_the_limit_is_checked_on_the_header_before_any_pixel_is_decoded(tmp_path
         read_image(tmp_path / "bomb.png")
     assert "40000x40000 px (1600.0 megapixels)" in str(refused.value)
     assert "limit of 64 megapixels" in str(refused.value)
+
+
+@pytest.mark.parametrize("where", [(0, 0), (517, 1001), (1023, 1023)])
+def test_check_usable_sees_one_odd_pixel_anywhere(where):
+    # The usability check looks at a sparse grid of pixels first; a pixel off that grid
+    # still makes the image usable, and without it the image is one flat colour.
+    flat = np.full((1024, 1024, 3), 40, np.uint8)
+    with pytest.raises(ImageReadError, match="one flat colour"):
+        check_usable(flat, "flat.png")
+    odd = flat.copy()
+    odd[where] = (40, 41, 40)
+    assert check_usable(odd, "odd.png") is odd

@@ -82,7 +82,9 @@ class Natural(Preprocessing):
         return int(input_size)  # the image is resized to input_size x input_size
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
-        return to_rgb_uint8(rgb).astype(np.float32) / np.float32(255.0)
+        image = to_rgb_uint8(rgb).astype(np.float32)
+        image /= np.float32(255.0)  # in place: one copy of the image, not two
+        return image
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,9 @@ class Fundus(Preprocessing):
     name: ClassVar[str] = "fundus"
     #: 2: the fundus is searched with fewer, cheaper passes, its mask drawn at the output
     #: size, the local average computed at half resolution, large JPEGs decoded reduced.
-    revision: ClassVar[int] = 2
+    #: 3: the fundus is searched on a regular sample of a large photograph's pixels and the
+    #: mask's edge eroded by a distance transform (tests/test_fundus_tolerance.py).
+    revision: ClassVar[int] = 3
     size: int = 256
     blur: float = 1 / 60
     alpha: float = 4.0
@@ -164,22 +168,56 @@ class Fundus(Preprocessing):
             inside = _fundus_mask(self.size, hull)
         margin = round((1.0 - self.mask) * self.size / 2)
         if margin > 0 and not inside.all():  # all inside: no fundus was found, keep all
-            inside = cv2.erode(
-                inside.astype(np.uint8), _disc(2 * margin + 1),
-                borderType=cv2.BORDER_CONSTANT, borderValue=0,
-            ).astype(bool)
+            inside = _eroded(inside, self.size, margin)
         blurred = _local_average(image, self.blur * self.size)
         # alpha * (image - blurred) + 128 on the 0-255 scale, then to [0, 1], in one pass.
         gain = self.alpha / 255.0
         out = cv2.addWeighted(image, gain, blurred, -gain, 128.0 / 255.0)
         np.clip(out, 0.0, 1.0, out=out)
-        np.copyto(out, np.float32(0.5), where=~inside[:, :, None])
+        # Neutral grey outside the mask: one masked copy (OpenCV) of a shared grey image.
+        cv2.copyTo(_grey(self.size), (~inside).view(np.uint8), out)
         return out
 
     def crop_box(self, rgb: np.ndarray) -> tuple[int, int, int, int]:
         """The square :func:`crop_fundus` cuts, as ``(left, top, side, side)``."""
         left, top, side = fundus_box(rgb)
         return left, top, side, side
+
+
+def _eroded(inside: np.ndarray, side: int, margin: int) -> np.ndarray:
+    """``inside`` (the inscribed disc and the fundus hull, ``side`` square) eroded by a disc
+    ``2 * margin + 1`` wide: pixels nearer than that to the mask's edge are dropped.
+
+    Erosion distributes over intersection, so the result is the eroded disc (the same for
+    every image: computed once) and the eroded hull. Where the hull holds the whole disc,
+    as for a fundus the camera did not cut off, that is the eroded disc itself; otherwise
+    the hull is eroded too, by its distance transform (a third of the work of a 45 px
+    erosion at 448 px; measured on Kaggle photographs, 50 of 200,000 pixels differ from
+    the erosion, all on its edge).
+    """
+    disc = _inscribed_disc(side)
+    eroded_disc = _eroded_disc(side, margin)
+    if np.array_equal(inside, disc):
+        return eroded_disc
+    hull = np.zeros((side + 2, side + 2), np.uint8)  # the frame is outside
+    hull[1:-1, 1:-1] = inside
+    distance = cv2.distanceTransform(hull, cv2.DIST_L2, 5)[1:-1, 1:-1]
+    return eroded_disc & (distance > margin)
+
+
+@lru_cache(maxsize=8)
+def _eroded_disc(side: int, margin: int) -> np.ndarray:
+    disc = cv2.erode(_inscribed_disc(side).astype(np.uint8), _disc(2 * margin + 1),
+                     borderType=cv2.BORDER_CONSTANT, borderValue=0).view(bool)
+    disc.flags.writeable = False
+    return disc
+
+
+@lru_cache(maxsize=4)
+def _grey(side: int) -> np.ndarray:
+    grey = np.full((side, side, 3), 0.5, np.float32)
+    grey.flags.writeable = False
+    return grey
 
 
 def _local_average(image: np.ndarray, sigma: float) -> np.ndarray:
@@ -328,7 +366,12 @@ def _find_fundus(
     if min(small_h, small_w) < _MIN_DETECT_SIDE:
         return None
     if (small_w, small_h) != (width, height):
-        rgb = cv2.resize(rgb, (small_w, small_h), interpolation=cv2.INTER_AREA)
+        # Every k-th row and column first: averaging a large photograph down to the search
+        # size reads all its pixels (the slowest step for a 2000 px image); the fundus is
+        # found as well on the average of a regular sample of them.
+        stride = max(1, int(max(height, width) // _DETECT_SIDE))
+        rgb = cv2.resize(rgb[::stride, ::stride], (small_w, small_h),
+                         interpolation=cv2.INTER_AREA)
     # The fundus is reddish: the maximum over the channels sees it best.
     small = cv2.medianBlur(np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]), 3)
 

@@ -97,9 +97,30 @@ class Backbone:
             )
         return size
 
+    #: ``(scale, offset)`` where the network's input is ``scale * x + offset`` of kad's
+    #: images ``x`` in [0, 1], the same for every channel (Inception and MobileNet:
+    #: ``(2, -1)``, which is ``x * 255 / 127.5 - 1``). Images are then scaled as they are
+    #: written into the batch, in place; None: :meth:`preprocess_input` is applied.
+    input_scaling: ClassVar[tuple[float, float] | None] = None
+
     def preprocess(self, x01: np.ndarray) -> np.ndarray:
         """From images in [0, 1] (kad's preprocessing output) to the network's input."""
-        return self.preprocess_input(np.asarray(x01, dtype=np.float32) * 255.0)
+        x01 = np.asarray(x01, dtype=np.float32)
+        if self.input_scaling is None:
+            return self.preprocess_input(x01 * 255.0)
+        return self.preprocess_into(x01, np.empty_like(x01))
+
+    def preprocess_into(self, x01: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """:meth:`preprocess` of ``x01`` written into ``out`` (``float32``, the same shape;
+        it may be ``x01`` itself); returns ``out``. With :attr:`input_scaling` no
+        temporary array is made."""
+        if self.input_scaling is None:
+            out[...] = self.preprocess(x01)
+            return out
+        scale, offset = self.input_scaling
+        np.multiply(x01, np.float32(scale), out=out)
+        np.add(out, np.float32(offset), out=out)
+        return out
 
     def build_base(self, input_size: int | None = None, weights: str | Path | None = "imagenet"):
         """The headless network with ``weights`` loaded (see the module docstring)."""

@@ -4,10 +4,11 @@ features and which cache entry holds them), and the local extraction loop that
 and the Ray
 engine (:mod:`kad.features.ray_engine`) reuse.
 
-It decodes and preprocesses images in a thread pool (OpenCV releases the GIL) while the
-network runs on the previous batch, writes each batch to the memory-mapped entry, and
-resumes from the last written batch if it was interrupted. Images that cannot be read are
-counted, reported and marked invalid in the entry; they never stop the run.
+It decodes and preprocesses images in a thread pool (OpenCV releases the GIL), starting
+while the network is built and then while it runs on the previous batch (:class:`Loader`),
+writes each batch to the memory-mapped entry, and resumes from the last written batch if
+it was interrupted. Images that cannot be read are counted, reported and marked invalid in
+the entry; they never stop the run.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -177,11 +179,26 @@ def _extract(dataset, plan: ExtractionPlan, batch_size: int, workers: int | None
 def _extract_reporting(dataset, plan: ExtractionPlan, batch_size: int, workers: int | None,
                        update, extra_meta: dict | None) -> FeatureSet:
     from kad.features.cache import EntryWriter
-    from kad.features.runtime import build_runtime
 
     n = len(dataset)
     recorded = EntryWriter.recorded(plan.path) or {}  # shown while the network is built
-    update(min(int(recorded.get("done", 0)), n))
+    done = min(int(recorded.get("done", 0)), n)
+    update(done)
+    # The first batches load while the network is built (or converted).
+    loader = Loader(dataset.source, dataset.ids, plan, done, batch_size, workers)
+    try:
+        return _extract_loading(dataset, plan, batch_size, workers, update, extra_meta,
+                                loader)
+    finally:
+        loader.close()
+
+
+def _extract_loading(dataset, plan: ExtractionPlan, batch_size: int, workers: int | None,
+                     update, extra_meta: dict | None, loader: Loader) -> FeatureSet:
+    from kad.features.cache import EntryWriter
+    from kad.features.runtime import build_runtime
+
+    n = len(dataset)
     engine = build_runtime(plan.backbone, plan.input_size, plan.weights, plan.runtime,
                            batch_size, plan.path.parent)
     names, dims = engine.names, engine.dims
@@ -191,6 +208,10 @@ def _extract_reporting(dataset, plan: ExtractionPlan, batch_size: int, workers: 
     }
     writer = EntryWriter(plan.path, names, dims, n, meta)
     update(writer.done)
+    started: Loader | None = loader
+    if writer.done != loader.first:  # the entry on disk could not be resumed as recorded:
+        loader.close()  # stream_features loads from where it starts instead
+        started = None
     # Writing batch k overlaps inference on batch k+1; durability is paid every few seconds.
     pending: Future | None = None
     last_sync = time.monotonic()
@@ -198,7 +219,7 @@ def _extract_reporting(dataset, plan: ExtractionPlan, batch_size: int, workers: 
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="kad-write") as saver:
             for start, outputs, failed in stream_features(
                     engine, dataset.source, dataset.ids, plan, batch_size, workers,
-                    first=writer.done):
+                    first=writer.done, loader=started):
                 if pending is not None:
                     pending.result()
                 stop = start + len(outputs[0])
@@ -226,29 +247,34 @@ def _save(writer, start, outputs, failed, sync: bool) -> None:
 
 
 def stream_features(model, source, ids, plan: ExtractionPlan, batch_size: int = 64,
-                    workers: int | None = None, first: int = 0,
+                    workers: int | None = None, first: int = 0, loader: Loader | None = None,
                     ) -> Iterator[tuple[int, list[np.ndarray], dict[str, str]]]:
     """``(start, per-block outputs, failed)`` batch by batch, images loaded ahead in threads.
 
     ``model`` is a runtime from :func:`kad.features.runtime.build_runtime` or a Keras model. Every
     batch is run at the full ``batch_size`` (the last one padded), so an image's
     features never depend on how many images came with it. Rows of unreadable images are
-    zeros and their ids are in ``failed`` with the reason.
+    zeros and their ids are in ``failed`` with the reason. ``loader``: a :class:`Loader` of
+    the same images already started (it began loading while the network was built);
+    otherwise one is started here.
     """
     from kad.features.runtime import as_runtime
 
     engine = as_runtime(model)
-    for start, batch, failed in _batches(source, ids, plan, first, batch_size, workers):
-        n = len(batch)
-        if n < batch_size:
-            batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]),
-                                                    dtype=batch.dtype)])
-        outputs = [o[:n] for o in engine.predict(batch)]
-        for row, ident in enumerate(ids[start:start + n]):
-            if str(ident) in failed:
-                for block in outputs:
-                    block[row] = 0.0
-        yield start, outputs, failed
+    own = loader is None
+    if own:
+        loader = Loader(source, ids, plan, first, batch_size, workers)
+    try:
+        for start, batch, n, failed in loader:
+            outputs = [o[:n] for o in engine.predict(batch)]
+            for row, ident in enumerate(ids[start:start + n]):
+                if str(ident) in failed:
+                    for block in outputs:
+                        block[row] = 0.0
+            yield start, outputs, failed
+    finally:
+        if own:
+            loader.close()
 
 
 def load_preprocessed(source, index: int, preprocessing: Preprocessing,
@@ -267,46 +293,90 @@ def load_preprocessed(source, index: int, preprocessing: Preprocessing,
     return resize(preprocessing(check_usable(image, source.describe(index))), input_size)
 
 
-def _load_batch(source, ids, plan: ExtractionPlan, start: int, stop: int):
-    batch = np.zeros((stop - start, plan.input_size, plan.input_size, 3), dtype=np.float32)
+def _load_into(source, ids, plan: ExtractionPlan, start: int, stop: int, batch: np.ndarray,
+               row: int = 0) -> dict[str, str]:
+    """Images ``start:stop`` as the network takes them, written into ``batch`` from ``row``
+    on (scaled in place, no copy of the batch); ``{id: reason}`` of those that could not be
+    read, whose rows are left as they were."""
     failed: dict[str, str] = {}
-    for row, index in enumerate(range(start, stop)):
+    for at, index in enumerate(range(start, stop), row):
         try:
-            batch[row] = load_preprocessed(source, index, plan.preprocessing, plan.input_size)
+            image = load_preprocessed(source, index, plan.preprocessing, plan.input_size)
         except ImageReadError as exc:
             failed[str(ids[index])] = exc.reason
-    return start, plan.backbone.preprocess(batch), failed
+            continue
+        plan.backbone.preprocess_into(image, batch[at])
+    return failed
 
 
-def _batches(source, ids, plan: ExtractionPlan, first: int, batch_size: int,
-             workers: int | None) -> Iterator[tuple[int, np.ndarray, dict[str, str]]]:
-    """Preprocessed batches in order, loaded ahead by a thread pool.
+def _load_batch(source, ids, plan: ExtractionPlan, start: int, stop: int):
+    """``(start, batch, failed)``: images ``start:stop`` as the network takes them, rows of
+    unreadable ones zeros."""
+    batch = np.zeros((stop - start, plan.input_size, plan.input_size, 3), dtype=np.float32)
+    return start, batch, _load_into(source, ids, plan, start, stop, batch)
 
-    Each batch is split into one slice per worker, so the next batch is ready as soon as
-    possible while the network runs on the current one; two batches are in flight.
-    (Threads, not processes: OpenCV and NumPy release the GIL, and a process would have
-    to copy every preprocessed batch back.)
+
+#: Batches a :class:`Loader` loads ahead of the one the network runs on.
+AHEAD = 2
+
+
+class Loader:
+    """Preprocessed batches of images in order, loaded ahead by a thread pool from the
+    moment the loader is made, so that loading overlaps building or converting the network.
+
+    Each batch is split into one slice per worker, written straight into the batch (the
+    network's input, scaled in place), so the next batch is ready as soon as possible
+    while the network runs on the current one. Memory is bounded: ``AHEAD`` batches load
+    while the network runs on one, each ``batch_size`` x ``input_size`` x ``input_size`` x 3
+    float32 (the last batch padded with zeros to the full size). (Threads, not processes:
+    OpenCV and NumPy release the GIL, and a process would have to copy every batch back.)
+
+    Iterating yields ``(start, batch, n, failed)``: the first ``n`` rows of ``batch`` are
+    the images ``start:start + n``; ``failed`` maps ids of unreadable ones to the reason.
+    Use it as a context manager, or call :meth:`close`.
     """
-    n = len(source)
-    workers = workers or max(1, min(4, (os.cpu_count() or 2)))
-    step = max(1, -(-batch_size // workers))
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kad-load") as pool:
-        pending: list[tuple[int, list[Future]]] = []
-        for start in range(first, n, batch_size):
-            stop = min(start + batch_size, n)
-            pending.append((start, [pool.submit(_load_batch, source, ids, plan, a,
-                                                min(a + step, stop))
-                                    for a in range(start, stop, step)]))
-            if len(pending) >= 2:
-                yield _joined(*pending.pop(0))
-        for start, parts in pending:
-            yield _joined(start, parts)
 
+    def __init__(self, source, ids, plan: ExtractionPlan, first: int = 0,
+                 batch_size: int = 64, workers: int | None = None):
+        self.source, self.ids, self.plan = source, ids, plan
+        self.first, self.batch_size = int(first), int(batch_size)
+        self.workers = workers or max(1, min(4, (os.cpu_count() or 2)))
+        self._step = max(1, -(-self.batch_size // self.workers))
+        self._starts = iter(range(self.first, len(source), self.batch_size))
+        self._pool = ThreadPoolExecutor(max_workers=self.workers,
+                                        thread_name_prefix="kad-load")
+        self._pending: deque[tuple[int, int, np.ndarray, list[Future]]] = deque()
+        for _ in range(AHEAD):
+            self._submit_next()
 
-def _joined(start: int, parts: list[Future]) -> tuple[int, np.ndarray, dict[str, str]]:
-    results = [part.result() for part in parts]
-    failed: dict[str, str] = {}
-    for _, _, bad in results:
-        failed.update(bad)
-    batch = results[0][1] if len(results) == 1 else np.concatenate([r[1] for r in results])
-    return start, batch, failed
+    def _submit_next(self) -> None:
+        start = next(self._starts, None)
+        if start is None:
+            return
+        stop = min(start + self.batch_size, len(self.source))
+        size = self.plan.input_size
+        batch = np.zeros((self.batch_size, size, size, 3), dtype=np.float32)
+        parts = [self._pool.submit(_load_into, self.source, self.ids, self.plan, a,
+                                   min(a + self._step, stop), batch, a - start)
+                 for a in range(start, stop, self._step)]
+        self._pending.append((start, stop, batch, parts))
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray, int, dict[str, str]]]:
+        while self._pending:
+            start, stop, batch, parts = self._pending.popleft()
+            failed: dict[str, str] = {}
+            for part in parts:
+                failed.update(part.result())
+            self._submit_next()
+            yield start, batch, stop - start, failed
+
+    def close(self) -> None:
+        """Stop loading: batches not started are dropped, running slices finish."""
+        self._pending.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> Loader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
