@@ -68,6 +68,8 @@ _LAZY = {
     "set_threshold": "kad.screening.workflow",
     "explain": "kad.screening.heatmaps",
     "explain_file": "kad.screening.heatmaps",
+    "export_pipeline": "kad.screening.export",
+    "ExportRun": "kad.screening.export",
 }
 
 __all__ = ["__version__", *_LAZY]

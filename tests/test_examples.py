@@ -1,5 +1,5 @@
-"""The worked example of the documentation runs: it fits, saves, loads, scores, thresholds
-and explains through ``import kad`` alone."""
+"""The worked example of the documentation runs: it fits, saves, loads, scores, thresholds,
+explains and exports through ``import kad`` alone."""
 
 from __future__ import annotations
 
@@ -50,6 +50,12 @@ def test_the_python_api_example_runs_and_agrees_with_kad_score(tmp_path, capsys)
     assert done["explained"].seen_png.is_file()
     assert kad.load_pipeline(done["thresholded"]).threshold.details["alpha"] <= 0.2
     assert "flagged" in capsys.readouterr().out
+    # the export scores the same inputs as the model file (fitted on Keras, scored on
+    # OpenVINO: within the network's float noise)
+    exported = {r["file"]: r for r in done["exported"].records()}
+    assert sorted(exported) == sorted(r["file"] for r in records)
+    np.testing.assert_allclose([exported[r["file"]]["score"] for r in scored],
+                               [r["score"] for r in scored], rtol=1e-3)
 
 
 def test_records_become_a_dataframe_only_with_pandas(monkeypatch):

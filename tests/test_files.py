@@ -228,6 +228,8 @@ def test_staged_files_appear_together_and_only_when_complete(tmp_path):
 class _Fake:
     """What kad score, fit and threshold need of a pipeline before any work."""
 
+    has_network = True  # a model file, not an export
+
 
 def test_kad_score_stops_while_another_run_writes_the_folder(tmp_path, monkeypatch):
     import kad.screening.pipeline

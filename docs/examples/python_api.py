@@ -1,11 +1,12 @@
-"""kad from Python: fit, save, load, score, threshold and explain, as the command line does.
+"""kad from Python: fit, save, load, score, threshold, explain and export, as the command line
+does.
 
 Run it on a folder with ``normal/`` (and optionally ``abnormal/``) images::
 
     python docs/examples/python_api.py clinic/ --work kad-example/
 
-Each step is one function of ``import kad``; ``kad fit``, ``kad score``, ``kad threshold``
-and ``kad explain`` call the same functions. The defaults fit InceptionResNetV2 with
+Each step is one function of ``import kad``; ``kad fit``, ``kad score``, ``kad threshold``,
+``kad explain`` and ``kad export`` call the same functions. The defaults fit InceptionResNetV2 with
 ImageNet weights; ``--fast`` uses a small network with random weights instead (seconds,
 for a first try; its scores mean little).
 """
@@ -71,6 +72,16 @@ def explain(model: Path, image: Path, work: Path) -> kad.screening.heatmaps.Expl
     return found
 
 
+def export(model: Path, work: Path, images: list[Path]) -> kad.ScoredImages:
+    """Export the model for a machine without TensorFlow (the network as OpenVINO IR beside
+    the model file's plain data) and score the images with the export."""
+    run = kad.export_pipeline(model, work / "exported", overwrite=True)
+    print(f"exported to {run.path} ({len(run.outputs)} network outputs)")
+    for note in run.notes:
+        print(note)
+    return kad.score_images(kad.load_pipeline(run.path), images)
+
+
 def main(data_dir: Path, work: Path, fpr: float = 0.2, **settings) -> dict:
     """Every step in turn; returns what each produced."""
     work.mkdir(parents=True, exist_ok=True)
@@ -79,7 +90,9 @@ def main(data_dir: Path, work: Path, fpr: float = 0.2, **settings) -> dict:
     moved = threshold(model, work, fpr)
     top = Path(found.rows[0].file)  # the most suspicious image
     explained = explain(moved, top, work)
-    return {"model": model, "scores": found, "thresholded": moved, "explained": explained}
+    exported = export(model, work, [data_dir])
+    return {"model": model, "scores": found, "thresholded": moved, "explained": explained,
+            "exported": exported}
 
 
 if __name__ == "__main__":

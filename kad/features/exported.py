@@ -103,6 +103,12 @@ class ExportedInput(Backbone):
         if (nonzero.sum(axis=1) == 1).all():
             self._source = np.argmax(nonzero, axis=1)
             self._divisor = (1.0 / matrix[np.arange(3), self._source]).astype(np.float32)
+        # The same scale and offset on every colour: the loader's in-place scaling of
+        # [0, 1] images (Backbone.input_scaling), as the model file scores with it.
+        diagonal = np.diag(matrix)
+        if (np.allclose(matrix, np.diag(diagonal), rtol=0, atol=0)
+                and np.all(diagonal == diagonal[0]) and np.all(self.offset == self.offset[0])):
+            self.input_scaling = (float(255.0 * diagonal[0]), float(self.offset[0]))
 
     def __repr__(self) -> str:
         return f"<input scaling of {self._spec}>"
