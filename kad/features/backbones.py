@@ -17,7 +17,6 @@ and where to put it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 from kad.errors import KadError, WeightsError
 from kad.registry import BACKBONE, create, status
 from kad.utils.deps import import_keras
+from kad.utils.files import file_sha256
 from kad.utils.specs import Spec, parse_spec
 
 DEFAULT_BACKBONE = "inception_resnet_v2"
@@ -266,11 +266,7 @@ def resolve_weights(weights: str | Path | None) -> tuple[str, str | Path | None]
 @lru_cache(maxsize=32)
 # size and mtime key the cache
 def _file_digest(path: str, size: int, mtime_ns: int) -> str:  # noqa: ARG001
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def weights_identity(weights: str | Path | None) -> str:

@@ -41,12 +41,11 @@ from pathlib import Path
 import numpy as np
 
 from kad.errors import KadError
-from kad.utils.files import WRITE_ADVICE
+from kad.utils.files import WRITE_ADVICE, file_sha256
 
 CACHE_FORMAT = 2  # 2: block checksums in meta.json; images with nothing to screen marked failed
 _META = "meta.json"
 _PROGRESS = "progress.json"
-_CHUNK = 8 << 20
 
 log = logging.getLogger("kad.features.cache")
 
@@ -87,14 +86,6 @@ def emit(on_event: EventCallback | None, event: CacheEvent) -> None:
         on_event(event)
     else:
         log.warning(event.message)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # Block files checked in this process: path -> (inode, size, mtime_ns, sha256). A file is

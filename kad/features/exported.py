@@ -29,7 +29,6 @@ reads the pipeline through it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +37,10 @@ import numpy as np
 
 from kad.errors import ArtifactError, KadError
 from kad.features.backbones import Backbone
+from kad.utils.files import file_sha256
 
 __all__ = ["EXPORT_FORMAT", "FILES", "MARKER", "NETWORK_BIN", "NETWORK_XML", "PIPELINE_FILE",
-           "ExportedInput", "ExportedNetwork", "file_sha256", "input_scaling", "read_export"]
+           "ExportedInput", "ExportedNetwork", "input_scaling", "read_export"]
 
 #: The layout of an export folder; a folder of another format is refused.
 EXPORT_FORMAT = 1
@@ -145,14 +145,6 @@ class ExportedNetwork:
 
         return read_runtime(self.folder / NETWORK_XML, self.outputs, self.input_size,
                             batch_size)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_marker(folder: Path) -> dict:

@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from kad.errors import KadError, MissingDependencyError
+from kad.utils.files import file_sha256
 
 __all__ = [
     "RUNTIMES",
@@ -250,14 +251,6 @@ def openvino_model_dir(backbone, input_size: int, weights, cache_dir: str | Path
     return root / "openvino" / f"{_safe(backbone.name)}-{key}"
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _read_cached(folder: Path, core):
     """``(model, names)`` from a complete, intact cache folder, else None (and why, logged)."""
     manifest_path = folder / _MANIFEST
@@ -267,7 +260,7 @@ def _read_cached(folder: Path, core):
         manifest = json.loads(manifest_path.read_text())
         names = list(manifest["names"])
         expected = manifest["sha256"]
-        found = {f: _file_sha256(folder / f) for f in (_XML, _BIN)}
+        found = {f: file_sha256(folder / f) for f in (_XML, _BIN)}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("OpenVINO model cache %s is unreadable (%s); converting again", folder, exc)
         return None
@@ -333,7 +326,7 @@ def _convert(backbone, input_size: int, weights, folder: Path, core, keras_model
         ov.save_model(converted, str(partial / _XML), compress_to_fp16=False)
         manifest = {"names": names, "backbone": str(backbone.spec), "input_size": input_size,
                     "openvino": ov.__version__,
-                    "sha256": {f: _file_sha256(partial / f) for f in (_XML, _BIN)}}
+                    "sha256": {f: file_sha256(partial / f) for f in (_XML, _BIN)}}
         (partial / _MANIFEST).write_text(json.dumps(manifest, indent=1))
         _replace(partial, folder)
     except BaseException:
@@ -439,7 +432,7 @@ def converted_files(runtime: OpenVINORuntime) -> dict[str, tuple[Path, str]]:
         raise KadError("this OpenVINO runtime was not compiled from a cached conversion")
     try:
         expected = json.loads((folder / _MANIFEST).read_text())["sha256"]
-        found = {f: _file_sha256(folder / f) for f in (_XML, _BIN)}
+        found = {f: file_sha256(folder / f) for f in (_XML, _BIN)}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise KadError(f"the OpenVINO conversion in {folder} cannot be read ({exc}); run the "
                        "command again to convert it again") from exc

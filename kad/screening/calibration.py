@@ -313,10 +313,10 @@ class Proportion:
     def of(cls, k: int, n: int) -> Proportion | None:
         if n == 0:
             return None
-        from scipy.stats import binomtest
+        from kad.utils.metrics import wilson_interval
 
-        ci = binomtest(int(k), int(n)).proportion_ci(method="wilson")
-        return cls(k / n, float(ci.low), float(ci.high), int(k), int(n))
+        low, high = wilson_interval(k, n)
+        return cls(k / n, low, high, int(k), int(n))
 
     def text(self) -> str:
         return (f"{self.value:.1%} (95% CI {self.low:.1%}–{self.high:.1%}, "

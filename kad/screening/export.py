@@ -28,10 +28,10 @@ from kad.features.exported import (
     NETWORK_BIN,
     NETWORK_XML,
     PIPELINE_FILE,
-    file_sha256,
     input_scaling,
 )
 from kad.screening.pipeline import Pipeline, load_pipeline
+from kad.utils.files import file_sha256
 
 __all__ = ["ExportRun", "export_pipeline"]
 

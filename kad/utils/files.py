@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import secrets
@@ -107,6 +108,15 @@ def atomic_write(path: str | Path, mode: str = "w", *, encoding: str | None = "u
             raise write_error(path, exc) from None
         raise
     _sync_folder(path.parent)
+
+
+def file_sha256(path: str | Path, chunk: int = 8 << 20) -> str:
+    """The SHA-256 of the file at ``path`` as hex, read ``chunk`` bytes at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
