@@ -179,16 +179,12 @@ def find_cases(images: Sequence[Path], masks_dir: str | Path,
 
 
 def _read_mask(path: Path) -> np.ndarray:
-    import cv2
+    """The mask at ``path`` as booleans: read as every image is
+    (:func:`kad.data.images.read_image`: the same checks and pixel limit, before decoding),
+    a pixel of it any non-black one."""
+    from kad.data.images import read_image
 
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-        mask = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
-    except (OSError, cv2.error) as exc:
-        raise ImageReadError(path, f"could not read the mask: {exc}") from exc
-    if mask is None:
-        raise ImageReadError(path, "not a decodable mask image; re-export it as PNG")
-    return mask > 0
+    return read_image(path).any(axis=2)
 
 
 def fundus_region(rgb: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
