@@ -99,6 +99,11 @@ def fit(
     keep_all_blocks: Annotated[bool, typer.Option(
         "--keep-all-blocks", help="Keep every block of the training images in the feature "
                                   "cache (by default only the blocks the model uses).")] = False,
+    heatmap_scale: Annotated[bool, typer.Option(
+        "--heatmap-scale/--no-heatmap-scale",
+        help="Make the heatmaps of up to 64 calibration normals, so that report heatmaps "
+             "share a colour scale anchored on healthy images (--no-heatmap-scale saves "
+             "their cost; reports then scale on their own maps).")] = True,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Fit the whole pipeline on normal images and save it as one file."""
@@ -111,8 +116,8 @@ def fit(
                     representation=representation, fpr=fpr, sensitivity=sensitivity,
                     calibration=calibration, selection=selection, seed=seed,
                     batch_size=batch_size, cache_dir=cache_dir,
-                    keep_all_blocks=keep_all_blocks, runtime=runtime, progress=RichProgress(),
-                    overwrite=overwrite)
+                    keep_all_blocks=keep_all_blocks, runtime=runtime,
+                    heatmap_scale=heatmap_scale, progress=RichProgress(), overwrite=overwrite)
     skipped(run.left_out.items(), "image(s) were used for nothing")
     parts = run.split.describe()
     line = (f"fitted on {run.n_fitted} normal images; {parts['calibration']} normal images "

@@ -7,6 +7,7 @@
     picked = pick_and_fit(...)     # the block (on labelled images) or the named ones; fit
     threshold = calibrate(...)     # the threshold rule (kad.screening.thresholds)
     assessment = assess_held_out(...)  # honest numbers on images used for nothing else
+    heatmaps = scale_heatmaps(...)  # the calibration normals' heatmaps: the report's scale
 
 Each step is a function with a small result record, usable on its own. The fitted record
 itself and scoring are :mod:`kad.screening.pipeline`.
@@ -36,6 +37,7 @@ __all__ = [
     "pick_and_fit",
     "prepare_inputs",
     "recorded_weights",
+    "scale_heatmaps",
     "split_rows",
 ]
 
@@ -261,6 +263,25 @@ def assess_held_out(picked: Picked, inputs: DetectorInputs, parts: FitSplit,
                             "calibration, block picking and threshold setting")}
 
 
+# ------------------------------------------------------------ 6. the heatmaps' scale
+def scale_heatmaps(pipeline: Pipeline, dataset, parts: FitSplit, *, enabled: bool = True,
+                   seed: int = 0, progress: Progress | None = None) -> dict | None:
+    """The record of the calibration normals' heatmaps that anchors the report's colour
+    scale (:func:`kad.screening.heatmap_scale.calibration_heatmaps`), made with the fitted
+    ``pipeline``; with ``enabled`` False, a record saying they were not made. None without
+    calibration rows."""
+    from kad.screening.heatmap_scale import calibration_heatmaps, not_computed
+
+    if not len(parts.calibration):
+        return None
+    if not enabled:
+        return not_computed("the model was fitted without them (kad fit "
+                            "--no-heatmap-scale, heatmap_scale=False)")
+    ids = np.asarray(dataset.ids, dtype=str)[parts.calibration]
+    return calibration_heatmaps(pipeline, dataset.source.take(parts.calibration), ids,
+                                seed=seed, progress=progress)
+
+
 # --------------------------------------------------------------------- the sequence
 def recorded_weights(weights) -> str:
     """How a pipeline records ``weights``: ``"imagenet"``, ``"none"`` or the absolute path
@@ -290,7 +311,8 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
                  sensitivity: float | None = None, batch_size: int = 64,
                  cache_dir: str | Path | None = None, features=None,
                  keep_all_blocks: bool = True, out: str | Path | None = None,
-                 runtime: str = "auto", progress: Progress | None = None) -> Pipeline:
+                 runtime: str = "auto", heatmap_scale: bool = True, seed: int = 0,
+                 progress: Progress | None = None) -> Pipeline:
     """Fit a pipeline on the normal images of ``dataset``; see the module docstring.
 
     The defaults are the best without labels in ``benchmarks/evidence.py``: kNN on the
@@ -303,6 +325,9 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
     the cached features of ``dataset`` when already at hand; ``out`` and the cache folder
     are checked for writability before any work. With ``keep_all_blocks=False`` the cache
     entry then keeps only the pipeline's blocks (:func:`kad.features.cache.prune_entry`).
+    With calibration images and ``heatmap_scale``, the heatmaps of up to 64 of them (chosen
+    from ``seed``) anchor the report's colour scale (:mod:`kad.screening.heatmap_scale`);
+    ``heatmap_scale=False`` saves their cost.
     """
     from kad.features.cache import check_writable
     from kad.features.extract import extract_features, plan_extraction
@@ -341,6 +366,10 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
         runtime=inputs.runtime,
     )
     pipeline._model = inputs.model  # scoring right away needs no second build
+    heatmaps = scale_heatmaps(pipeline, dataset, parts, enabled=heatmap_scale, seed=seed,
+                              progress=progress)
+    if heatmaps is not None:
+        pipeline.calibration["heatmaps"] = heatmaps
     if not keep_all_blocks:
         from kad.features.cache import prune_entry
 

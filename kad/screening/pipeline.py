@@ -109,8 +109,7 @@ class Pipeline:
             "threshold": {"value": self.threshold.value, "method": self.threshold.method,
                           **self.threshold.details},
             "training": {k: v for k, v in self.training.items() if k != "scores"},
-            "calibration": ({k: v for k, v in self.calibration.items() if k != "scores"}
-                            if self.calibration else None),
+            "calibration": _calibration_info(self.calibration),
             "assessment": self.assessed().as_dict() if self.assessed() else None,
             "versions": self.versions,
         }
@@ -288,6 +287,19 @@ class Pipeline:
         tree = {"pipeline": encoder.encode(fields, "pipeline"),
                 "detector": encode_detector(self.detector, encoder, "detector")}
         return write_artifact(path, "pipeline", tree, encoder.members, info=self.describe())
+
+
+def _calibration_info(calibration: dict | None) -> dict | None:
+    """The calibration record without its scores, and of its heatmaps
+    (:mod:`kad.screening.heatmap_scale`) what they are, without their arrays."""
+    if not calibration:
+        return None
+    info = {k: v for k, v in calibration.items() if k not in ("scores", "heatmaps")}
+    heatmaps = calibration.get("heatmaps")
+    if heatmaps is not None:
+        info["heatmaps"] = {k: v for k, v in heatmaps.items()
+                            if not isinstance(v, np.ndarray)}
+    return info
 
 
 #: What a saved pipeline stores besides its detector.
