@@ -158,8 +158,11 @@ def anchor(pipeline, method: str | None, grid: int | None = None,
                         f"{record['skipped']}")
     made = record["method"]
     if method is not None and method != made:
+        remedy = (f"use --heatmap-method {made}" if getattr(pipeline, "has_network", True)
+                  else "an exported model cannot make them: score with the model file it "
+                       "was exported from")
         return NoAnchor(f"this report's heatmaps are by {method}, the calibration normals' "
-                        f"by {made} (use --heatmap-method {made})")
+                        f"by {made} ({remedy})")
     name, used = ("grid", grid) if made == "occlusion" else ("steps", steps)
     if made in ("occlusion", "gradient") and used is not None and used != record[name]:
         return NoAnchor(f"this report's heatmaps were made with --{name} {used}, the "
