@@ -18,6 +18,7 @@ from kad.cli import app
 from kad.data.datasets import FileSource, load_dataset
 from kad.errors import KadError, MissingDependencyError
 from kad.features.extract import extract_features, plan_extraction
+from kad.features.extraction import plan_quantization
 from kad.features.runtime import openvino_model_dir
 from kad.screening.export import export_pipeline
 from kad.screening.fitting import fit_pipeline
@@ -118,12 +119,12 @@ def test_the_int8_key_changes_with_the_calibration_images(fitted):
     plan = plan_extraction(dataset, runtime="openvino", **{k: v for k, v in FAST.items()
                                                            if k != "batch_size"})
     assert "int8" not in plan.inputs  # float32 keys are what they were
-    keys = {int8.plan_quantization(dataset, rows, plan).key
+    keys = {plan_quantization(dataset, rows, plan).key
             for rows in (np.arange(10), np.arange(1, 11), np.arange(10)[::2])}
     assert len(keys) == 3
-    same = int8.plan_quantization(dataset, np.arange(10), plan)
+    same = plan_quantization(dataset, np.arange(10), plan)
     assert same.key in keys  # the same images, the same key
-    other = int8.plan_quantization(dataset, np.arange(1, 11), plan)
+    other = plan_quantization(dataset, np.arange(1, 11), plan)
     dirs = {openvino_model_dir(plan.backbone, 32, "none", quantization=q) for q in (same, other)}
     assert len(dirs | {openvino_model_dir(plan.backbone, 32, "none")}) == 3
     assert int8.calibration_rows(np.arange(1000), 300).tolist() == sorted(

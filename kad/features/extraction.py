@@ -386,3 +386,44 @@ class Loader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# ------------------------------------------------------------------ int8 calibration
+
+
+def plan_quantization(dataset, rows: np.ndarray, plan: ExtractionPlan, limit: int | None = None,
+                      progress: Progress | None = None):
+    """The :class:`~kad.features.int8.Quantization` calibrated on ``rows`` of ``dataset``
+    (at most ``limit``, default :data:`~kad.features.int8.CALIBRATION_LIMIT`, evenly spread:
+    :func:`~kad.features.int8.calibration_rows`), prepared as the float ``plan`` prepares
+    them, by a :class:`Loader` (a few batches in memory at a time). Its key names the
+    plan's key (dataset, backbone, weights, size, preprocessing), the images' ids, their
+    number and NNCF's version."""
+    import hashlib
+    import json
+
+    from kad.errors import KadError
+    from kad.features.int8 import CALIBRATION_LIMIT, Quantization, calibration_rows, nncf_version
+
+    chosen = calibration_rows(rows, CALIBRATION_LIMIT if limit is None else limit)
+    if not len(chosen):
+        raise KadError("the int8 calibration needs training images; there are none")
+    ids = [str(i) for i in np.asarray(dataset.ids, dtype=str)[chosen]]
+    version = nncf_version()
+    text = json.dumps({"features": plan.key, "ids": ids, "images": len(ids),
+                       "nncf": version}, sort_keys=True)
+    key = hashlib.sha256(text.encode()).hexdigest()[:24]
+    source = dataset.source.take(chosen)
+
+    def load(report: Progress | None) -> Iterator[np.ndarray]:
+        done = 0
+        with task(report, "int8 calibration", len(ids)) as update, \
+                Loader(source, ids, plan, 0, 16) as loader:
+            for start, batch, n, failed in loader:
+                for row in range(n):
+                    if ids[start + row] not in failed:
+                        yield batch[row:row + 1].copy()
+                done += n
+                update(done)
+
+    return Quantization(key, len(ids), version, load, progress)

@@ -23,17 +23,15 @@ and those it scores come from one quantized graph.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
 import io
-import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from kad.errors import KadError, MissingDependencyError
-from kad.utils.progress import Progress, task
+from kad.utils.progress import Progress
 
 __all__ = [
     "CALIBRATION_LIMIT",
@@ -42,7 +40,7 @@ __all__ = [
     "calibration_rows",
     "check_precision",
     "nncf_available",
-    "plan_quantization",
+    "nncf_version",
     "quantize",
 ]
 
@@ -57,7 +55,7 @@ def nncf_available() -> bool:
     return importlib.util.find_spec("nncf") is not None
 
 
-def _nncf_version() -> str:
+def nncf_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -71,8 +69,6 @@ def check_precision(precision: str, runtime: str = "auto") -> str:
     returns the runtime to use: ``runtime`` itself for float32, ``openvino`` for int8.
     Raises :class:`~kad.errors.KadError` for an unknown precision or int8 on Keras, and
     :class:`~kad.errors.MissingDependencyError` for int8 without NNCF or OpenVINO."""
-    from kad.features.runtime import resolve_runtime
-
     name = str(precision or "float32").strip().lower()
     if name not in PRECISIONS:
         raise KadError(f"unknown precision {precision!r}; choose one of "
@@ -84,7 +80,9 @@ def check_precision(precision: str, runtime: str = "auto") -> str:
                        "--runtime openvino (or auto), or drop --precision int8")
     if not nncf_available():
         raise MissingDependencyError(f"precision int8 needs NNCF; {INT8_HINT}")
-    resolve_runtime("openvino")  # OpenVINO installed, else one line saying how
+    if importlib.util.find_spec("openvino") is None:
+        raise MissingDependencyError("precision int8 runs on OpenVINO, which is not "
+                                     "installed; pip install 'kad[tf,int8]'")
     return "openvino"
 
 
@@ -105,15 +103,17 @@ class Quantization:
     plan they were prepared with, which names the dataset, backbone, weights, size and
     preprocessing, and their ids), ``images`` their number, ``nncf`` NNCF's version.
 
-    At fit time it also holds the images (``source``, ``ids``, ``plan``); a record read
-    from a model file does not, so it finds its int8 network in the cache or nowhere."""
+    At fit time it can also load the images
+    (:func:`kad.features.extraction.plan_quantization`); a record read from a model file
+    cannot, so it finds its int8 network in the cache or nowhere."""
 
     key: str
     images: int
     nncf: str
-    source: object = field(default=None, compare=False, repr=False)
-    ids: tuple = field(default=(), compare=False, repr=False)
-    plan: object = field(default=None, compare=False, repr=False)
+    #: ``load(progress)``: the calibration images as the network takes them, one
+    #: ``(1, s, s, 3)`` array at a time; None in a record read from a model file.
+    load: Callable[[Progress | None], Iterator[np.ndarray]] | None = field(
+        default=None, compare=False, repr=False)
     progress: object = field(default=None, compare=False, repr=False)
 
     def record(self) -> dict:
@@ -129,25 +129,12 @@ class Quantization:
 
     @property
     def can_calibrate(self) -> bool:
-        return self.source is not None
+        return self.load is not None
 
     def inputs(self, progress: Progress | None = None) -> Iterator[np.ndarray]:
-        """The calibration images as the network takes them, one ``(1, s, s, 3)`` array at a
-        time (unreadable ones left out), loaded in batches by kad's loader."""
-        from kad.features.extraction import Loader
-
-        if not self.can_calibrate:
+        if self.load is None:
             raise KadError("this int8 record holds no calibration images")
-        done = 0
-        with task(progress, "int8 calibration", int(self.images)) as update, \
-                Loader(self.source, list(self.ids), self.plan, 0, 16) as loader:
-            for _start, batch, n, failed in loader:
-                bad = {str(i) for i in failed}
-                for row in range(n):
-                    if str(self.ids[_start + row]) not in bad:
-                        yield batch[row:row + 1].copy()
-                done += n
-                update(done)
+        return self.load(progress)
 
 
 class _Calibration:
@@ -159,23 +146,6 @@ class _Calibration:
 
     def __iter__(self):
         return self.quantization.inputs(self.progress)
-
-
-def plan_quantization(dataset, rows: np.ndarray, plan, limit: int = CALIBRATION_LIMIT,
-                      progress: Progress | None = None) -> Quantization:
-    """The :class:`Quantization` calibrated on ``rows`` of ``dataset`` (at most ``limit``,
-    :func:`calibration_rows`), prepared as ``plan`` (a float
-    :class:`~kad.features.extraction.ExtractionPlan`) prepares them."""
-    chosen = calibration_rows(rows, limit)
-    if not len(chosen):
-        raise KadError("the int8 calibration needs training images; there are none")
-    ids = tuple(str(i) for i in np.asarray(dataset.ids, dtype=str)[chosen])
-    version = _nncf_version()
-    text = json.dumps({"features": plan.key, "ids": list(ids), "images": len(ids),
-                       "nncf": version}, sort_keys=True)
-    key = hashlib.sha256(text.encode()).hexdigest()[:24]
-    return Quantization(key, len(ids), version, dataset.source.take(chosen), ids, plan,
-                        progress)
 
 
 def quantize(model, quantization: Quantization):

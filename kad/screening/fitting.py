@@ -331,7 +331,7 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
     if int8:
         if features is not None:
             raise KadError("precision int8 extracts its own features; do not pass features")
-        from kad.features.int8 import plan_quantization
+        from kad.features.extraction import plan_quantization
 
         plan = plan_extraction(dataset, backbone, weights, image_size, preprocessing,
                                cache_dir, runtime, plan_quantization(
