@@ -22,6 +22,7 @@ from kad.features.extraction import plan_quantization
 from kad.features.runtime import openvino_model_dir
 from kad.screening.export import export_pipeline
 from kad.screening.fitting import fit_pipeline
+from kad.screening.heatmaps import explain
 from synthetic import screening_folder
 
 pytestmark = pytest.mark.tf
@@ -96,6 +97,11 @@ def test_the_model_file_records_int8_and_scores_as_in_memory(fitted, monkeypatch
     np.testing.assert_array_equal(loaded.score(FileSource(files)).scores, scores)
     with pytest.raises(KadError, match="int8 features.*not on runtime 'keras'"):
         loaded.score(FileSource(files[:1]), runtime="keras")
+    found = explain(loaded, FileSource(files[:1]), grid=2)[0]
+    assert found.method == "occlusion"  # auto: the int8 network gives no block maps
+    assert found.score == pytest.approx(scores[0], rel=1e-5)
+    with pytest.raises(KadError, match="int8 network.*--heatmap-method occlusion"):
+        explain(loaded, FileSource(files[:1]), method="gradient")
     # Elsewhere (another cache), the int8 network is refused, never replaced by another.
     monkeypatch.setenv("KAD_CACHE_DIR", str(root / "elsewhere"))
     monkeypatch.setattr(runtime, "_CONVERTED", {})  # a new process: nothing to copy from
