@@ -192,7 +192,8 @@ def auroc_change(labels: np.ndarray, a: np.ndarray, b: np.ndarray, seed: int = 0
 
 
 def measure_case(name: str, folder: Path, kind: str, backbone: str, weights: str,
-                 size: int, batch: int, repeat: int, cache: Path, auroc: bool) -> dict:
+                 size: int, batch: int, repeat: int, cache: Path, auroc: bool,
+                 n_boot: int = 1000) -> dict:
     from sklearn.metrics import roc_auc_score
 
     from kad.data.datasets import load_dataset
@@ -231,16 +232,24 @@ def measure_case(name: str, folder: Path, kind: str, backbone: str, weights: str
         result[f"{key} img/s"] = batch / wall
         result[f"{key} cpu ms"] = 1000 * cpu / batch
     if auroc:
-        scores = {}
+        scores, features = {}, {}
         for key, pipe, q in (("float32", float_pipe, None), ("int8", int8_pipe, quantization)):
-            features = extract_features(dataset, batch_size=batch, runtime="openvino",
-                                        quantization=q, **{k: v for k, v in settings.items()
-                                                           if k != "batch_size"})
-            scores[key] = pipe.detector.anomaly_score(pipe.representation.cached(features, test))
+            features[key] = extract_features(
+                dataset, batch_size=batch, runtime="openvino", quantization=q,
+                **{k: v for k, v in settings.items() if k != "batch_size"})
+            scores[key] = pipe.detector.anomaly_score(
+                pipe.representation.cached(features[key], test))
             value = float(roc_auc_score(labels, scores[key]))
             result[f"{key} auroc"] = (value, *auroc_interval(value, int(labels.sum()),
                                                              int((labels == 0).sum())))
-        result["auroc change"] = auroc_change(labels, scores["float32"], scores["int8"])
+        errors = [np.linalg.norm(features["int8"].matrix(b)[test]
+                                 - features["float32"].matrix(b)[test])
+                  / np.linalg.norm(features["float32"].matrix(b)[test])
+                  for b in features["float32"].blocks]
+        result["feature error"] = (float(min(errors)), float(np.median(errors)),
+                                   float(max(errors)))
+        result["auroc change"] = auroc_change(labels, scores["float32"], scores["int8"],
+                                              n_boot=n_boot)
     return result
 
 
@@ -264,11 +273,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cifar-class", default="airplane")
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="resamples of the paired bootstrap of the AUROC change")
     parser.add_argument("--smoke", action="store_true",
                         help="a few synthetic images, seconds: not a result")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.cases, args.train, args.repeat = "smoke", 8, 2
+        args.cases, args.train, args.repeat, args.bootstrap = "smoke", 6, 1, 20
     print(f"int8 against float32 on OpenVINO ({os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f} at start); bare inference of every block, interleaved "
           f"{args.repeat} times, medians", flush=True)
@@ -298,11 +309,15 @@ def main(argv: list[str] | None = None) -> None:
                              + ", ".join(f"{k} {v}" for k, v in counts.items()))
             print(described[-1], flush=True)
             result = measure_case(case, folder, kind, backbone, weights, size, batch,
-                                  args.repeat, work / "cache", auroc)
+                                  args.repeat, work / "cache", auroc, args.bootstrap)
             print(f"  fit: float32 {result['float fit s']:.0f} s, int8 "
                   f"{result['int8 fit s']:.0f} s (calibration on "
                   f"{result['calibration images']} training images and quantization "
                   f"included)", flush=True)
+            if "feature error" in result:
+                low, mid, high = result["feature error"]
+                print(f"  int8 features against float32 on the test images, relative error "
+                      f"per block: {low:.3f} to {high:.3f} (median {mid:.3f})", flush=True)
             results.append(result)
     print()
     print(f"{'case':<8} {'px':>4} {'f32 img/s':>9} {'int8 img/s':>9} speed-up (CPU) "
