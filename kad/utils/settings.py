@@ -151,6 +151,17 @@ def check_pipeline_record(fields: dict) -> None:
         raise _fail("all_blocks", blocks, "a list of 1 to 1000 block names")
     batch_size(fields["batch_size"])
     choice("runtime", fields["runtime"], RUNTIMES)
+    quantization = fields.get("quantization")
+    if quantization is not None:
+        if not isinstance(quantization, dict) or set(quantization) != {
+                "precision", "calibration", "images", "nncf"}:
+            raise _fail("quantization", quantization,
+                        "None or a record of precision, calibration, images and nncf")
+        choice("quantization.precision", quantization["precision"], ("int8",))
+        text("quantization.calibration", quantization["calibration"],
+             re.compile(r"^[0-9a-f]{24}$"), "24 hexadecimal digits")
+        integer("quantization.images", quantization["images"], 1, MAX_SCORES)
+        text("quantization.nncf", quantization["nncf"])
     threshold = fields["threshold"]
     if not isinstance(threshold, dict) or set(threshold) != {"value", "method", "details"}:
         raise _fail("threshold", threshold, "a record of value, method and details")
