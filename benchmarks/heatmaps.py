@@ -113,6 +113,8 @@ def main(argv=None) -> None:
     parser.add_argument("--n-fit", type=int, default=200, help="normal images to fit on")
     parser.add_argument("--detectors", default=",".join(DETECTORS))
     parser.add_argument("--blocks", default=",".join(BLOCKS))
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="network input size (default: kad's for fundus photographs, 448)")
     parser.add_argument("--grid", type=int, default=8, help="occlusion grid")
     parser.add_argument("--steps", type=int, default=16, help="integration steps")
     parser.add_argument("--occlusion-n", type=int, default=50,
@@ -124,6 +126,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.smoke:
         args.n, args.n_fit, args.grid, args.steps, args.occlusion_n = 3, 12, 2, 2, 1
+        args.image_size = args.image_size or 96
         args.detectors, args.blocks = "knn", "block_12_add"
 
     from kad.data.datasets import ArraySource, load_dataset
@@ -173,7 +176,7 @@ def main(argv=None) -> None:
         for block in args.blocks.split(","):
             pipeline = fit_pipeline(
                 dataset.subset(fit_rows), backbone="mobilenet_v2:alpha=0.35",
-                weights=args.weights, preprocessing="fundus",
+                weights=args.weights, preprocessing="fundus", image_size=args.image_size,
                 representation="concat" if block == "default" else block,
                 detector=detector, batch_size=32, cache_dir=cache)
             count = len(planted)

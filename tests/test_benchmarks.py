@@ -1,61 +1,21 @@
 """The benchmarks run, in a few images, so that none of them rots: each has a ``--smoke``
 mode (a few images, seconds) that must finish and print its table. Scripts that start
 child processes themselves are started as a user starts them; the others run in this
-process, which spares importing TensorFlow again."""
+process, which spares importing TensorFlow again. Those reading the shared fundus
+photographs are in ``test_benchmarks_fundus.py``."""
 
 from __future__ import annotations
 
-import importlib.util
-import subprocess
-import sys
-from pathlib import Path
-
-import cv2
 import pytest
 
+from benchmark_runner import run_main as _main
+from benchmark_runner import run_script as _run
 from browser import needs_browser
-from conftest import KAGGLE_DR, MOBILENET_WEIGHTS, SHARED, need
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(script: str, *args: str) -> str:
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
-
-
-def _main(script: str, capsys, monkeypatch, *args: str) -> str:
-    """``script``'s ``main(["--smoke", *args])`` in this process; what it printed."""
-    monkeypatch.chdir(ROOT)
-    spec = importlib.util.spec_from_file_location(f"bench_{Path(script).stem}",
-                                                  ROOT / "benchmarks" / script)
-    module = importlib.util.module_from_spec(spec)
-    threads = cv2.getNumThreads()  # some benchmarks time OpenCV on one thread
-    try:
-        spec.loader.exec_module(module)
-        module.main(["--smoke", *args])
-    finally:
-        cv2.setNumThreads(threads)
-    return capsys.readouterr().out
 
 
 def test_the_patch_knn_benchmark_runs_in_smoke_mode():
     out = _run("patch_knn.py", "--smoke")
     assert "patch kNN (exact)" in out and "fitting, exact" in out
-
-
-@pytest.mark.shared
-@pytest.mark.slow
-def test_the_lesion_benchmark_runs_in_smoke_mode():
-    data = need(SHARED / "data" / "idrid-lesions")
-    out = _run("lesions.py", "--smoke", "--data-dir", str(data),
-               "--weights", str(need(MOBILENET_WEIGHTS)))
-    table = out[out.index("heatmap from"):]
-    for row in ("chance", "centre", "contrast", "knn (gradient"):
-        assert f"\n{row}" in table, out
-    assert "strict pointing" in table and "AUPRO" in table
 
 
 @needs_browser
@@ -100,22 +60,3 @@ def test_the_model_file_benchmark_runs_in_smoke_mode(capsys, monkeypatch):
     assert "bit-identical" in out and "iforest" in out
 
 
-@pytest.mark.shared
-def test_the_preprocessing_benchmark_runs_in_smoke_mode(capsys, monkeypatch):
-    need(KAGGLE_DR)
-    out = _main("preprocess.py", capsys, monkeypatch)
-    assert "fundus full-size" in out and "full decode" in out
-
-
-@pytest.mark.tf
-@pytest.mark.shared
-@pytest.mark.parametrize("script, printed", [
-    ("heatmaps.py", "pointing"),
-    ("evidence.py", "AUROC"),
-    ("calibration_dr.py", "images:"),
-])
-def test_the_fundus_benchmarks_run_in_smoke_mode(script, printed, capsys, monkeypatch,
-                                                 tmp_path):
-    need(KAGGLE_DR), need(MOBILENET_WEIGHTS)
-    args = ("--work", str(tmp_path / "work")) if script == "calibration_dr.py" else ()
-    assert printed in _main(script, capsys, monkeypatch, *args)
