@@ -86,8 +86,9 @@ def test_deep_svdd_learns():
 def test_deep_svdd_same_seed_same_scores():
     from kad_plugins.deep_svdd import DeepSVDDDetector
 
-    train, test, _ = orientation_task(bars, n_train=96, n_test=16)
-    params = {**DeepSVDDDetector.quick_params, "validation_fraction": 0.0, "random_state": 3}
+    train, test, _ = orientation_task(bars, n_train=64, n_test=16)
+    params = {**DeepSVDDDetector.quick_params, "epochs": 1, "pretrain_epochs": 1,
+              "validation_fraction": 0.0, "random_state": 3}
     first = DeepSVDDDetector(**params).fit(train).anomaly_score(test)
     second = DeepSVDDDetector(**params).fit(train).anomaly_score(test)
     np.testing.assert_array_equal(first, second)
