@@ -45,6 +45,15 @@ class Preprocessing:
     #: feature caches record it next to :attr:`key`, so old entries are not reused.
     revision: ClassVar[int] = 1
 
+    #: Whether :meth:`pixels` gives the output as an 8-bit image: the float output is then
+    #: exactly ``pixels(rgb) / 255``, and the loader hands 8-bit batches to a network that
+    #: scales its own input (a quarter of the memory and no scaling pass in Python).
+    eight_bit: ClassVar[bool] = False
+
+    def pixels(self, rgb: np.ndarray) -> np.ndarray:
+        """The output as ``uint8`` on the 0-255 scale, where :attr:`eight_bit`."""
+        raise NotImplementedError(f"preprocessing {self.name!r} has no 8-bit output")
+
     def source_side(self, input_size: int) -> int | None:  # noqa: ARG002 - a hook
         """The shorter side an image needs for this preprocessing to give the same result
         at ``input_size`` (the network input); a large JPEG is decoded at a reduced size
@@ -76,10 +85,16 @@ class Natural(Preprocessing):
     """Rescale to [0, 1]; the size is unchanged."""
 
     name: ClassVar[str] = "natural"
-    revision: ClassVar[int] = 2  # large JPEGs are decoded at a reduced size
+    #: 2: large JPEGs are decoded at a reduced size. 3: resized to the network's input as
+    #: an 8-bit image (rounded to the nearest grey level), as image loaders do.
+    revision: ClassVar[int] = 3
+    eight_bit: ClassVar[bool] = True
 
     def source_side(self, input_size: int) -> int | None:
         return int(input_size)  # the image is resized to input_size x input_size
+
+    def pixels(self, rgb: np.ndarray) -> np.ndarray:
+        return to_rgb_uint8(rgb)
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         image = to_rgb_uint8(rgb).astype(np.float32)
@@ -113,6 +128,7 @@ class Fundus(Preprocessing):
     """
 
     name: ClassVar[str] = "fundus"
+    eight_bit: ClassVar[bool] = True
     #: 2: the fundus is searched with fewer, cheaper passes, its mask drawn at the output
     #: size, the local average computed at half resolution, large JPEGs decoded reduced.
     #: 3: the fundus is searched on a regular sample of a large photograph's pixels and the
