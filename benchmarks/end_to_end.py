@@ -134,7 +134,7 @@ def child(args: argparse.Namespace) -> dict:
     try:
         plan = plan_extraction(dataset, backbone, weights, size, prep, work, "openvino")
         try:  # 8-bit batches, scaled inside the compiled model, where this kad has them
-            from kad.features.extraction import load_pixels, takes_pixels
+            from kad.features.extraction import load_image_pixels, takes_pixels
             pixels = takes_pixels(plan)
         except ImportError:
             pixels = False
@@ -175,7 +175,7 @@ def child(args: argparse.Namespace) -> dict:
                 best = min(best, time.process_time() - cpu)
             return 1000 * best / n
 
-        load = load_pixels if pixels else load_preprocessed
+        load = load_image_pixels if pixels else load_preprocessed
         t_decode = stage(lambda: [decode(i) for i in range(n)])
         t_prep = stage(lambda: [load(source, i, p, size) for i in range(n)])
         t_load = stage(lambda: _load_batch(source, dataset.ids, plan, 0, n,

@@ -296,7 +296,7 @@ def load_preprocessed(source, index: int, preprocessing: Preprocessing,
     A large JPEG is decoded at the smallest size the preprocessing can work from
     (:meth:`~kad.data.preprocessing.Preprocessing.source_side`), which is much cheaper.
     An 8-bit preprocessing (:attr:`~kad.data.preprocessing.Preprocessing.eight_bit`) gives
-    :func:`load_pixels` divided by 255.
+    :func:`load_image_pixels` divided by 255.
     """
     return preprocess_image(_decoded(source, index, preprocessing, input_size),
                             preprocessing, input_size)
@@ -314,8 +314,8 @@ def preprocess_image(rgb: np.ndarray, preprocessing: Preprocessing,
     return image
 
 
-def load_pixels(source, index: int, preprocessing: Preprocessing, input_size: int,
-                out: np.ndarray | None = None) -> np.ndarray:
+def load_image_pixels(source, index: int, preprocessing: Preprocessing, input_size: int,
+                      out: np.ndarray | None = None) -> np.ndarray:
     """One image as the network sees it, before the backbone's own scaling, as ``uint8``
     on the 0-255 scale, ``input_size`` square, for a preprocessing with 8-bit output
     (:attr:`~kad.data.preprocessing.Preprocessing.eight_bit`); written into ``out`` (a
@@ -342,7 +342,7 @@ def _load_into(source, ids, plan: ExtractionPlan, start: int, stop: int, batch: 
                row: int = 0) -> dict[str, str]:
     """Images ``start:stop`` as the network takes them, written into ``batch`` from ``row``
     on; ``{id: reason}`` of those that could not be read, whose rows are zeros. A
-    ``uint8`` batch receives the images themselves (:func:`load_pixels`: the network
+    ``uint8`` batch receives the images themselves (:func:`load_image_pixels`: the network
     scales them), a ``float32`` one the network's input (scaled in place, no copy of the
     batch)."""
     failed: dict[str, str] = {}
@@ -350,9 +350,9 @@ def _load_into(source, ids, plan: ExtractionPlan, start: int, stop: int, batch: 
     for at, index in enumerate(range(start, stop), row):
         try:
             if batch.dtype == np.uint8:
-                load_pixels(source, index, prep, size, out=batch[at])
+                load_image_pixels(source, index, prep, size, out=batch[at])
             elif prep.eight_bit:
-                _scale_into(plan.backbone, load_pixels(source, index, prep, size), batch[at])
+                _scale_into(plan.backbone, load_image_pixels(source, index, prep, size), batch[at])
             else:
                 plan.backbone.preprocess_into(load_preprocessed(source, index, prep, size),
                                               batch[at])
