@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     sick_patient = np.isin(patients, patients[labels == 1])
     common = {"backbone": args.backbone, "weights": args.weights, "detector": args.detector,
               "cache_dir": cache, "batch_size": 32, "features": features,
-              "representation": "picked"}
+              "representation": "picked",
+              "heatmap_scale": False}  # thresholds are measured here, not heatmaps
     results = []
     for run in range(args.repeats):
         out_rows = outside_rows(dataset, args.outside, run)

@@ -39,6 +39,8 @@ Run from the repository root::
     python benchmarks/lesions.py                       # every default map, ~15 min
     python benchmarks/lesions.py --detector patchknn:k=3 --detector knn --no-baselines
     python benchmarks/lesions.py --smoke               # 3 photographs, 4 normals
+    python benchmarks/lesions.py --no-baselines --image-size 896 \
+        --preprocessing fundus:size=input --detector patchknn:sampling=coreset,bank_size=10000
 """
 
 from __future__ import annotations
@@ -157,7 +159,8 @@ def fit_and_map(spec: str, fit_files, scored_files, args, cache: str):
     measured = _reset_peak()
     began, cpu = time.perf_counter(), time.process_time()
     pipeline = fit_pipeline(dataset, backbone=args.backbone, weights=args.weights,
-                            image_size=args.image_size, detector=spec,
+                            image_size=args.image_size, preprocessing=args.preprocessing,
+                            detector=spec,
                             representation=args.representation, batch_size=args.batch_size,
                             cache_dir=cache, runtime=args.runtime)
     fit_s, fit_cpu = time.perf_counter() - began, time.process_time() - cpu
@@ -186,6 +189,9 @@ def main(argv=None) -> None:
     parser.add_argument("--backbone", default="mobilenet_v2:alpha=0.35")
     parser.add_argument("--image-size", type=int, default=None,
                         help="network input size (default: kad's for fundus photographs)")
+    parser.add_argument("--preprocessing", default=None,
+                        help="as kad fit --preprocessing, e.g. fundus:size=input to run the "
+                             "fundus recipe at the network's input size (default: fundus)")
     parser.add_argument("--representation", default="concat",
                         help="blocks, as kad fit --representation (default: the detector's)")
     parser.add_argument("--runtime", default="auto", help="auto, keras or openvino")

@@ -250,7 +250,8 @@ def main() -> None:
         _kad("fit", "--dataset", "folder:kind=natural" if args.smoke else "folder",
              "--data-dir", str(folder), "--backbone", "mobilenet_v2:alpha=0.35", "--weights",
              weights, "--image-size", str(args.image_size), "--batch-size",
-             str(args.batch_size), "--cache-dir", str(work / "cache"), "--out", str(model))
+             str(args.batch_size), "--cache-dir", str(work / "cache"), "--out", str(model),
+             "--no-heatmap-scale")  # requests draw their heatmaps on their own scale
         total = args.clients * args.requests
         print(f"model: MobileNetV2-0.35, weights {Path(weights).name}, {args.image_size} px, "
               f"batch {args.batch_size}, fitted on {args.n_fit} images; sending {len(files)} "

@@ -84,6 +84,13 @@ def test_the_extraction_benchmark_runs_in_smoke_mode():
 
 
 @pytest.mark.tf
+def test_the_int8_benchmark_runs_in_smoke_mode(capsys, monkeypatch):
+    pytest.importorskip("nncf")
+    out = _main("int8.py", capsys, monkeypatch)
+    assert "speed-up" in out and "\nsmoke " in out and "paired bootstrap" in out
+
+
+@pytest.mark.tf
 def test_the_flops_benchmark_runs_in_smoke_mode(capsys, monkeypatch):
     assert "GFLOP per image" in _main("flops.py", capsys, monkeypatch)
 

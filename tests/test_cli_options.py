@@ -95,7 +95,7 @@ BASE = {("cache", "remove"): {"entries": ["entry-a"]}}
 
 #: Non-default values that must parse (the generic one, a plain word, would not).
 VALUES = {"shard": "1/2", "image_size": "224", "ratios": "0.1,0.2", "runtime": "keras",
-          "engine": "ray", "n_anomalies": "7"}
+          "precision": "int8", "engine": "ray", "n_anomalies": "7"}
 
 
 def _commands(command, path: tuple[str, ...] = ()):

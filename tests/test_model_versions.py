@@ -141,6 +141,22 @@ def test_a_model_file_of_an_earlier_release_scores_the_same(fixture, tmp_path, m
                                   expected["p_values"])
 
 
+@pytest.mark.tf
+def test_a_model_file_of_an_earlier_release_draws_heatmaps_on_the_report_s_own_scale(
+        tmp_path):
+    """Files written before fitting kept the calibration normals' heatmaps: their reports
+    scale on their own maps, and the legend says why."""
+    from kad.screening.workflow import screen
+
+    files = pattern_images(tmp_path / "patterns")
+    run = screen(FIXTURES / "model-0.1.0.kad", files, tmp_path / "out", heatmaps=True)
+    page = run.report.read_text()
+    assert page.count('"pics":"tmhp"') == len(files)  # every heatmap drawn
+    assert "not anchored on the calibration normals" in page
+    assert "holds no heatmaps of its calibration normals" in page
+    assert "above what healthy" not in page and "within what healthy" not in page
+
+
 def test_fixtures_are_kept_small():
     """Each is a file users may hold, kept for good: a few hundred KB at most."""
     fixtures = sorted(FIXTURES.glob("model-*.kad"))

@@ -196,6 +196,8 @@ def test_kad_fit_refuses_patchknn_among_pooled_detectors_before_any_work_and_sco
                       cache_dir=tmp_path / "cache", **KERAS).path
     run = screen(model, [files[-1], files[0]], tmp_path / "out", heatmaps=True)
     assert run.heatmaps.method == "detector" and len(run.rows) == 2
+    # its own maps at fitting too: the report's scale is anchored on the calibration normals
+    assert "anchored on the calibration normals" in run.report.read_text()
 
 
 def test_fitting_and_scoring_report_their_passes_over_images(capsys):

@@ -8,6 +8,7 @@ import re
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_artifact import _pipeline, _rewrite
 
@@ -77,3 +78,38 @@ def test_the_command_line_uses_the_same_bounds():
                                       str(settings.MAX_BATCH_SIZE + 1)])
     assert result.exit_code == 2 and "4096" in result.output
     assert settings.batch_size(64) == 64
+
+
+def _with_calibration_heatmaps(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    pipeline = _pipeline()
+    peaks = rng.random(12)
+    pipeline.calibration = {"scores": sorted(rng.random(12).tolist()), "n": 12, "heatmaps": {
+        "method": "gradient", "grid": 8, "steps": 16, "n": 12, "peaks": peaks,
+        "levels": np.array([0.5, 0.9, 0.99]),
+        "quantiles": np.stack([peaks / 3, peaks / 2, peaks / 1.1], axis=1), "unreadable": 0,
+        "measured_on": "the heatmaps of all 12 calibration normals, by gradient"}}
+    pipeline.threshold.value = float(np.sort(pipeline.calibration["scores"])[9])
+    return pipeline.save(tmp_path / "anchored.kad"), pipeline
+
+
+def test_the_calibration_heatmaps_survive_save_and_load_exactly(tmp_path):
+    from kad.screening.heatmap_scale import anchor
+
+    path, pipeline = _with_calibration_heatmaps(tmp_path)
+    loaded = load_pipeline(path)
+    kept, saved = loaded.calibration["heatmaps"], pipeline.calibration["heatmaps"]
+    assert set(kept) == set(saved)
+    for key in ("peaks", "levels", "quantiles"):
+        assert kept[key].dtype == np.float64 and np.array_equal(kept[key], saved[key])
+    assert anchor(loaded, "gradient") == anchor(pipeline, "gradient")
+    # the manifest says what they are, without the arrays
+    info = json.loads(zipfile.ZipFile(path).read("manifest.json"))["info"]
+    assert info["calibration"]["heatmaps"]["n"] == 12 and "peaks" not in info["calibration"][
+        "heatmaps"]
+    # a record that does not match its arrays is refused in one line
+    crafted = _edit(path, tmp_path / "crafted.kad", _set("calibration.heatmaps.n", 13))
+    with pytest.raises(ArtifactError, match=r"calibration.heatmaps.peaks is 'an array of "
+                                            r"float64 \(12,\)'; it must be a float array "
+                                            r"of shape \(13,\)"):
+        load_pipeline(crafted)

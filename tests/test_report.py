@@ -85,3 +85,57 @@ def test_heatmaps_share_one_scale_so_a_faint_region_stays_faint():
     assert back.shape == (20, 40) and back.max() == pytest.approx(10.0)
     rows, cols = np.nonzero(back > 5)
     assert rows.min() >= 2 and rows.max() <= 7 and cols.min() >= 5 and cols.max() <= 13
+
+
+def _anchored_model(threshold: float, method: str = "gradient"):
+    """Twenty calibration normals scoring 1..20, their heatmaps peaking at 0.1..2.0."""
+    peaks = np.arange(1, 21) / 10.0
+    return SimpleNamespace(
+        threshold=SimpleNamespace(value=threshold),
+        calibration={"scores": list(np.arange(1.0, 21.0)), "n": 20, "heatmaps": {
+            "method": method, "grid": 8, "steps": 16, "n": 20, "peaks": peaks,
+            "levels": np.array([0.5, 0.9, 0.99]),
+            "quantiles": np.stack([peaks / 4, peaks / 2, peaks * 0.9], axis=1),
+            "unreadable": 0, "measured_on": "the heatmaps of all 20 calibration normals"}})
+
+
+def test_the_scale_is_anchored_where_healthy_regions_reach_at_the_threshold_rate():
+    from kad.screening.heatmap_scale import HeatAnchor, NoAnchor, anchor
+
+    strict, lenient = anchor(_anchored_model(19.5), "gradient"), anchor(_anchored_model(15.5),
+                                                                        "gradient")
+    assert isinstance(strict, HeatAnchor) and isinstance(lenient, HeatAnchor)
+    # 1 of 20 calibration normals above the threshold: the 95% quantile of the peaks
+    assert (strict.flagged, strict.rate, strict.n) == (1, 0.05, 20)
+    assert strict.value == pytest.approx(1.905)
+    assert lenient.flagged == 5 and lenient.value == pytest.approx(1.525)  # moved with it
+    assert "1 of the 20 calibration normals" in strict.describe()
+    assert strict.exceeded_by(1.95) and not strict.exceeded_by(1.9)
+    # a threshold above every calibration score: the highest peak
+    assert anchor(_anchored_model(99.0), "gradient").value == pytest.approx(2.0)
+    # maps made another way than the calibration normals' are not compared with them
+    other = anchor(_anchored_model(19.5), "occlusion")
+    assert isinstance(other, NoAnchor) and "--heatmap-method gradient" in other.reason
+    steps = anchor(_anchored_model(19.5), "gradient", grid=4, steps=32)
+    assert isinstance(steps, NoAnchor) and "--steps 32" in steps.reason
+    assert isinstance(anchor(_anchored_model(19.5, "occlusion"), "occlusion", grid=8,
+                             steps=32), HeatAnchor)  # steps do not change occlusion maps
+
+
+def test_an_anchored_scale_draws_the_report_against_healthy_regions():
+    sketches = HeatmapSketches(method="gradient", steps=16)
+    sketches.sketches = {"faint": _sketch(0.5), "glaring": _sketch(10.0)}
+    scale = sketches.scale(_anchored_model(19.5))
+    assert scale.anchor is not None and scale.top == pytest.approx(1.905)
+    assert "calibration normals" in scale.anchored and "20" in scale.anchored
+    # the faint map stays faint whatever else the report holds; the glaring one saturates
+    assert scale.levels(sketches.get("faint").map).max() == pytest.approx(0.5 / 1.905)
+    assert scale.levels(sketches.get("glaring").map).max() == 1.0
+    assert scale.healthy(10.0).startswith("above") and scale.healthy(0.5).startswith("within")
+    # without the calibration normals' maps: the report's own scale, saying why
+    old = _anchored_model(19.5)
+    del old.calibration["heatmaps"]
+    fallback = sketches.scale(old)
+    assert fallback.anchor is None and fallback.top == pytest.approx(10.0)
+    assert "holds no heatmaps of its calibration normals" in fallback.anchored
+    assert fallback.healthy(10.0) == ""

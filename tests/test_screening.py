@@ -196,7 +196,7 @@ def test_fit_says_how_many_images_it_fitted_on_and_names_those_left_out(tmp_path
     (normal / "gone.png").symlink_to(tmp_path / "nowhere.png")
     model = tmp_path / "model.kad"
     args = ["fit", "--dataset", "folder:kind=natural", "--data-dir", tmp_path / "fit", *FAST_CLI,
-            "--out", model]
+            "--out", model, "--no-heatmap-scale"]
     small = runner.invoke(app, [str(a) for a in args] + ["--fpr", "0.05"])  # 0.2 of 14
     assert small.exit_code == 1 and "needs at least 19 calibration images" in small.output
     assert "features of" not in small.output, "refused before any work"
@@ -217,7 +217,8 @@ def test_a_few_dozen_normals_get_a_model_and_the_guarantee_it_actually_gives(tmp
 
     root = screening_folder(tmp_path / "fit", n_normal=n_normal, n_abnormal=0, seed=4)
     model = tmp_path / "model.kad"
-    base = ["fit", "--dataset", "folder:kind=natural", "--data-dir", root, *FAST_CLI]
+    base = ["fit", "--dataset", "folder:kind=natural", "--data-dir", root, *FAST_CLI,
+            "--no-heatmap-scale"]
     result = _kad(*base, "--out", model)  # the defaults: --fpr 0.05 cannot be guaranteed
     details = load_pipeline(model).threshold.details
     n_cal = details["n_calibration"]
@@ -242,7 +243,7 @@ def test_the_guarantee_is_withheld_when_a_patient_has_several_photographs(tmp_pa
     multi_photo_folder(tmp_path / "new", n_patients=100, photos=1, seed=2, first=500)
     new = FileSource(sorted((tmp_path / "new" / "normal").glob("*.png")))
     base = ["fit", "--dataset", "folder:kind=natural", "--data-dir", tmp_path / "fit", *FAST_CLI,
-            "--fpr", "0.1"]
+            "--fpr", "0.1", "--no-heatmap-scale"]
 
     def fit(*extra):
         result = _kad(*base, "--out", tmp_path / "model.kad", "--overwrite", *extra)
@@ -384,11 +385,13 @@ def test_the_fit_summary_says_what_each_number_was_measured_on(calibrated):
 def test_a_sensitivity_threshold_is_set_on_selection_and_reported_on_assessment(calibrated):
     from kad.data.datasets import FileSource
     from kad.screening.fitting import fit_pipeline
+    from kad.screening.heatmap_scale import anchor
 
     first, split, dataset, root = calibrated
     pipeline = fit_pipeline(dataset, split=split, representation="picked", sensitivity=0.9,
-                            cache_dir=root / "cache", **FAST)
+                            cache_dir=root / "cache", heatmap_scale=False, **FAST)
     assert pipeline.blocks == first.blocks  # the same selection images pick the same block
+    assert "--no-heatmap-scale" in anchor(pipeline, "gradient").reason  # none made, said why
     details = pipeline.threshold.details
     assert details["n_anomalous"] == split.selection_labels.sum()
     assert details["n_normal"] == (split.selection_labels == 0).sum()
@@ -509,7 +512,8 @@ def test_fit_picks_size_block_and_detector_on_the_selection_images_only(tmp_path
     result = _kad("fit", "--dataset", "folder:kind=natural", "--data-dir", tmp_path / "fit",
                   "--backbone", "mobilenet_v2:alpha=0.35", "--weights", "none",
                   "--preprocessing", "natural", "--image-size", "32,48",
-                  "--detector", "iforest:n_estimators=20,knn", "--out", model)
+                  "--detector", "iforest:n_estimators=20,knn", "--out", model,
+                  "--no-heatmap-scale")
     pipeline = load_pipeline(model)
     selection = pipeline.training["selection"]
     picked = selection["picked_candidate"]
@@ -696,3 +700,82 @@ def test_a_batch_of_abnormal_images_is_called_out_in_one_line(case_report, calib
     assert "Kolmogorov-Smirnov" in said[0]
     page = (out / "report.html").read_text()
     assert 'class="shift"' in page
+
+
+# -- the heatmaps' colour scale, anchored on the calibration normals -------------------------
+
+
+def test_fitting_keeps_the_calibration_normals_heatmaps_as_kad_score_makes_them(calibrated):
+    from kad.screening.heatmaps import explain
+
+    pipeline, split, dataset, _ = calibrated
+    kept = pipeline.calibration["heatmaps"]
+    assert kept["method"] == "gradient" and kept["unreadable"] == 0
+    assert kept["n"] == len(split.calibration) < 64  # so every one of them
+    made = explain(pipeline, dataset.source.take(split.calibration), keep_images=False)
+    np.testing.assert_allclose(kept["peaks"], [h.map.max() for h in made], rtol=1e-6)
+    np.testing.assert_allclose(kept["quantiles"][:, -1],
+                               [np.quantile(h.map, 0.99) for h in made], rtol=1e-6)
+
+
+def test_the_calibration_heatmaps_are_bounded_in_images_and_in_cost(calibrated, monkeypatch):
+    from kad.screening import heatmap_scale
+
+    pipeline, split, dataset, _ = calibrated
+    source = dataset.source.take(split.calibration)
+    ids = np.asarray(dataset.ids)[split.calibration]
+    monkeypatch.setattr(heatmap_scale, "MAX_IMAGES", 5)
+    first = heatmap_scale.calibration_heatmaps(pipeline, source, ids, seed=3)
+    again = heatmap_scale.calibration_heatmaps(pipeline, source, ids, seed=3)
+    assert first["n"] == 5 and np.array_equal(first["peaks"], again["peaks"])  # the seed's
+    assert f"5 of the {len(ids)}, chosen at random (seed 3)" in first["measured_on"]
+    # occlusion costs grid² + 1 passes an image: too few images affordable, none made
+    monkeypatch.setattr("kad.screening.heatmaps.choose_method", lambda d, m: "occlusion")
+    monkeypatch.setattr(heatmap_scale, "MAX_PASSES", 400)
+    skipped = heatmap_scale.calibration_heatmaps(pipeline, source, ids)
+    assert set(skipped) == {"skipped"} and "65 network passes per image" in skipped["skipped"]
+
+
+def test_kad_threshold_moves_the_heatmaps_anchor_with_the_rate(work, tmp_path):
+    from kad.screening.heatmap_scale import anchor
+
+    fitted = load_pipeline(work / "model.kad")
+    kept = fitted.calibration["heatmaps"]
+    assert kept["n"] == fitted.calibration["n"] > 0  # kad fit makes them by default
+    result = _kad("threshold", work / "model.kad", "--fpr", "0.4", "--out", tmp_path / "m.kad")
+    moved = load_pipeline(tmp_path / "m.kad")
+    assert np.array_equal(moved.calibration["heatmaps"]["peaks"], kept["peaks"])
+    before, after = anchor(fitted, "gradient"), anchor(moved, "gradient")
+    calibration = np.asarray(moved.calibration["scores"])
+    rate = float((calibration > moved.threshold.value).mean())
+    assert after.rate == rate > 0 and after.value == np.quantile(kept["peaks"], 1 - rate)
+    assert after.rate != before.rate and after.value != before.value
+    assert "heatmap scale: report heatmaps (by gradient) take full colour at" in result.output
+
+
+def test_a_report_anchored_on_the_calibration_normals_draws_lesions_brighter(case_report):
+    import json
+
+    import cv2
+
+    run, _ = case_report
+    page = run.report.read_text()
+    legend = re.search(r'id="heat-scale">(.*?)</p>', page, re.S).group(1)
+    assert "anchored on the calibration normals" in legend
+    assert "heatmap peaks of 18 calibration normals" in legend or (
+        "highest heatmap peak of 18 calibration normals" in legend)
+    records = json.loads(re.search(r'id="records">(.*?)</script>', page, re.S).group(1))
+    folder = run.report.parent / "report_files"
+
+    def drawn(i):  # how much colour the heatmap lays over the model's input
+        over = cv2.imread(str(folder / f"{i:05d}h.jpg")).astype(np.float32)
+        under = cv2.imread(str(folder / f"{i:05d}m.jpg")).astype(np.float32)
+        return float(np.quantile(np.abs(over - under).sum(axis=2), 0.99))
+
+    lesions = {"sub1/x.jpeg", "sub2/tall.png", "speckled.png"}
+    colour = {r["name"]: drawn(r["i"]) for r in records}
+    assert min(colour[n] for n in lesions) > max(v for n, v in colour.items()
+                                                 if n not in lesions), colour
+    for r in records:  # each card says whether its peak is above healthy regions'
+        above = "above what healthy calibration regions reach" in r["caption"]
+        assert above == (r["name"] in lesions), r

@@ -33,7 +33,8 @@ def served(tmp_path_factory):
     screening_folder(root / "fit", n_normal=30, n_abnormal=6, seed=3)
     screening_folder(root / "new", n_normal=2, n_abnormal=2, seed=4)
     fit_model(load_dataset("folder", root / "fit", kind="natural"), root / "model.kad",
-              cache_dir=root / "cache", runtime="keras", **FAST)  # no conversion to OpenVINO
+              cache_dir=root / "cache", runtime="keras", heatmap_scale=False,
+              **FAST)  # no conversion to OpenVINO; no report drawn
     pipeline = load_pipeline(root / "model.kad")
     scorer = BatchScorer(pipeline).start()
     yield pipeline, scorer, root

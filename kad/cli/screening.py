@@ -91,6 +91,10 @@ def fit(
     seed: SeedOpt = 0,
     batch_size: BatchSizeOpt = 64, cache_dir: CacheDirOpt = None,
     runtime: RuntimeOpt = "auto",
+    precision: Annotated[str, typer.Option(
+        "--precision", help="float32 (default) or int8: the network quantized by NNCF on "
+                            "the training images, on OpenVINO (pip install 'kad[int8]'); "
+                            "the model then scores with that network.")] = "float32",
     patient_pattern: Annotated[str | None, typer.Option(
         "--patient-pattern", metavar="REGEX",
         help="Patient ids from the file names of a folder dataset, instead of "
@@ -99,6 +103,11 @@ def fit(
     keep_all_blocks: Annotated[bool, typer.Option(
         "--keep-all-blocks", help="Keep every block of the training images in the feature "
                                   "cache (by default only the blocks the model uses).")] = False,
+    heatmap_scale: Annotated[bool, typer.Option(
+        "--heatmap-scale/--no-heatmap-scale",
+        help="Make the heatmaps of up to 64 calibration normals, so that report heatmaps "
+             "share a colour scale anchored on healthy images (--no-heatmap-scale saves "
+             "their cost; reports then scale on their own maps).")] = True,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Fit the whole pipeline on normal images and save it as one file."""
@@ -111,8 +120,9 @@ def fit(
                     representation=representation, fpr=fpr, sensitivity=sensitivity,
                     calibration=calibration, selection=selection, seed=seed,
                     batch_size=batch_size, cache_dir=cache_dir,
-                    keep_all_blocks=keep_all_blocks, runtime=runtime, progress=RichProgress(),
-                    overwrite=overwrite)
+                    keep_all_blocks=keep_all_blocks, runtime=runtime,
+                    heatmap_scale=heatmap_scale, progress=RichProgress(), overwrite=overwrite,
+                    precision=precision)
     skipped(run.left_out.items(), "image(s) were used for nothing")
     parts = run.split.describe()
     line = (f"fitted on {run.n_fitted} normal images; {parts['calibration']} normal images "
@@ -133,7 +143,9 @@ def fit(
     for text in fit_summary(run.pipeline).lines():
         say(text)
     pipeline = run.pipeline
-    note(f"runtime: {pipeline.runtime}")
+    note(f"runtime: {pipeline.runtime}" + (
+        f", int8 (calibrated on {pipeline.quantization['images']} training images)"
+        if pipeline.quantization else ""))
     blocks = ", ".join(pipeline.blocks) if len(pipeline.blocks) < 6 else "concat"
     say(f"{'replaced' if run.replaced else 'wrote'} {run.path}: {pipeline.backbone}, "
         f"blocks {blocks}, threshold {pipeline.threshold.value:.4g} ({pipeline.threshold.method})")

@@ -47,7 +47,7 @@ def extract_features(dataset, backbone="inception_resnet_v2", weights="imagenet"
                      shard: tuple[int, int] | None = None,
                      engine: str = "local", ray_address: str | None = None,
                      blocks: list[str] | None = None,
-                     runtime: str = "auto") -> FeatureSet:
+                     runtime: str = "auto", quantization=None) -> FeatureSet:
     """Features of every block for every image of ``dataset``; see the module docstring.
 
     ``progress`` (a :class:`~kad.utils.progress.Progress`) gets the task ``features of
@@ -66,12 +66,16 @@ def extract_features(dataset, backbone="inception_resnet_v2", weights="imagenet"
     extracted again in full.
 
     ``runtime``: ``auto``, ``keras`` or ``openvino`` (:mod:`kad.features.runtime`).
+    ``quantization``: the int8 network's :class:`~kad.features.int8.Quantization`
+    (:mod:`kad.features.int8`), extracted locally only.
     """
     # The runtime is resolved once, here on the driver (auto: by what this machine has), and
     # recorded in the plan: a shard or a Ray actor builds the plan's runtime, so every
     # engine writes, and finds, the same entry.
     plan = plan_extraction(dataset, backbone, weights, image_size, preprocessing, cache_dir,
-                           runtime)
+                           runtime, quantization)
+    if quantization is not None and (shard is not None or engine != "local"):
+        raise ValueError("int8 features are extracted locally: drop --shard and --engine ray")
     if shard is not None or engine != "local":
         if engine not in ("local", "ray"):
             raise ValueError(f"unknown engine {engine!r}: use local or ray")

@@ -63,6 +63,8 @@ class ExtractionPlan:
     path: Path
     inputs: dict
     runtime: str = "keras"  # resolved: "keras" or "openvino" (see kad.features.runtime)
+    #: The int8 network's :class:`~kad.features.int8.Quantization`; None for float32.
+    quantization: object = None
 
 
 def default_preprocessing(dataset) -> str:
@@ -95,12 +97,14 @@ def default_input_size(dataset, backbone: Backbone) -> int:
 def plan_extraction(dataset, backbone="inception_resnet_v2", weights="imagenet",
                     image_size: int | None = None, preprocessing=None,
                     cache_dir: str | Path | None = None, runtime: str = "auto",
-                    ) -> ExtractionPlan:
+                    quantization=None) -> ExtractionPlan:
     """What decides the features of ``dataset``, and where they are cached.
 
     ``image_size`` None picks :func:`default_input_size`. ``runtime`` (``auto``, ``keras``
     or ``openvino``, see :mod:`kad.features.runtime`) is resolved here and recorded in the key, so
-    features from different runtimes never mix.
+    features from different runtimes never mix. ``quantization`` (a
+    :class:`~kad.features.int8.Quantization`) makes them the int8 network's, on OpenVINO,
+    recorded in the key too (a float32 key is unchanged by it).
     """
     from kad.features.runtime import resolve_runtime
 
@@ -109,7 +113,7 @@ def plan_extraction(dataset, backbone="inception_resnet_v2", weights="imagenet",
     # fundus:size=input works at the network's input size (see preprocessing_at)
     prep = get_preprocessing(preprocessing_at(preprocessing, size)
                              or default_preprocessing(dataset))
-    engine = resolve_runtime(runtime).name
+    engine = resolve_runtime("openvino" if quantization is not None else runtime).name
     inputs = {
         "dataset": dataset.fingerprint,
         "backbone": str(bb.spec),
@@ -119,9 +123,11 @@ def plan_extraction(dataset, backbone="inception_resnet_v2", weights="imagenet",
         "preprocessing_revision": prep.revision,
         "runtime": engine,
     }
+    if quantization is not None:
+        inputs["int8"] = quantization.record()
     key = cache_key(inputs)
     path = entry_path(dataset.name, bb.name, key, Path(cache_dir) if cache_dir else None)
-    return ExtractionPlan(bb, weights, size, prep, key, path, inputs, engine)
+    return ExtractionPlan(bb, weights, size, prep, key, path, inputs, engine, quantization)
 
 
 def cached_features(plan: ExtractionPlan, verify: bool = True) -> FeatureSet | None:
@@ -201,7 +207,8 @@ def _extract_loading(dataset, plan: ExtractionPlan, batch_size: int, workers: in
 
     n = len(dataset)
     engine = build_runtime(plan.backbone, plan.input_size, plan.weights, plan.runtime,
-                           batch_size, plan.path.parent, pixels=takes_pixels(plan))
+                           batch_size, plan.path.parent, quantization=plan.quantization,
+                           pixels=takes_pixels(plan))
     names, dims = engine.names, engine.dims
     meta = {
         "key": plan.key, "inputs": plan.inputs, "dataset": dataset.name,
@@ -475,3 +482,44 @@ class Loader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# ------------------------------------------------------------------ int8 calibration
+
+
+def plan_quantization(dataset, rows: np.ndarray, plan: ExtractionPlan, limit: int | None = None,
+                      progress: Progress | None = None):
+    """The :class:`~kad.features.int8.Quantization` calibrated on ``rows`` of ``dataset``
+    (at most ``limit``, default :data:`~kad.features.int8.CALIBRATION_LIMIT`, evenly spread:
+    :func:`~kad.features.int8.calibration_rows`), prepared as the float ``plan`` prepares
+    them, by a :class:`Loader` (a few batches in memory at a time). Its key names the
+    plan's key (dataset, backbone, weights, size, preprocessing), the images' ids, their
+    number and NNCF's version."""
+    import hashlib
+    import json
+
+    from kad.errors import KadError
+    from kad.features.int8 import CALIBRATION_LIMIT, Quantization, calibration_rows, nncf_version
+
+    chosen = calibration_rows(rows, CALIBRATION_LIMIT if limit is None else limit)
+    if not len(chosen):
+        raise KadError("the int8 calibration needs training images; there are none")
+    ids = [str(i) for i in np.asarray(dataset.ids, dtype=str)[chosen]]
+    version = nncf_version()
+    text = json.dumps({"features": plan.key, "ids": ids, "images": len(ids),
+                       "nncf": version}, sort_keys=True)
+    key = hashlib.sha256(text.encode()).hexdigest()[:24]
+    source = dataset.source.take(chosen)
+
+    def load(report: Progress | None) -> Iterator[np.ndarray]:
+        done = 0
+        with task(report, "int8 calibration", len(ids)) as update, \
+                Loader(source, ids, plan, 0, 16) as loader:
+            for start, batch, n, failed in loader:
+                for row in range(n):
+                    if ids[start + row] not in failed:
+                        yield batch[row:row + 1].copy()
+                done += n
+                update(done)
+
+    return Quantization(key, len(ids), version, load, progress)

@@ -27,6 +27,13 @@ OpenVINO, Keras and kad versions. ``manifest.json`` records the SHA-256 of the w
 file: a damaged or incomplete entry is detected, reported and rebuilt, never used. Weights
 are saved uncompressed (float32), never as float16.
 
+int8 (:mod:`kad.features.int8`, opt-in) quantizes the float conversion with NNCF: the int8
+extractor is cached under a key that adds the :class:`~kad.features.int8.Quantization`
+(calibration images, their number, NNCF's version), and the network of a representation is
+that int8 extractor with only the representation's pooled outputs, cached under a key that
+holds those names too. Without calibration images (a model file being scored) an int8
+network missing from the cache is refused, never made again from other images.
+
 Both runtimes are objects with ``names`` (the block names, in network order) and
 ``predict(batch) -> list[np.ndarray]`` (one float32 ``(n, dim)`` array per block).
 
@@ -180,13 +187,15 @@ class OpenVINORuntime:
 
     def __init__(self, core, model, names: list[str], slice_size: int, requests: int,
                  model_dir: Path | None = None, scaling: tuple[float, float] | None = None,
-                 config: dict | None = None, pixels: bool = False):
+                 config: dict | None = None, pixels: bool = False,
+                 precision: str = "float32"):
         self._core, self._model, self._config = core, model, dict(config or {})
         self.scaling = None if scaling is None else tuple(float(v) for v in scaling)
         self.names = list(names)
         self.slice_size = int(slice_size)
         self.requests = int(requests)
         self.model_dir = model_dir
+        self.precision = precision
         self._variants: dict[bool, tuple] = {}
         self._results: dict[int, list[np.ndarray]] = {}
         first = self._variant(bool(pixels and self.takes_pixels))
@@ -248,8 +257,8 @@ class OpenVINORuntime:
 
     def describe(self) -> str:
         scaling = "; 8-bit images scaled in the network" if self.takes_pixels else ""
-        return (f"openvino (CPU, float32, {self.requests} requests of {self.slice_size} "
-                f"images{scaling})")
+        return (f"openvino (CPU, {self.precision}, {self.requests} requests of "
+                f"{self.slice_size} images{scaling})")
 
 
 def as_runtime(model) -> KerasRuntime | OpenVINORuntime:
@@ -265,11 +274,12 @@ def _output_name(block: str) -> str:
 
 
 def openvino_model_dir(backbone, input_size: int, weights, cache_dir: str | Path | None = None,
-                       outputs: list[str] | None = None) -> Path:
+                       outputs: list[str] | None = None, quantization=None) -> Path:
     """Where the OpenVINO conversion of ``backbone`` at ``input_size`` with ``weights`` is
     cached (see the module docstring for what the key holds): of the extractor itself, or,
     with ``outputs`` (:func:`kad.features.backbones.extractor_outputs`), of the model made from
-    it that has those outputs."""
+    it that has those outputs; with ``quantization`` (a
+    :class:`~kad.features.int8.Quantization`), of its int8 network."""
     from importlib.metadata import PackageNotFoundError, version
 
     from kad import __version__
@@ -289,6 +299,8 @@ def openvino_model_dir(backbone, input_size: int, weights, cache_dir: str | Path
     }
     if outputs is not None:
         inputs["outputs"] = [str(o) for o in outputs]
+    if quantization is not None:
+        inputs["int8"] = quantization.record()
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
     root = Path(cache_dir) if cache_dir else cache_root()
     return root / "openvino" / f"{_safe(backbone.name)}-{key}"
@@ -363,12 +375,21 @@ def _convert(backbone, input_size: int, weights, folder: Path, core, keras_model
             )
         found = sorted(found)
         output.get_tensor().set_names({_output_name(found[0])})
+    return _save(converted, names, backbone, input_size, folder, core)
+
+
+def _save(model, names: list[str], backbone, input_size: int, folder: Path, core,
+          extra: dict | None = None):
+    """Write ``model`` (its outputs named for ``names``) and its manifest into ``folder``,
+    aside then renamed; ``(model read back, names)``."""
+    import openvino as ov
+
     folder.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        ov.save_model(converted, str(partial / _XML), compress_to_fp16=False)
+        ov.save_model(model, str(partial / _XML), compress_to_fp16=False)
         manifest = {"names": names, "backbone": str(backbone.spec), "input_size": input_size,
-                    "openvino": ov.__version__,
+                    "openvino": ov.__version__, **(extra or {}),
                     "sha256": {f: file_sha256(partial / f) for f in (_XML, _BIN)}}
         (partial / _MANIFEST).write_text(json.dumps(manifest, indent=1))
         _replace(partial, folder)
@@ -379,10 +400,65 @@ def _convert(backbone, input_size: int, weights, folder: Path, core, keras_model
     return core.read_model(str(folder / _XML)), names
 
 
+def _found(folder: Path, core):
+    """``(model, names)`` cached in ``folder`` (or copied from where this process wrote the
+    same key), else None."""
+    return _read_cached(folder, core) or _copy_converted(folder, core)
+
+
+def _quantized_extractor(bb, input_size: int, weights, quantization, cache_dir, core,
+                         keras_model, log_line):
+    """``(model, block names)``: the int8 extractor of ``quantization``, from the cache, or
+    quantized from the float conversion (itself cached) when the calibration images are at
+    hand; otherwise refused."""
+    from kad.features.int8 import quantize
+
+    folder = openvino_model_dir(bb, input_size, weights, cache_dir, quantization=quantization)
+    found = _found(folder, core)
+    if found is not None:
+        return found
+    if not quantization.can_calibrate:
+        raise KadError(
+            f"the int8 network this model was fitted with (calibration {quantization.key}) "
+            f"is not in the cache ({folder}); it is made from the training images when the "
+            "model is fitted: score on the machine and cache it was fitted with, or export "
+            "it there (kad export) and score the export")
+    float_dir = openvino_model_dir(bb, input_size, weights, cache_dir)
+    model, names = _found(float_dir, core) or _convert(bb, input_size, weights, float_dir,
+                                                       core, keras_model)
+    if log_line:
+        log_line(f"quantizing {bb.spec} @{input_size}px to int8 on {quantization.images} "
+                 f"training images, cached at {folder}")
+    quantized = quantize(model, quantization)
+    return _save(quantized, names, bb, input_size, folder, core,
+                 {"int8": quantization.record()})
+
+
+def _check_pooled(blocks: list[str], outputs: list[str]) -> None:
+    for output in outputs:
+        kind, _, block = output.partition(":")
+        if kind != "pooled" or block not in blocks:
+            raise KadError(f"precision int8 gives the blocks' pooled features only, not "
+                           f"{output!r}; drop --precision int8 for this detector")
+
+
+def _select(full, blocks: list[str], outputs: list[str], name: str):
+    """The int8 extractor ``full`` (outputs named for ``blocks``) with only ``outputs``
+    (``pooled:BLOCK`` names), named for them: one quantized graph for every representation."""
+    import openvino as ov
+
+    _check_pooled(blocks, outputs)
+    chosen = [full.output(_output_name(o.partition(":")[2])) for o in outputs]
+    model = ov.Model(chosen, full.get_parameters(), name)
+    for result, output in zip(model.outputs, outputs, strict=True):
+        result.get_tensor().set_names({_output_name(output)})
+    return model
+
+
 def build_runtime(backbone, input_size: int, weights, runtime: str = "auto",
                   batch_size: int = 64, cache_dir: str | Path | None = None,
                   log_line: Callable[[str], None] | None = None, keras_model=None,
-                  pixels: bool = False):
+                  quantization=None, pixels: bool = False):
     """The network of ``backbone`` at ``input_size`` with ``weights`` on ``runtime``.
 
     Returns a :class:`KerasRuntime` or an :class:`OpenVINORuntime` (see the module
@@ -390,27 +466,30 @@ def build_runtime(backbone, input_size: int, weights, runtime: str = "auto",
     splits it into equal slices, one per inference request. ``log_line`` receives one line
     saying what runs where, and when a model is converted. ``keras_model``: an already
     built ``(model, block names)`` of the same backbone, input size and weights, used
-    instead of building one again. On OpenVINO, where the backbone's scaling is a scale
-    and an offset (:attr:`~kad.features.backbones.Backbone.input_scaling`), the runtime
-    also takes 8-bit images and scales them in the network (:class:`OpenVINORuntime`; the
-    converted model on disk is unchanged); ``pixels`` compiles that kind first.
+    instead of building one again. ``quantization`` (a
+    :class:`~kad.features.int8.Quantization`): the int8 network it names, on OpenVINO.
+    On OpenVINO, where the backbone's scaling is a scale and an offset
+    (:attr:`~kad.features.backbones.Backbone.input_scaling`), a float32 runtime also takes
+    8-bit images and scales them in the network (:class:`OpenVINORuntime`; the converted
+    model on disk is unchanged); ``pixels`` compiles that kind first.
     """
     from kad.features.backbones import Backbone, get_backbone
 
     bb = backbone if isinstance(backbone, Backbone) else get_backbone(backbone)
-    choice = resolve_runtime(runtime)
+    choice = resolve_runtime("openvino" if quantization is not None else runtime)
     if choice.name == "keras":
         model, names = keras_model or bb.build_extractor(input_size, weights)
         return KerasRuntime(model, names)
-    folder = openvino_model_dir(bb, input_size, weights, cache_dir)
+    folder = openvino_model_dir(bb, input_size, weights, cache_dir, quantization=quantization)
     return _openvino_runtime(bb, input_size, weights, folder, keras_model, batch_size,
-                             log_line, choice, bb.input_scaling, pixels)
+                             log_line, choice, quantization,
+                             scaling=bb.input_scaling, pixels=pixels)
 
 
 def model_runtime(model, backbone, input_size: int, weights, runtime: str = "auto",
                   batch_size: int = 64, cache_dir: str | Path | None = None,
                   log_line: Callable[[str], None] | None = None, extractor=None,
-                  pixels: bool = False):
+                  quantization=None, pixels: bool = False):
     """``model``, a Keras model made from the extractor of ``backbone`` at ``input_size``
     with ``weights`` (a :func:`~kad.features.backbones.map_extractor`, a
     :func:`~kad.features.backbones.spatial_extractor`, the pooled outputs of some blocks, or
@@ -420,38 +499,61 @@ def model_runtime(model, backbone, input_size: int, weights, runtime: str = "aut
     keeps the conversion under a key that holds those names (see the module docstring);
     the weights are those of ``model``, already built and checked by the caller.
     ``extractor``: the extractor ``model`` was made from, where ``model`` has only maps.
-    ``pixels`` as for :func:`build_runtime`."""
+    ``quantization`` (a :class:`~kad.features.int8.Quantization`): the int8 extractor with
+    ``model``'s outputs, which must all be pooled ones, on OpenVINO. ``pixels`` as for
+    :func:`build_runtime`."""
     from kad.features.backbones import Backbone, extractor_outputs, get_backbone
 
     bb = backbone if isinstance(backbone, Backbone) else get_backbone(backbone)
     names = extractor_outputs(model, extractor)
-    choice = resolve_runtime(runtime)
+    choice = resolve_runtime("openvino" if quantization is not None else runtime)
     if choice.name == "keras":
         return KerasRuntime(model, names)
-    folder = openvino_model_dir(bb, input_size, weights, cache_dir, outputs=names)
-    return _openvino_runtime(bb, input_size, weights, folder, (model, names), batch_size,
-                             log_line, choice, bb.input_scaling, pixels)
+    folder = openvino_model_dir(bb, input_size, weights, cache_dir, outputs=names,
+                                quantization=quantization)
+    if quantization is not None:  # the extractor's blocks, for the int8 extractor
+        source = extractor if extractor is not None else model
+        blocks = [n.partition(":")[2] for n in extractor_outputs(source)]
+        model = (source, blocks)
+        _check_pooled(blocks, names)
+    else:
+        model = (model, names)
+    return _openvino_runtime(bb, input_size, weights, folder, model, batch_size,
+                             log_line, choice, quantization, names,
+                             scaling=bb.input_scaling, pixels=pixels)
 
 
 def _openvino_runtime(bb, input_size: int, weights, folder: Path, keras_model,
-                      batch_size: int, log_line, choice: RuntimeChoice,
+                      batch_size: int, log_line, choice: RuntimeChoice, quantization=None,
+                      outputs: list[str] | None = None,
                       scaling: tuple[float, float] | None = None,
                       pixels: bool = False) -> OpenVINORuntime:
     """The conversion cached in ``folder`` (made from ``keras_model``, or from the
-    extractor, when missing or damaged), compiled for the CPU."""
+    extractor, when missing or damaged), compiled for the CPU. With ``quantization``,
+    ``keras_model`` is the extractor and its block names, and the int8 network is that
+    of the extractor (``outputs`` None) or the int8 extractor with ``outputs``."""
     try:
         import openvino as ov
     except ImportError as exc:
         raise MissingDependencyError(f"runtime 'openvino' could not import OpenVINO ({exc}); "
                                      f"{_OV_HINT}") from exc
     core = ov.Core()
-    found = _read_cached(folder, core) or _copy_converted(folder, core)
+    found = _found(folder, core)
+    if found is None and quantization is not None:
+        full, blocks = _quantized_extractor(bb, input_size, weights, quantization,
+                                            folder.parent.parent, core, keras_model, log_line)
+        found = (full, blocks) if outputs is None else _save(
+            _select(full, blocks, outputs, folder.name), outputs, bb, input_size, folder,
+            core, {"int8": quantization.record()})
     if found is None:
         if log_line:
             log_line(f"converting {bb.spec} @{input_size}px to OpenVINO, cached at {folder}")
         found = _convert(bb, input_size, weights, folder, core, keras_model)
     model, names = found
-    result = _compiled(core, model, names, input_size, batch_size, folder, scaling, pixels)
+    # An int8 network keeps its float32 input (its inputs were calibrated as such).
+    result = _compiled(core, model, names, input_size, batch_size, folder,
+                       scaling if quantization is None else None, pixels,
+                       "float32" if quantization is None else "int8")
     if log_line:
         log_line(f"runtime: {result.describe()} ({choice.reason})")
     return result
@@ -459,7 +561,7 @@ def _openvino_runtime(bb, input_size: int, weights, folder: Path, keras_model,
 
 def _compiled(core, model, names: list[str], input_size: int, batch_size: int,
               folder: Path | None, scaling: tuple[float, float] | None = None,
-              pixels: bool = False) -> OpenVINORuntime:
+              pixels: bool = False, precision: str = "float32") -> OpenVINORuntime:
     """``model`` (read by ``core``) compiled for the CPU in float32 with the throughput
     hint, its batch split into one equal slice per inference request. ``scaling``:
     ``(scale, offset)`` of images in [0, 1] (:attr:`Backbone.input_scaling`), with which
@@ -473,7 +575,7 @@ def _compiled(core, model, names: list[str], input_size: int, batch_size: int,
     requests = math.ceil(int(batch_size) / slice_size)
     model.reshape({model.inputs[0]: [slice_size, input_size, input_size, 3]})
     return OpenVINORuntime(core, model, names, slice_size, requests, folder, scaling, config,
-                           pixels)
+                           pixels, precision)
 
 
 def _with_pixel_input(model, scaling: tuple[float, float]):

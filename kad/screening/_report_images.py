@@ -4,9 +4,10 @@ heatmaps drawn on one colour scale for the whole report, and the score histogram
 Heatmaps reach the report as :class:`HeatmapSketches`: while
 :func:`kad.screening.heatmaps.write_heatmaps` streams, each map is kept shrunk to
 :data:`SKETCH` pixels a side (a few kilobytes per image, so thousands fit), with its
-maximum and where the model's view lies on the photograph. Once every map is known, one
-colour scale (:class:`HeatScale`) is set and every panel drawn on it, so a faint and a
-glaring region look different.
+maximum and where the model's view lies on the photograph. One colour scale
+(:class:`HeatScale`) is set for every panel, so a faint and a glaring region look different:
+anchored on the heatmaps of the model's calibration normals where the model file holds them
+(:mod:`kad.screening.heatmap_scale`), else, once every map is known, on the report's own.
 """
 
 from __future__ import annotations
@@ -49,10 +50,14 @@ class Sketch:
 @dataclass
 class HeatmapSketches:
     """Collects heatmaps for the report; pass it as ``on_heatmap`` to
-    :func:`kad.screening.heatmaps.write_heatmaps`."""
+    :func:`kad.screening.heatmaps.write_heatmaps`. ``grid`` and ``steps``: those the maps
+    are made with, checked against the calibration normals' maps when anchoring the
+    scale."""
 
     sketches: dict[str, Sketch] = field(default_factory=dict)
     method: str | None = None
+    grid: int | None = None
+    steps: int | None = None
 
     def __call__(self, heat) -> None:
         from kad.data.images import resize
@@ -69,26 +74,45 @@ class HeatmapSketches:
     def get(self, file: str) -> Sketch | None:
         return self.sketches.get(str(file))
 
-    def scale(self) -> HeatScale:
-        """One colour scale for every map: full colour at the :data:`SCALE_QUANTILE` of the
-        positive values of all of them."""
+    def scale(self, pipeline=None) -> HeatScale:
+        """One colour scale for every map: anchored on the calibration normals' heatmaps of
+        ``pipeline`` (:func:`kad.screening.heatmap_scale.anchor`) where it holds them and
+        they were made as these were; else full colour at the :data:`SCALE_QUANTILE` of
+        the positive values of the report's maps, saying why."""
+        from kad.screening.heatmap_scale import HeatAnchor, NoAnchor, anchor
+
+        found = (anchor(pipeline, self.method, self.grid, self.steps) if pipeline is not None
+                 else NoAnchor("no model was given to anchor the scale on"))
+        if isinstance(found, HeatAnchor):
+            return HeatScale(found.value, found.describe(), found)
         values = [s.map[s.map > 0] for s in self.sketches.values()]
         positive = np.concatenate(values) if values else np.zeros(0, np.float32)
         top = float(np.quantile(positive, SCALE_QUANTILE)) if positive.size else 0.0
         n = len(self.sketches)
         anchored = (f"the {SCALE_QUANTILE:.0%} quantile of the positive heatmap values of the "
-                    f"{n} image{'s' if n != 1 else ''} of this report (the model file holds no "
-                    "heatmaps of its calibration normals to anchor the scale on)")
+                    f"{n} image{'s' if n != 1 else ''} of this report, not the calibration "
+                    f"normals: {found.reason}")
         return HeatScale(top, anchored)
 
 
 @dataclass
 class HeatScale:
     """Heatmap values from 0 to ``top`` drawn from transparent to full colour; ``anchored``
-    says where ``top`` comes from."""
+    says where ``top`` comes from; ``anchor`` is the calibration normals' anchor
+    (:class:`kad.screening.heatmap_scale.HeatAnchor`) when ``top`` is its value."""
 
     top: float
     anchored: str
+    anchor: object = None
+
+    def healthy(self, peak: float) -> str:
+        """What an image's heatmap peak is against the calibration normals' anchor, for its
+        card; empty without an anchor."""
+        if self.anchor is None:
+            return ""
+        if self.anchor.exceeded_by(peak):
+            return f"above what healthy calibration regions reach ({self.top:.3g})"
+        return f"within what healthy calibration regions reach ({self.top:.3g})"
 
     def levels(self, values: np.ndarray) -> np.ndarray:
         if self.top <= 0:

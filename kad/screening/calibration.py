@@ -416,6 +416,8 @@ class FitSummary:
     at_fitting: str | None   # in-sample figures of a sensitivity threshold (optimistic)
     held_out: Assessment | None
     notes: list[str] = field(default_factory=list)
+    #: Where the report's heatmaps take full colour (:mod:`kad.screening.heatmap_scale`).
+    heatmap_scale: str | None = None
 
     def lines(self) -> list[str]:
         out = [f"threshold {self.threshold:.4g} ({self.method}); trained on {self.n_train} "
@@ -429,7 +431,8 @@ class FitSummary:
         else:
             out.append("no labelled images were held out: sensitivity and specificity on new "
                        "patients were not measured")
-        return out + [n for n in self.notes if not self.held_out or n not in self.held_out.notes]
+        out += [n for n in self.notes if not self.held_out or n not in self.held_out.notes]
+        return out + ([f"heatmap scale: {self.heatmap_scale}"] if self.heatmap_scale else [])
 
 
 def fit_summary(pipeline) -> FitSummary:
@@ -456,4 +459,15 @@ def fit_summary(pipeline) -> FitSummary:
         n_train=int(pipeline.training["n_images"]), n_calibration=int(calibration.get("n", 0)),
         guarantee=details.get("guarantee"), at_fitting=at_fitting,
         held_out=pipeline.assessed(), notes=notes,
+        heatmap_scale=_heatmap_scale(pipeline) if calibration else None,
     )
+
+
+def _heatmap_scale(pipeline) -> str:
+    from kad.screening.heatmap_scale import HeatAnchor, anchor
+
+    found = anchor(pipeline, None)
+    if isinstance(found, HeatAnchor):
+        return (f"report heatmaps (by {found.method}) take full colour at {found.value:.3g}, "
+                f"anchored on {found.describe()}")
+    return f"report heatmaps scale on their own maps: {found.reason}"

@@ -98,10 +98,15 @@ def export_pipeline(model: str | Path | Pipeline, out_dir: str | Path, *,
     _check_target(out, overwrite)  # before any work
     matrix, offset = input_scaling(get_backbone(pipeline.backbone))
     network = pipeline.network(weights)
+    quantization = None
+    if pipeline.quantization is not None:  # the int8 network it was fitted and scores with
+        from kad.features.int8 import Quantization
+
+        quantization = Quantization.from_record(pipeline.quantization)
     runtime = model_runtime(pipeline.representation.network(network, pipeline.all_blocks),
                             pipeline.backbone, pipeline.image_size, pipeline.weights_used,
                             "openvino", pipeline.batch_size, log_line=log_line,
-                            extractor=network)
+                            extractor=network, quantization=quantization)
     converted = converted_files(runtime)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,6 +135,7 @@ def export_pipeline(model: str | Path | Pipeline, out_dir: str | Path, *,
                                       "applies_to": "RGB pixels in [0, 255]"},
                 },
                 "fitted_runtime": pipeline.runtime,
+                "precision": pipeline.precision,
                 "files": {name: file_sha256(part / name) for name in FILES},
             }
             write_text(part / MARKER, json.dumps(marker, indent=1))

@@ -7,6 +7,7 @@
     picked = pick_and_fit(...)     # the block (on labelled images) or the named ones; fit
     threshold = calibrate(...)     # the threshold rule (kad.screening.thresholds)
     assessment = assess_held_out(...)  # honest numbers on images used for nothing else
+    heatmaps = scale_heatmaps(...)  # the calibration normals' heatmaps: the report's scale
 
 Each step is a function with a small result record, usable on its own. The fitted record
 itself and scoring are :mod:`kad.screening.pipeline`.
@@ -36,6 +37,7 @@ __all__ = [
     "pick_and_fit",
     "prepare_inputs",
     "recorded_weights",
+    "scale_heatmaps",
     "split_rows",
 ]
 
@@ -105,6 +107,8 @@ class DetectorInputs:
     weights: object
     batch_size: int
     progress: Progress | None = None
+    #: The int8 network's :class:`~kad.features.int8.Quantization`; None for float32.
+    quantization: object = None
     _networks: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -122,7 +126,8 @@ class DetectorInputs:
             self._networks[representation] = model_runtime(
                 representation.network(self.model, self.network_blocks), self.plan.backbone,
                 self.plan.input_size, self.weights, self.runtime, self.batch_size,
-                extractor=self.model, pixels=self.plan.preprocessing.eight_bit)
+                extractor=self.model, quantization=self.quantization,
+                pixels=self.plan.preprocessing.eight_bit)
         return self._networks[representation]
 
     def read(self, representation: Representation, rows: np.ndarray) -> np.ndarray:
@@ -148,10 +153,11 @@ class DetectorInputs:
 def prepare_inputs(dataset, features, plan, weights, batch_size: int,
                    progress: Progress | None = None) -> DetectorInputs:
     """Build the network the features came from (its weights are fingerprinted into the
-    pipeline) and the reader of detector inputs."""
+    pipeline) and the reader of detector inputs (on the int8 network where ``plan`` has
+    one)."""
     model, network_blocks = plan.backbone.build_extractor(plan.input_size, weights)
     return DetectorInputs(model, list(network_blocks), features, dataset, plan, weights,
-                          batch_size, progress)
+                          batch_size, progress, plan.quantization)
 
 
 # ---------------------------------------------------------------------- 3. pick, fit
@@ -261,6 +267,25 @@ def assess_held_out(picked: Picked, inputs: DetectorInputs, parts: FitSplit,
                             "calibration, block picking and threshold setting")}
 
 
+# ------------------------------------------------------------ 6. the heatmaps' scale
+def scale_heatmaps(pipeline: Pipeline, dataset, parts: FitSplit, *, enabled: bool = True,
+                   seed: int = 0, progress: Progress | None = None) -> dict | None:
+    """The record of the calibration normals' heatmaps that anchors the report's colour
+    scale (:func:`kad.screening.heatmap_scale.calibration_heatmaps`), made with the fitted
+    ``pipeline``; with ``enabled`` False, a record saying they were not made. None without
+    calibration rows."""
+    from kad.screening.heatmap_scale import calibration_heatmaps, not_computed
+
+    if not len(parts.calibration):
+        return None
+    if not enabled:
+        return not_computed("the model was fitted without them (kad fit "
+                            "--no-heatmap-scale, heatmap_scale=False)")
+    ids = np.asarray(dataset.ids, dtype=str)[parts.calibration]
+    return calibration_heatmaps(pipeline, dataset.source.take(parts.calibration), ids,
+                                seed=seed, progress=progress)
+
+
 # --------------------------------------------------------------------- the sequence
 def recorded_weights(weights) -> str:
     """How a pipeline records ``weights``: ``"imagenet"``, ``"none"`` or the absolute path
@@ -290,7 +315,9 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
                  sensitivity: float | None = None, batch_size: int = 64,
                  cache_dir: str | Path | None = None, features=None,
                  keep_all_blocks: bool = True, out: str | Path | None = None,
-                 runtime: str = "auto", progress: Progress | None = None) -> Pipeline:
+                 runtime: str = "auto", heatmap_scale: bool = True, seed: int = 0,
+                 progress: Progress | None = None,
+                 precision: str = "float32") -> Pipeline:
     """Fit a pipeline on the normal images of ``dataset``; see the module docstring.
 
     The defaults are the best without labels in ``benchmarks/evidence.py``: kNN on the
@@ -303,23 +330,46 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
     the cached features of ``dataset`` when already at hand; ``out`` and the cache folder
     are checked for writability before any work. With ``keep_all_blocks=False`` the cache
     entry then keeps only the pipeline's blocks (:func:`kad.features.cache.prune_entry`).
+    With calibration images and ``heatmap_scale``, the heatmaps of up to 64 of them (chosen
+    from ``seed``) anchor the report's colour scale (:mod:`kad.screening.heatmap_scale`);
+    ``heatmap_scale=False`` saves their cost.
+
+    ``precision="int8"`` fits (and the pipeline scores) on the int8 network of
+    :mod:`kad.features.int8`, calibrated on the training images (at most
+    :data:`~kad.features.int8.CALIBRATION_LIMIT`), on OpenVINO; refused before any work
+    without NNCF, on Keras, or for a detector of block maps.
     """
     from kad.features.cache import check_writable
     from kad.features.extract import extract_features, plan_extraction
+    from kad.features.int8 import check_precision
     from kad.registry import get_detector
 
     rule = ThresholdRule(fpr=fpr, sensitivity=sensitivity)
+    runtime = check_precision(precision, runtime)
+    prototype = get_detector(detector) if isinstance(detector, str) else detector
+    int8 = str(precision).strip().lower() == "int8"
+    if int8:
+        _check_pooled(prototype)
     plan = plan_extraction(dataset, backbone, weights, image_size, preprocessing, cache_dir,
                            runtime)
     if out is not None:
         check_writable(out, is_file=True, what="--out file")
+    if int8:
+        if features is not None:
+            raise KadError("precision int8 extracts its own features; do not pass features")
+        from kad.features.extraction import plan_quantization
+
+        plan = plan_extraction(dataset, backbone, weights, image_size, preprocessing,
+                               cache_dir, runtime, plan_quantization(
+                                   dataset, _training_rows(dataset, split, train_rows), plan,
+                                   progress=progress))
     if features is None:
         check_writable(plan.path.parent, what="feature cache folder")
         features = extract_features(dataset, plan.backbone, weights, image_size, preprocessing,
                                     batch_size=batch_size, cache_dir=cache_dir,
-                                    progress=progress, runtime=runtime)
+                                    progress=progress, runtime=runtime,
+                                    quantization=plan.quantization)
     parts = split_rows(dataset, features.valid, split, train_rows)
-    prototype = get_detector(detector) if isinstance(detector, str) else detector
     inputs = prepare_inputs(dataset, features, plan, weights, batch_size, progress)
     picked = pick_and_fit(prototype, representation, inputs, parts)
     threshold, calibration_scores = calibrate(rule, picked, inputs, parts)
@@ -339,8 +389,13 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
                if k in threshold.details}},
         assessment=assess_held_out(picked, inputs, parts, who),
         runtime=inputs.runtime,
+        quantization=None if plan.quantization is None else plan.quantization.record(),
     )
     pipeline._model = inputs.model  # scoring right away needs no second build
+    heatmaps = scale_heatmaps(pipeline, dataset, parts, enabled=heatmap_scale, seed=seed,
+                              progress=progress)
+    if heatmaps is not None:
+        pipeline.calibration["heatmaps"] = heatmaps
     if not keep_all_blocks:
         from kad.features.cache import prune_entry
 
@@ -348,6 +403,26 @@ def fit_pipeline(dataset, *, backbone: str = "inception_resnet_v2", weights: str
         pipeline.training["pruned"] = {"removed_blocks": len(pruned.removed),
                                        "freed_bytes": pruned.freed_bytes}
     return pipeline
+
+
+def _training_rows(dataset, split, train_rows) -> np.ndarray:
+    """The rows that will fit the detector (unreadable ones included: the calibration of
+    the int8 network leaves them out as it reads them)."""
+    if split is not None:
+        return np.asarray(split.train, dtype=int)
+    if train_rows is not None:
+        return np.asarray(train_rows, dtype=int)
+    if dataset.anomaly is None:
+        return np.arange(len(dataset))
+    return np.flatnonzero(~np.asarray(dataset.anomaly, dtype=bool))
+
+
+def _check_pooled(prototype) -> None:
+    from kad.features.representation import PooledVectors, representation_class
+
+    if not issubclass(representation_class(prototype), PooledVectors):
+        raise KadError(f"precision int8 gives pooled features only, and detector "
+                       f"{type(prototype).__name__} reads block maps; drop --precision int8")
 
 
 def _training_record(dataset, features, picked: Picked, parts: FitSplit, split) -> dict:

@@ -320,6 +320,13 @@ class _Explainer:
                     "without the block maps gradient heatmaps need; use --heatmap-method "
                     "occlusion, or the model file it was exported from")
             self.method = "occlusion"  # auto: the next best the exported network can do
+        if self.method == "gradient" and pipeline.precision == "int8":
+            if method == "gradient":
+                raise KadError(
+                    f"{pipeline.source or 'this model'} scores on an int8 network, which "
+                    "gives pooled features only, not the block maps gradient heatmaps "
+                    "need; use --heatmap-method occlusion")
+            self.method = "occlusion"  # auto: occlusion rescoring runs on the int8 network
         if steps < 1:
             raise KadError(f"integration steps must be at least 1, got {steps}")
         self.grid, self.steps = int(grid), int(steps)

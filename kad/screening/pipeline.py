@@ -57,7 +57,8 @@ class Pipeline:
                  image_size: int, preprocessing: str, representation: Representation,
                  all_blocks: list[str], detector: BaseDetector, threshold: Threshold,
                  training: dict, batch_size: int, calibration: dict | None = None,
-                 assessment: dict | None = None, runtime: str = "keras"):
+                 assessment: dict | None = None, runtime: str = "keras",
+                 quantization: dict | None = None):
         self.backbone = backbone
         self.weights = weights
         self.weights_fingerprint = weights_fingerprint
@@ -75,6 +76,9 @@ class Pipeline:
         self.assessment = assessment
         #: The runtime the training features were computed with; scoring uses it too.
         self.runtime = runtime
+        #: The int8 network's record (:meth:`kad.features.int8.Quantization.record`) when
+        #: the pipeline was fitted on int8 features; None for float32. Scoring uses it too.
+        self.quantization = quantization
         self.versions = library_versions()
         self.source: Path | None = None  # the file it was loaded from
         self._model = None
@@ -91,6 +95,12 @@ class Pipeline:
         return state
 
     @property
+    def precision(self) -> str:
+        """``int8`` when the pipeline was fitted (and scores) on the int8 network, else
+        ``float32``."""
+        return "float32" if self.quantization is None else "int8"
+
+    @property
     def blocks(self) -> list[str]:
         """The blocks the detector sees, in order."""
         return self.representation.names
@@ -102,15 +112,15 @@ class Pipeline:
             "weights_fingerprint": self.weights_fingerprint, "image_size": self.image_size,
             "preprocessing": self.preprocessing, "blocks": self.blocks,
             "representation": self.representation.name,
-            "runtime": self.runtime,
+            "runtime": self.runtime, "precision": self.precision,
+            **({"int8": self.quantization} if self.quantization is not None else {}),
             **({"exported": str(self.exported.folder)} if self.exported is not None else {}),
             "detector": type(self.detector).__name__,
             "detector_params": {k: repr(v) for k, v in self.detector.get_params().items()},
             "threshold": {"value": self.threshold.value, "method": self.threshold.method,
                           **self.threshold.details},
             "training": {k: v for k, v in self.training.items() if k != "scores"},
-            "calibration": ({k: v for k, v in self.calibration.items() if k != "scores"}
-                            if self.calibration else None),
+            "calibration": _calibration_info(self.calibration),
             "assessment": self.assessed().as_dict() if self.assessed() else None,
             "versions": self.versions,
         }
@@ -201,18 +211,30 @@ class Pipeline:
         """The representation's network on a runtime: the one the pipeline was fitted with
         unless ``runtime`` names another (``auto``, ``keras``, ``openvino``). The Keras
         network is built and its weights checked first; OpenVINO converts that checked
-        network (or reuses its cached conversion, :func:`kad.features.runtime.model_runtime`)."""
+        network (or reuses its cached conversion, :func:`kad.features.runtime.model_runtime`).
+        A pipeline fitted on int8 features runs on its int8 network, on OpenVINO, only: it
+        is found in the cache (:mod:`kad.features.int8`), never replaced by a float one."""
         from kad.features.runtime import model_runtime, resolve_runtime
 
         if self.exported is not None:
             return self._exported_runner(weights, runtime)
+        quantization = None
+        if self.quantization is not None:
+            from kad.features.int8 import Quantization
+
+            if runtime not in (None, "auto", "openvino"):
+                raise KadError(f"{self.source or 'this model'} was fitted on int8 features, "
+                               f"which run on OpenVINO only, not on runtime {runtime!r}; drop "
+                               "--runtime or use openvino")
+            runtime = "openvino"
+            quantization = Quantization.from_record(self.quantization)
         choice = resolve_runtime(runtime or self.runtime).name
         if weights is not None or choice not in self._runners:
             model = self.network(weights)
             self._runners[choice] = model_runtime(
                 self.representation.network(model, self.all_blocks), self.backbone,
                 self.image_size, self.weights_used, choice, self.batch_size,
-                extractor=model, pixels=self._eight_bit)
+                extractor=model, quantization=quantization, pixels=self._eight_bit)
         return self._runners[choice]
 
     def _exported_runner(self, weights: str | None, runtime: str | None):
@@ -223,8 +245,8 @@ class Pipeline:
             raise KadError(f"{self.source} is an exported model: it runs on OpenVINO only, "
                            f"not on runtime {runtime!r}; drop --runtime or use openvino")
         if "openvino" not in self._runners:
-            self._runners["openvino"] = self.exported.runtime(self.batch_size,
-                                                              pixels=self._eight_bit)
+            self._runners["openvino"] = self.exported.runtime(
+                self.batch_size, pixels=self._eight_bit, int8=self.quantization is not None)
         return self._runners["openvino"]
 
     def score(self, source, ids: Sequence[str] | None = None,
@@ -290,6 +312,8 @@ class Pipeline:
                            f"MODEL ...) and export it again, not {path}")
         encoder = Encoder(trusted=tuple(type(self.detector).trusted_types))
         fields = {name: getattr(self, name) for name in _FIELDS}
+        if self.quantization is not None:  # absent for float32: files older kad reads
+            fields["quantization"] = dict(self.quantization)
         fields["representation"] = self.representation.to_record()
         fields["threshold"] = {"value": self.threshold.value, "method": self.threshold.method,
                                "details": self.threshold.details}
@@ -298,10 +322,26 @@ class Pipeline:
         return write_artifact(path, "pipeline", tree, encoder.members, info=self.describe())
 
 
+def _calibration_info(calibration: dict | None) -> dict | None:
+    """The calibration record without its scores, and of its heatmaps
+    (:mod:`kad.screening.heatmap_scale`) what they are, without their arrays."""
+    if not calibration:
+        return None
+    info = {k: v for k, v in calibration.items() if k not in ("scores", "heatmaps")}
+    heatmaps = calibration.get("heatmaps")
+    if heatmaps is not None:
+        info["heatmaps"] = {k: v for k, v in heatmaps.items()
+                            if not isinstance(v, np.ndarray)}
+    return info
+
+
 #: What a saved pipeline stores besides its detector.
 _FIELDS = ("backbone", "weights", "weights_fingerprint", "image_size", "preprocessing",
            "representation", "all_blocks", "threshold", "training", "batch_size", "versions",
            "calibration", "assessment", "runtime")
+#: Stored only when set: ``quantization``, for a pipeline fitted on int8 features (a kad
+#: that does not know it refuses such a file instead of scoring it with a float network).
+_OPTIONAL_FIELDS = ("quantization",)
 
 
 def load_pipeline(path: str | Path) -> Pipeline:
@@ -318,7 +358,8 @@ def load_pipeline(path: str | Path) -> Pipeline:
         raise ArtifactError(f"{path} is corrupt: it does not hold a pipeline and a detector")
     detector = decode_detector(artifact, tree["detector"], "detector")
     fields = artifact.decode(tree["pipeline"], "pipeline")
-    if not isinstance(fields, dict) or set(fields) != set(_FIELDS):
+    if not isinstance(fields, dict) or not (
+            set(_FIELDS) <= set(fields) <= set(_FIELDS) | set(_OPTIONAL_FIELDS)):
         raise ArtifactError(f"{path} is corrupt: its pipeline record does not have the fields "
                             f"{', '.join(_FIELDS)}")
     try:

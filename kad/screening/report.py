@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from kad.errors import KadError
-from kad.screening._report_images import THUMB, HeatmapSketches
+from kad.screening._report_images import THUMB, HeatmapSketches, HeatScale
 from kad.screening._report_page import CSS, SCRIPT
 from kad.screening.pipeline import Pipeline
 
@@ -150,41 +150,45 @@ def _pictures_folder(path: Path) -> Path:
     return folder
 
 
-def _caption(r: ScoredImage, peak: float | None) -> str:
+def _caption(r: ScoredImage, peak: float | None, scale: HeatScale | None = None) -> str:
     label = "" if r.label is None else (" · labelled abnormal" if r.label else
                                         " · labelled normal")
-    heat = "" if peak is None else f" · heatmap max {peak:.3g}"
+    healthy = "" if peak is None or scale is None else scale.healthy(peak)
+    heat = "" if peak is None else f" · heatmap max {peak:.3g}" + (
+        f", {healthy}" if healthy else "")
     return (f"{r.score:.4g} · {_where(r)} · {'flagged' if r.flagged else 'not flagged'}"
             f"{label}{heat}")
 
 
-def _record(i: int, r: ScoredImage, name: str, pictures: str, peak: float | None) -> dict:
+def _record(i: int, r: ScoredImage, name: str, pictures: str, peak: float | None,
+            scale: HeatScale | None = None) -> dict:
     """What the page's script draws an image's worklist row and card from (``pics``: the
     tags of its pictures, ``t`` as taken, ``m`` model input, ``h`` and ``p`` the
     heatmaps)."""
     return {"i": i, "name": name, "file": r.file, "score": float(r.score),
             "p": None if r.p_value is None else float(r.p_value), "flag": int(r.flagged),
             "label": "" if r.label is None else ("abnormal" if r.label else "normal"),
-            "pics": pictures, "caption": _caption(r, peak),
+            "pics": pictures, "caption": _caption(r, peak, scale),
             "cells": [f"{r.score:.4g}", "" if r.p_value is None else f"{r.p_value:.3g}",
                       "yes" if r.flagged else "no",
                       "" if r.label is None else ("abnormal" if r.label else "normal"),
                       "" if peak is None else f"{peak:.3g}"]}
 
 
-def _worklist(rows, names, pictures: list[str], sketches, heat: bool) -> str:
+def _worklist(rows, names, pictures: list[str], sketches, scale: HeatScale | None) -> str:
     """The worklist's controls and table; its rows are drawn by the page's script from the
     records in ``<script id="records">``, the first ones at once and the others as the
     table scrolls, so thousands of images cost the page nothing on opening."""
     import json
 
+    heat = scale is not None
     head = ('<th data-key="rank" aria-sort="ascending"><button>rank</button></th>'
             '<th data-key="name"><button>file</button></th>'
             '<th data-key="score"><button>score</button></th>'
             '<th data-key="p"><button>p-value</button></th><th>flagged</th><th>label</th>'
             + ('<th title="the largest value of its heatmap, score units per pixel">'
                "heatmap max</th>" if heat else ""))
-    records = [_record(i, r, names[r.file], pictures[i], _peak(sketches, r.file))
+    records = [_record(i, r, names[r.file], pictures[i], _peak(sketches, r.file), scale)
                for i, r in enumerate(rows)]
     # "</" never closes the script early; the records are data, never run
     data = json.dumps(records, ensure_ascii=False, separators=(",", ":")).replace("</", "<\\/")
@@ -207,7 +211,7 @@ def _peak(sketches: HeatmapSketches | None, file: str) -> float | None:
 
 
 def _pictures(pipeline, rows, folder: Path, sketches: HeatmapSketches | None,
-              progress: Progress | None) -> list[str]:
+              scale: HeatScale | None, progress: Progress | None) -> list[str]:
     """Draw every image's pictures into ``folder`` as ``NNNNNt.jpg`` (as taken),
     ``NNNNNm.jpg`` (model input), ``NNNNNh.jpg`` and ``NNNNNp.jpg`` (the heatmaps), NNNNN
     its rank from 0; returns the tags drawn per image."""
@@ -220,7 +224,6 @@ def _pictures(pipeline, rows, folder: Path, sketches: HeatmapSketches | None,
     )
     from kad.utils.progress import task
 
-    scale = sketches.scale() if sketches else None
     tags = []
     with task(progress, "report", len(rows)) as update:
         for i, r in enumerate(rows):
@@ -230,7 +233,7 @@ def _pictures(pipeline, rows, folder: Path, sketches: HeatmapSketches | None,
             if drawn is not None:
                 taken, seen = drawn
                 pictures = [(taken, "t"), (seen, "m")]
-                if sketch is not None:
+                if sketch is not None and scale is not None:
                     pictures.append((draw_overlay(seen, scale.levels(resize(sketch.map, THUMB))),
                                      "h"))
                     back = on_photograph(sketch, taken.shape[:2])
@@ -244,16 +247,19 @@ def _pictures(pipeline, rows, folder: Path, sketches: HeatmapSketches | None,
     return tags
 
 
-def _colourbar(sketches: HeatmapSketches) -> str:
-    scale = sketches.scale()
+def _colourbar(sketches: HeatmapSketches, scale: HeatScale) -> str:
+    anchored = ("anchored on the calibration normals" if scale.anchor is not None
+                else "not anchored on the calibration normals")
     return (f'<div class="colourbar"><span>0</span><span class="bar" style="background:'
             f'linear-gradient(to right, {scale.gradient_css()})"></span>'
             f'<span class="num">{scale.top:.3g}</span><span>how much a region raises the '
             "score, in score units per pixel of the model's input (heatmaps by "
             f"{html.escape(str(sketches.method))}); regions at 0 or below are not coloured"
-            f"</span></div><p class=meta>One colour scale for every heatmap of this report: "
-            f"full colour at {scale.top:.3g}, {html.escape(scale.anchored)}. Each card gives "
-            "its own heatmap's maximum in numbers.</p>")
+            f'</span></div><p class="meta" id="heat-scale">One colour scale for every heatmap '
+            f"of this report, {anchored}: full colour at {scale.top:.3g}, "
+            f"{html.escape(scale.anchored)}. Each card gives its own heatmap's maximum in "
+            "numbers" + (" and whether it is above what healthy calibration regions reach"
+                         if scale.anchor is not None else "") + ".</p>")
 
 
 def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
@@ -319,11 +325,12 @@ def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
                     + "".join(items) + "</table>")
     callout = (f'<p class="shift" id="shift">{html.escape(shift.line())}</p>'
                if shift is not None and shift.shifted else "")
-    pictures = _pictures(pipeline, rows, folder, heatmaps, progress)
     heat = bool(heatmaps and heatmaps.sketches)
+    scale = heatmaps.scale(pipeline) if heat else None
+    pictures = _pictures(pipeline, rows, folder, heatmaps, scale, progress)
     heat_note = (" Beside each image, its heatmap as the model saw it and on the photograph: "
                  "the brighter, the more that region raises the score." if heat else "")
-    cards = ((_colourbar(heatmaps) if heat else "")
+    cards = ((_colourbar(heatmaps, scale) if heat else "")
              + f'<div class="cards" id="cards" data-folder="{html.escape(folder.name)}" '
                f'style="--card:{560 if heat else 300}px"></div>'
                '<button id="more" hidden>show more</button>'
@@ -346,7 +353,7 @@ def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
 small means unlike the healthy images; an image is flagged by a conformal threshold at
 false-positive rate α exactly when its p-value is at most α. Click a column to sort, a
 name to see its card.</p>
-{_worklist(rows, names, pictures, heatmaps, heat)}
+{_worklist(rows, names, pictures, heatmaps, scale)}
 <h2>Images</h2><p class="meta">In the worklist's order and filter, drawn as they come
 into view.{heat_note}</p>
 {cards}

@@ -64,8 +64,9 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
               fpr: float | None = None, calibration: float | None = None,
               selection: float | None = None, seed: int = 0, batch_size: int = 64,
               cache_dir: str | Path | None = None, keep_all_blocks: bool = False,
-              runtime: str = "auto", progress: Progress | None = None,
-              on_event=None, overwrite: bool = False) -> FitRun:
+              runtime: str = "auto", heatmap_scale: bool = True,
+              progress: Progress | None = None, on_event=None,
+              overwrite: bool = False, precision: str = "float32") -> FitRun:
     """Fit the whole pipeline on the normal images of ``dataset`` and save it to
     ``out_path``. The dataset is divided by patient
     (:func:`kad.screening.calibration.plan_fit_split`) into images that fit the detector,
@@ -82,19 +83,29 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
     ``detector`` specs (``"iforest,knn"``), the (input size, block or concatenation,
     detector) with the best AUROC on the selection images is picked first
     (:func:`kad.screening.selection.select`, a grid at each size), then fitted and
-    calibrated as one."""
+    calibrated as one. With ``heatmap_scale`` (the default) the heatmaps of up to 64
+    calibration normals anchor the report's colour scale
+    (:mod:`kad.screening.heatmap_scale`).
+
+    ``precision="int8"`` fits the model on the int8 network (:mod:`kad.features.int8`),
+    calibrated on its training images, and it scores on that network; the choice among
+    sizes and detectors, when there is one, is made on float32 features."""
     from kad.features.cache import cache_root, check_writable
+    from kad.features.int8 import check_precision
 
     request = _FitRequest.of(dataset, image_size, detector, representation, fpr,
                              sensitivity, calibration, selection)
     request.check_calibration_size(dataset, seed)  # before any work
+    check_precision(precision, runtime)
+    precision = str(precision).strip().lower()
     check_writable(out_path, is_file=True, what="--out file")
     check_writable(Path(cache_dir) if cache_dir else cache_root(), what="feature cache folder")
     with model_output(out_path, overwrite=overwrite, flag="--overwrite") as replaced:
         run = _fit(dataset, out_path, request, backbone=backbone, weights=weights,
                    preprocessing=preprocessing, seed=seed, batch_size=batch_size,
                    cache_dir=cache_dir, keep_all_blocks=keep_all_blocks, runtime=runtime,
-                   progress=progress, on_event=on_event)
+                   heatmap_scale=heatmap_scale, progress=progress, on_event=on_event,
+                   precision=precision)
     run.replaced = replaced
     return run
 
@@ -124,16 +135,20 @@ def model_output(path: str | Path, *, overwrite: bool, flag: str, same_as: Path 
 
 
 def _fit(dataset, out_path, request, *, backbone, weights, preprocessing, seed, batch_size,
-         cache_dir, keep_all_blocks, runtime, progress, on_event) -> FitRun:
+         cache_dir, keep_all_blocks, runtime, heatmap_scale, progress, on_event,
+         precision="float32") -> FitRun:
     """:func:`fit_model`'s work once its inputs are checked and ``out_path`` is locked."""
     from kad.features.extract import extract_features
+    from kad.features.int8 import check_precision
     from kad.screening.calibration import plan_fit_split
     from kad.screening.fitting import fit_pipeline
     from kad.screening.selection import MultiSizeFeatures
 
+    float_runtime = check_precision(precision, runtime)  # int8 reads float32 on OpenVINO
     by_size = {size: extract_features(dataset, backbone, weights, size, preprocessing,
                                       batch_size=batch_size, cache_dir=cache_dir,
-                                      progress=progress, on_event=on_event, runtime=runtime)
+                                      progress=progress, on_event=on_event,
+                                      runtime=float_runtime)
                for size in request.sizes}
     multi = MultiSizeFeatures({f.meta["inputs"]["image_size"]: f for f in by_size.values()})
     split = plan_fit_split(dataset, request.calibration, request.selection, seed,
@@ -147,8 +162,9 @@ def _fit(dataset, out_path, request, *, backbone, weights, preprocessing, seed, 
         preprocessing=preprocessing, representation=named, detector=spec, split=split,
         sensitivity=request.rule.sensitivity, fpr=request.rule.asked_fpr,
         batch_size=batch_size,
-        cache_dir=cache_dir, features=multi.by_size[size], keep_all_blocks=keep_all_blocks,
-        runtime=runtime, progress=progress)
+        cache_dir=cache_dir, keep_all_blocks=keep_all_blocks, runtime=runtime,
+        features=multi.by_size[size] if precision == "float32" else None,
+        heatmap_scale=heatmap_scale, seed=seed, progress=progress, precision=precision)
     if chosen is not None:
         pipeline.training["selection"].update(
             picked_candidate=chosen.picked.to_json(),
@@ -424,7 +440,7 @@ def _screen(pipeline, model, inputs, out_dir: Path, *, labels, weights, engine, 
     from kad.screening.report import HeatmapSketches, write_report
     from kad.screening.shift import batch_shift
 
-    sketches = HeatmapSketches() if heatmaps else None
+    sketches = HeatmapSketches(grid=grid, steps=steps) if heatmaps else None
     found = score_images(pipeline, inputs, labels=labels, weights=weights, engine=engine,
                          ray_address=ray_address,
                          heatmaps_dir=out_dir / "heatmaps" if heatmaps else None,

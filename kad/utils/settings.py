@@ -28,6 +28,8 @@ FUNDUS_INPUT_SIZE = 448
 MAX_SCORES = 10_000_000
 RUNTIMES = ("auto", "keras", "openvino")
 THRESHOLD_METHODS = ("conformal", "sensitivity", "contamination")
+#: How heatmaps are made (:mod:`kad.screening.heatmaps`), ``auto`` resolved.
+HEATMAP_METHODS = ("gradient", "occlusion", "detector")
 _SPEC = re.compile(r"^[A-Za-z0-9_.\-]+(:.{0,500})?$")
 _TEXT = 4096
 
@@ -85,6 +87,46 @@ def scores(name: str, value: Any, *, empty: bool = False) -> list:
     return value
 
 
+def _float_array(name: str, value: Any, shape: tuple[int, ...]) -> None:
+    import numpy as np
+
+    if (not isinstance(value, np.ndarray) or value.dtype.kind != "f" or value.shape != shape
+            or not np.isfinite(value).all()):
+        described = (f"an array of {value.dtype} {value.shape}"
+                     if isinstance(value, np.ndarray) else value)
+        raise _fail(name, described, f"a float array of shape {shape}, finite")
+
+
+def _heatmap_record(record: Any) -> None:
+    """The calibration normals' heatmaps (:mod:`kad.screening.heatmap_scale`): a record
+    saying why they were not made, or their method, settings and arrays."""
+    import numpy as np
+
+    name = "calibration.heatmaps"
+    if not isinstance(record, dict):
+        raise _fail(name, record, "a record")
+    if "skipped" in record:
+        text(f"{name}.skipped", record["skipped"])
+        return
+    keys = {"method", "grid", "steps", "n", "peaks", "levels", "quantiles", "unreadable",
+            "measured_on"}
+    if set(record) != keys:
+        raise _fail(name, sorted(record), f"a record of {', '.join(sorted(keys))}")
+    choice(f"{name}.method", record["method"], HEATMAP_METHODS)
+    integer(f"{name}.grid", record["grid"], 1, MAX_IMAGE_SIZE)
+    integer(f"{name}.steps", record["steps"], 1, 100_000)
+    n = integer(f"{name}.n", record["n"], 1, 100_000)
+    integer(f"{name}.unreadable", record["unreadable"], 0, 100_000)
+    text(f"{name}.measured_on", record["measured_on"])
+    levels = record["levels"]
+    n_levels = len(levels) if isinstance(levels, np.ndarray) and levels.ndim == 1 else 0
+    _float_array(f"{name}.levels", levels, (n_levels,))
+    if not 1 <= n_levels <= 100 or not ((levels > 0) & (levels <= 1)).all():
+        raise _fail(f"{name}.levels", levels.tolist(), "1 to 100 quantile levels in (0, 1]")
+    _float_array(f"{name}.peaks", record["peaks"], (n,))
+    _float_array(f"{name}.quantiles", record["quantiles"], (n, n_levels))
+
+
 def batch_size(value: Any) -> int:
     return integer("batch_size", value, MIN_BATCH_SIZE, MAX_BATCH_SIZE)
 
@@ -109,6 +151,17 @@ def check_pipeline_record(fields: dict) -> None:
         raise _fail("all_blocks", blocks, "a list of 1 to 1000 block names")
     batch_size(fields["batch_size"])
     choice("runtime", fields["runtime"], RUNTIMES)
+    quantization = fields.get("quantization")
+    if quantization is not None:
+        if not isinstance(quantization, dict) or set(quantization) != {
+                "precision", "calibration", "images", "nncf"}:
+            raise _fail("quantization", quantization,
+                        "None or a record of precision, calibration, images and nncf")
+        choice("quantization.precision", quantization["precision"], ("int8",))
+        text("quantization.calibration", quantization["calibration"],
+             re.compile(r"^[0-9a-f]{24}$"), "24 hexadecimal digits")
+        integer("quantization.images", quantization["images"], 1, MAX_SCORES)
+        text("quantization.nncf", quantization["nncf"])
     threshold = fields["threshold"]
     if not isinstance(threshold, dict) or set(threshold) != {"value", "method", "details"}:
         raise _fail("threshold", threshold, "a record of value, method and details")
@@ -128,6 +181,8 @@ def check_pipeline_record(fields: dict) -> None:
             scores("calibration.scores", calibration["scores"], empty=True)
         if "n" in calibration:
             integer("calibration.n", calibration["n"], 0, MAX_SCORES)
+        if "heatmaps" in calibration:
+            _heatmap_record(calibration["heatmaps"])
     assessment = fields["assessment"]
     if assessment is not None:
         if not isinstance(assessment, dict) or not {"scores", "labels", "measured_on"} <= set(
