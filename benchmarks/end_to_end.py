@@ -17,8 +17,10 @@ time of each stage, in milliseconds per image, one image at a time on one thread
 not wall time: it holds on a shared machine): ``decode`` (the file to RGB pixels, large
 JPEGs decoded reduced as kad does), ``preprocess`` (the fundus or natural preprocessing
 and the resize to the input size, the usability check included), ``scaling`` (from [0, 1]
-to the network's input, written into the batch) and ``inference`` (CPU time of bare
-inference per image, every thread).
+to the network's input, written into the batch; where the network scales 8-bit images
+itself, only the copy into the 8-bit batch) and ``inference`` (CPU time of bare
+inference per image, every thread, on the batches the network takes: 8-bit images
+where it scales them itself).
 
 ``--before PATH``: a checkout of another kad version (e.g. ``git worktree add --detach
 /tmp/kad-base <commit>``) measured the same way in the same run, its children interleaved
@@ -131,9 +133,16 @@ def child(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="kad-e2e-", dir=args.tmp_dir))
     try:
         plan = plan_extraction(dataset, backbone, weights, size, prep, work, "openvino")
+        try:  # 8-bit batches, scaled inside the compiled model, where this kad has them
+            from kad.features.extraction import load_image_pixels, takes_pixels
+            pixels = takes_pixels(plan)
+        except ImportError:
+            pixels = False
         engine = runtime.build_runtime(plan.backbone, size, weights, "openvino", batch,
-                                       args.model_cache)
-        x = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
+                                       args.model_cache, **({"pixels": True} if pixels else {}))
+        rng = np.random.default_rng(0)
+        x = (rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8) if pixels else
+             rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32))
         engine.predict(x)
         runtime.build_runtime = lambda *_a, **_k: engine  # extract_features gets this one
         batches = -(-n // batch)
@@ -166,9 +175,11 @@ def child(args: argparse.Namespace) -> dict:
                 best = min(best, time.process_time() - cpu)
             return 1000 * best / n
 
+        load = load_image_pixels if pixels else load_preprocessed
         t_decode = stage(lambda: [decode(i) for i in range(n)])
-        t_prep = stage(lambda: [load_preprocessed(source, i, p, size) for i in range(n)])
-        t_load = stage(lambda: _load_batch(source, dataset.ids, plan, 0, n))
+        t_prep = stage(lambda: [load(source, i, p, size) for i in range(n)])
+        t_load = stage(lambda: _load_batch(source, dataset.ids, plan, 0, n,
+                                           **({"pixels": True} if pixels else {})))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"n": n, "batch": batch, "bare": bare, "kad": kad, "bare_cpu": bare_cpu,

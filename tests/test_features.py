@@ -210,7 +210,7 @@ def test_images_load_while_the_network_is_built(folder, monkeypatch):
     import kad.features.extraction as extraction
 
     loaded = threading.Event()
-    original_load = extraction.load_preprocessed
+    original_load = extraction._decoded  # every image is decoded through it
 
     def load(*args, **kwargs):
         loaded.set()
@@ -223,7 +223,53 @@ def test_images_load_while_the_network_is_built(folder, monkeypatch):
         assert loaded.wait(timeout=10), "no image was loaded while the network was built"
         return original_build(*args, **kwargs)
 
-    monkeypatch.setattr(extraction, "load_preprocessed", load)
+    monkeypatch.setattr(extraction, "_decoded", load)
     monkeypatch.setattr(kad.features.runtime, "build_runtime", building)
     features = extract_features(folder, MNV2, "none", 32, batch_size=8)
     assert len(features) == 19 and list(features.failed) == ["abnormal/03.jpg"]
+
+
+def test_the_loader_reuses_its_batches_padding_and_unreadable_rows_zeros(folder):
+    from kad.features.extraction import AHEAD, Loader, _load_batch
+
+    plan = plan_extraction(folder, MNV2, "none", 32, runtime="keras")
+    buffers, starts = set(), []
+    with Loader(folder.source, folder.ids, plan, 0, batch_size=4, workers=2) as loader:
+        for start, batch, n, failed in loader:
+            _, expected, expected_failed = _load_batch(folder.source, folder.ids, plan, start,
+                                                       start + n)
+            np.testing.assert_array_equal(batch[:n], expected)
+            assert not batch[n:].any() and failed == expected_failed
+            buffers.add(id(batch))
+            starts.append(start)
+    assert starts == [0, 4, 8, 12, 16]
+    assert len(buffers) == AHEAD + 1  # allocated once, reused in turn
+
+
+@pytest.mark.skipif(not kad.features.runtime.openvino_available(), reason="needs OpenVINO")
+def test_openvino_extraction_hands_8_bit_images_to_the_network_same_features(folder,
+                                                                              monkeypatch):
+    from kad.features.extraction import stream_features
+
+    runtime = kad.features.runtime
+    seen = []
+    original = runtime.OpenVINORuntime.predict
+
+    def predict(self, batch):
+        seen.append(batch.dtype)
+        return original(self, batch)
+
+    monkeypatch.setattr(runtime.OpenVINORuntime, "predict", predict)
+    features = extract_features(folder, MNV2, "none", 32, batch_size=8, runtime="openvino")
+    assert seen and set(seen) == {np.dtype(np.uint8)}
+    # The network's float input scaled in Python, through a network that does not scale.
+    plan = plan_extraction(folder, MNV2, "none", 32, runtime="openvino")
+    built = runtime.build_runtime(MNV2, 32, "none", "openvino", 8, plan.path.parent)
+    engine = runtime.read_runtime(built.model_dir / "model.xml", built.names, 32, 8)
+    seen.clear()
+    blocks = [np.concatenate(outputs, axis=1)
+              for _, outputs, _ in stream_features(engine, folder.source, folder.ids, plan, 8)]
+    assert set(seen) == {np.dtype(np.float32)}
+    expected, got = np.concatenate(blocks), features.matrix("concat")
+    valid = features.valid
+    assert np.abs(got[valid] - expected[valid]).max() <= 1e-5 * np.abs(expected).max()

@@ -21,6 +21,7 @@ from kad.errors import KadError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 KAGGLE_DR = SHARED / "data" / "kaggle-dr-256" / "images"
+GREY = np.float32(128 / 255)  # outside the fundus mask: Graham's grey, 128 of 255
 
 
 def synthetic_fundus(
@@ -177,11 +178,11 @@ def test_fundus_output_shape_range_and_grey_outside():
     assert out.shape == (256, 256, 3) and out.dtype == np.float32
     assert 0.0 <= out.min() and out.max() <= 1.0
     for corner in (out[0, 0], out[0, -1], out[-1, 0], out[-1, -1]):
-        assert np.all(corner == 0.5)
+        assert np.all(corner == GREY)
     # The band between 0.9 and 1 of the radius is grey too (no bright ring).
     ring = out[128, 2:10]
-    assert np.all(ring == 0.5)
-    assert not np.all(out[128, 100:156] == 0.5)
+    assert np.all(ring == GREY)
+    assert not np.all(out[128, 100:156] == GREY)
 
 
 def test_fundus_size_option():
@@ -191,8 +192,11 @@ def test_fundus_size_option():
 
 def test_fundus_mask_one_keeps_the_whole_disc():
     rgb = synthetic_fundus(300, 300, 125)
-    grey_full = np.mean(np.all(Fundus(mask=1.0)(rgb) == 0.5, axis=2))
-    grey_default = np.mean(np.all(Fundus()(rgb) == 0.5, axis=2))
+    # Texture, so that no pixel of the fundus comes out exactly grey.
+    noise = np.random.default_rng(0).integers(0, 24, rgb.shape, dtype=np.uint8)
+    rgb = np.where(rgb.max(axis=2, keepdims=True) > 30, cv2.add(rgb, noise), rgb)
+    grey_full = np.mean(np.all(Fundus(mask=1.0)(rgb) == GREY, axis=2))
+    grey_default = np.mean(np.all(Fundus()(rgb) == GREY, axis=2))
     assert grey_full < grey_default
     assert grey_full == pytest.approx(1 - np.pi / 4, abs=0.03)  # only the corners
 
@@ -217,6 +221,46 @@ def test_natural_rescales_only():
 def test_preprocessing_outputs_are_deterministic():
     rgb = synthetic_fundus(300, 400, 130, background=20)
     assert np.array_equal(Fundus()(rgb), Fundus()(rgb.copy()))
+
+
+def test_fundus_pixels_are_the_8_bit_image_the_float_one_is_made_of():
+    rgb = synthetic_fundus(300, 400, 130, background=20)
+    pixels = Fundus(size=96).pixels(rgb)
+    assert pixels.dtype == np.uint8 and pixels.shape == (96, 96, 3)
+    np.testing.assert_array_equal(Fundus(size=96)(rgb), pixels.astype(np.float32) / 255)
+
+
+@pytest.mark.parametrize("cut", [0, 40, 90])
+def test_mask_erosion_by_half_planes_matches_eroding_the_drawn_mask(cut):
+    from kad.data.preprocessing import _disc, _eroded, _find_fundus, _fundus_mask, _square_crop
+
+    rgb = synthetic_fundus(300 - 2 * cut, 400, 140, centre=(200, 150 - cut))
+    found = _find_fundus(rgb)
+    _, (left, top, side) = _square_crop(rgb, found)
+    size, margin = 224, 11
+    hull = (found[1] + 0.5 - (left, top)) * (size / side) - 0.5
+    drawn = cv2.erode(_fundus_mask(size, hull).astype(np.uint8), _disc(2 * margin + 1),
+                      borderType=cv2.BORDER_CONSTANT, borderValue=0).astype(bool)
+    got = _eroded(size, hull, margin)
+    assert np.count_nonzero(got != drawn) <= 0.01 * np.count_nonzero(drawn)
+    if cut:  # the cuts are eroded, not only the disc
+        assert np.count_nonzero(got) < 0.9 * np.count_nonzero(_eroded(size, hull[:0], margin))
+
+
+def test_disc_overlap_counts_the_pixels_whose_centre_is_in_the_disc():
+    from kad.data.preprocessing import _disc_overlap
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        height, width = rng.integers(8, 120, 2)
+        region = (rng.random((height, width)) < rng.random()).astype(np.uint8)
+        cx, cy = rng.uniform(-20, width + 20), rng.uniform(-20, height + 20)
+        radius = rng.uniform(0, 150)
+        yy, xx = np.ogrid[:height, :width]
+        disc = (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= radius**2
+        union = np.count_nonzero(region.view(bool) | disc)
+        expected = np.count_nonzero(region.view(bool) & disc) / union if union else 0.0
+        assert _disc_overlap(region, (cx, cy, radius)) == pytest.approx(expected, abs=1e-12)
 
 
 # ------------------------------------------------------------------ specs and keys

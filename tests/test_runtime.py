@@ -91,6 +91,26 @@ def test_openvino_features_agree_with_keras_float32_on_real_images(model_cache):
 
 @pytest.mark.tf
 @openvino_needed
+def test_openvino_scales_8_bit_images_inside_the_network_as_the_loader_does(model_cache):
+    from kad.features.extraction import network_input
+
+    engine = runtime.build_runtime(MNV2, 32, "none", "openvino", 8, model_cache)
+    assert engine.takes_pixels
+    x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    expected = engine.predict(network_input(get_backbone(MNV2), x))  # scaled in Python
+    got = engine.predict(x)
+    for name, a, b in zip(engine.names, expected, got, strict=True):
+        error = np.abs(a - b).max() / np.abs(a).max()
+        assert error < 1e-5, f"block {name}: differs by {error:.1e} of its scale"
+    # Without the backbone's scaling, 8-bit images are refused, not taken as its input.
+    bare = runtime.read_runtime(engine.model_dir / "model.xml", engine.names, 32, 8)
+    assert not bare.takes_pixels
+    with pytest.raises(KadError, match="8-bit images"):
+        bare.predict(x)
+
+
+@pytest.mark.tf
+@openvino_needed
 def test_an_image_gets_the_same_features_whatever_its_batch(model_cache):
     engine = runtime.build_runtime(MNV2, 32, "none", "openvino", 8, model_cache)
     assert engine.requests * engine.slice_size >= 8

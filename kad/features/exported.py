@@ -139,12 +139,15 @@ class ExportedNetwork:
     def pipeline_file(self) -> Path:
         return self.folder / PIPELINE_FILE
 
-    def runtime(self, batch_size: int):
-        """The network compiled for the CPU (:func:`kad.features.runtime.read_runtime`)."""
+    def runtime(self, batch_size: int, pixels: bool = False, int8: bool = False):
+        """The network compiled for the CPU (:func:`kad.features.runtime.read_runtime`),
+        taking 8-bit images too where its scaling is a scale and an offset, as the model
+        file's float32 network does (``pixels``: that kind compiled first); an ``int8``
+        network takes its float32 input only, as the model file's does."""
         from kad.features.runtime import read_runtime
 
         return read_runtime(self.folder / NETWORK_XML, self.outputs, self.input_size,
-                            batch_size)
+                            batch_size, None if int8 else self.scaling.input_scaling, pixels)
 
 
 def _read_marker(folder: Path) -> dict:

@@ -191,7 +191,8 @@ def _extract_reporting(dataset, plan: ExtractionPlan, batch_size: int, workers: 
     done = min(int(recorded.get("done", 0)), n)
     update(done)
     # The first batches load while the network is built (or converted).
-    loader = Loader(dataset.source, dataset.ids, plan, done, batch_size, workers)
+    loader = Loader(dataset.source, dataset.ids, plan, done, batch_size, workers,
+                    pixels=takes_pixels(plan))
     try:
         return _extract_loading(dataset, plan, batch_size, workers, update, extra_meta,
                                 loader)
@@ -206,7 +207,8 @@ def _extract_loading(dataset, plan: ExtractionPlan, batch_size: int, workers: in
 
     n = len(dataset)
     engine = build_runtime(plan.backbone, plan.input_size, plan.weights, plan.runtime,
-                           batch_size, plan.path.parent, quantization=plan.quantization)
+                           batch_size, plan.path.parent, quantization=plan.quantization,
+                           pixels=takes_pixels(plan))
     names, dims = engine.names, engine.dims
     meta = {
         "key": plan.key, "inputs": plan.inputs, "dataset": dataset.name,
@@ -262,16 +264,25 @@ def stream_features(model, source, ids, plan: ExtractionPlan, batch_size: int = 
     features never depend on how many images came with it. Rows of unreadable images are
     zeros and their ids are in ``failed`` with the reason. ``loader``: a :class:`Loader` of
     the same images already started (it began loading while the network was built);
-    otherwise one is started here.
+    otherwise one is started here. A runtime whose ``takes_pixels`` is true (OpenVINO,
+    which scales 8-bit images in the network, :class:`kad.features.runtime.OpenVINORuntime`)
+    is given 8-bit images where the preprocessing makes them; any other the network's
+    float32 input.
     """
     from kad.features.runtime import as_runtime
 
     engine = as_runtime(model)
+    pixels = bool(getattr(engine, "takes_pixels", False)) and plan.preprocessing.eight_bit
+    if pixels and loader is not None and loader.dtype != np.uint8:
+        loader.close()  # it loads the network's float input: load the images instead
+        loader = None
     own = loader is None
     if own:
-        loader = Loader(source, ids, plan, first, batch_size, workers)
+        loader = Loader(source, ids, plan, first, batch_size, workers, pixels=pixels)
     try:
         for start, batch, n, failed in loader:
+            if not pixels:
+                batch = network_input(plan.backbone, batch)
             outputs = [o[:n] for o in engine.predict(batch)]
             for row, ident in enumerate(ids[start:start + n]):
                 if str(ident) in failed:
@@ -291,34 +302,106 @@ def load_preprocessed(source, index: int, preprocessing: Preprocessing,
 
     A large JPEG is decoded at the smallest size the preprocessing can work from
     (:meth:`~kad.data.preprocessing.Preprocessing.source_side`), which is much cheaper.
+    An 8-bit preprocessing (:attr:`~kad.data.preprocessing.Preprocessing.eight_bit`) gives
+    :func:`load_image_pixels` divided by 255.
     """
+    return preprocess_image(_decoded(source, index, preprocessing, input_size),
+                            preprocessing, input_size)
+
+
+def preprocess_image(rgb: np.ndarray, preprocessing: Preprocessing,
+                     input_size: int) -> np.ndarray:
+    """A decoded image as :func:`load_preprocessed` gives it (float32 in [0, 1],
+    ``input_size`` square): an 8-bit preprocessing's image resized as 8 bits, divided by
+    255, so it is exactly what the loader's 8-bit batches hold."""
+    if not preprocessing.eight_bit:
+        return resize(preprocessing(rgb), input_size)
+    image = resize(preprocessing.pixels(rgb), input_size).astype(np.float32)
+    image /= np.float32(255.0)
+    return image
+
+
+def load_image_pixels(source, index: int, preprocessing: Preprocessing, input_size: int,
+                      out: np.ndarray | None = None) -> np.ndarray:
+    """One image as the network sees it, before the backbone's own scaling, as ``uint8``
+    on the 0-255 scale, ``input_size`` square, for a preprocessing with 8-bit output
+    (:attr:`~kad.data.preprocessing.Preprocessing.eight_bit`); written into ``out`` (a
+    row of a batch) when given. Raises as :func:`load_preprocessed` does."""
+    image = preprocessing.pixels(_decoded(source, index, preprocessing, input_size))
+    if out is None:
+        return resize(image, input_size)
+    if image.shape[:2] == (input_size, input_size):
+        np.copyto(out, image)
+    else:  # resized straight into the batch
+        out[...] = resize(image, input_size)
+    return out
+
+
+def _decoded(source, index: int, preprocessing: Preprocessing, input_size: int):
     side = preprocessing.source_side(input_size)
     load_scaled = getattr(source, "load_scaled", None)
     image = source.load(index) if load_scaled is None or side is None else load_scaled(
         index, side)
-    return resize(preprocessing(check_usable(image, source.describe(index))), input_size)
+    return check_usable(image, source.describe(index))
 
 
 def _load_into(source, ids, plan: ExtractionPlan, start: int, stop: int, batch: np.ndarray,
                row: int = 0) -> dict[str, str]:
     """Images ``start:stop`` as the network takes them, written into ``batch`` from ``row``
-    on (scaled in place, no copy of the batch); ``{id: reason}`` of those that could not be
-    read, whose rows are left as they were."""
+    on; ``{id: reason}`` of those that could not be read, whose rows are zeros. A
+    ``uint8`` batch receives the images themselves (:func:`load_image_pixels`: the network
+    scales them), a ``float32`` one the network's input (scaled in place, no copy of the
+    batch)."""
     failed: dict[str, str] = {}
+    prep, size = plan.preprocessing, plan.input_size
     for at, index in enumerate(range(start, stop), row):
         try:
-            image = load_preprocessed(source, index, plan.preprocessing, plan.input_size)
+            if batch.dtype == np.uint8:
+                load_image_pixels(source, index, prep, size, out=batch[at])
+            elif prep.eight_bit:
+                _scale_into(plan.backbone, load_image_pixels(source, index, prep, size), batch[at])
+            else:
+                plan.backbone.preprocess_into(load_preprocessed(source, index, prep, size),
+                                              batch[at])
         except ImageReadError as exc:
             failed[str(ids[index])] = exc.reason
-            continue
-        plan.backbone.preprocess_into(image, batch[at])
+            batch[at] = 0
     return failed
 
 
-def _load_batch(source, ids, plan: ExtractionPlan, start: int, stop: int):
+def _scale_into(backbone: Backbone, pixels: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """8-bit ``pixels`` (0-255) as the network's input, written into ``out`` (float32):
+    divided by 255 and then scaled, the very operations that :func:`load_preprocessed`
+    and :meth:`Backbone.preprocess` apply, so the numbers are the same to the last bit."""
+    np.divide(pixels, np.float32(255.0), out=out, dtype=np.float32)
+    return backbone.preprocess_into(out, out)
+
+
+def network_input(backbone: Backbone, batch: np.ndarray) -> np.ndarray:
+    """A batch from a :class:`Loader` as the network's input: a ``uint8`` batch (images on
+    the 0-255 scale) scaled into a new float32 one, a float32 batch as it is."""
+    if batch.dtype != np.uint8:
+        return batch
+    out = np.empty(batch.shape, np.float32)
+    for row in range(len(batch)):  # one image at a time: no float temporaries of the batch
+        _scale_into(backbone, batch[row], out[row])
+    return out
+
+
+def takes_pixels(plan: ExtractionPlan) -> bool:
+    """Whether the network of ``plan`` can take 8-bit images and scale them itself: its
+    preprocessing has 8-bit output, it runs on OpenVINO (whose preprocessing folds the
+    scaling into the compiled model) and the backbone's scaling is a scale and offset."""
+    return (plan.runtime == "openvino" and plan.preprocessing.eight_bit
+            and plan.backbone.input_scaling is not None)
+
+
+def _load_batch(source, ids, plan: ExtractionPlan, start: int, stop: int,
+                pixels: bool = False):
     """``(start, batch, failed)``: images ``start:stop`` as the network takes them, rows of
-    unreadable ones zeros."""
-    batch = np.zeros((stop - start, plan.input_size, plan.input_size, 3), dtype=np.float32)
+    unreadable ones zeros; with ``pixels``, the 8-bit images (see :func:`takes_pixels`)."""
+    dtype = np.uint8 if pixels and plan.preprocessing.eight_bit else np.float32
+    batch = np.zeros((stop - start, plan.input_size, plan.input_size, 3), dtype=dtype)
     return start, batch, _load_into(source, ids, plan, start, stop, batch)
 
 
@@ -330,28 +413,33 @@ class Loader:
     """Preprocessed batches of images in order, loaded ahead by a thread pool from the
     moment the loader is made, so that loading overlaps building or converting the network.
 
-    Each batch is split into one slice per worker, written straight into the batch (the
-    network's input, scaled in place), so the next batch is ready as soon as possible
-    while the network runs on the current one. Memory is bounded: ``AHEAD`` batches load
-    while the network runs on one, each ``batch_size`` x ``input_size`` x ``input_size`` x 3
-    float32 (the last batch padded with zeros to the full size). (Threads, not processes:
-    OpenCV and NumPy release the GIL, and a process would have to copy every batch back.)
+    Each batch is split into one slice per worker, written straight into the batch, so the
+    next batch is ready as soon as possible while the network runs on the current one.
+    With ``pixels`` (see :func:`takes_pixels`) a batch holds the 8-bit images themselves,
+    for a network that scales its own input; otherwise the network's float32 input,
+    scaled in place. Memory is bounded and allocated once: ``AHEAD + 1`` batches, each
+    ``batch_size`` x ``input_size`` x ``input_size`` x 3 (the last batch padded with zeros
+    to the full size), reused in turn: a batch is handed out until the next one is asked
+    for. (Threads, not processes: OpenCV and NumPy release the GIL, and a process would
+    have to copy every batch back.)
 
     Iterating yields ``(start, batch, n, failed)``: the first ``n`` rows of ``batch`` are
-    the images ``start:start + n``; ``failed`` maps ids of unreadable ones to the reason.
-    Use it as a context manager, or call :meth:`close`.
+    the images ``start:start + n``; ``failed`` maps ids of unreadable ones to the reason
+    (their rows are zeros). Use it as a context manager, or call :meth:`close`.
     """
 
     def __init__(self, source, ids, plan: ExtractionPlan, first: int = 0,
-                 batch_size: int = 64, workers: int | None = None):
+                 batch_size: int = 64, workers: int | None = None, pixels: bool = False):
         self.source, self.ids, self.plan = source, ids, plan
         self.first, self.batch_size = int(first), int(batch_size)
         self.workers = workers or max(1, min(4, (os.cpu_count() or 2)))
+        self.dtype = np.uint8 if pixels and plan.preprocessing.eight_bit else np.float32
         self._step = max(1, -(-self.batch_size // self.workers))
         self._starts = iter(range(self.first, len(source), self.batch_size))
         self._pool = ThreadPoolExecutor(max_workers=self.workers,
                                         thread_name_prefix="kad-load")
         self._pending: deque[tuple[int, int, np.ndarray, list[Future]]] = deque()
+        self._free: list[np.ndarray] = []
         for _ in range(AHEAD):
             self._submit_next()
 
@@ -361,19 +449,27 @@ class Loader:
             return
         stop = min(start + self.batch_size, len(self.source))
         size = self.plan.input_size
-        batch = np.zeros((self.batch_size, size, size, 3), dtype=np.float32)
+        if self._free:
+            batch = self._free.pop()
+            batch[stop - start:] = 0  # padding rows of a reused batch
+        else:
+            batch = np.zeros((self.batch_size, size, size, 3), dtype=self.dtype)
         parts = [self._pool.submit(_load_into, self.source, self.ids, self.plan, a,
                                    min(a + self._step, stop), batch, a - start)
                  for a in range(start, stop, self._step)]
         self._pending.append((start, stop, batch, parts))
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray, int, dict[str, str]]]:
+        handed: np.ndarray | None = None
         while self._pending:
             start, stop, batch, parts = self._pending.popleft()
             failed: dict[str, str] = {}
             for part in parts:
                 failed.update(part.result())
+            if handed is not None:  # the caller asked for the next batch: done with it
+                self._free.append(handed)
             self._submit_next()
+            handed = batch
             yield start, batch, stop - start, failed
 
     def close(self) -> None:

@@ -61,11 +61,12 @@ def import_ray():
 
 def _load(row: dict, source, ids, plan, batch_size: int) -> dict:
     """Ray task body: decode and preprocess one batch (the rows of a local run's batch)."""
-    from kad.features.extraction import _load_batch
+    from kad.features.extraction import _load_batch, takes_pixels
 
     start = int(row["start"])
     stop = min(start + batch_size, len(source))
-    _, batch, failed = _load_batch(source, ids, plan, start, stop)
+    # 8-bit images where the network scales them (as the local loader gives them)
+    _, batch, failed = _load_batch(source, ids, plan, start, stop, pixels=takes_pixels(plan))
     if len(batch) < batch_size:  # padded as stream_features pads
         batch = np.concatenate([batch, np.zeros((batch_size - len(batch), *batch.shape[1:]),
                                                 batch.dtype)])
@@ -89,10 +90,11 @@ class _Infer:
     run on whole batches."""
 
     def __init__(self, plan, ids, batch_size: int):
+        from kad.features.extraction import takes_pixels
         from kad.features.runtime import build_runtime
 
         self.engine = build_runtime(plan.backbone, plan.input_size, plan.weights, plan.runtime,
-                                    batch_size, _model_cache(plan))
+                                    batch_size, _model_cache(plan), pixels=takes_pixels(plan))
         self.names = self.engine.names
         self.ids = ids
 

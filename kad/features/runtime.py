@@ -171,32 +171,75 @@ class OpenVINORuntime:
 
     ``predict`` splits the batch into slices of ``slice_size`` images (the last padded with
     zeros), runs them on ``requests`` parallel inference requests and joins the results.
+
+    It takes the network's float32 input, or, where ``scaling`` (the backbone's
+    :attr:`~kad.features.backbones.Backbone.input_scaling`) is known (``takes_pixels``),
+    8-bit images (``uint8``, 0-255) that the compiled model converts and scales itself
+    (OpenVINO's preprocessing, :func:`_with_pixel_input`): the loader then fills batches a
+    quarter the size and no pass in Python scales them. Each kind of input has its own
+    compiled model, compiled when first used (``pixels`` at construction: the 8-bit one
+    first). The two agree to float rounding, not bit for bit: whatever compares features
+    exactly feeds the same kind (the loader gives 8-bit batches wherever the runtime takes
+    them, for extraction and scoring alike).
     """
 
     name = "openvino"
 
-    def __init__(self, compiled, names: list[str], slice_size: int, requests: int,
-                 model_dir: Path | None = None, precision: str = "float32"):
-        import openvino as ov
-
-        self.compiled = compiled
+    def __init__(self, core, model, names: list[str], slice_size: int, requests: int,
+                 model_dir: Path | None = None, scaling: tuple[float, float] | None = None,
+                 config: dict | None = None, pixels: bool = False,
+                 precision: str = "float32"):
+        self._core, self._model, self._config = core, model, dict(config or {})
+        self.scaling = None if scaling is None else tuple(float(v) for v in scaling)
         self.names = list(names)
         self.slice_size = int(slice_size)
         self.requests = int(requests)
         self.model_dir = model_dir
         self.precision = precision
-        self._outputs = [compiled.output(_output_name(n)) for n in self.names]
-        self.dims = [int(o.get_partial_shape()[-1].get_length()) for o in self._outputs]
-        self._queue = ov.AsyncInferQueue(compiled, self.requests)
+        self._variants: dict[bool, tuple] = {}
         self._results: dict[int, list[np.ndarray]] = {}
-        self._queue.set_callback(self._done)
+        first = self._variant(bool(pixels and self.takes_pixels))
+        self.dims = [int(o.get_partial_shape()[-1].get_length()) for o in first[1]]
 
-    def _done(self, request, index: int) -> None:
-        # The request's buffers are reused by the next job: copy what it produced.
-        self._results[index] = [np.array(request.get_tensor(o).data) for o in self._outputs]
+    @property
+    def takes_pixels(self) -> bool:
+        """Whether ``predict`` also takes 8-bit images and scales them in the network."""
+        return self.scaling is not None
+
+    @property
+    def compiled(self):
+        """The compiled model of the kind compiled first."""
+        return next(iter(self._variants.values()))[0]
+
+    def _variant(self, pixels: bool):
+        """``(compiled model, outputs, request queue)`` for 8-bit or float32 input."""
+        found = self._variants.get(pixels)
+        if found is None:
+            import openvino as ov
+
+            model = self._model.clone()
+            if pixels:
+                model = _with_pixel_input(model, self.scaling)
+            compiled = self._core.compile_model(model, "CPU", self._config)
+            outputs = [compiled.output(_output_name(n)) for n in self.names]
+            queue = ov.AsyncInferQueue(compiled, self.requests)
+
+            def done(request, index: int) -> None:
+                # The request's buffers are reused by the next job: copy what it produced.
+                self._results[index] = [np.array(request.get_tensor(o).data) for o in outputs]
+
+            queue.set_callback(done)
+            found = self._variants[pixels] = (compiled, outputs, queue)
+        return found
 
     def predict(self, batch: np.ndarray) -> list[np.ndarray]:
-        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        pixels = np.asarray(batch).dtype == np.uint8
+        if pixels and not self.takes_pixels:
+            raise KadError("this OpenVINO network does not know its input scaling, so it "
+                           "takes the network's float32 input, not 8-bit images")
+        dtype = np.uint8 if pixels else np.float32
+        queue = self._variant(pixels)[2]
+        batch = np.ascontiguousarray(batch, dtype=dtype)
         n, step = len(batch), self.slice_size
         self._results.clear()
         starts = range(0, n, step)
@@ -204,17 +247,18 @@ class OpenVINORuntime:
             part = batch[start:start + step]
             if len(part) < step:
                 part = np.concatenate([part, np.zeros((step - len(part), *part.shape[1:]),
-                                                      np.float32)])
-            self._queue.start_async({0: part}, index)
-        self._queue.wait_all()
+                                                      dtype)])
+            queue.start_async({0: part}, index)
+        queue.wait_all()
         joined = [np.concatenate([self._results[i][b] for i in range(len(starts))])[:n]
                   for b in range(len(self.names))]
         self._results.clear()
         return joined
 
     def describe(self) -> str:
-        return (f"openvino (CPU, {self.precision}, {self.requests} requests of {self.slice_size} "
-                f"images)")
+        scaling = "; 8-bit images scaled in the network" if self.takes_pixels else ""
+        return (f"openvino (CPU, {self.precision}, {self.requests} requests of "
+                f"{self.slice_size} images{scaling})")
 
 
 def as_runtime(model) -> KerasRuntime | OpenVINORuntime:
@@ -414,7 +458,7 @@ def _select(full, blocks: list[str], outputs: list[str], name: str):
 def build_runtime(backbone, input_size: int, weights, runtime: str = "auto",
                   batch_size: int = 64, cache_dir: str | Path | None = None,
                   log_line: Callable[[str], None] | None = None, keras_model=None,
-                  quantization=None):
+                  quantization=None, pixels: bool = False):
     """The network of ``backbone`` at ``input_size`` with ``weights`` on ``runtime``.
 
     Returns a :class:`KerasRuntime` or an :class:`OpenVINORuntime` (see the module
@@ -424,6 +468,10 @@ def build_runtime(backbone, input_size: int, weights, runtime: str = "auto",
     built ``(model, block names)`` of the same backbone, input size and weights, used
     instead of building one again. ``quantization`` (a
     :class:`~kad.features.int8.Quantization`): the int8 network it names, on OpenVINO.
+    On OpenVINO, where the backbone's scaling is a scale and an offset
+    (:attr:`~kad.features.backbones.Backbone.input_scaling`), a float32 runtime also takes
+    8-bit images and scales them in the network (:class:`OpenVINORuntime`; the converted
+    model on disk is unchanged); ``pixels`` compiles that kind first.
     """
     from kad.features.backbones import Backbone, get_backbone
 
@@ -434,13 +482,14 @@ def build_runtime(backbone, input_size: int, weights, runtime: str = "auto",
         return KerasRuntime(model, names)
     folder = openvino_model_dir(bb, input_size, weights, cache_dir, quantization=quantization)
     return _openvino_runtime(bb, input_size, weights, folder, keras_model, batch_size,
-                             log_line, choice, quantization)
+                             log_line, choice, quantization,
+                             scaling=bb.input_scaling, pixels=pixels)
 
 
 def model_runtime(model, backbone, input_size: int, weights, runtime: str = "auto",
                   batch_size: int = 64, cache_dir: str | Path | None = None,
                   log_line: Callable[[str], None] | None = None, extractor=None,
-                  quantization=None):
+                  quantization=None, pixels: bool = False):
     """``model``, a Keras model made from the extractor of ``backbone`` at ``input_size``
     with ``weights`` (a :func:`~kad.features.backbones.map_extractor`, a
     :func:`~kad.features.backbones.spatial_extractor`, the pooled outputs of some blocks, or
@@ -451,7 +500,8 @@ def model_runtime(model, backbone, input_size: int, weights, runtime: str = "aut
     the weights are those of ``model``, already built and checked by the caller.
     ``extractor``: the extractor ``model`` was made from, where ``model`` has only maps.
     ``quantization`` (a :class:`~kad.features.int8.Quantization`): the int8 extractor with
-    ``model``'s outputs, which must all be pooled ones, on OpenVINO."""
+    ``model``'s outputs, which must all be pooled ones, on OpenVINO. ``pixels`` as for
+    :func:`build_runtime`."""
     from kad.features.backbones import Backbone, extractor_outputs, get_backbone
 
     bb = backbone if isinstance(backbone, Backbone) else get_backbone(backbone)
@@ -469,12 +519,15 @@ def model_runtime(model, backbone, input_size: int, weights, runtime: str = "aut
     else:
         model = (model, names)
     return _openvino_runtime(bb, input_size, weights, folder, model, batch_size,
-                             log_line, choice, quantization, names)
+                             log_line, choice, quantization, names,
+                             scaling=bb.input_scaling, pixels=pixels)
 
 
 def _openvino_runtime(bb, input_size: int, weights, folder: Path, keras_model,
                       batch_size: int, log_line, choice: RuntimeChoice, quantization=None,
-                      outputs: list[str] | None = None) -> OpenVINORuntime:
+                      outputs: list[str] | None = None,
+                      scaling: tuple[float, float] | None = None,
+                      pixels: bool = False) -> OpenVINORuntime:
     """The conversion cached in ``folder`` (made from ``keras_model``, or from the
     extractor, when missing or damaged), compiled for the CPU. With ``quantization``,
     ``keras_model`` is the extractor and its block names, and the int8 network is that
@@ -497,7 +550,9 @@ def _openvino_runtime(bb, input_size: int, weights, folder: Path, keras_model,
             log_line(f"converting {bb.spec} @{input_size}px to OpenVINO, cached at {folder}")
         found = _convert(bb, input_size, weights, folder, core, keras_model)
     model, names = found
+    # An int8 network keeps its float32 input (its inputs were calibrated as such).
     result = _compiled(core, model, names, input_size, batch_size, folder,
+                       scaling if quantization is None else None, pixels,
                        "float32" if quantization is None else "int8")
     if log_line:
         log_line(f"runtime: {result.describe()} ({choice.reason})")
@@ -505,9 +560,12 @@ def _openvino_runtime(bb, input_size: int, weights, folder: Path, keras_model,
 
 
 def _compiled(core, model, names: list[str], input_size: int, batch_size: int,
-              folder: Path | None, precision: str = "float32") -> OpenVINORuntime:
+              folder: Path | None, scaling: tuple[float, float] | None = None,
+              pixels: bool = False, precision: str = "float32") -> OpenVINORuntime:
     """``model`` (read by ``core``) compiled for the CPU in float32 with the throughput
-    hint, its batch split into one equal slice per inference request."""
+    hint, its batch split into one equal slice per inference request. ``scaling``:
+    ``(scale, offset)`` of images in [0, 1] (:attr:`Backbone.input_scaling`), with which
+    it also takes 8-bit images (compiled first with ``pixels``)."""
     config = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": "f32"}
     probe = core.compile_model(model, "CPU", config)
     requests = max(1, min(int(probe.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")),
@@ -516,8 +574,25 @@ def _compiled(core, model, names: list[str], input_size: int, batch_size: int,
     slice_size = math.ceil(int(batch_size) / requests)
     requests = math.ceil(int(batch_size) / slice_size)
     model.reshape({model.inputs[0]: [slice_size, input_size, input_size, 3]})
-    compiled = core.compile_model(model, "CPU", config)
-    return OpenVINORuntime(compiled, names, slice_size, requests, folder, precision)
+    return OpenVINORuntime(core, model, names, slice_size, requests, folder, scaling, config,
+                           pixels, precision)
+
+
+def _with_pixel_input(model, scaling: tuple[float, float]):
+    """``model`` taking ``uint8`` images on the 0-255 scale: OpenVINO's preprocessing
+    converts them to float32 and maps them to ``scale * x / 255 + offset``, inside the
+    compiled model (the loader then fills batches a quarter the size, and no pass over
+    them scales in Python)."""
+    import openvino as ov
+    from openvino.preprocess import PrePostProcessor
+
+    scale, offset = (float(v) for v in scaling)
+    divisor = 255.0 / scale  # scale * x / 255 + offset == (x - mean) / divisor
+    ppp = PrePostProcessor(model)
+    ppp.input().tensor().set_element_type(ov.Type.u8)
+    ppp.input().preprocess().convert_element_type(ov.Type.f32).mean(-offset * divisor) \
+        .scale(divisor)
+    return ppp.build()
 
 
 def converted_files(runtime: OpenVINORuntime) -> dict[str, tuple[Path, str]]:
@@ -541,12 +616,13 @@ def converted_files(runtime: OpenVINORuntime) -> dict[str, tuple[Path, str]]:
 
 
 def read_runtime(xml: str | Path, names: list[str], input_size: int,
-                 batch_size: int = 64) -> OpenVINORuntime:
+                 batch_size: int = 64, scaling: tuple[float, float] | None = None,
+                 pixels: bool = False) -> OpenVINORuntime:
     """The OpenVINO model saved at ``xml`` (its weights in the ``.bin`` file of the same
     name), whose outputs are named for ``names`` as :func:`model_runtime` names them,
     compiled as every OpenVINO runtime is. Needs OpenVINO alone: no Keras, no TensorFlow.
     The caller checks the files first (an exported model does,
-    :mod:`kad.screening.export`)."""
+    :mod:`kad.screening.export`). ``scaling`` and ``pixels``: see :class:`OpenVINORuntime`."""
     try:
         import openvino as ov
     except ImportError as exc:
@@ -555,4 +631,4 @@ def read_runtime(xml: str | Path, names: list[str], input_size: int,
     core = ov.Core()
     model = core.read_model(str(xml))
     return _compiled(core, model, list(names), int(input_size), int(batch_size),
-                     Path(xml).parent)
+                     Path(xml).parent, scaling, pixels)

@@ -126,7 +126,8 @@ class DetectorInputs:
             self._networks[representation] = model_runtime(
                 representation.network(self.model, self.network_blocks), self.plan.backbone,
                 self.plan.input_size, self.weights, self.runtime, self.batch_size,
-                extractor=self.model, quantization=self.quantization)
+                extractor=self.model, quantization=self.quantization,
+                pixels=self.plan.preprocessing.eight_bit)
         return self._networks[representation]
 
     def read(self, representation: Representation, rows: np.ndarray) -> np.ndarray:

@@ -39,8 +39,9 @@ vectors Deep SVDD and DSEBM's energy)
 
 ``"occlusion"`` (Isolation Forest, DAGMM, anything else)
     The image is cut into a ``grid`` x ``grid`` grid; each cell in turn is filled with
-    neutral grey (0.5 in [0, 1]: for fundus preprocessing, exactly the local average colour
-    it subtracts) and the image rescored. A cell's value is the score minus the occluded
+    neutral grey (128 of 255: for fundus preprocessing, exactly the grey it gives where the
+    image equals its local average, and an 8-bit value, so the occluded image is one the
+    loader could have made) and the image rescored. A cell's value is the score minus the occluded
     score, spread over its pixels and interpolated bilinearly between cell centres. It costs
     ``grid²`` network passes per image beyond the one that scores it, run in batches of
     the pipeline's batch size. No completeness is promised.
@@ -118,7 +119,7 @@ OVERLAY_MAX_SIDE = 2048
 HEATMAP_BATCH_BYTES = 256 * 2**20
 DEFAULT_GRID = 8
 DEFAULT_STEPS = 16
-OCCLUSION_FILL = 0.5
+OCCLUSION_FILL = 128 / 255
 
 # The spatial model (pooled vectors and maps) made from a pipeline's network, per tuple of
 # blocks: Keras traces each model once.
@@ -362,11 +363,16 @@ class _Explainer:
         from kad.features.runtime import as_runtime
 
         runner = as_runtime(network)
+        # As the loader feeds it (kad.features.extraction.stream_features), so that an
+        # image scores here exactly as it does there: 8-bit where the runtime takes them.
+        pixels = getattr(runner, "takes_pixels", False) and self.preprocessing.eight_bit
         outs: list[list[np.ndarray]] = []
         bs = self.batch_size
         for start in range(0, len(images), bs):
             batch = images[start:start + bs]
-            outs.append(list(runner.predict(self.backbone.preprocess(batch))))
+            x = (np.rint(np.clip(batch, 0.0, 1.0) * 255.0).astype(np.uint8) if pixels
+                 else self.backbone.preprocess(batch))
+            outs.append(list(runner.predict(x)))
         return [np.concatenate(parts) for parts in zip(*outs, strict=True)]
 
     def _inputs(self, images: np.ndarray) -> np.ndarray:
@@ -467,14 +473,15 @@ def _load(explainer, source, index: int, size: int):
     as :meth:`Pipeline.score` loads it (a large JPEG decoded reduced, images with nothing
     to screen refused); only a copy of the photograph bounded by
     :data:`OVERLAY_MAX_SIDE` outlives this call."""
-    from kad.data.images import check_usable, resize
+    from kad.data.images import check_usable
+    from kad.features.extraction import preprocess_image
 
     side = explainer.preprocessing.source_side(size)
     load_scaled = getattr(source, "load_scaled", None)
     rgb = source.load(index) if load_scaled is None or side is None else load_scaled(
         index, side)
     rgb = check_usable(rgb, source.describe(index))
-    seen = np.asarray(resize(explainer.preprocessing(rgb), size), dtype=np.float32)
+    seen = preprocess_image(rgb, explainer.preprocessing, size)
     box = explainer.preprocessing.crop_box(rgb)
     return seen, box, rgb.shape[:2], bounded(rgb)
 

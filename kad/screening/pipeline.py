@@ -141,6 +141,13 @@ class Pipeline:
             return self.exported.scaling
         return get_backbone(self.backbone)
 
+    @property
+    def _eight_bit(self) -> bool:
+        """Whether the preprocessing gives 8-bit images (scored as such on OpenVINO)."""
+        from kad.data.preprocessing import get_preprocessing
+
+        return get_preprocessing(self.preprocessing).eight_bit
+
     def _plan(self):
         from kad.data.preprocessing import get_preprocessing
         from kad.features.extraction import ExtractionPlan
@@ -227,7 +234,7 @@ class Pipeline:
             self._runners[choice] = model_runtime(
                 self.representation.network(model, self.all_blocks), self.backbone,
                 self.image_size, self.weights_used, choice, self.batch_size,
-                extractor=model, quantization=quantization)
+                extractor=model, quantization=quantization, pixels=self._eight_bit)
         return self._runners[choice]
 
     def _exported_runner(self, weights: str | None, runtime: str | None):
@@ -238,7 +245,8 @@ class Pipeline:
             raise KadError(f"{self.source} is an exported model: it runs on OpenVINO only, "
                            f"not on runtime {runtime!r}; drop --runtime or use openvino")
         if "openvino" not in self._runners:
-            self._runners["openvino"] = self.exported.runtime(self.batch_size)
+            self._runners["openvino"] = self.exported.runtime(
+                self.batch_size, pixels=self._eight_bit, int8=self.quantization is not None)
         return self._runners["openvino"]
 
     def score(self, source, ids: Sequence[str] | None = None,
