@@ -157,6 +157,45 @@ def test_a_model_file_of_an_earlier_release_draws_heatmaps_on_the_report_s_own_s
     assert "above what healthy" not in page and "within what healthy" not in page
 
 
+def test_a_model_file_scores_with_the_preprocessing_revision_it_was_fitted_with(recwarn):
+    """A file without the revision was written before kad recorded it: natural images were
+    then resized in float32, and it is scored that way; a recipe whose earlier revision
+    kad no longer computes scores with today's and a warning says so; a recorded revision
+    that kad computes is used as it is, silently."""
+    from kad.data.preprocessing import get_preprocessing
+    from kad.screening.pipeline import PreprocessingRevisionWarning, _preprocessing_as_fitted
+
+    old = {"kad": "0.1.0"}
+    assert _preprocessing_as_fitted("natural", old, "m.kad") == "natural:resize=float"
+    assert old["preprocessing_revision"] == "2"  # saved again, it stays float32
+    assert _preprocessing_as_fitted("natural:resize=float", old, "m.kad") == \
+        "natural:resize=float"
+    now = {"preprocessing_revision": str(get_preprocessing("natural").revision)}
+    assert _preprocessing_as_fitted("natural", now, "m.kad") == "natural"
+    fundus = str(get_preprocessing("fundus").revision)
+    assert _preprocessing_as_fitted("fundus", {"preprocessing_revision": fundus}, "m") == \
+        "fundus"
+    assert not recwarn.list
+    with pytest.warns(PreprocessingRevisionWarning, match=r"m\.kad .*revision 3 of the "
+                      r"fundus preprocessing .*refit with kad fit"):
+        assert _preprocessing_as_fitted("fundus:size=448", {"preprocessing_revision": "3"},
+                                        "m.kad") == "fundus:size=448"
+    with pytest.warns(PreprocessingRevisionWarning, match=r"an earlier revision \(kad 0\.1"):
+        _preprocessing_as_fitted("fundus", {"kad": "0.1.0"}, "m.kad")
+
+
+def test_natural_resizes_as_8_bits_or_as_float32_as_asked():
+    from kad.data.preprocessing import get_preprocessing
+    from kad.features.extraction import preprocess_image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (7, 9, 3), dtype=np.uint8)
+    eight, floats = (preprocess_image(rgb, get_preprocessing(s), 32)
+                     for s in ("natural", "natural:resize=float"))
+    np.testing.assert_array_equal(eight * 255, np.round(eight * 255))  # grey levels
+    assert not np.array_equal(floats * 255, np.round(floats * 255))
+    assert np.abs(eight - floats).max() <= 1 / 255  # within a grey level
+
+
 def test_fixtures_are_kept_small():
     """Each is a file users may hold, kept for good: a few hundred KB at most."""
     fixtures = sorted(FIXTURES.glob("model-*.kad"))

@@ -82,13 +82,36 @@ class Preprocessing:
 
 @dataclass(frozen=True)
 class Natural(Preprocessing):
-    """Rescale to [0, 1]; the size is unchanged."""
+    """Rescale to [0, 1]; the size is unchanged.
+
+    ``resize``
+        ``8bit`` (the default): the image is resized to the network's input as an 8-bit
+        image, rounded to the nearest grey level, as image loaders do (revision 3).
+        ``float``: resized in float32, as kad did before (revision 2); a model file written
+        then is scored this way, so that it scores as it was fitted.
+    """
 
     name: ClassVar[str] = "natural"
     #: 2: large JPEGs are decoded at a reduced size. 3: resized to the network's input as
     #: an 8-bit image (rounded to the nearest grey level), as image loaders do.
-    revision: ClassVar[int] = 3
-    eight_bit: ClassVar[bool] = True
+    resize: str = "8bit"
+
+    def __post_init__(self) -> None:
+        if self.resize not in ("8bit", "float"):
+            raise ValueError(f"natural resize must be 8bit or float, got {self.resize!r}")
+
+    @property
+    def revision(self) -> int:  # type: ignore[override]
+        return 3 if self.resize == "8bit" else 2
+
+    @property
+    def eight_bit(self) -> bool:  # type: ignore[override]
+        return self.resize == "8bit"
+
+    @property
+    def key(self) -> str:
+        """``natural``, or ``natural:resize=float`` for the float32 resize."""
+        return self.name if self.resize == "8bit" else f"{self.name}:resize={self.resize}"
 
     def source_side(self, input_size: int) -> int | None:
         return int(input_size)  # the image is resized to input_size x input_size

@@ -19,6 +19,7 @@ command line's ``--weights PATH``) overrides it when the file has moved.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -80,6 +81,9 @@ class Pipeline:
         #: the pipeline was fitted on int8 features; None for float32. Scoring uses it too.
         self.quantization = quantization
         self.versions = library_versions()
+        #: The revision of the preprocessing's numbers it was fitted with (a file written
+        #: by an older kad lacks it: see :func:`_preprocessing_as_fitted`).
+        self.versions["preprocessing_revision"] = str(_revision(preprocessing))
         self.source: Path | None = None  # the file it was loaded from
         self._model = None
         self._runners: dict = {}
@@ -370,6 +374,10 @@ def load_pipeline(path: str | Path) -> Pipeline:
     try:
         threshold = Threshold(**fields.pop("threshold"))
         versions = fields.pop("versions")
+        if not isinstance(versions, dict):
+            raise TypeError("its versions are not a mapping")
+        fields["preprocessing"] = _preprocessing_as_fitted(fields["preprocessing"], versions,
+                                                           path)
         fields["representation"] = from_record(fields["representation"])
         pipeline = Pipeline(**fields, detector=detector, threshold=threshold)
     except (TypeError, KadError) as exc:
@@ -378,6 +386,41 @@ def load_pipeline(path: str | Path) -> Pipeline:
     pipeline.versions = versions
     pipeline.source = Path(path)
     return pipeline
+
+
+class PreprocessingRevisionWarning(UserWarning):
+    """A model file was fitted with an earlier revision of its preprocessing's numbers than
+    this kad computes, and cannot be scored exactly as fitted."""
+
+
+def _revision(spec: str) -> int:
+    from kad.data.preprocessing import get_preprocessing
+
+    return int(get_preprocessing(spec).revision)
+
+
+def _preprocessing_as_fitted(spec: str, versions: dict, path) -> str:
+    """The preprocessing that scores a loaded model as it was fitted. A file without the
+    revision in its ``versions`` was written before kad recorded it: its natural images
+    were resized in float32 (``natural:resize=float``, revision 2). Where the recorded
+    revision can no longer be computed (the fundus recipe before revision 4), the model
+    scores with today's and a :class:`PreprocessingRevisionWarning` says so."""
+    from kad.data.preprocessing import get_preprocessing
+
+    recorded = versions.get("preprocessing_revision")
+    prep = get_preprocessing(spec)
+    if recorded is None and prep.name == "natural" and prep.revision == 3:
+        versions["preprocessing_revision"] = "2"
+        return "natural:resize=float"
+    if recorded is None or str(recorded) != str(prep.revision):
+        fitted = (f"revision {recorded}" if recorded is not None
+                  else f"an earlier revision (kad {versions.get('kad', '?')})")
+        warnings.warn(
+            f"{path} was fitted with {fitted} of the {prep.name} preprocessing and this kad "
+            f"computes revision {prep.revision}, whose features differ slightly, so its scores "
+            "may move a little; refit with kad fit to score exactly as fitted",
+            PreprocessingRevisionWarning, stacklevel=3)
+    return spec
 
 
 def _load_export(folder: Path) -> Pipeline:
