@@ -13,6 +13,10 @@ from kad.features.extract import extract_features
 from kad.utils.progress import Recorder
 
 MNV2 = "mobilenet_v2:alpha=0.35"
+# Ray Data's per-dataset log handlers leave their files for the garbage collector to close;
+# when a collection happens to run inside a test, the ResourceWarning surfaces there.
+pytestmark = [pytest.mark.filterwarnings("ignore::ResourceWarning"),
+              pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
 
 def test_without_ray_the_engine_says_what_to_install(monkeypatch, tmp_path):
