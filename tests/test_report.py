@@ -92,6 +92,7 @@ def _anchored_model(threshold: float, method: str = "gradient"):
     peaks = np.arange(1, 21) / 10.0
     return SimpleNamespace(
         threshold=SimpleNamespace(value=threshold),
+        flag=lambda scores: np.asarray(scores) > threshold,  # as Pipeline.flag
         calibration={"scores": list(np.arange(1.0, 21.0)), "n": 20, "heatmaps": {
             "method": method, "grid": 8, "steps": 16, "n": 20, "peaks": peaks,
             "levels": np.array([0.5, 0.9, 0.99]),

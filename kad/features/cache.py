@@ -27,7 +27,6 @@ shows and does; :func:`check_writable` checks a folder before any work is starte
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -41,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from kad.errors import KadError
-from kad.utils.files import WRITE_ADVICE, file_sha256
+from kad.utils.files import WRITE_ADVICE, file_sha256, record_key
 
 CACHE_FORMAT = 2  # 2: block checksums in meta.json; images with nothing to screen marked failed
 _META = "meta.json"
@@ -147,8 +146,7 @@ def cache_root() -> Path:
 
 
 def cache_key(inputs: dict) -> str:
-    text = json.dumps({"format": CACHE_FORMAT, **inputs}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+    return record_key({"format": CACHE_FORMAT, **inputs})
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -396,12 +396,18 @@ def takes_pixels(plan: ExtractionPlan) -> bool:
             and plan.backbone.input_scaling is not None)
 
 
+def _batch_dtype(plan: ExtractionPlan, pixels: bool) -> type:
+    """A batch's element type: ``uint8`` for 8-bit images where ``pixels`` is asked and the
+    preprocessing makes them, else the network's float32 input."""
+    return np.uint8 if pixels and plan.preprocessing.eight_bit else np.float32
+
+
 def _load_batch(source, ids, plan: ExtractionPlan, start: int, stop: int,
                 pixels: bool = False):
     """``(start, batch, failed)``: images ``start:stop`` as the network takes them, rows of
     unreadable ones zeros; with ``pixels``, the 8-bit images (see :func:`takes_pixels`)."""
-    dtype = np.uint8 if pixels and plan.preprocessing.eight_bit else np.float32
-    batch = np.zeros((stop - start, plan.input_size, plan.input_size, 3), dtype=dtype)
+    batch = np.zeros((stop - start, plan.input_size, plan.input_size, 3),
+                     dtype=_batch_dtype(plan, pixels))
     return start, batch, _load_into(source, ids, plan, start, stop, batch)
 
 
@@ -433,7 +439,7 @@ class Loader:
         self.source, self.ids, self.plan = source, ids, plan
         self.first, self.batch_size = int(first), int(batch_size)
         self.workers = workers or max(1, min(4, (os.cpu_count() or 2)))
-        self.dtype = np.uint8 if pixels and plan.preprocessing.eight_bit else np.float32
+        self.dtype = _batch_dtype(plan, pixels)
         self._step = max(1, -(-self.batch_size // self.workers))
         self._starts = iter(range(self.first, len(source), self.batch_size))
         self._pool = ThreadPoolExecutor(max_workers=self.workers,
@@ -495,20 +501,16 @@ def plan_quantization(dataset, rows: np.ndarray, plan: ExtractionPlan, limit: in
     them, by a :class:`Loader` (a few batches in memory at a time). Its key names the
     plan's key (dataset, backbone, weights, size, preprocessing), the images' ids, their
     number and NNCF's version."""
-    import hashlib
-    import json
-
     from kad.errors import KadError
     from kad.features.int8 import CALIBRATION_LIMIT, Quantization, calibration_rows, nncf_version
+    from kad.utils.files import record_key
 
     chosen = calibration_rows(rows, CALIBRATION_LIMIT if limit is None else limit)
     if not len(chosen):
         raise KadError("the int8 calibration needs training images; there are none")
     ids = [str(i) for i in np.asarray(dataset.ids, dtype=str)[chosen]]
     version = nncf_version()
-    text = json.dumps({"features": plan.key, "ids": ids, "images": len(ids),
-                       "nncf": version}, sort_keys=True)
-    key = hashlib.sha256(text.encode()).hexdigest()[:24]
+    key = record_key({"features": plan.key, "ids": ids, "images": len(ids), "nncf": version})
     source = dataset.source.take(chosen)
 
     def load(report: Progress | None) -> Iterator[np.ndarray]:

@@ -48,7 +48,6 @@ float32 array per output, ``(n, h, w, c)`` for a map.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -63,7 +62,7 @@ from pathlib import Path
 import numpy as np
 
 from kad.errors import KadError, MissingDependencyError
-from kad.utils.files import file_sha256
+from kad.utils.files import file_sha256, record_key
 
 __all__ = [
     "RUNTIMES",
@@ -301,7 +300,7 @@ def openvino_model_dir(backbone, input_size: int, weights, cache_dir: str | Path
         inputs["outputs"] = [str(o) for o in outputs]
     if quantization is not None:
         inputs["int8"] = quantization.record()
-    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:24]
+    key = record_key(inputs)
     root = Path(cache_dir) if cache_dir else cache_root()
     return root / "openvino" / f"{_safe(backbone.name)}-{key}"
 

@@ -168,7 +168,7 @@ def anchor(pipeline, method: str | None, grid: int | None = None,
         return NoAnchor(f"this report's heatmaps were made with --{name} {used}, the "
                         f"calibration normals' with --{name} {record[name]}")
     peaks = np.asarray(record["peaks"], dtype=np.float64)
-    flagged = int((scores > float(pipeline.threshold.value)).sum())
+    flagged = int(pipeline.flag(scores).sum())
     rate = flagged / scores.size
     value = float(np.quantile(peaks, 1.0 - rate))
     if not value > 0:

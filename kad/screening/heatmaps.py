@@ -85,6 +85,7 @@ import numpy as np
 from kad.detectors.base import BaseDetector
 from kad.errors import ImageReadError, KadError
 from kad.utils.progress import Progress, task
+from kad.utils.settings import HEATMAP_METHODS
 
 __all__ = [
     "METHODS",
@@ -110,7 +111,7 @@ __all__ = [
     "write_overlay",
 ]
 
-METHODS = ("auto", "gradient", "occlusion", "detector")
+METHODS = ("auto", *HEATMAP_METHODS)
 #: Overlays on the photograph are drawn, and photographs kept for them, with their longest
 #: side at most this many pixels: a 10,000 px photograph gives a 2048 px overlay.
 OVERLAY_MAX_SIDE = 2048

@@ -409,9 +409,10 @@ def _preprocessing_as_fitted(spec: str, versions: dict, path) -> str:
 
     recorded = versions.get("preprocessing_revision")
     prep = get_preprocessing(spec)
-    if recorded is None and prep.name == "natural" and prep.revision == 3:
-        versions["preprocessing_revision"] = "2"
-        return "natural:resize=float"
+    if recorded is None and prep.name == "natural" and prep.eight_bit:
+        fitted = get_preprocessing("natural:resize=float")
+        versions["preprocessing_revision"] = str(fitted.revision)
+        return fitted.key
     if recorded is None or str(recorded) != str(prep.revision):
         fitted = (f"revision {recorded}" if recorded is not None
                   else f"an earlier revision (kad {versions.get('kad', '?')})")

@@ -110,6 +110,12 @@ def atomic_write(path: str | Path, mode: str = "w", *, encoding: str | None = "u
     _sync_folder(path.parent)
 
 
+def record_key(record: dict) -> str:
+    """A short key of a JSON-able ``record``: 24 hex digits of the SHA-256 of its JSON with
+    sorted keys (cache entries, converted networks, int8 calibrations)."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:24]
+
+
 def file_sha256(path: str | Path, chunk: int = 8 << 20) -> str:
     """The SHA-256 of the file at ``path`` as hex, read ``chunk`` bytes at a time."""
     digest = hashlib.sha256()
