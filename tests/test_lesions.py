@@ -107,6 +107,10 @@ def test_pointing_on_masks_by_kind_and_misses_on_the_disc():
     # lesion scores 3, 2, 1, 2.5 against normal 0.5, 1.5, 2.2: 9 of 12 pairs ordered
     assert summary.image_auroc == pytest.approx(9 / 12)
     assert 0 < summary.chance < 0.02 and 0 < summary.aupro <= 1
+    # both pixel AUROCs in the table: pooled over the photographs, and each photograph's own
+    # averaged (maps whose scale differs between photographs differ on the two)
+    own = np.mean([r.pixel_auroc for r in tally.results])
+    assert summary.row()["pixel AUROC per photo"] == f"{own:.3f}" != f"{summary.pixel_auroc:.3f}"
     with pytest.raises(Exception, match="shape"):
         measure_map("bad", np.zeros((10, 10)), truth)
 

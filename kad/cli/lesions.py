@@ -77,8 +77,7 @@ def lesions(
     say(f"{len(run.results)} photographs: {s.n} measured; {s.hits} strict hits, "
         f"{s.misses} misses ({s.misses_on_disc} of {s.misses_with_disc} with a disc mask on "
         f"or within {100 * s.settings['disc_margin']:g} % of the width of the optic disc); "
-        f"chance (lesion share of the fundus) {100 * s.chance:.1f} %; pixel AUROC per "
-        f"photograph {s.pixel_auroc_mean:.3f} on average")
+        f"chance (lesion share of the fundus) {100 * s.chance:.1f} %")
     if s.image_auroc is not None:
         say(f"image AUROC {s.image_auroc:.3f}: {s.n} lesion against {s.n_normals} normal "
             "photographs")

@@ -122,7 +122,7 @@ class LesionSummary:
     near_hits: int
     near: float
     near_ci: tuple[float, float]
-    pixel_auroc: float  # every fundus pixel of every photograph pooled
+    pixel_auroc: float  # every fundus pixel of every photograph pooled (anomalib's)
     pixel_auroc_mean: float  # the mean of the photographs' own
     aupro: float
     misses: int
@@ -142,6 +142,7 @@ class LesionSummary:
             "strict pointing": f"{100 * self.pointing:.0f} % [{100 * lo:.0f}-{100 * hi:.0f}]",
             f"within {100 * self.settings.get('near', NEAR):g} %": f"{100 * self.near:.0f} %",
             "pixel AUROC": f"{self.pixel_auroc:.3f}",
+            "pixel AUROC per photo": f"{self.pixel_auroc_mean:.3f}",
             "AUPRO@30%": f"{self.aupro:.3f}",
             "image AUROC": "–" if self.image_auroc is None else f"{self.image_auroc:.3f}",
             "misses on disc": (f"{self.misses_on_disc}/{self.misses_with_disc}"
