@@ -259,7 +259,8 @@ class BaseDetector(OutlierMixin, BaseEstimator):
 
     def _task(self, name: str, total: int | None = None):
         """:func:`kad.utils.progress.task` on the progress of the current call (nothing
-        is reported outside ``fit``/``anomaly_score`` or without a progress)."""
+        is reported outside ``fit``/``anomaly_score``/``score_maps`` or without a
+        progress)."""
         from kad.utils.progress import task
 
         return task(self.__dict__.get("_progress"), name, total)
