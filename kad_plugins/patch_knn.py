@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
 
 import numpy as np
+from sklearn.utils.validation import check_is_fitted
 
 from kad.detectors.base import BaseDetector, DamagedStateError, check_array_state
 
@@ -84,7 +86,8 @@ class PatchKNNDetector(BaseDetector):
     structure then counts as normal only where normal images have it.
 
     Its heatmap is its own (:meth:`explain_maps`): the location anomalies, whose maximum
-    *is* the score; ordinary locations are near or below zero.
+    *is* the score; ordinary locations are near or below zero. :meth:`score_maps` gives
+    a batch's scores and maps from one search.
 
     A training image's locations in the bank are not their own neighbours: its training
     distances are measured against the bank without them, so that the standardisation and
@@ -376,9 +379,11 @@ class PatchKNNDetector(BaseDetector):
         per-block distances, standardised and added (see the class docstring)."""
         return self._anomaly(self.distances(maps))
 
-    def _score(self, X):
+    def _anomalies(self, X) -> Iterator[np.ndarray]:
+        """The location anomalies of every image of ``X`` ``(n, h, w, c)``, one ``(h, w)``
+        float64 array per image, in order: the images projected and searched many at a
+        time, reported to the call's progress."""
         n, h, w, _ = X.shape
-        scores = np.empty(n)
         group = max(1, _BATCH_ROWS // (h * w))  # images projected and searched together
         with self._task("patch kNN: scoring images", n) as update:
             for first in range(0, n, group):
@@ -387,8 +392,21 @@ class PatchKNNDetector(BaseDetector):
                                          lambda done, f=first: update(f + done))
                 distances = distances.reshape(len(self.dims_), len(maps), h, w)
                 for i in range(len(maps)):
-                    scores[first + i] = self._anomaly(distances[:, i]).max()
-        return scores
+                    yield self._anomaly(distances[:, i])
+
+    def _score(self, X):
+        return np.array([anomaly.max() for anomaly in self._anomalies(X)], dtype=np.float64)
+
+    def score_maps(self, X, *, progress=None):
+        """Scores and maps of a batch from one search: each image's map is its location
+        anomalies as :meth:`explain_maps` returns them, and its score their maximum, as
+        :meth:`anomaly_score` takes it (the same numbers, bit for bit)."""
+        check_is_fitted(self, "threshold_")
+        X = self._validate(X, reset=False)
+        with self._reporting(progress):
+            anomalies = list(self._anomalies(X))
+        scores = np.array([anomaly.max() for anomaly in anomalies], dtype=np.float64)
+        return scores, [anomaly.astype(np.float32) for anomaly in anomalies]
 
     def _training_scores(self, X):  # noqa: ARG002 - the hook's signature; computed by _fit
         training, self._training = self._training, None  # computed by _fit, without

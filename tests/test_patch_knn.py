@@ -135,7 +135,8 @@ def folder(tmp_path_factory):
 
 
 @pytest.mark.tf
-def test_a_pipeline_scores_block_maps_and_its_heatmap_is_the_detectors_own(folder, tmp_path):
+def test_a_pipeline_scores_block_maps_and_its_heatmap_is_the_detectors_own(folder, tmp_path,
+                                                                          monkeypatch):
     from kad.data.datasets import FileSource
     from kad.screening.fitting import fit_pipeline
     from kad.screening.heatmaps import explain
@@ -158,7 +159,11 @@ def test_a_pipeline_scores_block_maps_and_its_heatmap_is_the_detectors_own(folde
     scores = pipeline.score(source, progress=scoring).scores
     assert scoring.tasks() == ["scoring"] and scoring.last("scoring") == (6, 6)
     drawing = Recorder()
+    products = _counted_products(monkeypatch)
     found = explain(pipeline, source, progress=drawing)
+    # the batch's scores and maps from one search: every location once per block
+    side = pipeline.detector.input_shape_[:2]
+    assert sum(products) == len(pipeline.detector.dims_) * len(source) * side[0] * side[1]
     assert drawing.tasks() == ["heatmaps"] and drawing.last("heatmaps") == (6, 6)
     assert {f.method for f in found} == {"detector"}
     np.testing.assert_array_equal([f.score for f in found], scores)
@@ -381,6 +386,44 @@ def test_fitting_does_one_pass_of_the_training_locations_over_the_bank(monkeypat
         det.anomaly_score(_maps(3, rng))
         assert np.array(products)[:, 0].sum() == 2 * 3 * 144
     assert work[20] == 2 * work[10]
+
+
+def _counted_products(monkeypatch) -> list[int]:
+    """The query locations of every product of patch kNN's search, as they are made."""
+    from kad_plugins import patch_knn
+
+    rows = []
+
+    def counted(queries, augmented, out):
+        rows.append(len(queries))
+        return np.matmul(queries, augmented, out=out)
+
+    monkeypatch.setattr(patch_knn, "_product", counted)
+    return rows
+
+
+def test_a_batch_scores_and_maps_come_from_one_search(monkeypatch):
+    """``score_maps`` gives ``anomaly_score``'s scores and ``explain_maps``' maps, the same
+    numbers bit for bit, from one pass of the batch's locations over the bank: heatmaps
+    do not search a second time for the maps."""
+    from kad_plugins import patch_knn
+
+    rng = np.random.default_rng(12)
+    train, test = _maps(12, rng, channels=10), _maps(5, rng, channels=10)
+    det = PatchKNNDetector(bank_size=600, block_channels=(4, 6), max_dims=5, n_neighbors=2,
+                           aggregate=3, position=0.5).fit(train)
+    monkeypatch.setattr(patch_knn, "_BATCH_ROWS", 300)  # 2 images searched at a time
+    scores = det.anomaly_score(test)
+    maps = [det.explain_maps(m) for m in test]
+    products = _counted_products(monkeypatch)
+    together, drawn = det.score_maps(test)
+    assert sum(products) == len(det.dims_) * test[..., 0].size  # every location once per block
+    np.testing.assert_array_equal(together, scores)
+    assert together.dtype == np.float64
+    for a, b in zip(drawn, maps, strict=True):
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal([m.max() for m in drawn], scores.astype(np.float32))
 
 
 def test_the_approximate_index_is_close_to_the_exact_search_and_rebuilt_after_loading(

@@ -213,6 +213,22 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         del x  # no map of its own
         return None
 
+    def score_maps(self, X, *, progress: Progress | None = None,
+                   ) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """``(scores, maps)`` of a batch in one call: ``scores`` as :meth:`anomaly_score`
+        gives them, and one map per input as :meth:`explain_maps` gives it (None for a
+        detector without a map of its own). :mod:`kad.screening.heatmaps` draws a
+        detector's own maps through this.
+
+        The default calls :meth:`anomaly_score` on the batch, then :meth:`explain_maps`
+        input by input, so a detector that overrides only :meth:`explain_maps` keeps
+        working. A detector whose map and score come from the same work (patch kNN: the
+        score is the map's maximum) overrides it to do that work once per batch; its
+        scores must then equal :meth:`anomaly_score`'s and its maps
+        :meth:`explain_maps`'s."""
+        scores = self.anomaly_score(X, progress=progress)
+        return scores, [self.explain_maps(x) for x in X]
+
     def _training_scores(self, X: np.ndarray) -> np.ndarray:
         """Anomaly scores of the training data, from which ``threshold_`` is set. Override
         where a training point must not count as its own evidence (nearest neighbours)."""
@@ -243,7 +259,8 @@ class BaseDetector(OutlierMixin, BaseEstimator):
 
     def _task(self, name: str, total: int | None = None):
         """:func:`kad.utils.progress.task` on the progress of the current call (nothing
-        is reported outside ``fit``/``anomaly_score`` or without a progress)."""
+        is reported outside ``fit``/``anomaly_score``/``score_maps`` or without a
+        progress)."""
         from kad.utils.progress import task
 
         return task(self.__dict__.get("_progress"), name, total)

@@ -10,9 +10,11 @@ How a map is made is part of the detector contract (:mod:`kad.detectors.base`), 
 
 ``"detector"``
     The detector overrides :meth:`~kad.detectors.base.BaseDetector.explain_maps` and returns
-    its own map from the unpooled block maps. Patch kNN
+    its own map from the unpooled block maps; a batch's scores and maps are asked for
+    together (:meth:`~kad.detectors.base.BaseDetector.score_maps`). Patch kNN
     (:class:`kad_plugins.patch_knn.PatchKNNDetector`), which scores each location and takes
-    the largest, returns its location scores: the map's maximum is the image's score.
+    the largest, returns its location scores: the map's maximum is the image's score, and
+    one search of the bank gives both.
 
 ``"gradient"`` (kNN, Mahalanobis, OC-SVM with an RBF or linear kernel, and on feature
 vectors Deep SVDD and DSEBM's energy)
@@ -389,12 +391,16 @@ class _Explainer:
             pooled = np.concatenate(outputs[0::2], axis=1)
             return self._gradient(self.detector.anomaly_score(pooled), outputs[1::2])
         inputs = self._inputs(seen)
-        scores = self.detector.anomaly_score(inputs)
         if self.method == "occlusion":
-            return self._occlusion(scores, seen)
+            return self._occlusion(self.detector.anomaly_score(inputs), seen)
+        # the detector's own maps and scores from one pass (BaseDetector.score_maps)
+        scores, maps = self.detector.score_maps(inputs)
+        if len(scores) != len(inputs) or len(maps) != len(inputs):
+            raise KadError(f"{type(self.detector).__name__}.score_maps returned "
+                           f"{len(scores)} scores and {len(maps)} maps for "
+                           f"{len(inputs)} images")
         results = []
-        for i, score in enumerate(scores):
-            own = self.detector.explain_maps(inputs[i])
+        for score, own in zip(scores, maps, strict=True):
             if own is None:
                 raise KadError(f"{type(self.detector).__name__}.explain_maps returned None")
             results.append((float(score), _resized(own, self.size), None, {}))
