@@ -44,7 +44,8 @@ vectors Deep SVDD and DSEBM's energy)
     loader could have made) and the image rescored. A cell's value is the score minus the occluded
     score, spread over its pixels and interpolated bilinearly between cell centres. It costs
     ``grid²`` network passes per image beyond the one that scores it, run in batches of
-    the pipeline's network batch (:attr:`~kad.screening.pipeline.Pipeline.network_batch`). No completeness is promised.
+    the pipeline's network batch (:attr:`~kad.screening.pipeline.Pipeline.network_batch`).
+    No completeness is promised.
 
 Several blocks concatenated: each block's share is brought to the image's resolution
 (bilinear interpolation of its per-pixel density, corrected by a constant so its sum is

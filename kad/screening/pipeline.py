@@ -8,12 +8,12 @@ percentiles), the training set's fingerprint and the library versions.
 
 :meth:`Pipeline.score` streams images through the same code path as feature extraction, at
 the same batch size (:attr:`Pipeline.network_batch`), so an image gets bit-identical scores
-in this process or after :func:`load_pipeline` in another. The file holds plain data only (see :mod:`kad.utils.artifact`):
-loading it cannot run code. Loading refuses a file of a format or detector state version
-this kad does not read (:mod:`kad.utils.artifact`, *Versions*), a corrupt file, and (when
-the network is built) weights whose tensors differ from those the pipeline was fitted
-with. A weights file is recorded by its absolute path; ``weights=`` (the
-command line's ``--weights PATH``) overrides it when the file has moved.
+in this process or after :func:`load_pipeline` in another. The file holds plain data only
+(see :mod:`kad.utils.artifact`): loading it cannot run code. Loading refuses a file of a
+format or detector state version this kad does not read (:mod:`kad.utils.artifact`,
+*Versions*), a corrupt file, and (when the network is built) weights whose tensors differ
+from those the pipeline was fitted with. A weights file is recorded by its absolute path;
+``weights=`` (the command line's ``--weights PATH``) overrides it when the file has moved.
 """
 
 from __future__ import annotations
