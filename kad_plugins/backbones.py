@@ -26,6 +26,8 @@ class InceptionResNetV2Backbone(Backbone):
 
     default_size = 299
     min_size = 75
+    #: The stem's third convolution: 64 channels at about half the input's side.
+    peak_elements_per_pixel = 16.0
 
     def application(self, input_shape, weights):
         keras = import_keras()
@@ -60,6 +62,8 @@ class InceptionV3Backbone(Backbone):
 
     default_size = 299
     min_size = 75
+    #: The stem's third convolution: 64 channels at about half the input's side.
+    peak_elements_per_pixel = 16.0
 
     def application(self, input_shape, weights):
         keras = import_keras()
@@ -101,6 +105,14 @@ class MobileNetV2Backbone(Backbone):
             include_top=False, weights=weights, input_shape=input_shape,
             alpha=self.config["alpha"],
         )
+
+    #: Channels of block 0's output by width (Keras' rounding to a multiple of 8).
+    _BLOCK0 = {0.35: 8, 0.5: 8, 0.75: 16, 1.0: 16, 1.3: 24, 1.4: 24}
+
+    @property
+    def peak_elements_per_pixel(self):  # type: ignore[override]
+        # block 1 expands block 0's channels six times at half the input's side
+        return 6 * self._BLOCK0[self.config["alpha"]] / 4
 
     input_scaling = (2.0, -1.0)  # _tf_mode on [0, 1] images
 

@@ -431,8 +431,10 @@ def test_the_map_is_written_as_an_array_with_its_place_on_the_photograph(tmp_pat
 def test_heatmap_batches_are_not_padded_and_bounded_in_memory(data, monkeypatch):
     from kad.data.datasets import FileSource
     from kad.features import runtime
+    from kad.features.backbones import get_backbone
+    from kad.features.batching import BUDGET_VARIABLE, image_bytes
     from kad.screening import heatmaps
-    from kad.screening.heatmaps import explain
+    from kad.screening.heatmaps import HEATMAP_BATCH_BYTES, explain
 
     sizes = []
     monkeypatch.setattr(runtime.KerasRuntime, "predict", lambda self, batch, _p=(
@@ -451,3 +453,17 @@ def test_heatmap_batches_are_not_padded_and_bounded_in_memory(data, monkeypatch)
         assert a.score == b.score
         np.testing.assert_array_equal(a.map, b.map)
     np.testing.assert_array_equal([m.score for m in whole], pipeline.score(files).scores)
+    # a batch lowered by the network's memory budget gives the same maps and scores
+    monkeypatch.setattr(heatmaps, "HEATMAP_BATCH_BYTES", HEATMAP_BATCH_BYTES)
+    monkeypatch.setenv(BUDGET_VARIABLE, str(
+        2 * image_bytes(get_backbone(pipeline.backbone), pipeline.image_size)))
+    sizes.clear()
+    bounded = explain(pipeline, files)
+    assert sizes == [2, 1]
+    for a, b in zip(whole, bounded, strict=True):
+        assert b.score == pytest.approx(a.score, rel=1e-5, abs=1e-6)
+        np.testing.assert_allclose(b.map, a.map, rtol=1e-4, atol=1e-6 * np.abs(a.map).max())
+    sizes.clear()
+    scores = pipeline.score(files).scores
+    assert sizes == [2, 2]  # the last batch padded to the lowered size
+    np.testing.assert_allclose(scores, [m.score for m in whole], rtol=1e-5)

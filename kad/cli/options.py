@@ -40,7 +40,10 @@ PreprocessingOpt = Annotated[str | None, typer.Option(
     "--preprocessing", help="natural or fundus[:key=value,...] (default: by dataset); "
                             "fundus:size=input preprocesses at the network's input size.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=MIN_BATCH_SIZE,
-                                           max=MAX_BATCH_SIZE, help="Images per batch.")]
+                                           max=MAX_BATCH_SIZE, help=(
+                                               "Most images per network call; fewer where "
+                                               "they would not fit $KAD_BATCH_MEMORY (1 GiB "
+                                               "by default) at the input size."))]
 CacheDirOpt = Annotated[Path | None, typer.Option(
     "--cache-dir", help="Feature cache folder (default $KAD_CACHE_DIR or ~/.cache/kad).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice.")]

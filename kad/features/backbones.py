@@ -48,6 +48,12 @@ class Backbone:
     min_size: ClassVar[int] = 32
     #: Allowed options and their defaults, e.g. ``{"alpha": 1.0}``.
     options: ClassVar[dict[str, Any]] = {}
+    #: Elements of the network's largest layer output for one image, per input pixel
+    #: (activations grow with the input's area): what bounds the images per network call
+    #: (:mod:`kad.features.batching`). kad's backbones state their own; this default fits
+    #: every ``keras.applications`` network (VGG's first blocks keep 64 channels at the
+    #: full resolution), so an unknown network errs towards smaller batches.
+    peak_elements_per_pixel: ClassVar[float] = 64.0
 
     def __init__(self, **options: Any):
         unknown = set(options) - set(self.options)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kad.features.batching import network_batch
 from kad.features.cache import EventCallback, FeatureSet, check_writable, entry_lock
 from kad.features.extraction import (
     ExtractionPlan,
@@ -77,6 +78,8 @@ def extract_features(dataset, backbone="inception_resnet_v2", weights="imagenet"
     if quantization is not None and (shard is not None or engine != "local"):
         raise ValueError("int8 features are extracted locally: drop --shard and --engine ray")
     if shard is not None or engine != "local":
+        # as many images per network call as the memory budget holds at this input size
+        batch_size = network_batch(plan.backbone, plan.input_size, batch_size)
         if engine not in ("local", "ray"):
             raise ValueError(f"unknown engine {engine!r}: use local or ray")
         if shard is not None and engine != "local":
@@ -99,4 +102,5 @@ def extract_features(dataset, backbone="inception_resnet_v2", weights="imagenet"
         found = _usable(plan, on_event, locked=True, blocks=blocks)  # finished meanwhile?
         if found is not None:
             return found
-        return _extract(dataset, plan, batch_size, workers, progress)
+        return _extract(dataset, plan, network_batch(plan.backbone, plan.input_size, batch_size),
+                        workers, progress)

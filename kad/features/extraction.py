@@ -492,6 +492,9 @@ class Loader:
 
 # ------------------------------------------------------------------ int8 calibration
 
+#: Images the int8 calibration loads ahead at a time (lowered by the memory budget).
+CALIBRATION_BATCH = 16
+
 
 def plan_quantization(dataset, rows: np.ndarray, plan: ExtractionPlan, limit: int | None = None,
                       progress: Progress | None = None):
@@ -502,6 +505,7 @@ def plan_quantization(dataset, rows: np.ndarray, plan: ExtractionPlan, limit: in
     plan's key (dataset, backbone, weights, size, preprocessing), the images' ids, their
     number and NNCF's version."""
     from kad.errors import KadError
+    from kad.features.batching import network_batch
     from kad.features.int8 import CALIBRATION_LIMIT, Quantization, calibration_rows, nncf_version
     from kad.utils.files import record_key
 
@@ -516,7 +520,8 @@ def plan_quantization(dataset, rows: np.ndarray, plan: ExtractionPlan, limit: in
     def load(report: Progress | None) -> Iterator[np.ndarray]:
         done = 0
         with task(report, "int8 calibration", len(ids)) as update, \
-                Loader(source, ids, plan, 0, 16) as loader:
+                Loader(source, ids, plan, 0, network_batch(plan.backbone, plan.input_size,
+                                                           CALIBRATION_BATCH)) as loader:
             for start, batch, n, failed in loader:
                 for row in range(n):
                     if ids[start + row] not in failed:

@@ -349,7 +349,7 @@ def score_with_ray(pipeline, source, ids=None, *, address: str | None = None,
     runtime = resolve_runtime(runtime or pipeline.runtime).name
     ray = import_ray()
     ids = np.asarray([str(i) for i in (ids if ids is not None else range(len(source)))])
-    n, batch_size, plan = len(source), pipeline.batch_size, pipeline._plan()
+    n, batch_size, plan = len(source), pipeline.network_batch, pipeline._plan()
     started_here = _connect(ray, address, num_cpus)
     try:
         actors, gpus_per_actor, cpus_per_actor = _resources(ray, actors, gpus_per_actor)

@@ -105,7 +105,7 @@ def export_pipeline(model: str | Path | Pipeline, out_dir: str | Path, *,
         quantization = Quantization.from_record(pipeline.quantization)
     runtime = model_runtime(pipeline.representation.network(network, pipeline.all_blocks),
                             pipeline.backbone, pipeline.image_size, pipeline.weights_used,
-                            "openvino", pipeline.batch_size, log_line=log_line,
+                            "openvino", pipeline.network_batch, log_line=log_line,
                             extractor=network, quantization=quantization)
     converted = converted_files(runtime)
     try:

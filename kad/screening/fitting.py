@@ -155,9 +155,12 @@ def prepare_inputs(dataset, features, plan, weights, batch_size: int,
     """Build the network the features came from (its weights are fingerprinted into the
     pipeline) and the reader of detector inputs (on the int8 network where ``plan`` has
     one)."""
+    from kad.features.batching import network_batch
+
     model, network_blocks = plan.backbone.build_extractor(plan.input_size, weights)
     return DetectorInputs(model, list(network_blocks), features, dataset, plan, weights,
-                          batch_size, progress, plan.quantization)
+                          network_batch(plan.backbone, plan.input_size, batch_size), progress,
+                          plan.quantization)
 
 
 # ---------------------------------------------------------------------- 3. pick, fit

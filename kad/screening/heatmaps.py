@@ -46,7 +46,8 @@ vectors Deep SVDD and DSEBM's energy)
     loader could have made) and the image rescored. A cell's value is the score minus the occluded
     score, spread over its pixels and interpolated bilinearly between cell centres. It costs
     ``grid²`` network passes per image beyond the one that scores it, run in batches of
-    the pipeline's batch size. No completeness is promised.
+    the pipeline's network batch (:attr:`~kad.screening.pipeline.Pipeline.network_batch`).
+    No completeness is promised.
 
 Several blocks concatenated: each block's share is brought to the image's resolution
 (bilinear interpolation of its per-pixel density, corrected by a constant so its sum is
@@ -56,7 +57,8 @@ The score of every image is computed from the same pooled outputs as
 :meth:`kad.screening.pipeline.Pipeline.score`: a heatmap's :attr:`Heatmap.score` is that
 score, and a saved and reloaded pipeline gives identical maps.
 
-Images are explained in batches of at most the pipeline's batch size, none padded (Keras
+Images are explained in batches of at most the pipeline's network batch (its batch size
+lowered to the memory budget at the input size, :mod:`kad.features.batching`), none padded (Keras
 gives an image the same outputs whatever the batch, as the tests check; OpenVINO pads its
 own fixed slices),
 and a batch is closed early once the images it keeps for drawing reach
@@ -309,7 +311,8 @@ class _Explainer:
     def __init__(self, pipeline, method: str, grid: int, steps: int, weights: str | None,
                  batch_size: int | None, runtime: str | None = None):
         from kad.data.preprocessing import get_preprocessing
-        from kad.features.backbones import spatial_extractor
+        from kad.features.backbones import get_backbone, spatial_extractor
+        from kad.features.batching import network_batch
         from kad.features.runtime import model_runtime
 
         self.pipeline = pipeline
@@ -336,7 +339,9 @@ class _Explainer:
         self.size = int(pipeline.image_size)
         if self.method == "occlusion":
             occlusion_cells(self.size, self.grid)  # checks the grid
-        self.batch_size = int(batch_size or pipeline.batch_size)
+        # the images per network call, bounded by the memory budget at this input size
+        self.batch_size = (pipeline.network_batch if batch_size is None else network_batch(
+            get_backbone(pipeline.backbone), self.size, int(batch_size)))
         self.backbone = pipeline.input_scaling()
         self.preprocessing = get_preprocessing(pipeline.preprocessing)
         self.runner = pipeline.runner(weights, runtime)

@@ -7,13 +7,13 @@ blocks, the fitted detector, the threshold and how it was chosen, the training s
 percentiles), the training set's fingerprint and the library versions.
 
 :meth:`Pipeline.score` streams images through the same code path as feature extraction, at
-the same batch size, so an image gets bit-identical scores in this process or after
-:func:`load_pipeline` in another. The file holds plain data only (see :mod:`kad.utils.artifact`):
-loading it cannot run code. Loading refuses a file of a format or detector state version
-this kad does not read (:mod:`kad.utils.artifact`, *Versions*), a corrupt file, and (when
-the network is built) weights whose tensors differ from those the pipeline was fitted
-with. A weights file is recorded by its absolute path; ``weights=`` (the
-command line's ``--weights PATH``) overrides it when the file has moved.
+the same batch size (:attr:`Pipeline.network_batch`), so an image gets bit-identical scores
+in this process or after :func:`load_pipeline` in another. The file holds plain data only
+(see :mod:`kad.utils.artifact`): loading it cannot run code. Loading refuses a file of a
+format or detector state version this kad does not read (:mod:`kad.utils.artifact`,
+*Versions*), a corrupt file, and (when the network is built) weights whose tensors differ
+from those the pipeline was fitted with. A weights file is recorded by its absolute path;
+``weights=`` (the command line's ``--weights PATH``) overrides it when the file has moved.
 """
 
 from __future__ import annotations
@@ -146,6 +146,15 @@ class Pipeline:
         return get_backbone(self.backbone)
 
     @property
+    def network_batch(self) -> int:
+        """Images per network call: the recorded batch size, lowered to what the memory
+        budget holds at the input size (:func:`kad.features.batching.network_batch`)."""
+        from kad.features.backbones import get_backbone
+        from kad.features.batching import network_batch
+
+        return network_batch(get_backbone(self.backbone), self.image_size, self.batch_size)
+
+    @property
     def _eight_bit(self) -> bool:
         """Whether the preprocessing gives 8-bit images (scored as such on OpenVINO)."""
         from kad.data.preprocessing import get_preprocessing
@@ -237,7 +246,7 @@ class Pipeline:
             model = self.network(weights)
             self._runners[choice] = model_runtime(
                 self.representation.network(model, self.all_blocks), self.backbone,
-                self.image_size, self.weights_used, choice, self.batch_size,
+                self.image_size, self.weights_used, choice, self.network_batch,
                 extractor=model, quantization=quantization, pixels=self._eight_bit)
         return self._runners[choice]
 
@@ -250,7 +259,8 @@ class Pipeline:
                            f"not on runtime {runtime!r}; drop --runtime or use openvino")
         if "openvino" not in self._runners:
             self._runners["openvino"] = self.exported.runtime(
-                self.batch_size, pixels=self._eight_bit, int8=self.quantization is not None)
+                self.network_batch, pixels=self._eight_bit,
+                int8=self.quantization is not None)
         return self._runners["openvino"]
 
     def score(self, source, ids: Sequence[str] | None = None,
@@ -266,7 +276,7 @@ class Pipeline:
         runner = self.runner(weights, runtime)
         with task(progress, "scoring", len(source)) as update:
             for start, outputs, bad in stream_features(runner, source, ids, self._plan(),
-                                                       self.batch_size):
+                                                       self.network_batch):
                 inputs = self.representation.assemble(outputs)
                 ok = ~np.isin(ids[start:start + len(inputs)], list(bad))
                 if ok.any():

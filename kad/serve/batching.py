@@ -145,7 +145,7 @@ class BatchScorer:
         ids = [str(i) for i in range(len(uploads))]
         result = self.pipeline.score(UploadSource(uploads), ids=ids, weights=self.weights,
                                      runtime=self.runtime)
-        self.batches += -(-len(uploads) // self.pipeline.batch_size)
+        self.batches += -(-len(uploads) // self.pipeline.network_batch)
         self.images += len(uploads)
         return [self._record(u.name, float(result.scores[i]), result.failed.get(ids[i]))
                 for i, u in enumerate(uploads)]
@@ -165,7 +165,7 @@ class BatchScorer:
                     _png(overlay(heat.seen, heat.map))).decode("ascii")
                 record["heatmap_method"] = heat.method
             records.append(record)
-        self.batches += -(-len(uploads) // self.pipeline.batch_size)
+        self.batches += -(-len(uploads) // self.pipeline.network_batch)
         self.images += len(uploads)
         return records
 

@@ -17,6 +17,10 @@ from kad.errors import KadError
 
 #: Images per batch.
 MIN_BATCH_SIZE, MAX_BATCH_SIZE = 1, 4096
+#: The memory a network call's images may take, in bytes, by default (activations and
+#: inputs; ``$KAD_BATCH_MEMORY`` sets another): a batch is lowered to fit it
+#: (:func:`kad.features.batching.network_batch`).
+BATCH_MEMORY = 1 << 30
 #: Network input side in px (a backbone has its own minimum, checked when it is built).
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 4096
 #: Fundus photographs go through the network at this size by default
