@@ -30,8 +30,9 @@ def two(tmp_path_factory):
     screening_folder(root / "fit", n_normal=24, n_abnormal=0, seed=3)
     screening_folder(root / "new", n_normal=2, n_abnormal=2, seed=4)
     dataset = load_dataset("folder", root / "fit", kind="natural")
-    fit_model(dataset, root / "screen.kad", heatmap_scale=False, **FAST)
-    fit_model(dataset, root / "lesions.kad", detector="patchknn:bank_size=500", **FAST)
+    fit_model(dataset, root / "screen.kad", heatmap_scale=False, runtime="keras", **FAST)
+    fit_model(dataset, root / "lesions.kad", detector="patchknn:bank_size=500", runtime="keras",
+              **FAST)
     read, loaded = pipeline.load_pipeline, {}
 
     def once(path):
@@ -55,7 +56,7 @@ def test_scores_come_from_the_model_and_heatmaps_from_the_maps_model(two):
     from kad.screening.pipeline import load_pipeline
 
     alone, mixed = two / "alone", two / "mixed"
-    runner_args = ["score", two / "screen.kad", two / "new", "--heatmaps"]
+    runner_args = ["score", two / "screen.kad", two / "new", "--heatmaps", "--steps", "2"]
     first = runner.invoke(app, [str(a) for a in [*runner_args, "--out", alone]])
     assert first.exit_code == 0, first.output
     second = runner.invoke(app, [str(a) for a in [*runner_args, "--out", mixed,
@@ -78,9 +79,14 @@ def test_scores_come_from_the_model_and_heatmaps_from_the_maps_model(two):
         own = np.load(alone / "heatmaps" / array.name, allow_pickle=False)
         assert own.shape != drawn.shape or not np.allclose(own, drawn)  # not the kNN's maps
 
+    # the colour scale is anchored on the maps model's calibration normals, at its threshold
+    from kad.screening.heatmap_scale import anchor
+
     page = (mixed / "report.html").read_text()
-    assert 'id="maps-from"' in page and "lesions.kad" in page
-    assert "calibration normals of " + str(two / "lesions.kad") in page
+    assert f'The heatmaps come from {two / "lesions.kad"}' in page
+    value = anchor(load_pipeline(two / "lesions.kad"), maps[0].method).value
+    assert (f"anchored on the calibration normals of {two / 'lesions.kad'}: full colour at "
+            f"{value:.3g}") in page
     assert 'id="maps-from"' not in (alone / "report.html").read_text()
 
 
