@@ -173,6 +173,12 @@ def score(
                            "overlays in OUT/heatmaps/ and in the report, and each "
                            "map itself as a float32 .npy array with a .json sidecar "
                            "saying where it lies on the photograph.")] = False,
+    maps_from: Annotated[Path | None, typer.Option(
+        "--maps-from", metavar="MAPS.kad",
+        help="With --heatmaps: draw the heatmaps with this other model file (e.g. a patch "
+             "kNN model at a higher resolution) while MODEL alone gives the scores, "
+             "p-values and flags; the report's colour scale is then this model's. It uses "
+             "its own recorded weights (--weights is MODEL's).")] = None,
     heatmap_method: HeatmapMethodOpt = "auto",
     grid: GridOpt = 8,
     steps: StepsOpt = 16,
@@ -183,7 +189,8 @@ def score(
 
     run = screen(model, images, out_dir, labels=labels, weights=weights, engine=engine,
                  ray_address=ray_address, heatmaps=heatmaps, heatmap_method=heatmap_method,
-                 grid=grid, steps=steps, runtime=runtime, progress=RichProgress())
+                 grid=grid, steps=steps, runtime=runtime, maps_from=maps_from,
+                 progress=RichProgress())
     flagged = sum(r.flagged for r in run.rows)
     say(f"{run.n_inputs} files: {run.count(SCORED)} scored ({flagged} flagged), "
         f"{run.count(UNREADABLE)} unreadable, {run.count(SKIPPED)} skipped")
@@ -197,7 +204,8 @@ def score(
         note(run.shift.line(), label="batch:")
     if run.heatmaps:
         drawn = run.heatmaps
-        say(f"heatmaps by {drawn.method}: {drawn.forward_passes} network passes, "
+        whose = f" from {drawn.maps_from}" if drawn.maps_from else ""
+        say(f"heatmaps by {drawn.method}{whose}: {drawn.forward_passes} network passes, "
             f"{1000 * drawn.seconds / max(len(run.rows), 1):.0f} ms per image, in "
             f"{out_dir / 'heatmaps'}")
     say(f"wrote {run.scores_csv} and {run.report}")

@@ -99,6 +99,7 @@ __all__ = [
     "HEATMAP_BATCH_BYTES",
     "HeatmapRun",
     "OverlayFiles",
+    "check_heatmaps",
     "choose_method",
     "explain",
     "bounded",
@@ -237,6 +238,9 @@ class HeatmapRun:
     method: str
     forward_passes: int
     seconds: float
+    #: The model file the maps were made with when it is not the one that scored the
+    #: images (``kad score --maps-from``); None when the scores and maps share a model.
+    maps_from: str | None = None
 
 
 # ----------------------------------------------------------------------- choosing
@@ -461,6 +465,17 @@ def _resized(own: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(resize(own, size), dtype=np.float32)
 
 
+def check_heatmaps(pipeline, method: str = "auto", grid: int = DEFAULT_GRID,
+                   steps: int = DEFAULT_STEPS, weights: str | None = None,
+                   runtime: str | None = None) -> str:
+    """Check, before any image is read, that ``pipeline`` can make heatmaps by ``method``
+    (with ``grid``, ``steps``, ``weights`` and ``runtime`` as :func:`iter_heatmaps` takes
+    them): its network is built and its weights checked (kept for the heatmaps that
+    follow). Returns the method that will make them; raises :class:`KadError` saying why
+    not."""
+    return _Explainer(pipeline, method, grid, steps, weights, None, runtime).method
+
+
 def iter_heatmaps(pipeline, source, ids: Sequence[str] | None = None, *,
                   method: str = "auto", grid: int = DEFAULT_GRID, steps: int = DEFAULT_STEPS,
                   weights: str | None = None, batch_size: int | None = None,
@@ -606,7 +621,7 @@ def write_overlay(heatmap: Heatmap, path: str | Path, on: str = "seen") -> Path:
     return _write_png(path, overlay(image, back, vmax=float(back.max())))
 
 
-def write_map(heatmap: Heatmap, path: str | Path) -> Path:
+def write_map(heatmap: Heatmap, path: str | Path, model: str | None = None) -> Path:
     """Write the map itself to ``path`` (``.npy``, float32, ``(size, size)`` over the image
     as the model saw it, score units per pixel of the map) and, beside it with the suffix
     ``.json``, where that square lies on the photograph: ``box`` ``(left, top, width,
@@ -615,8 +630,9 @@ def write_map(heatmap: Heatmap, path: str | Path) -> Path:
     fractions of the photograph's width and height, which hold at any resolution. Map
     pixel ``(i, j)`` covers ``x`` from ``left + j * width / size`` to ``left + (j + 1) *
     width / size`` and ``y`` likewise with ``top``, ``height`` and ``i``
-    (:meth:`Heatmap.on_original` applies it). Both files are written aside and renamed
-    when complete; returns the ``.npy`` path."""
+    (:meth:`Heatmap.on_original` applies it). ``model``, when given, is the model file
+    that made the map (its ``score`` is that model's). Both files are written aside and
+    renamed when complete; returns the ``.npy`` path."""
     import io
     import json
 
@@ -631,6 +647,8 @@ def write_map(heatmap: Heatmap, path: str | Path) -> Path:
     sidecar = {"image": heatmap.id, "score": float(heatmap.score), "method": heatmap.method,
                "map_shape": list(heat.shape), "dtype": "float32",
                "units": "score per pixel of the map (positive raises the score)"}
+    if model is not None:
+        sidecar["model"] = str(model)
     if heatmap.explained is not None:
         sidecar["explained"] = float(heatmap.explained)
     if heatmap.box is not None and heatmap.original_shape is not None:
@@ -653,19 +671,20 @@ def write_map(heatmap: Heatmap, path: str | Path) -> Path:
 
 
 def save_overlays(heatmap: Heatmap, out_dir: str | Path, stem: str | None = None,
-                  ) -> OverlayFiles:
+                  model: str | None = None) -> OverlayFiles:
     """Write ``STEM_seen.png`` (the map over the image as the model saw it),
     ``STEM_original.png`` (mapped back over the original photograph) and the map itself,
     ``STEM_map.npy`` with ``STEM_map.json`` (:func:`write_map`), into ``out_dir``.
     ``stem`` defaults to the image's name and a hash of its id (unique per id: two
-    ``eye.jpeg`` of different folders never share a file)."""
+    ``eye.jpeg`` of different folders never share a file); ``model``: the model file that
+    made the map, recorded in its sidecar."""
     out = Path(out_dir)
     stem = stem or _stem(heatmap.id)
     seen = write_overlay(heatmap, out / f"{stem}_seen.png", "seen")
     original = None
     if heatmap.original is not None and heatmap.box is not None:
         original = write_overlay(heatmap, out / f"{stem}_original.png", "original")
-    return OverlayFiles(seen, original, write_map(heatmap, out / f"{stem}_map.npy"))
+    return OverlayFiles(seen, original, write_map(heatmap, out / f"{stem}_map.npy", model))
 
 
 def write_heatmaps(pipeline, source, ids: Sequence[str] | None, out_dir: str | Path, *,
@@ -676,7 +695,8 @@ def write_heatmaps(pipeline, source, ids: Sequence[str] | None, out_dir: str | P
     """Score every image of ``source`` and write its two overlays into ``out_dir``,
     streaming (images are not kept). The scores are those :meth:`Pipeline.score` gives.
     ``on_heatmap``, a callable, receives every :class:`Heatmap` before it is let go (the
-    report keeps a small copy of each map this way)."""
+    report keeps a small copy of each map this way). Each map's sidecar names the model
+    file that made it (``pipeline.source``) where the pipeline was read from one."""
     from kad.features.extraction import Scores
 
     ids = [str(i) for i in (ids if ids is not None else range(len(source)))]
@@ -697,7 +717,9 @@ def write_heatmaps(pipeline, source, ids: Sequence[str] | None, out_dir: str | P
             failed[heat.id] = heat.error or "unreadable"
             continue
         scores[row] = heat.score
-        files[heat.id] = save_overlays(heat, out_dir)
+        files[heat.id] = save_overlays(
+            heat, out_dir, model=None if getattr(pipeline, "source", None) is None
+            else str(pipeline.source))
     return HeatmapRun(Scores(ids, scores, failed), files, used, passes,
                       time.perf_counter() - began)
 

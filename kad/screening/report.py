@@ -247,16 +247,23 @@ def _pictures(pipeline, rows, folder: Path, sketches: HeatmapSketches | None,
     return tags
 
 
-def _colourbar(sketches: HeatmapSketches, scale: HeatScale) -> str:
-    anchored = ("anchored on the calibration normals" if scale.anchor is not None
-                else "not anchored on the calibration normals")
-    return (f'<div class="colourbar"><span>0</span><span class="bar" style="background:'
+def _colourbar(sketches: HeatmapSketches, scale: HeatScale, maps_from: str | None = None
+               ) -> str:
+    whose = "" if maps_from is None else f" of {maps_from}"
+    anchored = (f"anchored on the calibration normals{whose}" if scale.anchor is not None
+                else f"not anchored on the calibration normals{whose}")
+    source = ("" if maps_from is None else
+              f'<p class="meta" id="maps-from">The heatmaps come from {html.escape(maps_from)}, '
+              "not from the model that gave the scores: they show where that model finds "
+              "each image unusual, and their colour scale is that model's.</p>")
+    return (source + f'<div class="colourbar"><span>0</span><span class="bar" style="background:'
             f'linear-gradient(to right, {scale.gradient_css()})"></span>'
             f'<span class="num">{scale.top:.3g}</span><span>how much a region raises the '
             "score, in score units per pixel of the model's input (heatmaps by "
-            f"{html.escape(str(sketches.method))}); regions at 0 or below are not coloured"
+            f"{html.escape(str(sketches.method) + whose)}); regions at 0 or below are not "
+            "coloured"
             f'</span></div><p class="meta" id="heat-scale">One colour scale for every heatmap '
-            f"of this report, {anchored}: full colour at {scale.top:.3g}, "
+            f"of this report, {html.escape(anchored)}: full colour at {scale.top:.3g}, "
             f"{html.escape(scale.anchored)}. Each card gives its own heatmap's maximum in "
             "numbers" + (" and whether it is above what healthy calibration regions reach"
                          if scale.anchor is not None else "") + ".</p>")
@@ -266,7 +273,7 @@ def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
                  failed: dict[str, str], skipped: list[tuple[str, str]], model_path: str,
                  heatmaps: HeatmapSketches | None = None, names: dict[str, str] | None = None,
                  shift: BatchShift | None = None, progress: Progress | None = None,
-                 ) -> tuple[Path, dict | None]:
+                 maps: Pipeline | None = None) -> tuple[Path, dict | None]:
     """Write the page and its pictures' folder; returns its path and the labelled metrics
     (None without labels).
 
@@ -274,7 +281,10 @@ def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
     passed as ``on_heatmap`` to :func:`kad.screening.heatmaps.write_heatmaps`); ``names``:
     ``{file: name to show}`` (default: :func:`kad.screening.results.display_names` of the
     files); ``shift``: the batch test (:func:`kad.screening.shift.batch_shift`) to show;
-    ``progress`` gets the task ``report`` (images drawn of all)."""
+    ``progress`` gets the task ``report`` (images drawn of all); ``maps``: the model that
+    drew ``heatmaps`` when it is not ``pipeline`` (``kad score --maps-from``): the heatmaps,
+    the pictures of what the model saw and the colour scale are then that model's, and the
+    page names its file."""
     from kad.screening._report_images import histogram, roc
     from kad.screening.results import display_names
 
@@ -298,6 +308,12 @@ def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
         ("unreadable", str(len(failed))),
         ("skipped (not images kad reads, broken links, missing)", str(len(skipped))),
     ]
+    maps_from = None
+    if maps is not None:
+        maps_from = str(maps.source) if maps.source is not None else "another model"
+        drew = maps.describe()
+        summary.append(("heatmaps from", f"{maps_from}: {drew['detector']}, "
+                                         f"{drew['backbone']} @ {drew['image_size']} px"))
     if shift is not None:
         summary.append(("batch against calibration", shift.line()))
     if metrics:
@@ -326,11 +342,12 @@ def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
     callout = (f'<p class="shift" id="shift">{html.escape(shift.line())}</p>'
                if shift is not None and shift.shifted else "")
     heat = bool(heatmaps and heatmaps.sketches)
-    scale = heatmaps.scale(pipeline) if heat else None
-    pictures = _pictures(pipeline, rows, folder, heatmaps, scale, progress)
+    drawer = maps if maps is not None else pipeline
+    scale = heatmaps.scale(drawer) if heat else None
+    pictures = _pictures(drawer, rows, folder, heatmaps, scale, progress)
     heat_note = (" Beside each image, its heatmap as the model saw it and on the photograph: "
                  "the brighter, the more that region raises the score." if heat else "")
-    cards = ((_colourbar(heatmaps, scale) if heat else "")
+    cards = ((_colourbar(heatmaps, scale, maps_from) if heat else "")
              + f'<div class="cards" id="cards" data-folder="{html.escape(folder.name)}" '
                f'style="--card:{560 if heat else 300}px"></div>'
                '<button id="more" hidden>show more</button>'

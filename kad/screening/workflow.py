@@ -296,12 +296,15 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
            engine: str = "local", ray_address: str | None = None,
            heatmaps: bool = False, heatmap_method: str = "auto", grid: int = 8,
            steps: int = 16, runtime: str | None = None,
+           maps_from: str | Path | None = None,
            progress: Progress | None = None) -> ScreeningRun:
     """Score every image under ``inputs`` with the model file ``model`` and write
     ``scores.csv`` and ``report.html`` to ``out_dir`` (checked for writability first).
     ``engine="ray"`` scores on a Ray cluster (:func:`kad.features.ray_engine.score_with_ray`).
     With ``heatmaps``, every scored image's heatmap overlays go to ``out_dir/heatmaps``
-    and the report shows them (:func:`kad.screening.heatmaps.write_heatmaps`).
+    and the report shows them (:func:`kad.screening.heatmaps.write_heatmaps`);
+    ``maps_from``, another model file, draws them instead of ``model``, which still gives
+    every score, p-value and flag (see :func:`score_images`).
 
     ``out_dir`` is locked for the run (:func:`kad.utils.files.staged_output`): a second run
     with the same ``out_dir`` stops at once, naming the process that holds it. The files
@@ -312,14 +315,15 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
     from kad.screening.pipeline import load_pipeline
     from kad.utils.files import staged_output
 
-    _check_engine(engine, heatmaps)
+    _check_engine(engine, heatmaps, maps_from is not None)
     pipeline = load_pipeline(model)
+    maps = _maps_model(maps_from, heatmap_method, grid, steps, runtime)
     out_dir = check_writable(Path(out_dir), what="--out folder")
     with staged_output(out_dir) as stage:
         run = _screen(pipeline, model, inputs, stage.path, labels=labels, weights=weights,
                       engine=engine, ray_address=ray_address, heatmaps=heatmaps,
                       heatmap_method=heatmap_method, grid=grid, steps=steps, runtime=runtime,
-                      progress=progress)
+                      maps=maps, progress=progress)
         run.replaced = stage.publish()
     run.scores_csv, run.report = stage.final(run.scores_csv), stage.final(run.report)
     if run.heatmaps is not None:
@@ -373,9 +377,15 @@ _RECORD_COLUMNS = ("file", "status", "score", "p_value", "percentile", "flagged"
                    "reason")
 
 
-def _check_engine(engine: str, heatmaps: bool) -> None:
+def _check_engine(engine: str, heatmaps: bool, maps_from: bool = False) -> None:
     if engine not in ("local", "ray"):
         raise KadError(f"unknown engine {engine!r}: use local or ray")
+    if maps_from and engine != "local":
+        raise KadError("--maps-from draws heatmaps, which the local engine draws; drop "
+                       "--engine ray or --maps-from")
+    if maps_from and not heatmaps:
+        raise KadError("--maps-from says which model draws the heatmaps: add --heatmaps, "
+                       "or drop --maps-from")
     if heatmaps and engine != "local":
         raise KadError("heatmaps are drawn by the local engine; drop --engine ray or "
                        "--heatmaps")
@@ -386,6 +396,7 @@ def score_images(model: str | Path | Pipeline, inputs: Sequence[str | Path], *,
                  engine: str = "local", ray_address: str | None = None,
                  heatmaps_dir: str | Path | None = None, heatmap_method: str = "auto",
                  grid: int = 8, steps: int = 16, runtime: str | None = None,
+                 maps_from: str | Path | Pipeline | None = None,
                  progress: Progress | None = None, on_heatmap=None) -> ScoredImages:
     """Score every image under ``inputs`` (files, or folders searched recursively) with a
     fitted pipeline or the model file ``model``, writing nothing: the rows of
@@ -396,15 +407,19 @@ def score_images(model: str | Path | Pipeline, inputs: Sequence[str | Path], *,
     Ray cluster (:func:`kad.features.ray_engine.score_with_ray`); with ``heatmaps_dir``
     every scored image's heatmap overlays are written there
     (:func:`kad.screening.heatmaps.write_heatmaps`, which hands each heatmap to
-    ``on_heatmap`` when given)."""
+    ``on_heatmap`` when given).
+
+    ``maps_from`` (a fitted pipeline or model file; needs ``heatmaps_dir``) draws the
+    heatmaps with that model instead: the scores, p-values and flags still come from
+    ``model`` alone, exactly as without it, and the maps from ``maps_from``'s own pass over
+    the images ``model`` scored (the best screening model and the best lesion maps are
+    often two models). Both models are loaded and checked before any image is read. An
+    image that either model cannot read is listed as unreadable with the reason."""
     from kad.data.datasets import FileSource
 
-    _check_engine(engine, heatmaps_dir is not None)
-    if not isinstance(model, Pipeline):
-        from kad.screening.pipeline import load_pipeline
-
-        model = load_pipeline(model)
-    pipeline = model
+    _check_engine(engine, heatmaps_dir is not None, maps_from is not None)
+    pipeline = _pipeline(model)
+    maps = _maps_model(maps_from, heatmap_method, grid, steps, runtime)
     files, not_scored = collect_images(inputs)
     if not files:
         from kad.data.datasets.base import first_few
@@ -414,7 +429,14 @@ def score_images(model: str | Path | Pipeline, inputs: Sequence[str | Path], *,
     truth = match_labels(files, read_labels(Path(labels))) if labels else None
     ids = [str(f) for f in files]
     drawn = None
-    if heatmaps_dir is not None:
+    if maps is not None:
+        own = pipeline.score(FileSource(files), ids=ids, progress=progress, weights=weights,
+                             runtime=runtime)
+        drawn = _maps_of_scored(maps, files, own, Path(heatmaps_dir),
+                                method=heatmap_method, grid=grid, steps=steps,
+                                runtime=runtime, progress=progress, on_heatmap=on_heatmap)
+        result = drawn.scores  # the model's own, less the images the maps model cannot read
+    elif heatmaps_dir is not None:
         from kad.screening.heatmaps import write_heatmaps
 
         drawn = write_heatmaps(pipeline, FileSource(files), ids, Path(heatmaps_dir),
@@ -434,8 +456,62 @@ def score_images(model: str | Path | Pipeline, inputs: Sequence[str | Path], *,
     return ScoredImages(rows, not_scored, drawn)
 
 
+def _pipeline(model: str | Path | Pipeline) -> Pipeline:
+    if isinstance(model, Pipeline):
+        return model
+    from kad.screening.pipeline import load_pipeline
+
+    return load_pipeline(model)
+
+
+def _maps_model(maps_from, method: str, grid: int, steps: int,
+                runtime: str | None) -> Pipeline | None:
+    """The model that draws the heatmaps for ``--maps-from``, loaded and checked (it can
+    make heatmaps by ``method``: network built, weights checked) before any work; None
+    without ``maps_from``."""
+    if maps_from is None:
+        return None
+    from kad.screening.heatmaps import check_heatmaps
+
+    maps = _pipeline(maps_from)
+    check_heatmaps(maps, method, grid, steps, runtime=runtime)
+    return maps
+
+
+def _maps_of_scored(maps: Pipeline, files: list[Path], scored, out_dir: Path, *, method,
+                    grid, steps, runtime, progress, on_heatmap):
+    """The heatmaps of the images ``scored`` (another model's
+    :class:`~kad.features.extraction.Scores`) read, drawn by ``maps``; the
+    :class:`~kad.screening.heatmaps.HeatmapRun` returned holds ``scored``'s scores, less
+    those of images ``maps`` could not read, which join its failures with the reason."""
+    from dataclasses import replace
+
+    from kad.data.datasets import FileSource
+    from kad.features.extraction import Scores
+    from kad.screening.heatmaps import write_heatmaps
+
+    rows = np.flatnonzero(np.isfinite(scored.scores))
+    drawn = write_heatmaps(maps, FileSource([files[i] for i in rows]),
+                           [scored.ids[i] for i in rows], out_dir, method=method, grid=grid,
+                           steps=steps, runtime=runtime, progress=progress,
+                           on_heatmap=on_heatmap)
+    scores, failed = np.array(scored.scores, dtype=np.float64), dict(scored.failed)
+    name = _model_name(maps)
+    for i in rows:
+        why = drawn.scores.failed.get(scored.ids[i])
+        if why is not None:
+            scores[i] = np.nan
+            failed[scored.ids[i]] = f"{why} (reading it for the heatmaps of {name})"
+    return replace(drawn, scores=Scores(list(scored.ids), scores, failed), maps_from=name)
+
+
+def _model_name(pipeline: Pipeline) -> str:
+    return str(pipeline.source) if pipeline.source is not None else "the maps model"
+
+
 def _screen(pipeline, model, inputs, out_dir: Path, *, labels, weights, engine, ray_address,
-            heatmaps, heatmap_method, grid, steps, runtime, progress) -> ScreeningRun:
+            heatmaps, heatmap_method, grid, steps, runtime, progress,
+            maps: Pipeline | None = None) -> ScreeningRun:
     """:func:`screen`'s work, writing into ``out_dir`` (the staging folder)."""
     from kad.screening.report import HeatmapSketches, write_report
     from kad.screening.shift import batch_shift
@@ -445,7 +521,8 @@ def _screen(pipeline, model, inputs, out_dir: Path, *, labels, weights, engine, 
                          ray_address=ray_address,
                          heatmaps_dir=out_dir / "heatmaps" if heatmaps else None,
                          heatmap_method=heatmap_method, grid=grid, steps=steps,
-                         runtime=runtime, progress=progress, on_heatmap=sketches)
+                         runtime=runtime, maps_from=maps, progress=progress,
+                         on_heatmap=sketches)
     rows, not_scored, drawn = found.rows, found.not_scored, found.heatmaps
     csv_path = write_scores_csv(out_dir / "scores.csv", rows, not_scored)
     shift = batch_shift(pipeline, [r.score for r in rows])
@@ -457,7 +534,7 @@ def _screen(pipeline, model, inputs, out_dir: Path, *, labels, weights, engine, 
                                    names=display_names([*(Path(r.file) for r in rows),
                                                         *(Path(o.file) for o in not_scored)],
                                                        inputs),
-                                   shift=shift, progress=progress)
+                                   shift=shift, maps=maps, progress=progress)
     return ScreeningRun(rows, not_scored, csv_path, report, metrics, drawn, shift=shift)
 
 
