@@ -394,6 +394,13 @@ def test_folder_variants_and_errors(folder_dir: Path):
     (folder_dir / "normal").rmdir()
     with pytest.raises(DatasetError, match="no normal/ subfolder"):
         load_dataset("folder", folder_dir)
+    # images straight in the folder: a few are named, not every one
+    for i in range(40):
+        write_text(folder_dir / f"photo{i:02d}.jpg", "")
+    with pytest.raises(DatasetError, match=r"no normal/ subfolder") as caught:
+        load_dataset("folder", folder_dir)
+    assert "photo39" not in str(caught.value) and f"({len(list(folder_dir.iterdir()))} in all)" \
+        in str(caught.value)
 
 
 # -- fingerprints, subsets, the registry -------------------------------------------------

@@ -408,7 +408,7 @@ def load_folder(data_dir: str | os.PathLike | None = None, kind: str = "fundus",
     root = check_data_dir(data_dir, "folder", "a folder with normal/ and abnormal/ subfolders")
     subdirs = {p.name.lower(): p for p in sorted(root.iterdir()) if p.is_dir()}
     if "normal" not in subdirs:
-        found = ", ".join(sorted(p.name for p in root.iterdir())) or "nothing"
+        found = first_few(sorted(p.name for p in root.iterdir())) or "nothing"
         raise DatasetError(
             f"{root} has no normal/ subfolder (found: {found}); put normal images in "
             "normal/ and anomalies in abnormal/"
