@@ -132,6 +132,7 @@ def main(argv=None) -> None:
     from kad.data.datasets import ArraySource, load_dataset
     from kad.screening.fitting import fit_pipeline
     from kad.screening.heatmaps import choose_method, explain
+    from kad.utils.specs import split_specs
 
     dataset = load_dataset("dr", args.data_dir)
     normal = np.flatnonzero(~dataset.anomaly)
@@ -172,7 +173,7 @@ def main(argv=None) -> None:
     print(lines[1], flush=True)
     cache = tempfile.mkdtemp(prefix="kad-heatmaps-bench-")
     best = None
-    for detector in args.detectors.split(","):
+    for detector in split_specs(args.detectors):
         for block in args.blocks.split(","):
             pipeline = fit_pipeline(
                 dataset.subset(fit_rows), backbone="mobilenet_v2:alpha=0.35",
