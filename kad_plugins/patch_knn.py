@@ -14,7 +14,6 @@ import threading
 from collections.abc import Iterator
 
 import numpy as np
-from sklearn.utils.validation import check_is_fitted
 
 from kad.detectors.base import BaseDetector, DamagedStateError, check_array_state
 
@@ -87,7 +86,7 @@ class PatchKNNDetector(BaseDetector):
 
     Its heatmap is its own (:meth:`explain_maps`): the location anomalies, whose maximum
     *is* the score; ordinary locations are near or below zero. :meth:`score_maps` gives
-    a batch's scores and maps from one search.
+    a batch's scores and maps from one search (:meth:`_score_maps`).
 
     A training image's locations in the bank are not their own neighbours: its training
     distances are measured against the bank without them, so that the standardisation and
@@ -397,14 +396,11 @@ class PatchKNNDetector(BaseDetector):
     def _score(self, X):
         return np.array([anomaly.max() for anomaly in self._anomalies(X)], dtype=np.float64)
 
-    def score_maps(self, X, *, progress=None):
+    def _score_maps(self, X):
         """Scores and maps of a batch from one search: each image's map is its location
         anomalies as :meth:`explain_maps` returns them, and its score their maximum, as
         :meth:`anomaly_score` takes it (the same numbers, bit for bit)."""
-        check_is_fitted(self, "threshold_")
-        X = self._validate(X, reset=False)
-        with self._reporting(progress):
-            anomalies = list(self._anomalies(X))
+        anomalies = list(self._anomalies(X))
         scores = np.array([anomaly.max() for anomaly in anomalies], dtype=np.float64)
         return scores, [anomaly.astype(np.float32) for anomaly in anomalies]
 

@@ -220,14 +220,22 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         detector without a map of its own). :mod:`kad.screening.heatmaps` draws a
         detector's own maps through this.
 
-        The default calls :meth:`anomaly_score` on the batch, then :meth:`explain_maps`
-        input by input, so a detector that overrides only :meth:`explain_maps` keeps
-        working. A detector whose map and score come from the same work (patch kNN: the
-        score is the map's maximum) overrides it to do that work once per batch; its
-        scores must then equal :meth:`anomaly_score`'s and its maps
-        :meth:`explain_maps`'s."""
-        scores = self.anomaly_score(X, progress=progress)
-        return scores, [self.explain_maps(x) for x in X]
+        The inputs are checked as :meth:`anomaly_score` checks them, then handed to
+        :meth:`_score_maps`, whose default is :meth:`_score` on the batch and
+        :meth:`explain_maps` input by input, so a detector that overrides only
+        :meth:`explain_maps` keeps working. A detector whose map and score come from the
+        same work (patch kNN: the score is the map's maximum) overrides
+        :meth:`_score_maps` to do that work once per batch; its scores must then equal
+        :meth:`anomaly_score`'s and its maps :meth:`explain_maps`'s."""
+        check_is_fitted(self, "threshold_")
+        X = self._validate(X, reset=False)
+        with self._reporting(progress):
+            scores, maps = self._score_maps(X)
+        return np.asarray(scores, dtype=np.float64), maps
+
+    def _score_maps(self, X: np.ndarray) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """:meth:`score_maps` of checked inputs (see there)."""
+        return self._score(X), [self.explain_maps(x) for x in X]
 
     def _training_scores(self, X: np.ndarray) -> np.ndarray:
         """Anomaly scores of the training data, from which ``threshold_`` is set. Override
