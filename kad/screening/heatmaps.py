@@ -123,6 +123,9 @@ OVERLAY_MAX_SIDE = 2048
 #: A batch of heatmaps is closed once the images it keeps (as the model saw them, and the
 #: photographs bounded by OVERLAY_MAX_SIDE for drawing) reach this many bytes.
 HEATMAP_BATCH_BYTES = 256 * 2**20
+#: How the report and the failures name a model that draws the maps (``kad score
+#: --maps-from``) without a file of its own.
+MAPS_MODEL = "the maps model"
 DEFAULT_GRID = 8
 DEFAULT_STEPS = 16
 OCCLUSION_FILL = 128 / 255
@@ -687,6 +690,12 @@ def save_overlays(heatmap: Heatmap, out_dir: str | Path, stem: str | None = None
     return OverlayFiles(seen, original, write_map(heatmap, out / f"{stem}_map.npy", model))
 
 
+def model_file(pipeline) -> str | None:
+    """The model file ``pipeline`` was read from, as a map's sidecar and the report name
+    it; None for a pipeline fitted in this process."""
+    return None if pipeline.source is None else str(pipeline.source)
+
+
 def write_heatmaps(pipeline, source, ids: Sequence[str] | None, out_dir: str | Path, *,
                    method: str = "auto", grid: int = DEFAULT_GRID,
                    steps: int = DEFAULT_STEPS, weights: str | None = None,
@@ -717,9 +726,7 @@ def write_heatmaps(pipeline, source, ids: Sequence[str] | None, out_dir: str | P
             failed[heat.id] = heat.error or "unreadable"
             continue
         scores[row] = heat.score
-        files[heat.id] = save_overlays(
-            heat, out_dir, model=None if getattr(pipeline, "source", None) is None
-            else str(pipeline.source))
+        files[heat.id] = save_overlays(heat, out_dir, model=model_file(pipeline))
     return HeatmapRun(Scores(ids, scores, failed), files, used, passes,
                       time.perf_counter() - began)
 

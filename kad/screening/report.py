@@ -286,6 +286,7 @@ def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
     the pictures of what the model saw and the colour scale are then that model's, and the
     page names its file."""
     from kad.screening._report_images import histogram, roc
+    from kad.screening.heatmaps import MAPS_MODEL, model_file
     from kad.screening.results import display_names
 
     path = Path(path)
@@ -310,7 +311,7 @@ def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
     ]
     maps_from = None
     if maps is not None:
-        maps_from = str(maps.source) if maps.source is not None else "another model"
+        maps_from = model_file(maps) or MAPS_MODEL
         drew = maps.describe()
         summary.append(("heatmaps from", f"{maps_from}: {drew['detector']}, "
                                          f"{drew['backbone']} @ {drew['image_size']} px"))

@@ -488,7 +488,7 @@ def _maps_of_scored(maps: Pipeline, files: list[Path], scored, out_dir: Path, *,
 
     from kad.data.datasets import FileSource
     from kad.features.extraction import Scores
-    from kad.screening.heatmaps import write_heatmaps
+    from kad.screening.heatmaps import MAPS_MODEL, model_file, write_heatmaps
 
     rows = np.flatnonzero(np.isfinite(scored.scores))
     drawn = write_heatmaps(maps, FileSource([files[i] for i in rows]),
@@ -496,17 +496,13 @@ def _maps_of_scored(maps: Pipeline, files: list[Path], scored, out_dir: Path, *,
                            steps=steps, runtime=runtime, progress=progress,
                            on_heatmap=on_heatmap)
     scores, failed = np.array(scored.scores, dtype=np.float64), dict(scored.failed)
-    name = _model_name(maps)
+    name = model_file(maps) or MAPS_MODEL
     for i in rows:
         why = drawn.scores.failed.get(scored.ids[i])
         if why is not None:
             scores[i] = np.nan
             failed[scored.ids[i]] = f"{why} (reading it for the heatmaps of {name})"
     return replace(drawn, scores=Scores(list(scored.ids), scores, failed), maps_from=name)
-
-
-def _model_name(pipeline: Pipeline) -> str:
-    return str(pipeline.source) if pipeline.source is not None else "the maps model"
 
 
 def _screen(pipeline, model, inputs, out_dir: Path, *, labels, weights, engine, ray_address,
