@@ -38,8 +38,10 @@ from kad.cli.render import (
 )
 
 HeatmapMethodOpt = Annotated[str, typer.Option(
-    "--heatmap-method", help="auto (gradient through the pooling where the detector has one, "
-                             "else occlusion), gradient, occlusion or detector.")]
+    "--heatmap-method", help="auto (the model's lesion maps model where it has one, else "
+                             "the detector's own map, else the gradient through the "
+                             "pooling, else occlusion), gradient, occlusion or detector (the "
+                             "model's own).")]
 GridOpt = Annotated[int, typer.Option("--grid", min=2, help="Occlusion grid (cells a side).")]
 StepsOpt = Annotated[int, typer.Option("--steps", min=1,
                                        help="Integrated-gradient steps of the gradient maps.")]
@@ -108,6 +110,17 @@ def fit(
         help="Make the heatmaps of up to 64 calibration normals, so that report heatmaps "
              "share a colour scale anchored on healthy images (--no-heatmap-scale saves "
              "their cost; reports then scale on their own maps).")] = True,
+    maps: Annotated[str, typer.Option(
+        "--maps", metavar="DETECTOR",
+        help="Also fit a lesion maps model on the same images and store it in the model "
+             "file: a detector that draws its own maps (NAME[:key=value,...]), whose maps "
+             "kad score --heatmaps then draws while the model gives every score. auto: "
+             "patchknn:sampling=coreset,bank_size=10000 for fundus photographs (the best "
+             "lesion maps measured, benchmarks/lesions.py), none for other images; none: "
+             "no maps model.")] = "auto",
+    maps_size: Annotated[int | None, typer.Option(
+        "--maps-size", min=32, help="The lesion maps model's input size in pixels "
+                                    "(default: twice the model's).")] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Fit the whole pipeline on normal images and save it as one file."""
@@ -122,7 +135,7 @@ def fit(
                     batch_size=batch_size, cache_dir=cache_dir,
                     keep_all_blocks=keep_all_blocks, runtime=runtime,
                     heatmap_scale=heatmap_scale, progress=RichProgress(), overwrite=overwrite,
-                    precision=precision)
+                    precision=precision, maps=maps, maps_size=maps_size)
     skipped(run.left_out.items(), "image(s) were used for nothing")
     parts = run.split.describe()
     line = (f"fitted on {run.n_fitted} normal images; {parts['calibration']} normal images "
@@ -172,7 +185,9 @@ def score(
         "--heatmaps", help="Also draw, for every scored image, where the score comes from: "
                            "overlays in OUT/heatmaps/ and in the report, and each "
                            "map itself as a float32 .npy array with a .json sidecar "
-                           "saying where it lies on the photograph.")] = False,
+                           "saying where it lies on the photograph. A model with a lesion "
+                           "maps model (kad fit --maps) draws them with it, unless "
+                           "--heatmap-method names a method.")] = False,
     maps_from: Annotated[Path | None, typer.Option(
         "--maps-from", metavar="MAPS.kad",
         help="With --heatmaps: draw the heatmaps with this other model file (e.g. a patch "
@@ -245,6 +260,11 @@ def threshold(
     skipped(((o.file, o.reason) for o in run.not_used), "labelled image(s) could not be read")
     for text in fit_summary(run.pipeline).lines():
         say(text)
+    if run.pipeline.maps is not None:
+        drawn = run.pipeline.maps
+        say(f"lesion maps: {type(drawn.detector).__name__} at {drawn.image_size} px on "
+            f"{', '.join(drawn.blocks)}, fitted on the same {drawn.training['n_images']} "
+            "images; kad score --heatmaps draws its maps (--maps none fits without it)")
     say(f"wrote {run.path}")
 
 
@@ -273,9 +293,10 @@ def explain(
     p_values = pipeline.p_values([e.score])
     where = (f"p-value {p_values[0]:.3g}" if p_values is not None
              else f"{e.percentile:.0f}th percentile of the training scores")
+    by = e.method if e.maps_from is None else f"{e.method} of {e.maps_from}"
     line = (f"{e.file}: score {e.score:.4g}, {where}, "
             f"{'flagged' if e.flagged else 'not flagged'} (threshold {e.threshold:.4g}); map by "
-            f"{e.method}, {e.forward_passes} network passes; peak at row {e.peak[0]}, column "
+            f"{by}, {e.forward_passes} network passes; peak at row {e.peak[0]}, column "
             f"{e.peak[1]} of {e.image_size} px")
     if e.explained is not None:
         line += f"; the map sums to {e.attributed:.4g} of {e.explained:.4g} explained"

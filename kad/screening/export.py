@@ -123,7 +123,7 @@ def export_pipeline(model: str | Path | Pipeline, out_dir: str | Path, *,
                 if file_sha256(part / name) != digest:
                     raise KadError(f"{part / name} does not match the conversion it was "
                                    "copied from; export again")
-            pipeline.save(part / PIPELINE_FILE)
+            _save_without_maps(pipeline, part / PIPELINE_FILE)
             marker = {
                 "format": EXPORT_FORMAT, "kad": __version__,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -147,6 +147,11 @@ def export_pipeline(model: str | Path | Pipeline, out_dir: str | Path, *,
             shutil.rmtree(part, ignore_errors=True)
             raise
     notes = []
+    if pipeline.maps is not None:
+        notes.append(f"the model's lesion maps model ({type(pipeline.maps.detector).__name__} "
+                     f"at {pipeline.maps.image_size} px) is not exported: heatmaps of the "
+                     "export come from its own detector; use the model file for the lesion "
+                     "maps")
     if pipeline.runtime != "openvino":
         notes.append(f"the model was fitted on runtime {pipeline.runtime} and the export runs "
                      "on OpenVINO: its features agree with Keras' within about 1e-4 of each "
@@ -155,6 +160,16 @@ def export_pipeline(model: str | Path | Pipeline, out_dir: str | Path, *,
         notes.append(f"the detector {type(pipeline.detector).__name__} holds a Keras network: "
                      "scoring this export still needs TensorFlow (pip install 'kad[tf]')")
     return ExportRun(out, list(runtime.names), replaced, notes)
+
+
+def _save_without_maps(pipeline: Pipeline, path: Path) -> None:
+    """Save ``pipeline`` without its lesion maps model, whose network is not exported."""
+    maps = pipeline.maps
+    pipeline.maps = None
+    try:
+        pipeline.save(path)
+    finally:
+        pipeline.maps = maps
 
 
 def _members(path: Path) -> list[str]:

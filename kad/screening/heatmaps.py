@@ -692,8 +692,12 @@ def save_overlays(heatmap: Heatmap, out_dir: str | Path, stem: str | None = None
 
 def model_file(pipeline) -> str | None:
     """The model file ``pipeline`` was read from, as a map's sidecar and the report name
-    it; None for a pipeline fitted in this process."""
-    return None if pipeline.source is None else str(pipeline.source)
+    it (a lesion maps model, :attr:`~kad.screening.pipeline.Pipeline.maps`, as the file's
+    own); None for a pipeline fitted in this process."""
+    if pipeline.source is None:
+        return None
+    return f"{pipeline.source} (its lesion maps model)" if pipeline.is_maps else str(
+        pipeline.source)
 
 
 def write_heatmaps(pipeline, source, ids: Sequence[str] | None, out_dir: str | Path, *,
@@ -749,6 +753,9 @@ class Explained:
     seen_png: Path
     original_png: Path | None
     map_npy: Path | None = None  # the map itself, beside seen_png (write_map)
+    #: The model that drew the map where it is not the one that scored (its lesion maps
+    #: model); None where the map is the scoring model's own.
+    maps_from: str | None = None
 
 
 def explain_file(pipeline, image: str | Path, out: str | Path, *,
@@ -761,18 +768,28 @@ def explain_file(pipeline, image: str | Path, out: str | Path, *,
     goes there. An unreadable image raises :class:`~kad.errors.ImageReadError`."""
     from kad.data.datasets import FileSource
 
-    found = explain(pipeline, FileSource([Path(image)]), [str(image)], method=method,
-                    grid=grid, steps=steps, weights=weights, runtime=runtime)[0]
+    drawer = pipeline.maps if method == "auto" and pipeline.maps is not None else pipeline
+    source = FileSource([Path(image)])
+    found = explain(drawer, source, [str(image)], method=method, grid=grid, steps=steps,
+                    weights=weights, runtime=runtime)[0]
     if found.map is None:
         raise ImageReadError(image, found.error or "unreadable")
+    score = found.score
+    if drawer is not pipeline:  # the map is the maps model's, the score the model's own
+        scored = pipeline.score(source, [str(image)], weights=weights, runtime=runtime)
+        if str(image) in scored.failed:
+            raise ImageReadError(image, scored.failed[str(image)])
+        score = float(scored.scores[0])
     seen = write_overlay(found, out, "seen")
     back = write_overlay(found, original, "original") if original is not None else None
-    array = write_map(found, Path(out).with_suffix(".npy"))
+    array = write_map(found, Path(out).with_suffix(".npy"), model_file(drawer))
     return Explained(
-        str(image), found.score, bool(pipeline.flag(np.array([found.score]))[0]),
-        float(pipeline.threshold.value), float(pipeline.percentile(np.array([found.score]))[0]),
+        str(image), score, bool(pipeline.flag(np.array([score]))[0]),
+        float(pipeline.threshold.value), float(pipeline.percentile(np.array([score]))[0]),
         found.method, found.forward_passes, found.peak, int(found.map.shape[0]),
-        found.explained, float(found.map.astype(np.float64).sum()), seen, back, array)
+        found.explained if drawer is pipeline else None,
+        float(found.map.astype(np.float64).sum()), seen, back, array,
+        maps_from=None if drawer is pipeline else (model_file(drawer) or MAPS_MODEL))
 
 
 # ----------------------------------------------------------------------- evaluation

@@ -91,6 +91,12 @@ class Pipeline:
         #: The network of an export folder (:mod:`kad.features.exported`) when the pipeline
         #: was read from one: it then runs on that OpenVINO IR and builds no Keras network.
         self.exported = None
+        #: The lesion maps model: a second pipeline, fitted on the same images, whose maps
+        #: ``--heatmaps`` draws (its detector's own, at its own input size) while this one
+        #: gives every score; None where the heatmaps come from this pipeline.
+        self.maps: Pipeline | None = None
+        #: Whether this pipeline is another's :attr:`maps`, stored in that one's file.
+        self.is_maps = False
 
     def __getstate__(self):  # Ray ships pipelines to its actors: without the network
         state = dict(self.__dict__)
@@ -119,6 +125,7 @@ class Pipeline:
             "runtime": self.runtime, "precision": self.precision,
             **({"int8": self.quantization} if self.quantization is not None else {}),
             **({"exported": str(self.exported.folder)} if self.exported is not None else {}),
+            **({"maps": self.maps.describe_maps()} if self.maps is not None else {}),
             "detector": type(self.detector).__name__,
             "detector_params": {k: repr(v) for k, v in self.detector.get_params().items()},
             "threshold": {"value": self.threshold.value, "method": self.threshold.method,
@@ -128,6 +135,22 @@ class Pipeline:
             "assessment": self.assessed().as_dict() if self.assessed() else None,
             "versions": self.versions,
         }
+
+    def attach_maps(self, maps: Pipeline | None) -> None:
+        """Make ``maps`` this pipeline's lesion maps model (:attr:`maps`; None removes it)."""
+        if maps is not None:
+            if maps.maps is not None or maps is self:
+                raise KadError("a lesion maps model cannot have a maps model of its own")
+            maps.is_maps = True
+        self.maps = maps
+
+    def describe_maps(self) -> dict:
+        """What a lesion maps model is, in a few plain values (its file's manifest and the
+        report show them)."""
+        return {"detector": type(self.detector).__name__,
+                "detector_params": {k: repr(v) for k, v in self.detector.get_params().items()},
+                "image_size": self.image_size, "preprocessing": self.preprocessing,
+                "blocks": self.blocks, "n_images": int(self.training["n_images"])}
 
     # -- scoring ------------------------------------------------------------------------
     @property
@@ -324,16 +347,27 @@ class Pipeline:
             raise KadError(f"{self.source} is an exported model and is not written back: "
                            "change the model file it was exported from (kad threshold "
                            f"MODEL ...) and export it again, not {path}")
-        encoder = Encoder(trusted=tuple(type(self.detector).trusted_types))
+        if self.is_maps:
+            raise KadError("a lesion maps model is saved with the model it draws maps for")
+        fitted = [self] if self.maps is None else [self, self.maps]
+        encoder = Encoder(trusted=tuple(t for p in fitted
+                                        for t in type(p.detector).trusted_types))
+        tree = self._encode(encoder, "")
+        if self.maps is not None:
+            tree[MAPS] = self.maps._encode(encoder, f"{MAPS}.")
+        return write_artifact(path, "pipeline", tree, encoder.members, info=self.describe())
+
+    def _encode(self, encoder: Encoder, prefix: str) -> dict:
+        """The ``pipeline`` and ``detector`` records of this pipeline (the members of
+        ``encoder`` named from ``prefix``)."""
         fields = {name: getattr(self, name) for name in _FIELDS}
         if self.quantization is not None:  # absent for float32: files older kad reads
             fields["quantization"] = dict(self.quantization)
         fields["representation"] = self.representation.to_record()
         fields["threshold"] = {"value": self.threshold.value, "method": self.threshold.method,
                                "details": self.threshold.details}
-        tree = {"pipeline": encoder.encode(fields, "pipeline"),
-                "detector": encode_detector(self.detector, encoder, "detector")}
-        return write_artifact(path, "pipeline", tree, encoder.members, info=self.describe())
+        return {"pipeline": encoder.encode(fields, f"{prefix}pipeline"),
+                "detector": encode_detector(self.detector, encoder, f"{prefix}detector")}
 
 
 def _calibration_info(calibration: dict | None) -> dict | None:
@@ -356,6 +390,9 @@ _FIELDS = ("backbone", "weights", "weights_fingerprint", "image_size", "preproce
 #: Stored only when set: ``quantization``, for a pipeline fitted on int8 features (a kad
 #: that does not know it refuses such a file instead of scoring it with a float network).
 _OPTIONAL_FIELDS = ("quantization",)
+#: The key of a model file's lesion maps model (:attr:`Pipeline.maps`), beside its
+#: ``pipeline`` and ``detector``: absent where there is none (files older kad wrote).
+MAPS = "maps"
 
 
 def load_pipeline(path: str | Path) -> Pipeline:
@@ -368,18 +405,32 @@ def load_pipeline(path: str | Path) -> Pipeline:
         return _load_export(Path(path))
     artifact = open_artifact(path, kind="pipeline")
     tree = artifact.tree
-    if not isinstance(tree, dict) or set(tree) != {"pipeline", "detector"}:
+    if not isinstance(tree, dict) or not (
+            {"pipeline", "detector"} <= set(tree) <= {"pipeline", "detector", MAPS}):
         raise ArtifactError(f"{path} is corrupt: it does not hold a pipeline and a detector")
-    detector = decode_detector(artifact, tree["detector"], "detector")
-    fields = artifact.decode(tree["pipeline"], "pipeline")
+    pipeline = _decode(artifact, tree, path, "")
+    if MAPS in tree:
+        maps = tree[MAPS]
+        if not isinstance(maps, dict) or set(maps) != {"pipeline", "detector"}:
+            raise ArtifactError(f"{path} is corrupt: its lesion maps model does not hold a "
+                                "pipeline and a detector")
+        pipeline.attach_maps(_decode(artifact, maps, path, f"{MAPS}."))
+    return pipeline
+
+
+def _decode(artifact, tree: dict, path, prefix: str) -> Pipeline:
+    """The pipeline of a :meth:`Pipeline._encode` record."""
+    detector = decode_detector(artifact, tree["detector"], f"{prefix}detector")
+    fields = artifact.decode(tree["pipeline"], f"{prefix}pipeline")
+    what = "its lesion maps model's" if prefix else "its"
     if not isinstance(fields, dict) or not (
             set(_FIELDS) <= set(fields) <= set(_FIELDS) | set(_OPTIONAL_FIELDS)):
-        raise ArtifactError(f"{path} is corrupt: its pipeline record does not have the fields "
-                            f"{', '.join(_FIELDS)}")
+        raise ArtifactError(f"{path} is corrupt: {what} pipeline record does not have the "
+                            f"fields {', '.join(_FIELDS)}")
     try:
         check_pipeline_record(fields)
     except SettingError as exc:
-        raise ArtifactError(f"{path} is damaged: its setting {exc}; refit the model, or "
+        raise ArtifactError(f"{path} is damaged: {what} setting {exc}; refit the model, or "
                             "set a new threshold with kad threshold") from exc
     try:
         threshold = Threshold(**fields.pop("threshold"))
@@ -391,8 +442,8 @@ def load_pipeline(path: str | Path) -> Pipeline:
         fields["representation"] = from_record(fields["representation"])
         pipeline = Pipeline(**fields, detector=detector, threshold=threshold)
     except (TypeError, KadError) as exc:
-        raise ArtifactError(f"{path} is corrupt: its pipeline record is malformed ({exc})") \
-            from exc
+        raise ArtifactError(f"{path} is corrupt: {what} pipeline record is malformed "
+                            f"({exc})") from exc
     pipeline.versions = versions
     pipeline.source = Path(path)
     return pipeline

@@ -1,0 +1,190 @@
+"""A model file with a lesion maps model: ``kad fit --maps`` (by default for fundus
+photographs), whose maps ``kad score --heatmaps`` and ``kad explain`` draw while the model
+gives every score."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import MNV2
+from kad.cli import app
+from kad.errors import ArtifactError, KadError
+from synthetic import screening_folder
+
+pytestmark = pytest.mark.tf
+runner = CliRunner()
+#: Fundus preprocessing at the smallest sizes it takes (synthetic images have no fundus:
+#: the recipe falls back to a centred square).
+FUNDUS = {"backbone": MNV2, "weights": "none", "image_size": 32,
+          "preprocessing": "fundus:size=32", "batch_size": 8, "runtime": "keras"}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A model fitted on a fundus folder at kad fit's defaults for maps, and new images."""
+    from kad.data.datasets import load_dataset
+    from kad.screening.workflow import fit_model
+
+    root = tmp_path_factory.mktemp("lesion-maps")
+    screening_folder(root / "fit", n_normal=24, n_abnormal=0, seed=3)
+    screening_folder(root / "new", n_normal=2, n_abnormal=2, seed=4)
+    dataset = load_dataset("folder", root / "fit")  # fundus photographs by default
+    run = fit_model(dataset, root / "m.kad", **FUNDUS)
+    return root, run
+
+
+def test_kad_fit_adds_the_lesion_maps_model_for_fundus_photographs(fitted):
+    from kad.screening.pipeline import load_pipeline
+    from kad.screening.workflow import FUNDUS_MAPS, MAPS_SCALE
+    from kad.utils.artifact import read_manifest
+    from kad.utils.specs import parse_spec
+
+    root, run = fitted
+    model = load_pipeline(root / "m.kad")
+    maps = model.maps
+    assert type(model.detector).__name__ == "KNNDetector"  # the scores stay kNN's
+    assert maps is not None and maps.is_maps and maps.maps is None
+    spec = parse_spec(FUNDUS_MAPS, "detector")
+    assert type(maps.detector).__name__ == "PatchKNNDetector"
+    assert maps.detector.get_params()["sampling"] == spec.options["sampling"]
+    assert maps.image_size == MAPS_SCALE * model.image_size
+    assert maps.preprocessing == model.preprocessing
+    assert maps.training["n_images"] == model.training["n_images"]  # the same images
+    info = read_manifest(root / "m.kad")["info"]["maps"]
+    assert info["detector"] == "PatchKNNDetector" and info["image_size"] == maps.image_size
+    # the maps model scores as it did in memory: saved and read back exactly
+    x = np.random.default_rng(0).random((2, 64, 64, 3)).astype(np.float32)
+    fitted_maps = run.pipeline.maps
+    inputs = fitted_maps.representation.assemble(
+        fitted_maps.runner().predict(fitted_maps.input_scaling().preprocess(x * 255.0)))
+    np.testing.assert_array_equal(fitted_maps.detector.anomaly_score(inputs),
+                                  maps.detector.anomaly_score(inputs))
+
+
+def test_score_heatmaps_draw_the_lesion_maps_and_keep_the_models_scores(fitted):
+    from kad.data.datasets import FileSource
+    from kad.screening.heatmaps import explain
+    from kad.screening.pipeline import load_pipeline
+
+    root, _ = fitted
+    base = ["score", root / "m.kad", root / "new", "--steps", "2", "--heatmaps"]
+    drawn = runner.invoke(app, [str(a) for a in [*base, "--out", root / "drawn"]])
+    assert drawn.exit_code == 0, drawn.output
+    assert "lesion maps model" in drawn.output
+
+    files = sorted((root / "new").rglob("*.png"))
+    expected = explain(load_pipeline(root / "m.kad").maps, FileSource(files),
+                       [str(f) for f in files])
+    for heat in expected:
+        [array] = [p for p in (root / "drawn" / "heatmaps").glob("*_map.npy")
+                   if json.loads(p.with_suffix(".json").read_text())["image"] == heat.id]
+        np.testing.assert_allclose(np.load(array, allow_pickle=False), heat.map,
+                                   rtol=1e-5, atol=1e-6)
+        sidecar = json.loads(array.with_suffix(".json").read_text())
+        assert sidecar["model"] == f"{root / 'm.kad'} (its lesion maps model)"
+    assert "its lesion maps model" in (root / "drawn" / "report.html").read_text()
+
+    # a method named draws with the model itself; the scores are the model's either way
+    own = runner.invoke(app, [str(a) for a in [*base, "--out", root / "own",
+                                               "--heatmap-method", "gradient"]])
+    assert own.exit_code == 0, own.output
+    sidecars = [json.loads(p.read_text()) for p in (root / "own" / "heatmaps").glob("*.json")]
+    assert sidecars and {s["model"] for s in sidecars} == {str(root / "m.kad")}
+    assert (root / "own" / "scores.csv").read_bytes() == \
+        (root / "drawn" / "scores.csv").read_bytes()
+
+
+def test_explain_draws_the_lesion_map_and_gives_the_models_score(fitted):
+    from kad.data.datasets import FileSource
+    from kad.screening.pipeline import load_pipeline
+
+    root, _ = fitted
+    image = sorted((root / "new" / "abnormal").glob("*.png"))[0]
+    out = root / "explained.png"
+    result = runner.invoke(app, ["explain", str(root / "m.kad"), str(image), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    model = load_pipeline(root / "m.kad")
+    score = model.score(FileSource([image]), [str(image)]).scores[0]
+    assert f"score {score:.4g}" in result.output
+    assert "map by detector of" in result.output and "lesion maps model" in result.output
+    assert json.loads(out.with_suffix(".json").read_text())["model"].endswith(
+        "(its lesion maps model)")
+
+
+def test_threshold_keeps_the_lesion_maps_model(fitted, tmp_path):
+    from kad.screening.pipeline import load_pipeline
+    from kad.screening.workflow import set_threshold
+
+    root, _ = fitted
+    moved = tmp_path / "moved.kad"
+    set_threshold(root / "m.kad", fpr=0.5, out_path=moved)
+    before, after = load_pipeline(root / "m.kad"), load_pipeline(moved)
+    assert after.threshold.value != before.threshold.value
+    assert after.maps is not None
+    np.testing.assert_array_equal(after.maps.detector.bank_, before.maps.detector.bank_)
+
+
+def test_auto_maps_are_for_fundus_photographs_only_and_none_asks_for_none():
+    from types import SimpleNamespace
+
+    from kad.screening.workflow import FUNDUS_MAPS, MapsRequest
+
+    auto = MapsRequest.of("auto", None)
+    assert auto.spec_for(SimpleNamespace(preprocessing="fundus:size=256")) == FUNDUS_MAPS
+    assert auto.spec_for(SimpleNamespace(preprocessing="natural")) is None
+    assert MapsRequest.of("none", None) is None and MapsRequest.of(None, None) is None
+    asked = MapsRequest.of("patchknn:n_neighbors=3", 512)
+    assert asked.spec_for(SimpleNamespace(preprocessing="natural")) == "patchknn:n_neighbors=3"
+    assert asked.size == 512
+
+
+@pytest.mark.parametrize("options, says", [
+    (["--maps", "knn"], "draws no map of its own"),
+    (["--maps", "none", "--maps-size", "64"], "--maps is none"),
+    (["--maps", "nosuchdetector"], "nosuchdetector"),
+])
+def test_a_maps_option_that_cannot_work_is_refused_before_any_work(tmp_path, options, says):
+    screening_folder(tmp_path / "fit", n_normal=6, n_abnormal=0)
+    out = tmp_path / "m.kad"
+    result = runner.invoke(app, ["fit", "--data-dir", str(tmp_path / "fit"), "--out", str(out),
+                                 "--cache-dir", str(tmp_path / "cache"),
+                                 *[f"--{k.replace('_', '-')}={v}" for k, v in FUNDUS.items()],
+                                 *options])
+    assert result.exit_code == 1 and says in result.output, result.output
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_damaged_maps_record_is_refused_with_the_file_named(fitted, tmp_path):
+    import zipfile
+
+    from kad.screening.pipeline import load_pipeline
+    from kad.utils.artifact import OBJECT, open_artifact, write_artifact
+
+    root, _ = fitted
+    artifact = open_artifact(root / "m.kad", kind="pipeline")
+    tree = dict(artifact.tree)
+    tree["maps"] = {"pipeline": tree["maps"]["pipeline"]}  # its detector gone
+    with zipfile.ZipFile(root / "m.kad") as zf:
+        members = {n: zf.read(n) for n in zf.namelist()
+                   if n not in (OBJECT, "manifest.json") and "maps.detector" not in n}
+    damaged = tmp_path / "damaged.kad"
+    write_artifact(damaged, "pipeline", tree, members)
+    with pytest.raises(ArtifactError, match="damaged.kad.*lesion maps model"):
+        load_pipeline(damaged)
+
+
+def test_an_export_leaves_the_lesion_maps_model_out_and_says_so(fitted, tmp_path):
+    pytest.importorskip("openvino")
+    from kad.screening.export import export_pipeline
+    from kad.screening.pipeline import load_pipeline
+
+    root, _ = fitted
+    run = export_pipeline(root / "m.kad", tmp_path / "export")
+    assert any("lesion maps model" in n for n in run.notes), run.notes
+    assert load_pipeline(tmp_path / "export").maps is None
+    with pytest.raises(KadError, match="lesion maps model"):
+        load_pipeline(root / "m.kad").maps.save(tmp_path / "alone.kad")
