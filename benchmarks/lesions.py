@@ -21,11 +21,14 @@ Maps:
   its median blur (kernel ``kernel`` x the fundus diameter) on the photograph decoded at
   about ``side`` px wide, smoothed with a Gaussian of ``sigma`` px; bright spots rank
   highest (``contrast:abs=1``: dark ones as high, by the absolute value);
-* every ``--detector NAME[:key=value,...]`` (repeatable; default: kNN, which draws its
-  map by the gradient through the pooling, patch kNN, and every other registered detector
-  that draws its own map), fitted with ``kad``'s defaults for fundus photographs
-  (MobileNetV2-0.35 with ``--weights``, fundus preprocessing, 448 px unless
-  ``--image-size``), heatmaps by :func:`kad.screening.heatmaps.iter_heatmaps`.
+* every ``--detector NAME[:key=value,...]`` (repeatable; default: ``default``, kNN, which
+  draws its map by the gradient through the pooling, patch kNN, and every other
+  registered detector that draws its own map), fitted with ``kad``'s defaults for fundus
+  photographs (MobileNetV2-0.35 with ``--weights``, fundus preprocessing, 448 px unless
+  ``--image-size``), heatmaps by :func:`kad.screening.heatmaps.iter_heatmaps`;
+  ``default`` is what ``kad fit`` fits for fundus photographs: kNN, whose scores give the
+  image AUROC, and its lesion maps model (:data:`kad.screening.workflow.FUNDUS_MAPS` at
+  twice the input size), whose maps are measured.
 
 Cost, per detector: seconds per photograph of the heatmaps of the lesion and held-out
 photographs (wall and CPU, every thread; decoding and preprocessing included, the network
@@ -50,6 +53,7 @@ import resource
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +65,9 @@ DATA = SHARED / "data" / "idrid-lesions"
 WEIGHTS = (SHARED / "weights"
            / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5")
 BASELINES = ("chance", "centre", "contrast")
+#: ``--detector default``: what ``kad fit`` fits for fundus photographs, kNN for the scores
+#: and its lesion maps model for the maps (:data:`kad.screening.workflow.FUNDUS_MAPS`).
+DEFAULT = "default"
 
 
 # --------------------------------------------------------------------------- baselines
@@ -134,7 +141,7 @@ def _default_detectors() -> list[str]:
     from kad.errors import PluginError
     from kad.registry import DETECTORS, load, names
 
-    chosen = ["knn", "patchknn"]
+    chosen = [DEFAULT, "knn", "patchknn"]
     for name in names(DETECTORS):
         try:
             cls = load(DETECTORS, name)
@@ -158,17 +165,33 @@ def fit_and_map(spec: str, fit_files, scored_files, args, cache: str):
                       kind="fundus")
     measured = _reset_peak()
     began, cpu = time.perf_counter(), time.process_time()
-    pipeline = fit_pipeline(dataset, backbone=args.backbone, weights=args.weights,
-                            image_size=args.image_size, preprocessing=args.preprocessing,
-                            detector=spec,
-                            representation=args.representation, batch_size=args.batch_size,
-                            cache_dir=cache, runtime=args.runtime)
+    options = {"backbone": args.backbone, "weights": args.weights,
+               "batch_size": args.batch_size, "cache_dir": cache, "runtime": args.runtime}
+    screen = None
+    if spec == DEFAULT:  # kad fit's own: kNN's scores, its lesion maps model's maps
+        from kad.screening.workflow import FUNDUS_MAPS, MAPS_SCALE
+
+        screen = fit_pipeline(dataset, image_size=args.image_size,
+                              preprocessing=args.preprocessing, detector="knn", **options)
+        pipeline = fit_pipeline(dataset, image_size=MAPS_SCALE * screen.image_size,
+                                preprocessing=screen.preprocessing, detector=FUNDUS_MAPS,
+                                **options)
+        screen.attach_maps(pipeline)
+    else:
+        pipeline = fit_pipeline(dataset, image_size=args.image_size,
+                                preprocessing=args.preprocessing, detector=spec,
+                                representation=args.representation, **options)
     fit_s, fit_cpu = time.perf_counter() - began, time.process_time() - cpu
     # build and trace the networks before timing (the first photograph again after)
     list(iter_heatmaps(pipeline, FileSource(scored_files[:1]), keep_images=False))
+    if screen is not None:
+        screen.score(FileSource(scored_files[:1]))
     began, cpu = time.perf_counter(), time.process_time()
     maps = list(iter_heatmaps(pipeline, FileSource(scored_files),
                               [str(p) for p in scored_files], keep_images=False))
+    if screen is not None:  # the image scores are kNN's, as kad score writes them
+        own = screen.score(FileSource(scored_files), [str(p) for p in scored_files]).scores
+        maps = [replace(m, score=float(value)) for m, value in zip(maps, own, strict=True)]
     wall, cpu = time.perf_counter() - began, time.process_time() - cpu
     n = len(scored_files)
     cost = {"time/photo": f"{wall / n:.2f} s ({cpu / n:.2f} CPU)",
@@ -176,6 +199,9 @@ def fit_and_map(spec: str, fit_files, scored_files, args, cache: str):
             "peak MiB": f"{_peak_mib():.0f}" if measured else f"{_peak_mib():.0f} (process)"}
     label = (f"{spec} ({maps[0].method}, {pipeline.image_size} px, "
              f"{'+'.join(pipeline.blocks) if len(pipeline.blocks) <= 2 else 'every block'})")
+    if screen is not None:
+        label = (f"{DEFAULT}: knn's scores ({screen.image_size} px), maps of "
+                 f"{type(pipeline.detector).__name__} ({pipeline.image_size} px)")
     return label, {m.id: m for m in maps}, cost
 
 
@@ -196,8 +222,9 @@ def main(argv=None) -> None:
                         help="blocks, as kad fit --representation (default: the detector's)")
     parser.add_argument("--runtime", default="auto", help="auto, keras or openvino")
     parser.add_argument("--detector", action="append", default=None, metavar="SPEC",
-                        help="NAME[:key=value,...], repeatable (default: knn, patchknn and "
-                             "every registered detector that draws its own map)")
+                        help="NAME[:key=value,...] or default (kad fit's kNN with its "
+                             "lesion maps model), repeatable (default: default, knn, patchknn "
+                             "and every registered detector that draws its own map)")
     parser.add_argument("--baseline", action="append", default=None, metavar="SPEC",
                         help=f"{', '.join(BASELINES)}[:key=value,...], repeatable "
                              "(default: all three)")

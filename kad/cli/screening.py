@@ -159,6 +159,11 @@ def fit(
     note(f"runtime: {pipeline.runtime}" + (
         f", int8 (calibrated on {pipeline.quantization['images']} training images)"
         if pipeline.quantization else ""))
+    if pipeline.maps is not None:
+        drawn = pipeline.maps
+        say(f"lesion maps: {type(drawn.detector).__name__} at {drawn.image_size} px on "
+            f"{', '.join(drawn.blocks)}, fitted on the same {drawn.training['n_images']} "
+            "images; kad score --heatmaps draws its maps (--maps none fits without it)")
     blocks = ", ".join(pipeline.blocks) if len(pipeline.blocks) < 6 else "concat"
     say(f"{'replaced' if run.replaced else 'wrote'} {run.path}: {pipeline.backbone}, "
         f"blocks {blocks}, threshold {pipeline.threshold.value:.4g} ({pipeline.threshold.method})")
@@ -260,11 +265,6 @@ def threshold(
     skipped(((o.file, o.reason) for o in run.not_used), "labelled image(s) could not be read")
     for text in fit_summary(run.pipeline).lines():
         say(text)
-    if run.pipeline.maps is not None:
-        drawn = run.pipeline.maps
-        say(f"lesion maps: {type(drawn.detector).__name__} at {drawn.image_size} px on "
-            f"{', '.join(drawn.blocks)}, fitted on the same {drawn.training['n_images']} "
-            "images; kad score --heatmaps draws its maps (--maps none fits without it)")
     say(f"wrote {run.path}")
 
 

@@ -464,10 +464,14 @@ def fit_summary(pipeline) -> FitSummary:
 
 
 def _heatmap_scale(pipeline) -> str:
+    """How report heatmaps are scaled: on the calibration normals of the model that draws
+    them (its lesion maps model where it has one)."""
     from kad.screening.heatmap_scale import HeatAnchor, anchor
 
-    found = anchor(pipeline, None)
+    drawer = getattr(pipeline, "maps", None) or pipeline
+    found = anchor(drawer, None)
+    whose = "" if drawer is pipeline else " of the lesion maps model"
     if isinstance(found, HeatAnchor):
-        return (f"report heatmaps (by {found.method}) take full colour at {found.value:.3g}, "
-                f"anchored on {found.describe()}")
+        return (f"report heatmaps (by {found.method}{whose}) take full colour at "
+                f"{found.value:.3g}, anchored on {found.describe()}")
     return f"report heatmaps scale on their own maps: {found.reason}"
