@@ -188,3 +188,29 @@ def test_an_export_leaves_the_lesion_maps_model_out_and_says_so(fitted, tmp_path
     assert load_pipeline(tmp_path / "export").maps is None
     with pytest.raises(KadError, match="lesion maps model"):
         load_pipeline(root / "m.kad").maps.save(tmp_path / "alone.kad")
+
+
+def test_lesions_measures_the_lesion_maps_with_the_models_scores(fitted, tmp_path):
+    import cv2
+
+    from kad.data.datasets import FileSource
+    from kad.screening.lesions import measure_lesions
+    from kad.screening.pipeline import load_pipeline
+
+    root, _ = fitted
+    photos = sorted((root / "new" / "abnormal").glob("*.png"))
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for path in photos:
+        mask = np.zeros(cv2.imread(str(path)).shape[:2], np.uint8)
+        mask[8:20, 8:20] = 255
+        cv2.imwrite(str(masks / f"{path.stem}_EX.png"), mask)
+    run = measure_lesions(root / "m.kad", photos, masks, tmp_path / "out",
+                          normals=[root / "new" / "normal"])
+    assert run.summary.settings["maps"] == "its lesion maps model"
+    assert run.method == "detector"  # patch kNN's own maps, not kNN's gradient
+    model = load_pipeline(root / "m.kad")
+    own = model.score(FileSource(photos), [str(p) for p in photos])
+    measured = {r.id: r.score for r in run.results if r.status == "measured"}
+    assert measured and all(np.isclose(measured[str(p)], s) for p, s in
+                            zip(photos, own.scores, strict=True) if str(p) in measured)
