@@ -214,3 +214,23 @@ def test_lesions_measures_the_lesion_maps_with_the_models_scores(fitted, tmp_pat
     measured = {r.id: r.score for r in run.results if r.status == "measured"}
     assert measured and all(np.isclose(measured[str(p)], s) for p, s in
                             zip(photos, own.scores, strict=True) if str(p) in measured)
+
+
+def test_serve_draws_the_lesion_map_and_answers_the_models_score(fitted):
+    from kad.data.datasets import FileSource
+    from kad.screening.pipeline import load_pipeline
+    from kad.serve.batching import BatchScorer
+    from kad.serve.uploads import Upload
+
+    root, _ = fitted
+    photo = sorted((root / "new" / "abnormal").glob("*.png"))[0]
+    model = load_pipeline(root / "m.kad")
+    scorer = BatchScorer(model).start()
+    try:
+        [record] = scorer.submit([Upload(photo.name, photo.read_bytes())],
+                                 heatmaps=True).result(timeout=120)
+    finally:
+        scorer.close()
+    assert record["heatmap_method"] == "detector" and record["heatmap_png"]
+    own = model.score(FileSource([photo]), [str(photo)]).scores[0]
+    assert float(record["score"]) == pytest.approx(own)

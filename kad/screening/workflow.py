@@ -387,7 +387,8 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
 
     _check_engine(engine, heatmaps, maps_from is not None)
     pipeline = load_pipeline(model)
-    maps = _maps_model(maps_from, heatmap_method, grid, steps, runtime, pipeline, heatmaps)
+    maps = _maps_model(maps_from, heatmap_method, grid, steps, runtime, pipeline, heatmaps,
+                       weights)
     out_dir = check_writable(Path(out_dir), what="--out folder")
     with staged_output(out_dir) as stage:
         run = _screen(pipeline, model, inputs, stage.path, labels=labels, weights=weights,
@@ -490,7 +491,7 @@ def score_images(model: str | Path | Pipeline, inputs: Sequence[str | Path], *,
     _check_engine(engine, heatmaps_dir is not None, maps_from is not None)
     pipeline = _pipeline(model)
     maps = _maps_model(maps_from, heatmap_method, grid, steps, runtime, pipeline,
-                       heatmaps_dir is not None)
+                       heatmaps_dir is not None, weights)
     files, not_scored = collect_images(inputs)
     if not files:
         from kad.data.datasets.base import first_few
@@ -505,6 +506,7 @@ def score_images(model: str | Path | Pipeline, inputs: Sequence[str | Path], *,
                              runtime=runtime)
         drawn = _maps_of_scored(maps, files, own, Path(heatmaps_dir),
                                 method=heatmap_method, grid=grid, steps=steps,
+                                weights=_maps_weights(maps, pipeline, weights),
                                 runtime=runtime, progress=progress, on_heatmap=on_heatmap)
         result = drawn.scores  # the model's own, less the images the maps model cannot read
     elif heatmaps_dir is not None:
@@ -535,8 +537,16 @@ def _pipeline(model: str | Path | Pipeline) -> Pipeline:
     return load_pipeline(model)
 
 
+def _maps_weights(maps: Pipeline, pipeline: Pipeline, weights: str | None) -> str | None:
+    """The weights file ``maps`` runs with: ``weights`` (``--weights``, where the model's
+    weights file is now) for the model's own lesion maps model, fitted on the same
+    weights; another model file's maps model uses its own recorded ones."""
+    return weights if maps is pipeline.maps else None
+
+
 def _maps_model(maps_from, method: str, grid: int, steps: int, runtime: str | None,
-                pipeline: Pipeline, heatmaps: bool) -> Pipeline | None:
+                pipeline: Pipeline, heatmaps: bool,
+                weights: str | None = None) -> Pipeline | None:
     """The model that draws the heatmaps, loaded and checked (it can make heatmaps by
     ``method``: network built, weights checked) before any work: ``maps_from``, else, for
     ``method`` auto, ``pipeline``'s own lesion maps model (:attr:`Pipeline.maps`); None
@@ -549,12 +559,13 @@ def _maps_model(maps_from, method: str, grid: int, steps: int, runtime: str | No
         maps = pipeline.maps
     else:
         return None
-    check_heatmaps(maps, method, grid, steps, runtime=runtime)
+    check_heatmaps(maps, method, grid, steps, weights=_maps_weights(maps, pipeline, weights),
+                   runtime=runtime)
     return maps
 
 
 def _maps_of_scored(maps: Pipeline, files: list[Path], scored, out_dir: Path, *, method,
-                    grid, steps, runtime, progress, on_heatmap):
+                    grid, steps, runtime, progress, on_heatmap, weights=None):
     """The heatmaps of the images ``scored`` (another model's
     :class:`~kad.features.extraction.Scores`) read, drawn by ``maps``; the
     :class:`~kad.screening.heatmaps.HeatmapRun` returned holds ``scored``'s scores, less
@@ -568,7 +579,7 @@ def _maps_of_scored(maps: Pipeline, files: list[Path], scored, out_dir: Path, *,
     rows = np.flatnonzero(np.isfinite(scored.scores))
     drawn = write_heatmaps(maps, FileSource([files[i] for i in rows]),
                            [scored.ids[i] for i in rows], out_dir, method=method, grid=grid,
-                           steps=steps, runtime=runtime, progress=progress,
+                           steps=steps, weights=weights, runtime=runtime, progress=progress,
                            on_heatmap=on_heatmap)
     scores, failed = np.array(scored.scores, dtype=np.float64), dict(scored.failed)
     name = model_file(maps) or MAPS_MODEL

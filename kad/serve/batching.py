@@ -11,7 +11,8 @@ the score ``kad score`` gives the same file, bit for bit.
 
 Each image's answer is the record of its ``scores.csv`` row
 (:func:`kad.screening.results.score_record`), built by the same functions as ``kad score``'s
-rows. A job with heatmaps runs on its own through :func:`kad.screening.heatmaps.iter_heatmaps`.
+rows. A job with heatmaps runs on its own through :func:`kad.screening.heatmaps.iter_heatmaps`
+(a model's lesion maps model draws them, where it has one; the scores stay the model's).
 """
 
 from __future__ import annotations
@@ -155,11 +156,17 @@ class BatchScorer:
 
         records = []
         ids = [str(i) for i in range(len(uploads))]
-        for upload, heat in zip(uploads, iter_heatmaps(
-                self.pipeline, UploadSource(uploads), ids, weights=self.weights,
-                runtime=self.runtime), strict=True):
-            record = self._record(upload.name, heat.score, heat.error if heat.map is None
-                                  else None)
+        # a model with a lesion maps model: the score is the model's, the map that one's
+        drawer = self.pipeline.maps or self.pipeline
+        own = None if drawer is self.pipeline else self.pipeline.score(
+            UploadSource(uploads), ids=ids, weights=self.weights, runtime=self.runtime)
+        for i, (upload, heat) in enumerate(zip(uploads, iter_heatmaps(
+                drawer, UploadSource(uploads), ids, weights=self.weights,
+                runtime=self.runtime), strict=True)):
+            score, failed = heat.score, heat.error if heat.map is None else None
+            if own is not None:
+                score, failed = float(own.scores[i]), own.failed.get(ids[i]) or failed
+            record = self._record(upload.name, score, failed)
             if heat.map is not None:
                 record["heatmap_png"] = base64.b64encode(
                     _png(overlay(heat.seen, heat.map))).decode("ascii")
