@@ -32,8 +32,12 @@ def fitted(tmp_path_factory):
     root = tmp_path_factory.mktemp("lesion-maps")
     screening_folder(root / "fit", n_normal=24, n_abnormal=0, seed=3)
     screening_folder(root / "new", n_normal=2, n_abnormal=2, seed=4)
+    from kad.utils.progress import Recorder
+
     dataset = load_dataset("folder", root / "fit")  # fundus photographs by default
-    run = fit_model(dataset, root / "m.kad", **FUNDUS)
+    progress = Recorder()
+    run = fit_model(dataset, root / "m.kad", progress=progress, **FUNDUS)
+    run.progress = progress
     return root, run
 
 
@@ -54,6 +58,8 @@ def test_kad_fit_adds_the_lesion_maps_model_for_fundus_photographs(fitted):
     assert maps.image_size == MAPS_SCALE * model.image_size
     assert maps.preprocessing == model.preprocessing
     assert maps.training["n_images"] == model.training["n_images"]  # the same images
+    named = [t for t in run.progress.tasks() if t.startswith("lesion maps model")]
+    assert named == [f"lesion maps model ({FUNDUS_MAPS} at {maps.image_size} px)"]
     info = read_manifest(root / "m.kad")["info"]["maps"]
     assert info["detector"] == "PatchKNNDetector" and info["image_size"] == maps.image_size
     # the maps model scores as it did in memory: saved and read back exactly

@@ -183,18 +183,33 @@ def _fit(dataset, out_path, request, *, backbone, weights, preprocessing, seed, 
             candidates=[c.to_json() for c in chosen.scores], failed=chosen.failed)
     spec = maps.spec_for(pipeline) if maps is not None else None
     if spec is not None:
-        pipeline.attach_maps(fit_pipeline(
-            dataset, backbone=backbone, weights=weights,
-            image_size=maps.size or MAPS_SCALE * pipeline.image_size,
-            preprocessing=pipeline.preprocessing, representation="concat", detector=spec,
-            split=split, sensitivity=request.rule.sensitivity, fpr=request.rule.asked_fpr,
-            batch_size=batch_size, cache_dir=cache_dir, keep_all_blocks=keep_all_blocks,
-            runtime=float_runtime, heatmap_scale=heatmap_scale, seed=seed,
-            progress=progress))
+        _fit_maps(pipeline, spec, maps, dataset, split, request, backbone=backbone,
+                  weights=weights, batch_size=batch_size, cache_dir=cache_dir,
+                  keep_all_blocks=keep_all_blocks, runtime=float_runtime,
+                  heatmap_scale=heatmap_scale, seed=seed, progress=progress)
     path = pipeline.save(out_path)
     failed, ids = multi.by_size[size].failed, dataset.ids
     left_out = {str(ids[i]): failed.get(str(ids[i]), why) for i, why in split.left_out.items()}
     return FitRun(pipeline, Path(path), split, left_out)
+
+
+def _fit_maps(pipeline: Pipeline, spec: str, maps: MapsRequest, dataset, split, request, *,
+              backbone, weights, batch_size, cache_dir, keep_all_blocks, runtime,
+              heatmap_scale, seed, progress) -> None:
+    """Fit ``pipeline``'s lesion maps model ``spec`` on the same images and attach it; one
+    progress task names it while it fits."""
+    from kad.screening.fitting import fit_pipeline
+    from kad.utils.progress import task
+
+    size = maps.size or MAPS_SCALE * pipeline.image_size
+    with task(progress, f"lesion maps model ({spec} at {size} px)", 1) as done:
+        pipeline.attach_maps(fit_pipeline(
+            dataset, backbone=backbone, weights=weights, image_size=size,
+            preprocessing=pipeline.preprocessing, representation="concat", detector=spec,
+            split=split, sensitivity=request.rule.sensitivity, fpr=request.rule.asked_fpr,
+            batch_size=batch_size, cache_dir=cache_dir, keep_all_blocks=keep_all_blocks,
+            runtime=runtime, heatmap_scale=heatmap_scale, seed=seed, progress=progress))
+        done(1)
 
 
 #: The lesion maps model ``kad fit`` adds for fundus photographs: patch kNN with a greedy
