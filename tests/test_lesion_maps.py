@@ -25,20 +25,34 @@ FUNDUS = {"backbone": MNV2, "weights": "none", "image_size": 32,
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    """A model fitted on a fundus folder at kad fit's defaults for maps, and new images."""
+    """A model fitted on a fundus folder at kad fit's defaults for maps, and new images.
+    The model file is read once for the module (its networks built once):
+    ``load_pipeline`` hands back the same pipeline for the same file."""
     from kad.data.datasets import load_dataset
+    from kad.screening import pipeline
     from kad.screening.workflow import fit_model
-
-    root = tmp_path_factory.mktemp("lesion-maps")
-    screening_folder(root / "fit", n_normal=24, n_abnormal=0, seed=3)
-    screening_folder(root / "new", n_normal=2, n_abnormal=2, seed=4)
     from kad.utils.progress import Recorder
 
+    root = tmp_path_factory.mktemp("lesion-maps")
+    screening_folder(root / "fit", n_normal=16, n_abnormal=0, seed=3)
+    screening_folder(root / "new", n_normal=2, n_abnormal=2, seed=4)
     dataset = load_dataset("folder", root / "fit")  # fundus photographs by default
     progress = Recorder()
     run = fit_model(dataset, root / "m.kad", progress=progress, **FUNDUS)
     run.progress = progress
-    return root, run
+    read, loaded = pipeline.load_pipeline, {}
+    run.read = read  # for a test that changes the model it reads
+
+    def once(path):
+        if str(path) != str(root / "m.kad"):
+            return read(path)
+        if str(path) not in loaded:
+            loaded[str(path)] = read(path)
+        return loaded[str(path)]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "load_pipeline", once)
+        yield root, run
 
 
 def test_kad_fit_adds_the_lesion_maps_model_for_fundus_photographs(fitted):
@@ -72,20 +86,30 @@ def test_kad_fit_adds_the_lesion_maps_model_for_fundus_photographs(fitted):
 
 
 def test_score_heatmaps_draw_the_lesion_maps_and_keep_the_models_scores(fitted):
+    import csv
+
     from kad.data.datasets import FileSource
     from kad.screening.heatmaps import explain
     from kad.screening.pipeline import load_pipeline
+    from kad.screening.workflow import _maps_model
 
     root, _ = fitted
-    base = ["score", root / "m.kad", root / "new", "--steps", "2", "--heatmaps"]
-    drawn = runner.invoke(app, [str(a) for a in [*base, "--out", root / "drawn"]])
+    drawn = runner.invoke(app, [str(a) for a in [
+        "score", root / "m.kad", root / "new", "--heatmaps", "--out", root / "drawn"]])
     assert drawn.exit_code == 0, drawn.output
     assert "lesion maps model" in drawn.output
 
+    model = load_pipeline(root / "m.kad")
     files = sorted((root / "new").rglob("*.png"))
-    expected = explain(load_pipeline(root / "m.kad").maps, FileSource(files),
-                       [str(f) for f in files])
-    for heat in expected:
+    ids = [str(f) for f in files]
+    own = dict(zip(ids, model.score(FileSource(files), ids).scores, strict=True))
+    with open(root / "drawn" / "scores.csv", newline="") as fh:
+        written = {row["file"]: float(row["score"]) for row in csv.DictReader(fh)
+                   if row["status"] == "scored"}
+    assert len(written) == len(files)  # every score is the model's own, not the maps'
+    assert all(np.isclose(own[f], v, rtol=1e-5, atol=0) for f, v in written.items())
+
+    for heat in explain(model.maps, FileSource(files), ids):
         [array] = [p for p in (root / "drawn" / "heatmaps").glob("*_map.npy")
                    if json.loads(p.with_suffix(".json").read_text())["image"] == heat.id]
         np.testing.assert_allclose(np.load(array, allow_pickle=False), heat.map,
@@ -94,14 +118,10 @@ def test_score_heatmaps_draw_the_lesion_maps_and_keep_the_models_scores(fitted):
         assert sidecar["model"] == f"{root / 'm.kad'} (its lesion maps model)"
     assert "its lesion maps model" in (root / "drawn" / "report.html").read_text()
 
-    # a method named draws with the model itself; the scores are the model's either way
-    own = runner.invoke(app, [str(a) for a in [*base, "--out", root / "own",
-                                               "--heatmap-method", "gradient"]])
-    assert own.exit_code == 0, own.output
-    sidecars = [json.loads(p.read_text()) for p in (root / "own" / "heatmaps").glob("*.json")]
-    assert sidecars and {s["model"] for s in sidecars} == {str(root / "m.kad")}
-    assert (root / "own" / "scores.csv").read_bytes() == \
-        (root / "drawn" / "scores.csv").read_bytes()
+    # a method named draws with the model itself, and no heatmaps need no maps model
+    assert _maps_model(None, "gradient", 8, 2, None, model, True) is None
+    assert _maps_model(None, "auto", 8, 2, None, model, False) is None
+    assert _maps_model(None, "auto", 8, 2, None, model, True) is model.maps
 
 
 def test_explain_draws_the_lesion_map_and_gives_the_models_score(fitted):
@@ -121,14 +141,15 @@ def test_explain_draws_the_lesion_map_and_gives_the_models_score(fitted):
         "(its lesion maps model)")
 
 
-def test_threshold_keeps_the_lesion_maps_model(fitted, tmp_path):
-    from kad.screening.pipeline import load_pipeline
+def test_threshold_keeps_the_lesion_maps_model(fitted, tmp_path, monkeypatch):
+    from kad.screening import pipeline
     from kad.screening.workflow import set_threshold
 
-    root, _ = fitted
+    root, run = fitted
+    monkeypatch.setattr(pipeline, "load_pipeline", run.read)  # a fresh copy to change
     moved = tmp_path / "moved.kad"
     set_threshold(root / "m.kad", fpr=0.5, out_path=moved)
-    before, after = load_pipeline(root / "m.kad"), load_pipeline(moved)
+    before, after = run.read(root / "m.kad"), run.read(moved)
     assert after.threshold.value != before.threshold.value
     assert after.maps is not None
     np.testing.assert_array_equal(after.maps.detector.bank_, before.maps.detector.bank_)
