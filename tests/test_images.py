@@ -453,3 +453,19 @@ def test_check_usable_sees_one_odd_pixel_anywhere(where):
     odd = flat.copy()
     odd[where] = (40, 41, 40)
     assert check_usable(odd, "odd.png") is odd
+
+
+@pytest.mark.parametrize(("shape", "size"), [
+    ((32, 32, 3), 224), ((300, 200, 3), 96), ((100, 400, 3), 224), ((50, 60, 1), (64, 40)),
+    ((96, 96, 3), 96),
+])
+def test_resize_into_a_batch_row_writes_the_pixels_resize_returns(shape, size):
+    image = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    expected = resize(image, size)
+    batch = np.zeros((3, *expected.shape), np.uint8)
+    assert resize(image, size, out=batch[1]) is batch[1] or np.shares_memory(
+        resize(image, size, out=batch[1]), batch)
+    np.testing.assert_array_equal(batch[1], expected)
+    assert not batch[0].any() and not batch[2].any()
+    with pytest.raises(ValueError, match="out must be"):
+        resize(image, size, out=np.zeros((5, 5, shape[2]), np.uint8))

@@ -512,3 +512,17 @@ def test_local_average_is_within_a_grey_level_of_opencvs_gaussian(size):
     got = _local_average(image, sigma)
     assert got.dtype == np.uint8 and got.shape == image.shape
     assert np.abs(got.astype(int) - expected).max() <= 1
+
+
+@pytest.mark.parametrize(("spec", "size"), [("fundus:size=96", 96), ("fundus:size=64", 96),
+                                            ("natural", 96), ("natural", 20)])
+def test_pixels_into_a_batch_row_are_the_pixels_resized(spec, size):
+    from kad.data.preprocessing import get_preprocessing
+
+    prep = get_preprocessing(spec)
+    rgb = synthetic_fundus(300, 400, 130, background=20)
+    expected = resize(prep.pixels(rgb), size)
+    batch = np.zeros((3, size, size, 3), np.uint8)
+    assert np.shares_memory(prep.pixels_into(rgb, batch[1]), batch)
+    np.testing.assert_array_equal(batch[1], expected)
+    assert not batch[0].any() and not batch[2].any()

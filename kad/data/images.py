@@ -256,14 +256,16 @@ def to_rgb_uint8(array: np.ndarray) -> np.ndarray:
     return _convert(np.asarray(array), bgr=False)
 
 
-def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+def resize(image: np.ndarray, size: int | tuple[int, int],
+           out: np.ndarray | None = None) -> np.ndarray:
     """Resize ``image`` to exactly ``size`` x ``size`` pixels, or to ``(height, width)``.
 
     Shrinking uses ``cv2.INTER_AREA`` (no aliasing), enlarging ``cv2.INTER_LINEAR``; when
     one axis shrinks and the other grows, each axis is resized with its own method. The
     aspect ratio is not kept. Works for ``uint8`` and ``float32`` arrays of shape
     ``(H, W)`` or ``(H, W, C)`` and keeps the shape's layout; an image already of the
-    requested size is returned as it is.
+    requested size is returned as it is. ``out`` (C-contiguous, the result's shape and
+    type: a row of a batch) receives the result, written in place, and is returned.
     """
     height, width = _target_size(size)
     image = np.asarray(image)
@@ -273,19 +275,35 @@ def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
             f"got shape {image.shape}"
         )
     h, w = image.shape[:2]
-    if (h, w) == (height, width):
-        return image
+    if out is not None:
+        if (out.shape != (height, width, *image.shape[2:]) or out.dtype != image.dtype
+                or not out.flags.c_contiguous):
+            raise ValueError(f"resize: out must be a C-contiguous {image.dtype} array of "
+                             f"shape {(height, width, *image.shape[2:])}, got {out.dtype} "
+                             f"{out.shape}")
+        if (h, w) == (height, width):
+            np.copyto(out, image)
+            return out
+        # OpenCV writes into a destination of the right size and type, a 2-D view of
+        # out where the image has one channel (OpenCV drops the channel axis).
+        target = out[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else out
+    else:
+        if (h, w) == (height, width):
+            return image
+        target = None
     if height <= h and width <= w:
-        out = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+        done = cv2.resize(image, (width, height), dst=target, interpolation=cv2.INTER_AREA)
     elif height >= h and width >= w:
-        out = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+        done = cv2.resize(image, (width, height), dst=target, interpolation=cv2.INTER_LINEAR)
     else:  # one axis shrinks, the other grows: shrink first, then enlarge
         shrunk = (min(w, width), min(h, height))
-        out = cv2.resize(image, shrunk, interpolation=cv2.INTER_AREA)
-        out = cv2.resize(out, (width, height), interpolation=cv2.INTER_LINEAR)
-    if image.ndim == 3 and out.ndim == 2:  # OpenCV drops a single channel axis
-        out = out[:, :, None]
-    return out
+        done = cv2.resize(image, shrunk, interpolation=cv2.INTER_AREA)
+        done = cv2.resize(done, (width, height), dst=target, interpolation=cv2.INTER_LINEAR)
+    if out is not None:
+        return out
+    if image.ndim == 3 and done.ndim == 2:  # OpenCV drops a single channel axis
+        done = done[:, :, None]
+    return done
 
 
 # --------------------------------------------------------------------------------------

@@ -54,6 +54,12 @@ class Preprocessing:
         """The output as ``uint8`` on the 0-255 scale, where :attr:`eight_bit`."""
         raise NotImplementedError(f"preprocessing {self.name!r} has no 8-bit output")
 
+    def pixels_into(self, rgb: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """:meth:`pixels` resized to ``out``'s height and width (:func:`resize`) and
+        written into ``out`` (``uint8``, C-contiguous: a row of a batch), with no copy of
+        the result in between."""
+        return resize(self.pixels(rgb), out.shape[:2], out=out)
+
     def source_side(self, input_size: int) -> int | None:  # noqa: ARG002 - a hook
         """The shorter side an image needs for this preprocessing to give the same result
         at ``input_size`` (the network input); a large JPEG is decoded at a reduced size
@@ -201,10 +207,16 @@ class Fundus(Preprocessing):
         out /= np.float32(255.0)  # in place: one copy of the image, not two
         return out
 
-    def pixels(self, rgb: np.ndarray) -> np.ndarray:
+    def pixels_into(self, rgb: np.ndarray, out: np.ndarray) -> np.ndarray:
+        if out.shape[:2] != (self.size, self.size):
+            return super().pixels_into(rgb, out)
+        return self.pixels(rgb, out=out)
+
+    def pixels(self, rgb: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The preprocessed image as ``uint8`` on the 0-255 scale, ``size`` square: the
         recipe's own precision (Graham's computes it on 8-bit images); :meth:`__call__`
-        is this divided by 255.
+        is this divided by 255. ``out`` (``size`` x ``size`` x 3, ``uint8``,
+        C-contiguous: a row of a batch) receives it, written in place.
 
         Every step works on 8-bit images, which OpenCV processes several times faster
         than floating point: the crop is resized, its local average computed and
@@ -216,7 +228,11 @@ class Fundus(Preprocessing):
         image = resize(crop, self.size)
         blurred = _local_average(image, self.blur * self.size)
         # alpha * image - alpha * blurred + 128, rounded and clipped to 0-255, in one pass.
-        out = cv2.addWeighted(image, self.alpha, blurred, -self.alpha, float(_GREY))
+        if out is not None and (out.shape != (self.size, self.size, 3)
+                                or out.dtype != np.uint8 or not out.flags.c_contiguous):
+            raise ValueError(f"fundus pixels: out must be a C-contiguous uint8 array of "
+                             f"shape {(self.size, self.size, 3)}, got {out.dtype} {out.shape}")
+        out = cv2.addWeighted(image, self.alpha, blurred, -self.alpha, float(_GREY), dst=out)
         if found is not None:
             # The fundus mask drawn at the output size: the disc and the bright region's
             # hull, mapped from photograph pixels to output pixels.
