@@ -25,8 +25,9 @@ included) and ``scaling`` (from [0, 1] to the network's input, written into the 
 where the network scales 8-bit images itself, only the copy into the 8-bit batch).
 
 ``--before PATH``: a checkout of another kad version (e.g. ``git worktree add --detach
-/tmp/kad-base <commit>``) measured the same way in the same run, its children interleaved
-with this checkout's, with ``PATH`` first on ``PYTHONPATH``.
+/tmp/kad-base <commit>``) measured the same way in the same run, with ``PATH`` first on
+``PYTHONPATH``: one child per timed repeat, the two versions alternating, so that a
+change in the machine's load falls on both.
 
 Cases (``--cases``, comma-separated): ``small224`` MobileNetV2-0.35 at 224 px on CIFAR-10
 JPEG images (32 px; unpacked from ``--cifar-tar`` into a temporary folder), ``kaggle448``
@@ -219,13 +220,15 @@ def child(args: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------- parent
 
 
-def spawn(args, case: str, images: Path, version: str, path: Path, model_cache: Path) -> dict:
+def spawn(args, case: str, images: Path, version: str, path: Path, model_cache: Path,
+          repeat: int | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(path), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "TF_CPP_MIN_LOG_LEVEL": "2"}
     command = [sys.executable, str(Path(__file__).resolve()), "--child", case,
                "--images", str(images), "--model-cache", str(model_cache),
-               "--repeat", str(args.repeat), "--stage-repeat", str(args.stage_repeat)]
+               "--repeat", str(repeat or args.repeat), "--stage-repeat",
+               str(args.stage_repeat)]
     if args.tmp_dir:
         command += ["--tmp-dir", args.tmp_dir]
     print(f"running {case} on {version} ...", file=sys.stderr, flush=True)
@@ -235,6 +238,18 @@ def spawn(args, case: str, images: Path, version: str, path: Path, model_cache: 
             return {"case": case, "version": version, **json.loads(line[len(RESULT):])}
     sys.stderr.write(done.stdout[-3000:] + done.stderr[-3000:])
     raise SystemExit(f"{case} on {version} exited with status {done.returncode}, no result")
+
+
+def merge(runs: list[dict]) -> dict:
+    """One result from children that each timed one repeat: the timed runs together, the
+    stages the median of the children's."""
+    merged = dict(runs[0])
+    for key in ("bare", "kad", "bare_cpu", "kad_cpu", "loader_cpu"):
+        merged[key] = [v for r in runs for v in r[key]]
+    for key in ("decode", "preprocess", "scaling"):
+        merged[key] = statistics.median(r[key] for r in runs)
+    merged["inference"] = statistics.median(merged["bare_cpu"])
+    return merged
 
 
 def report(results: list[dict]) -> None:
@@ -290,9 +305,17 @@ def main(argv: list[str] | None = None) -> None:
             n = args.n if case in ("small224", "kaggle448", "smoke") else max(8, args.n // 4)
             images = make_images(kind, n, root / case, args.cifar_tar)
             model_cache = root / "models" / case
-            # Both versions back to back on the same files, before first.
-            for version, path in versions[::-1]:
-                results.append(spawn(args, case, images, version, path, model_cache))
+            # Both versions on the same files, before first; with --before, one child per
+            # repeat, the versions alternating, so that both see the same machine.
+            if len(versions) == 1:
+                results.append(spawn(args, case, images, *versions[0], model_cache))
+                continue
+            runs: dict[str, list[dict]] = {}
+            for _ in range(args.repeat):
+                for version, path in versions[::-1]:
+                    runs.setdefault(version, []).append(
+                        spawn(args, case, images, version, path, model_cache, repeat=1))
+            results += [merge(found) for found in runs.values()]
     finally:
         shutil.rmtree(root, ignore_errors=True)
     print(f"\n{os.cpu_count()} CPUs, load average {load_before:.1f} before, "
