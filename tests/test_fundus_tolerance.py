@@ -1,12 +1,10 @@
-"""The fast fundus path (revision 5) against the paper's recipe computed the direct way.
+"""The fast fundus path (revision 4) against the paper's recipe computed the direct way.
 
 Revision 2 finds the same fundus but draws its mask at the output size, blurs at half
 resolution and decodes large JPEGs reduced; revision 3 searches a large photograph's
 fundus on a regular sample of its pixels and erodes the mask's edge by a distance
 transform; revision 4 computes on 8-bit images (Graham's own precision) and erodes the
-mask's straight cuts as half-planes; revision 5 applies the local average's Gaussian as a
-separable floating-point kernel (at most one grey level from OpenCV's fixed-point 8-bit
-blur). The reference below is revision 1 written out: the
+mask's straight cuts as half-planes. The reference below is revision 1 written out: the
 full-resolution crop and mask from :func:`kad.data.preprocessing.crop_fundus`, resized,
 eroded, an exact Gaussian at the output size, in floating point. Both go through
 MobileNetV2 (ImageNet weights) and the features are compared on real photographs: 256 px
@@ -15,8 +13,7 @@ photographs made from them.
 
 Tolerance: for every image, the change of its features (all blocks concatenated) is at
 most 20 % (256 px) and 40 % (full size) of the distance to the nearest other image of the
-set (measured, revision 5: at most 9 % at 256 px, 14 % at 448 px and 28 % full size;
-revision 4: 9 %, 14 % and 28 %;
+set (measured, revision 4: at most 9 % at 256 px, 14 % at 448 px and 28 % full size;
 revision 3: 13 %, 8 % and 28 %; revision 2: 11 % at 256 px, 31 % full size). For scale:
 shifting a 256 px photograph by one pixel changes its features by 22-65 % of that
 distance, re-saving the photographs as JPEG at quality 90 by 57 % (256 px) and 18 % (full

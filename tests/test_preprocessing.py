@@ -499,21 +499,6 @@ def test_disc_overlap_counts_the_disc_pixel_by_pixel():
         assert _disc_overlap(region, (cx, cy, radius)) == pytest.approx(both / union)
 
 
-@pytest.mark.parametrize("size", [128, 256, 448])
-def test_local_average_is_within_a_grey_level_of_opencvs_gaussian(size):
-    from kad.data.preprocessing import _local_average
-
-    rng = np.random.default_rng(size)
-    image = cv2.GaussianBlur(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), (0, 0), 2)
-    sigma = size / 60
-    half = cv2.resize(image, (size // 2, size // 2), interpolation=cv2.INTER_AREA)
-    expected = (cv2.GaussianBlur(image, (0, 0), sigma) if sigma < 3 else cv2.resize(
-        cv2.GaussianBlur(half, (0, 0), sigma / 2), (size, size), interpolation=cv2.INTER_LINEAR))
-    got = _local_average(image, sigma)
-    assert got.dtype == np.uint8 and got.shape == image.shape
-    assert np.abs(got.astype(int) - expected).max() <= 1
-
-
 @pytest.mark.parametrize(("spec", "size"), [("fundus:size=96", 96), ("fundus:size=64", 96),
                                             ("natural", 96), ("natural", 20)])
 def test_pixels_into_a_batch_row_are_the_pixels_resized(spec, size):

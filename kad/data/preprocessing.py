@@ -163,10 +163,8 @@ class Fundus(Preprocessing):
     #: 3: the fundus is searched on a regular sample of a large photograph's pixels and the
     #: mask's edge eroded by a distance transform (tests/test_fundus_tolerance.py).
     #: 4: computed on 8-bit images (grey 128 outside the mask), the mask's straight cuts
-    #: eroded as half-planes. 5: the local average's Gaussian applied as a separable
-    #: floating-point kernel rounded once (OpenCV's fixed-point 8-bit GaussianBlur took
-    #: three times as long; the blurred image moves by at most one grey level).
-    revision: ClassVar[int] = 5
+    #: eroded as half-planes.
+    revision: ClassVar[int] = 4
     size: int = 256
     blur: float = 1 / 60
     alpha: float = 4.0
@@ -321,31 +319,14 @@ def _local_average(image: np.ndarray, sigma: float) -> np.ndarray:
 
     The blurred image has no detail finer than a few sigma, so blurring a half-size copy
     with sigma / 2 and enlarging it gives the same result within a fraction of a grey
-    level, for a quarter of the work. The Gaussian is OpenCV's kernel for ``sigma`` (the
-    size ``GaussianBlur`` gives 8-bit images) applied as a separable floating-point filter
-    and rounded once: ``GaussianBlur``'s fixed-point 8-bit path takes three times as long
-    and differs by at most one grey level.
+    level, for a quarter of the work.
     """
     height, width = image.shape[:2]
     if sigma < 3.0 or min(height, width) < 64:
-        return _gaussian(image, sigma)
+        return cv2.GaussianBlur(image, (0, 0), sigma)
     half = cv2.resize(image, (width // 2, height // 2), interpolation=cv2.INTER_AREA)
-    half = _gaussian(half, sigma / 2)
+    half = cv2.GaussianBlur(half, (0, 0), sigma / 2)
     return cv2.resize(half, (width, height), interpolation=cv2.INTER_LINEAR)
-
-
-def _gaussian(image: np.ndarray, sigma: float) -> np.ndarray:
-    kernel = _gaussian_kernel(float(sigma))
-    return cv2.sepFilter2D(image, -1, kernel, kernel, borderType=cv2.BORDER_REFLECT_101)
-
-
-@lru_cache(maxsize=16)
-def _gaussian_kernel(sigma: float) -> np.ndarray:
-    """OpenCV's Gaussian kernel for ``sigma``, of the size ``GaussianBlur`` picks for
-    8-bit images (``round(6 sigma + 1)``, odd)."""
-    kernel = cv2.getGaussianKernel(max(1, round(sigma * 6 + 1)) | 1, sigma)
-    kernel.flags.writeable = False
-    return kernel
 
 
 #: Every preprocessing by name.
