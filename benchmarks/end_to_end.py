@@ -12,19 +12,22 @@ batch) and then times, interleaved ``--repeat`` times:
     in a fresh cache folder (decoding, preprocessing, scaling, inference, writing), with
     the warmed-up runtime handed in, so building the network counts for neither.
 
-``ratio`` is kad's images per second over bare inference's, from the medians. Then the CPU
-time of each stage, in milliseconds per image, one image at a time on one thread (CPU time,
-not wall time: it holds on a shared machine): ``decode`` (the file to RGB pixels, large
-JPEGs decoded reduced as kad does), ``preprocess`` (the fundus or natural preprocessing
-and the resize to the input size, the usability check included), ``scaling`` (from [0, 1]
-to the network's input, written into the batch; where the network scales 8-bit images
-itself, only the copy into the 8-bit batch) and ``inference`` (CPU time of bare
-inference per image, every thread, on the batches the network takes: 8-bit images
-where it scales them itself).
+``ratio`` is kad's images per second over bare inference's, from the medians. CPU time
+holds on a shared machine where wall time does not, so the table also gives, in
+milliseconds per image (medians): ``bare cpu`` and ``kad cpu``, the whole process (every
+thread) during bare inference and during kad's run; ``loader``, the part of kad's spent
+in its loader threads (decoding and preprocessing, each slice timed on its thread); and
+``bound``, bare cpu over kad cpu, which bounds the ratio when both runs keep every core
+busy. Then the CPU time of each stage, one image at a time on one thread: ``decode``
+(the file to RGB pixels, large JPEGs decoded reduced as kad does), ``preprocess`` (the
+fundus or natural preprocessing and the resize to the input size, the usability check
+included) and ``scaling`` (from [0, 1] to the network's input, written into the batch;
+where the network scales 8-bit images itself, only the copy into the 8-bit batch).
 
 ``--before PATH``: a checkout of another kad version (e.g. ``git worktree add --detach
-/tmp/kad-base <commit>``) measured the same way in the same run, its children interleaved
-with this checkout's, with ``PATH`` first on ``PYTHONPATH``.
+/tmp/kad-base <commit>``) measured the same way in the same run, with ``PATH`` first on
+``PYTHONPATH``: one child per timed repeat, the two versions alternating, so that a
+change in the machine's load falls on both.
 
 Cases (``--cases``, comma-separated): ``small224`` MobileNetV2-0.35 at 224 px on CIFAR-10
 JPEG images (32 px; unpacked from ``--cifar-tar`` into a temporary folder), ``kaggle448``
@@ -51,6 +54,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -151,19 +155,37 @@ def child(args: argparse.Namespace) -> dict:
              rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32))
         engine.predict(x)
         runtime.build_runtime = lambda *_a, **_k: engine  # extract_features gets this one
+        # The loader threads' own CPU time: every slice they load, timed on its thread.
+        import kad.features.extraction as extraction
+
+        loading = [0.0]
+        lock = threading.Lock()
+        load_into = extraction._load_into
+
+        def timed_load_into(*a, **k):
+            cpu = time.thread_time()
+            try:
+                return load_into(*a, **k)
+            finally:
+                with lock:
+                    loading[0] += time.thread_time() - cpu
+
+        extraction._load_into = timed_load_into
         batches = -(-n // batch)
-        bare, bare_cpu, kad, kad_cpu = [], [], [], []
+        bare, bare_cpu, kad, kad_cpu, loader_cpu = [], [], [], [], []
         for r in range(args.repeat):
             start, cpu = time.perf_counter(), time.process_time()
             for _ in range(batches):
                 engine.predict(x)
             bare.append(batches * batch / (time.perf_counter() - start))
             bare_cpu.append(1000 * (time.process_time() - cpu) / (batches * batch))
-            start, cpu = time.perf_counter(), time.process_time()
+            start, cpu, loading[0] = time.perf_counter(), time.process_time(), 0.0
             extract_features(dataset, plan.backbone, weights, size, prep, batch_size=batch,
                              cache_dir=work / f"run{r}", runtime="openvino")
             kad.append(n / (time.perf_counter() - start))
             kad_cpu.append(1000 * (time.process_time() - cpu) / n)
+            loader_cpu.append(1000 * loading[0] / n)
+        extraction._load_into = load_into
         # Stages: one image at a time, one thread, CPU time.
         cv2.setNumThreads(1)
         source, p = dataset.source, plan.preprocessing
@@ -189,7 +211,8 @@ def child(args: argparse.Namespace) -> dict:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"n": n, "batch": batch, "bare": bare, "kad": kad, "bare_cpu": bare_cpu,
-            "kad_cpu": kad_cpu, "decode": t_decode, "preprocess": t_prep - t_decode,
+            "kad_cpu": kad_cpu, "loader_cpu": loader_cpu, "decode": t_decode,
+            "preprocess": t_prep - t_decode,
             "scaling": t_load - t_prep, "inference": statistics.median(bare_cpu),
             "runtime": engine.describe()}
 
@@ -197,13 +220,15 @@ def child(args: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------- parent
 
 
-def spawn(args, case: str, images: Path, version: str, path: Path, model_cache: Path) -> dict:
+def spawn(args, case: str, images: Path, version: str, path: Path, model_cache: Path,
+          repeat: int | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(path), *filter(None, [os.environ.get("PYTHONPATH")])]),
         "TF_CPP_MIN_LOG_LEVEL": "2"}
     command = [sys.executable, str(Path(__file__).resolve()), "--child", case,
                "--images", str(images), "--model-cache", str(model_cache),
-               "--repeat", str(args.repeat), "--stage-repeat", str(args.stage_repeat)]
+               "--repeat", str(repeat or args.repeat), "--stage-repeat",
+               str(args.stage_repeat)]
     if args.tmp_dir:
         command += ["--tmp-dir", args.tmp_dir]
     print(f"running {case} on {version} ...", file=sys.stderr, flush=True)
@@ -215,18 +240,32 @@ def spawn(args, case: str, images: Path, version: str, path: Path, model_cache: 
     raise SystemExit(f"{case} on {version} exited with status {done.returncode}, no result")
 
 
+def merge(runs: list[dict]) -> dict:
+    """One result from children that each timed one repeat: the timed runs together, the
+    stages the median of the children's."""
+    merged = dict(runs[0])
+    for key in ("bare", "kad", "bare_cpu", "kad_cpu", "loader_cpu"):
+        merged[key] = [v for r in runs for v in r[key]]
+    for key in ("decode", "preprocess", "scaling"):
+        merged[key] = statistics.median(r[key] for r in runs)
+    merged["inference"] = statistics.median(merged["bare_cpu"])
+    return merged
+
+
 def report(results: list[dict]) -> None:
     header = (f"{'case':<10} {'version':<7} {'images':>6} {'batch':>5} {'bare img/s':>10} "
-              f"{'kad img/s':>9} {'ratio':>6} {'decode':>7} {'preproc':>7} {'scaling':>7} "
-              f"{'infer':>7}  (CPU ms/image)")
+              f"{'kad img/s':>9} {'ratio':>6} {'bare cpu':>8} {'kad cpu':>7} {'loader':>6} "
+              f"{'bound':>5} {'decode':>7} {'preproc':>7} {'scaling':>7}")
     print(header)
     print("-" * len(header))
     for r in results:
         bare, kad = statistics.median(r["bare"]), statistics.median(r["kad"])
+        bare_cpu, kad_cpu = statistics.median(r["bare_cpu"]), statistics.median(r["kad_cpu"])
+        loader = statistics.median(r["loader_cpu"])
         print(f"{r['case']:<10} {r['version']:<7} {r['n']:>6} {r['batch']:>5} {bare:>10.1f} "
-              f"{kad:>9.1f} "
-              f"{kad / bare:>6.2f} {r['decode']:>7.2f} {r['preprocess']:>7.2f} "
-              f"{r['scaling']:>7.2f} {r['inference']:>7.2f}")
+              f"{kad:>9.1f} {kad / bare:>6.2f} {bare_cpu:>8.2f} {kad_cpu:>7.2f} {loader:>6.2f} "
+              f"{bare_cpu / kad_cpu:>5.2f} {r['decode']:>7.2f} {r['preprocess']:>7.2f} "
+              f"{r['scaling']:>7.2f}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -256,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"--cases: unknown {', '.join(sorted(unknown))}; choose from "
                      f"{', '.join(CASES)}")
+    load_before = os.getloadavg()[0]
     versions = [("after", ROOT)] + ([("before", args.before.resolve())] if args.before else [])
     root = Path(tempfile.mkdtemp(prefix="kad-e2e-images-", dir=args.tmp_dir))
     results = []
@@ -265,14 +305,25 @@ def main(argv: list[str] | None = None) -> None:
             n = args.n if case in ("small224", "kaggle448", "smoke") else max(8, args.n // 4)
             images = make_images(kind, n, root / case, args.cifar_tar)
             model_cache = root / "models" / case
-            # Both versions back to back on the same files, before first.
-            for version, path in versions[::-1]:
-                results.append(spawn(args, case, images, version, path, model_cache))
+            # Both versions on the same files, before first; with --before, one child per
+            # repeat, the versions alternating, so that both see the same machine.
+            if len(versions) == 1:
+                results.append(spawn(args, case, images, *versions[0], model_cache))
+                continue
+            runs: dict[str, list[dict]] = {}
+            for _ in range(args.repeat):
+                for version, path in versions[::-1]:
+                    runs.setdefault(version, []).append(
+                        spawn(args, case, images, version, path, model_cache, repeat=1))
+            results += [merge(found) for found in runs.values()]
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"\n{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; img/s are wall-"
-          f"clock medians of {args.repeat} interleaved runs; stages are CPU ms per image on "
-          f"one thread\n")
+    print(f"\n{os.cpu_count()} CPUs, load average {load_before:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after; img/s are wall-clock medians of {args.repeat} "
+          f"interleaved runs. CPU ms per image: 'bare cpu' and 'kad cpu' the whole process "
+          f"(every thread) during bare inference and during kad's run, 'loader' the loader "
+          f"threads' share of kad's, 'bound' bare cpu / kad cpu (the ratio's bound when both "
+          f"cores are busy); the stages one image at a time on one thread\n")
     report(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

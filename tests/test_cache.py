@@ -347,3 +347,14 @@ def test_remove_refuses_a_non_entry_and_a_symlink_out_of_the_cache(tmp_path):
     assert elsewhere.path.is_dir() and (root / "notes" / "keep.txt").exists()
     (removed_by_name,) = remove_entries(["digits-mobilenet_v2-zz"], tmp_path / "other")
     assert not removed_by_name.path.exists()
+
+
+@pytest.mark.parametrize(("n", "dim"), [(1, 1), (7, 1280), (4096, 16), (100_000, 3)])
+def test_a_new_block_file_is_the_npy_file_numpy_makes(tmp_path, n, dim):
+    from kad.features.cache import new_block_file
+
+    offset = new_block_file(tmp_path / "kad.npy", n, dim)
+    np.lib.format.open_memmap(tmp_path / "numpy.npy", mode="w+", dtype="<f4",
+                              shape=(n, dim)).flush()
+    assert (tmp_path / "kad.npy").read_bytes() == (tmp_path / "numpy.npy").read_bytes()
+    assert offset == np.load(tmp_path / "kad.npy", mmap_mode="r").offset

@@ -364,6 +364,25 @@ def test_reduced_decode_keeps_exif_orientation(tmp_path):
     assert got[:30].mean() > 200 and got[-30:].mean() < 50  # left half turned to the top
 
 
+@pytest.mark.parametrize(("orientation", "min_side", "factor"),
+                         [(1, None, 1), (1, 40, 4), (6, None, 1), (6, 80, 2)])
+def test_colour_jpeg_decodes_to_the_pixels_opencv_gives_in_bgr(tmp_path, orientation,
+                                                                min_side, factor):
+    # 8-bit colour JPEGs are decoded straight to RGB: the same pixels as OpenCV's BGR
+    # decoding with the channels swapped, full size and reduced, turned upright.
+    rgb = colourful(160, 320)
+    _jpeg_with_orientation(tmp_path / "c.jpg", rgb, orientation)
+    data = np.fromfile(tmp_path / "c.jpg", np.uint8)
+    flags = {1: cv2.IMREAD_UNCHANGED, 2: cv2.IMREAD_REDUCED_COLOR_2,
+             4: cv2.IMREAD_REDUCED_COLOR_4}[factor] | cv2.IMREAD_IGNORE_ORIENTATION
+    expected = cv2.cvtColor(cv2.imdecode(data, flags), cv2.COLOR_BGR2RGB)
+    if orientation == 6:
+        expected = cv2.rotate(expected, cv2.ROTATE_90_CLOCKWISE)
+    got = read_image(tmp_path / "c.jpg", min_side=min_side)
+    assert got.dtype == np.uint8 and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_png_is_never_reduced(tmp_path):
     write(tmp_path / "big.png", colourful(200, 300))
     assert read_image(tmp_path / "big.png", min_side=20).shape == (200, 300, 3)
@@ -434,3 +453,19 @@ def test_check_usable_sees_one_odd_pixel_anywhere(where):
     odd = flat.copy()
     odd[where] = (40, 41, 40)
     assert check_usable(odd, "odd.png") is odd
+
+
+@pytest.mark.parametrize(("shape", "size"), [
+    ((32, 32, 3), 224), ((300, 200, 3), 96), ((100, 400, 3), 224), ((50, 60, 1), (64, 40)),
+    ((96, 96, 3), 96),
+])
+def test_resize_into_a_batch_row_writes_the_pixels_resize_returns(shape, size):
+    image = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    expected = resize(image, size)
+    batch = np.zeros((3, *expected.shape), np.uint8)
+    assert resize(image, size, out=batch[1]) is batch[1] or np.shares_memory(
+        resize(image, size, out=batch[1]), batch)
+    np.testing.assert_array_equal(batch[1], expected)
+    assert not batch[0].any() and not batch[2].any()
+    with pytest.raises(ValueError, match="out must be"):
+        resize(image, size, out=np.zeros((5, 5, shape[2]), np.uint8))

@@ -469,3 +469,45 @@ def test_small_and_file_images_keep_the_native_input_size(tmp_path):
             cv2.imwrite(str(tmp_path / sub / f"{i}.png"), np.zeros((8, 8, 3), np.uint8))
     files = load_dataset("folder", tmp_path, kind="natural")
     assert default_input_size(files, irv2) == 299  # files: sizes unknown until decoded
+
+
+def test_fundus_search_statistics_are_numpys_to_the_last_bit():
+    # The fundus search reads its background level and histogram with OpenCV; they are
+    # exactly what np.percentile and np.bincount give, so the search finds what it found.
+    from kad.data.preprocessing import _histogram, _percentile
+
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 5, 97, 1000, 4096):
+        for low, high in ((0, 256), (30, 34), (200, 201)):
+            values = rng.integers(low, high, n).astype(np.uint8)
+            np.testing.assert_array_equal(_histogram(values), np.bincount(values, minlength=256))
+            for q in (0, 20, 37.5, 50, 99.9, 100):
+                assert _percentile(_histogram(values), q) == float(np.percentile(values, q))
+
+
+def test_disc_overlap_counts_the_disc_pixel_by_pixel():
+    from kad.data.preprocessing import _disc_overlap
+
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[:60, :80]
+    for _ in range(20):
+        region = (rng.random((60, 80)) < 0.6).astype(np.uint8)
+        cx, cy, radius = rng.uniform(-10, 90), rng.uniform(-10, 70), rng.uniform(0, 50)
+        disc = (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 <= radius ** 2
+        both = np.count_nonzero(disc & (region > 0))
+        union = np.count_nonzero(disc | (region > 0))
+        assert _disc_overlap(region, (cx, cy, radius)) == pytest.approx(both / union)
+
+
+@pytest.mark.parametrize(("spec", "size"), [("fundus:size=96", 96), ("fundus:size=64", 96),
+                                            ("natural", 96), ("natural", 20)])
+def test_pixels_into_a_batch_row_are_the_pixels_resized(spec, size):
+    from kad.data.preprocessing import get_preprocessing
+
+    prep = get_preprocessing(spec)
+    rgb = synthetic_fundus(300, 400, 130, background=20)
+    expected = resize(prep.pixels(rgb), size)
+    batch = np.zeros((3, size, size, 3), np.uint8)
+    assert np.shares_memory(prep.pixels_into(rgb, batch[1]), batch)
+    np.testing.assert_array_equal(batch[1], expected)
+    assert not batch[0].any() and not batch[2].any()

@@ -145,13 +145,19 @@ def decode_image(data: bytes, path: str | os.PathLike, *,
     if dicom.is_dicom(path, data):
         return dicom.decode_dicom(data, path, max_image_pixels())
     _check_complete(path, data)
-    size, orientation = _header(data)
+    size, orientation, colour_jpeg = _header(data)
     flags = cv2.IMREAD_UNCHANGED
     factor = _reduction(size, min_side) if data.startswith(_JPEG_SOI) else 1
     if size is not None:
         _check_pixels(path, size, factor)
     if factor > 1:
         flags = _REDUCED_FLAGS[factor] | cv2.IMREAD_IGNORE_ORIENTATION
+    rgb_out = colour_jpeg and _IMREAD_RGB is not None
+    if rgb_out:
+        # An 8-bit colour JPEG decoded straight to RGB: the same pixels as decoding to
+        # BGR and swapping the channels, without the extra pass over the image.
+        flags = (flags & ~cv2.IMREAD_COLOR if factor > 1 else 0) | _IMREAD_RGB \
+            | cv2.IMREAD_IGNORE_ORIENTATION
     try:
         decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
     except cv2.error as exc:
@@ -166,7 +172,7 @@ def decode_image(data: bytes, path: str | os.PathLike, *,
     if size is None:  # no header Pillow knows: checked once decoded (OpenCV's own limit
         _check_pixels(path, decoded.shape[1::-1], 1)  # bounds the decoding itself)
     try:
-        rgb = _convert(decoded, bgr=True)
+        rgb = _convert(decoded, bgr=not rgb_out)
     except ValueError as exc:
         raise ImageReadError(path, str(exc)) from exc
     return apply_orientation(rgb, orientation)
@@ -250,14 +256,16 @@ def to_rgb_uint8(array: np.ndarray) -> np.ndarray:
     return _convert(np.asarray(array), bgr=False)
 
 
-def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+def resize(image: np.ndarray, size: int | tuple[int, int],
+           out: np.ndarray | None = None) -> np.ndarray:
     """Resize ``image`` to exactly ``size`` x ``size`` pixels, or to ``(height, width)``.
 
     Shrinking uses ``cv2.INTER_AREA`` (no aliasing), enlarging ``cv2.INTER_LINEAR``; when
     one axis shrinks and the other grows, each axis is resized with its own method. The
     aspect ratio is not kept. Works for ``uint8`` and ``float32`` arrays of shape
     ``(H, W)`` or ``(H, W, C)`` and keeps the shape's layout; an image already of the
-    requested size is returned as it is.
+    requested size is returned as it is. ``out`` (C-contiguous, the result's shape and
+    type: a row of a batch) receives the result, written in place, and is returned.
     """
     height, width = _target_size(size)
     image = np.asarray(image)
@@ -267,19 +275,35 @@ def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
             f"got shape {image.shape}"
         )
     h, w = image.shape[:2]
-    if (h, w) == (height, width):
-        return image
+    if out is not None:
+        if (out.shape != (height, width, *image.shape[2:]) or out.dtype != image.dtype
+                or not out.flags.c_contiguous):
+            raise ValueError(f"resize: out must be a C-contiguous {image.dtype} array of "
+                             f"shape {(height, width, *image.shape[2:])}, got {out.dtype} "
+                             f"{out.shape}")
+        if (h, w) == (height, width):
+            np.copyto(out, image)
+            return out
+        # OpenCV writes into a destination of the right size and type, a 2-D view of
+        # out where the image has one channel (OpenCV drops the channel axis).
+        target = out[:, :, 0] if image.ndim == 3 and image.shape[2] == 1 else out
+    else:
+        if (h, w) == (height, width):
+            return image
+        target = None
     if height <= h and width <= w:
-        out = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+        done = cv2.resize(image, (width, height), dst=target, interpolation=cv2.INTER_AREA)
     elif height >= h and width >= w:
-        out = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+        done = cv2.resize(image, (width, height), dst=target, interpolation=cv2.INTER_LINEAR)
     else:  # one axis shrinks, the other grows: shrink first, then enlarge
         shrunk = (min(w, width), min(h, height))
-        out = cv2.resize(image, shrunk, interpolation=cv2.INTER_AREA)
-        out = cv2.resize(out, (width, height), interpolation=cv2.INTER_LINEAR)
-    if image.ndim == 3 and out.ndim == 2:  # OpenCV drops a single channel axis
-        out = out[:, :, None]
-    return out
+        done = cv2.resize(image, shrunk, interpolation=cv2.INTER_AREA)
+        done = cv2.resize(done, (width, height), dst=target, interpolation=cv2.INTER_LINEAR)
+    if out is not None:
+        return out
+    if image.ndim == 3 and done.ndim == 2:  # OpenCV drops a single channel axis
+        done = done[:, :, None]
+    return done
 
 
 # --------------------------------------------------------------------------------------
@@ -346,38 +370,43 @@ _REDUCED_FLAGS = {
 }
 
 
-def _header(data: bytes) -> tuple[tuple[int, int] | None, int]:
-    """``((width, height) or None, EXIF orientation)`` from the file's header, read with
-    Pillow without decoding the pixels; ``(None, 1)`` where Pillow does not know the
-    format (OpenCV may still decode it)."""
+#: OpenCV's flag to decode straight to RGB (OpenCV 4.10 and later; None before).
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
+
+
+def _header(data: bytes) -> tuple[tuple[int, int] | None, int, bool]:
+    """``((width, height) or None, EXIF orientation, colour JPEG)`` from the file's
+    header, read with Pillow without decoding the pixels; ``(None, 1, False)`` where
+    Pillow does not know the format (OpenCV may still decode it). ``colour JPEG``: a JPEG
+    of three 8-bit components (YCbCr or RGB, which Pillow opens as ``RGB``)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         try:
-            size, orientation = _pillow_header(data)
+            size, orientation, colour = _pillow_header(data)
         except Image.DecompressionBombError:
             # Pillow refuses to even open an image of more than twice its own limit; its
             # size is needed to say so in kad's terms, and reading the header is safe.
             with _PILLOW_LIMIT:
                 saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
                 try:
-                    size, orientation = _pillow_header(data)
+                    size, orientation, colour = _pillow_header(data)
                 finally:
                     Image.MAX_IMAGE_PIXELS = saved
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError,
             SyntaxError):
-        return None, 1
+        return None, 1, False
     try:
         orientation = int(orientation)
     except (TypeError, ValueError):
         orientation = 1
-    return size, orientation if orientation in _ORIENTATIONS else 1
+    return size, orientation if orientation in _ORIENTATIONS else 1, colour
 
 
 _PILLOW_LIMIT = threading.Lock()
 
 
-def _pillow_header(data: bytes) -> tuple[tuple[int, int], object]:
+def _pillow_header(data: bytes) -> tuple[tuple[int, int], object, bool]:
     from PIL import Image
 
     with warnings.catch_warnings():
@@ -388,8 +417,10 @@ def _pillow_header(data: bytes) -> tuple[tuple[int, int], object]:
             if image.format == "PNG" and "exif" not in image.info:
                 # Pillow would decode the whole PNG looking for an eXIf chunk after the
                 # pixels; the specification puts it before them, where info has it.
-                return image.size, 1
-            return image.size, image.getexif().get(0x0112, 1)
+                return image.size, 1, False
+            colour = (image.format == "JPEG" and image.mode == "RGB"
+                      and getattr(image, "bits", 8) == 8)
+            return image.size, image.getexif().get(0x0112, 1), colour
 
 
 def _reduction(size: tuple[int, int] | None, min_side: int | None) -> int:

@@ -54,6 +54,12 @@ class Preprocessing:
         """The output as ``uint8`` on the 0-255 scale, where :attr:`eight_bit`."""
         raise NotImplementedError(f"preprocessing {self.name!r} has no 8-bit output")
 
+    def pixels_into(self, rgb: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """:meth:`pixels` resized to ``out``'s height and width (:func:`resize`) and
+        written into ``out`` (``uint8``, C-contiguous: a row of a batch), with no copy of
+        the result in between."""
+        return resize(self.pixels(rgb), out.shape[:2], out=out)
+
     def source_side(self, input_size: int) -> int | None:  # noqa: ARG002 - a hook
         """The shorter side an image needs for this preprocessing to give the same result
         at ``input_size`` (the network input); a large JPEG is decoded at a reduced size
@@ -199,10 +205,16 @@ class Fundus(Preprocessing):
         out /= np.float32(255.0)  # in place: one copy of the image, not two
         return out
 
-    def pixels(self, rgb: np.ndarray) -> np.ndarray:
+    def pixels_into(self, rgb: np.ndarray, out: np.ndarray) -> np.ndarray:
+        if out.shape[:2] != (self.size, self.size):
+            return super().pixels_into(rgb, out)
+        return self.pixels(rgb, out=out)
+
+    def pixels(self, rgb: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The preprocessed image as ``uint8`` on the 0-255 scale, ``size`` square: the
         recipe's own precision (Graham's computes it on 8-bit images); :meth:`__call__`
-        is this divided by 255.
+        is this divided by 255. ``out`` (``size`` x ``size`` x 3, ``uint8``,
+        C-contiguous: a row of a batch) receives it, written in place.
 
         Every step works on 8-bit images, which OpenCV processes several times faster
         than floating point: the crop is resized, its local average computed and
@@ -214,7 +226,11 @@ class Fundus(Preprocessing):
         image = resize(crop, self.size)
         blurred = _local_average(image, self.blur * self.size)
         # alpha * image - alpha * blurred + 128, rounded and clipped to 0-255, in one pass.
-        out = cv2.addWeighted(image, self.alpha, blurred, -self.alpha, float(_GREY))
+        if out is not None and (out.shape != (self.size, self.size, 3)
+                                or out.dtype != np.uint8 or not out.flags.c_contiguous):
+            raise ValueError(f"fundus pixels: out must be a C-contiguous uint8 array of "
+                             f"shape {(self.size, self.size, 3)}, got {out.dtype} {out.shape}")
+        out = cv2.addWeighted(image, self.alpha, blurred, -self.alpha, float(_GREY), dst=out)
         if found is not None:
             # The fundus mask drawn at the output size: the disc and the bright region's
             # hull, mapped from photograph pixels to output pixels.
@@ -465,9 +481,9 @@ def _find_fundus(
         small[:band].ravel(), small[-band:].ravel(),
         small[:, :band].ravel(), small[:, -band:].ravel(),
     ])
-    background = float(np.percentile(border, 20))
+    background = _percentile(_histogram(border), 20)
     # The median of the pixels brighter than the background, from the histogram.
-    counts = np.bincount(small.ravel(), minlength=256)[math.floor(background + _MIN_MARGIN) + 1:]
+    counts = _histogram(small)[math.floor(background + _MIN_MARGIN) + 1:]
     total = int(counts.sum())
     if total < _MIN_AREA * small.size:
         return None
@@ -506,6 +522,29 @@ def _find_fundus(
     # Pixel centres of the small image to pixel centres of the full one.
     hull = (cv2.convexHull(contour).reshape(-1, 2) + 0.5) / (fx, fy) - 0.5
     return (cx / fx, cy / fy, half / min(fx, fy)), hull
+
+
+def _histogram(grey: np.ndarray) -> np.ndarray:
+    """The number of pixels of each grey level 0-255 of a ``uint8`` array (OpenCV's
+    histogram: the counts ``np.bincount`` gives, a pass over the pixels without first
+    widening each one to 64 bits)."""
+    flat = np.ascontiguousarray(grey).reshape(1, -1)
+    return cv2.calcHist([flat], [0], None, [256], [0, 256]).ravel().astype(np.int64)
+
+
+def _percentile(counts: np.ndarray, q: float) -> float:
+    """``np.percentile(values, q)`` (its default, linear method) of the ``uint8`` values
+    whose histogram is ``counts``, computed as NumPy computes it to the last bit (the two
+    order statistics around the virtual index, interpolated as ``numpy``'s ``_lerp``),
+    without sorting the values."""
+    n = int(counts.sum())
+    virtual = (n - 1) * (q / 100)
+    below = math.floor(virtual)
+    above = min(below + 1, n - 1)
+    cumulative = np.cumsum(counts)
+    a, b = (int(np.searchsorted(cumulative, rank, side="right")) for rank in (below, above))
+    gamma = virtual - below
+    return float(b - (b - a) * (1 - gamma) if gamma >= 0.5 else a + (b - a) * gamma)
 
 
 def _largest_region(grey: np.ndarray, threshold: float, k: int,
@@ -549,8 +588,9 @@ def _disc_overlap(region: np.ndarray, circle: tuple[float, float, float]) -> flo
     """Intersection over union of ``region`` (``uint8``, 0 or 1) and the disc ``circle``
     (pixel-edge coordinates) within the image.
 
-    Row by row: the disc covers one run of pixels in each row, counted from the row's
-    running sum of ``region`` (one pass over the region, no disc image drawn).
+    Row by row: the disc covers one run of pixels in each row, counted from the
+    region's summed-area table (OpenCV's integral image: one pass over the region, no
+    disc image drawn).
     """
     cx, cy, radius = circle
     height, width = region.shape
@@ -561,12 +601,13 @@ def _disc_overlap(region: np.ndarray, circle: tuple[float, float, float]) -> flo
     first = np.clip(np.ceil(cx - 0.5 - half), 0, width).astype(np.int64)
     last = np.clip(np.floor(cx - 0.5 + half), -1, width - 1).astype(np.int64)
     runs = np.where(inside_rows & (last >= first), last - first + 1, 0)
-    running = np.zeros((height, width + 1), np.int32)
-    np.cumsum(region, axis=1, dtype=np.int32, out=running[:, 1:])
+    table = cv2.integral(region, sdepth=cv2.CV_32S)  # (height + 1, width + 1)
     ends = np.where(runs > 0, last + 1, 0)
     starts = np.where(runs > 0, first, 0)
-    both = int((running[rows, ends] - running[rows, starts]).sum())
-    union = int(running[:, -1].sum()) + int(runs.sum()) - both
+    # Row r's pixels in [start, end): the table's differences down one row.
+    both = int((table[rows + 1, ends] - table[rows, ends]
+                - table[rows + 1, starts] + table[rows, starts]).sum())
+    union = int(table[-1, -1]) + int(runs.sum()) - both
     return both / union if union else 0.0
 
 

@@ -275,6 +275,18 @@ class FeatureSet:
         return out
 
 
+def new_block_file(path: Path, n: int, dim: int) -> int:
+    """Create ``path`` as an ``.npy`` file of ``n`` x ``dim`` float32 zeros (the bytes
+    ``np.lib.format.open_memmap`` writes, without mapping the file: the rows are sparse
+    until written) and return where the rows start."""
+    header = {"descr": "<f4", "fortran_order": False, "shape": (int(n), int(dim))}
+    with open(path, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, header)
+        offset = fh.tell()
+        fh.truncate(offset + int(n) * int(dim) * 4)
+    return offset
+
+
 class EntryWriter:
     """Builds an entry in ``<entry>.partial/``; see the module docstring.
 
@@ -293,13 +305,13 @@ class EntryWriter:
         fresh = progress is None or progress.get("blocks") != blocks or progress.get("n") != n
         if not fresh and not self._files_fit():
             fresh = True  # a block file lost or cut short: nothing in it is trusted
+        offsets = {}
         if fresh:
             shutil.rmtree(self.partial, ignore_errors=True)
             (self.partial / "blocks").mkdir(parents=True)
             progress = {"blocks": blocks, "dims": dims, "n": n, "done": 0, "failed": {}}
             for name, dim in zip(blocks, dims, strict=True):
-                np.lib.format.open_memmap(self._file(name), mode="w+", dtype="<f4",
-                                          shape=(n, dim)).flush()
+                offsets[name] = new_block_file(self._file(name), n, dim)
             _write_json(self.partial / _PROGRESS, progress)
         self.progress = progress
         self.written = int(progress["done"])
@@ -307,7 +319,9 @@ class EntryWriter:
         self._new: list[tuple[int, int]] = []
         self._files = []
         for name in blocks:
-            offset = np.load(self._file(name), mmap_mode="r").offset
+            offset = offsets.get(name)
+            if offset is None:
+                offset = np.load(self._file(name), mmap_mode="r").offset
             self._files.append((os.open(self._file(name), os.O_WRONLY), offset))
 
     def _file(self, name: str) -> Path:

@@ -327,14 +327,10 @@ def load_image_pixels(source, index: int, preprocessing: Preprocessing, input_si
     on the 0-255 scale, ``input_size`` square, for a preprocessing with 8-bit output
     (:attr:`~kad.data.preprocessing.Preprocessing.eight_bit`); written into ``out`` (a
     row of a batch) when given. Raises as :func:`load_preprocessed` does."""
-    image = preprocessing.pixels(_decoded(source, index, preprocessing, input_size))
+    rgb = _decoded(source, index, preprocessing, input_size)
     if out is None:
-        return resize(image, input_size)
-    if image.shape[:2] == (input_size, input_size):
-        np.copyto(out, image)
-    else:  # resized straight into the batch
-        out[...] = resize(image, input_size)
-    return out
+        return resize(preprocessing.pixels(rgb), input_size)
+    return preprocessing.pixels_into(rgb, out)  # made in the batch's row, or resized into it
 
 
 def _decoded(source, index: int, preprocessing: Preprocessing, input_size: int):

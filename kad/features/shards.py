@@ -249,8 +249,9 @@ def _merged_meta(entry: Path, parts: list[FeatureSet]) -> dict:
 def _join_block(path: Path, n: int, dim: int, pieces: list[np.ndarray]) -> None:
     """One block file with the same header as :class:`~kad.features.cache.EntryWriter` writes, the
     pieces' rows copied in with ``pwrite`` (memory stays flat)."""
-    np.lib.format.open_memmap(path, mode="w+", dtype="<f4", shape=(n, dim)).flush()
-    offset = np.load(path, mmap_mode="r").offset
+    from kad.features.cache import new_block_file
+
+    offset = new_block_file(path, n, dim)
     step = max(1, _COPY_ROWS_BYTES // (4 * dim))
     fd = os.open(path, os.O_WRONLY)
     try:
