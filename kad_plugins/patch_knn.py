@@ -502,17 +502,7 @@ def _greedy_coreset(locations: np.ndarray, size: int, random_state, update) -> n
     where a uniform draw drops them. The search runs among at most ``_CORESET_POOL`` rows
     drawn uniformly (or ``size``, when more are asked for), on at most ``_CORESET_DIMS``
     random Gaussian directions, starting from a row drawn with ``random_state``;
-    ``update(chosen)`` reports progress.
-
-    Each step measures the new centre's distances to the pool's rows that it may have
-    come nearer to, not to all of them (Elkan's triangle inequality, as k-means is
-    accelerated): a row whose nearest centre ``a`` lies at least twice its own distance
-    from the new centre ``c`` (``|c - a| >= 2 |x - a|``) cannot be nearer to ``c``.
-    Comparing the new centre with the earlier ones (a few thousand rows) sets most of the
-    pool aside; a margin for float32 rounding (:func:`_rounding_margin`) keeps the test
-    conservative, so that every row whose distance the full product would have lowered
-    is measured, in the same float32 formula: the rows chosen are those of the plain
-    greedy loop, which measures every row at every step."""
+    ``update(chosen)`` reports progress."""
     rng = np.random.default_rng(random_state)
     pool = (np.arange(len(locations)) if len(locations) <= max(_CORESET_POOL, size)
             else np.sort(rng.choice(len(locations), max(_CORESET_POOL, size), replace=False)))
@@ -527,55 +517,32 @@ def _greedy_coreset(locations: np.ndarray, size: int, random_state, update) -> n
     first = int(rng.integers(len(points)))
     from threadpoolctl import threadpool_limits
 
-    # matrix-vector products over a few thousand rows: one BLAS thread (more only spin)
+    # one matrix-vector product per step, memory-bound: a second BLAS thread only spins
     with threadpool_limits(1):
         chosen = _k_centre(points, size, first, update)
     return np.sort(pool[chosen])
 
 
-def _rounding_margin(norms: np.ndarray, dims: int) -> float:
-    """A bound on the float32 rounding error of ``|x|² - 2 x·c + |c|²`` for rows of
-    squared norms at most ``norms.max()`` on ``dims`` dimensions: each of the two squared
-    norms and the dot product loses at most ``dims`` units in the last place of
-    ``(|x| + |c|)²``, the two sums one each (Higham, "Accuracy and stability of numerical
-    algorithms", 3.1), doubled for safety."""
-    return 8.0 * (dims + 2) * float(np.finfo(np.float32).epsneg) * max(float(norms.max()), 0.0)
-
-
 def _k_centre(points: np.ndarray, size: int, first: int, update) -> np.ndarray:
     """Rows of ``points`` (float32, contiguous) chosen by greedy k-centre from ``first``,
-    in the order chosen; ties go to the lowest row, as ``np.argmax`` takes them."""
-    n, dims = points.shape
+    in the order chosen; ties go to the lowest row (``np.argmax``). Each step measures
+    every row's squared distance to the new centre as ``|x|² - 2 x·c + |c|²`` in float32,
+    in buffers allocated once."""
     norms = np.einsum("ij,ij->i", points, points)
-    margin = _rounding_margin(norms, dims)
-    # per row: the squared distance to its nearest centre (float32, as measured), that
-    # centre, and the squared distance from it beyond which a new centre cannot come
-    # nearer: 4 (nearest + margin) + margin, rounding of both distances included
-    nearest = np.full(n, np.inf, dtype=np.float32)
-    owner = np.zeros(n, dtype=np.int32)
-    reach = np.full(n, np.inf, dtype=np.float32)
     chosen = np.empty(size, dtype=np.int64)
-    centres = np.empty((size, dims), dtype=np.float32)
-    between = np.empty(n, dtype=np.float32)  # buffers reused at every step
-    near = np.empty(n, dtype=bool)
-    slack = np.float32(6 * margin)
+    nearest = np.full(len(points), np.inf, dtype=np.float32)
+    distance = np.empty(len(points), dtype=np.float32)
+    place = first
     for i in range(size):
-        p = first if i == 0 else int(np.argmax(nearest))
-        chosen[i], centre = p, points[p]
-        centres[i] = centre
-        if i == 0:
-            rows = np.arange(n)
-        else:  # the rows whose nearest centre lies within reach of the new one
-            apart = norms[chosen[:i]] - 2 * (centres[:i] @ centre) + norms[p]
-            np.take(apart, owner, out=between)
-            rows = np.flatnonzero(np.less(between, reach, out=near))
-        # |x - c|² = |x|² - 2 x·c + |c|², as the plain loop computes it
-        distance = norms[rows] - 2 * (points[rows] @ centre) + norms[p]
-        closer = distance < nearest[rows]
-        rows, distance = rows[closer], distance[closer]
-        nearest[rows], owner[rows] = distance, i
-        reach[rows] = 4 * distance + slack
-        nearest[p] = reach[p] = -np.inf  # never chosen or measured again
+        if i:
+            place = int(np.argmax(nearest))
+        chosen[i] = place
+        np.matmul(points, points[place], out=distance)
+        distance *= -2
+        distance += norms
+        distance += norms[place]
+        np.minimum(nearest, distance, out=nearest)
+        nearest[place] = -np.inf  # never chosen twice
         if (i + 1) % 1000 == 0 or i + 1 == size:
             update(i + 1)
     return chosen

@@ -555,11 +555,11 @@ def test_bad_lesion_options_are_refused(options, message):
         PatchKNNDetector(**options).fit(_maps(4, np.random.default_rng(24)))
 
 
-# -- the coreset's greedy k-centre: pruned, the same rows as the plain loop ---------------
+# -- the coreset's greedy k-centre: in place, on one thread, the same rows ---------------
 
 def _plain_greedy_coreset(locations, size, random_state):
-    """The greedy k-centre loop as it was before pruning: every pool row measured at every
-    step (kept here as the reference that the pruned loop must reproduce)."""
+    """The greedy k-centre loop as first written (fresh temporaries at every step, BLAS
+    threads as configured): the reference that the in-place loop must reproduce."""
     from kad_plugins.patch_knn import _CORESET_DIMS, _CORESET_POOL
 
     rng = np.random.default_rng(random_state)
@@ -586,16 +586,16 @@ def _plain_greedy_coreset(locations, size, random_state):
 def _coreset_locations(kind, rng):
     if kind == "textures":  # low intrinsic dimension, as block maps have
         return _maps(30, rng, channels=48).reshape(-1, 48)
-    if kind == "far from the origin":  # float32 cancellation: the rounding margin is wide
+    if kind == "far from the origin":  # float32 cancellation: the rounding decides
         return 300.0 + _maps(20, rng, channels=8).reshape(-1, 8)
     if kind == "duplicates":  # ties everywhere: the lowest row wins, as np.argmax takes it
         rows = rng.integers(0, 3, size=(2000, 6)).astype(np.float32)
         return np.concatenate([rows, np.zeros((500, 6), np.float32)])
-    return rng.normal(size=(3000, 16)).astype(np.float32)  # no structure: little to prune
+    return rng.normal(size=(3000, 16)).astype(np.float32)  # no structure
 
 
 @pytest.mark.parametrize("kind", ["textures", "far from the origin", "duplicates", "noise"])
-def test_the_pruned_greedy_coreset_chooses_the_rows_of_the_plain_loop(kind):
+def test_the_greedy_coreset_chooses_the_rows_of_the_plain_loop(kind):
     from kad_plugins.patch_knn import _greedy_coreset
 
     locations = _coreset_locations(kind, np.random.default_rng(25))
