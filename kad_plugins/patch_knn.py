@@ -76,13 +76,14 @@ class PatchKNNDetector(BaseDetector):
     (fundus photographs cropped around the fundus): ``sampling="coreset"`` draws the bank
     by greedy k-centre instead (PatchCore's coreset: each next vector is the training
     location farthest from those kept, so rare normal locations, such as the optic disc,
-    stay in a small bank; chosen among at most 200,000 locations, on 32 random
-    directions); ``aggregate`` (odd, 1 by default) replaces each location's features by
-    the mean of its ``aggregate`` x ``aggregate`` neighbourhood on the stacked grid, as
-    PatchCore aggregates; ``position`` (0 by default) appends the location's two
-    coordinates relative to the grid's centre, weighted so that crossing half the grid
-    costs ``position`` typical feature spreads of the block (``position_scale_``): a
-    structure then counts as normal only where normal images have it.
+    stay in a small bank; chosen among at most 200,000 locations, or ``bank_size`` when
+    larger, on 32 random directions); ``aggregate`` (odd, 1 by default) replaces each
+    location's features by the mean of its ``aggregate`` x ``aggregate`` neighbourhood on
+    the stacked grid, as PatchCore aggregates; ``position`` (0 by default) appends the
+    location's two coordinates relative to the grid's centre, weighted so that crossing
+    half the grid costs ``position`` typical feature spreads of the block
+    (``position_scale_``): a structure then counts as normal only where normal images
+    have it.
 
     Its heatmap is its own (:meth:`explain_maps`): the location anomalies, whose maximum
     *is* the score; ordinary locations are near or below zero. :meth:`score_maps` gives
