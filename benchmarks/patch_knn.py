@@ -19,6 +19,11 @@ locations whose nearest bank vector it found) and the images' score error.
 Fitting: patch kNN fitted on ``--normals`` images (bank ``--bank``), wall and CPU seconds,
 and seconds per image (constant when fitting is linear in the number of images).
 
+Coreset: the greedy k-centre that ``sampling="coreset"`` runs (``_greedy_coreset``) on
+``--coreset-rows`` locations of such maps (200,000 by default: the pool it searches at
+most, as for ``kad fit``'s lesion maps model at 896 px) for a bank of ``--coreset-bank``
+(10,000, that model's), wall and CPU seconds and pool locations per CPU second.
+
 Run from the repository root::
 
     python benchmarks/patch_knn.py                 # the realistic sizes, a few minutes
@@ -82,19 +87,36 @@ def main(argv=None) -> None:
     parser.add_argument("--normals", default="20,40,80", help="fitting: numbers of normals")
     parser.add_argument("--index", default="auto",
                         help="exact, hnsw or auto (hnsw too when hnswlib is installed)")
+    parser.add_argument("--skip-scoring", action="store_true", help="no scoring table")
     parser.add_argument("--skip-fit", action="store_true", help="no fitting table")
+    parser.add_argument("--coreset-rows", type=int, default=200_000,
+                        help="coreset: locations searched")
+    parser.add_argument("--coreset-bank", type=int, default=10_000,
+                        help="coreset: locations chosen")
+    parser.add_argument("--skip-coreset", action="store_true", help="no coreset timing")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few seconds")
     args = parser.parse_args(argv)
     if args.smoke:
         args.side, args.bank, args.n_fit, args.n_test = 12, 2000, 10, 4
         args.repeat, args.normals = 1, "5,10"
+        args.coreset_rows, args.coreset_bank = 2_000, 200
     channels = tuple(int(c) for c in args.channels.split(","))
     indexes = (["exact", "hnsw"] if args.index == "auto" and has_hnswlib()
                else ["exact"] if args.index == "auto" else args.index.split(","))
     rng = np.random.default_rng(0)
     params = {"bank_size": args.bank, "block_channels": channels}
 
-    # -- scoring -----------------------------------------------------------------------
+    if not args.skip_scoring:
+        scoring(args, rng, channels, params, indexes)
+    if not args.skip_fit:
+        fitting(args, rng, channels, params)
+    if not args.skip_coreset:
+        coreset(args, rng, channels)
+
+
+def scoring(args, rng: np.random.Generator, channels: tuple[int, ...], params: dict,
+            indexes: list[str]) -> None:
+    """kNN and patch kNN scoring the same images, taking turns."""
     from kad_plugins.shallow import KNNDetector
 
     train = synthetic_maps(args.n_fit, rng, args.side, channels)
@@ -141,9 +163,26 @@ def main(argv=None) -> None:
               f"(score spread {np.std(scores['exact']):.2e}), rank correlation "
               f"{spearmanr(scores['hnsw'], scores['exact']).statistic:.4f}")
 
-    # -- fitting -----------------------------------------------------------------------
-    if args.skip_fit:
-        return
+
+def coreset(args, rng: np.random.Generator, channels: tuple[int, ...]) -> None:
+    """The greedy coreset's cost at ``--coreset-rows`` locations, ``--coreset-bank``
+    chosen: the locations as patch kNN projects them for its bank (the blocks here are
+    narrower than ``max_dims``: as they are), searched on 32 random directions."""
+    from kad_plugins.patch_knn import _greedy_coreset
+
+    per_map = args.side * args.side
+    maps = synthetic_maps(-(-args.coreset_rows // per_map), rng, args.side, channels)
+    locations = np.ascontiguousarray(maps.reshape(-1, maps.shape[-1])[:args.coreset_rows])
+    chosen, wall, cpu = timed(lambda: _greedy_coreset(locations, args.coreset_bank, 0,
+                                                      lambda _: None))
+    print(f"\ncoreset: {args.coreset_bank} of {len(locations)} locations "
+          f"({locations.shape[1]} channels): {wall:.1f} s wall, {cpu:.1f} s CPU, "
+          f"{len(locations) / max(cpu, 1e-9):,.0f} locations per CPU second "
+          f"({len(chosen)} chosen)")
+
+
+def fitting(args, rng: np.random.Generator, channels: tuple[int, ...], params: dict) -> None:
+    """Patch kNN fitted on each of ``--normals`` numbers of images."""
     print(f"\n{'fitting, exact':24s} {'wall s':>9s} {'CPU s':>9s} {'wall s/img':>11s} "
           f"{'CPU s/img':>10s}")
     for n in (int(v) for v in args.normals.split(",")):

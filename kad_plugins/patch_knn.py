@@ -76,13 +76,14 @@ class PatchKNNDetector(BaseDetector):
     (fundus photographs cropped around the fundus): ``sampling="coreset"`` draws the bank
     by greedy k-centre instead (PatchCore's coreset: each next vector is the training
     location farthest from those kept, so rare normal locations, such as the optic disc,
-    stay in a small bank; chosen among at most 200,000 locations, on 32 random
-    directions); ``aggregate`` (odd, 1 by default) replaces each location's features by
-    the mean of its ``aggregate`` x ``aggregate`` neighbourhood on the stacked grid, as
-    PatchCore aggregates; ``position`` (0 by default) appends the location's two
-    coordinates relative to the grid's centre, weighted so that crossing half the grid
-    costs ``position`` typical feature spreads of the block (``position_scale_``): a
-    structure then counts as normal only where normal images have it.
+    stay in a small bank; chosen among at most 200,000 locations, or ``bank_size`` when
+    larger, on 32 random directions); ``aggregate`` (odd, 1 by default) replaces each
+    location's features by the mean of its ``aggregate`` x ``aggregate`` neighbourhood on
+    the stacked grid, as PatchCore aggregates; ``position`` (0 by default) appends the
+    location's two coordinates relative to the grid's centre, weighted so that crossing
+    half the grid costs ``position`` typical feature spreads of the block
+    (``position_scale_``): a structure then counts as normal only where normal images
+    have it.
 
     Its heatmap is its own (:meth:`explain_maps`): the location anomalies, whose maximum
     *is* the score; ordinary locations are near or below zero. :meth:`score_maps` gives
@@ -500,30 +501,52 @@ def _greedy_coreset(locations: np.ndarray, size: int, random_state, update) -> n
     """Sorted rows of ``locations`` chosen by greedy k-centre (PatchCore's coreset): each
     next row is the one farthest from those already chosen, so rare locations are kept
     where a uniform draw drops them. The search runs among at most ``_CORESET_POOL`` rows
-    drawn uniformly, on at most ``_CORESET_DIMS`` random Gaussian directions, starting
-    from a row drawn with ``random_state``; ``update(chosen)`` reports progress."""
+    drawn uniformly (or ``size``, when more are asked for), on at most ``_CORESET_DIMS``
+    random Gaussian directions, starting from a row drawn with ``random_state``;
+    ``update(chosen)`` reports progress."""
     rng = np.random.default_rng(random_state)
-    pool = (np.arange(len(locations)) if len(locations) <= _CORESET_POOL
-            else np.sort(rng.choice(len(locations), _CORESET_POOL, replace=False)))
+    pool = (np.arange(len(locations)) if len(locations) <= max(_CORESET_POOL, size)
+            else np.sort(rng.choice(len(locations), max(_CORESET_POOL, size), replace=False)))
+    if size >= len(pool):
+        update(len(pool))
+        return pool
     points = locations[pool]
     if points.shape[1] > _CORESET_DIMS:
         points = points @ (rng.normal(size=(points.shape[1], _CORESET_DIMS))
                            / np.sqrt(_CORESET_DIMS)).astype(np.float32)
     points = np.ascontiguousarray(points, dtype=np.float32)
+    first = int(rng.integers(len(points)))
+    from threadpoolctl import threadpool_limits
+
+    # one matrix-vector product per step, memory-bound: a second BLAS thread only spins
+    with threadpool_limits(1):
+        chosen = _k_centre(points, size, first, update)
+    return np.sort(pool[chosen])
+
+
+def _k_centre(points: np.ndarray, size: int, first: int, update) -> np.ndarray:
+    """Rows of ``points`` (float32, contiguous) chosen by greedy k-centre from ``first``,
+    in the order chosen; ties go to the lowest row (``np.argmax``). Each step measures
+    every row's squared distance to the new centre as ``|x|² - 2 x·c + |c|²`` in float32,
+    in buffers allocated once."""
     norms = np.einsum("ij,ij->i", points, points)
     chosen = np.empty(size, dtype=np.int64)
-    chosen[0] = int(rng.integers(len(points)))
     nearest = np.full(len(points), np.inf, dtype=np.float32)
+    distance = np.empty(len(points), dtype=np.float32)
+    place = first
     for i in range(size):
         if i:
-            chosen[i] = int(np.argmax(nearest))
-        centre = points[chosen[i]]
-        # |x - c|² = |x|² - 2 x·c + |c|², one matrix-vector product per chosen row
-        np.minimum(nearest, norms - 2 * (points @ centre) + norms[chosen[i]], out=nearest)
-        nearest[chosen[i]] = -np.inf  # never chosen twice
+            place = int(np.argmax(nearest))
+        chosen[i] = place
+        np.matmul(points, points[place], out=distance)
+        distance *= -2
+        distance += norms
+        distance += norms[place]
+        np.minimum(nearest, distance, out=nearest)
+        nearest[place] = -np.inf  # never chosen twice
         if (i + 1) % 1000 == 0 or i + 1 == size:
             update(i + 1)
-    return np.sort(pool[chosen])
+    return chosen
 
 
 def _import_hnswlib():

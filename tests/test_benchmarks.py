@@ -16,6 +16,7 @@ from browser import needs_browser
 def test_the_patch_knn_benchmark_runs_in_smoke_mode():
     out = _run("patch_knn.py", "--smoke")
     assert "patch kNN (exact)" in out and "fitting, exact" in out
+    assert "locations per CPU second" in out
 
 
 @needs_browser

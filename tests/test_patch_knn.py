@@ -553,3 +553,69 @@ def test_lesion_options_are_deterministic_and_saved_models_score_as_in_memory(tm
 def test_bad_lesion_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         PatchKNNDetector(**options).fit(_maps(4, np.random.default_rng(24)))
+
+
+# -- the coreset's greedy k-centre: in place, on one thread, the same rows ---------------
+
+def _plain_greedy_coreset(locations, size, random_state):
+    """The greedy k-centre loop as first written (fresh temporaries at every step, BLAS
+    threads as configured): the reference that the in-place loop must reproduce."""
+    from kad_plugins.patch_knn import _CORESET_DIMS, _CORESET_POOL
+
+    rng = np.random.default_rng(random_state)
+    pool = (np.arange(len(locations)) if len(locations) <= _CORESET_POOL
+            else np.sort(rng.choice(len(locations), _CORESET_POOL, replace=False)))
+    points = locations[pool]
+    if points.shape[1] > _CORESET_DIMS:
+        points = points @ (rng.normal(size=(points.shape[1], _CORESET_DIMS))
+                           / np.sqrt(_CORESET_DIMS)).astype(np.float32)
+    points = np.ascontiguousarray(points, dtype=np.float32)
+    norms = np.einsum("ij,ij->i", points, points)
+    chosen = np.empty(size, dtype=np.int64)
+    chosen[0] = int(rng.integers(len(points)))
+    nearest = np.full(len(points), np.inf, dtype=np.float32)
+    for i in range(size):
+        if i:
+            chosen[i] = int(np.argmax(nearest))
+        centre = points[chosen[i]]
+        np.minimum(nearest, norms - 2 * (points @ centre) + norms[chosen[i]], out=nearest)
+        nearest[chosen[i]] = -np.inf
+    return np.sort(pool[chosen])
+
+
+def _coreset_locations(kind, rng):
+    if kind == "textures":  # low intrinsic dimension, as block maps have
+        return _maps(30, rng, channels=48).reshape(-1, 48)
+    if kind == "far from the origin":  # float32 cancellation: the rounding decides
+        return 300.0 + _maps(20, rng, channels=8).reshape(-1, 8)
+    if kind == "duplicates":  # ties everywhere: the lowest row wins, as np.argmax takes it
+        rows = rng.integers(0, 3, size=(2000, 6)).astype(np.float32)
+        return np.concatenate([rows, np.zeros((500, 6), np.float32)])
+    return rng.normal(size=(3000, 16)).astype(np.float32)  # no structure
+
+
+@pytest.mark.parametrize("kind", ["textures", "far from the origin", "duplicates", "noise"])
+def test_the_greedy_coreset_chooses_the_rows_of_the_plain_loop(kind):
+    from kad_plugins.patch_knn import _greedy_coreset
+
+    locations = _coreset_locations(kind, np.random.default_rng(25))
+    for seed in (0, 1):
+        reference = _plain_greedy_coreset(locations, 400, seed)
+        calls = []
+        chosen = _greedy_coreset(locations, 400, seed, calls.append)
+        np.testing.assert_array_equal(chosen, reference)
+        assert calls[-1] == 400
+        np.testing.assert_array_equal(_greedy_coreset(locations, 400, seed, calls.append),
+                                      chosen)
+
+
+def test_a_coreset_larger_than_the_pool_chooses_distinct_rows(monkeypatch):
+    """A bank asked larger than the pool of rows the greedy search runs on: the pool grows
+    to the bank's size (drawing the same row twice would repeat it in the bank)."""
+    from kad_plugins import patch_knn
+
+    monkeypatch.setattr(patch_knn, "_CORESET_POOL", 100)
+    locations = _maps(4, np.random.default_rng(26)).reshape(-1, 8)  # 576 rows
+    for size in (150, 300):
+        chosen = patch_knn._greedy_coreset(locations, size, 0, lambda _: None)
+        assert len(np.unique(chosen)) == size
