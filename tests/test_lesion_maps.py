@@ -155,17 +155,24 @@ def test_threshold_keeps_the_lesion_maps_model(fitted, tmp_path, monkeypatch):
     np.testing.assert_array_equal(after.maps.detector.bank_, before.maps.detector.bank_)
 
 
-def test_auto_maps_are_for_fundus_photographs_only_and_none_asks_for_none():
+def test_auto_maps_are_for_fundus_photographs_of_a_pooled_detector_and_none_for_none():
     from types import SimpleNamespace
 
+    from kad.registry import get_detector
     from kad.screening.workflow import FUNDUS_MAPS, MapsRequest
 
     auto = MapsRequest.of("auto", None)
-    assert auto.spec_for(SimpleNamespace(preprocessing="fundus:size=256")) == FUNDUS_MAPS
-    assert auto.spec_for(SimpleNamespace(preprocessing="natural")) is None
+    knn, patch = get_detector("knn"), get_detector("patchknn")
+    assert auto.spec_for(SimpleNamespace(preprocessing="fundus:size=256",
+                                         detector=knn)) == FUNDUS_MAPS
+    assert auto.spec_for(SimpleNamespace(preprocessing="natural", detector=knn)) is None
+    # a patch kNN model draws its own maps: no second one (at twice its size) beside it
+    assert auto.spec_for(SimpleNamespace(preprocessing="fundus:size=448",
+                                         detector=patch)) is None
     assert MapsRequest.of("none", None) is None and MapsRequest.of(None, None) is None
     asked = MapsRequest.of("patchknn:n_neighbors=3", 512)
-    assert asked.spec_for(SimpleNamespace(preprocessing="natural")) == "patchknn:n_neighbors=3"
+    assert asked.spec_for(SimpleNamespace(preprocessing="natural", detector=knn)) == \
+        "patchknn:n_neighbors=3"
     assert asked.size == 512
 
 

@@ -116,8 +116,8 @@ def fit(
              "file: a detector that draws its own maps (NAME[:key=value,...]), whose maps "
              "kad score --heatmaps then draws while the model gives every score. auto: "
              "patchknn:sampling=coreset,bank_size=10000 for fundus photographs (the best "
-             "lesion maps measured, benchmarks/lesions.py), none for other images; none: "
-             "no maps model.")] = "auto",
+             "lesion maps measured, benchmarks/lesions.py), none for other images or a "
+             "detector that draws its own maps; none: no maps model.")] = "auto",
     maps_size: Annotated[int | None, typer.Option(
         "--maps-size", min=32, help="The lesion maps model's input size in pixels "
                                     "(default: twice the model's).")] = None,

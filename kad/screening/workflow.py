@@ -98,7 +98,8 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
     same images at ``maps_size`` px (default: :data:`MAPS_SCALE` times the model's input
     size); ``kad score --heatmaps`` then draws its maps while this model gives every score.
     ``"auto"`` (the default) is :data:`FUNDUS_MAPS` for fundus photographs, the best
-    lesion maps measured (``benchmarks/lesions.py``), and none for other images;
+    lesion maps measured (``benchmarks/lesions.py``), and none for other images or for a
+    detector that draws its own maps;
     ``"none"`` or None fits none."""
     from kad.features.cache import cache_root, check_writable
     from kad.features.int8 import check_precision
@@ -252,11 +253,16 @@ class MapsRequest:
         return cls(text, None if size is None else int(size))
 
     def spec_for(self, pipeline: Pipeline) -> str | None:
-        """The maps model's detector for ``pipeline`` (None: no maps model)."""
+        """The maps model's detector for ``pipeline`` (None: no maps model). ``auto`` fits
+        none for a model whose detector draws its own maps (a patch kNN model is its own
+        lesion maps model)."""
         if self.spec.lower() != "auto":
             return self.spec
         from kad.data.preprocessing import get_preprocessing
+        from kad.detectors.base import BaseDetector
 
+        if type(pipeline.detector).explain_maps is not BaseDetector.explain_maps:
+            return None
         return FUNDUS_MAPS if get_preprocessing(pipeline.preprocessing).name == "fundus" \
             else None
 
