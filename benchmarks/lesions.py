@@ -137,7 +137,6 @@ def _peak_mib() -> float:
 
 def _default_detectors() -> list[str]:
     """kNN, patch kNN and every other registered detector that draws its own map."""
-    from kad.detectors.base import BaseDetector
     from kad.errors import PluginError
     from kad.registry import DETECTORS, load, names
 
@@ -147,7 +146,7 @@ def _default_detectors() -> list[str]:
             cls = load(DETECTORS, name)
         except PluginError:
             continue
-        if name not in chosen and cls.explain_maps is not BaseDetector.explain_maps:
+        if name not in chosen and cls.draws_own_maps():
             chosen.append(name)
     return chosen
 

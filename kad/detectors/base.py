@@ -200,6 +200,11 @@ class BaseDetector(OutlierMixin, BaseEstimator):
         del representation  # the default detector needs no layout
         return self
 
+    @classmethod
+    def draws_own_maps(cls) -> bool:
+        """Whether the detector draws its own heatmaps (overrides :meth:`explain_maps`)."""
+        return cls.explain_maps is not BaseDetector.explain_maps
+
     def explain_maps(self, x: np.ndarray) -> np.ndarray | None:
         """A detector's own heatmap of one image, or None (the default) to let
         :mod:`kad.screening.heatmaps` make it (gradient attribution where

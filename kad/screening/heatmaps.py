@@ -254,7 +254,7 @@ def choose_method(detector: BaseDetector, method: str = "auto") -> str:
     available, or, for ``"auto"``, the detector's own, else gradient, else occlusion."""
     if method not in METHODS:
         raise KadError(f"unknown heatmap method {method!r}; use one of {', '.join(METHODS)}")
-    own = type(detector).explain_maps is not BaseDetector.explain_maps
+    own = detector.draws_own_maps()
     reference = getattr(detector, "reference_", None)
     differentiable = reference is not None and (
         detector.score_gradient(np.asarray(reference, dtype=np.float32)[None]) is not None)

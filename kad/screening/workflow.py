@@ -233,7 +233,6 @@ class MapsRequest:
 
     @classmethod
     def of(cls, maps: str | None, size: int | None) -> MapsRequest | None:
-        from kad.detectors.base import BaseDetector
         from kad.registry import get_detector
 
         text = None if maps is None else str(maps).strip()
@@ -247,7 +246,7 @@ class MapsRequest:
             return None
         if text.lower() != "auto":
             detector = get_detector(text)
-            if type(detector).explain_maps is BaseDetector.explain_maps:
+            if not detector.draws_own_maps():
                 raise KadError(f"--maps {text}: {type(detector).__name__} draws no map of its "
                                "own; use a detector that does (e.g. patchknn), or none")
         return cls(text, None if size is None else int(size))
@@ -259,9 +258,8 @@ class MapsRequest:
         if self.spec.lower() != "auto":
             return self.spec
         from kad.data.preprocessing import get_preprocessing
-        from kad.detectors.base import BaseDetector
 
-        if type(pipeline.detector).explain_maps is not BaseDetector.explain_maps:
+        if pipeline.detector.draws_own_maps():
             return None
         return FUNDUS_MAPS if get_preprocessing(pipeline.preprocessing).name == "fundus" \
             else None
