@@ -468,7 +468,7 @@ def _heatmap_scale(pipeline) -> str:
     them (its lesion maps model where it has one)."""
     from kad.screening.heatmap_scale import HeatAnchor, anchor
 
-    drawer = getattr(pipeline, "maps", None) or pipeline
+    drawer = pipeline.drawer()
     found = anchor(drawer, None)
     whose = "" if drawer is pipeline else " of the lesion maps model"
     if isinstance(found, HeatAnchor):

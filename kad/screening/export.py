@@ -123,7 +123,7 @@ def export_pipeline(model: str | Path | Pipeline, out_dir: str | Path, *,
                 if file_sha256(part / name) != digest:
                     raise KadError(f"{part / name} does not match the conversion it was "
                                    "copied from; export again")
-            _save_without_maps(pipeline, part / PIPELINE_FILE)
+            pipeline.save(part / PIPELINE_FILE, with_maps=False)  # its network is not here
             marker = {
                 "format": EXPORT_FORMAT, "kad": __version__,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -160,16 +160,6 @@ def export_pipeline(model: str | Path | Pipeline, out_dir: str | Path, *,
         notes.append(f"the detector {type(pipeline.detector).__name__} holds a Keras network: "
                      "scoring this export still needs TensorFlow (pip install 'kad[tf]')")
     return ExportRun(out, list(runtime.names), replaced, notes)
-
-
-def _save_without_maps(pipeline: Pipeline, path: Path) -> None:
-    """Save ``pipeline`` without its lesion maps model, whose network is not exported."""
-    maps = pipeline.maps
-    pipeline.maps = None
-    try:
-        pipeline.save(path)
-    finally:
-        pipeline.maps = maps
 
 
 def _members(path: Path) -> list[str]:

@@ -768,7 +768,7 @@ def explain_file(pipeline, image: str | Path, out: str | Path, *,
     goes there. An unreadable image raises :class:`~kad.errors.ImageReadError`."""
     from kad.data.datasets import FileSource
 
-    drawer = pipeline.maps if method == "auto" and pipeline.maps is not None else pipeline
+    drawer = pipeline.drawer(method)
     source = FileSource([Path(image)])
     found = explain(drawer, source, [str(image)], method=method, grid=grid, steps=steps,
                     weights=weights, runtime=runtime)[0]

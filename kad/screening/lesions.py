@@ -416,7 +416,7 @@ def measure_lesions(model: str | Path, images: Sequence[str | Path], masks: str 
     began = time.perf_counter()
     # the maps a grader sees: the model's lesion maps model's where it has one (for method
     # auto, as kad score --heatmaps draws them); the image scores stay the model's own
-    drawer = pipeline.maps if method == "auto" and pipeline.maps is not None else pipeline
+    drawer = pipeline.drawer(method)
     tally, used = _measure(drawer, cases, method=method, grid=grid, steps=steps,
                            weights=weights, runtime=runtime, near=near,
                            disc_margin=disc_margin, eval_side=eval_side, progress=progress)

@@ -144,6 +144,12 @@ class Pipeline:
             maps.is_maps = True
         self.maps = maps
 
+    def drawer(self, method: str = "auto") -> Pipeline:
+        """The pipeline whose maps heatmaps by ``method`` show: the lesion maps model
+        (:attr:`maps`) for ``auto`` where there is one, else this pipeline itself. The
+        scores stay this pipeline's either way."""
+        return self.maps if method == "auto" and self.maps is not None else self
+
     def describe_maps(self) -> dict:
         """What a lesion maps model is, in a few plain values (its file's manifest and the
         report show them)."""
@@ -339,22 +345,24 @@ class Pipeline:
         return assess(held["scores"], held["labels"], self.threshold.value,
                       held["measured_on"], honest=True)
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, *, with_maps: bool = True) -> Path:
         """Write the pipeline to one file of plain data (see :mod:`kad.utils.artifact`); raises
         :class:`~kad.errors.UnstorableError` naming the value when part of it cannot be
-        stored that way."""
+        stored that way. ``with_maps=False`` leaves its lesion maps model (:attr:`maps`)
+        out."""
         if self.exported is not None:
             raise KadError(f"{self.source} is an exported model and is not written back: "
                            "change the model file it was exported from (kad threshold "
                            f"MODEL ...) and export it again, not {path}")
         if self.is_maps:
             raise KadError("a lesion maps model is saved with the model it draws maps for")
-        fitted = [self] if self.maps is None else [self, self.maps]
+        maps = self.maps if with_maps else None
+        fitted = [self] if maps is None else [self, maps]
         encoder = Encoder(trusted=tuple(t for p in fitted
                                         for t in type(p.detector).trusted_types))
         tree = self._encode(encoder, "")
-        if self.maps is not None:
-            tree[MAPS] = self.maps._encode(encoder, f"{MAPS}.")
+        if maps is not None:
+            tree[MAPS] = maps._encode(encoder, f"{MAPS}.")
         return write_artifact(path, "pipeline", tree, encoder.members, info=self.describe())
 
     def _encode(self, encoder: Encoder, prefix: str) -> dict:

@@ -574,10 +574,10 @@ def _maps_model(maps_from, method: str, grid: int, steps: int, runtime: str | No
 
     if maps_from is not None:
         maps = _pipeline(maps_from)
-    elif heatmaps and method == "auto" and pipeline.maps is not None:
-        maps = pipeline.maps
     else:
-        return None
+        maps = pipeline.drawer(method) if heatmaps else pipeline
+        if maps is pipeline:
+            return None
     check_heatmaps(maps, method, grid, steps, weights=_maps_weights(maps, pipeline, weights),
                    runtime=runtime)
     return maps

@@ -157,7 +157,7 @@ class BatchScorer:
         records = []
         ids = [str(i) for i in range(len(uploads))]
         # a model with a lesion maps model: the score is the model's, the map that one's
-        drawer = self.pipeline.maps or self.pipeline
+        drawer = self.pipeline.drawer()
         own = None if drawer is self.pipeline else self.pipeline.score(
             UploadSource(uploads), ids=ids, weights=self.weights, runtime=self.runtime)
         for i, (upload, heat) in enumerate(zip(uploads, iter_heatmaps(
