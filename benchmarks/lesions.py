@@ -53,7 +53,6 @@ import resource
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -181,16 +180,13 @@ def fit_and_map(spec: str, fit_files, scored_files, args, cache: str):
                                 preprocessing=args.preprocessing, detector=spec,
                                 representation=args.representation, **options)
     fit_s, fit_cpu = time.perf_counter() - began, time.process_time() - cpu
+    # kad fit's default: kNN's scores, its lesion maps model's maps, as kad score has them
+    scorer = pipeline if screen is None else screen
     # build and trace the networks before timing (the first photograph again after)
-    list(iter_heatmaps(pipeline, FileSource(scored_files[:1]), keep_images=False))
-    if screen is not None:
-        screen.score(FileSource(scored_files[:1]))
+    list(iter_heatmaps(scorer, FileSource(scored_files[:1]), keep_images=False))
     began, cpu = time.perf_counter(), time.process_time()
-    maps = list(iter_heatmaps(pipeline, FileSource(scored_files),
+    maps = list(iter_heatmaps(scorer, FileSource(scored_files),
                               [str(p) for p in scored_files], keep_images=False))
-    if screen is not None:  # the image scores are kNN's, as kad score writes them
-        own = screen.score(FileSource(scored_files), [str(p) for p in scored_files]).scores
-        maps = [replace(m, score=float(value)) for m, value in zip(maps, own, strict=True)]
     wall, cpu = time.perf_counter() - began, time.process_time() - cpu
     n = len(scored_files)
     cost = {"time/photo": f"{wall / n:.2f} s ({cpu / n:.2f} CPU)",

@@ -468,34 +468,74 @@ def _resized(own: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(resize(own, size), dtype=np.float32)
 
 
+def _drawer(pipeline, method: str, maps, weights: str | None):
+    """``(the pipeline that draws the maps, the weights it runs with)``: ``maps`` when
+    given, else ``pipeline.drawer(method)`` (its lesion maps model for auto). ``weights``
+    (where the model's weights file is now) go to ``pipeline`` and to its own lesion maps
+    model, fitted with the same weights; another model file's uses its recorded ones."""
+    drawer = pipeline.drawer(method) if maps is None else maps
+    own = drawer is pipeline or drawer is pipeline.maps
+    return drawer, weights if own else None
+
+
 def check_heatmaps(pipeline, method: str = "auto", grid: int = DEFAULT_GRID,
                    steps: int = DEFAULT_STEPS, weights: str | None = None,
-                   runtime: str | None = None) -> str:
-    """Check, before any image is read, that ``pipeline`` can make heatmaps by ``method``
-    (with ``grid``, ``steps``, ``weights`` and ``runtime`` as :func:`iter_heatmaps` takes
-    them): its network is built and its weights checked (kept for the heatmaps that
-    follow). Returns the method that will make them; raises :class:`KadError` saying why
-    not."""
-    return _Explainer(pipeline, method, grid, steps, weights, None, runtime).method
+                   runtime: str | None = None, maps=None) -> str:
+    """Check, before any image is read, that heatmaps of ``pipeline`` can be made by
+    ``method`` (with ``grid``, ``steps``, ``weights``, ``runtime`` and ``maps`` as
+    :func:`iter_heatmaps` takes them): the drawing model's network is built and its weights
+    checked (kept for the heatmaps that follow). Returns the method that will make them;
+    raises :class:`KadError` saying why not."""
+    drawer, weights = _drawer(pipeline, method, maps, weights)
+    return _Explainer(drawer, method, grid, steps, weights, None, runtime).method
 
 
 def iter_heatmaps(pipeline, source, ids: Sequence[str] | None = None, *,
                   method: str = "auto", grid: int = DEFAULT_GRID, steps: int = DEFAULT_STEPS,
                   weights: str | None = None, batch_size: int | None = None,
                   keep_images: bool = True, runtime: str | None = None,
-                  progress: Progress | None = None) -> Iterator[Heatmap]:
+                  progress: Progress | None = None, maps=None) -> Iterator[Heatmap]:
     """One :class:`Heatmap` per image of ``source`` (an :class:`~kad.data.datasets.ImageSource`),
     in order, streamed batch by batch; unreadable images give a heatmap with ``map`` None
     and ``error`` set. See the module docstring for ``method``, ``grid`` and ``steps``;
     ``runtime`` (default: the pipeline's); ``progress`` gets the task ``heatmaps``
-    (images done of all)."""
-    explainer = _Explainer(pipeline, method, grid, steps, weights, batch_size, runtime)
+    (images done of all).
+
+    The maps are drawn by ``maps`` (another fitted pipeline) when given, else by
+    ``pipeline.drawer(method)``: its lesion maps model for auto, where it has one. When
+    another model draws them, every heatmap's score is still ``pipeline``'s own, read in
+    a first pass over ``source`` (the drawing model's score and reference are dropped),
+    and an image either model cannot read has no map, with the reason."""
+    drawer, drawn_weights = _drawer(pipeline, method, maps, weights)
+    explainer = _Explainer(drawer, method, grid, steps, drawn_weights, batch_size, runtime)
     ids = [str(i) for i in (ids if ids is not None else range(len(source)))]
     if len(ids) != len(source):
         raise KadError(f"{len(ids)} ids for {len(source)} images")
+    own = None if drawer is pipeline else pipeline.score(
+        source, ids, progress=progress, weights=weights, runtime=runtime)
     size, bs = explainer.size, explainer.batch_size
     with task(progress, "heatmaps", len(source)) as update:
-        yield from _heatmaps(explainer, source, ids, size, bs, keep_images, update)
+        drawn = _heatmaps(explainer, source, ids, size, bs, keep_images, update)
+        if own is None:
+            yield from drawn
+            return
+        name = model_file(drawer) or MAPS_MODEL
+        for row, heat in enumerate(drawn):
+            yield _scored_by(heat, float(own.scores[row]), own.failed.get(heat.id), name)
+
+
+def _scored_by(heat: Heatmap, score: float, failed: str | None, name: str) -> Heatmap:
+    """``heat``, drawn by the model ``name``, with the score of the model that scores the
+    image (``failed``: why that model could not read it)."""
+    from dataclasses import replace
+
+    if failed is not None:
+        return replace(heat, score=float("nan"), map=None, reference_score=None,
+                       error=failed)
+    if heat.map is None:
+        return replace(heat, score=float("nan"), reference_score=None,
+                       error=f"{heat.error} (reading it for the heatmaps of {name})")
+    return replace(heat, score=score, reference_score=None)
 
 
 def _load(explainer, source, index: int, size: int):
@@ -704,12 +744,15 @@ def write_heatmaps(pipeline, source, ids: Sequence[str] | None, out_dir: str | P
                    method: str = "auto", grid: int = DEFAULT_GRID,
                    steps: int = DEFAULT_STEPS, weights: str | None = None,
                    runtime: str | None = None,
-                   progress: Progress | None = None, on_heatmap=None) -> HeatmapRun:
+                   progress: Progress | None = None, on_heatmap=None,
+                   maps=None) -> HeatmapRun:
     """Score every image of ``source`` and write its two overlays into ``out_dir``,
-    streaming (images are not kept). The scores are those :meth:`Pipeline.score` gives.
-    ``on_heatmap``, a callable, receives every :class:`Heatmap` before it is let go (the
-    report keeps a small copy of each map this way). Each map's sidecar names the model
-    file that made it (``pipeline.source``) where the pipeline was read from one."""
+    streaming (images are not kept). The scores are those :meth:`Pipeline.score` gives;
+    the maps come from the model :func:`iter_heatmaps` draws them with (``maps``, or
+    ``pipeline``'s lesion maps model). ``on_heatmap``, a callable, receives every
+    :class:`Heatmap` before it is let go (the report keeps a small copy of each map this
+    way). Each map's sidecar names the model file that made it where the model was read
+    from one."""
     from kad.features.extraction import Scores
 
     ids = [str(i) for i in (ids if ids is not None else range(len(source)))]
@@ -719,9 +762,11 @@ def write_heatmaps(pipeline, source, ids: Sequence[str] | None, out_dir: str | P
     passes = 0
     used = method
     began = time.perf_counter()
+    drawer, _ = _drawer(pipeline, method, maps, weights)
+    name = model_file(drawer)
     for row, heat in enumerate(iter_heatmaps(pipeline, source, ids, method=method, grid=grid,
-                                             steps=steps, weights=weights,
-                                             runtime=runtime, progress=progress)):
+                                             steps=steps, weights=weights, runtime=runtime,
+                                             progress=progress, maps=maps)):
         used = heat.method
         passes += heat.forward_passes
         if on_heatmap is not None:
@@ -730,9 +775,10 @@ def write_heatmaps(pipeline, source, ids: Sequence[str] | None, out_dir: str | P
             failed[heat.id] = heat.error or "unreadable"
             continue
         scores[row] = heat.score
-        files[heat.id] = save_overlays(heat, out_dir, model=model_file(pipeline))
+        files[heat.id] = save_overlays(heat, out_dir, model=name)
     return HeatmapRun(Scores(ids, scores, failed), files, used, passes,
-                      time.perf_counter() - began)
+                      time.perf_counter() - began,
+                      maps_from=None if drawer is pipeline else name or MAPS_MODEL)
 
 
 @dataclass
@@ -768,18 +814,12 @@ def explain_file(pipeline, image: str | Path, out: str | Path, *,
     goes there. An unreadable image raises :class:`~kad.errors.ImageReadError`."""
     from kad.data.datasets import FileSource
 
-    drawer = pipeline.drawer(method)
-    source = FileSource([Path(image)])
-    found = explain(drawer, source, [str(image)], method=method, grid=grid, steps=steps,
-                    weights=weights, runtime=runtime)[0]
+    drawer = pipeline.drawer(method)  # the map is its, the score the model's own
+    found = explain(pipeline, FileSource([Path(image)]), [str(image)], method=method,
+                    grid=grid, steps=steps, weights=weights, runtime=runtime)[0]
     if found.map is None:
         raise ImageReadError(image, found.error or "unreadable")
     score = found.score
-    if drawer is not pipeline:  # the map is the maps model's, the score the model's own
-        scored = pipeline.score(source, [str(image)], weights=weights, runtime=runtime)
-        if str(image) in scored.failed:
-            raise ImageReadError(image, scored.failed[str(image)])
-        score = float(scored.scores[0])
     seen = write_overlay(found, out, "seen")
     back = write_overlay(found, original, "original") if original is not None else None
     array = write_map(found, Path(out).with_suffix(".npy"), model_file(drawer))
@@ -787,8 +827,7 @@ def explain_file(pipeline, image: str | Path, out: str | Path, *,
         str(image), score, bool(pipeline.flag(np.array([score]))[0]),
         float(pipeline.threshold.value), float(pipeline.percentile(np.array([score]))[0]),
         found.method, found.forward_passes, found.peak, int(found.map.shape[0]),
-        found.explained if drawer is pipeline else None,
-        float(found.map.astype(np.float64).sum()), seen, back, array,
+        found.explained, float(found.map.astype(np.float64).sum()), seen, back, array,
         maps_from=None if drawer is pipeline else (model_file(drawer) or MAPS_MODEL))
 
 

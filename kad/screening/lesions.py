@@ -417,11 +417,9 @@ def measure_lesions(model: str | Path, images: Sequence[str | Path], masks: str 
     # the maps a grader sees: the model's lesion maps model's where it has one (for method
     # auto, as kad score --heatmaps draws them); the image scores stay the model's own
     drawer = pipeline.drawer(method)
-    tally, used = _measure(drawer, cases, method=method, grid=grid, steps=steps,
+    tally, used = _measure(pipeline, cases, method=method, grid=grid, steps=steps,
                            weights=weights, runtime=runtime, near=near,
                            disc_margin=disc_margin, eval_side=eval_side, progress=progress)
-    if drawer is not pipeline:
-        _rescore(pipeline, tally, cases, weights=weights, runtime=runtime, progress=progress)
     normal_rows = [LesionResult(o.file, o.status, reason=o.reason) for o in normal_others]
     normal_scores: list[float] = []
     if normal_files:
@@ -448,20 +446,6 @@ def measure_lesions(model: str | Path, images: Sequence[str | Path], masks: str 
         replaced = stage.publish()
     return LesionRun(summary, results, normal_rows, used, seconds, stage.final(csv_path),
                      stage.final(json_path), replaced)
-
-
-def _rescore(pipeline, tally: LesionTally, cases, *, weights, runtime, progress) -> None:
-    """Give the measured photographs of ``tally`` ``pipeline``'s own scores (their maps
-    came from its lesion maps model, whose scores are not the model's)."""
-    from kad.data.datasets import FileSource
-
-    ids = [c.id for c in cases]
-    scored = pipeline.score(FileSource([c.image for c in cases]), ids=ids, weights=weights,
-                            runtime=runtime, progress=progress)
-    own = dict(zip(scored.ids, scored.scores, strict=True))
-    for result in tally.results:
-        if result.id in own:
-            result.score = float(own[result.id])
 
 
 def _measure(pipeline, cases, *, method, grid, steps, weights, runtime, near, disc_margin,

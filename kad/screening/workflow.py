@@ -520,20 +520,14 @@ def score_images(model: str | Path | Pipeline, inputs: Sequence[str | Path], *,
     truth = match_labels(files, read_labels(Path(labels))) if labels else None
     ids = [str(f) for f in files]
     drawn = None
-    if maps is not None:
-        own = pipeline.score(FileSource(files), ids=ids, progress=progress, weights=weights,
-                             runtime=runtime)
-        drawn = _maps_of_scored(maps, files, own, Path(heatmaps_dir),
-                                method=heatmap_method, grid=grid, steps=steps,
-                                weights=_maps_weights(maps, pipeline, weights),
-                                runtime=runtime, progress=progress, on_heatmap=on_heatmap)
-        result = drawn.scores  # the model's own, less the images the maps model cannot read
-    elif heatmaps_dir is not None:
+    if heatmaps_dir is not None:
         from kad.screening.heatmaps import write_heatmaps
 
+        # the model's own scores, less the images the maps model cannot read
         drawn = write_heatmaps(pipeline, FileSource(files), ids, Path(heatmaps_dir),
                                method=heatmap_method, grid=grid, steps=steps, weights=weights,
-                               runtime=runtime, progress=progress, on_heatmap=on_heatmap)
+                               runtime=runtime, progress=progress, on_heatmap=on_heatmap,
+                               maps=maps)
         result = drawn.scores
     elif engine == "ray":
         from kad.features.ray_engine import score_with_ray
@@ -556,58 +550,22 @@ def _pipeline(model: str | Path | Pipeline) -> Pipeline:
     return load_pipeline(model)
 
 
-def _maps_weights(maps: Pipeline, pipeline: Pipeline, weights: str | None) -> str | None:
-    """The weights file ``maps`` runs with: ``weights`` (``--weights``, where the model's
-    weights file is now) for the model's own lesion maps model, fitted on the same
-    weights; another model file's maps model uses its own recorded ones."""
-    return weights if maps is pipeline.maps else None
-
-
 def _maps_model(maps_from, method: str, grid: int, steps: int, runtime: str | None,
                 pipeline: Pipeline, heatmaps: bool,
                 weights: str | None = None) -> Pipeline | None:
-    """The model that draws the heatmaps, loaded and checked (it can make heatmaps by
-    ``method``: network built, weights checked) before any work: ``maps_from``, else, for
-    ``method`` auto, ``pipeline``'s own lesion maps model (:attr:`Pipeline.maps`); None
-    where ``pipeline`` draws them itself."""
+    """The model that draws the heatmaps where it is not ``pipeline``: ``maps_from``,
+    else, for ``method`` auto, ``pipeline``'s own lesion maps model
+    (:meth:`Pipeline.drawer`); None where ``pipeline`` draws them itself or there are
+    none. Loaded and checked (it can make heatmaps by ``method``: network built, weights
+    checked) before any work."""
     from kad.screening.heatmaps import check_heatmaps
 
-    if maps_from is not None:
-        maps = _pipeline(maps_from)
-    else:
-        maps = pipeline.drawer(method) if heatmaps else pipeline
-        if maps is pipeline:
-            return None
-    check_heatmaps(maps, method, grid, steps, weights=_maps_weights(maps, pipeline, weights),
-                   runtime=runtime)
-    return maps
-
-
-def _maps_of_scored(maps: Pipeline, files: list[Path], scored, out_dir: Path, *, method,
-                    grid, steps, runtime, progress, on_heatmap, weights=None):
-    """The heatmaps of the images ``scored`` (another model's
-    :class:`~kad.features.extraction.Scores`) read, drawn by ``maps``; the
-    :class:`~kad.screening.heatmaps.HeatmapRun` returned holds ``scored``'s scores, less
-    those of images ``maps`` could not read, which join its failures with the reason."""
-    from dataclasses import replace
-
-    from kad.data.datasets import FileSource
-    from kad.features.extraction import Scores
-    from kad.screening.heatmaps import MAPS_MODEL, model_file, write_heatmaps
-
-    rows = np.flatnonzero(np.isfinite(scored.scores))
-    drawn = write_heatmaps(maps, FileSource([files[i] for i in rows]),
-                           [scored.ids[i] for i in rows], out_dir, method=method, grid=grid,
-                           steps=steps, weights=weights, runtime=runtime, progress=progress,
-                           on_heatmap=on_heatmap)
-    scores, failed = np.array(scored.scores, dtype=np.float64), dict(scored.failed)
-    name = model_file(maps) or MAPS_MODEL
-    for i in rows:
-        why = drawn.scores.failed.get(scored.ids[i])
-        if why is not None:
-            scores[i] = np.nan
-            failed[scored.ids[i]] = f"{why} (reading it for the heatmaps of {name})"
-    return replace(drawn, scores=Scores(list(scored.ids), scores, failed), maps_from=name)
+    maps = _pipeline(maps_from) if maps_from is not None else None
+    drawer = maps if maps is not None else pipeline.drawer(method) if heatmaps else pipeline
+    if drawer is pipeline:
+        return None
+    check_heatmaps(pipeline, method, grid, steps, weights=weights, runtime=runtime, maps=maps)
+    return drawer
 
 
 def _screen(pipeline, model, inputs, out_dir: Path, *, labels, weights, engine, ray_address,

@@ -157,16 +157,11 @@ class BatchScorer:
         records = []
         ids = [str(i) for i in range(len(uploads))]
         # a model with a lesion maps model: the score is the model's, the map that one's
-        drawer = self.pipeline.drawer()
-        own = None if drawer is self.pipeline else self.pipeline.score(
-            UploadSource(uploads), ids=ids, weights=self.weights, runtime=self.runtime)
-        for i, (upload, heat) in enumerate(zip(uploads, iter_heatmaps(
-                drawer, UploadSource(uploads), ids, weights=self.weights,
-                runtime=self.runtime), strict=True)):
-            score, failed = heat.score, heat.error if heat.map is None else None
-            if own is not None:
-                score, failed = float(own.scores[i]), own.failed.get(ids[i]) or failed
-            record = self._record(upload.name, score, failed)
+        for upload, heat in zip(uploads, iter_heatmaps(
+                self.pipeline, UploadSource(uploads), ids, weights=self.weights,
+                runtime=self.runtime), strict=True):
+            record = self._record(upload.name, heat.score, heat.error if heat.map is None
+                                  else None)
             if heat.map is not None:
                 record["heatmap_png"] = base64.b64encode(
                     _png(overlay(heat.seen, heat.map))).decode("ascii")
