@@ -12,7 +12,13 @@ import pytest
 from conftest import MNV2
 from kad.errors import KadError
 from kad.features.backbones import get_backbone
-from kad.features.batching import BUDGET_VARIABLE, batch_memory, image_bytes, network_batch
+from kad.features.batching import (
+    BUDGET_VARIABLE,
+    EVEN_SPLIT,
+    batch_memory,
+    image_bytes,
+    network_batch,
+)
 from kad.utils.settings import BATCH_MEMORY
 
 
@@ -37,6 +43,19 @@ def test_a_large_input_gets_a_small_batch_and_a_small_one_keeps_the_asked_batch(
     used = network_batch(bb, 640, 48, budget)
     assert f"batch size 48 lowered to {used} " in lines[0]
     assert "1.0 GiB" in lines[0] and BUDGET_VARIABLE in lines[0]
+
+
+def test_a_lowered_batch_splits_evenly_into_inference_requests():
+    # 17 images (MobileNetV2-0.35 at 448 px in 1 GiB) ran on OpenVINO's two requests as
+    # slices of 9, one image of them padding; a lowered batch of 8 or more is a multiple
+    # of 8, and a smaller one is kept as the budget gives it
+    bb = get_backbone(MNV2)
+    each = image_bytes(bb, 448)
+    for fits, used in ((17, 16), (31, 24), (8, 8), (7, 7), (5, 5)):
+        batch = network_batch(bb, 448, 64, fits * each + each // 2)
+        assert batch == used
+        assert batch % EVEN_SPLIT == 0 or batch < EVEN_SPLIT
+    assert network_batch(bb, 448, 17, 64 * each) == 17  # an asked batch is not rounded
 
 
 def test_the_budget_comes_from_the_environment_or_the_default(monkeypatch):

@@ -619,3 +619,21 @@ def test_a_coreset_larger_than_the_pool_chooses_distinct_rows(monkeypatch):
     for size in (150, 300):
         chosen = patch_knn._greedy_coreset(locations, size, 0, lambda _: None)
         assert len(np.unique(chosen)) == size
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 40])
+def test_the_nearest_columns_are_the_k_smallest_of_each_row(k):
+    """Rounds of argmin (or argpartition beyond _ARGMIN_ROUNDS) find each row's k smallest
+    entries, infinite ones (a training image's own vectors) last."""
+    from kad_plugins.patch_knn import _ARGMIN_ROUNDS, _smallest
+
+    rng = np.random.default_rng(k)
+    tile = rng.normal(size=(50, 300)).astype(np.float32)
+    tile[:, 100:150] = np.inf
+    expected = np.sort(tile, axis=1)[:, :k]
+    near = _smallest(tile.copy(), k)
+    assert near.shape == (50, k)
+    assert all(len(set(row)) == k for row in near)  # k different columns
+    np.testing.assert_array_equal(np.sort(np.take_along_axis(tile, near, axis=1), axis=1),
+                                  expected)
+    assert (k > _ARGMIN_ROUNDS) == (k == 40)
