@@ -48,13 +48,13 @@ def test_a_large_input_gets_a_small_batch_and_a_small_one_keeps_the_asked_batch(
 def test_a_lowered_batch_splits_evenly_into_inference_requests():
     # 17 images (MobileNetV2-0.35 at 448 px in 1 GiB) ran on OpenVINO's two requests as
     # slices of 9, one image of them padding; a lowered batch of 8 or more is a multiple
-    # of 8, and a smaller one is kept as the budget gives it
+    # of 4, and a smaller one is kept as the budget gives it
     bb = get_backbone(MNV2)
     each = image_bytes(bb, 448)
-    for fits, used in ((17, 16), (31, 24), (8, 8), (7, 7), (5, 5)):
+    for fits, used in ((17, 16), (31, 28), (9, 8), (8, 8), (7, 7), (5, 5)):
         batch = network_batch(bb, 448, 64, fits * each + each // 2)
         assert batch == used
-        assert batch % EVEN_SPLIT == 0 or batch < EVEN_SPLIT
+        assert batch % EVEN_SPLIT == 0 or batch < 2 * EVEN_SPLIT
     assert network_batch(bb, 448, 17, 64 * each) == 17  # an asked batch is not rounded
 
 

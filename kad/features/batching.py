@@ -8,10 +8,9 @@ would need 12 GB. The images per network call are therefore
 
     min(batch_size, max(1, budget // image_bytes(backbone, input_size)))
 
-rounded down, when it is lowered to :data:`EVEN_SPLIT` images or more, to a multiple of
-:data:`EVEN_SPLIT`: OpenVINO splits a batch into one equal slice per inference request (1,
-2, 4 or 8 on most machines), so 17 images would run as two slices of 9, one image of them
-padding. ``budget`` is :data:`~kad.utils.settings.BATCH_MEMORY` (1 GiB) unless
+rounded down, when it is lowered to 8 images or more, to a multiple of :data:`EVEN_SPLIT`
+(4): OpenVINO splits a batch into one equal slice per inference request (1, 2 or 4 on most
+machines), so 17 images would run as two slices of 9, one image of them padding. ``budget`` is :data:`~kad.utils.settings.BATCH_MEMORY` (1 GiB) unless
 ``$KAD_BATCH_MEMORY`` sets another (``512M``, ``2G``, ``2GiB`` or bytes; binary units).
 ``batch_size`` (``--batch-size``) is the most images per call, asked or by default: the
 rule lowers it, never raises it, and says so once per process on the
@@ -50,9 +49,9 @@ LIVE_COPIES = 5
 #: runtime's own copy of it.
 INPUT_COPIES = 5
 
-#: A lowered batch of at least this many images is a multiple of it (splits evenly into 1,
-#: 2, 4 or 8 inference requests).
-EVEN_SPLIT = 8
+#: A lowered batch of at least twice this many images is a multiple of it (it splits
+#: evenly into 1, 2 or 4 inference requests).
+EVEN_SPLIT = 4
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -86,14 +85,14 @@ def network_batch(backbone, input_size: int, batch_size: int,
                   budget: int | None = None) -> int:
     """The images per network call: ``batch_size`` lowered to what ``budget`` bytes
     (default :func:`batch_memory`) hold at ``input_size`` px, at least one, and a multiple
-    of :data:`EVEN_SPLIT` once lowered to that many or more. A lowered batch is reported
+    of :data:`EVEN_SPLIT` once lowered to twice that many or more. A lowered batch is reported
     once per process."""
     budget = batch_memory() if budget is None else int(budget)
     asked = int(batch_size)
     each = image_bytes(backbone, input_size)
     used = min(asked, max(1, budget // each))
     if used < asked:
-        if used >= EVEN_SPLIT:
+        if used >= 2 * EVEN_SPLIT:
             used -= used % EVEN_SPLIT
         seen = (str(backbone.spec), int(input_size), asked, budget)
         if seen not in _REPORTED:
