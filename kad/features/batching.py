@@ -8,9 +8,10 @@ would need 12 GB. The images per network call are therefore
 
     min(batch_size, max(1, budget // image_bytes(backbone, input_size)))
 
-rounded down, when it is lowered to 8 images or more, to a multiple of :data:`EVEN_SPLIT`
-(4): OpenVINO splits a batch into one equal slice per inference request (1, 2 or 4 on most
-machines), so 17 images would run as two slices of 9, one image of them padding. ``budget`` is :data:`~kad.utils.settings.BATCH_MEMORY` (1 GiB) unless
+rounded down, when it is lowered to 8 images or more, to a multiple of
+:data:`EVEN_SPLIT` (4): OpenVINO splits a batch into one equal slice per inference request
+(1, 2 or 4 on most machines), so 17 images would run as two slices of 9, one image of them
+padding. ``budget`` is :data:`~kad.utils.settings.BATCH_MEMORY` (1 GiB) unless
 ``$KAD_BATCH_MEMORY`` sets another (``512M``, ``2G``, ``2GiB`` or bytes; binary units).
 ``batch_size`` (``--batch-size``) is the most images per call, asked or by default: the
 rule lowers it, never raises it, and says so once per process on the

@@ -675,8 +675,8 @@ def write_map(heatmap: Heatmap, path: str | Path, model: str | None = None) -> P
     width / size`` and ``y`` likewise with ``top``, ``height`` and ``i``
     (:meth:`Heatmap.on_original` applies it). ``score`` is the image's score, by the model
     that scored it; ``model``, when given, is the model file that drew the map (a lesion
-    maps model or ``--maps-from``, which may not be the one that scored). Both files are written aside and
-    renamed when complete; returns the ``.npy`` path."""
+    maps model or ``--maps-from``, which may not be the one that scored). Both files are
+    written aside and renamed when complete; returns the ``.npy`` path."""
     import io
     import json
 
