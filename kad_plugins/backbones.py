@@ -289,10 +289,14 @@ def _squeezenet_arrays(model, path: str) -> list[tuple[object, list[np.ndarray]]
                 group = file.get(group_name)
                 if not isinstance(group, h5py.Group):
                     raise refuse(f"no group {group_name!r}")
-                names = [n.decode() if isinstance(n, bytes) else str(n)
-                         for n in group.attrs.get("weight_names", [])]
+                try:
+                    names = [n.decode() if isinstance(n, bytes) else str(n)
+                             for n in np.atleast_1d(group.attrs.get("weight_names", []))]
+                    datasets = [group.get(n) for n in names]
+                except (TypeError, ValueError) as exc:  # UnicodeDecodeError included
+                    raise refuse(f"group {group_name!r} lists no readable array names "
+                                 f"({type(exc).__name__})") from exc
                 expected = [tuple(w.shape) for w in layer.weights]
-                datasets = [group.get(n) for n in names]
                 if len(names) != len(expected) or not all(
                         isinstance(d, h5py.Dataset) for d in datasets):
                     raise refuse(f"group {group_name!r} holds arrays {names}, not a kernel "

@@ -74,10 +74,11 @@ def test_caffe_preprocessing_is_bgr_less_the_mean_and_leaves_its_input():
     assert red[..., 0].min() == 1.0 and red[..., 1:].max() == 0.0
 
 
-def _write_release(path, model, drop=None, reshape=None):
+def _write_release(path, model, drop=None, reshape=None, unnamed=None):
     """``model``'s convolutions in the layout of the public release (groups ``conv1``,
     ``fire2/squeeze1x1``, … listing ``uniformN`` and ``*_b``), each array plus one; a
-    group ``drop`` left out, the kernel of group ``reshape`` one filter short."""
+    group ``drop`` left out, the kernel of group ``reshape`` one filter short, group
+    ``unnamed`` listing a number instead of its arrays' names."""
     import h5py
 
     with h5py.File(path, "w") as file:
@@ -89,7 +90,8 @@ def _write_release(path, model, drop=None, reshape=None):
             if group == reshape:
                 kernel = kernel[..., :-1]
             g = file.create_group(group)
-            g.attrs["weight_names"] = [f"uniform{n}".encode(), f"{group}_b".encode()]
+            g.attrs["weight_names"] = 7 if group == unnamed else [f"uniform{n}".encode(),
+                                                                  f"{group}_b".encode()]
             g[f"uniform{n}"] = kernel
             g[f"{group}_b"] = bias
 
@@ -106,6 +108,7 @@ def test_a_file_in_the_release_layout_loads_array_by_array(tmp_path):
 @pytest.mark.parametrize("damage, named", [
     ({"reshape": "fire5/expand3x3"}, "'fire5/expand3x3' holds arrays of shapes"),
     ({"drop": "fire9/expand1x1"}, "no group 'fire9/expand1x1'"),
+    ({"unnamed": "conv1"}, "'conv1' holds arrays ['7'], not a kernel and a bias"),
     (None, "not a readable HDF5 file"),
 ])
 def test_a_file_that_does_not_fit_is_refused_in_one_line(tmp_path, damage, named):
