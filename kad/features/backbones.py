@@ -81,8 +81,9 @@ class Backbone:
 
     # the Backbone hook's signature
     def imagenet_file(self, input_size: int) -> tuple[str, str | None] | None:  # noqa: ARG002
-        """``(file name, download sub-folder or None)`` of the standard ImageNet weights, or
-        None where the network has none."""
+        """``(file name, where to download it or None)`` of the standard ImageNet weights, or
+        None where the network has none. Where: a sub-folder of Keras' own weights
+        (``WEIGHTS_BASE_URL``) or the URL of another folder."""
         return None
 
     # -- shared machinery -------------------------------------------------------------
@@ -157,7 +158,11 @@ class Backbone:
             )
         filename, subdir = found
         cached = keras_cache_dir() / filename
-        source = f"Download {WEIGHTS_BASE_URL}/{subdir}/{filename}" if subdir else "Put them"
+        if subdir:
+            folder = subdir if "://" in subdir else f"{WEIGHTS_BASE_URL}/{subdir}"
+            source = f"Download {folder}/{filename}"
+        else:
+            source = "Put them"
         try:
             return self.application(shape, "imagenet")
         except WeightsError:
