@@ -170,3 +170,22 @@ def typer_commands():
     import typer
 
     return typer.main.get_command(app).commands
+
+
+def test_install_hints_in_the_help_survive_rich_markup():
+    """``pip install 'kad[int8]'`` in an option's or a command's help is shown as written:
+    rich would otherwise read ``[int8]`` as a style tag and drop it."""
+    import re
+
+    commands = typer_commands()
+    shown = 0
+    for name, command in commands.items():
+        texts = [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
+        extras = set(re.findall(r"kad\\?\[(\w+)\]", " ".join(texts)))
+        if not extras:
+            continue
+        out = runner.invoke(app, [name, "--help"], env={"COLUMNS": "400"}).output
+        for extra in extras:
+            assert f"kad[{extra}]" in out, (name, extra)
+            shown += 1
+    assert shown >= 3  # fit's int8, export's openvino and extract's ray at least

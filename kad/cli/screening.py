@@ -95,7 +95,7 @@ def fit(
     runtime: RuntimeOpt = "auto",
     precision: Annotated[str, typer.Option(
         "--precision", help="float32 (default) or int8: the network quantized by NNCF on "
-                            "the training images, on OpenVINO (pip install 'kad[int8]'); "
+                            "the training images, on OpenVINO (pip install 'kad\\[int8]'); "
                             "the model then scores with that network.")] = "float32",
     patient_pattern: Annotated[str | None, typer.Option(
         "--patient-pattern", metavar="REGEX",
