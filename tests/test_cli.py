@@ -43,6 +43,20 @@ def test_backbones_lists_the_builtins():
         assert name in result.output
 
 
+@pytest.mark.parametrize("command", ["backbones", "detectors"])
+def test_the_listings_name_the_entry_point_group_plugins_declare(command):
+    """A third party registers under the group the listing names: the one kad's own
+    built-ins are found in."""
+    from importlib.metadata import entry_points
+
+    result = runner.invoke(app, [command], env={"COLUMNS": "400"})
+    group = result.output.split("entry-point group ", 1)[1].split(")", 1)[0]
+    assert "mobilenet_v2" in entry_points(group=group).names or "knn" in entry_points(
+        group=group).names, group
+    helps = typer_commands()[command].help
+    assert "entry-point group" not in helps or group in helps
+
+
 @pytest.mark.tf
 def test_extract_caches_every_block(tmp_path):
     args = ["extract", "--dataset", "digits", *FAST_CLI, "--cache-dir", str(tmp_path)]
