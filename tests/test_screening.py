@@ -204,8 +204,11 @@ def test_fit_says_how_many_images_it_fitted_on_and_names_those_left_out(tmp_path
     pipeline = load_pipeline(model)
     fitted = pipeline.training["n_images"]
     assert fitted + pipeline.calibration["n"] == 12  # the 12 readable normal images
-    assert f"fitted on {fitted} normal images; {pipeline.calibration['n']} normal" in (
-        result.output)
+    assert (f"trained on {fitted} normal images, {pipeline.calibration['n']} more kept aside "
+            "for calibration") in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.output.count("no patient ids") == 1 and len(lines) == len(set(lines)), (
+        "every line once")
     for name in ("tiny.png", "broken.png", "gone.png"):
         assert name in result.output
     assert "1x1 px" in result.output and "broken symbolic link" in result.output

@@ -138,22 +138,17 @@ def fit(
                     precision=precision, maps=maps, maps_size=maps_size)
     skipped(run.left_out.items(), "image(s) were used for nothing")
     parts = run.split.describe()
-    line = (f"fitted on {run.n_fitted} normal images; {parts['calibration']} normal images "
-            "calibrate the threshold")
     selection, assessment = parts["selection"], parts["assessment"]
-    if selection["anomalous"]:
-        line += (f"; {selection['normal']} normal and {selection['anomalous']} abnormal pick "
-                 f"the block; {assessment['normal']} normal and {assessment['anomalous']} "
-                 "abnormal are held out to measure the result")
-    say(line)
+    if selection["anomalous"]:  # the summary below says how many trained and calibrate
+        say(f"{selection['normal']} normal and {selection['anomalous']} abnormal images pick "
+            f"the block; {assessment['normal']} normal and {assessment['anomalous']} "
+            "abnormal are held out to measure the result")
     picked = run.pipeline.training["selection"].get("picked_candidate")
     if picked:
         say(f"picked {picked['label']} (AUROC "
             f"{run.pipeline.training['selection']['picked_selection_auroc']:.3f} on the "
             "selection images)")
-    for text in parts["notes"]:
-        note(text, label="note:")
-    for text in fit_summary(run.pipeline).lines():
+    for text in fit_summary(run.pipeline).lines():  # the split's notes among them
         say(text)
     pipeline = run.pipeline
     note(f"runtime: {pipeline.runtime}" + (
