@@ -118,6 +118,10 @@ def test_refusals_are_one_clear_line(work, tmp_path):
     result = runner.invoke(app, ["score", str(work / "model.kad"), str(tmp_path / "none")])
     assert result.exit_code == 1 and "no such file or folder" in result.output
     assert len(result.output.strip().splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["score", str(work / "model.kad"), str(tmp_path / "empty")])
+    assert result.exit_code == 1 and "it is an empty folder" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 def test_score_accounts_for_every_file_it_is_given(work, tmp_path):

@@ -515,7 +515,12 @@ def score_images(model: str | Path | Pipeline, inputs: Sequence[str | Path], *,
     if not files:
         from kad.data.datasets.base import first_few
 
-        raise KadError(f"no image files in {', '.join(map(str, inputs))}: "
+        given = ", ".join(map(str, inputs))
+        if not not_scored:  # folders with nothing in them
+            raise KadError(f"no image files in {given}: "
+                           f"{'it is an empty folder' if len(inputs) == 1 else 'empty folders'}"
+                           "; give image files or folders that hold them")
+        raise KadError(f"no image files in {given}: "
                        + first_few(f"{Path(o.file).name} ({o.reason})" for o in not_scored))
     truth = match_labels(files, read_labels(Path(labels))) if labels else None
     ids = [str(f) for f in files]
