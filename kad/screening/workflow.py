@@ -108,6 +108,8 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
                              sensitivity, calibration, selection)
     request.check_calibration_size(dataset, seed)  # before any work
     maps_request = MapsRequest.of(maps, maps_size)
+    if maps_request is not None:
+        maps_request.check(dataset, preprocessing, request.specs)
     check_precision(precision, runtime)
     precision = str(precision).strip().lower()
     check_writable(out_path, is_file=True, what="--out file")
@@ -257,12 +259,33 @@ class MapsRequest:
         lesion maps model)."""
         if self.spec.lower() != "auto":
             return self.spec
-        from kad.data.preprocessing import get_preprocessing
+        return None if _auto_fits_no_maps(pipeline.preprocessing,
+                                          pipeline.detector.draws_own_maps()) else FUNDUS_MAPS
 
-        if pipeline.detector.draws_own_maps():
-            return None
-        return FUNDUS_MAPS if get_preprocessing(pipeline.preprocessing).name == "fundus" \
-            else None
+    def check(self, dataset, preprocessing: str | None, specs: list[str]) -> None:
+        """Before any work: refuse ``--maps-size`` where ``auto`` will fit no maps model
+        (the size would be ignored)."""
+        if self.size is None or self.spec.lower() != "auto":
+            return
+        from kad.features.extraction import default_preprocessing
+        from kad.registry import get_detector
+
+        draws = len(specs) == 1 and get_detector(specs[0]).draws_own_maps()
+        why = _auto_fits_no_maps(preprocessing or default_preprocessing(dataset), draws)
+        if why:
+            raise KadError(f"--maps-size sets the lesion maps model's input size, but --maps "
+                           f"auto fits none {why}: drop --maps-size, or name a detector "
+                           "with --maps (e.g. --maps patchknn)")
+
+
+def _auto_fits_no_maps(preprocessing: str, draws_own_maps: bool) -> str | None:
+    """Why ``--maps auto`` fits no lesion maps model (None: it fits :data:`FUNDUS_MAPS`)."""
+    from kad.data.preprocessing import get_preprocessing
+
+    if draws_own_maps:
+        return "beside a detector that draws its own maps"
+    name = get_preprocessing(preprocessing).name
+    return None if name == "fundus" else f"for {name} images (only for fundus photographs)"
 
 
 @dataclass
