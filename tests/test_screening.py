@@ -75,7 +75,15 @@ def test_score_ranks_most_suspicious_first_and_lists_unreadable_files(work):
     assert all(r["p_value"] == "" or 0 < float(r["p_value"]) <= 1 for r in scored)
     auroc = roc_auc_score([int(r["label"]) for r in scored], scores)
     assert auroc > 0.9
-    assert f"AUROC {auroc:.3f}" in result.output
+    assert f"AUROC {auroc:.3f} (10 abnormal and 20 normal of the 30 scored images" in (
+        result.output.replace("\n", ""))
+    # labels of one kind only: no AUROC, and the console says why
+    normals = [p for p in sorted((work / "new" / "normal").glob("*.png"))
+               if p.name != "broken.png"][:3]
+    alone = _kad("score", work / "model.kad", *normals, "--labels", work / "labels.csv",
+                 "--out", work / "scored-normals")
+    assert "no AUROC: 0 abnormal and 3 normal of the 3 scored images" in (
+        alone.output.replace("\n", ""))
     # the batch against the calibration normals, in the report; on the console if unlike
     from scipy.stats import ks_2samp
 

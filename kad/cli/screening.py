@@ -211,10 +211,8 @@ def score(
         f"{run.count(UNREADABLE)} unreadable, {run.count(SKIPPED)} skipped")
     skipped(((o.file, f"{o.status}: {o.reason}") for o in run.not_scored),
             "file(s) were not scored")
-    if run.metrics:
-        m = run.metrics
-        say(f"AUROC {m['auroc']:.3f}; at the threshold sensitivity {m['sensitivity']:.1%}, "
-            f"specificity {m['specificity']:.1%}")
+    if labels is not None:
+        say(_labelled_line(run.rows, run.metrics))
     if run.shift is not None and run.shift.shifted:
         note(run.shift.line(), label="batch:")
     if run.heatmaps:
@@ -226,6 +224,17 @@ def score(
     say(f"wrote {run.scores_csv} and {run.report}")
     if run.replaced:
         note(f"replaced the earlier {', '.join(p.name for p in run.replaced)} in {out_dir}")
+
+
+def _labelled_line(rows, metrics: dict | None) -> str:
+    """What ``--labels`` measured, on how many of the scored images, or why nothing."""
+    abnormal, normal = (sum(r.label == value for r in rows) for value in (1, 0))
+    counted = (f"{abnormal} abnormal and {normal} normal of the {len(rows)} scored images "
+               "have a label in --labels")
+    if not metrics:
+        return f"no AUROC: {counted}; it needs both"
+    return (f"AUROC {metrics['auroc']:.3f} ({counted}); at the threshold sensitivity "
+            f"{metrics['sensitivity']:.1%}, specificity {metrics['specificity']:.1%}")
 
 
 score.__doc__ = f"{score.__doc__}\n\n{MODEL_FILE}"
