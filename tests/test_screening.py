@@ -126,6 +126,9 @@ def test_refusals_are_one_clear_line(work, tmp_path):
     result = runner.invoke(app, ["score", str(work / "model.kad"), str(tmp_path / "none")])
     assert result.exit_code == 1 and "no such file or folder" in result.output
     assert len(result.output.strip().splitlines()) == 1
+    result = runner.invoke(app, ["threshold", str(work / "model.kad"), "--sensitivity", "0.9",
+                                 "--out", str(tmp_path / "t.kad")])
+    assert result.exit_code == 1 and "--sensitivity needs --labels" in result.output
     (tmp_path / "empty").mkdir()
     result = runner.invoke(app, ["score", str(work / "model.kad"), str(tmp_path / "empty")])
     assert result.exit_code == 1 and "it is an empty folder" in result.output, result.output

@@ -655,11 +655,11 @@ def set_threshold(model: str | Path, labels: str | Path | None = None, *,
     from kad.features.cache import check_writable
     from kad.screening.pipeline import load_pipeline
 
+    if sensitivity is not None and labels is None:
+        raise KadError("--sensitivity needs --labels, a CSV image,label of labelled images")
     if fpr is None and labels is None:
         raise KadError("give --fpr ALPHA (no labels needed) or --labels CSV (with "
                        "--sensitivity, 0.95 by default)")
-    if sensitivity is not None and labels is None:
-        raise KadError("--sensitivity needs --labels, a CSV image,label of labelled images")
     if fpr is not None and labels is not None:
         raise KadError("give --fpr ALPHA or --labels CSV, not both: one threshold is set")
     if out_path is not None and in_place:
