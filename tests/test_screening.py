@@ -482,9 +482,13 @@ def test_score_with_heatmaps_and_explain_draw_where_the_score_comes_from(work, t
     page = (out / "report.html").read_text()
     assert page.count('"pics":"tmhp"') == len(new)  # with both heatmaps
     picture = tmp_path / "one.png"
+    (tmp_path / "one.json").write_text("a file of the user's")
     result = _kad("explain", work / "model.kad", new[0], "--out", picture, "--grid", "4",
                   "--original", tmp_path / "taken.png", "--heatmap-method", "occlusion")
     assert "map by occlusion, 17 network passes" in result.output
+    said = result.output.replace("\n", "")
+    assert f"replaced the earlier {tmp_path / 'one.json'}" in said  # never silently
+    assert "taken.png" not in said.split("replaced the earlier")[1]  # new: not replaced
     assert np.load(tmp_path / "one.npy").shape == cv2.imread(str(picture)).shape[:2]
     assert cv2.imread(str(picture)) is not None and cv2.imread(str(tmp_path / "taken.png")) \
         is not None

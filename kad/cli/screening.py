@@ -308,6 +308,8 @@ def explain(
     say(f"wrote {e.seen_png}" + (f", {e.original_png}" if e.original_png else "")
         + (f" and the map itself, {e.map_npy} (with {e.map_npy.with_suffix('.json').name})"
            if e.map_npy else ""))
+    if e.replaced:
+        note(f"replaced the earlier {', '.join(map(str, e.replaced))}")
 
 
 def register(app: typer.Typer) -> None:
