@@ -117,6 +117,12 @@ def test_threshold_sets_a_sensitivity_and_reports_specificity(work):
     flagged = np.array([r["flagged"] == "yes" for r in rows])
     labels = np.array([int(r["label"]) for r in rows])
     assert flagged[labels == 1].mean() >= 0.9
+    # the figures are said to be of labels.csv, where kad threshold set them, not of fitting
+    labelled = f"on {work / 'labels.csv'}: sensitivity"
+    assert labelled in result.output.replace("\n", "") and "at fitting:" not in result.output
+    page = (out / "report.html").read_text()
+    assert f"anomalies of {work / 'labels.csv'}" in page
+    assert "anomalies of the selection" not in page
 
 
 def test_refusals_are_one_clear_line(work, tmp_path):

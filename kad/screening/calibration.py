@@ -443,8 +443,10 @@ def fit_summary(pipeline) -> FitSummary:
     at_fitting = None
     if threshold.method == "sensitivity":
         lo, hi = details["specificity_ci95"]
+        moved = details.get("labels")  # set later by kad threshold on this labels CSV
         at_fitting = (
-            f"at fitting: sensitivity {details['sensitivity']:.1%} on "
+            f"{'on ' + moved if moved else 'at fitting'}: sensitivity "
+            f"{details['sensitivity']:.1%} on "
             f"{details['n_anomalous']} labelled anomalies, specificity "
             f"{details['specificity']:.1%} (95% CI {lo:.1%}–{hi:.1%}) on "
             f"{details['n_normal']} labelled normals; these images set the threshold, so "

@@ -99,10 +99,11 @@ def fit_section(pipeline: Pipeline) -> str:
                                f"{details['n_calibration']} calibration scores)"),
                  ("guarantee", details["guarantee"])]
     elif threshold.method == "sensitivity":
+        moved = details.get("labels")  # set later by kad threshold on this labels CSV
         rows += [("threshold", f"{threshold.value:.4g}, set to flag "
                                f"{details['target_sensitivity']:.0%} of the labelled "
-                               "anomalies of the selection set"),
-                 ("at fitting (optimistic)",
+                               f"anomalies of {moved or 'the selection set'}"),
+                 (f"on {moved} (optimistic)" if moved else "at fitting (optimistic)",
                   f"sensitivity {details['sensitivity']:.1%}, specificity "
                   f"{details['specificity']:.1%} on the {details['n_anomalous']} anomalies and "
                   f"{details['n_normal']} normals that set the threshold")]
