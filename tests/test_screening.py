@@ -532,6 +532,10 @@ def test_lesions_measures_maps_on_masks_and_accounts_for_every_photograph(work, 
     assert record["photographs"]["by_status"] == {"measured": 2, "no mask": 1,
                                                   "normal": len(normal) - 1, "unreadable": 1}
     assert "strict pointing" in result.output and "not measured" in result.output
+    (tmp_path / "empty").mkdir()
+    empty = runner.invoke(app, ["lesions", str(work / "model.kad"), str(tmp_path / "empty"),
+                                "--masks", str(masks), "--out", str(tmp_path / "l2")])
+    assert empty.exit_code == 1 and "it is an empty folder" in empty.output, empty.output
 
 
 def test_fit_picks_size_block_and_detector_on_the_selection_images_only(tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kad.errors import KadError
 from kad.features.extraction import Scores
 from kad.screening.pipeline import Pipeline
 
@@ -65,6 +66,21 @@ def collect_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[NotSc
             others.append(NotScored(str(path), SKIPPED,
                                     why or "no such file or folder; check the path"))
     return files, others
+
+
+def no_images(inputs: Sequence[str | Path], others: Sequence[NotScored],
+              what: str = "image files") -> KadError:
+    """The error for ``inputs`` in which :func:`collect_images` found no image: each input
+    that is not one with its reason, or that the folders are empty."""
+    from kad.data.datasets.base import first_few
+
+    given = ", ".join(map(str, inputs))
+    if not others:  # folders with nothing in them
+        return KadError(f"no {what} in {given}: "
+                        f"{'it is an empty folder' if len(inputs) == 1 else 'empty folders'}; "
+                        f"give {what} or folders that hold them")
+    return KadError(f"no {what} in {given}: "
+                    + first_few(f"{Path(o.file).name} ({o.reason})" for o in others))
 
 
 def read_labels(path: Path) -> dict[str, int]:

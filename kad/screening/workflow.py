@@ -25,6 +25,7 @@ from kad.screening.results import (
     collect_images,
     display_names,
     match_labels,
+    no_images,
     rank,
     read_labels,
     write_scores_csv,
@@ -536,15 +537,7 @@ def score_images(model: str | Path | Pipeline, inputs: Sequence[str | Path], *,
                        heatmaps_dir is not None, weights)
     files, not_scored = collect_images(inputs)
     if not files:
-        from kad.data.datasets.base import first_few
-
-        given = ", ".join(map(str, inputs))
-        if not not_scored:  # folders with nothing in them
-            raise KadError(f"no image files in {given}: "
-                           f"{'it is an empty folder' if len(inputs) == 1 else 'empty folders'}"
-                           "; give image files or folders that hold them")
-        raise KadError(f"no image files in {given}: "
-                       + first_few(f"{Path(o.file).name} ({o.reason})" for o in not_scored))
+        raise no_images(inputs, not_scored)
     truth = match_labels(files, read_labels(Path(labels))) if labels else None
     ids = [str(f) for f in files]
     drawn = None
