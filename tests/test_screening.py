@@ -125,6 +125,20 @@ def test_threshold_sets_a_sensitivity_and_reports_specificity(work):
     assert "anomalies of the selection" not in page
 
 
+def test_a_sensitivity_threshold_says_how_many_calibration_normals_it_flags(work):
+    """The calibration normals set nothing when labelled anomalies set the threshold: the
+    share of them it flags is the false-positive rate to expect, said beside the
+    optimistic figures."""
+    from kad.screening.calibration import fit_summary
+
+    pipeline = load_pipeline(work / "model.kad")
+    assert pipeline.threshold.method == "sensitivity"
+    scores = np.asarray(pipeline.calibration["scores"])
+    flagged = int((scores > pipeline.threshold.value).sum())
+    said = " ".join(fit_summary(pipeline).lines())
+    assert f"it flags {flagged} of the {len(scores)} calibration normals" in said
+
+
 def test_refusals_are_one_clear_line(work, tmp_path):
     (tmp_path / "junk.kad").write_bytes(b"junk")
     result = runner.invoke(app, ["score", str(tmp_path / "junk.kad"), str(work / "new")])
