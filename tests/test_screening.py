@@ -191,6 +191,23 @@ def test_score_accounts_for_every_file_it_is_given(work, tmp_path):
         assert name in result.output
 
 
+def test_score_leaves_out_its_own_out_folder_inside_the_folder_scored(work, tmp_path):
+    """``kad score incoming/ --out incoming/scored``: an earlier run's pictures and the
+    run's own lock are kad's, never images to score; the folder is listed once."""
+    folder = tmp_path / "incoming"
+    (folder / "scored" / "report_files").mkdir(parents=True)
+    good = sorted((work / "new" / "abnormal").glob("*.png"))[:2]
+    for path in good:
+        shutil.copy(path, folder / path.name)
+    shutil.copy(good[0], folder / "scored" / "report_files" / "00000m.png")  # a thumbnail
+    result = _kad("score", work / "model.kad", folder, "--out", folder / "scored")
+    rows = _read_scores(folder / "scored" / "scores.csv")
+    assert sorted(r["file"].rsplit("/", 1)[-1] for r in rows) == sorted(
+        [p.name for p in good] + ["scored"])
+    assert [r["status"] for r in rows if r["file"].endswith("scored")] == ["skipped"]
+    assert "3 files: 2 scored" in result.output and "the --out folder" in result.output
+
+
 @pytest.fixture(scope="module")
 def browser():
     with chromium() as opened:  # one browser for every page of this module

@@ -46,10 +46,20 @@ class NotScored:
     reason: str
 
 
-def collect_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[NotScored]]:
+def collect_images(inputs: Sequence[str | Path], exclude: str | Path | None = None,
+                   ) -> tuple[list[Path], list[NotScored]]:
     """Image files named directly or found under folders (recursively, sorted), and every
-    other input with the reason it is not one. Nothing is decoded."""
+    other input with the reason it is not one. Nothing is decoded. What the folders hold
+    under ``exclude`` (``kad score``'s --out folder, when it lies among them) is left
+    out, listed once as that folder: its pictures are kad's, not images to score."""
+    import os
+
     from kad.data.datasets.base import list_image_files, skip_reason
+
+    out = None if exclude is None else Path(os.path.abspath(exclude))
+
+    def ours(file) -> bool:
+        return out is not None and Path(os.path.abspath(file)).is_relative_to(out)
 
     files: list[Path] = []
     others: list[NotScored] = []
@@ -57,6 +67,13 @@ def collect_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[NotSc
         path = Path(item)
         if path.is_dir():
             images, skipped = list_image_files(path)
+            found = len(images) + len(skipped)
+            images = [f for f in images if not ours(f)]
+            skipped = [(f, why) for f, why in skipped if not ours(f)]
+            if len(images) + len(skipped) < found and not any(o.file == str(exclude)
+                                                              for o in others):
+                others.append(NotScored(str(exclude), SKIPPED, "the --out folder: kad "
+                                        "score's own output is not scored"))
             files += images
             others += [NotScored(f, SKIPPED, why) for f, why in skipped]
         elif path.is_file():

@@ -437,7 +437,7 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
         run = _screen(pipeline, model, inputs, stage.path, labels=labels, weights=weights,
                       engine=engine, ray_address=ray_address, heatmaps=heatmaps,
                       heatmap_method=heatmap_method, grid=grid, steps=steps, runtime=runtime,
-                      maps=maps, progress=progress)
+                      maps=maps, progress=progress, exclude=out_dir)
         run.replaced = stage.publish()
     run.scores_csv, run.report = stage.final(run.scores_csv), stage.final(run.report)
     if run.heatmaps is not None:
@@ -511,7 +511,8 @@ def score_images(model: str | Path | Pipeline, inputs: Sequence[str | Path], *,
                  heatmaps_dir: str | Path | None = None, heatmap_method: str = "auto",
                  grid: int = 8, steps: int = 16, runtime: str | None = None,
                  maps_from: str | Path | Pipeline | None = None,
-                 progress: Progress | None = None, on_heatmap=None) -> ScoredImages:
+                 progress: Progress | None = None, on_heatmap=None,
+                 exclude: str | Path | None = None) -> ScoredImages:
     """Score every image under ``inputs`` (files, or folders searched recursively) with a
     fitted pipeline or the model file ``model``, writing nothing: the rows of
     ``scores.csv`` as records (:meth:`ScoredImages.records`). :func:`screen` (``kad
@@ -528,14 +529,15 @@ def score_images(model: str | Path | Pipeline, inputs: Sequence[str | Path], *,
     ``model`` alone, exactly as without it, and the maps from ``maps_from``'s own pass over
     the images ``model`` scored (the best screening model and the best lesion maps are
     often two models). Both models are loaded and checked before any image is read. An
-    image that either model cannot read is listed as unreadable with the reason."""
+    image that either model cannot read is listed as unreadable with the reason.
+    ``exclude`` (:func:`screen`'s output folder) is left out of the folders searched."""
     from kad.data.datasets import FileSource
 
     _check_engine(engine, heatmaps_dir is not None, maps_from is not None)
     pipeline = _pipeline(model)
     maps = _maps_model(maps_from, heatmap_method, grid, steps, runtime, pipeline,
                        heatmaps_dir is not None, weights)
-    files, not_scored = collect_images(inputs)
+    files, not_scored = collect_images(inputs, exclude)
     if not files:
         raise no_images(inputs, not_scored)
     truth = match_labels(files, read_labels(Path(labels))) if labels else None
@@ -591,7 +593,7 @@ def _maps_model(maps_from, method: str, grid: int, steps: int, runtime: str | No
 
 def _screen(pipeline, model, inputs, out_dir: Path, *, labels, weights, engine, ray_address,
             heatmaps, heatmap_method, grid, steps, runtime, progress,
-            maps: Pipeline | None = None) -> ScreeningRun:
+            maps: Pipeline | None = None, exclude: Path | None = None) -> ScreeningRun:
     """:func:`screen`'s work, writing into ``out_dir`` (the staging folder)."""
     from kad.screening.report import HeatmapSketches, write_report
     from kad.screening.shift import batch_shift
@@ -602,7 +604,7 @@ def _screen(pipeline, model, inputs, out_dir: Path, *, labels, weights, engine, 
                          heatmaps_dir=out_dir / "heatmaps" if heatmaps else None,
                          heatmap_method=heatmap_method, grid=grid, steps=steps,
                          runtime=runtime, maps_from=maps, progress=progress,
-                         on_heatmap=sketches)
+                         on_heatmap=sketches, exclude=exclude)
     rows, not_scored, drawn = found.rows, found.not_scored, found.heatmaps
     csv_path = write_scores_csv(out_dir / "scores.csv", rows, not_scored)
     shift = batch_shift(pipeline, [r.score for r in rows])
