@@ -200,12 +200,16 @@ def test_score_leaves_out_its_own_out_folder_inside_the_folder_scored(work, tmp_
     for path in good:
         shutil.copy(path, folder / path.name)
     shutil.copy(good[0], folder / "scored" / "report_files" / "00000m.png")  # a thumbnail
+    (folder / "scored" / "heatmaps").mkdir()  # an earlier run's, with --heatmaps
     result = _kad("score", work / "model.kad", folder, "--out", folder / "scored")
     rows = _read_scores(folder / "scored" / "scores.csv")
     assert sorted(r["file"].rsplit("/", 1)[-1] for r in rows) == sorted(
         [p.name for p in good] + ["scored"])
     assert [r["status"] for r in rows if r["file"].endswith("scored")] == ["skipped"]
     assert "3 files: 2 scored" in result.output and "the --out folder" in result.output
+    # kept, but never taken for this run's
+    said = result.output.replace("\n", "")
+    assert f"{folder / 'scored' / 'heatmaps'} is an earlier run's: this run drew no" in said
 
 
 @pytest.fixture(scope="module")

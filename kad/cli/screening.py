@@ -224,6 +224,9 @@ def score(
     say(f"wrote {run.scores_csv} and {run.report}")
     if run.replaced:
         note(f"replaced the earlier {', '.join(p.name for p in run.replaced)} in {out_dir}")
+    for path in run.earlier:
+        note(f"{path} is an earlier run's: this run drew no heatmaps (--heatmaps replaces "
+             "them)", label="note:")
 
 
 def _labelled_line(rows, metrics: dict | None) -> str:

@@ -393,6 +393,9 @@ class ScreeningRun:
     # the batch against the calibration normals (kad.screening.shift.BatchShift); None
     # for a model without them
     shift: object = None
+    #: Folders of an earlier run left in the output folder that this run did not write
+    #: (``heatmaps/`` after a run without heatmaps): kept, and said to be earlier.
+    earlier: list[Path] = field(default_factory=list)
 
     @property
     def n_inputs(self) -> int:
@@ -439,6 +442,8 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
                       heatmap_method=heatmap_method, grid=grid, steps=steps, runtime=runtime,
                       maps=maps, progress=progress, exclude=out_dir)
         run.replaced = stage.publish()
+    if not heatmaps and (out_dir / "heatmaps").is_dir():
+        run.earlier.append(out_dir / "heatmaps")
     run.scores_csv, run.report = stage.final(run.scores_csv), stage.final(run.report)
     if run.heatmaps is not None:
         from dataclasses import replace
