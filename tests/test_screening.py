@@ -239,6 +239,18 @@ def test_the_report_renders_in_a_headless_browser(work, browser):
     page.close()
 
 
+def test_a_sensitivity_without_labelled_anomalies_is_refused_with_what_kad_fit_takes(tmp_path):
+    from synthetic import screening_folder
+
+    screening_folder(tmp_path / "fit", n_normal=6, n_abnormal=0)
+    result = runner.invoke(app, ["fit", "--dataset", "folder:kind=natural", "--data-dir",
+                                 str(tmp_path / "fit"), *map(str, FAST_CLI), "--out",
+                                 str(tmp_path / "m.kad"), "--sensitivity", "0.9"])
+    assert result.exit_code == 1 and "abnormal/" in result.output, result.output
+    assert "--labels" not in result.output  # an option of kad threshold, not of kad fit
+    assert "features of" not in result.output, "refused before any work"
+
+
 def test_fit_says_how_many_images_it_fitted_on_and_names_those_left_out(tmp_path):
     import cv2
 
