@@ -199,7 +199,8 @@ def test_score_leaves_out_its_own_out_folder_inside_the_folder_scored(work, tmp_
     good = sorted((work / "new" / "abnormal").glob("*.png"))[:2]
     for path in good:
         shutil.copy(path, folder / path.name)
-    shutil.copy(good[0], folder / "scored" / "report_files" / "00000m.png")  # a thumbnail
+    (folder / "scored" / "report_files" / ".kad-report").write_text("")  # an earlier run's
+    shutil.copy(good[0], folder / "scored" / "report_files" / "00000m.jpg")  # a thumbnail
     (folder / "scored" / "heatmaps").mkdir()  # an earlier run's, with --heatmaps
     result = _kad("score", work / "model.kad", folder, "--out", folder / "scored")
     rows = _read_scores(folder / "scored" / "scores.csv")
@@ -210,6 +211,26 @@ def test_score_leaves_out_its_own_out_folder_inside_the_folder_scored(work, tmp_
     # kept, but never taken for this run's
     said = result.output.replace("\n", "")
     assert f"{folder / 'scored' / 'heatmaps'} is an earlier run's: this run drew no" in said
+
+
+@pytest.mark.parametrize("folder, options", [("report_files", []),
+                                             ("heatmaps", ["--heatmaps"])])
+def test_score_refuses_before_any_work_to_replace_a_folder_holding_a_users_file(
+        work, tmp_path, folder, options):
+    """``report_files/`` (and ``heatmaps/`` with --heatmaps) are replaced as a whole at
+    the end of a run: a file kad did not write there stops the run first, named."""
+    out = tmp_path / "out"
+    (out / folder).mkdir(parents=True)
+    (out / "report_files").mkdir(exist_ok=True)
+    (out / "report_files" / ".kad-report").write_text("")
+    (out / folder / "notes.txt").write_text("a file of the user's")
+    image = sorted((work / "new" / "abnormal").glob("*.png"))[0]
+    result = runner.invoke(app, ["score", str(work / "model.kad"), str(image), "--out",
+                                 str(out), *options])
+    assert result.exit_code == 1 and "notes.txt was not written by kad score" in (
+        result.output.replace("\n", "")), result.output
+    assert "scoring" not in result.output and not (out / "scores.csv").exists()
+    assert (out / folder / "notes.txt").read_text() == "a file of the user's"
 
 
 @pytest.fixture(scope="module")

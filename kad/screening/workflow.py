@@ -8,6 +8,7 @@ record the command line renders. Every input is accounted for: each file handed 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -437,6 +438,7 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
                        weights)
     out_dir = check_writable(Path(out_dir), what="--out folder")
     with staged_output(out_dir) as stage:
+        _check_replaceable(out_dir, heatmaps)  # locked: nothing appears there meanwhile
         run = _screen(pipeline, model, inputs, stage.path, labels=labels, weights=weights,
                       engine=engine, ray_address=ray_address, heatmaps=heatmaps,
                       heatmap_method=heatmap_method, grid=grid, steps=steps, runtime=runtime,
@@ -568,6 +570,33 @@ def score_images(model: str | Path | Pipeline, inputs: Sequence[str | Path], *,
     rows = rank(pipeline, files, result, truth)
     not_scored = [NotScored(f, UNREADABLE, why) for f, why in result.failed.items()] + not_scored
     return ScoredImages(rows, not_scored, drawn)
+
+
+#: What an earlier ``kad score`` wrote into the folders it replaces as a whole at the end
+#: of a run (``report_files/`` holds the report's marker file too).
+_OURS = {"report_files": re.compile(r"(\d{5}[a-z]\.jpg|scores\.png|roc\.png|\.kad-report)"),
+         "heatmaps": re.compile(r".+_(seen\.png|original\.png|map\.npy|map\.json)")}
+
+
+def _check_replaceable(out_dir: Path, heatmaps: bool) -> None:
+    """Before any work: the folders of ``out_dir`` that this run will replace as a whole
+    (``report_files/``, and ``heatmaps/`` with heatmaps) hold nothing but an earlier
+    run's files, so that publishing never deletes a file kad did not write."""
+    from kad.screening.report import MARKER
+
+    for name in ("report_files", "heatmaps") if heatmaps else ("report_files",):
+        folder = out_dir / name
+        if not (folder.exists() or folder.is_symlink()):
+            continue
+        if folder.is_symlink() or not folder.is_dir() or (
+                name == "report_files" and not (folder / MARKER).is_file()):
+            raise KadError(f"{folder} was not written by kad score, which replaces it as a "
+                           "whole: move it away, or choose another --out")
+        for item in sorted(folder.iterdir()):
+            if item.is_symlink() or not item.is_file() or not _OURS[name].fullmatch(item.name):
+                raise KadError(f"{item} was not written by kad score, which replaces {folder} "
+                               "as a whole at the end of the run: move it away, or choose "
+                               "another --out")
 
 
 def _pipeline(model: str | Path | Pipeline) -> Pipeline:
