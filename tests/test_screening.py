@@ -451,6 +451,12 @@ def test_the_report_shows_the_photograph_the_fit_and_the_p_values(calibrated, tm
     page = path.read_text()
     assert page.count('"pics":"tm"') == 10  # as taken and model input, of each
     assert "How the threshold was set" in page and "conformal at false-positive rate 0.1" in page
+    from kad.screening.report import _ordinal
+
+    rank = pipeline.threshold.details["rank"]
+    assert re.search(rf"\(the {rank}(st|nd|rd|th) smallest of", page)  # not "the 9-th"
+    assert [_ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 111)] == [
+        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "111th"]
     assert pipeline.threshold.details["guarantee"] in page
     assessed = pipeline.assessed()
     assert f"specificity (held out)</th><td>{assessed.specificity.text()}" in page

@@ -95,7 +95,8 @@ def fit_section(pipeline: Pipeline) -> str:
                                 "false-positive rate (refit with a calibration share)")]
     if threshold.method == "conformal":
         rows += [("threshold", f"{threshold.value:.4g}, conformal at false-positive rate "
-                               f"{details['alpha']:g} (the {details['rank']}-th smallest of "
+                               f"{details['alpha']:.3g} (the {_ordinal(details['rank'])} "
+                               "smallest of "
                                f"{details['n_calibration']} calibration scores)"),
                  ("guarantee", details["guarantee"])]
     elif threshold.method == "sensitivity":
@@ -149,6 +150,12 @@ def _pictures_folder(path: Path) -> Path:
     folder.mkdir(parents=True)
     (folder / MARKER).write_text("pictures of the kad report beside this folder\n")
     return folder
+
+
+def _ordinal(n: int) -> str:
+    """``1st``, ``2nd``, ``3rd``, ``4th``, ``11th``, ``21st``, ..."""
+    n = int(n)
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def _caption(r: ScoredImage, peak: float | None, scale: HeatScale | None = None) -> str:
