@@ -100,6 +100,8 @@ def test_score_ranks_most_suspicious_first_and_lists_unreadable_files(work):
     assert all((out / "report_files" / f"{i:05d}{tag}.jpg").is_file()
                for i in range(30) for tag in "tm")
     assert "broken.png" in page
+    # labelled anomalies set this model's threshold, not the calibration normals
+    assert "calibration normals: the" in page and "at fitting that set the" not in page
 
 
 def test_threshold_sets_a_sensitivity_and_reports_specificity(work):
@@ -463,7 +465,8 @@ def test_the_report_shows_the_photograph_the_fit_and_the_p_values(calibrated, tm
     assert f"{rows[0].p_value:.3g}" in page and "Worklist" in page
     # the histogram shows the normals that set the threshold and the held-out images
     n_cal = len(pipeline.calibration["scores"])
-    assert f"calibration normals: the {n_cal} normal images kept aside" in page
+    assert f"calibration normals: the {n_cal} normal images kept aside at fitting that set " \
+        "the threshold" in page  # a conformal threshold
     assert "held-out labelled images" in page and "training normals" not in page
     assert not re.search(r"""(src|href)=["']?(https?:|//)""", page)
 
