@@ -204,12 +204,16 @@ def test_score_leaves_out_its_own_out_folder_inside_the_folder_scored(work, tmp_
     (folder / "scored" / "report_files" / ".kad-report").write_text("")  # an earlier run's
     shutil.copy(good[0], folder / "scored" / "report_files" / "00000m.jpg")  # a thumbnail
     (folder / "scored" / "heatmaps").mkdir()  # an earlier run's, with --heatmaps
-    result = _kad("score", work / "model.kad", folder, "--out", folder / "scored")
+    again = folder / "." / good[0].name  # in the folder, and named as well
+    result = _kad("score", work / "model.kad", folder, again, "--out", folder / "scored")
     rows = _read_scores(folder / "scored" / "scores.csv")
     assert sorted(r["file"].rsplit("/", 1)[-1] for r in rows) == sorted(
-        [p.name for p in good] + ["scored"])
+        [p.name for p in good] + ["scored", good[0].name])
     assert [r["status"] for r in rows if r["file"].endswith("scored")] == ["skipped"]
-    assert "3 files: 2 scored" in result.output and "the --out folder" in result.output
+    assert "4 files: 2 scored" in result.output and "the --out folder" in result.output
+    twice = {r["status"]: r for r in rows if r["file"].endswith(good[0].name)}
+    assert sorted(twice) == ["scored", "skipped"]  # scored once, the second listed
+    assert "given more than once" in twice["skipped"]["reason"]
     # kept, but never taken for this run's
     said = result.output.replace("\n", "")
     assert f"{folder / 'scored' / 'heatmaps'} is an earlier run's: this run drew no" in said

@@ -49,7 +49,8 @@ class NotScored:
 def collect_images(inputs: Sequence[str | Path], exclude: str | Path | None = None,
                    ) -> tuple[list[Path], list[NotScored]]:
     """Image files named directly or found under folders (recursively, sorted), and every
-    other input with the reason it is not one. Nothing is decoded. What the folders hold
+    other input with the reason it is not one; a file given twice is scored once, the
+    second listed as skipped. Nothing is decoded. What the folders hold
     under ``exclude`` (``kad score``'s --out folder, when it lies among them) is left
     out, listed once as that folder: its pictures are kad's, not images to score."""
     import os
@@ -82,7 +83,14 @@ def collect_images(inputs: Sequence[str | Path], exclude: str | Path | None = No
             why = skip_reason(path) if path.is_symlink() else None
             others.append(NotScored(str(path), SKIPPED,
                                     why or "no such file or folder; check the path"))
-    return files, others
+    unique: dict[str, Path] = {}  # a file given twice (a folder and a name in it) scores once
+    for file in files:
+        first = unique.setdefault(os.path.abspath(file), file)
+        if first is not file:
+            alias = "" if str(first) == str(file) else f", as {first}"
+            others.append(NotScored(str(file), SKIPPED,
+                                    f"given more than once: scored once{alias}"))
+    return list(unique.values()), others
 
 
 def no_images(inputs: Sequence[str | Path], others: Sequence[NotScored],
