@@ -43,6 +43,20 @@ def test_backbones_lists_the_builtins():
         assert name in result.output
 
 
+@pytest.mark.parametrize("command", ["backbones", "detectors"])
+def test_the_listings_name_the_entry_point_group_plugins_declare(command):
+    """A third party registers under the group the listing names: the one kad's own
+    built-ins are found in."""
+    from importlib.metadata import entry_points
+
+    result = runner.invoke(app, [command], env={"COLUMNS": "400"})
+    group = result.output.split("entry-point group ", 1)[1].split(")", 1)[0]
+    assert "mobilenet_v2" in entry_points(group=group).names or "knn" in entry_points(
+        group=group).names, group
+    helps = typer_commands()[command].help
+    assert "entry-point group" not in helps or group in helps
+
+
 @pytest.mark.tf
 def test_extract_caches_every_block(tmp_path):
     args = ["extract", "--dataset", "digits", *FAST_CLI, "--cache-dir", str(tmp_path)]
@@ -170,3 +184,22 @@ def typer_commands():
     import typer
 
     return typer.main.get_command(app).commands
+
+
+def test_install_hints_in_the_help_survive_rich_markup():
+    """``pip install 'kad[int8]'`` in an option's or a command's help is shown as written:
+    rich would otherwise read ``[int8]`` as a style tag and drop it."""
+    import re
+
+    commands = typer_commands()
+    shown = 0
+    for name, command in commands.items():
+        texts = [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
+        extras = set(re.findall(r"kad\\?\[(\w+)\]", " ".join(texts)))
+        if not extras:
+            continue
+        out = runner.invoke(app, [name, "--help"], env={"COLUMNS": "400"}).output
+        for extra in extras:
+            assert f"kad[{extra}]" in out, (name, extra)
+            shown += 1
+    assert shown >= 3  # fit's int8, export's openvino and extract's ray at least

@@ -179,6 +179,9 @@ def test_auto_maps_are_for_fundus_photographs_of_a_pooled_detector_and_none_for_
 @pytest.mark.parametrize("options, says", [
     (["--maps", "knn"], "draws no map of its own"),
     (["--maps", "none", "--maps-size", "64"], "--maps is none"),
+    # auto fits no maps model here, so the size would be ignored
+    (["--maps-size", "64", "--preprocessing", "natural"], "fits none for natural images"),
+    (["--maps-size", "64", "--detector", "patchknn"], "draws its own maps"),
     (["--maps", "nosuchdetector"], "nosuchdetector"),
 ])
 def test_a_maps_option_that_cannot_work_is_refused_before_any_work(tmp_path, options, says):

@@ -75,7 +75,15 @@ def test_score_ranks_most_suspicious_first_and_lists_unreadable_files(work):
     assert all(r["p_value"] == "" or 0 < float(r["p_value"]) <= 1 for r in scored)
     auroc = roc_auc_score([int(r["label"]) for r in scored], scores)
     assert auroc > 0.9
-    assert f"AUROC {auroc:.3f}" in result.output
+    assert f"AUROC {auroc:.3f} (10 abnormal and 20 normal of the 30 scored images" in (
+        result.output.replace("\n", ""))
+    # labels of one kind only: no AUROC, and the console says why
+    normals = [p for p in sorted((work / "new" / "normal").glob("*.png"))
+               if p.name != "broken.png"][:3]
+    alone = _kad("score", work / "model.kad", *normals, "--labels", work / "labels.csv",
+                 "--out", work / "scored-normals")
+    assert "no AUROC: 0 abnormal and 3 normal of the 3 scored images" in (
+        alone.output.replace("\n", ""))
     # the batch against the calibration normals, in the report; on the console if unlike
     from scipy.stats import ks_2samp
 
@@ -92,6 +100,8 @@ def test_score_ranks_most_suspicious_first_and_lists_unreadable_files(work):
     assert all((out / "report_files" / f"{i:05d}{tag}.jpg").is_file()
                for i in range(30) for tag in "tm")
     assert "broken.png" in page
+    # labelled anomalies set this model's threshold, not the calibration normals
+    assert "calibration normals: the" in page and "at fitting that set the" not in page
 
 
 def test_threshold_sets_a_sensitivity_and_reports_specificity(work):
@@ -109,6 +119,26 @@ def test_threshold_sets_a_sensitivity_and_reports_specificity(work):
     flagged = np.array([r["flagged"] == "yes" for r in rows])
     labels = np.array([int(r["label"]) for r in rows])
     assert flagged[labels == 1].mean() >= 0.9
+    # the figures are said to be of labels.csv, where kad threshold set them, not of fitting
+    labelled = f"on {work / 'labels.csv'}: sensitivity"
+    assert labelled in result.output.replace("\n", "") and "at fitting:" not in result.output
+    page = (out / "report.html").read_text()
+    assert f"anomalies of {work / 'labels.csv'}" in page
+    assert "anomalies of the selection" not in page
+
+
+def test_a_sensitivity_threshold_says_how_many_calibration_normals_it_flags(work):
+    """The calibration normals set nothing when labelled anomalies set the threshold: the
+    share of them it flags is the false-positive rate to expect, said beside the
+    optimistic figures."""
+    from kad.screening.calibration import fit_summary
+
+    pipeline = load_pipeline(work / "model.kad")
+    assert pipeline.threshold.method == "sensitivity"
+    scores = np.asarray(pipeline.calibration["scores"])
+    flagged = int((scores > pipeline.threshold.value).sum())
+    said = " ".join(fit_summary(pipeline).lines())
+    assert f"it flags {flagged} of the {len(scores)} calibration normals" in said
 
 
 def test_refusals_are_one_clear_line(work, tmp_path):
@@ -117,6 +147,13 @@ def test_refusals_are_one_clear_line(work, tmp_path):
     assert result.exit_code == 1 and "not a kad model file" in result.output
     result = runner.invoke(app, ["score", str(work / "model.kad"), str(tmp_path / "none")])
     assert result.exit_code == 1 and "no such file or folder" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    result = runner.invoke(app, ["threshold", str(work / "model.kad"), "--sensitivity", "0.9",
+                                 "--out", str(tmp_path / "t.kad")])
+    assert result.exit_code == 1 and "--sensitivity needs --labels" in result.output
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["score", str(work / "model.kad"), str(tmp_path / "empty")])
+    assert result.exit_code == 1 and "it is an empty folder" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
 
 
@@ -156,6 +193,52 @@ def test_score_accounts_for_every_file_it_is_given(work, tmp_path):
         assert name in result.output
 
 
+def test_score_leaves_out_its_own_out_folder_inside_the_folder_scored(work, tmp_path):
+    """``kad score incoming/ --out incoming/scored``: an earlier run's pictures and the
+    run's own lock are kad's, never images to score; the folder is listed once."""
+    folder = tmp_path / "incoming"
+    (folder / "scored" / "report_files").mkdir(parents=True)
+    good = sorted((work / "new" / "abnormal").glob("*.png"))[:2]
+    for path in good:
+        shutil.copy(path, folder / path.name)
+    (folder / "scored" / "report_files" / ".kad-report").write_text("")  # an earlier run's
+    shutil.copy(good[0], folder / "scored" / "report_files" / "00000m.jpg")  # a thumbnail
+    (folder / "scored" / "heatmaps").mkdir()  # an earlier run's, with --heatmaps
+    again = folder / "." / good[0].name  # in the folder, and named as well
+    result = _kad("score", work / "model.kad", folder, again, "--out", folder / "scored")
+    rows = _read_scores(folder / "scored" / "scores.csv")
+    assert sorted(r["file"].rsplit("/", 1)[-1] for r in rows) == sorted(
+        [p.name for p in good] + ["scored", good[0].name])
+    assert [r["status"] for r in rows if r["file"].endswith("scored")] == ["skipped"]
+    assert "4 files: 2 scored" in result.output and "the --out folder" in result.output
+    twice = {r["status"]: r for r in rows if r["file"].endswith(good[0].name)}
+    assert sorted(twice) == ["scored", "skipped"]  # scored once, the second listed
+    assert "given more than once" in twice["skipped"]["reason"]
+    # kept, but never taken for this run's
+    said = result.output.replace("\n", "")
+    assert f"{folder / 'scored' / 'heatmaps'} is an earlier run's: this run drew no" in said
+
+
+@pytest.mark.parametrize("folder, options", [("report_files", []),
+                                             ("heatmaps", ["--heatmaps"])])
+def test_score_refuses_before_any_work_to_replace_a_folder_holding_a_users_file(
+        work, tmp_path, folder, options):
+    """``report_files/`` (and ``heatmaps/`` with --heatmaps) are replaced as a whole at
+    the end of a run: a file kad did not write there stops the run first, named."""
+    out = tmp_path / "out"
+    (out / folder).mkdir(parents=True)
+    (out / "report_files").mkdir(exist_ok=True)
+    (out / "report_files" / ".kad-report").write_text("")
+    (out / folder / "notes.txt").write_text("a file of the user's")
+    image = sorted((work / "new" / "abnormal").glob("*.png"))[0]
+    result = runner.invoke(app, ["score", str(work / "model.kad"), str(image), "--out",
+                                 str(out), *options])
+    assert result.exit_code == 1 and "notes.txt was not written by kad score" in (
+        result.output.replace("\n", "")), result.output
+    assert "scoring" not in result.output and not (out / "scores.csv").exists()
+    assert (out / folder / "notes.txt").read_text() == "a file of the user's"
+
+
 @pytest.fixture(scope="module")
 def browser():
     with chromium() as opened:  # one browser for every page of this module
@@ -183,6 +266,18 @@ def test_the_report_renders_in_a_headless_browser(work, browser):
     page.close()
 
 
+def test_a_sensitivity_without_labelled_anomalies_is_refused_with_what_kad_fit_takes(tmp_path):
+    from synthetic import screening_folder
+
+    screening_folder(tmp_path / "fit", n_normal=6, n_abnormal=0)
+    result = runner.invoke(app, ["fit", "--dataset", "folder:kind=natural", "--data-dir",
+                                 str(tmp_path / "fit"), *map(str, FAST_CLI), "--out",
+                                 str(tmp_path / "m.kad"), "--sensitivity", "0.9"])
+    assert result.exit_code == 1 and "abnormal/" in result.output, result.output
+    assert "--labels" not in result.output  # an option of kad threshold, not of kad fit
+    assert "features of" not in result.output, "refused before any work"
+
+
 def test_fit_says_how_many_images_it_fitted_on_and_names_those_left_out(tmp_path):
     import cv2
 
@@ -204,8 +299,11 @@ def test_fit_says_how_many_images_it_fitted_on_and_names_those_left_out(tmp_path
     pipeline = load_pipeline(model)
     fitted = pipeline.training["n_images"]
     assert fitted + pipeline.calibration["n"] == 12  # the 12 readable normal images
-    assert f"fitted on {fitted} normal images; {pipeline.calibration['n']} normal" in (
-        result.output)
+    assert (f"trained on {fitted} normal images, {pipeline.calibration['n']} more kept aside "
+            "for calibration") in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.output.count("no patient ids") == 1 and len(lines) == len(set(lines)), (
+        "every line once")
     for name in ("tiny.png", "broken.png", "gone.png"):
         assert name in result.output
     assert "1x1 px" in result.output and "broken symbolic link" in result.output
@@ -359,13 +457,20 @@ def test_the_report_shows_the_photograph_the_fit_and_the_p_values(calibrated, tm
     page = path.read_text()
     assert page.count('"pics":"tm"') == 10  # as taken and model input, of each
     assert "How the threshold was set" in page and "conformal at false-positive rate 0.1" in page
+    from kad.screening.report import _ordinal
+
+    rank = pipeline.threshold.details["rank"]
+    assert re.search(rf"\(the {rank}(st|nd|rd|th) smallest of", page)  # not "the 9-th"
+    assert [_ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 111)] == [
+        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "111th"]
     assert pipeline.threshold.details["guarantee"] in page
     assessed = pipeline.assessed()
     assert f"specificity (held out)</th><td>{assessed.specificity.text()}" in page
     assert f"{rows[0].p_value:.3g}" in page and "Worklist" in page
     # the histogram shows the normals that set the threshold and the held-out images
     n_cal = len(pipeline.calibration["scores"])
-    assert f"calibration normals: the {n_cal} normal images kept aside" in page
+    assert f"calibration normals: the {n_cal} normal images kept aside at fitting that set " \
+        "the threshold" in page  # a conformal threshold
     assert "held-out labelled images" in page and "training normals" not in page
     assert not re.search(r"""(src|href)=["']?(https?:|//)""", page)
 
@@ -464,9 +569,13 @@ def test_score_with_heatmaps_and_explain_draw_where_the_score_comes_from(work, t
     page = (out / "report.html").read_text()
     assert page.count('"pics":"tmhp"') == len(new)  # with both heatmaps
     picture = tmp_path / "one.png"
+    (tmp_path / "one.json").write_text("a file of the user's")
     result = _kad("explain", work / "model.kad", new[0], "--out", picture, "--grid", "4",
                   "--original", tmp_path / "taken.png", "--heatmap-method", "occlusion")
     assert "map by occlusion, 17 network passes" in result.output
+    said = result.output.replace("\n", "")
+    assert f"replaced the earlier {tmp_path / 'one.json'}" in said  # never silently
+    assert "taken.png" not in said.split("replaced the earlier")[1]  # new: not replaced
     assert np.load(tmp_path / "one.npy").shape == cv2.imread(str(picture)).shape[:2]
     assert cv2.imread(str(picture)) is not None and cv2.imread(str(tmp_path / "taken.png")) \
         is not None
@@ -504,6 +613,10 @@ def test_lesions_measures_maps_on_masks_and_accounts_for_every_photograph(work, 
     assert record["photographs"]["by_status"] == {"measured": 2, "no mask": 1,
                                                   "normal": len(normal) - 1, "unreadable": 1}
     assert "strict pointing" in result.output and "not measured" in result.output
+    (tmp_path / "empty").mkdir()
+    empty = runner.invoke(app, ["lesions", str(work / "model.kad"), str(tmp_path / "empty"),
+                                "--masks", str(masks), "--out", str(tmp_path / "l2")])
+    assert empty.exit_code == 1 and "it is an empty folder" in empty.output, empty.output
 
 
 def test_fit_picks_size_block_and_detector_on_the_selection_images_only(tmp_path):

@@ -91,22 +91,23 @@ def extract(
 
 def detectors() -> None:
     """List the detector plugins (built-in and installed), with their status."""
-    from kad.registry import list_detectors
+    from kad.registry import DETECTOR, list_detectors
 
     rows = ((r.name, f"{r.distribution} {r.version}",
              r.input_kind + (" (supervised)" if r.supervised else ""), r.status, r.summary)
             for r in list_detectors())
-    stdout.print(table("detectors (entry-point group kad.detectors)",
+    stdout.print(table(f"detectors (entry-point group {DETECTOR.group})",
                     ["name", "distribution", "input", "status", "summary"], rows))
 
 
 def backbones() -> None:
-    """List the backbone plugins (entry-point group kad.features.backbones)."""
+    """List the backbone plugins (entry-point group kad.backbones)."""
     from kad.features.backbones import list_backbones
+    from kad.registry import BACKBONE
 
     rows = ((r.name, f"{r.distribution} {r.version}", r.status, r.summary)
             for r in list_backbones())
-    stdout.print(table("backbones (entry-point group kad.features.backbones)",
+    stdout.print(table(f"backbones (entry-point group {BACKBONE.group})",
                     ["name", "distribution", "status", "summary"], rows))
 
 

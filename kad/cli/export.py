@@ -26,7 +26,7 @@ def export(
 ) -> None:
     """Export a fitted model for scoring without TensorFlow: the network as OpenVINO IR,
     the preprocessing, detector and threshold as the model file's plain data. Score it
-    with kad score DIR IMAGES (pip install 'kad[openvino]' is enough)."""
+    with kad score DIR IMAGES (pip install 'kad\\[openvino]' is enough)."""
     from kad.screening.export import export_pipeline
 
     run = export_pipeline(model, out_dir, overwrite=overwrite, weights=weights,

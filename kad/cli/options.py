@@ -51,7 +51,7 @@ ModelArg = Annotated[Path, typer.Argument(
     help="A model file written by kad fit, or a folder written by kad export.")]
 EngineOpt = Annotated[str, typer.Option(
     "--engine", help="local (this process) or ray (Ray Data: a cluster, or a local Ray "
-                     "started for the run; pip install 'kad[ray]').")]
+                     "started for the run; pip install 'kad\\[ray]').")]
 RayAddressOpt = Annotated[str | None, typer.Option(
     "--ray-address", help="Address of a running Ray cluster (default $RAY_ADDRESS, else a "
                           "local Ray is started).")]

@@ -95,7 +95,7 @@ def fit(
     runtime: RuntimeOpt = "auto",
     precision: Annotated[str, typer.Option(
         "--precision", help="float32 (default) or int8: the network quantized by NNCF on "
-                            "the training images, on OpenVINO (pip install 'kad[int8]'); "
+                            "the training images, on OpenVINO (pip install 'kad\\[int8]'); "
                             "the model then scores with that network.")] = "float32",
     patient_pattern: Annotated[str | None, typer.Option(
         "--patient-pattern", metavar="REGEX",
@@ -138,22 +138,17 @@ def fit(
                     precision=precision, maps=maps, maps_size=maps_size)
     skipped(run.left_out.items(), "image(s) were used for nothing")
     parts = run.split.describe()
-    line = (f"fitted on {run.n_fitted} normal images; {parts['calibration']} normal images "
-            "calibrate the threshold")
     selection, assessment = parts["selection"], parts["assessment"]
-    if selection["anomalous"]:
-        line += (f"; {selection['normal']} normal and {selection['anomalous']} abnormal pick "
-                 f"the block; {assessment['normal']} normal and {assessment['anomalous']} "
-                 "abnormal are held out to measure the result")
-    say(line)
+    if selection["anomalous"]:  # the summary below says how many trained and calibrate
+        say(f"{selection['normal']} normal and {selection['anomalous']} abnormal images pick "
+            f"the block; {assessment['normal']} normal and {assessment['anomalous']} "
+            "abnormal are held out to measure the result")
     picked = run.pipeline.training["selection"].get("picked_candidate")
     if picked:
         say(f"picked {picked['label']} (AUROC "
             f"{run.pipeline.training['selection']['picked_selection_auroc']:.3f} on the "
             "selection images)")
-    for text in parts["notes"]:
-        note(text, label="note:")
-    for text in fit_summary(run.pipeline).lines():
+    for text in fit_summary(run.pipeline).lines():  # the split's notes among them
         say(text)
     pipeline = run.pipeline
     note(f"runtime: {pipeline.runtime}" + (
@@ -216,10 +211,8 @@ def score(
         f"{run.count(UNREADABLE)} unreadable, {run.count(SKIPPED)} skipped")
     skipped(((o.file, f"{o.status}: {o.reason}") for o in run.not_scored),
             "file(s) were not scored")
-    if run.metrics:
-        m = run.metrics
-        say(f"AUROC {m['auroc']:.3f}; at the threshold sensitivity {m['sensitivity']:.1%}, "
-            f"specificity {m['specificity']:.1%}")
+    if labels is not None:
+        say(_labelled_line(run.rows, run.metrics))
     if run.shift is not None and run.shift.shifted:
         note(run.shift.line(), label="batch:")
     if run.heatmaps:
@@ -231,6 +224,20 @@ def score(
     say(f"wrote {run.scores_csv} and {run.report}")
     if run.replaced:
         note(f"replaced the earlier {', '.join(p.name for p in run.replaced)} in {out_dir}")
+    for path in run.earlier:
+        note(f"{path} is an earlier run's: this run drew no heatmaps (--heatmaps replaces "
+             "them)", label="note:")
+
+
+def _labelled_line(rows, metrics: dict | None) -> str:
+    """What ``--labels`` measured, on how many of the scored images, or why nothing."""
+    abnormal, normal = (sum(r.label == value for r in rows) for value in (1, 0))
+    counted = (f"{abnormal} abnormal and {normal} normal of the {len(rows)} scored images "
+               "have a label in --labels")
+    if not metrics:
+        return f"no AUROC: {counted}; it needs both"
+    return (f"AUROC {metrics['auroc']:.3f} ({counted}); at the threshold sensitivity "
+            f"{metrics['sensitivity']:.1%}, specificity {metrics['specificity']:.1%}")
 
 
 score.__doc__ = f"{score.__doc__}\n\n{MODEL_FILE}"
@@ -304,6 +311,8 @@ def explain(
     say(f"wrote {e.seen_png}" + (f", {e.original_png}" if e.original_png else "")
         + (f" and the map itself, {e.map_npy} (with {e.map_npy.with_suffix('.json').name})"
            if e.map_npy else ""))
+    if e.replaced:
+        note(f"replaced the earlier {', '.join(map(str, e.replaced))}")
 
 
 def register(app: typer.Typer) -> None:

@@ -224,8 +224,10 @@ def histogram(path: Path, pipeline, rows) -> list[str]:
     if len(calibration.get("scores") or []):
         cal = np.asarray(calibration["scores"], dtype=np.float64)
         groups.append((cal, f"calibration normals ({len(cal)})", _BLUE, True))
+        role = ("that set the threshold" if pipeline.threshold.method == "conformal" else
+                "for the p-values (labelled images set the threshold)")
         notes.append(f"calibration normals: the {len(cal)} normal images kept aside at fitting "
-                     "that set the threshold; a new healthy image scores like them")
+                     f"{role}; a new healthy image scores like them")
     else:
         train = np.asarray(pipeline.training["scores"], dtype=np.float64)
         groups.append((train, f"training normals ({len(train)}, in-sample)", _BLUE, True))

@@ -443,12 +443,19 @@ def fit_summary(pipeline) -> FitSummary:
     at_fitting = None
     if threshold.method == "sensitivity":
         lo, hi = details["specificity_ci95"]
+        moved = details.get("labels")  # set later by kad threshold on this labels CSV
         at_fitting = (
-            f"at fitting: sensitivity {details['sensitivity']:.1%} on "
+            f"{'on ' + moved if moved else 'at fitting'}: sensitivity "
+            f"{details['sensitivity']:.1%} on "
             f"{details['n_anomalous']} labelled anomalies, specificity "
             f"{details['specificity']:.1%} (95% CI {lo:.1%}–{hi:.1%}) on "
             f"{details['n_normal']} labelled normals; these images set the threshold, so "
             "the figures are optimistic")
+        if calibration.get("scores"):  # normals that set nothing here: an honest rate
+            cal = np.asarray(calibration["scores"], dtype=np.float64)
+            rate = Proportion.of(int((cal > threshold.value).sum()), len(cal))
+            at_fitting += (f"; it flags {rate.k} of the {rate.n} calibration normals, which "
+                           f"set nothing: a false-positive rate of {rate.text()}")
     notes = list(pipeline.training.get("split", {}).get("notes", []))
     if details.get("fallback"):
         notes.insert(0, details["fallback"])

@@ -803,6 +803,8 @@ class Explained:
     #: The model that drew the map where it is not the one that scored (its lesion maps
     #: model); None where the map is the scoring model's own.
     maps_from: str | None = None
+    #: The files written over files that were there before (said, never silently).
+    replaced: list[Path] = field(default_factory=list)
 
 
 def explain_file(pipeline, image: str | Path, out: str | Path, *,
@@ -821,15 +823,19 @@ def explain_file(pipeline, image: str | Path, out: str | Path, *,
     if found.map is None:
         raise ImageReadError(image, found.error or "unreadable")
     score = found.score
+    npy = Path(out).with_suffix(".npy")
+    replaced = [p for p in (Path(out), original and Path(original), npy,
+                            npy.with_suffix(".json")) if p is not None and p.exists()]
     seen = write_overlay(found, out, "seen")
     back = write_overlay(found, original, "original") if original is not None else None
-    array = write_map(found, Path(out).with_suffix(".npy"), model_file(drawer))
+    array = write_map(found, npy, model_file(drawer))
     return Explained(
         str(image), score, bool(pipeline.flag(np.array([score]))[0]),
         float(pipeline.threshold.value), float(pipeline.percentile(np.array([score]))[0]),
         found.method, found.forward_passes, found.peak, int(found.map.shape[0]),
         found.explained, float(found.map.astype(np.float64).sum()), seen, back, array,
-        maps_from=None if drawer is pipeline else (model_file(drawer) or MAPS_MODEL))
+        maps_from=None if drawer is pipeline else (model_file(drawer) or MAPS_MODEL),
+        replaced=replaced)
 
 
 # ----------------------------------------------------------------------- evaluation

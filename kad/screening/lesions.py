@@ -396,7 +396,7 @@ def measure_lesions(model: str | Path, images: Sequence[str | Path], masks: str 
     (:func:`kad.utils.files.staged_output`)."""
     from kad.features.cache import check_writable
     from kad.screening.pipeline import load_pipeline
-    from kad.screening.results import collect_images
+    from kad.screening.results import collect_images, no_images
     from kad.utils.files import staged_output
 
     for name, value, low, high in (("near", near, 0, 0.5), ("disc margin", disc_margin, 0, 0.5)):
@@ -406,6 +406,8 @@ def measure_lesions(model: str | Path, images: Sequence[str | Path], masks: str 
         raise KadError(f"the evaluation grid needs at least 32 px a side, got {eval_side}")
     pipeline = load_pipeline(model)
     files, others = collect_images(images)
+    if not files:
+        raise no_images(images, others, "photographs")
     cases, left_out = find_cases(files, masks)
     left_out = [LesionResult(o.file, o.status, reason=o.reason) for o in others] + left_out
     if not cases:

@@ -95,14 +95,16 @@ def fit_section(pipeline: Pipeline) -> str:
                                 "false-positive rate (refit with a calibration share)")]
     if threshold.method == "conformal":
         rows += [("threshold", f"{threshold.value:.4g}, conformal at false-positive rate "
-                               f"{details['alpha']:g} (the {details['rank']}-th smallest of "
+                               f"{details['alpha']:.3g} (the {_ordinal(details['rank'])} "
+                               "smallest of "
                                f"{details['n_calibration']} calibration scores)"),
                  ("guarantee", details["guarantee"])]
     elif threshold.method == "sensitivity":
+        moved = details.get("labels")  # set later by kad threshold on this labels CSV
         rows += [("threshold", f"{threshold.value:.4g}, set to flag "
                                f"{details['target_sensitivity']:.0%} of the labelled "
-                               "anomalies of the selection set"),
-                 ("at fitting (optimistic)",
+                               f"anomalies of {moved or 'the selection set'}"),
+                 (f"on {moved} (optimistic)" if moved else "at fitting (optimistic)",
                   f"sensitivity {details['sensitivity']:.1%}, specificity "
                   f"{details['specificity']:.1%} on the {details['n_anomalous']} anomalies and "
                   f"{details['n_normal']} normals that set the threshold")]
@@ -148,6 +150,12 @@ def _pictures_folder(path: Path) -> Path:
     folder.mkdir(parents=True)
     (folder / MARKER).write_text("pictures of the kad report beside this folder\n")
     return folder
+
+
+def _ordinal(n: int) -> str:
+    """``1st``, ``2nd``, ``3rd``, ``4th``, ``11th``, ``21st``, ..."""
+    n = int(n)
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def _caption(r: ScoredImage, peak: float | None, scale: HeatScale | None = None) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kad.errors import KadError
 from kad.features.extraction import Scores
 from kad.screening.pipeline import Pipeline
 
@@ -45,10 +46,21 @@ class NotScored:
     reason: str
 
 
-def collect_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[NotScored]]:
+def collect_images(inputs: Sequence[str | Path], exclude: str | Path | None = None,
+                   ) -> tuple[list[Path], list[NotScored]]:
     """Image files named directly or found under folders (recursively, sorted), and every
-    other input with the reason it is not one. Nothing is decoded."""
+    other input with the reason it is not one; a file given twice is scored once, the
+    second listed as skipped. Nothing is decoded. What the folders hold
+    under ``exclude`` (``kad score``'s --out folder, when it lies among them) is left
+    out, listed once as that folder: its pictures are kad's, not images to score."""
+    import os
+
     from kad.data.datasets.base import list_image_files, skip_reason
+
+    out = None if exclude is None else Path(os.path.abspath(exclude))
+
+    def ours(file) -> bool:
+        return out is not None and Path(os.path.abspath(file)).is_relative_to(out)
 
     files: list[Path] = []
     others: list[NotScored] = []
@@ -56,6 +68,13 @@ def collect_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[NotSc
         path = Path(item)
         if path.is_dir():
             images, skipped = list_image_files(path)
+            found = len(images) + len(skipped)
+            images = [f for f in images if not ours(f)]
+            skipped = [(f, why) for f, why in skipped if not ours(f)]
+            if len(images) + len(skipped) < found and not any(o.file == str(exclude)
+                                                              for o in others):
+                others.append(NotScored(str(exclude), SKIPPED, "the --out folder: kad "
+                                        "score's own output is not scored"))
             files += images
             others += [NotScored(f, SKIPPED, why) for f, why in skipped]
         elif path.is_file():
@@ -64,7 +83,29 @@ def collect_images(inputs: Sequence[str | Path]) -> tuple[list[Path], list[NotSc
             why = skip_reason(path) if path.is_symlink() else None
             others.append(NotScored(str(path), SKIPPED,
                                     why or "no such file or folder; check the path"))
-    return files, others
+    unique: dict[str, Path] = {}  # a file given twice (a folder and a name in it) scores once
+    for file in files:
+        first = unique.setdefault(os.path.abspath(file), file)
+        if first is not file:
+            alias = "" if str(first) == str(file) else f", as {first}"
+            others.append(NotScored(str(file), SKIPPED,
+                                    f"given more than once: scored once{alias}"))
+    return list(unique.values()), others
+
+
+def no_images(inputs: Sequence[str | Path], others: Sequence[NotScored],
+              what: str = "image files") -> KadError:
+    """The error for ``inputs`` in which :func:`collect_images` found no image: each input
+    that is not one with its reason, or that the folders are empty."""
+    from kad.data.datasets.base import first_few
+
+    given = ", ".join(map(str, inputs))
+    if not others:  # folders with nothing in them
+        return KadError(f"no {what} in {given}: "
+                        f"{'it is an empty folder' if len(inputs) == 1 else 'empty folders'}; "
+                        f"give {what} or folders that hold them")
+    return KadError(f"no {what} in {given}: "
+                    + first_few(f"{Path(o.file).name} ({o.reason})" for o in others))
 
 
 def read_labels(path: Path) -> dict[str, int]:

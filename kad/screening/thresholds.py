@@ -88,8 +88,9 @@ class ThresholdRule:
         else the detector's contamination (both left None). Refuses a sensitivity without
         labelled anomalies and a false-positive rate without calibration images."""
         if self.sensitivity is not None and not labelled:
-            raise KadError("a sensitivity needs labelled anomalies (an abnormal/ folder or "
-                           "--labels); use --fpr for a threshold set on normal images alone")
+            raise KadError("a sensitivity needs labelled anomalies (images in abnormal/ of a "
+                           "folder dataset, or a dataset with grades such as dr); use --fpr "
+                           "for a threshold set on normal images alone")
         if self.fpr is not None and not calibrated:
             raise KadError("a threshold by false-positive rate needs calibration images "
                            "(normal images kept aside: --calibration)")

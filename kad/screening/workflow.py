@@ -8,6 +8,7 @@ record the command line renders. Every input is accounted for: each file handed 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from kad.screening.results import (
     collect_images,
     display_names,
     match_labels,
+    no_images,
     rank,
     read_labels,
     write_scores_csv,
@@ -108,6 +110,8 @@ def fit_model(dataset, out_path: str | Path, *, backbone: str = "inception_resne
                              sensitivity, calibration, selection)
     request.check_calibration_size(dataset, seed)  # before any work
     maps_request = MapsRequest.of(maps, maps_size)
+    if maps_request is not None:
+        maps_request.check(dataset, preprocessing, request.specs)
     check_precision(precision, runtime)
     precision = str(precision).strip().lower()
     check_writable(out_path, is_file=True, what="--out file")
@@ -257,12 +261,33 @@ class MapsRequest:
         lesion maps model)."""
         if self.spec.lower() != "auto":
             return self.spec
-        from kad.data.preprocessing import get_preprocessing
+        return None if _auto_fits_no_maps(pipeline.preprocessing,
+                                          pipeline.detector.draws_own_maps()) else FUNDUS_MAPS
 
-        if pipeline.detector.draws_own_maps():
-            return None
-        return FUNDUS_MAPS if get_preprocessing(pipeline.preprocessing).name == "fundus" \
-            else None
+    def check(self, dataset, preprocessing: str | None, specs: list[str]) -> None:
+        """Before any work: refuse ``--maps-size`` where ``auto`` will fit no maps model
+        (the size would be ignored)."""
+        if self.size is None or self.spec.lower() != "auto":
+            return
+        from kad.features.extraction import default_preprocessing
+        from kad.registry import get_detector
+
+        draws = len(specs) == 1 and get_detector(specs[0]).draws_own_maps()
+        why = _auto_fits_no_maps(preprocessing or default_preprocessing(dataset), draws)
+        if why:
+            raise KadError(f"--maps-size sets the lesion maps model's input size, but --maps "
+                           f"auto fits none {why}: drop --maps-size, or name a detector "
+                           "with --maps (e.g. --maps patchknn)")
+
+
+def _auto_fits_no_maps(preprocessing: str, draws_own_maps: bool) -> str | None:
+    """Why ``--maps auto`` fits no lesion maps model (None: it fits :data:`FUNDUS_MAPS`)."""
+    from kad.data.preprocessing import get_preprocessing
+
+    if draws_own_maps:
+        return "beside a detector that draws its own maps"
+    name = get_preprocessing(preprocessing).name
+    return None if name == "fundus" else f"for {name} images (only for fundus photographs)"
 
 
 @dataclass
@@ -369,6 +394,9 @@ class ScreeningRun:
     # the batch against the calibration normals (kad.screening.shift.BatchShift); None
     # for a model without them
     shift: object = None
+    #: Folders of an earlier run left in the output folder that this run did not write
+    #: (``heatmaps/`` after a run without heatmaps): kept, and said to be earlier.
+    earlier: list[Path] = field(default_factory=list)
 
     @property
     def n_inputs(self) -> int:
@@ -410,11 +438,14 @@ def screen(model: str | Path, inputs: Sequence[str | Path], out_dir: str | Path,
                        weights)
     out_dir = check_writable(Path(out_dir), what="--out folder")
     with staged_output(out_dir) as stage:
+        _check_replaceable(out_dir, heatmaps)  # locked: nothing appears there meanwhile
         run = _screen(pipeline, model, inputs, stage.path, labels=labels, weights=weights,
                       engine=engine, ray_address=ray_address, heatmaps=heatmaps,
                       heatmap_method=heatmap_method, grid=grid, steps=steps, runtime=runtime,
-                      maps=maps, progress=progress)
+                      maps=maps, progress=progress, exclude=out_dir)
         run.replaced = stage.publish()
+    if not heatmaps and (out_dir / "heatmaps").is_dir():
+        run.earlier.append(out_dir / "heatmaps")
     run.scores_csv, run.report = stage.final(run.scores_csv), stage.final(run.report)
     if run.heatmaps is not None:
         from dataclasses import replace
@@ -487,7 +518,8 @@ def score_images(model: str | Path | Pipeline, inputs: Sequence[str | Path], *,
                  heatmaps_dir: str | Path | None = None, heatmap_method: str = "auto",
                  grid: int = 8, steps: int = 16, runtime: str | None = None,
                  maps_from: str | Path | Pipeline | None = None,
-                 progress: Progress | None = None, on_heatmap=None) -> ScoredImages:
+                 progress: Progress | None = None, on_heatmap=None,
+                 exclude: str | Path | None = None) -> ScoredImages:
     """Score every image under ``inputs`` (files, or folders searched recursively) with a
     fitted pipeline or the model file ``model``, writing nothing: the rows of
     ``scores.csv`` as records (:meth:`ScoredImages.records`). :func:`screen` (``kad
@@ -504,19 +536,17 @@ def score_images(model: str | Path | Pipeline, inputs: Sequence[str | Path], *,
     ``model`` alone, exactly as without it, and the maps from ``maps_from``'s own pass over
     the images ``model`` scored (the best screening model and the best lesion maps are
     often two models). Both models are loaded and checked before any image is read. An
-    image that either model cannot read is listed as unreadable with the reason."""
+    image that either model cannot read is listed as unreadable with the reason.
+    ``exclude`` (:func:`screen`'s output folder) is left out of the folders searched."""
     from kad.data.datasets import FileSource
 
     _check_engine(engine, heatmaps_dir is not None, maps_from is not None)
     pipeline = _pipeline(model)
     maps = _maps_model(maps_from, heatmap_method, grid, steps, runtime, pipeline,
                        heatmaps_dir is not None, weights)
-    files, not_scored = collect_images(inputs)
+    files, not_scored = collect_images(inputs, exclude)
     if not files:
-        from kad.data.datasets.base import first_few
-
-        raise KadError(f"no image files in {', '.join(map(str, inputs))}: "
-                       + first_few(f"{Path(o.file).name} ({o.reason})" for o in not_scored))
+        raise no_images(inputs, not_scored)
     truth = match_labels(files, read_labels(Path(labels))) if labels else None
     ids = [str(f) for f in files]
     drawn = None
@@ -540,6 +570,33 @@ def score_images(model: str | Path | Pipeline, inputs: Sequence[str | Path], *,
     rows = rank(pipeline, files, result, truth)
     not_scored = [NotScored(f, UNREADABLE, why) for f, why in result.failed.items()] + not_scored
     return ScoredImages(rows, not_scored, drawn)
+
+
+#: What an earlier ``kad score`` wrote into the folders it replaces as a whole at the end
+#: of a run (``report_files/`` holds the report's marker file too).
+_OURS = {"report_files": re.compile(r"(\d{5}[a-z]\.jpg|scores\.png|roc\.png|\.kad-report)"),
+         "heatmaps": re.compile(r".+_(seen\.png|original\.png|map\.npy|map\.json)")}
+
+
+def _check_replaceable(out_dir: Path, heatmaps: bool) -> None:
+    """Before any work: the folders of ``out_dir`` that this run will replace as a whole
+    (``report_files/``, and ``heatmaps/`` with heatmaps) hold nothing but an earlier
+    run's files, so that publishing never deletes a file kad did not write."""
+    from kad.screening.report import MARKER
+
+    for name in ("report_files", "heatmaps") if heatmaps else ("report_files",):
+        folder = out_dir / name
+        if not (folder.exists() or folder.is_symlink()):
+            continue
+        if folder.is_symlink() or not folder.is_dir() or (
+                name == "report_files" and not (folder / MARKER).is_file()):
+            raise KadError(f"{folder} was not written by kad score, which replaces it as a "
+                           "whole: move it away, or choose another --out")
+        for item in sorted(folder.iterdir()):
+            if item.is_symlink() or not item.is_file() or not _OURS[name].fullmatch(item.name):
+                raise KadError(f"{item} was not written by kad score, which replaces {folder} "
+                               "as a whole at the end of the run: move it away, or choose "
+                               "another --out")
 
 
 def _pipeline(model: str | Path | Pipeline) -> Pipeline:
@@ -570,7 +627,7 @@ def _maps_model(maps_from, method: str, grid: int, steps: int, runtime: str | No
 
 def _screen(pipeline, model, inputs, out_dir: Path, *, labels, weights, engine, ray_address,
             heatmaps, heatmap_method, grid, steps, runtime, progress,
-            maps: Pipeline | None = None) -> ScreeningRun:
+            maps: Pipeline | None = None, exclude: Path | None = None) -> ScreeningRun:
     """:func:`screen`'s work, writing into ``out_dir`` (the staging folder)."""
     from kad.screening.report import HeatmapSketches, write_report
     from kad.screening.shift import batch_shift
@@ -581,7 +638,7 @@ def _screen(pipeline, model, inputs, out_dir: Path, *, labels, weights, engine, 
                          heatmaps_dir=out_dir / "heatmaps" if heatmaps else None,
                          heatmap_method=heatmap_method, grid=grid, steps=steps,
                          runtime=runtime, maps_from=maps, progress=progress,
-                         on_heatmap=sketches)
+                         on_heatmap=sketches, exclude=exclude)
     rows, not_scored, drawn = found.rows, found.not_scored, found.heatmaps
     csv_path = write_scores_csv(out_dir / "scores.csv", rows, not_scored)
     shift = batch_shift(pipeline, [r.score for r in rows])
@@ -627,11 +684,11 @@ def set_threshold(model: str | Path, labels: str | Path | None = None, *,
     from kad.features.cache import check_writable
     from kad.screening.pipeline import load_pipeline
 
+    if sensitivity is not None and labels is None:
+        raise KadError("--sensitivity needs --labels, a CSV image,label of labelled images")
     if fpr is None and labels is None:
         raise KadError("give --fpr ALPHA (no labels needed) or --labels CSV (with "
                        "--sensitivity, 0.95 by default)")
-    if sensitivity is not None and labels is None:
-        raise KadError("--sensitivity needs --labels, a CSV image,label of labelled images")
     if fpr is not None and labels is not None:
         raise KadError("give --fpr ALPHA or --labels CSV, not both: one threshold is set")
     if out_path is not None and in_place:
