@@ -20,8 +20,10 @@ ALLOWED_IMPORTS = {
     ("kad/utils/files.py", "socket"),
 }
 #: Downloads through Keras, of files the user asked for by name (ImageNet weights with
-#: --weights imagenet, which keras.applications fetches; the Keras and SVHN datasets).
-ALLOWED_FETCHES = {"kad/data/datasets/natural.py"}
+#: --weights imagenet, which keras.applications fetches, and SqueezeNet's, which its
+#: backbone fetches from the public release with keras.utils.get_file and its md5; the
+#: Keras and SVHN datasets).
+ALLOWED_FETCHES = {"kad/data/datasets/natural.py", "kad_plugins/backbones.py"}
 
 
 def _modules():
