@@ -61,3 +61,9 @@ def test_the_model_file_benchmark_runs_in_smoke_mode(capsys, monkeypatch):
     assert "bit-identical" in out and "iforest" in out
 
 
+
+
+@pytest.mark.tf
+def test_the_batch_split_benchmark_runs_in_smoke_mode(capsys, monkeypatch):
+    out = _main("batch_split.py", capsys, monkeypatch)
+    assert "rate / first" in out and "requests of" in out
