@@ -84,6 +84,12 @@ def test_score_ranks_most_suspicious_first_and_lists_unreadable_files(work):
                  "--out", work / "scored-normals")
     assert "no AUROC: 0 abnormal and 3 normal of the 3 scored images" in (
         alone.output.replace("\n", ""))
+    # every other row of the labels file is said to label none of the images given
+    with open(work / "labels.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    said = " ".join(alone.output.split())
+    assert f"labels: {len(rows) - 3} row(s) of {work / 'labels.csv'} label none" in said
+    assert "labels:" not in " ".join(result.output.split())  # every row labels a file
     # the batch against the calibration normals, in the report; on the console if unlike
     from scipy.stats import ks_2samp
 
@@ -892,3 +898,19 @@ def test_a_report_anchored_on_the_calibration_normals_draws_lesions_brighter(cas
     for r in records:  # each card says whether its peak is above healthy regions'
         above = "above what healthy calibration regions reach" in r["caption"]
         assert above == (r["name"] in lesions), r
+
+
+def test_label_rows_that_label_no_given_image_are_named_in_the_files_order():
+    from pathlib import Path
+
+    from kad.screening.results import match_labels, unmatched_labels
+
+    files = [Path("/data/new/abnormal/a1.png"), Path("/data/new/normal/n1.png"),
+             Path("/data/new/normal/n2.png")]
+    labels = {"gone.png": 0, "new/abnormal/a1.png": 1, "n1": 0, "elsewhere/n2.png": 0,
+              "n2.png": 1}
+    # a1 by its path's suffix, n1 by its stem, n2 by its name, from the first row that
+    # gives that name: the row "n2.png" after it labels nothing
+    assert match_labels(files, labels).tolist() == [1, 0, 0]
+    assert unmatched_labels(files, labels) == ["gone.png", "n2.png"]
+    assert unmatched_labels([], labels) == list(labels)

@@ -213,6 +213,12 @@ def score(
             "file(s) were not scored")
     if labels is not None:
         say(_labelled_line(run.rows, run.metrics))
+        if run.unmatched_labels:
+            from kad.data.datasets.base import first_few
+
+            note(f"{len(run.unmatched_labels)} row(s) of {labels} label none of the images "
+                 f"given, so they were not used: {first_few(run.unmatched_labels)}",
+                 label="labels:")
     if run.shift is not None and run.shift.shifted:
         note(run.shift.line(), label="batch:")
     if run.heatmaps:

@@ -135,24 +135,39 @@ def read_labels(path: Path) -> dict[str, int]:
 def match_labels(files: list[Path], labels: dict[str, int]) -> np.ndarray:
     """Label per file (-1 where none): matched by relative path suffix, then by file name or
     stem."""
-    by_key: dict[str, int] = {}
+    return _matched(files, labels)[0]
+
+
+def unmatched_labels(files: list[Path], labels: dict[str, int]) -> list[str]:
+    """The keys of ``labels``, in the labels file's order, that :func:`match_labels` gives
+    to none of ``files``: rows of a labels CSV that label nothing given."""
+    used = _matched(files, labels)[1]
+    return [key for key in labels if key not in used]
+
+
+def _matched(files: list[Path], labels: dict[str, int]) -> tuple[np.ndarray, set[str]]:
+    """:func:`match_labels`, and the keys of ``labels`` that gave a file its label."""
+    by_key: dict[str, tuple[int, str]] = {}
     for key, value in labels.items():
         norm = key.replace("\\", "/").strip("/")
         for variant in (norm, Path(norm).name, Path(norm).stem):
-            by_key.setdefault(variant, value)
+            by_key.setdefault(variant, (value, key))
     out = np.full(len(files), -1)
+    used: set[str] = set()
     for i, file in enumerate(files):
         posix = file.as_posix()
         for key in (posix, file.name, file.stem):
             if key in by_key:
-                out[i] = by_key[key]
+                out[i], source = by_key[key]
+                used.add(source)
                 break
         else:
             for key, value in labels.items():
                 if posix.endswith("/" + key.replace("\\", "/").strip("/")):
                     out[i] = value
+                    used.add(key)
                     break
-    return out
+    return out, used
 
 
 def rank(pipeline: Pipeline, files: list[Path], result: Scores,

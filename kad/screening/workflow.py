@@ -29,6 +29,7 @@ from kad.screening.results import (
     no_images,
     rank,
     read_labels,
+    unmatched_labels,
     write_scores_csv,
 )
 from kad.screening.thresholds import ThresholdRule
@@ -397,6 +398,9 @@ class ScreeningRun:
     #: Folders of an earlier run left in the output folder that this run did not write
     #: (``heatmaps/`` after a run without heatmaps): kept, and said to be earlier.
     earlier: list[Path] = field(default_factory=list)
+    #: Rows of the labels CSV that label none of the images given
+    #: (:attr:`ScoredImages.unmatched_labels`).
+    unmatched_labels: list[str] = field(default_factory=list)
 
     @property
     def n_inputs(self) -> int:
@@ -467,6 +471,9 @@ class ScoredImages:
     rows: list[ScoredImage]
     not_scored: list[NotScored]
     heatmaps: object = None
+    #: Rows of the labels CSV (their image keys, in its order) that label none of the
+    #: images given: accounted for, not used.
+    unmatched_labels: list[str] = field(default_factory=list)
 
     @property
     def n_inputs(self) -> int:
@@ -547,7 +554,8 @@ def score_images(model: str | Path | Pipeline, inputs: Sequence[str | Path], *,
     files, not_scored = collect_images(inputs, exclude)
     if not files:
         raise no_images(inputs, not_scored)
-    truth = match_labels(files, read_labels(Path(labels))) if labels else None
+    given = read_labels(Path(labels)) if labels else None
+    truth = match_labels(files, given) if given is not None else None
     ids = [str(f) for f in files]
     drawn = None
     if heatmaps_dir is not None:
@@ -569,7 +577,8 @@ def score_images(model: str | Path | Pipeline, inputs: Sequence[str | Path], *,
                                 runtime=runtime)
     rows = rank(pipeline, files, result, truth)
     not_scored = [NotScored(f, UNREADABLE, why) for f, why in result.failed.items()] + not_scored
-    return ScoredImages(rows, not_scored, drawn)
+    return ScoredImages(rows, not_scored, drawn,
+                        unmatched_labels(files, given) if given is not None else [])
 
 
 #: What an earlier ``kad score`` wrote into the folders it replaces as a whole at the end
@@ -651,7 +660,8 @@ def _screen(pipeline, model, inputs, out_dir: Path, *, labels, weights, engine, 
                                                         *(Path(o.file) for o in not_scored)],
                                                        inputs),
                                    shift=shift, maps=maps, progress=progress)
-    return ScreeningRun(rows, not_scored, csv_path, report, metrics, drawn, shift=shift)
+    return ScreeningRun(rows, not_scored, csv_path, report, metrics, drawn, shift=shift,
+                        unmatched_labels=found.unmatched_labels)
 
 
 # -- kad threshold -------------------------------------------------------------------------
