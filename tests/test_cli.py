@@ -87,6 +87,36 @@ def test_preview_writes_a_before_after_picture(tmp_path):
     assert picture is not None and picture.shape[1] >= 2 * 256
 
 
+def test_preview_shows_what_it_can_and_lists_the_rest(tmp_path):
+    """A file that is not an image, or not readable, is listed and the others are shown
+    (it stopped the whole preview); a folder is searched; an existing picture is said to
+    be replaced."""
+    image = np.zeros((300, 400, 3), np.uint8)
+    cv2.circle(image, (200, 150), 120, (40, 90, 200), -1)
+    folder = tmp_path / "eyes"
+    folder.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        cv2.imwrite(str(folder / name), image)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "readme.txt").write_text("notes")
+    out = tmp_path / "p.png"
+    out.write_bytes(b"an older picture")
+    result = runner.invoke(app, ["preview", str(folder), str(tmp_path / "readme.txt"),
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "2 input(s) are not in the preview" in said
+    assert "broken.jpg" in said and "readme.txt" in said
+    assert "2 of 4 inputs shown" in said and f"replaced the earlier {out}" in said
+    picture = cv2.imread(str(out))
+    assert picture is not None and picture.shape[0] > 2 * 256  # two rows
+    # nothing readable: one line, nothing written
+    result = runner.invoke(app, ["preview", str(folder / "broken.jpg"),
+                                 "--out", str(tmp_path / "none.png")])
+    assert result.exit_code == 1 and "broken.jpg" in result.output
+    assert not (tmp_path / "none.png").exists()
+
+
 def test_a_missing_data_dir_is_one_clear_line(tmp_path):
     result = runner.invoke(app, ["extract", "--dataset", "dr", "--data-dir",
                                  str(tmp_path / "nowhere"), "--weights", "none"])

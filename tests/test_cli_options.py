@@ -67,7 +67,7 @@ class Stand:
 #: fails the test: add it.
 CALLS: dict[tuple[str, ...], list[str]] = {
     ("extract",): ["kad.cli.commands:load_dataset", "kad.features.extract:extract_features"],
-    ("preview",): ["kad.data.preview:save_preview"],
+    ("preview",): ["kad.screening.workflow:preview_images"],
     ("fit",): ["kad.cli.screening:load_dataset", "kad.screening.workflow:fit_model"],
     ("score",): ["kad.screening.workflow:screen"],
     ("threshold",): ["kad.screening.workflow:set_threshold"],

@@ -112,16 +112,20 @@ def backbones() -> None:
 
 
 def preview(
-    images: Annotated[list[Path], typer.Argument(help="Image files to show.")],
+    images: Annotated[list[Path], typer.Argument(
+        help="Image files or folders to show (at most 32 images; the others are listed).")],
     out_path: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path(
         "preview.png"),
     preprocessing: PreprocessingOpt = "fundus",
 ) -> None:
     """Save a before/after picture of the preprocessing for a few images."""
-    from kad.data.preview import save_preview
+    from kad.screening.workflow import preview_images
 
-    path = save_preview(list(images), out_path, preprocessing or "fundus")
-    say(f"wrote {path}")
+    run = preview_images(list(images), out_path, preprocessing or "fundus")
+    skipped(run.left_out, "input(s) are not in the preview")
+    say(f"wrote {run.path}: {len(run.shown)} of {run.n_inputs} inputs shown")
+    if run.replaced:
+        note(f"replaced the earlier {run.path}")
 
 
 def register(app: typer.Typer) -> None:

@@ -14,8 +14,12 @@ import numpy as np
 
 from kad.data.images import read_image, resize
 from kad.data.preprocessing import Preprocessing, get_preprocessing
+from kad.errors import ImageReadError, KadError
 
-__all__ = ["save_preview"]
+__all__ = ["MAX_IMAGES", "save_preview"]
+
+#: The most images one preview shows (a row of about 290 px each).
+MAX_IMAGES = 32
 
 _SCALE = 0.38  # font scale of the labels
 _LINE_HEIGHT = 14
@@ -31,6 +35,7 @@ def save_preview(
     out: str | os.PathLike,
     preprocessing: str | Preprocessing = "fundus",
     size: int = 256,
+    left_out: list[tuple[str, str]] | None = None,
 ) -> Path:
     """Write a PNG with one row per image: the original, then the preprocessed image.
 
@@ -39,13 +44,17 @@ def save_preview(
     the file name and original size, and the preprocessing's key. Returns ``out`` as a
     :class:`~pathlib.Path`; its folder is created if needed.
 
-    Raises :class:`~kad.errors.ImageReadError` for an image that cannot be read, and
-    :class:`ValueError` for an empty ``paths``, a ``size`` below 32 or an ``out`` that
-    does not end in ``.png``.
+    Raises :class:`~kad.errors.ImageReadError` for an image that cannot be read, unless
+    ``left_out`` (a list) is given: each such image is then appended to it as ``(path,
+    reason)`` and the others are shown (:class:`~kad.errors.KadError` when none can be).
+    Raises :class:`ValueError` for an empty ``paths``, more than :data:`MAX_IMAGES`, a
+    ``size`` below 32 or an ``out`` that does not end in ``.png``, before reading any.
     """
     paths = [Path(p) for p in paths]
     if not paths:
         raise ValueError("save_preview needs at least one image path, got none")
+    if len(paths) > MAX_IMAGES:
+        raise ValueError(f"a preview shows at most {MAX_IMAGES} images, got {len(paths)}")
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 32:
         raise ValueError(f"preview tile size must be an integer of at least 32, got {size!r}")
     out = Path(out)
@@ -55,7 +64,13 @@ def save_preview(
 
     rows = []
     for path in paths:
-        rgb = read_image(path)
+        try:
+            rgb = read_image(path)
+        except ImageReadError as exc:
+            if left_out is None:
+                raise
+            left_out.append((str(path), exc.reason))
+            continue
         processed = prep(rgb)
         processed_u8 = np.rint(np.clip(processed, 0.0, 1.0) * 255).astype(np.uint8)
         height, width = rgb.shape[:2]
@@ -64,6 +79,9 @@ def save_preview(
             np.full((size + _LABEL_HEIGHT, _GAP, 3), _CANVAS, np.uint8),
             _tile(_letterbox(processed_u8, size), prep.key),
         ]))
+    if not rows:
+        raise KadError(f"none of the {len(paths)} images could be read: "
+                       + "; ".join(f"{Path(name).name} ({why})" for name, why in left_out))
     gap = np.full((_GAP, rows[0].shape[1], 3), _CANVAS, np.uint8)
     sheet = np.vstack([part for row in rows for part in (row, gap)][:-1])
 

@@ -38,7 +38,8 @@ from kad.utils.progress import Progress
 __all__ = [
     "FUNDUS_MAPS", "MAPS_SCALE", "SCORED", "SKIPPED", "UNREADABLE", "FitRun", "MapsRequest",
     "NotScored", "ScoredImage", "ScoredImages",
-    "ScreeningRun", "ThresholdRun", "fit_model", "score_images", "screen", "set_threshold",
+    "PreviewRun", "ScreeningRun", "ThresholdRun", "fit_model", "preview_images", "score_images",
+    "screen", "set_threshold",
 ]
 
 # -- kad fit -------------------------------------------------------------------------------
@@ -662,6 +663,44 @@ def _screen(pipeline, model, inputs, out_dir: Path, *, labels, weights, engine, 
                                    shift=shift, maps=maps, progress=progress)
     return ScreeningRun(rows, not_scored, csv_path, report, metrics, drawn, shift=shift,
                         unmatched_labels=found.unmatched_labels)
+
+
+# -- kad preview ---------------------------------------------------------------------------
+
+
+@dataclass
+class PreviewRun:
+    """What :func:`preview_images` did: the picture, the images in it, every other input
+    with the reason it is not (together, every input), and whether it replaced a file."""
+
+    path: Path
+    shown: list[Path]
+    left_out: list[tuple[str, str]]
+    n_inputs: int
+    replaced: bool
+
+
+def preview_images(inputs: Sequence[str | Path], out: str | Path,
+                   preprocessing: str = "fundus") -> PreviewRun:
+    """The picture of :func:`kad.data.preview.save_preview` for the images under
+    ``inputs`` (files and folders, as :func:`score_images` finds them): the first
+    :data:`~kad.data.preview.MAX_IMAGES`, less those that cannot be read, which are left
+    out with the reason, as is every other input. Raises :class:`~kad.errors.KadError`,
+    writing nothing, when no input is an image or none can be read."""
+    from kad.data.preview import MAX_IMAGES, save_preview
+
+    files, others = collect_images(inputs)
+    if not files:
+        raise no_images(inputs, others)
+    left_out = [(str(o.file), o.reason) for o in others]
+    left_out += [(str(f), f"a preview shows the first {MAX_IMAGES} images")
+                 for f in files[MAX_IMAGES:]]
+    out = Path(out)
+    replaced, before = out.exists(), len(left_out)
+    path = save_preview(files[:MAX_IMAGES], out, preprocessing, left_out=left_out)
+    unreadable = {name for name, _ in left_out[before:]}
+    shown = [f for f in files[:MAX_IMAGES] if str(f) not in unreadable]
+    return PreviewRun(path, shown, left_out, len(files) + len(others), replaced)
 
 
 # -- kad threshold -------------------------------------------------------------------------
