@@ -90,6 +90,9 @@ def test_score_ranks_most_suspicious_first_and_lists_unreadable_files(work):
     said = " ".join(alone.output.split())
     assert f"labels: {len(rows) - 3} row(s) of {work / 'labels.csv'} label none" in said
     assert "labels:" not in " ".join(result.output.split())  # every row labels a file
+    page = (work / "scored-normals" / "report.html").read_text()
+    assert f"{len(rows) - 3} row(s) label none of the images given" in page
+    assert "label rows not used" not in (out / "report.html").read_text()
     # the batch against the calibration normals, in the report; on the console if unlike
     from scipy.stats import ks_2samp
 

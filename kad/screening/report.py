@@ -39,6 +39,8 @@ from kad.screening._report_page import CSS, SCRIPT
 from kad.screening.pipeline import Pipeline
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from kad.screening.results import ScoredImage
     from kad.screening.shift import BatchShift
     from kad.utils.progress import Progress
@@ -281,7 +283,8 @@ def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
                  failed: dict[str, str], skipped: list[tuple[str, str]], model_path: str,
                  heatmaps: HeatmapSketches | None = None, names: dict[str, str] | None = None,
                  shift: BatchShift | None = None, progress: Progress | None = None,
-                 maps: Pipeline | None = None) -> tuple[Path, dict | None]:
+                 maps: Pipeline | None = None,
+                 unmatched_labels: Sequence[str] = ()) -> tuple[Path, dict | None]:
     """Write the page and its pictures' folder; returns its path and the labelled metrics
     (None without labels).
 
@@ -292,7 +295,8 @@ def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
     ``progress`` gets the task ``report`` (images drawn of all); ``maps``: the model that
     drew ``heatmaps`` when it is not ``pipeline`` (``kad score --maps-from``): the heatmaps,
     the pictures of what the model saw and the colour scale are then that model's, and the
-    page names its file."""
+    page names its file; ``unmatched_labels``: rows of the labels CSV that label none of
+    the images given (:attr:`kad.screening.workflow.ScoredImages.unmatched_labels`)."""
     from kad.screening._report_images import histogram, roc
     from kad.screening.heatmaps import MAPS_MODEL, model_file
     from kad.screening.results import display_names
@@ -325,6 +329,11 @@ def write_report(path: Path, pipeline: Pipeline, rows: list[ScoredImage],
                                          f"{drew['backbone']} @ {drew['image_size']} px"))
     if shift is not None:
         summary.append(("batch against calibration", shift.line()))
+    if unmatched_labels:
+        from kad.data.datasets.base import first_few
+
+        summary.append(("label rows not used", f"{len(unmatched_labels)} row(s) label none "
+                        f"of the images given: {first_few(unmatched_labels)}"))
     if metrics:
         summary += [
             ("AUROC", f"{100 * metrics['auroc']:.1f}% ({metrics['n_anomalous']} abnormal, "

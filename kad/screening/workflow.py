@@ -660,7 +660,8 @@ def _screen(pipeline, model, inputs, out_dir: Path, *, labels, weights, engine, 
                                    names=display_names([*(Path(r.file) for r in rows),
                                                         *(Path(o.file) for o in not_scored)],
                                                        inputs),
-                                   shift=shift, maps=maps, progress=progress)
+                                   shift=shift, maps=maps, progress=progress,
+                                   unmatched_labels=found.unmatched_labels)
     return ScreeningRun(rows, not_scored, csv_path, report, metrics, drawn, shift=shift,
                         unmatched_labels=found.unmatched_labels)
 
