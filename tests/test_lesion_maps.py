@@ -153,6 +153,11 @@ def test_threshold_keeps_the_lesion_maps_model(fitted, tmp_path, monkeypatch):
     assert after.threshold.value != before.threshold.value
     assert after.maps is not None
     np.testing.assert_array_equal(after.maps.detector.bank_, before.maps.detector.bank_)
+    # the heatmap scale rests on the maps model's own threshold, which did not move: said so
+    from kad.screening.calibration import fit_summary
+
+    scale = [line for line in fit_summary(after).lines() if line.startswith("heatmap scale")]
+    assert len(scale) == 1 and "the lesion maps model's own threshold" in scale[0]
 
 
 def test_auto_maps_are_for_fundus_photographs_of_a_pooled_detector_and_none_for_none():

@@ -112,16 +112,19 @@ class HeatAnchor:
     method: str
     typical: float
 
-    def describe(self) -> str:
-        """Where full colour lies, in one sentence for the report's legend."""
+    def describe(self, threshold: str = "the threshold") -> str:
+        """Where full colour lies, in one sentence for the report's legend; ``threshold``
+        names the threshold the rate is of (a lesion maps model's own, which
+        ``kad threshold`` does not move, is not the screening threshold)."""
         if self.flagged:
             where = (f"the {1 - self.rate:.1%} quantile of the heatmap peaks of {self.n} "
                      f"calibration normals: a healthy image has a region this hot at the "
-                     f"threshold's rate ({self.flagged} of the {self.n_calibration} "
-                     f"calibration normals, {self.rate:.1%}, score above the threshold)")
+                     f"rate of {threshold} ({self.flagged} of the {self.n_calibration} "
+                     f"calibration normals, {self.rate:.1%}, score above it)")
         else:
-            where = (f"the highest heatmap peak of {self.n} calibration normals (the "
-                     f"threshold flags none of the {self.n_calibration} calibration normals)")
+            where = (f"the highest heatmap peak of {self.n} calibration normals "
+                     f"({threshold} flags none of the {self.n_calibration} calibration "
+                     "normals)")
         return (f"{where}; 99% of a healthy map's values stay below {self.typical:.3g} "
                 "(median over them)")
 
