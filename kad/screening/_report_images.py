@@ -84,9 +84,7 @@ class HeatmapSketches:
         found = (anchor(pipeline, self.method, self.grid, self.steps) if pipeline is not None
                  else NoAnchor("no model was given to anchor the scale on"))
         if isinstance(found, HeatAnchor):
-            own = getattr(pipeline, "is_maps", False)  # a lesion maps model's own threshold
-            return HeatScale(found.value, found.describe(
-                "its lesion maps model's own threshold" if own else "the threshold"), found)
+            return HeatScale(found.value, found.describe(), found)
         values = [s.map[s.map > 0] for s in self.sketches.values()]
         positive = np.concatenate(values) if values else np.zeros(0, np.float32)
         top = float(np.quantile(positive, SCALE_QUANTILE)) if positive.size else 0.0

@@ -470,10 +470,6 @@ def fit_summary(pipeline) -> FitSummary:
     )
 
 
-#: The threshold a lesion maps model's heatmap scale rests on: its own, fixed at fitting.
-_OWN_THRESHOLD = "the lesion maps model's own threshold, which kad threshold does not move"
-
-
 def _heatmap_scale(pipeline) -> str:
     """How report heatmaps are scaled: on the calibration normals of the model that draws
     them (its lesion maps model where it has one)."""
@@ -484,6 +480,5 @@ def _heatmap_scale(pipeline) -> str:
     whose = "" if drawer is pipeline else " of the lesion maps model"
     if isinstance(found, HeatAnchor):
         return (f"report heatmaps (by {found.method}{whose}) take full colour at "
-                f"{found.value:.3g}, anchored on "
-                f"{found.describe(_OWN_THRESHOLD if whose else 'the threshold')}")
+                f"{found.value:.3g}, anchored on {found.describe()}")
     return f"report heatmaps scale on their own maps: {found.reason}"

@@ -97,6 +97,10 @@ def calibration_heatmaps(pipeline, source, ids, *, seed: int = 0,
             "measured_on": f"the heatmaps of {chosen} calibration normals, by {method}"}
 
 
+#: The threshold a lesion maps model's heatmap scale rests on: its own, fixed at fitting.
+OWN_THRESHOLD = "the lesion maps model's own threshold, which kad threshold does not move"
+
+
 @dataclass(frozen=True)
 class HeatAnchor:
     """Full colour of the report's heatmaps: ``value``, the ``1 - rate`` quantile of the
@@ -111,11 +115,13 @@ class HeatAnchor:
     n_calibration: int
     method: str
     typical: float
+    #: Whether the rate is of a lesion maps model's own threshold
+    #: (:attr:`~kad.screening.pipeline.Pipeline.is_maps`), not the screening one.
+    maps_model: bool = False
 
-    def describe(self, threshold: str = "the threshold") -> str:
-        """Where full colour lies, in one sentence for the report's legend; ``threshold``
-        names the threshold the rate is of (a lesion maps model's own, which
-        ``kad threshold`` does not move, is not the screening threshold)."""
+    def describe(self) -> str:
+        """Where full colour lies, in one sentence for the report's legend."""
+        threshold = OWN_THRESHOLD if self.maps_model else "the threshold"
         if self.flagged:
             where = (f"the {1 - self.rate:.1%} quantile of the heatmap peaks of {self.n} "
                      f"calibration normals: a healthy image has a region this hot at the "
@@ -180,4 +186,5 @@ def anchor(pipeline, method: str | None, grid: int | None = None,
     levels = list(np.asarray(record["levels"], dtype=np.float64))
     column = levels.index(0.99) if 0.99 in levels else len(levels) - 1
     typical = float(np.median(np.asarray(record["quantiles"], dtype=np.float64)[:, column]))
-    return HeatAnchor(value, rate, len(peaks), flagged, int(scores.size), made, typical)
+    return HeatAnchor(value, rate, len(peaks), flagged, int(scores.size), made, typical,
+                      bool(getattr(pipeline, "is_maps", False)))
