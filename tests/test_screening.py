@@ -906,7 +906,7 @@ def test_a_report_anchored_on_the_calibration_normals_draws_lesions_brighter(cas
 def test_label_rows_that_label_no_given_image_are_named_in_the_files_order():
     from pathlib import Path
 
-    from kad.screening.results import match_labels, unmatched_labels
+    from kad.screening.results import match_labels
 
     files = [Path("/data/new/abnormal/a1.png"), Path("/data/new/normal/n1.png"),
              Path("/data/new/normal/n2.png")]
@@ -914,6 +914,7 @@ def test_label_rows_that_label_no_given_image_are_named_in_the_files_order():
               "n2.png": 1}
     # a1 by its path's suffix, n1 by its stem, n2 by its name, from the first row that
     # gives that name: the row "n2.png" after it labels nothing
-    assert match_labels(files, labels).tolist() == [1, 0, 0]
-    assert unmatched_labels(files, labels) == ["gone.png", "n2.png"]
-    assert unmatched_labels([], labels) == list(labels)
+    found, unmatched = match_labels(files, labels)
+    assert found.tolist() == [1, 0, 0]
+    assert unmatched == ["gone.png", "n2.png"]
+    assert match_labels([], labels)[1] == list(labels)

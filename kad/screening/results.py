@@ -132,21 +132,10 @@ def read_labels(path: Path) -> dict[str, int]:
     return labels
 
 
-def match_labels(files: list[Path], labels: dict[str, int]) -> np.ndarray:
-    """Label per file (-1 where none): matched by relative path suffix, then by file name or
-    stem."""
-    return _matched(files, labels)[0]
-
-
-def unmatched_labels(files: list[Path], labels: dict[str, int]) -> list[str]:
-    """The keys of ``labels``, in the labels file's order, that :func:`match_labels` gives
-    to none of ``files``: rows of a labels CSV that label nothing given."""
-    used = _matched(files, labels)[1]
-    return [key for key in labels if key not in used]
-
-
-def _matched(files: list[Path], labels: dict[str, int]) -> tuple[np.ndarray, set[str]]:
-    """:func:`match_labels`, and the keys of ``labels`` that gave a file its label."""
+def match_labels(files: list[Path], labels: dict[str, int]) -> tuple[np.ndarray, list[str]]:
+    """``(label per file (-1 where none), the keys of labels that label no file)``: a file
+    is matched by its relative path's suffix, then by its name or stem; the keys left over,
+    in the labels file's order, are rows of a labels CSV that label nothing given."""
     by_key: dict[str, tuple[int, str]] = {}
     for key, value in labels.items():
         norm = key.replace("\\", "/").strip("/")
@@ -167,7 +156,7 @@ def _matched(files: list[Path], labels: dict[str, int]) -> tuple[np.ndarray, set
                     out[i] = value
                     used.add(key)
                     break
-    return out, used
+    return out, [key for key in labels if key not in used]
 
 
 def rank(pipeline: Pipeline, files: list[Path], result: Scores,

@@ -29,7 +29,6 @@ from kad.screening.results import (
     no_images,
     rank,
     read_labels,
-    unmatched_labels,
     write_scores_csv,
 )
 from kad.screening.thresholds import ThresholdRule
@@ -555,8 +554,8 @@ def score_images(model: str | Path | Pipeline, inputs: Sequence[str | Path], *,
     files, not_scored = collect_images(inputs, exclude)
     if not files:
         raise no_images(inputs, not_scored)
-    given = read_labels(Path(labels)) if labels else None
-    truth = match_labels(files, given) if given is not None else None
+    truth, unmatched = (match_labels(files, read_labels(Path(labels))) if labels
+                        else (None, []))
     ids = [str(f) for f in files]
     drawn = None
     if heatmaps_dir is not None:
@@ -578,8 +577,7 @@ def score_images(model: str | Path | Pipeline, inputs: Sequence[str | Path], *,
                                 runtime=runtime)
     rows = rank(pipeline, files, result, truth)
     not_scored = [NotScored(f, UNREADABLE, why) for f, why in result.failed.items()] + not_scored
-    return ScoredImages(rows, not_scored, drawn,
-                        unmatched_labels(files, given) if given is not None else [])
+    return ScoredImages(rows, not_scored, drawn, unmatched)
 
 
 #: What an earlier ``kad score`` wrote into the folders it replaces as a whole at the end
